@@ -1,0 +1,3 @@
+from nsbuild.cli import main
+
+main()
