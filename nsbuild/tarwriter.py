@@ -1,0 +1,395 @@
+"""Deterministic layer tar writer.
+
+One pass over the source trees: entries are emitted in a stable order (per-directory byte order,
+parents first), with fixed mtime, explicit numeric ids and names, PAX records only where ustar cannot
+hold a value, and no atime/ctime.  File data is streamed through the caller's writer, which hashes it.
+
+Several sources may land in one layer (a merged root tree, store paths under /nix/store): they are
+overlaid as a virtual tree, later sources winning for non-directories, directories merged.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from nsbuild.errors import BuildError
+from nsbuild.owners import Owner, OwnerPolicy
+
+BLOCK = 512
+COPY_CHUNK = 1 << 20
+# Values past these need a PAX record (ustar's octal fields are fixed-width).
+MAX_OCTAL_7 = 0o7777777
+MAX_OCTAL_11 = 0o77777777777
+SKIPPED_XATTRS = (b"security.selinux",)
+OVERLAY_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+
+__all__ = ["Owner", "OwnerPolicy", "Source", "TarStats", "Writer", "write_tar", "iter_entries"]
+
+
+class Writer(Protocol):
+    def write(self, data: bytes | bytearray | memoryview, /) -> object: ...
+
+
+@dataclass(frozen=True)
+class Source:
+    """A host path placed at absolute `target` inside the image."""
+
+    host: Path
+    target: str
+
+
+@dataclass
+class TarStats:
+    entries: int = 0
+    data_bytes: int = 0
+    size: int = 0
+
+
+@dataclass
+class Entry:
+    """One tar member, before ownership policy is applied."""
+
+    name: bytes  # relative, no leading slash; directories without trailing slash here
+    kind: str  # "file" "dir" "symlink" "hardlink" "char" "block" "fifo"
+    mode: int
+    uid: int
+    gid: int
+    size: int = 0
+    linkname: bytes = b""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    host: bytes | None = None  # file data comes from here
+
+
+TYPEFLAGS = {"file": b"0", "hardlink": b"1", "symlink": b"2", "char": b"3", "block": b"4", "dir": b"5",
+             "fifo": b"6"}
+
+
+class _Node:
+    """A place in the virtual tree: host paths merged here and sources mounted below."""
+
+    __slots__ = ("hosts", "children")
+
+    def __init__(self) -> None:
+        self.hosts: list[bytes] = []
+        self.children: dict[bytes, _Node] = {}
+
+
+def _build_trie(sources: list[Source]) -> _Node:
+    root = _Node()
+    for src in sources:
+        parts = [os.fsencode(p) for p in src.target.strip("/").split("/") if p]
+        node = root
+        for part in parts:
+            if part in (b".", b".."):
+                raise BuildError(f"target {src.target!r}: '.' and '..' are not allowed")
+            node = node.children.setdefault(part, _Node())
+        node.hosts.append(os.fsencode(src.host))
+    return root
+
+
+def _read_xattrs(path: bytes) -> dict[bytes, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return {}
+        raise
+    out: dict[bytes, bytes] = {}
+    for name in names:
+        key = name.encode("utf-8", "surrogateescape")
+        if key in SKIPPED_XATTRS:
+            continue
+        try:
+            out[key] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                continue
+            raise
+    return out
+
+
+def iter_entries(sources: list[Source], *, overlay_whiteouts: bool = False) -> Iterator[Entry]:
+    """Yield the layer's entries in their final order (parents first, names byte-sorted per directory)."""
+    trie = _build_trie(sources)
+    seen_inodes: dict[tuple[int, int], bytes] = {}
+    for host in trie.hosts:
+        if not os.path.isdir(host) or os.path.islink(host):
+            raise BuildError(f"{os.fsdecode(host)}: only a directory can be placed at /")
+    yield from _walk(trie, b"", trie.hosts, seen_inodes, overlay_whiteouts)
+
+
+def _stat_winner(hosts: list[bytes]) -> tuple[bytes, os.stat_result] | None:
+    """The last host path that exists wins (later sources override earlier ones)."""
+    for host in reversed(hosts):
+        try:
+            return host, os.lstat(host)
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def _walk(node: _Node, prefix: bytes, dir_hosts: list[bytes] | None,
+          seen: dict[tuple[int, int], bytes], overlay: bool) -> Iterator[Entry]:
+    # Names below this virtual directory: from every host dir merged here, and from mounted sources.
+    listing: dict[bytes, list[bytes]] = {}
+    for host in dir_hosts or []:
+        try:
+            with os.scandir(host) as it:
+                for de in it:
+                    listing.setdefault(os.fsencode(de.name), []).append(host + b"/" + os.fsencode(de.name))
+        except NotADirectoryError:
+            continue
+    for name in node.children:
+        listing.setdefault(name, [])
+    for name in sorted(listing):
+        child = node.children.get(name)
+        hosts = listing[name] + (child.hosts if child else [])
+        rel = prefix + name if not prefix else prefix + b"/" + name
+        won = _stat_winner(hosts) if hosts else None
+        if won is None:
+            # A synthetic parent of a mounted source (e.g. nix/ and nix/store/).
+            yield Entry(name=rel, kind="dir", mode=0o755, uid=0, gid=0)
+            yield from _walk(child or _Node(), rel, [], seen, overlay)
+            continue
+        host, st = won
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            # Directories merge across sources; non-directories shadowed by a directory are dropped.
+            dir_list = [h for h in hosts if os.path.isdir(h) and not os.path.islink(h)]
+            xattrs = _read_xattrs(host)
+            opaque = False
+            if overlay:
+                opaque = any(xattrs.get(k) == b"y" for k in OPAQUE_XATTRS)
+                xattrs = {k: v for k, v in xattrs.items() if not k.startswith(OVERLAY_XATTR_PREFIXES)}
+            yield Entry(name=rel, kind="dir", mode=stat.S_IMODE(mode), uid=st.st_uid, gid=st.st_gid,
+                        xattrs=xattrs)
+            if opaque:
+                yield Entry(name=rel + b"/" + OPAQUE_MARKER, kind="file", mode=0o644, uid=0, gid=0)
+            yield from _walk(child or _Node(), rel, dir_list, seen, overlay)
+            continue
+        if child is not None and child.children:
+            raise BuildError(f"{os.fsdecode(host)}: is not a directory, but sources are placed below "
+                             f"/{os.fsdecode(rel)}")
+        yield _leaf_entry(rel, host, st, seen, overlay)
+
+
+def _leaf_entry(rel: bytes, host: bytes, st: os.stat_result, seen: dict[tuple[int, int], bytes],
+                overlay: bool) -> Entry:
+    mode = st.st_mode
+    perm = stat.S_IMODE(mode)
+    if overlay and stat.S_ISCHR(mode) and st.st_rdev == 0:
+        head, _, base = rel.rpartition(b"/")
+        name = (head + b"/" if head else b"") + WHITEOUT_PREFIX + base
+        return Entry(name=name, kind="file", mode=0o644, uid=0, gid=0)
+    xattrs = {} if stat.S_ISLNK(mode) else _read_xattrs(host)
+    if overlay:
+        xattrs = {k: v for k, v in xattrs.items() if not k.startswith(OVERLAY_XATTR_PREFIXES)}
+    common = {"name": rel, "mode": perm, "uid": st.st_uid, "gid": st.st_gid, "xattrs": xattrs}
+    if stat.S_ISREG(mode):
+        if st.st_nlink > 1:
+            key = (st.st_dev, st.st_ino)
+            first = seen.get(key)
+            if first is not None:
+                return Entry(kind="hardlink", linkname=first, **{**common, "xattrs": {}})
+            seen[key] = rel
+        return Entry(kind="file", size=st.st_size, host=host, **common)
+    if stat.S_ISLNK(mode):
+        return Entry(kind="symlink", linkname=os.readlink(host), **common)
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return Entry(kind="char" if stat.S_ISCHR(mode) else "block", devmajor=os.major(st.st_rdev),
+                     devminor=os.minor(st.st_rdev), **common)
+    if stat.S_ISFIFO(mode):
+        return Entry(kind="fifo", **common)
+    raise BuildError(f"{os.fsdecode(host)}: sockets and other special files cannot be stored in a layer")
+
+
+# --- header encoding -------------------------------------------------------------------------------
+
+
+def _pax_record(key: bytes, value: bytes) -> bytes:
+    body = b" " + key + b"=" + value + b"\n"
+    length = len(body) + 1
+    while len(str(length).encode()) + len(body) != length:
+        length = len(str(length).encode()) + len(body)
+    return str(length).encode() + body
+
+
+def _octal(value: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, value)
+
+
+def _split_ustar_name(name: bytes) -> tuple[bytes, bytes] | None:
+    if len(name) <= 100:
+        return b"", name
+    # ustar's prefix field holds a leading part of the path, cut at a slash.
+    cut = name.rfind(b"/", 0, 156)
+    while cut > 0:
+        if len(name) - cut - 1 <= 100:
+            return name[:cut], name[cut + 1:]
+        cut = name.rfind(b"/", 0, cut)
+    return None
+
+
+def _ustar_header(name: bytes, prefix: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
+                  typeflag: bytes, linkname: bytes, uname: bytes, gname: bytes, devmajor: int,
+                  devminor: int) -> bytes:
+    parts = [
+        name.ljust(100, b"\0"),
+        _octal(mode, 8),
+        _octal(uid, 8),
+        _octal(gid, 8),
+        _octal(size, 12),
+        _octal(mtime, 12),
+        b" " * 8,
+        typeflag,
+        linkname.ljust(100, b"\0"),
+        b"ustar\x0000",
+        uname.ljust(32, b"\0"),
+        gname.ljust(32, b"\0"),
+        _octal(devmajor, 8),
+        _octal(devminor, 8),
+        prefix.ljust(155, b"\0"),
+        b"\0" * 12,
+    ]
+    header = bytearray(b"".join(parts))
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def _needs_pax_text(value: bytes, limit: int) -> bool:
+    return len(value) > limit or not value.isascii()
+
+
+def encode_header(entry: Entry, owner: Owner, mtime: int) -> bytes:
+    """The header block(s) for an entry; PAX records only where ustar cannot hold a value."""
+    name = entry.name + b"/" if entry.kind == "dir" else entry.name
+    # Non-UTF-8 names go into PAX records as raw bytes, as GNU tar and Go's archive/tar read them;
+    # `hdrcharset=BINARY` would only make GNU tar warn.
+    pax: list[bytes] = []
+    split = None if not name.isascii() else _split_ustar_name(name)
+    if split is None:
+        pax.append(_pax_record(b"path", name))
+        split = (b"", name[:100])
+    if entry.linkname and _needs_pax_text(entry.linkname, 100):
+        pax.append(_pax_record(b"linkpath", entry.linkname))
+    uid, gid = owner.uid, owner.gid
+    uname, gname = owner.uname.encode(), owner.gname.encode()
+    size = entry.size if entry.kind == "file" else 0
+    if uid > MAX_OCTAL_7:
+        pax.append(_pax_record(b"uid", str(uid).encode()))
+        uid = 0
+    if gid > MAX_OCTAL_7:
+        pax.append(_pax_record(b"gid", str(gid).encode()))
+        gid = 0
+    if size > MAX_OCTAL_11:
+        pax.append(_pax_record(b"size", str(size).encode()))
+    if _needs_pax_text(uname, 32):
+        pax.append(_pax_record(b"uname", uname))
+    if _needs_pax_text(gname, 32):
+        pax.append(_pax_record(b"gname", gname))
+    for key in sorted(entry.xattrs):
+        pax.append(_pax_record(b"SCHILY.xattr." + key, entry.xattrs[key]))
+    out = b""
+    if pax:
+        body = b"".join(pax)
+        out = _ustar_header(b"././@PaxHeader", b"", 0o644, 0, 0, len(body), mtime, b"x", b"", b"", b"",
+                            0, 0)
+        out += body + b"\0" * (-len(body) % BLOCK)
+    prefix, short = split
+    out += _ustar_header(
+        short, prefix, entry.mode, uid, gid, min(size, MAX_OCTAL_11) if size <= MAX_OCTAL_11 else 0,
+        mtime, TYPEFLAGS[entry.kind], entry.linkname[:100] if entry.linkname.isascii() else b"",
+        uname[:32] if uname.isascii() else b"", gname[:32] if gname.isascii() else b"",
+        entry.devmajor, entry.devminor,
+    )
+    return out
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+def _copy_file(host: bytes, size: int, out: Writer, buf: bytearray) -> None:
+    try:
+        fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BuildError(f"{os.fsdecode(host)}: cannot read: {exc.strerror}") from exc
+    try:
+        view = memoryview(buf)
+        remaining = size
+        while remaining:
+            n = os.readv(fd, [view[: min(remaining, len(buf))]])
+            if n == 0:
+                raise BuildError(f"{os.fsdecode(host)}: file shrank while it was being archived")
+            out.write(view[:n])
+            remaining -= n
+    finally:
+        os.close(fd)
+    pad = -size % BLOCK
+    if pad:
+        out.write(b"\0" * pad)
+
+
+def write_tar(sources: list[Source], out: Writer, *, mtime: int, owner: OwnerPolicy,
+              overlay_whiteouts: bool = False, on_entry: Callable[[Entry], None] | None = None) -> TarStats:
+    """Write one layer tar for `sources` to `out`; return counts (the caller's writer hashes)."""
+    if not 0 <= mtime <= MAX_OCTAL_11:
+        raise BuildError(f"mtime {mtime} is outside the range a tar header can hold")
+    stats = TarStats()
+    buf = bytearray(COPY_CHUNK)
+    pending = bytearray()
+    for entry in iter_entries(sources, overlay_whiteouts=overlay_whiteouts):
+        header = encode_header(entry, owner.resolve(entry.uid, entry.gid), mtime)
+        stats.entries += 1
+        if on_entry is not None:
+            on_entry(entry)
+        if entry.kind == "file" and entry.size:
+            # Small files are batched with their headers: one write per ~1 MiB, not two per file.
+            if entry.size <= 64 * 1024:
+                data = _read_small(entry.host or b"", entry.size)
+                pending += header
+                pending += data
+                pending += b"\0" * (-entry.size % BLOCK)
+                if len(pending) >= COPY_CHUNK:
+                    out.write(pending)
+                    pending = bytearray()
+            else:
+                pending += header
+                out.write(pending)
+                pending = bytearray()
+                _copy_file(entry.host or b"", entry.size, out, buf)
+            stats.data_bytes += entry.size
+        else:
+            pending += header
+        stats.size += len(header) + entry.size + (-entry.size % BLOCK if entry.kind == "file" else 0)
+    pending += b"\0" * (2 * BLOCK)
+    stats.size += 2 * BLOCK
+    out.write(pending)
+    return stats
+
+
+def _read_small(host: bytes, size: int) -> bytes:
+    try:
+        fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BuildError(f"{os.fsdecode(host)}: cannot read: {exc.strerror}") from exc
+    try:
+        data = os.read(fd, size)
+        while len(data) < size:
+            more = os.read(fd, size - len(data))
+            if not more:
+                raise BuildError(f"{os.fsdecode(host)}: file shrank while it was being archived")
+            data += more
+        return data
+    finally:
+        os.close(fd)
