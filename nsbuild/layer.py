@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from nsbuild.compress import Compressor, HashingWriter
+from nsbuild.errors import BuildError
+from nsbuild.owners import OwnerPolicy
+from nsbuild.tarwriter import Source, write_tar
 
 MEDIA_TAR = "application/vnd.oci.image.layer.v1.tar"
 MEDIA_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -19,7 +25,7 @@ class Blob:
 
     digest: str  # "sha256:<hex>"
     size: int
-    path: Path
+    path: Path | None  # None: only the digest was needed (the bytes went straight to a sink)
 
 
 @dataclass(frozen=True)
@@ -46,3 +52,108 @@ class Layer:
     @property
     def size(self) -> int:
         return self.compressed.size
+
+
+# --- producing layers ------------------------------------------------------------------------------
+
+
+class _Tee:
+    def __init__(self, *outs: object) -> None:
+        self.outs = outs
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        for out in self.outs:
+            out.write(data)  # type: ignore[attr-defined]
+        return len(data)
+
+
+def _store_blob(tmp: Path, digest: str, size: int, blob_dir: Path) -> Blob:
+    final = blob_dir / digest.split(":", 1)[1]
+    if final.exists():
+        tmp.unlink()
+    else:
+        os.replace(tmp, final)
+    return Blob(digest, size, final)
+
+
+def build_layer(sources: list[Source], blob_dir: Path, *, mtime: int, owner: OwnerPolicy,
+                compression: str, keep_tar: bool, comment: str,
+                overlay_whiteouts: bool = False) -> Layer:
+    """Write one layer in one pass: tar → (diff_id hash, optional tar file, optional compressed blob)."""
+    blob_dir.mkdir(parents=True, exist_ok=True)
+    tmp_tar = blob_dir / f".tmp-{os.getpid()}-{id(sources)}.tar"
+    tmp_blob = blob_dir / f".tmp-{os.getpid()}-{id(sources)}.blob"
+    tar_file = open(tmp_tar, "wb", buffering=0) if keep_tar else None  # noqa: SIM115
+    blob_file = open(tmp_blob, "wb", buffering=0) if compression != "none" else None  # noqa: SIM115
+    try:
+        tar_hash = HashingWriter(tar_file)
+        outs: list[object] = [tar_hash]
+        blob_hash = compressor = None
+        if blob_file is not None:
+            blob_hash = HashingWriter(blob_file)
+            compressor = Compressor(compression, blob_hash)
+            outs.append(compressor)
+        write_tar(sources, _Tee(*outs), mtime=mtime, owner=owner, overlay_whiteouts=overlay_whiteouts)
+        if compressor is not None:
+            compressor.close()
+    except BaseException:
+        for f, p in ((tar_file, tmp_tar), (blob_file, tmp_blob)):
+            if f is not None:
+                f.close()
+                p.unlink(missing_ok=True)
+        raise
+    for f in (tar_file, blob_file):
+        if f is not None:
+            f.close()
+    tar_blob = (_store_blob(tmp_tar, tar_hash.digest, tar_hash.size, blob_dir) if keep_tar
+                else Blob(tar_hash.digest, tar_hash.size, None))
+    compressed = tar_blob
+    if blob_hash is not None:
+        compressed = _store_blob(tmp_blob, blob_hash.digest, blob_hash.size, blob_dir)
+    return Layer(diff_id=tar_hash.digest, tar=tar_blob, compressed=compressed,
+                 media_type=MEDIA_BY_COMPRESSOR[compression], comment=comment)
+
+
+def layer_from_tar(tar_path: Path, blob_dir: Path, *, compression: str, comment: str,
+                   expected_diff_id: str | None = None) -> Layer:
+    """A layer from an uncompressed tar already on disk (a script's layer, a base image's layer)."""
+    blob_dir.mkdir(parents=True, exist_ok=True)
+    tmp_blob = blob_dir / f".tmp-{os.getpid()}-{tar_path.name}.blob"
+    tar_hash = HashingWriter(None)
+    blob_hash = None
+    blob_file = open(tmp_blob, "wb", buffering=0) if compression != "none" else None  # noqa: SIM115
+    try:
+        outs: list[object] = [tar_hash]
+        compressor = None
+        if blob_file is not None:
+            blob_hash = HashingWriter(blob_file)
+            compressor = Compressor(compression, blob_hash)
+            outs.append(compressor)
+        tee = _Tee(*outs)
+        with open(tar_path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                tee.write(chunk)
+        if compressor is not None:
+            compressor.close()
+    except BaseException:
+        if blob_file is not None:
+            blob_file.close()
+            tmp_blob.unlink(missing_ok=True)
+        raise
+    if blob_file is not None:
+        blob_file.close()
+    if expected_diff_id is not None and tar_hash.digest != expected_diff_id:
+        tmp_blob.unlink(missing_ok=True)
+        raise BuildError(f"{tar_path}: content digest {tar_hash.digest} does not match {expected_diff_id}")
+    final_tar = blob_dir / tar_hash.digest.split(":", 1)[1]
+    if tar_path != final_tar:
+        if final_tar.exists():
+            tar_path.unlink()
+        else:
+            os.replace(tar_path, final_tar)
+    tar_blob = Blob(tar_hash.digest, tar_hash.size, final_tar)
+    compressed = tar_blob
+    if blob_hash is not None:
+        compressed = _store_blob(tmp_blob, blob_hash.digest, blob_hash.size, blob_dir)
+    return Layer(diff_id=tar_hash.digest, tar=tar_blob, compressed=compressed,
+                 media_type=MEDIA_BY_COMPRESSOR[compression], comment=comment)

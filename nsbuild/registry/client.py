@@ -1,0 +1,549 @@
+"""One registry's HTTP session: TLS, the auth challenge flow, retries, and the registry's errors.
+
+TLS is verified against the system CAs plus the `*.crt` files of `cert_dir` (a `NAME.cert`/`NAME.key`
+pair there is a client certificate), as skopeo's `--cert-dir`; without `cert_dir`, the per-registry
+directories `/etc/containers/certs.d/HOST[:PORT]` and `/etc/docker/certs.d/HOST[:PORT]` are used
+when they exist. `tls_verify=False` tries https without verification, then plain http (as
+containers/image does for insecure registries).
+
+Auth: `GET /v2/` tells the scheme. Basic sends the credential on every request; Bearer fetches a
+token from the challenge's realm for every repository scope this client needs (one token for all,
+so a cross-repository mount works) and fetches a new one once when a request is refused.
+
+Retries with exponential backoff on connection resets, timeouts, 429 and 5xx (`Retry-After` honoured).
+Bodies that cannot be replayed (chunk uploads) are retried by the caller, which knows how to resume.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ssl
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlparse
+
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+
+from nsbuild.errors import BuildError
+from nsbuild.registry.auth import AuthOptions, Credential, Lookup, find_credential
+from nsbuild.registry.reference import Reference
+
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+USER_AGENT = "nsbuild/0.1"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6
+    backoff: float = 0.25  # seconds before the 2nd attempt, doubled each time
+    max_backoff: float = 8.0
+    max_retry_after: float = 60.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.backoff * (2**attempt), self.max_backoff)
+
+
+@dataclass(frozen=True)
+class RegistryOptions:
+    """Everything about talking to a registry that is not the image: auth, TLS, retries."""
+
+    auth: AuthOptions = field(default_factory=AuthOptions)
+    tls_verify: bool = True
+    cert_dir: Path | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    timeout: float = 60.0  # per socket operation, not per transfer
+
+
+class RegistryConnectionError(BuildError):
+    """The connection failed (reset, timeout) after the retries: callers that can resume catch this."""
+
+
+class RegistryError(BuildError):
+    """A registry answered with an error; `status` and `code` (e.g. MANIFEST_INVALID) for callers."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def registry_errors(resp: requests.Response) -> list[tuple[str, str]]:
+    """The (code, message) pairs of a distribution error body; empty when the body is not one."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return []
+    out = []
+    if isinstance(body, dict) and isinstance(body.get("errors"), list):
+        for err in body["errors"]:
+            if isinstance(err, dict):
+                message = str(err.get("message") or "")
+                detail = err.get("detail")
+                if isinstance(detail, str) and detail and detail not in message:
+                    message = f"{message} ({detail})" if message else detail
+                elif isinstance(detail, dict | list) and detail:
+                    message = f"{message} ({_short(str(detail))})"
+                out.append((str(err.get("code") or "UNKNOWN"), message))
+    return out
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """`Bearer realm="x",service="y",scope="a,b"` → ("bearer", {...}). Quoted values may hold commas."""
+    scheme, _, rest = header.strip().partition(" ")
+    params: dict[str, str] = {}
+    i, n = 0, len(rest)
+    while i < n:
+        while i < n and rest[i] in " ,":
+            i += 1
+        eq = rest.find("=", i)
+        if eq < 0:
+            break
+        key = rest[i:eq].strip().lower()
+        i = eq + 1
+        if i < n and rest[i] == '"':
+            i += 1
+            value = []
+            while i < n and rest[i] != '"':
+                if rest[i] == "\\" and i + 1 < n:
+                    i += 1
+                value.append(rest[i])
+                i += 1
+            i += 1
+            params[key] = "".join(value)
+        else:
+            end = rest.find(",", i)
+            end = n if end < 0 else end
+            params[key] = rest[i:end].strip()
+            i = end
+    return scheme.lower(), params
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost useful exception under requests' wrappers (for one-line messages)."""
+    seen = exc
+    for _ in range(10):
+        nxt: BaseException | None = None
+        if isinstance(seen, urllib3.exceptions.MaxRetryError) and seen.reason is not None:
+            nxt = seen.reason
+        elif seen.args and isinstance(seen.args[0], BaseException):
+            nxt = seen.args[0]
+        elif seen.__cause__ is not None:
+            nxt = seen.__cause__
+        elif seen.__context__ is not None:
+            nxt = seen.__context__
+        if nxt is None:
+            break
+        seen = nxt
+    return seen
+
+
+def describe_exception(exc: BaseException) -> str:
+    cause = _root_cause(exc)
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, ConnectionResetError):
+        return "connection reset"
+    if isinstance(cause, urllib3.exceptions.NameResolutionError):
+        return "host name not found"
+    if isinstance(cause, TimeoutError | urllib3.exceptions.TimeoutError):
+        return "timed out"
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"certificate verification failed ({cause.verify_message})"
+    text = str(cause) or type(cause).__name__
+    # urllib3 messages repeat the connection object's repr: keep the errno part.
+    if "]" in text and "[Errno" in text:
+        text = text[text.index("[Errno") :]
+    return _short(text, 160)
+
+
+def _is_new_connection_failure(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, urllib3.exceptions.NewConnectionError):
+            return True
+        if isinstance(seen, urllib3.exceptions.MaxRetryError):
+            seen = seen.reason
+        elif seen.args and isinstance(seen.args[0], BaseException):
+            seen = seen.args[0]
+        else:
+            seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _find_cert_dir(host: str, cert_dir: Path | None) -> Path | None:
+    if cert_dir is not None:
+        if not Path(cert_dir).is_dir():
+            raise BuildError(f"--cert-dir {cert_dir} is not a directory")
+        return Path(cert_dir)
+    for base in ("/etc/containers/certs.d", "/etc/docker/certs.d"):
+        candidate = Path(base) / host
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def make_ssl_context(cert_dir: Path | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    if cert_dir is None:
+        return ctx
+    for crt in sorted(cert_dir.glob("*.crt")):
+        try:
+            ctx.load_verify_locations(cafile=str(crt))
+        except (ssl.SSLError, OSError) as e:
+            raise BuildError(f"cannot load CA certificate {crt}: {e}") from None
+    for cert in sorted(cert_dir.glob("*.cert")):
+        key = cert.with_suffix(".key")
+        if not key.exists():
+            raise BuildError(f"client certificate {cert} has no matching {key.name}")
+        try:
+            ctx.load_cert_chain(str(cert), str(key))
+        except (ssl.SSLError, OSError) as e:
+            raise BuildError(f"cannot load client certificate {cert}: {e}") from None
+    return ctx
+
+
+class _ContextAdapter(HTTPAdapter):
+    """An adapter that verifies with our SSLContext (system CAs + cert_dir) instead of certifi's."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self._ctx = ctx
+        super().__init__(max_retries=0)
+
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):  # type: ignore[no-untyped-def]
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        if verify is not False:
+            pool_kwargs.pop("ca_certs", None)
+            pool_kwargs.pop("ca_cert_dir", None)
+            pool_kwargs["ssl_context"] = self._ctx
+        return host_params, pool_kwargs
+
+
+class RegistryClient:
+    """HTTP access to one registry for a set of repositories (`scopes`: repo → actions)."""
+
+    def __init__(
+        self,
+        ref: Reference,
+        options: RegistryOptions | None = None,
+        actions: Iterable[str] = ("pull",),
+        sleep: Any = time.sleep,
+    ) -> None:
+        self.ref = ref
+        self.registry = ref.registry
+        self.host = ref.api_host
+        self.options = options or RegistryOptions()
+        self.scopes: dict[str, set[str]] = {ref.repository: set(actions)}
+        self._sleep = sleep
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = USER_AGENT
+        self.session.trust_env = False  # no proxies or .netrc credentials picked up behind our back
+        cert_dir = _find_cert_dir(self.host, self.options.cert_dir) if self.options.tls_verify else None
+        self.session.mount("https://", _ContextAdapter(make_ssl_context(cert_dir)))
+        self.session.mount("http://", HTTPAdapter(max_retries=0))
+        self.base: str | None = None
+        self._lookup: Lookup | None = None
+        self._challenge: tuple[str, dict[str, str]] | None = None
+        self._token: str | None = None
+        self._token_scopes: frozenset[str] = frozenset()
+        self._basic = False
+        # Counters the tests and callers read: what actually went over the wire.
+        self.retries = 0
+
+    # -- public helpers -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add_scope(self, repository: str, action: str) -> None:
+        self.scopes.setdefault(repository, set()).add(action)
+
+    def url(self, path_or_url: str) -> str:
+        if self.base is None:
+            self.ping()
+        assert self.base is not None
+        return urljoin(self.base, path_or_url)
+
+    @property
+    def credential(self) -> Credential | None:
+        return self._lookup_credential().credential
+
+    def ping(self) -> None:
+        """Find the scheme that works and the auth challenge. Raises a one-line BuildError."""
+        schemes = ["https"] if self.options.tls_verify else ["https", "http"]
+        last: BaseException | None = None
+        for scheme in schemes:
+            url = f"{scheme}://{self.host}/v2/"
+            try:
+                resp = self._send("GET", url, retry_new_connections=False)
+            except requests.exceptions.SSLError as e:
+                if self.options.tls_verify:
+                    raise BuildError(
+                        f"registry {self.registry}: TLS failed: {describe_exception(e)}; pass the registry's "
+                        "CA with --cert-dir, or --tls-verify=false for a plain-http test registry"
+                    ) from None
+                last = e
+                continue
+            except requests.RequestException as e:
+                last = e
+                if _is_new_connection_failure(e):
+                    break  # the port is closed for http too
+                continue
+            self.base = f"{scheme}://{self.host}/"
+            if resp.status_code == 401:
+                self._set_challenge(resp)
+            elif resp.status_code >= 400 and resp.status_code != 404:
+                raise RegistryError(
+                    f"registry {self.registry}: GET /v2/ answered HTTP {resp.status_code}; "
+                    "is this an OCI registry?",
+                    resp.status_code,
+                )
+            resp.close()
+            return
+        assert last is not None
+        raise BuildError(f"registry {self.registry} is unreachable: {describe_exception(last)}")
+
+    def request(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        data: bytes | None = None,
+        params: dict[str, str] | None = None,
+        stream: bool = False,
+        retry: bool = True,
+    ) -> requests.Response:
+        """Send with auth; re-authenticate once on 401; retry transient failures when `retry`."""
+        url = self.url(path_or_url)
+        reauthenticated = False
+        while True:
+            try:
+                resp = self._send(
+                    method, url, headers=headers, data=data, params=params, stream=stream, retry=retry,
+                    auth=True,
+                )
+            except requests.exceptions.SSLError as e:
+                raise BuildError(f"registry {self.registry}: TLS failed: {describe_exception(e)}") from None
+            except requests.RequestException as e:
+                raise RegistryConnectionError(
+                    f"registry {self.registry}: {method} {urlparse(url).path} failed: {describe_exception(e)}"
+                ) from None
+            if resp.status_code == 401 and not reauthenticated:
+                reauthenticated = True
+                self._set_challenge(resp)
+                resp.close()
+                self._token = None
+                continue
+            if resp.status_code == 401:
+                resp.close()
+                raise self._auth_error(401, resp)
+            if resp.status_code == 403:
+                raise self._auth_error(403, resp)
+            return resp
+
+    def raise_for(self, resp: requests.Response, what: str) -> None:
+        """A one-line RegistryError for an unexpected answer to `what` (e.g. 'upload of sha256:..')."""
+        errors = registry_errors(resp)
+        codes = {code for code, _ in errors}
+        status = resp.status_code
+        first_code = errors[0][0] if errors else None
+        if status == 404 and "NAME_UNKNOWN" in codes:
+            raise RegistryError(
+                f"registry {self.registry}: repository {self.ref.repository} not found", status, "NAME_UNKNOWN"
+            )
+        text = "; ".join(f"{code}: {message}" if message else code for code, message in errors)
+        if not text:
+            text = _short(resp.text, 200) if resp.text else resp.reason or ""
+        raise RegistryError(f"registry {self.registry}: {what} failed: HTTP {status} {text}".rstrip(), status,
+                            first_code)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _lookup_credential(self) -> Lookup:
+        if self._lookup is None:
+            self._lookup = find_credential(self.registry, self.ref.repository, self.options.auth)
+        return self._lookup
+
+    def _scope_strings(self) -> list[str]:
+        order = ("pull", "push", "delete")
+        return [
+            f"repository:{repo}:{','.join(a for a in order if a in actions)}"
+            for repo, actions in sorted(self.scopes.items())
+        ]
+
+    def _set_challenge(self, resp: requests.Response) -> None:
+        header = resp.headers.get("WWW-Authenticate", "")
+        if not header:
+            raise self._auth_error(401, resp)
+        scheme, params = parse_challenge(header)
+        if scheme == "bearer":
+            # A challenge may ask for a scope we did not predict (e.g. another repository's pull).
+            scope = params.get("scope", "")
+            for item in scope.split(" "):
+                parts = item.split(":")
+                if len(parts) == 3 and parts[0] == "repository":
+                    for action in parts[2].split(","):
+                        if action:
+                            self.add_scope(parts[1], action)
+            self._challenge = (scheme, params)
+        elif scheme == "basic":
+            self._challenge = (scheme, params)
+            self._basic = True
+        else:
+            raise BuildError(f"registry {self.registry}: unsupported auth scheme {scheme!r}")
+
+    def _auth_headers(self) -> dict[str, str]:
+        if self._challenge is None:
+            return {}
+        scheme, params = self._challenge
+        if scheme == "basic":
+            cred = self._lookup_credential().credential
+            if cred is None:
+                return {}
+            return {"Authorization": requests.auth._basic_auth_str(cred.username, cred.password)}
+        scopes = frozenset(self._scope_strings())
+        if self._token is None or self._token_scopes != scopes:
+            self._token = self._fetch_token(params, sorted(scopes))
+            self._token_scopes = scopes
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+
+    def _fetch_token(self, params: dict[str, str], scopes: list[str]) -> str:
+        realm = params.get("realm")
+        if not realm:
+            raise BuildError(f"registry {self.registry}: bearer challenge without a realm")
+        cred = self._lookup_credential().credential
+        query: list[tuple[str, str]] = []
+        if params.get("service"):
+            query.append(("service", params["service"]))
+        query += [("scope", s) for s in scopes]
+        try:
+            if cred is not None and cred.identity_token:
+                form = {"grant_type": "refresh_token", "refresh_token": cred.password, "client_id": "nsbuild",
+                        "scope": " ".join(scopes)}
+                if params.get("service"):
+                    form["service"] = params["service"]
+                resp = self._send("POST", realm, data=form, retry=True)  # type: ignore[arg-type]
+            else:
+                headers = {}
+                if cred is not None:
+                    headers["Authorization"] = requests.auth._basic_auth_str(cred.username, cred.password)
+                if cred is not None and cred.username:
+                    query.append(("account", cred.username))
+                resp = self._send("GET", realm, params=query, headers=headers, retry=True)  # type: ignore[arg-type]
+        except requests.RequestException as e:
+            raise BuildError(
+                f"registry {self.registry}: token server {urlparse(realm).netloc} is unreachable: "
+                f"{describe_exception(e)}"
+            ) from None
+        if resp.status_code in (401, 403):
+            raise self._auth_error(resp.status_code, resp, token_server=True)
+        if resp.status_code != 200:
+            raise RegistryError(
+                f"registry {self.registry}: token server {urlparse(realm).netloc} answered HTTP {resp.status_code}",
+                resp.status_code,
+            )
+        try:
+            body = resp.json()
+            token = body.get("token") or body.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not token:
+            raise BuildError(f"registry {self.registry}: token server {urlparse(realm).netloc} gave no token")
+        return str(token)
+
+    def _auth_error(self, status: int, resp: requests.Response, token_server: bool = False) -> RegistryError:
+        lookup = self._lookup_credential()
+        cred = lookup.credential
+        details = "; ".join(f"{c}: {m}" if m else c for c, m in registry_errors(resp))
+        where = " (token server)" if token_server else ""
+        if status == 403:
+            who = f"user {cred.username!r} from {cred.source}" if cred else "anonymous access"
+            msg = f"registry {self.registry}: access denied (HTTP 403{where}) to {self.ref.repository} for {who}"
+        elif cred is None:
+            tried = ", ".join(lookup.tried) or "none"
+            msg = (f"registry {self.registry}: authentication required (HTTP 401{where}); "
+                   f"no credentials found (tried: {tried})")
+        else:
+            msg = (f"registry {self.registry}: authentication failed (HTTP 401{where}) for user "
+                   f"{cred.username!r} with credentials from {cred.source}")
+        if details:
+            msg += f": {details}"
+        if cred is not None and cred.password and cred.password in msg:
+            msg = msg.replace(cred.password, "<hidden>")
+        return RegistryError(msg, status, "DENIED" if status == 403 else "UNAUTHORIZED")
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        data: Any = None,
+        params: Any = None,
+        stream: bool = False,
+        retry: bool = True,
+        auth: bool = False,
+        retry_new_connections: bool = True,
+    ) -> requests.Response:
+        policy = self.options.retry
+        attempt = 0
+        verify = self.options.tls_verify
+        while True:
+            all_headers = dict(headers or {})
+            if auth:
+                all_headers.update(self._auth_headers())
+            try:
+                resp = self.session.request(
+                    method, url, headers=all_headers, data=data, params=params, stream=stream,
+                    timeout=self.options.timeout, verify=verify, allow_redirects=True,
+                )
+            except requests.exceptions.SSLError:
+                raise
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+                if (not retry or attempt + 1 >= policy.attempts
+                        or (not retry_new_connections and _is_new_connection_failure(e))):
+                    raise
+                self._sleep(policy.delay(attempt))
+                attempt += 1
+                self.retries += 1
+                continue
+            if resp.status_code in RETRY_STATUSES and retry and attempt + 1 < policy.attempts:
+                delay = _retry_after(resp.headers.get("Retry-After"), policy) or policy.delay(attempt)
+                resp.close()
+                self._sleep(delay)
+                attempt += 1
+                self.retries += 1
+                continue
+            return resp
+
+
+def _retry_after(value: str | None, policy: RetryPolicy) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return max(0.0, min(seconds, policy.max_retry_after))

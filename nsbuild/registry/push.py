@@ -1,0 +1,397 @@
+"""Push an Image to a registry (OCI distribution spec, "push" workflow).
+
+Blobs first (config and layers, each once): HEAD and skip what the registry has; mount from another
+repository of the same registry when a BlobRecord says the blob is there; else upload — one PUT for
+small blobs, PATCH chunks for large ones, resuming from the registry's `Range` after a dropped
+connection. The manifest goes last, so a tag never names a blob that is not there yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from nsbuild.errors import BuildError, UsageError
+from nsbuild.image import Image, docker_manifest, sha256_digest
+from nsbuild.registry.client import (
+    RETRY_STATUSES,
+    RegistryClient,
+    RegistryConnectionError,
+    RegistryError,
+    RegistryOptions,
+)
+from nsbuild.registry.reference import Reference, parse_reference
+
+DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
+_RANGE_RE = re.compile(r"^(?:bytes=)?0-(\d+)$")
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """`action`: exists | mounted | uploading | uploaded | manifest. `done`/`total` are bytes."""
+
+    action: str
+    digest: str
+    done: int
+    total: int
+
+
+Progress = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class PushResult:
+    reference: str  # what was pushed, e.g. 127.0.0.1:5000/app:1.0
+    digest: str  # the manifest digest (what `REPO@DIGEST` pulls)
+    manifest_media_type: str
+    uploaded_blobs: list[str] = field(default_factory=list)
+    skipped_blobs: list[str] = field(default_factory=list)
+    mounted_blobs: list[str] = field(default_factory=list)
+    uploaded_bytes: int = 0
+    resumed_uploads: int = 0  # chunked uploads continued from the registry's Range after a failure
+    restarted_uploads: int = 0  # uploads begun again from byte 0 after a failure
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "reference": self.reference,
+            "digest": self.digest,
+            "mediaType": self.manifest_media_type,
+            "uploadedBlobs": self.uploaded_blobs,
+            "skippedBlobs": self.skipped_blobs,
+            "mountedBlobs": self.mounted_blobs,
+            "uploadedBytes": self.uploaded_bytes,
+        }
+
+
+class BlobRecord:
+    """Which repositories of which registries are known to hold a blob (for cross-repo mounts).
+
+    A small JSON file `{"registry": {"sha256:..": ["repo", ...]}}` the caller keeps next to its cache;
+    with no path it lives in memory only. It is a hint: a failed mount falls back to an upload.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._data: dict[str, dict[str, list[str]]] = {}
+        if self.path is not None and self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                data = {}  # a damaged hint file only costs uploads
+            if isinstance(data, dict):
+                self._data = {
+                    str(reg): {str(d): [str(r) for r in repos] for d, repos in blobs.items() if isinstance(repos, list)}
+                    for reg, blobs in data.items()
+                    if isinstance(blobs, dict)
+                }
+
+    def repositories(self, registry: str, digest: str) -> list[str]:
+        return list(self._data.get(registry, {}).get(digest, []))
+
+    def add(self, registry: str, repository: str, digest: str) -> None:
+        repos = self._data.setdefault(registry, {}).setdefault(digest, [])
+        if repository in repos:
+            repos.remove(repository)
+        repos.insert(0, repository)  # most recent first: the likeliest to still be there
+        del repos[8:]
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".blobrecord.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._data, f, sort_keys=True, indent=1)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+@dataclass(frozen=True)
+class _BlobSource:
+    digest: str
+    size: int
+    path: Path | None = None
+    data: bytes | None = None
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self.data is not None:
+            return self.data[offset : offset + length]
+        assert self.path is not None
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+
+class _Transient(Exception):
+    """An upload step failed in a way a new attempt may fix."""
+
+
+def _manifest_for(image: Image, manifest_format: str) -> tuple[bytes, str]:
+    if manifest_format == "oci":
+        manifest = image.manifest
+    elif manifest_format == "docker":
+        try:
+            manifest = docker_manifest(image)
+        except ValueError as e:
+            raise BuildError(f"cannot push a Docker v2 manifest: {e}") from None
+    else:
+        raise UsageError(f"--manifest-format must be oci or docker, not {manifest_format!r}")
+    media_type = json.loads(manifest).get("mediaType")
+    if not media_type:
+        raise BuildError("the image manifest has no mediaType")
+    return manifest, str(media_type)
+
+
+def _blob_sources(image: Image, manifest: bytes) -> list[_BlobSource]:
+    """The blobs the manifest names, in its order (config first), each once, with their bytes' home."""
+    by_digest: dict[str, _BlobSource] = {
+        image.config_digest: _BlobSource(image.config_digest, len(image.config), data=image.config)
+    }
+    for layer in image.layers:
+        by_digest.setdefault(layer.digest, _BlobSource(layer.digest, layer.size, path=layer.compressed.path))
+    doc = json.loads(manifest)
+    out: list[_BlobSource] = []
+    seen: set[str] = set()
+    for desc in [doc["config"], *doc.get("layers", [])]:
+        digest = desc["digest"]
+        if digest in seen:
+            continue
+        seen.add(digest)
+        src = by_digest.get(digest)
+        if src is None:
+            raise BuildError(f"the manifest names blob {digest}, which the image does not hold")
+        if src.path is not None:
+            try:
+                actual = src.path.stat().st_size
+            except OSError as e:
+                raise BuildError(f"layer blob {src.path} cannot be read: {e.strerror}") from None
+            if actual != src.size:
+                raise BuildError(f"layer blob {src.path} has {actual} bytes, the manifest says {src.size}")
+        out.append(src)
+    return out
+
+
+def _parse_range(value: str | None) -> int | None:
+    """Bytes the registry holds, from `Range: 0-END` (inclusive). `0-0` is ambiguous (0 or 1 byte)."""
+    if not value:
+        return None
+    m = _RANGE_RE.match(value.strip())
+    if not m:
+        return None
+    end = int(m.group(1))
+    return None if end == 0 else end + 1
+
+
+class _Pusher:
+    def __init__(
+        self,
+        client: RegistryClient,
+        result: PushResult,
+        progress: Progress | None,
+        chunk_size: int,
+        monolithic_max: int,
+    ) -> None:
+        self.client = client
+        self.repo = client.ref.repository
+        self.result = result
+        self.progress = progress or (lambda event: None)
+        self.chunk_size = chunk_size
+        self.monolithic_max = monolithic_max
+
+    def exists(self, digest: str) -> bool:
+        resp = self.client.request("HEAD", f"/v2/{self.repo}/blobs/{digest}")
+        resp.close()
+        if resp.status_code == 200:
+            return True
+        if resp.status_code == 404:
+            return False
+        self.client.raise_for(resp, f"checking blob {digest}")
+        return False
+
+    def start_upload(self, mount: tuple[str, str] | None = None) -> tuple[str | None, bool]:
+        """POST a new upload session (or a mount). Returns (location, mounted)."""
+        params = {"mount": mount[0], "from": mount[1]} if mount else None
+        resp = self.client.request("POST", f"/v2/{self.repo}/blobs/uploads/", params=params, data=b"")
+        resp.close()
+        if mount and resp.status_code == 201:
+            return None, True
+        if resp.status_code != 202:
+            self.client.raise_for(resp, "starting a blob upload")
+        location = resp.headers.get("Location")
+        if not location:
+            raise RegistryError(f"registry {self.client.registry}: upload started without a Location")
+        return self.client.url(location), False
+
+    def _check_status(self, resp: requests.Response, expected: int, what: str) -> None:
+        if resp.status_code == expected:
+            return
+        if resp.status_code in RETRY_STATUSES:
+            raise _Transient(f"HTTP {resp.status_code}")
+        self.client.raise_for(resp, what)
+
+    def _finish(self, location: str, src: _BlobSource, body: bytes) -> None:
+        try:
+            resp = self.client.request(
+                "PUT", location, params={"digest": src.digest}, data=body,
+                headers={"Content-Type": "application/octet-stream"}, retry=False,
+            )
+        except RegistryConnectionError as e:
+            raise _Transient(str(e)) from None
+        resp.close()
+        self._check_status(resp, 201, f"upload of {src.digest}")
+        got = resp.headers.get("Docker-Content-Digest")
+        if got and got != src.digest:
+            raise RegistryError(f"registry {self.client.registry} stored {src.digest} as {got}")
+
+    def upload(self, src: _BlobSource, location: str | None) -> None:
+        policy = self.client.options.retry
+        failures = 0
+        offset = 0
+        while True:
+            try:
+                if location is None:
+                    location, _ = self.start_upload()
+                    offset = 0
+                if src.size <= self.monolithic_max:
+                    self._finish(location, src, src.read(0, src.size))
+                else:
+                    location, offset = self._patch_all(src, location, offset)
+                    self._finish(location, src, b"")
+                self.result.uploaded_bytes += src.size
+                self.progress(ProgressEvent("uploaded", src.digest, src.size, src.size))
+                return
+            except _Transient as e:
+                failures += 1
+                if failures >= policy.attempts:
+                    raise BuildError(
+                        f"registry {self.client.registry}: upload of {src.digest} failed {failures} times: {e}"
+                    ) from None
+                self.client._sleep(policy.delay(failures - 1))
+                if location is not None and src.size > self.monolithic_max:
+                    location, offset = self._resume_point(location)
+                    if location is not None:
+                        self.result.resumed_uploads += 1
+                        continue
+                location = None
+                self.result.restarted_uploads += 1
+
+    def _patch_all(self, src: _BlobSource, location: str, offset: int) -> tuple[str, int]:
+        while offset < src.size:
+            chunk = src.read(offset, min(self.chunk_size, src.size - offset))
+            end = offset + len(chunk) - 1
+            try:
+                resp = self.client.request(
+                    "PATCH", location, data=chunk, retry=False,
+                    headers={"Content-Type": "application/octet-stream", "Content-Range": f"{offset}-{end}"},
+                )
+            except RegistryConnectionError as e:
+                # Remember where we were: the caller asks the registry how much it kept.
+                self._location = location
+                raise _Transient(str(e)) from None
+            resp.close()
+            if resp.status_code != 202:
+                self._location = location
+                self._check_status(resp, 202, f"upload of {src.digest}")
+            location = self.client.url(resp.headers.get("Location") or location)
+            held = _parse_range(resp.headers.get("Range"))
+            offset = held if held is not None else end + 1
+            self.progress(ProgressEvent("uploading", src.digest, offset, src.size))
+        return location, offset
+
+    def _resume_point(self, location: str) -> tuple[str | None, int]:
+        """Ask the registry how much of the upload it holds; (None, 0) means start a new upload."""
+        location = getattr(self, "_location", location)
+        try:
+            resp = self.client.request("GET", location)
+        except RegistryConnectionError:
+            return None, 0
+        resp.close()
+        if resp.status_code != 204:
+            return None, 0
+        held = _parse_range(resp.headers.get("Range"))
+        if held is None:
+            return None, 0
+        return self.client.url(resp.headers.get("Location") or location), held
+
+    def push_blob(self, src: _BlobSource, mount_from: list[str]) -> None:
+        if self.exists(src.digest):
+            self.result.skipped_blobs.append(src.digest)
+            self.progress(ProgressEvent("exists", src.digest, src.size, src.size))
+            return
+        location = None
+        for other in mount_from:
+            if other == self.repo:
+                continue
+            self.client.add_scope(other, "pull")
+            location, mounted = self.start_upload((src.digest, other))
+            if mounted:
+                self.result.mounted_blobs.append(src.digest)
+                self.progress(ProgressEvent("mounted", src.digest, src.size, src.size))
+                return
+            break  # the registry opened a plain upload instead; use it
+        self.upload(src, location)
+        self.result.uploaded_blobs.append(src.digest)
+
+    def put_manifest(self, reference: str, manifest: bytes, media_type: str) -> str:
+        resp = self.client.request(
+            "PUT", f"/v2/{self.repo}/manifests/{reference}", data=manifest,
+            headers={"Content-Type": media_type},
+        )
+        resp.close()
+        if resp.status_code not in (200, 201):
+            self.client.raise_for(resp, f"pushing the manifest to {self.repo}:{reference} (registry rejected it)")
+        digest = sha256_digest(manifest)
+        got = resp.headers.get("Docker-Content-Digest")
+        if got and got != digest:
+            raise RegistryError(f"registry {self.client.registry} stored the manifest as {got}, expected {digest}")
+        self.progress(ProgressEvent("manifest", digest, len(manifest), len(manifest)))
+        return digest
+
+
+def push_image(
+    image: Image,
+    ref: str | Reference,
+    *,
+    manifest_format: str = "oci",
+    options: RegistryOptions | None = None,
+    progress: Progress | None = None,
+    blob_record: BlobRecord | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    monolithic_max: int | None = None,
+) -> PushResult:
+    """Push `image` to `ref` (`[docker://]HOST[:PORT]/REPO[:TAG|@DIGEST]`) and return what happened.
+
+    `blob_record` (read and updated) enables cross-repository mounts; blobs up to `monolithic_max`
+    (default `chunk_size`) go in one PUT, larger ones in `chunk_size` PATCHes.
+    """
+    target = parse_reference(ref) if isinstance(ref, str) else ref
+    manifest, media_type = _manifest_for(image, manifest_format)
+    digest = sha256_digest(manifest)
+    if target.digest and target.digest != digest and not target.tag:
+        raise UsageError(f"cannot push to {target}: the image's manifest digest is {digest}")
+    sources = _blob_sources(image, manifest)
+    result = PushResult(str(target), digest, media_type)
+    with RegistryClient(target, options, actions=("pull", "push")) as client:
+        pusher = _Pusher(client, result, progress, chunk_size,
+                         chunk_size if monolithic_max is None else monolithic_max)
+        for src in sources:
+            mount_from = blob_record.repositories(target.registry, src.digest) if blob_record else []
+            pusher.push_blob(src, mount_from)
+        pusher.put_manifest(target.tag or digest, manifest, media_type)
+    if blob_record is not None:
+        for src in sources:
+            blob_record.add(target.registry, target.repository, src.digest)
+        blob_record.save()
+    return result
