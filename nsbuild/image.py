@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from nsbuild.layer import Layer
@@ -93,3 +94,57 @@ def docker_manifest(image: Image) -> bytes:
             "layers": layers,
         }
     )
+
+
+# --- config ------------------------------------------------------------------------------------------
+
+
+def rfc3339(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_env(base: list[str], child: list[str]) -> list[str]:
+    """Key-wise: one entry per variable, the child's value wins, base order first."""
+    merged: dict[str, str] = {}
+    for item in base + child:
+        key, _, _ = item.partition("=")
+        merged[key] = item
+    return list(merged.values())
+
+
+def merge_config(base: dict[str, Any], child: dict[str, Any], env_mode: str = "merge") -> dict[str, Any]:
+    """Child keys win; Env merged key-wise (layered) or concatenated (buildImage); maps merged."""
+    out = dict(base)
+    for key, value in child.items():
+        if key == "Env":
+            out[key] = merge_env(base.get("Env") or [], value) if env_mode == "merge" else (
+                (base.get("Env") or []) + value)
+        elif key in ("Labels", "ExposedPorts", "Volumes") and isinstance(base.get(key), dict):
+            out[key] = {**base[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def make_config(*, architecture: str, created: int, config: dict[str, Any],
+                base_config: dict[str, Any] | None, base_history: list[dict[str, Any]],
+                layers: list[Layer], new_from: int,
+                env_mode: str = "merge") -> bytes:
+    """The image config: `layers[:new_from]` come from the base, the rest are new."""
+    base_inner = (base_config or {}).get("config") or {}
+    history = [h for h in base_history if isinstance(h, dict)]
+    if sum(1 for h in history if not h.get("empty_layer")) != new_from:
+        # A base without a usable history gets one entry per layer, so the counts line up.
+        history = [{"created": rfc3339(0), "comment": layer.comment} for layer in layers[:new_from]]
+    created_s = rfc3339(created)
+    for layer in layers[new_from:]:
+        history.append({"created": created_s, "created_by": "nsbuild", "comment": layer.comment})
+    doc: dict[str, Any] = {
+        "architecture": architecture,
+        "os": "linux",
+        "created": created_s,
+        "config": merge_config(base_inner, config, env_mode),
+        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
+        "history": history,
+    }
+    return canonical_json(doc)

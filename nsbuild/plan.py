@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -38,10 +39,8 @@ def tree_size(path: Path) -> int:
     if os.path.isdir(path) and not os.path.islink(path):
         for dirpath, dirnames, filenames in os.walk(path):
             for n in filenames + dirnames:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     total += os.lstat(os.path.join(dirpath, n)).st_size
-                except FileNotFoundError:
-                    pass
     return total
 
 

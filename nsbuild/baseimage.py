@@ -1,0 +1,275 @@
+"""fromImage: read a docker-archive (plain, gz, zstd) or an OCI layout (dir or archive).
+
+A base image is input from elsewhere: members are looked up by exact name, never extracted by their
+own path; every blob is copied into our own blob directory under its verified digest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from nsbuild.compress import HashingWriter, compression_of, open_decompressed
+from nsbuild.errors import BuildError
+from nsbuild.layer import MEDIA_TAR, MEDIA_TAR_GZIP, MEDIA_TAR_ZSTD, Blob, Layer
+from nsbuild.refs import ImageRef, parse_ref
+
+REF_NAME = "org.opencontainers.image.ref.name"
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+MAX_JSON = 64 << 20  # a manifest or config larger than this is not an image
+COMPRESSION_MEDIA = {"none": MEDIA_TAR, "gz": MEDIA_TAR_GZIP, "zstd": MEDIA_TAR_ZSTD}
+# Docker media types in an OCI layout (skopeo keeps them when copying): the OCI names for the same bytes.
+DOCKER_TO_OCI = {
+    "application/vnd.docker.image.rootfs.diff.tar": MEDIA_TAR,
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": MEDIA_TAR_GZIP,
+    "application/vnd.docker.image.rootfs.diff.tar.zstd": MEDIA_TAR_ZSTD,
+}
+
+
+@dataclass
+class BaseImage:
+    config: dict[str, Any]
+    layers: list[Layer]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    source: str = ""
+
+
+class _Reader:
+    """Named files of an image: a directory, or the members of a (decompressed) tar archive."""
+
+    def __init__(self, root: Path | None = None, tar: tarfile.TarFile | None = None) -> None:
+        self.root = root
+        self.tar = tar
+        self.members: dict[str, tarfile.TarInfo] = {}
+        if tar is not None:
+            for m in tar.getmembers():
+                self.members[os.path.normpath(m.name).lstrip("/")] = m
+
+    def exists(self, name: str) -> bool:
+        if self.tar is not None:
+            return name in self.members
+        assert self.root is not None
+        return (self.root / name).is_file()
+
+    @contextmanager
+    def open(self, name: str) -> Iterator[IO[bytes]]:
+        if self.tar is not None:
+            member = self.members.get(name)
+            if member is None or not member.isfile():
+                raise BuildError(f"{name}: missing from the archive (or not a regular file)")
+            f = self.tar.extractfile(member)
+            assert f is not None
+            yield f
+            return
+        assert self.root is not None
+        path = self.root / name
+        if path.is_symlink() or not path.is_file():
+            raise BuildError(f"{path}: missing (or not a regular file)")
+        with open(path, "rb") as f:
+            yield f
+
+    def json(self, name: str) -> Any:
+        with self.open(name) as f:
+            data = f.read(MAX_JSON + 1)
+        if len(data) > MAX_JSON:
+            raise BuildError(f"{name}: larger than {MAX_JSON >> 20} MiB, not an image file")
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BuildError(f"{name}: invalid JSON: {exc}") from None
+
+
+def _copy_verified(src: IO[bytes], dest_dir: Path, expected: str | None, what: str) -> Blob:
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    tmp = dest_dir / f".tmp-base-{os.getpid()}"
+    h = HashingWriter(None)
+    with open(tmp, "wb") as out:
+        while chunk := src.read(1 << 20):
+            h.write(chunk)
+            out.write(chunk)
+    if expected is not None and h.digest != expected:
+        tmp.unlink()
+        raise BuildError(f"{what}: digest mismatch: expected {expected}, the data has {h.digest} "
+                         "(corrupted or truncated)")
+    final = dest_dir / h.digest.split(":", 1)[1]
+    os.replace(tmp, final)
+    return Blob(h.digest, h.size, final)
+
+
+def _decompressed_blob(blob: Blob, dest_dir: Path, expected_diff_id: str | None, what: str) -> Blob:
+    assert blob.path is not None
+    if compression_of(blob.path) == "none":
+        if expected_diff_id is not None and blob.digest != expected_diff_id:
+            raise BuildError(f"{what}: digest {blob.digest} does not match the config's diff_id "
+                             f"{expected_diff_id}")
+        return blob
+    try:
+        with open_decompressed(blob.path) as f:
+            return _copy_verified(f, dest_dir, expected_diff_id, what)
+    except (OSError, EOFError) as exc:
+        raise BuildError(f"{what}: cannot decompress: {exc}") from None
+
+
+def _check_digest(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not DIGEST_RE.match(value):
+        raise BuildError(f"{what}: {value!r} is not a sha256 digest")
+    return value
+
+
+def load_base(text: str, blob_dir: Path, work_dir: Path, *, architecture: str,
+              image_name: str | None = None, image_tag: str | None = None) -> BaseImage:
+    ref = parse_ref(text)
+    if ref.format == "registry":
+        raise BuildError(f"fromImage {text!r}: pulling from a registry is not supported yet")
+    path = ref.path
+    if not path.exists():
+        raise BuildError(f"fromImage: no such file or directory: {path}")
+    fmt = ref.format
+    if fmt == "auto":
+        fmt = "oci-dir" if path.is_dir() else "archive"
+    if fmt == "oci-dir":
+        if not (path / "oci-layout").is_file():
+            raise BuildError(f"fromImage: {path} is a directory but not an OCI layout (no oci-layout file)")
+        return _load_oci(_Reader(root=path), ref, blob_dir, architecture, image_tag or ref.tag, text)
+    with _open_archive(path, work_dir) as tar:
+        reader = _Reader(tar=tar)
+        if reader.exists("manifest.json"):
+            return _load_docker(reader, blob_dir, work_dir, image_name or ref.name, image_tag or ref.tag,
+                                text)
+        if reader.exists("index.json") and reader.exists("oci-layout"):
+            return _load_oci(reader, ref, blob_dir, architecture, image_tag or ref.tag, text)
+        raise BuildError(f"fromImage: {path} is neither a docker-archive (no manifest.json) nor an OCI "
+                         "archive (no index.json)")
+
+
+@contextmanager
+def _open_archive(path: Path, work_dir: Path) -> Iterator[tarfile.TarFile]:
+    plain = path
+    if compression_of(path) != "none":
+        # Random access to members needs the plain tar; decompress once into our work dir.
+        plain = work_dir / "base-archive.tar"
+        try:
+            with open_decompressed(path) as src, open(plain, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        except (OSError, EOFError) as exc:
+            raise BuildError(f"fromImage: {path}: cannot decompress: {exc}") from None
+    try:
+        with tarfile.open(plain, "r:") as tar:
+            yield tar
+    except tarfile.TarError as exc:
+        raise BuildError(f"fromImage: {path}: not a readable tar archive: {exc}") from None
+    finally:
+        if plain != path:
+            plain.unlink(missing_ok=True)
+
+
+def _load_docker(reader: _Reader, blob_dir: Path, work_dir: Path, name: str | None, tag: str | None,
+                 source: str) -> BaseImage:
+    manifest = reader.json("manifest.json")
+    if not isinstance(manifest, list) or not manifest:
+        raise BuildError("fromImage: manifest.json holds no image")
+    entry = _choose_docker_image(manifest, name, tag)
+    config_name = entry.get("Config")
+    if not isinstance(config_name, str):
+        raise BuildError("fromImage: manifest.json: Config missing")
+    with reader.open(os.path.normpath(config_name)) as f:
+        config_bytes = f.read(MAX_JSON)
+    try:
+        config = json.loads(config_bytes)
+    except json.JSONDecodeError as exc:
+        raise BuildError(f"fromImage: {config_name}: invalid JSON: {exc}") from None
+    diff_ids = config.get("rootfs", {}).get("diff_ids", [])
+    layer_names = entry.get("Layers", [])
+    if not isinstance(layer_names, list) or len(layer_names) != len(diff_ids):
+        raise BuildError(f"fromImage: manifest.json lists {len(layer_names)} layers but the config has "
+                         f"{len(diff_ids)} diff_ids")
+    layers = []
+    for i, (lname, diff_id) in enumerate(zip(layer_names, diff_ids, strict=True)):
+        _check_digest(diff_id, f"fromImage: config diff_ids[{i}]")
+        what = f"fromImage: layer {i} ({lname})"
+        with reader.open(os.path.normpath(lname)) as f:
+            raw = _copy_verified(f, blob_dir, None, what)
+        tar = _decompressed_blob(raw, blob_dir, diff_id, what)
+        layers.append(Layer(diff_id=diff_id, tar=tar, compressed=tar, media_type=MEDIA_TAR,
+                            comment=f"base layer {i}"))
+    return BaseImage(config, layers, list(config.get("history", [])), source)
+
+
+def _choose_docker_image(manifest: list[dict], name: str | None, tag: str | None) -> dict:
+    if name is None and tag is None:
+        if len(manifest) > 1:
+            tags = [t for m in manifest for t in m.get("RepoTags") or []]
+            raise BuildError(f"fromImage: the archive holds {len(manifest)} images ({', '.join(tags)}); "
+                             "choose one with fromImageName/fromImageTag or docker-archive:PATH:NAME:TAG")
+        return manifest[0]
+    for m in manifest:
+        for repo_tag in m.get("RepoTags") or []:
+            rname, _, rtag = repo_tag.rpartition(":")
+            name_ok = name is None or rname == name or rname.split("/")[-1] == name
+            if name_ok and (tag is None or rtag == tag):
+                return m
+    tags = [t for m in manifest for t in m.get("RepoTags") or []]
+    raise BuildError(f"fromImage: no image {name or '*'}:{tag or '*'} in the archive (it has: "
+                     f"{', '.join(tags) or 'untagged images'})")
+
+
+def _load_oci(reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str, tag: str | None,
+              source: str) -> BaseImage:
+    index = reader.json("index.json")
+    manifests = index.get("manifests") if isinstance(index, dict) else None
+    if not isinstance(manifests, list) or not manifests:
+        raise BuildError("fromImage: index.json lists no manifest")
+    if tag is not None:
+        names = [m.get("annotations", {}).get(REF_NAME, "?") for m in manifests]
+        chosen = [m for m, n in zip(manifests, names, strict=True) if n == tag]
+        if not chosen:
+            raise BuildError(f"fromImage: no image tagged {tag!r} in the layout (it has: {', '.join(names)})")
+        desc = chosen[0]
+    elif len(manifests) == 1:
+        desc = manifests[0]
+    else:
+        raise BuildError(f"fromImage: the layout holds {len(manifests)} images; name one with oci:DIR:TAG")
+
+    def blob_json(d: dict, what: str) -> Any:
+        digest = _check_digest(d.get("digest"), what)
+        with reader.open("blobs/sha256/" + digest.split(":", 1)[1]) as f:
+            blob = _copy_verified(f, blob_dir, digest, what)
+        assert blob.path is not None
+        return json.loads(blob.path.read_bytes())
+
+    manifest = blob_json(desc, "fromImage: manifest")
+    for _ in range(4):
+        if "manifests" not in manifest:
+            break
+        platform = [m for m in manifest["manifests"]
+                    if m.get("platform", {}).get("architecture") == architecture]
+        if not platform:
+            archs = [m.get("platform", {}).get("architecture", "?") for m in manifest["manifests"]]
+            raise BuildError(f"fromImage: no {architecture} image in the index (it has: {', '.join(archs)})")
+        manifest = blob_json(platform[0], "fromImage: manifest")
+    config = blob_json(manifest.get("config", {}), "fromImage: config")
+    diff_ids = config.get("rootfs", {}).get("diff_ids", [])
+    descs = manifest.get("layers", [])
+    if len(descs) != len(diff_ids):
+        raise BuildError(f"fromImage: the manifest lists {len(descs)} layers but the config has "
+                         f"{len(diff_ids)} diff_ids")
+    layers = []
+    for i, (d, diff_id) in enumerate(zip(descs, diff_ids, strict=True)):
+        digest = _check_digest(d.get("digest"), f"fromImage: layer {i}")
+        _check_digest(diff_id, f"fromImage: config diff_ids[{i}]")
+        what = f"fromImage: layer {i} ({digest[:19]})"
+        with reader.open("blobs/sha256/" + digest.split(":", 1)[1]) as f:
+            compressed = _copy_verified(f, blob_dir, digest, what)
+        tar = _decompressed_blob(compressed, blob_dir, diff_id, what)
+        media = COMPRESSION_MEDIA[compression_of(compressed.path or "")]
+        layers.append(Layer(diff_id=diff_id, tar=tar, compressed=compressed, media_type=media,
+                            comment=f"base layer {i}"))
+    return BaseImage(config, layers, list(config.get("history", [])), source)
