@@ -337,7 +337,13 @@ class RegistryClient:
         while True:
             try:
                 resp = self._send(
-                    method, url, headers=headers, data=data, params=params, stream=stream, retry=retry,
+                    method,
+                    url,
+                    headers=headers,
+                    data=data,
+                    params=params,
+                    stream=stream,
+                    retry=retry,
                     auth=True,
                 )
             except requests.exceptions.SSLError as e:
@@ -367,13 +373,16 @@ class RegistryClient:
         first_code = errors[0][0] if errors else None
         if status == 404 and "NAME_UNKNOWN" in codes:
             raise RegistryError(
-                f"registry {self.registry}: repository {self.ref.repository} not found", status, "NAME_UNKNOWN"
+                f"registry {self.registry}: repository {self.ref.repository} not found",
+                status,
+                "NAME_UNKNOWN",
             )
         text = "; ".join(f"{code}: {message}" if message else code for code, message in errors)
         if not text:
             text = _short(resp.text, 200) if resp.text else resp.reason or ""
-        raise RegistryError(f"registry {self.registry}: {what} failed: HTTP {status} {text}".rstrip(), status,
-                            first_code)
+        raise RegistryError(
+            f"registry {self.registry}: {what} failed: HTTP {status} {text}".rstrip(), status, first_code
+        )
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -436,8 +445,12 @@ class RegistryClient:
         query += [("scope", s) for s in scopes]
         try:
             if cred is not None and cred.identity_token:
-                form = {"grant_type": "refresh_token", "refresh_token": cred.password, "client_id": "nsbuild",
-                        "scope": " ".join(scopes)}
+                form = {
+                    "grant_type": "refresh_token",
+                    "refresh_token": cred.password,
+                    "client_id": "nsbuild",
+                    "scope": " ".join(scopes),
+                }
                 if params.get("service"):
                     form["service"] = params["service"]
                 resp = self._send("POST", realm, data=form, retry=True)  # type: ignore[arg-type]
@@ -457,7 +470,8 @@ class RegistryClient:
             raise self._auth_error(resp.status_code, resp, token_server=True)
         if resp.status_code != 200:
             raise RegistryError(
-                f"registry {self.registry}: token server {urlparse(realm).netloc} answered HTTP {resp.status_code}",
+                f"registry {self.registry}: token server {urlparse(realm).netloc} answered "
+                f"HTTP {resp.status_code}",
                 resp.status_code,
             )
         try:
@@ -476,14 +490,19 @@ class RegistryClient:
         where = " (token server)" if token_server else ""
         if status == 403:
             who = f"user {cred.username!r} from {cred.source}" if cred else "anonymous access"
-            msg = f"registry {self.registry}: access denied (HTTP 403{where}) to {self.ref.repository} for {who}"
+            repo = self.ref.repository
+            msg = f"registry {self.registry}: access denied (HTTP 403{where}) to {repo} for {who}"
         elif cred is None:
             tried = ", ".join(lookup.tried) or "none"
-            msg = (f"registry {self.registry}: authentication required (HTTP 401{where}); "
-                   f"no credentials found (tried: {tried})")
+            msg = (
+                f"registry {self.registry}: authentication required (HTTP 401{where}); "
+                f"no credentials found (tried: {tried})"
+            )
         else:
-            msg = (f"registry {self.registry}: authentication failed (HTTP 401{where}) for user "
-                   f"{cred.username!r} with credentials from {cred.source}")
+            msg = (
+                f"registry {self.registry}: authentication failed (HTTP 401{where}) for user "
+                f"{cred.username!r} with credentials from {cred.source}"
+            )
         if details:
             msg += f": {details}"
         if cred is not None and cred.password and cred.password in msg:
@@ -512,14 +531,28 @@ class RegistryClient:
                 all_headers.update(self._auth_headers())
             try:
                 resp = self.session.request(
-                    method, url, headers=all_headers, data=data, params=params, stream=stream,
-                    timeout=self.options.timeout, verify=verify, allow_redirects=True,
+                    method,
+                    url,
+                    headers=all_headers,
+                    data=data,
+                    params=params,
+                    stream=stream,
+                    timeout=self.options.timeout,
+                    verify=verify,
+                    allow_redirects=True,
                 )
             except requests.exceptions.SSLError:
                 raise
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-                if (not retry or attempt + 1 >= policy.attempts
-                        or (not retry_new_connections and _is_new_connection_failure(e))):
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,
+            ) as e:
+                if (
+                    not retry
+                    or attempt + 1 >= policy.attempts
+                    or (not retry_new_connections and _is_new_connection_failure(e))
+                ):
                     raise
                 self._sleep(policy.delay(attempt))
                 attempt += 1

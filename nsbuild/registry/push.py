@@ -88,7 +88,11 @@ class BlobRecord:
                 data = {}  # a damaged hint file only costs uploads
             if isinstance(data, dict):
                 self._data = {
-                    str(reg): {str(d): [str(r) for r in repos] for d, repos in blobs.items() if isinstance(repos, list)}
+                    str(reg): {
+                        str(d): [str(r) for r in repos]
+                        for d, repos in blobs.items()
+                        if isinstance(repos, list)
+                    }
                     for reg, blobs in data.items()
                     if isinstance(blobs, dict)
                 }
@@ -134,6 +138,14 @@ class _BlobSource:
             return f.read(length)
 
 
+@dataclass
+class _Session:
+    """An upload in progress: the registry's current Location and the bytes it holds."""
+
+    location: str | None
+    offset: int
+
+
 class _Transient(Exception):
     """An upload step failed in a way a new attempt may fix."""
 
@@ -160,6 +172,8 @@ def _blob_sources(image: Image, manifest: bytes) -> list[_BlobSource]:
         image.config_digest: _BlobSource(image.config_digest, len(image.config), data=image.config)
     }
     for layer in image.layers:
+        if layer.compressed.path is None:
+            raise BuildError(f"layer {layer.digest} was not kept on disk; it cannot be pushed")
         by_digest.setdefault(layer.digest, _BlobSource(layer.digest, layer.size, path=layer.compressed.path))
     doc = json.loads(manifest)
     out: list[_BlobSource] = []
@@ -244,8 +258,12 @@ class _Pusher:
     def _finish(self, location: str, src: _BlobSource, body: bytes) -> None:
         try:
             resp = self.client.request(
-                "PUT", location, params={"digest": src.digest}, data=body,
-                headers={"Content-Type": "application/octet-stream"}, retry=False,
+                "PUT",
+                location,
+                params={"digest": src.digest},
+                data=body,
+                headers={"Content-Type": "application/octet-stream"},
+                retry=False,
             )
         except RegistryConnectionError as e:
             raise _Transient(str(e)) from None
@@ -258,17 +276,17 @@ class _Pusher:
     def upload(self, src: _BlobSource, location: str | None) -> None:
         policy = self.client.options.retry
         failures = 0
-        offset = 0
+        session = _Session(location, 0)
         while True:
             try:
-                if location is None:
-                    location, _ = self.start_upload()
-                    offset = 0
+                if session.location is None:
+                    session = _Session(self.start_upload()[0], 0)
+                assert session.location is not None
                 if src.size <= self.monolithic_max:
-                    self._finish(location, src, src.read(0, src.size))
+                    self._finish(session.location, src, src.read(0, src.size))
                 else:
-                    location, offset = self._patch_all(src, location, offset)
-                    self._finish(location, src, b"")
+                    self._patch_all(src, session)
+                    self._finish(session.location, src, b"")
                 self.result.uploaded_bytes += src.size
                 self.progress(ProgressEvent("uploaded", src.digest, src.size, src.size))
                 return
@@ -276,54 +294,56 @@ class _Pusher:
                 failures += 1
                 if failures >= policy.attempts:
                     raise BuildError(
-                        f"registry {self.client.registry}: upload of {src.digest} failed {failures} times: {e}"
+                        f"registry {self.client.registry}: upload of {src.digest} "
+                        f"failed {failures} times: {e}"
                     ) from None
                 self.client._sleep(policy.delay(failures - 1))
-                if location is not None and src.size > self.monolithic_max:
-                    location, offset = self._resume_point(location)
-                    if location is not None:
+                if session.location is not None and src.size > self.monolithic_max:
+                    session = self._resume_point(session.location)
+                    if session.location is not None:
                         self.result.resumed_uploads += 1
                         continue
-                location = None
+                session = _Session(None, 0)
                 self.result.restarted_uploads += 1
 
-    def _patch_all(self, src: _BlobSource, location: str, offset: int) -> tuple[str, int]:
-        while offset < src.size:
-            chunk = src.read(offset, min(self.chunk_size, src.size - offset))
-            end = offset + len(chunk) - 1
+    def _patch_all(self, src: _BlobSource, session: _Session) -> None:
+        """PATCH the rest of the blob from `session.offset`, keeping `session` current so that a
+        failure leaves the last Location the registry gave us (its upload state) for the resume."""
+        assert session.location is not None
+        while session.offset < src.size:
+            chunk = src.read(session.offset, min(self.chunk_size, src.size - session.offset))
+            end = session.offset + len(chunk) - 1
             try:
                 resp = self.client.request(
-                    "PATCH", location, data=chunk, retry=False,
-                    headers={"Content-Type": "application/octet-stream", "Content-Range": f"{offset}-{end}"},
+                    "PATCH",
+                    session.location,
+                    data=chunk,
+                    retry=False,
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Range": f"{session.offset}-{end}",
+                    },
                 )
             except RegistryConnectionError as e:
-                # Remember where we were: the caller asks the registry how much it kept.
-                self._location = location
                 raise _Transient(str(e)) from None
             resp.close()
-            if resp.status_code != 202:
-                self._location = location
-                self._check_status(resp, 202, f"upload of {src.digest}")
-            location = self.client.url(resp.headers.get("Location") or location)
+            self._check_status(resp, 202, f"upload of {src.digest}")
+            session.location = self.client.url(resp.headers.get("Location") or session.location)
             held = _parse_range(resp.headers.get("Range"))
-            offset = held if held is not None else end + 1
-            self.progress(ProgressEvent("uploading", src.digest, offset, src.size))
-        return location, offset
+            session.offset = held if held is not None else end + 1
+            self.progress(ProgressEvent("uploading", src.digest, session.offset, src.size))
 
-    def _resume_point(self, location: str) -> tuple[str | None, int]:
-        """Ask the registry how much of the upload it holds; (None, 0) means start a new upload."""
-        location = getattr(self, "_location", location)
+    def _resume_point(self, location: str) -> _Session:
+        """Ask the registry how much of the upload it holds; no location means start a new upload."""
         try:
             resp = self.client.request("GET", location)
         except RegistryConnectionError:
-            return None, 0
+            return _Session(None, 0)
         resp.close()
-        if resp.status_code != 204:
-            return None, 0
-        held = _parse_range(resp.headers.get("Range"))
+        held = _parse_range(resp.headers.get("Range")) if resp.status_code == 204 else None
         if held is None:
-            return None, 0
-        return self.client.url(resp.headers.get("Location") or location), held
+            return _Session(None, 0)
+        return _Session(self.client.url(resp.headers.get("Location") or location), held)
 
     def push_blob(self, src: _BlobSource, mount_from: list[str]) -> None:
         if self.exists(src.digest):
@@ -346,16 +366,22 @@ class _Pusher:
 
     def put_manifest(self, reference: str, manifest: bytes, media_type: str) -> str:
         resp = self.client.request(
-            "PUT", f"/v2/{self.repo}/manifests/{reference}", data=manifest,
+            "PUT",
+            f"/v2/{self.repo}/manifests/{reference}",
+            data=manifest,
             headers={"Content-Type": media_type},
         )
         resp.close()
         if resp.status_code not in (200, 201):
-            self.client.raise_for(resp, f"pushing the manifest to {self.repo}:{reference} (registry rejected it)")
+            self.client.raise_for(
+                resp, f"pushing the manifest to {self.repo}:{reference} (registry rejected it)"
+            )
         digest = sha256_digest(manifest)
         got = resp.headers.get("Docker-Content-Digest")
         if got and got != digest:
-            raise RegistryError(f"registry {self.client.registry} stored the manifest as {got}, expected {digest}")
+            raise RegistryError(
+                f"registry {self.client.registry} stored the manifest as {got}, expected {digest}"
+            )
         self.progress(ProgressEvent("manifest", digest, len(manifest), len(manifest)))
         return digest
 
@@ -384,8 +410,9 @@ def push_image(
     sources = _blob_sources(image, manifest)
     result = PushResult(str(target), digest, media_type)
     with RegistryClient(target, options, actions=("pull", "push")) as client:
-        pusher = _Pusher(client, result, progress, chunk_size,
-                         chunk_size if monolithic_max is None else monolithic_max)
+        pusher = _Pusher(
+            client, result, progress, chunk_size, chunk_size if monolithic_max is None else monolithic_max
+        )
         for src in sources:
             mount_from = blob_record.repositories(target.registry, src.digest) if blob_record else []
             pusher.push_blob(src, mount_from)

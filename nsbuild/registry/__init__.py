@@ -1,0 +1,25 @@
+"""OCI distribution client: push images to and pull images from registries (issue 6)."""
+
+from nsbuild.registry.auth import AuthOptions, Credential, find_credential
+from nsbuild.registry.client import RegistryError, RegistryOptions, RetryPolicy
+from nsbuild.registry.pull import PulledBlob, PulledImage, pull_image
+from nsbuild.registry.push import BlobRecord, ProgressEvent, PushResult, push_image
+from nsbuild.registry.reference import Reference, parse_reference
+
+__all__ = [
+    "AuthOptions",
+    "BlobRecord",
+    "Credential",
+    "ProgressEvent",
+    "PulledBlob",
+    "PulledImage",
+    "PushResult",
+    "Reference",
+    "RegistryError",
+    "RegistryOptions",
+    "RetryPolicy",
+    "find_credential",
+    "parse_reference",
+    "pull_image",
+    "push_image",
+]

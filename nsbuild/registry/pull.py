@@ -1,0 +1,408 @@
+"""Pull an image from a registry into a content-addressed blob directory.
+
+`dest_dir/blobs/sha256/<hex>` holds every blob (index, manifest, config, layers) under its digest, as
+in an OCI layout, so a second pull, or another image sharing layers, downloads nothing it already has.
+Each blob is hashed while it streams in and renamed into place only when digest and size match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from nsbuild.errors import BuildError
+from nsbuild.image import MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, sha256_digest
+from nsbuild.registry.client import (
+    RegistryClient,
+    RegistryError,
+    RegistryOptions,
+    describe_exception,
+    registry_errors,
+)
+from nsbuild.registry.push import ProgressEvent
+from nsbuild.registry.reference import Reference, parse_reference
+
+MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MEDIA_DOCKER_SCHEMA1 = (
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+)
+INDEX_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
+MANIFEST_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST)
+ACCEPT = ", ".join([MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST])
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+_READ_SIZE = 1024 * 1024
+
+_GOARCH = {
+    "x86_64": ("amd64", None),
+    "amd64": ("amd64", None),
+    "aarch64": ("arm64", None),
+    "arm64": ("arm64", None),
+    "armv7l": ("arm", "v7"),
+    "armv6l": ("arm", "v6"),
+    "i386": ("386", None),
+    "i686": ("386", None),
+    "ppc64le": ("ppc64le", None),
+    "s390x": ("s390x", None),
+    "riscv64": ("riscv64", None),
+}
+
+
+def host_platform() -> tuple[str, str | None]:
+    """(GOARCH, variant) of this machine."""
+    machine = platform.machine().lower()
+    return _GOARCH.get(machine, (machine, None))
+
+
+@dataclass(frozen=True)
+class PulledBlob:
+    digest: str
+    size: int
+    media_type: str
+    path: Path
+
+
+@dataclass
+class PulledImage:
+    reference: Reference  # as asked for
+    digest: str  # digest of the image manifest (the platform's one when the tag named an index)
+    index_digest: str | None  # digest the tag resolved to when it named an index / manifest list
+    manifest: bytes
+    manifest_media_type: str
+    config: bytes
+    config_digest: str
+    layers: list[PulledBlob]
+    manifest_path: Path
+    config_path: Path
+    downloaded_blobs: list[str] = field(default_factory=list)
+    cached_blobs: list[str] = field(default_factory=list)
+    downloaded_bytes: int = 0
+
+    @property
+    def resolved_digest(self) -> str:
+        """What the reference resolved to (`REPO@this` pulls the same image on any platform)."""
+        return self.index_digest or self.digest
+
+    @property
+    def pinned(self) -> str:
+        """`registry/repo@sha256:...` of the platform manifest: what to record in history."""
+        return f"{self.reference.registry}/{self.reference.repository}@{self.digest}"
+
+
+class _Store:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.dir = self.root / "blobs" / "sha256"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        algo, _, hexpart = digest.partition(":")
+        if algo != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
+            raise BuildError(f"unsupported or invalid digest {digest!r} in the image")
+        return self.dir / hexpart
+
+    def has(self, digest: str, size: int | None) -> bool:
+        try:
+            st = self.path(digest).stat()
+        except FileNotFoundError:
+            return False
+        return size is None or st.st_size == size
+
+    def put_bytes(self, digest: str, data: bytes) -> Path:
+        path = self.path(digest)
+        if not path.exists():
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.dir)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        return path
+
+
+def _platform_name(p: dict[str, Any]) -> str:
+    parts = [str(p.get("os", "?")), str(p.get("architecture", "?"))]
+    if p.get("variant"):
+        parts.append(str(p["variant"]))
+    return "/".join(parts)
+
+
+def _variant_matches(arch: str, wanted: str | None, have: str | None) -> bool:
+    if wanted is None:
+        return True
+    if arch == "arm64":
+        # Docker's normalisation: arm64 is v8 unless said otherwise.
+        return (wanted or "v8") == (have or "v8")
+    return wanted == have
+
+
+def choose_manifest(
+    index: dict[str, Any], ref: Reference, os_name: str, architecture: str, variant: str | None
+) -> dict[str, Any]:
+    candidates = []
+    for desc in index.get("manifests") or []:
+        p = desc.get("platform") or {}
+        if (
+            p.get("os") == os_name
+            and p.get("architecture") == architecture
+            and _variant_matches(architecture, variant, p.get("variant"))
+        ):
+            candidates.append(desc)
+    if not candidates:
+        available = sorted(
+            {_platform_name(d.get("platform") or {}) for d in index.get("manifests") or []}
+            - {"unknown/unknown"}
+        )
+        wanted = "/".join([os_name, architecture] + ([variant] if variant else []))
+        raise BuildError(
+            f"image {ref} has no {wanted} manifest (available: {', '.join(available) or 'none'}); "
+            "set architecture (and variant) in the spec"
+        )
+    # With no variant asked for, prefer the entry that names none, then the highest (arm v8 > v7).
+    if variant is None:
+        plain = [d for d in candidates if not (d.get("platform") or {}).get("variant")]
+        if plain:
+            return plain[0]
+        return sorted(candidates, key=lambda d: str(d["platform"].get("variant")), reverse=True)[0]
+    return candidates[0]
+
+
+class _Puller:
+    def __init__(
+        self, client: RegistryClient, store: _Store, result_progress: Callable[[ProgressEvent], None]
+    ):
+        self.client = client
+        self.repo = client.ref.repository
+        self.store = store
+        self.progress = result_progress
+        self.downloaded: list[str] = []
+        self.cached: list[str] = []
+        self.downloaded_bytes = 0
+
+    def manifest(self, reference: str) -> tuple[bytes, str, str]:
+        """(body, media type, digest) of /manifests/REFERENCE, the digest checked when pinned."""
+        resp = self.client.request(
+            "GET", f"/v2/{self.repo}/manifests/{reference}", headers={"Accept": ACCEPT}
+        )
+        with resp:
+            if resp.status_code == 404:
+                codes = {c for c, _ in registry_errors(resp)}
+                if "NAME_UNKNOWN" in codes:
+                    raise RegistryError(
+                        f"registry {self.client.registry}: repository {self.repo} not found",
+                        404,
+                        "NAME_UNKNOWN",
+                    )
+                raise RegistryError(
+                    f"registry {self.client.registry}: {self.repo}:{reference} not found "
+                    "(no such tag or digest)",
+                    404,
+                    "MANIFEST_UNKNOWN",
+                )
+            if resp.status_code != 200:
+                self.client.raise_for(resp, f"fetching manifest {self.repo}:{reference}")
+            body = resp.content
+        if len(body) > MAX_MANIFEST_BYTES:
+            raise BuildError(f"registry {self.client.registry}: manifest of {self.repo} is too large")
+        digest = sha256_digest(body)
+        if reference.startswith("sha256:") and digest != reference:
+            raise BuildError(
+                f"registry {self.client.registry}: manifest {self.repo}@{reference} "
+                f"arrived with digest {digest}"
+            )
+        media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise BuildError(
+                f"registry {self.client.registry}: manifest of {self.repo} is not JSON"
+            ) from None
+        # The body's own mediaType is authoritative when present (some registries send text/plain).
+        media_type = doc.get("mediaType") or media_type
+        if media_type in MEDIA_DOCKER_SCHEMA1 or doc.get("schemaVersion") == 1:
+            raise BuildError(
+                f"image {self.client.ref} uses the Docker schema 1 manifest format, which is not supported"
+            )
+        if media_type not in INDEX_TYPES + MANIFEST_TYPES:
+            # An OCI manifest may omit mediaType; tell it from the index by its shape.
+            media_type = MEDIA_OCI_INDEX if "manifests" in doc else MEDIA_OCI_MANIFEST
+        self.store.put_bytes(digest, body)
+        return body, media_type, digest
+
+    def blob(self, digest: str, size: int, media_type: str) -> PulledBlob:
+        path = self.store.path(digest)
+        if self.store.has(digest, size):
+            self.cached.append(digest)
+            self.progress(ProgressEvent("exists", digest, size, size))
+            return PulledBlob(digest, size, media_type, path)
+        policy = self.client.options.retry
+        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=self.store.dir)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                sink = _Sink(out)
+                failures = 0
+                while True:
+                    try:
+                        self._download(digest, size, sink)
+                        break
+                    except (requests.RequestException, _Retryable) as e:
+                        failures += 1
+                        if failures >= policy.attempts:
+                            raise BuildError(
+                                f"registry {self.client.registry}: download of {digest} failed: "
+                                f"{describe_exception(e)}"
+                            ) from None
+                        self.client._sleep(policy.delay(failures - 1))
+            got = "sha256:" + sink.hasher.hexdigest()
+            written = tmp.stat().st_size
+            if written != size or got != digest:
+                raise BuildError(
+                    f"registry {self.client.registry}: blob {digest} of {self.repo} arrived as {got} "
+                    f"({written} bytes, expected {size}); refusing it"
+                )
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        self.downloaded.append(digest)
+        self.downloaded_bytes += size
+        return PulledBlob(digest, size, media_type, path)
+
+    def _download(self, digest: str, size: int, sink: _Sink) -> None:
+        """Append the blob's missing bytes to the sink, resuming with a Range request after a failure."""
+        out = sink.out
+        have = out.tell()
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        resp = self.client.request("GET", f"/v2/{self.repo}/blobs/{digest}", headers=headers, stream=True)
+        with resp:
+            if have and resp.status_code == 200:
+                # The registry ignored Range: start over.
+                sink.reset()
+            elif resp.status_code not in (200, 206):
+                if resp.status_code in (429, 500, 502, 503, 504):
+                    raise _Retryable(f"HTTP {resp.status_code}")
+                self.client.raise_for(resp, f"download of blob {digest}")
+            for chunk in resp.iter_content(_READ_SIZE):
+                sink.write(chunk)
+                if out.tell() > size:
+                    raise BuildError(
+                        f"registry {self.client.registry}: blob {digest} is larger than its {size} bytes"
+                    )
+                self.progress(ProgressEvent("downloading", digest, out.tell(), size))
+        if out.tell() < size:
+            raise _Retryable(f"connection closed after {out.tell()} of {size} bytes")
+
+
+class _Retryable(Exception):
+    pass
+
+
+class _Sink:
+    """A temporary blob file and the running hash of what it holds."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.hasher = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.hasher.update(data)
+
+    def reset(self) -> None:
+        self.out.seek(0)
+        self.out.truncate()
+        self.hasher = hashlib.sha256()
+
+
+def pull_image(
+    ref: str | Reference,
+    *,
+    dest_dir: Path,
+    architecture: str | None = None,
+    variant: str | None = None,
+    os_name: str = "linux",
+    options: RegistryOptions | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
+) -> PulledImage:
+    """Pull `ref` (`[docker://]HOST[:PORT]/REPO[:TAG|@sha256:..]`) into `dest_dir/blobs/sha256/`.
+
+    An index / manifest list is resolved to the `os_name`/`architecture`/`variant` entry (default: this
+    machine's); a single manifest whose config names another architecture than the one asked for is
+    refused. Raises BuildError with one line on any failure.
+    """
+    source = parse_reference(ref) if isinstance(ref, str) else ref
+    if architecture is None:
+        architecture, host_variant = host_platform()
+        variant = variant or host_variant
+    store = _Store(dest_dir)
+    with RegistryClient(source, options, actions=("pull",)) as client:
+        puller = _Puller(client, store, progress or (lambda event: None))
+        body, media_type, digest = puller.manifest(source.reference)
+        index_digest = None
+        if media_type in INDEX_TYPES:
+            index_digest = digest
+            chosen = choose_manifest(json.loads(body), source, os_name, architecture, variant)
+            body, media_type, digest = puller.manifest(str(chosen["digest"]))
+            if media_type in INDEX_TYPES:
+                raise BuildError(f"image {source}: nested indexes are not supported")
+        doc = json.loads(body)
+        try:
+            config_desc = doc["config"]
+            layer_descs = doc.get("layers") or []
+            config_digest, config_size = str(config_desc["digest"]), int(config_desc["size"])
+        except (KeyError, TypeError, ValueError):
+            raise BuildError(f"image {source}: manifest {digest} has no valid config descriptor") from None
+        config_blob = puller.blob(config_digest, config_size, str(config_desc.get("mediaType", "")))
+        config = config_blob.path.read_bytes()
+        try:
+            cfg = json.loads(config)
+        except ValueError:
+            raise BuildError(f"image {source}: config {config_digest} is not JSON") from None
+        if index_digest is None:
+            have_arch, have_variant = cfg.get("architecture"), cfg.get("variant")
+            if have_arch and (
+                have_arch != architecture or not _variant_matches(architecture, variant, have_variant)
+            ):
+                wanted = architecture + (f"/{variant}" if variant else "")
+                got = str(have_arch) + (f"/{have_variant}" if have_variant else "")
+                raise BuildError(f"image {source} is for {got}, not {wanted}; set architecture in the spec")
+        layers = []
+        for desc in layer_descs:
+            try:
+                layers.append(
+                    puller.blob(str(desc["digest"]), int(desc["size"]), str(desc.get("mediaType", "")))
+                )
+            except (KeyError, TypeError, ValueError):
+                raise BuildError(
+                    f"image {source}: manifest {digest} has an invalid layer descriptor"
+                ) from None
+    return PulledImage(
+        reference=source,
+        digest=digest,
+        index_digest=index_digest,
+        manifest=body,
+        manifest_media_type=media_type,
+        config=config,
+        config_digest=config_digest,
+        layers=layers,
+        manifest_path=store.path(digest),
+        config_path=config_blob.path,
+        downloaded_blobs=puller.downloaded,
+        cached_blobs=puller.cached,
+        downloaded_bytes=puller.downloaded_bytes,
+    )
