@@ -1,0 +1,238 @@
+"""Orchestration: spec → plan → layers → image → sink (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nsbuild.baseimage import BaseImage, load_base
+from nsbuild.errors import BuildError, SpecError
+from nsbuild.image import Image, make_config, oci_manifest
+from nsbuild.layer import Layer, build_layer
+from nsbuild.owners import Owner, OwnerPolicy
+from nsbuild.plan import Plan, make_plan
+from nsbuild.progress import Progress, human
+from nsbuild.refs import ImageRef
+from nsbuild.scripts import run_bash, script_env
+from nsbuild.sinks import atomic_output, write_docker_archive, write_oci_archive, write_oci_dir
+from nsbuild.spec import Spec
+from nsbuild.tarwriter import Source
+
+EXTENSIONS = {"none": ".tar", "gz": ".tar.gz", "zstd": ".tar.zst"}
+
+
+@dataclass
+class BuildOptions:
+    isolation: str = "auto"
+    network: str = "none"
+
+
+@dataclass
+class BuildResult:
+    image: Image
+    output: str
+    format: str
+    layer_seconds: list[float] = field(default_factory=list)
+
+
+def default_output(spec: Spec) -> ImageRef:
+    base = spec.name.rsplit("/", 1)[-1]
+    return ImageRef("docker-archive", base + EXTENSIONS[spec.compressor])
+
+
+def resolve_output(ref: ImageRef | None, fmt: str | None, spec: Spec) -> ImageRef:
+    if ref is None:
+        ref = default_output(spec)
+        if fmt and fmt != "docker-archive":
+            ref = ImageRef(fmt, spec.name.rsplit("/", 1)[-1] + ("" if fmt == "oci-dir" else ".oci.tar"))
+        return ref
+    if ref.format == "auto":
+        return ImageRef(fmt or "docker-archive", ref.location)
+    if fmt and fmt != ref.format:
+        raise SpecError("--format", f"{fmt} contradicts the output reference ({ref.format})")
+    return ref
+
+
+class Workspace:
+    """The build's private temporary tree; removed whatever happens."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="nsbuild-"))
+        os.chmod(self.root, 0o700)
+        self.blobs = self.root / "blobs"
+        self.blobs.mkdir()
+
+    def path(self, name: str) -> Path:
+        p = self.root / name
+        p.mkdir(exist_ok=True)
+        return p
+
+    def close(self) -> None:
+        try:
+            from nsbuild.sandbox import remove_tree  # subordinate-id files need the namespace to delete
+        except ImportError:
+            remove_tree = None
+        if remove_tree is not None:
+            with contextlib.suppress(Exception):  # a plain removal follows anyway
+                remove_tree(self.root)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def link_store_contents(custom_root: Path, store_paths: list[Path], progress: Progress) -> None:
+    """As symlinkJoin does: real directories, symlinks to every file of each store content path."""
+    for top in store_paths:
+        if top.is_symlink() or not top.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames.sort()
+            rel = os.path.relpath(dirpath, top)
+            dest_dir = custom_root / rel if rel != "." else custom_root
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+                dest = dest_dir / name
+                if os.path.lexists(dest):
+                    progress.warn(f"/{os.path.relpath(dest, custom_root)} is provided by several contents; "
+                                  f"keeping the first, not {os.path.join(dirpath, name)}")
+                    continue
+                os.symlink(os.path.join(dirpath, name), dest)
+            dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+
+
+def build_image(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions | None = None) -> BuildResult:
+    options = options or BuildOptions()
+    ws = Workspace()
+    try:
+        return _build(spec, output, progress, options, ws)
+    finally:
+        ws.close()
+
+
+def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions, ws: Workspace) -> BuildResult:
+    if spec.kind == "image":
+        raise SpecError("", "nsbuild image (buildImage) is not implemented yet; use nsbuild layered")
+    docker = output.format == "docker-archive"
+    compression = "none" if docker else spec.compressor
+    keep_tar = docker or compression == "none"
+    base: BaseImage | None = None
+    if spec.from_image:
+        progress.info(f"reading base image {spec.from_image}")
+        base = load_base(spec.from_image, ws.blobs, ws.path("base"), architecture=spec.architecture)
+        if not docker:
+            base.layers = [_recompress(layer, compression, ws) for layer in base.layers]
+    base_layers = base.layers if base else []
+    plan = make_plan(spec, len(base_layers))
+    if spec.include_nix_db:
+        if not plan.closure:
+            raise SpecError("includeNixDB", "the image has no store paths to register (no contents inside "
+                                            f"{spec.store_dir}, or includeStorePaths is false)")
+        raise BuildError("includeNixDB: registering store paths in a Nix database is not supported yet")
+    owner = Owner(spec.uid, spec.gid, spec.uname, spec.gname)
+    fixed = OwnerPolicy.fixed_owner(owner)
+    total = len(plan.layers) + 1
+    layers: list[Layer] = []
+    seconds: list[float] = []
+    for i, planned in enumerate(plan.layers, 1):
+        progress.live(f"[{i}/{total}] {planned.comment} ({human(planned.size)}) …")
+        t0 = time.monotonic()
+        layer = build_layer(planned.sources, ws.blobs, mtime=spec.mtime, owner=fixed, compression=compression,
+                            keep_tar=keep_tar, comment=planned.comment)
+        seconds.append(time.monotonic() - t0)
+        progress.layer_done(i, total, planned.comment, layer.tar.size, seconds[-1])
+        layers.append(layer)
+    t0 = time.monotonic()
+    layers.append(_customisation_layer(spec, plan, ws, progress, options, fixed, compression, keep_tar,
+                                       base_layers))
+    seconds.append(time.monotonic() - t0)
+    progress.layer_done(total, total, "customisation layer", layers[-1].tar.size, seconds[-1])
+    all_layers = base_layers + layers
+    config = make_config(architecture=spec.architecture, created=spec.created, config=spec.config,
+                         base_config=base.config if base else None,
+                         base_history=base.history if base else [], layers=all_layers,
+                         new_from=len(base_layers))
+    tag = output.tag or spec.tag or hashlib.sha256(config).hexdigest()[:32]
+    image = Image(name=spec.name, tag=tag, layers=all_layers, config=config,
+                  manifest=oci_manifest(config, all_layers))
+    where = write_output(image, output, spec, progress)
+    return BuildResult(image, where, output.format, seconds)
+
+
+def _recompress(layer: Layer, compression: str, ws: Workspace) -> Layer:
+    """Base layers keep their bytes when they already have the wanted form."""
+    if compression == "none" or layer.media_type.endswith(("+gzip", "+zstd")):
+        return layer
+    from nsbuild.layer import layer_from_tar
+
+    assert layer.tar.path is not None
+    copy = ws.path("recompress") / layer.tar.path.name
+    shutil.copyfile(layer.tar.path, copy)
+    return layer_from_tar(copy, ws.blobs, compression=compression, comment=layer.comment)
+
+
+def _customisation_layer(spec: Spec, plan: Plan, ws: Workspace, progress: Progress, options: BuildOptions,
+                         fixed: OwnerPolicy, compression: str, keep_tar: bool,
+                         base_layers: list[Layer]) -> Layer:
+    custom = ws.path("custom")
+    os.chmod(custom, 0o755)
+    link_store_contents(custom, plan.store_links, progress)
+    env = script_env(work=ws.root, spec_dir=spec.base_dir, mtime=spec.mtime)
+    if spec.extra_commands.strip():
+        progress.info("running extraCommands")
+        run_bash(spec.extra_commands, cwd=custom, env=env, what="extraCommands", log_dir=ws.root)
+    sources = plan.custom_sources + [Source(custom, "/")]
+    if spec.fake_root_commands.strip() or spec.enable_fakechroot:
+        return _fake_root_layer(spec, plan, ws, progress, options, compression, base_layers, custom)
+    return build_layer(sources, ws.blobs, mtime=spec.mtime, owner=fixed, compression=compression,
+                       keep_tar=keep_tar, comment="customisation layer")
+
+
+def _fake_root_layer(spec: Spec, plan: Plan, ws: Workspace, progress: Progress, options: BuildOptions,
+                     compression: str, base_layers: list[Layer], custom: Path) -> Layer:
+    try:
+        from nsbuild.customize import build_customisation_layer
+    except ImportError:
+        raise BuildError("fakeRootCommands: not supported by this build of nsbuild yet") from None
+    from nsbuild.layer import layer_from_tar
+
+    progress.info("running fakeRootCommands")
+    out_tar = ws.root / "customisation.tar"
+    lower = [s for layer in plan.layers for s in layer.sources] + plan.custom_sources
+    build_customisation_layer(
+        custom_root=custom, lower=lower,
+        base_layer_tars=[layer.tar.path for layer in base_layers if layer.tar.path is not None],
+        script=spec.fake_root_commands, enable_fakechroot=spec.enable_fakechroot,
+        root_owner=Owner(spec.uid, spec.gid, spec.uname, spec.gname), mtime=spec.mtime,
+        isolation=options.isolation, network=options.network, workdir=ws.path("sandbox"),
+        out_tar=out_tar, log=progress,
+    )
+    return layer_from_tar(out_tar, ws.blobs, compression=compression, comment="customisation layer")
+
+
+def write_output(image: Image, output: ImageRef, spec: Spec, progress: Progress) -> str:
+    fmt = output.format
+    if fmt == "docker-archive":
+        repo_tag = f"{output.name}:{output.tag}" if output.name and output.tag else None
+        if output.location == "-":
+            write_docker_archive(image, sys.stdout.buffer, compressor="none", mtime=spec.mtime,
+                                 repo_tag=repo_tag)
+            sys.stdout.buffer.flush()
+            return "-"
+        with atomic_output(output.path) as f:
+            write_docker_archive(image, f, compressor=spec.compressor, mtime=spec.mtime, repo_tag=repo_tag)
+        return str(output.path)
+    if fmt == "oci-dir":
+        write_oci_dir(image, output.path, tag=output.tag or image.tag)
+        return str(output.path)
+    if fmt == "oci-archive":
+        with atomic_output(output.path) as f:
+            write_oci_archive(image, f, tag=output.tag or image.tag, mtime=spec.mtime)
+        return str(output.path)
+    if fmt == "registry":
+        raise BuildError("pushing to a registry (docker://) is not supported yet")
+    raise SpecError("--format", f"unknown output format {fmt!r}")
