@@ -104,9 +104,7 @@ def _helper_server(registry: str) -> str:
     return DOCKER_HUB_LEGACY_KEY if registry == DOCKER_HUB else registry
 
 
-def run_helper(
-    name: str, registry: str, where: str, env: Mapping[str, str] | None = None
-) -> Credential | None:
+def run_helper(name: str, registry: str, where: str, env: Mapping[str, str] | None = None) -> Credential | None:
     """Ask `docker-credential-NAME get` for the registry's credential (None when it has none)."""
     program = f"docker-credential-{name}"
     run_env = dict(os.environ if env is None else env)

@@ -311,8 +311,7 @@ class RegistryClient:
                 self._set_challenge(resp)
             elif resp.status_code >= 400 and resp.status_code != 404:
                 raise RegistryError(
-                    f"registry {self.registry}: GET /v2/ answered HTTP {resp.status_code}; "
-                    "is this an OCI registry?",
+                    f"registry {self.registry}: GET /v2/ answered HTTP {resp.status_code}; is this an OCI registry?",
                     resp.status_code,
                 )
             resp.close()
@@ -470,8 +469,7 @@ class RegistryClient:
             raise self._auth_error(resp.status_code, resp, token_server=True)
         if resp.status_code != 200:
             raise RegistryError(
-                f"registry {self.registry}: token server {urlparse(realm).netloc} answered "
-                f"HTTP {resp.status_code}",
+                f"registry {self.registry}: token server {urlparse(realm).netloc} answered HTTP {resp.status_code}",
                 resp.status_code,
             )
         try:

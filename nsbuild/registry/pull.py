@@ -163,8 +163,7 @@ def choose_manifest(
             candidates.append(desc)
     if not candidates:
         available = sorted(
-            {_platform_name(d.get("platform") or {}) for d in index.get("manifests") or []}
-            - {"unknown/unknown"}
+            {_platform_name(d.get("platform") or {}) for d in index.get("manifests") or []} - {"unknown/unknown"}
         )
         wanted = "/".join([os_name, architecture] + ([variant] if variant else []))
         raise BuildError(
@@ -181,9 +180,7 @@ def choose_manifest(
 
 
 class _Puller:
-    def __init__(
-        self, client: RegistryClient, store: _Store, result_progress: Callable[[ProgressEvent], None]
-    ):
+    def __init__(self, client: RegistryClient, store: _Store, result_progress: Callable[[ProgressEvent], None]):
         self.client = client
         self.repo = client.ref.repository
         self.store = store
@@ -194,9 +191,7 @@ class _Puller:
 
     def manifest(self, reference: str) -> tuple[bytes, str, str]:
         """(body, media type, digest) of /manifests/REFERENCE, the digest checked when pinned."""
-        resp = self.client.request(
-            "GET", f"/v2/{self.repo}/manifests/{reference}", headers={"Accept": ACCEPT}
-        )
+        resp = self.client.request("GET", f"/v2/{self.repo}/manifests/{reference}", headers={"Accept": ACCEPT})
         with resp:
             if resp.status_code == 404:
                 codes = {c for c, _ in registry_errors(resp)}
@@ -207,8 +202,7 @@ class _Puller:
                         "NAME_UNKNOWN",
                     )
                 raise RegistryError(
-                    f"registry {self.client.registry}: {self.repo}:{reference} not found "
-                    "(no such tag or digest)",
+                    f"registry {self.client.registry}: {self.repo}:{reference} not found (no such tag or digest)",
                     404,
                     "MANIFEST_UNKNOWN",
                 )
@@ -220,16 +214,13 @@ class _Puller:
         digest = sha256_digest(body)
         if reference.startswith("sha256:") and digest != reference:
             raise BuildError(
-                f"registry {self.client.registry}: manifest {self.repo}@{reference} "
-                f"arrived with digest {digest}"
+                f"registry {self.client.registry}: manifest {self.repo}@{reference} arrived with digest {digest}"
             )
         media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
         try:
             doc = json.loads(body)
         except ValueError:
-            raise BuildError(
-                f"registry {self.client.registry}: manifest of {self.repo} is not JSON"
-            ) from None
+            raise BuildError(f"registry {self.client.registry}: manifest of {self.repo} is not JSON") from None
         # The body's own mediaType is authoritative when present (some registries send text/plain).
         media_type = doc.get("mediaType") or media_type
         if media_type in MEDIA_DOCKER_SCHEMA1 or doc.get("schemaVersion") == 1:
@@ -263,8 +254,7 @@ class _Puller:
                         failures += 1
                         if failures >= policy.attempts:
                             raise BuildError(
-                                f"registry {self.client.registry}: download of {digest} failed: "
-                                f"{describe_exception(e)}"
+                                f"registry {self.client.registry}: download of {digest} failed: {describe_exception(e)}"
                             ) from None
                         self.client._sleep(policy.delay(failures - 1))
             got = "sha256:" + sink.hasher.hexdigest()
@@ -300,9 +290,7 @@ class _Puller:
             for chunk in resp.iter_content(_READ_SIZE):
                 sink.write(chunk)
                 if out.tell() > size:
-                    raise BuildError(
-                        f"registry {self.client.registry}: blob {digest} is larger than its {size} bytes"
-                    )
+                    raise BuildError(f"registry {self.client.registry}: blob {digest} is larger than its {size} bytes")
                 self.progress(ProgressEvent("downloading", digest, out.tell(), size))
         if out.tell() < size:
             raise _Retryable(f"connection closed after {out.tell()} of {size} bytes")
@@ -375,22 +363,16 @@ def pull_image(
             raise BuildError(f"image {source}: config {config_digest} is not JSON") from None
         if index_digest is None:
             have_arch, have_variant = cfg.get("architecture"), cfg.get("variant")
-            if have_arch and (
-                have_arch != architecture or not _variant_matches(architecture, variant, have_variant)
-            ):
+            if have_arch and (have_arch != architecture or not _variant_matches(architecture, variant, have_variant)):
                 wanted = architecture + (f"/{variant}" if variant else "")
                 got = str(have_arch) + (f"/{have_variant}" if have_variant else "")
                 raise BuildError(f"image {source} is for {got}, not {wanted}; set architecture in the spec")
         layers = []
         for desc in layer_descs:
             try:
-                layers.append(
-                    puller.blob(str(desc["digest"]), int(desc["size"]), str(desc.get("mediaType", "")))
-                )
+                layers.append(puller.blob(str(desc["digest"]), int(desc["size"]), str(desc.get("mediaType", ""))))
             except (KeyError, TypeError, ValueError):
-                raise BuildError(
-                    f"image {source}: manifest {digest} has an invalid layer descriptor"
-                ) from None
+                raise BuildError(f"image {source}: manifest {digest} has an invalid layer descriptor") from None
     return PulledImage(
         reference=source,
         digest=digest,

@@ -88,11 +88,7 @@ class BlobRecord:
                 data = {}  # a damaged hint file only costs uploads
             if isinstance(data, dict):
                 self._data = {
-                    str(reg): {
-                        str(d): [str(r) for r in repos]
-                        for d, repos in blobs.items()
-                        if isinstance(repos, list)
-                    }
+                    str(reg): {str(d): [str(r) for r in repos] for d, repos in blobs.items() if isinstance(repos, list)}
                     for reg, blobs in data.items()
                     if isinstance(blobs, dict)
                 }
@@ -294,8 +290,7 @@ class _Pusher:
                 failures += 1
                 if failures >= policy.attempts:
                     raise BuildError(
-                        f"registry {self.client.registry}: upload of {src.digest} "
-                        f"failed {failures} times: {e}"
+                        f"registry {self.client.registry}: upload of {src.digest} failed {failures} times: {e}"
                     ) from None
                 self.client._sleep(policy.delay(failures - 1))
                 if session.location is not None and src.size > self.monolithic_max:
@@ -373,17 +368,41 @@ class _Pusher:
         )
         resp.close()
         if resp.status_code not in (200, 201):
-            self.client.raise_for(
-                resp, f"pushing the manifest to {self.repo}:{reference} (registry rejected it)"
-            )
+            self.client.raise_for(resp, f"pushing the manifest to {self.repo}:{reference} (registry rejected it)")
         digest = sha256_digest(manifest)
         got = resp.headers.get("Docker-Content-Digest")
         if got and got != digest:
-            raise RegistryError(
-                f"registry {self.client.registry} stored the manifest as {got}, expected {digest}"
-            )
+            raise RegistryError(f"registry {self.client.registry} stored the manifest as {got}, expected {digest}")
         self.progress(ProgressEvent("manifest", digest, len(manifest), len(manifest)))
         return digest
+
+
+def _push(
+    target: Reference,
+    manifest: bytes,
+    media_type: str,
+    sources: list[_BlobSource],
+    options: RegistryOptions | None,
+    progress: Progress | None,
+    blob_record: BlobRecord | None,
+    chunk_size: int,
+    monolithic_max: int | None,
+) -> PushResult:
+    digest = sha256_digest(manifest)
+    if target.digest and target.digest != digest and not target.tag:
+        raise UsageError(f"cannot push to {target}: the manifest's digest is {digest}")
+    result = PushResult(str(target), digest, media_type)
+    with RegistryClient(target, options, actions=("pull", "push")) as client:
+        pusher = _Pusher(client, result, progress, chunk_size, chunk_size if monolithic_max is None else monolithic_max)
+        for src in sources:
+            mount_from = blob_record.repositories(target.registry, src.digest) if blob_record else []
+            pusher.push_blob(src, mount_from)
+        pusher.put_manifest(target.tag or digest, manifest, media_type)
+    if blob_record is not None:
+        for src in sources:
+            blob_record.add(target.registry, target.repository, src.digest)
+        blob_record.save()
+    return result
 
 
 def push_image(
@@ -404,21 +423,29 @@ def push_image(
     """
     target = parse_reference(ref) if isinstance(ref, str) else ref
     manifest, media_type = _manifest_for(image, manifest_format)
-    digest = sha256_digest(manifest)
-    if target.digest and target.digest != digest and not target.tag:
-        raise UsageError(f"cannot push to {target}: the image's manifest digest is {digest}")
     sources = _blob_sources(image, manifest)
-    result = PushResult(str(target), digest, media_type)
-    with RegistryClient(target, options, actions=("pull", "push")) as client:
-        pusher = _Pusher(
-            client, result, progress, chunk_size, chunk_size if monolithic_max is None else monolithic_max
-        )
-        for src in sources:
-            mount_from = blob_record.repositories(target.registry, src.digest) if blob_record else []
-            pusher.push_blob(src, mount_from)
-        pusher.put_manifest(target.tag or digest, manifest, media_type)
-    if blob_record is not None:
-        for src in sources:
-            blob_record.add(target.registry, target.repository, src.digest)
-        blob_record.save()
-    return result
+    return _push(target, manifest, media_type, sources, options, progress, blob_record, chunk_size, monolithic_max)
+
+
+def push_manifest(
+    ref: str | Reference,
+    manifest: bytes,
+    media_type: str,
+    *,
+    blobs: dict[str, bytes | Path] | None = None,
+    options: RegistryOptions | None = None,
+    progress: Progress | None = None,
+    blob_record: BlobRecord | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> PushResult:
+    """Push any manifest (an index, an artifact such as a layer-cache record) after the `blobs` it
+    needs ({digest: bytes or file}); blobs it names but that are not given must already be there."""
+    target = parse_reference(ref) if isinstance(ref, str) else ref
+    sources = []
+    for digest, content in (blobs or {}).items():
+        if isinstance(content, bytes):
+            src = _BlobSource(digest, len(content), data=content)
+        else:
+            src = _BlobSource(digest, Path(content).stat().st_size, path=Path(content))
+        sources.append(src)
+    return _push(target, manifest, media_type, sources, options, progress, blob_record, chunk_size, None)
