@@ -1,0 +1,146 @@
+"""The customisation layer when fakeRootCommands (or enableFakechroot) is set (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nsbuild.errors import BuildError
+from nsbuild.owners import Owner
+from nsbuild.sandbox import MODE, USES_FAKEROOT, choose
+from nsbuild.sandbox.runner import run
+from nsbuild.tarwriter import Source
+
+STATIC_WARNING = ("fakeroot backend: statically linked programs bypass fakeroot; their chown/mknod are "
+                  "not recorded (or fail)")
+
+
+@dataclass
+class CustomisationResult:
+    diff_id: str
+    size: int
+    entries: int
+    backend: str
+    engine: str  # "overlay" or "copy" (copy-and-diff)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_layer_tars: list[Path],
+                              script: str, enable_fakechroot: bool, root_owner: Owner, mtime: int,
+                              isolation: str, network: str, workdir: Path, out_tar: Path, log: Any,
+                              upper_sources: list[Source] | None = None,
+                              env: dict[str, str] | None = None) -> CustomisationResult:
+    """Run fakeRootCommands as namespace root over the image being built; write the customisation layer.
+
+    custom_root      the customisation layer's tree so far (after extraCommands); read, never modified.
+    upper_sources    further sources that belong to the customisation layer itself (e.g. store paths
+                     folded into it); they are part of the layer whatever the script does.
+    lower            earlier layers' host trees at their targets (read only for the script; changing a
+                     file copies it up, deleting one writes a whiteout).
+    base_layer_tars  fromImage layer tars in order (plain, gz or zstd), applied below `lower`.
+    script           bash, run with -e; cwd = the image root (or `/` of a chroot into it when
+                     enable_fakechroot: /dev, /proc, /sys are provided and never end up in the layer).
+    root_owner       what namespace root (the caller) becomes in the layer; other ids are kept, named from
+                     the image's own /etc/passwd and /etc/group.
+    isolation        "auto" | "userns" | "userns-fakeroot" | "fakeroot";  network "none" | "host".
+    workdir          an empty scratch directory on the same file system as custom_root; emptied before
+                     returning, whatever happens (files owned by subordinate ids are removed from inside
+                     the namespace).
+    out_tar          the uncompressed layer tar, written atomically (absent unless the build succeeds).
+    log              has .info(str) and .warn(str).
+    env              the script's environment (default: this process's).
+
+    Raises BuildError (exit 1) when no backend works, the script fails (its status; its output went to
+    stderr live), or the layer cannot be written. KeyboardInterrupt propagates after teardown.
+    """
+    backend = choose(isolation)
+    if backend == "fakeroot":
+        if enable_fakechroot:
+            raise BuildError("enableFakechroot needs a user namespace (backends userns or userns-fakeroot); "
+                             "the fakeroot backend cannot chroot")
+        log.warn(STATIC_WARNING)
+    log.info(f"fakeRootCommands backend: {backend}")
+    workdir = Path(workdir)
+    work = Path(tempfile.mkdtemp(prefix="fr-", dir=workdir))
+    os.chmod(work, 0o755)
+    custom = Path(custom_root)
+    if upper_sources:
+        # The layer's own content: one tree, custom_root over the folded sources.
+        custom = work / "custom-in"
+        custom.mkdir()
+        for s in [*upper_sources, Source(Path(custom_root), "/")]:
+            _copy_source(s, custom)
+    result_path = work / "result.json"
+    tmp_out = out_tar.with_name(out_tar.name + ".part")
+    plan = {
+        "work": str(work), "custom_root": str(custom),
+        "lower": [[str(s.host), s.target] for s in lower],
+        "base_layers": [str(p) for p in base_layer_tars], "script": script, "chroot": enable_fakechroot,
+        "engine": "overlay" if backend == "userns" else "copy", "network": network, "out": str(tmp_out),
+        "mtime": int(mtime), "result": str(result_path),
+        "root_owner": {"uid": root_owner.uid, "gid": root_owner.gid, "uname": root_owner.uname,
+                       "gname": root_owner.gname},
+        "env": dict(env) if env is not None else None,
+        # Without a namespace the caller's real ids can show through fakeroot: they become root.
+        "caller_ids": [os.getuid(), os.getgid()] if backend == "fakeroot" and os.getuid() != 0 else None,
+    }
+    plan_path = work / "plan.json"
+    plan_path.write_text(json.dumps(plan))
+    argv = [sys.executable, "-m", "nsbuild.sandbox.inner", str(plan_path)]
+    run_env = dict(os.environ)
+    if USES_FAKEROOT[backend]:
+        argv = ["fakeroot", "--", *argv]
+        if backend == "userns-fakeroot":
+            # Only one id is mapped: a real chown to another id fails (EINVAL); fakeroot records it.
+            run_env["FAKEROOTDONTTRYCHOWN"] = "1"
+    try:
+        res = run(MODE[backend], argv, network=network, env=run_env)
+        outcome = _read_result(result_path)
+        if outcome is None:
+            raise BuildError(f"fakeRootCommands: the {backend} sandbox failed (exit {res.returncode})")
+        status = outcome.get("status")
+        if status == "script":
+            raise BuildError(f"fakeRootCommands failed with exit status {outcome['code']} "
+                             f"(backend {backend}; its output is above)")
+        if status != "ok":
+            raise BuildError(f"fakeRootCommands ({backend}): {outcome.get('message', 'failed')}")
+        os.replace(tmp_out, out_tar)
+        stats = outcome["stats"]
+        return CustomisationResult(stats["diff_id"], int(stats["size"]), int(stats.get("entries", 0)),
+                                   backend, outcome.get("engine", ""), outcome.get("timings", {}))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_out.unlink()
+        cleanup(work, backend)
+
+
+def _copy_source(s: Source, root: Path) -> None:
+    from nsbuild.sandbox.tree import place
+
+    place(Path(s.host), s.target, root, link=False)
+
+
+def _read_result(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def cleanup(path: Path, backend: str) -> None:
+    """Remove a scratch tree; what the caller cannot remove (subordinate ids) goes from inside the namespace."""
+    from nsbuild.sandbox.tree import remove
+
+    with contextlib.suppress(OSError):
+        remove(path)
+    if os.path.lexists(path) and MODE[backend] == "userns":
+        run("userns", ["rm", "-rf", "--", str(path)], env={"PATH": "/usr/bin:/bin"})
+    if os.path.lexists(path):
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,262 @@
+"""The customisation step as it runs inside the sandbox: `python -m nsbuild.sandbox.inner PLAN.json`.
+
+Runs as namespace root (backend userns / userns-fakeroot) or under fakeroot (userns-fakeroot, fakeroot).
+Steps: assemble the earlier layers (lower), prepare the customisation layer's tree (upper), show the
+script the merged image (overlayfs, or a copy that is diffed afterwards), run the script, kill whatever
+it left running, write the layer with nsbuild.layerjob in this same context (so lstat shows the ids and
+modes the script set, real or faked), remove the trees. The outcome goes to PLAN["result"] as JSON.
+
+PLAN keys: work, custom_root, lower ([[host, target], ...]), base_layers, script, chroot, engine
+("overlay"|"copy"), in_ns, network, out, mtime, root_owner {uid,gid,uname,gname}, result, env.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import prctl
+
+from nsbuild.sandbox import mounts, tree
+from nsbuild.sandbox.proc import kill_descendants, status_code
+
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Mount points the chroot needs; they are never part of the layer.
+SYSTEM_DIRS = ("dev", "proc", "sys")
+
+
+def _log(msg: str) -> None:
+    sys.stderr.write(f"nsbuild: {msg}\n")
+    sys.stderr.flush()
+
+
+def _assemble(plan: dict, root: Path, link: bool) -> None:
+    for tar in plan["base_layers"]:
+        tree.unpack_layer(Path(tar), root)
+    for host, target in plan["lower"]:
+        tree.place(Path(host), target, root, link=link)
+
+
+def _mount_overlay(work: Path) -> bool:
+    os.chdir(work)  # relative option paths: no escaping of ',' or ':' in the caller's directory names
+    try:
+        mounts.mount("overlay", "merged", "overlay", 0,
+                     "lowerdir=lower,upperdir=upper,workdir=ovlwork,userxattr")
+    except OSError as exc:
+        _log(f"overlayfs unavailable here ({exc.strerror}); using copy-and-diff")
+        return False
+    finally:
+        os.chdir("/")
+    return True
+
+
+def _setup_chroot(merged: Path, network: str) -> list[Path]:
+    """/dev, /proc, /sys inside the merged root; returns the mount points to undo (deepest first)."""
+    done: list[Path] = []
+    for name in SYSTEM_DIRS:
+        p = merged / name
+        if p.is_symlink() or not p.is_dir():
+            raise RuntimeError(f"/{name} in the image is not a directory: cannot enable the chroot")
+    dev = merged / "dev"
+    mounts.mount("tmpfs", dev, "tmpfs", mounts.MS_NOSUID | mounts.MS_NOEXEC, "mode=0755,size=1m")
+    done.append(dev)
+    for node in DEV_NODES:
+        target = dev / node
+        target.touch()
+        try:
+            mounts.mount(f"/dev/{node}", target, None, mounts.MS_BIND)
+            done.append(target)
+        except OSError:
+            target.unlink()  # e.g. no /dev/tty without a terminal
+    for name, to in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                     ("stderr", "/proc/self/fd/2")):
+        os.symlink(to, dev / name)
+    (dev / "shm").mkdir()
+    (dev / "pts").mkdir()
+    lib = _fakeroot_libdir()
+    if lib is not None:
+        # fakeroot's preload library must be reachable from inside the chroot; /dev is never in the layer.
+        inside = dev / ".fakeroot"
+        inside.mkdir()
+        mounts.mount(lib, inside, None, mounts.MS_BIND)
+        done.append(inside)
+    proc = merged / "proc"
+    mounts.mount("proc", proc, "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
+    done.append(proc)
+    sysfs = merged / "sys"
+    try:
+        if network == "host":
+            raise OSError  # a new sysfs needs our own network namespace
+        mounts.mount("sysfs", sysfs, "sysfs", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC |
+                     mounts.MS_RDONLY)
+    except OSError:
+        mounts.mount("/sys", sysfs, None, mounts.MS_BIND | mounts.MS_REC)
+    done.append(sysfs)
+    return done
+
+
+def _fakeroot_libdir() -> str | None:
+    if "FAKEROOTKEY" not in os.environ:
+        return None
+    name = os.environ.get("LD_PRELOAD", "").split()[0] if os.environ.get("LD_PRELOAD") else ""
+    for d in os.environ.get("LD_LIBRARY_PATH", "").split(":"):
+        if d and name and os.path.exists(os.path.join(d, name)):
+            return d
+    return None
+
+
+def _undo_mounts(points: list[Path]) -> None:
+    for p in reversed(points):
+        with contextlib.suppress(OSError):
+            mounts.umount(p)
+
+
+def _shell(merged: Path, chroot: bool) -> list[str]:
+    if not chroot:
+        return ["bash", "-e", "-c"]
+    for sh in ("bin/bash", "usr/bin/bash", "bin/sh", "usr/bin/sh"):
+        p = merged / sh
+        if os.path.lexists(p):
+            return ["/" + sh, "-e", "-c"]
+    raise RuntimeError("enableFakechroot: the image has no /bin/bash or /bin/sh to run fakeRootCommands")
+
+
+def _run_script(plan: dict, merged: Path) -> int:
+    chroot = plan["chroot"]
+    env = dict(plan.get("env") or os.environ)
+    argv = [*_shell(merged, chroot), plan["script"]]
+    if chroot:
+        env = {k: v for k, v in env.items() if k.startswith(("FAKEROOT", "FAKED", "LD_", "TERM", "LANG", "LC_"))}
+        env.update(PATH=CHROOT_PATH, HOME="/root", PWD="/", USER="root", LOGNAME="root")
+        if "FAKEROOTKEY" in env:
+            env["LD_LIBRARY_PATH"] = "/dev/.fakeroot"
+
+    def enter() -> None:
+        if chroot:
+            os.chroot(merged)
+        os.chdir("/" if chroot else merged)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    proc = subprocess.Popen(argv, env=env, preexec_fn=enter, stdin=subprocess.DEVNULL,
+                            stdout=sys.stderr.fileno())
+    _, status = os.waitpid(proc.pid, 0)
+    proc.returncode = status_code(status)
+    # Whatever the script left running (`daemon &`) must not touch the tree while it is written.
+    kill_descendants()
+    return proc.returncode
+
+
+def _write_layer(plan: dict, upper: Path, names_root: Path) -> dict:
+    owner = plan["root_owner"]
+    job = {
+        "sources": [[str(upper), "/"]],
+        "out": plan["out"],
+        "mtime": plan["mtime"],
+        "owner": {"mode": "mapped", **owner,
+                  "passwd": _image_file(names_root, "etc/passwd"),
+                  "group": _image_file(names_root, "etc/group")},
+        "overlay_whiteouts": True,
+    }
+    job_path = Path(plan["work"]) / "layerjob.json"
+    job_path.write_text(json.dumps(job))
+    res = subprocess.run([sys.executable, "-m", "nsbuild.layerjob", str(job_path)], stdout=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL)
+    if res.returncode != 0:
+        raise RuntimeError(f"writing the customisation layer failed (exit {res.returncode})")
+    return json.loads(res.stdout)
+
+
+def _image_file(root: Path, rel: str) -> str | None:
+    p = root / rel
+    return str(p) if p.is_file() and not p.is_symlink() else None
+
+
+def main() -> None:
+    plan = json.loads(Path(sys.argv[1]).read_text())
+    prctl.set_child_subreaper(True)
+    os.umask(0o022)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    work = Path(plan["work"])
+    lower, upper, ovlwork, merged = work / "lower", work / "upper", work / "ovlwork", work / "merged"
+    result: dict = {"status": "error"}
+    chroot_mounts: list[Path] = []
+    overlay = False
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    try:
+        for d in (upper, merged):
+            d.mkdir()
+        skip: set[str] = set()
+        if plan["engine"] == "overlay":
+            lower.mkdir()
+            ovlwork.mkdir()
+            _assemble(plan, lower, link=True)
+            if plan["chroot"]:
+                # Mount points for the chroot, below everything (they never reach the upper layer).
+                for name in tree_system_dirs(lower):
+                    (lower / name).mkdir(mode=0o755)
+            tree.copy_tree(Path(plan["custom_root"]), upper)
+            overlay = _mount_overlay(work)
+            if not overlay:
+                tree.remove(upper)
+                upper.mkdir()
+        if not overlay:
+            _assemble(plan, merged, link=False)
+            lower_paths = tree.paths_of(merged)
+            upper_paths = tree.paths_of(Path(plan["custom_root"]))
+            tree.copy_tree(Path(plan["custom_root"]), merged)
+            if plan["chroot"]:
+                for name in tree_system_dirs(merged):
+                    (merged / name).mkdir(mode=0o755)
+                    skip.add(name)
+            snap = tree.snapshot(merged, lower_paths, upper_paths)
+        timings["prepare"] = time.monotonic() - t0
+        if plan["chroot"]:
+            chroot_mounts = _setup_chroot(merged, plan["network"])
+        t1 = time.monotonic()
+        code = _run_script(plan, merged)
+        timings["script"] = time.monotonic() - t1
+        _undo_mounts(chroot_mounts)
+        chroot_mounts = []
+        if code != 0:
+            result = {"status": "script", "code": code}
+        else:
+            t2 = time.monotonic()
+            if not overlay:
+                tree.diff_to_upper(merged, snap, upper, skip)
+            if plan.get("caller_ids"):
+                tree.hide_ids(upper, *plan["caller_ids"])
+            stats = _write_layer(plan, upper, merged)
+            timings["write"] = time.monotonic() - t2
+            result = {"status": "ok", "stats": stats, "engine": "overlay" if overlay else "copy"}
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
+        result = {"status": "error", "message": str(exc) or type(exc).__name__}
+    finally:
+        kill_descendants()
+        _undo_mounts(chroot_mounts)
+        if overlay:
+            with contextlib.suppress(OSError):
+                mounts.umount(merged)
+        # Files owned by subordinate ids can only be removed from in here.
+        for d in (merged, upper, ovlwork, lower):
+            with contextlib.suppress(OSError):
+                tree.remove(d)
+        result["timings"] = timings
+        Path(plan["result"]).write_text(json.dumps(result))
+    sys.exit(0)
+
+
+def tree_system_dirs(root: Path) -> list[str]:
+    return [n for n in SYSTEM_DIRS if not os.path.lexists(root / n)]
+
+
+if __name__ == "__main__":
+    main()

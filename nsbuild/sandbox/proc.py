@@ -1,0 +1,86 @@
+"""Process hygiene: find and kill every descendant, so nothing a script starts outlives the build."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid` (all its threads), from /proc/PID/task/*/children."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return out
+    for tid in tasks:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        out.extend(int(x) for x in text.split())
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    seen: list[int] = []
+    todo = children(pid)
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.append(p)
+        todo.extend(children(p))
+    return seen
+
+
+def reap_nohang() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def kill_descendants(keep: tuple[int, ...] = ()) -> None:
+    """SIGKILL every descendant of this process (a child subreaper) until none is left.
+
+    Orphans of killed processes are re-parented to us (we are a subreaper), so loop until the tree is
+    empty. A process forking while we kill only adds children that the next round finds.
+    """
+    me = os.getpid()
+    for _ in range(1000):
+        pids = [p for p in descendants(me) if p not in keep]
+        if not pids:
+            break
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        # Reap only what we may: direct children that are not kept.
+        for p in children(me):
+            if p in keep:
+                continue
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(p, 0)
+    reap_nohang_except(keep)
+
+
+def reap_nohang_except(keep: tuple[int, ...]) -> None:
+    if not keep:
+        reap_nohang()
+        return
+    for p in children(os.getpid()):
+        if p not in keep:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(p, os.WNOHANG)
+
+
+def status_code(status: int) -> int:
+    """A waitpid status as a shell would report it (128+N for a signal)."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)

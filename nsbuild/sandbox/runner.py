@@ -1,0 +1,101 @@
+"""Parent side of a sandbox: start stage1, write its id map with newuidmap/newgidmap, wait for it.
+
+The parent stays outside every namespace. Interrupts (Ctrl-C, SIGTERM turned into KeyboardInterrupt by
+the caller) tear the sandbox down before they propagate: stage1 kills the namespace's init, which takes
+every process of the build with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+
+from nsbuild.errors import BuildError
+from nsbuild.sandbox.ids import IdMap, full_map
+
+MODES = ("userns", "single", "none")
+
+
+class SandboxSetupError(BuildError):
+    """The sandbox itself could not be set up (not the command failing inside it)."""
+
+
+def _map_args(lines: list[tuple[int, int, int]]) -> list[str]:
+    return [str(x) for line in lines for x in line]
+
+
+def _write_map(pid: int, idmap: IdMap) -> None:
+    if os.getuid() == 0:
+        # Root writes the maps itself (newuidmap refuses root without a subuid entry).
+        with open(f"/proc/{pid}/uid_map", "w") as f:
+            f.write("".join(f"{a} {b} {c}\n" for a, b, c in idmap.uids))
+        with open(f"/proc/{pid}/gid_map", "w") as f:
+            f.write("".join(f"{a} {b} {c}\n" for a, b, c in idmap.gids))
+        return
+    for tool, lines in (("newuidmap", idmap.uids), ("newgidmap", idmap.gids)):
+        try:
+            res = subprocess.run([tool, str(pid), *_map_args(lines)], capture_output=True, text=True,
+                                 stdin=subprocess.DEVNULL)
+        except FileNotFoundError as exc:
+            raise SandboxSetupError(f"{tool} not found (install the uidmap package)") from exc
+        if res.returncode != 0:
+            msg = (res.stderr or res.stdout).strip().splitlines()
+            raise SandboxSetupError(f"{tool} failed: {msg[-1] if msg else f'exit {res.returncode}'}")
+
+
+def run(mode: str, argv: Sequence[str], *, network: str = "none", env: Mapping[str, str] | None = None,
+        cwd: str | None = None, stdout: int | None = None, stderr: int | None = None,
+        idmap: IdMap | None = None) -> subprocess.CompletedProcess:
+    """Run argv as the init's child inside a sandbox; returns its status (and output if captured).
+
+    mode: "userns" (full map), "single" (one id), "none" (no namespaces; subreaper only).
+    """
+    if mode not in MODES:
+        raise ValueError(mode)
+    if mode == "userns" and idmap is None:
+        idmap = full_map()
+        if idmap is None:
+            raise SandboxSetupError("no subordinate id range for this user in /etc/subuid and /etc/subgid")
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    cfg = {"mode": mode, "network": network, "ready_fd": ready_w, "go_fd": go_r, "argv": list(argv),
+           "env": dict(env) if env is not None else None, "cwd": cwd, "parent": os.getpid()}
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "nsbuild.sandbox.stage1", json.dumps(cfg)],
+                                pass_fds=(ready_w, go_r), stdin=subprocess.DEVNULL, stdout=stdout,
+                                stderr=stderr, env=dict(env) if env is not None else None)
+    finally:
+        os.close(ready_w)
+        os.close(go_r)
+    try:
+        try:
+            if mode == "userns" and os.read(ready_r, 1) == b"u":
+                assert idmap is not None
+                _write_map(proc.pid, idmap)
+                os.write(go_w, b"g")
+        finally:
+            os.close(ready_r)
+            os.close(go_w)
+        out, err = proc.communicate()
+    except BaseException:
+        _stop(proc)
+        raise
+    return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Take the sandbox down: stage1 kills its init (and with it the pid namespace), then exits."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,162 @@
+"""First process of a sandbox: enters the namespaces and runs the command as their init.
+
+`python -m nsbuild.sandbox.stage1 CONFIG_JSON`, started by nsbuild.sandbox.runner. CONFIG holds:
+  mode     "userns" (full id map written by the parent through newuidmap/newgidmap),
+           "single" (one id: this process maps itself), "none" (no namespaces; fakeroot backend)
+  network  "none" (own network namespace, lo up) or "host"
+  ready_fd, go_fd   pipe ends for the id-map handshake (mode "userns")
+  argv     the command to run
+
+Process tree: stage1 (unshared user/mount/net namespaces; child subreaper) forks the init, which is
+pid 1 of a new pid namespace: when it exits the kernel kills everything left in there. In mode
+"none" there is no pid namespace: the init is a child subreaper and kills its descendants itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import prctl
+
+from nsbuild.sandbox import mounts
+from nsbuild.sandbox.proc import kill_descendants, status_code
+
+EXIT_SETUP = 125  # the sandbox itself could not be set up (distinct from the command's status)
+
+
+def _die(msg: str) -> None:
+    sys.stderr.write(f"nsbuild: sandbox: {msg}\n")
+    sys.stderr.flush()
+    os._exit(EXIT_SETUP)
+
+
+def _write(path: str, data: str) -> None:
+    with open(path, "w") as f:
+        f.write(data)
+
+
+def _enter(cfg: dict) -> None:
+    mode = cfg["mode"]
+    flags = mounts.CLONE_NEWUSER | mounts.CLONE_NEWNS | mounts.CLONE_NEWPID
+    if cfg.get("network", "none") == "none":
+        flags |= mounts.CLONE_NEWNET
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        mounts.unshare(flags)
+    except OSError as exc:
+        _die(f"unshare: {exc.strerror}")
+    if mode == "single":
+        try:
+            _write("/proc/self/setgroups", "deny")
+            _write("/proc/self/uid_map", f"0 {uid} 1\n")
+            _write("/proc/self/gid_map", f"0 {gid} 1\n")
+        except OSError as exc:
+            _die(f"writing the id map: {exc.strerror}")
+    else:
+        os.write(cfg["ready_fd"], b"u")
+        os.close(cfg["ready_fd"])
+        if os.read(cfg["go_fd"], 1) != b"g":
+            _die("the id map was not set up")  # the parent printed why
+        os.close(cfg["go_fd"])
+    try:
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+        if mode == "userns":
+            os.setgroups([])
+    except OSError as exc:
+        _die(f"becoming namespace root: {exc.strerror}")
+
+
+def _lo_up() -> None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname="lo")
+        if idx:
+            ipr.link("set", index=idx[0], state="up")
+
+
+def _init(cfg: dict) -> None:
+    """pid 1 of the sandbox (or a subreaper child in mode "none"); never returns."""
+    prctl.set_pdeathsig(signal.SIGKILL)
+    prctl.set_child_subreaper(True)
+    # Own session: a terminal's Ctrl-C reaches nsbuild, which tears the sandbox down in order.
+    with contextlib.suppress(OSError):
+        os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if cfg["mode"] != "none":
+        try:
+            # Our mounts must never propagate back to the host's mount namespace.
+            mounts.mount(None, "/", None, mounts.MS_REC | mounts.MS_PRIVATE)
+        except OSError as exc:
+            _die(str(exc))
+        # A /proc for the new pid namespace: `ps` and /proc/PID show the sandbox only.
+        with contextlib.suppress(OSError):
+            mounts.mount("proc", "/proc", "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
+        if cfg.get("network", "none") == "none":
+            try:
+                _lo_up()
+            except Exception as exc:  # noqa: BLE001 - pyroute2 raises its own netlink errors
+                _die(f"bringing up lo: {exc}")
+    # Only now: newuidmap (setuid) has run; nothing inside may gain privileges through exec.
+    prctl.set_no_new_privs(True)
+    try:
+        child = subprocess.Popen(cfg["argv"], env=cfg.get("env"), cwd=cfg.get("cwd"))
+    except OSError as exc:
+        _die(f"{cfg['argv'][0]}: {exc.strerror}")
+    code = 0
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        if pid == child.pid:
+            code = status_code(status)
+            break
+    kill_descendants()
+    os._exit(code)
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    prctl.set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != cfg["parent"]:
+        os._exit(EXIT_SETUP)  # nsbuild died before we set the death signal
+    prctl.set_child_subreaper(True)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if cfg["mode"] != "none":
+        _enter(cfg)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _init(cfg)
+        finally:
+            os._exit(EXIT_SETUP)
+
+    def on_term(signum: int, frame: object) -> None:
+        # The init is pid 1 of its namespace: SIGKILL takes the whole namespace down with it.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        kill_descendants()
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+    while True:
+        try:
+            got, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            os._exit(EXIT_SETUP)
+        if got == pid:
+            break
+    kill_descendants()
+    os._exit(status_code(status))
+
+
+if __name__ == "__main__":
+    main()

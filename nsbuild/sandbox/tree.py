@@ -1,0 +1,421 @@
+"""Trees inside the sandbox: base layers unpacked, earlier layers assembled, and copy-and-diff.
+
+Everything here runs inside the sandbox (as namespace root, or under fakeroot), so chown/mknod either
+work for real or are recorded by fakeroot. Paths are walked without following symlinks: a layer or a
+script must not make us write outside the tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import stat
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+WH = ".wh."
+OPQ = ".wh..wh..opq"
+OPAQUE_XATTR = "user.overlay.opaque"
+
+
+def _parts(name: str) -> list[str]:
+    return [p for p in name.split("/") if p not in ("", ".")]
+
+
+def _safe_dir(root: Path, parts: list[str], create: bool = True) -> Path | None:
+    """root/parts as a real directory (created 0755 when missing); None when a symlink or file is in the way."""
+    cur = root
+    for part in parts:
+        if part == "..":
+            return None
+        nxt = cur / part
+        try:
+            st = os.lstat(nxt)
+        except FileNotFoundError:
+            if not create:
+                return None
+            os.mkdir(nxt, 0o755)
+            cur = nxt
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+        cur = nxt
+    return cur
+
+
+def remove(path: Path) -> None:
+    """Remove a file or a whole tree, making read-only directories writable first."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+
+    def onerror(func: object, p: str, exc: BaseException) -> None:
+        parent = os.path.dirname(p)
+        with contextlib.suppress(OSError):
+            os.chmod(parent, 0o700)
+        with contextlib.suppress(OSError):
+            os.chmod(p, 0o700)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)
+    for dirpath, dirnames, _ in os.walk(path):
+        for d in dirnames:
+            with contextlib.suppress(OSError):
+                p = os.path.join(dirpath, d)
+                if not os.path.islink(p):
+                    os.chmod(p, 0o700)
+    shutil.rmtree(path, onerror=onerror)
+
+
+def _chown(path: Path, uid: int, gid: int) -> None:
+    try:
+        os.lchown(path, uid, gid)
+    except OSError as exc:
+        # An id outside the map: the entry keeps namespace root. It is only what the script sees.
+        if exc.errno not in (errno.EINVAL, errno.EPERM):
+            raise
+
+
+def _set_xattrs(path: Path, xattrs: dict[str, bytes]) -> None:
+    for key, value in xattrs.items():
+        with contextlib.suppress(OSError):
+            os.setxattr(path, key, value, follow_symlinks=False)
+
+
+def unpack_layer(tar_path: Path, root: Path) -> None:
+    """Apply one image layer to root: whiteouts first, then the entries (as a container runtime does)."""
+    with tarfile.open(tar_path, "r:*") as tf:
+        members = tf.getmembers()
+        for m in members:
+            parts = _parts(m.name)
+            if not parts or ".." in parts:
+                continue
+            base = parts[-1]
+            if base == OPQ:
+                d = _safe_dir(root, parts[:-1], create=False)
+                if d is not None:
+                    for child in os.listdir(d):
+                        remove(d / child)
+            elif base.startswith(WH):
+                d = _safe_dir(root, parts[:-1], create=False)
+                if d is not None:
+                    remove(d / base[len(WH):])
+        for m in members:
+            parts = _parts(m.name)
+            if not parts or ".." in parts or parts[-1].startswith(WH):
+                continue
+            parent = _safe_dir(root, parts[:-1])
+            if parent is None:
+                continue
+            dest = parent / parts[-1]
+            _extract(tf, m, dest, root)
+
+
+def _extract(tf: tarfile.TarFile, m: tarfile.TarInfo, dest: Path, root: Path) -> None:
+    xattrs = {k[len("SCHILY.xattr."):]: v.encode("utf-8", "surrogateescape")
+              for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}
+    existing = None
+    with contextlib.suppress(FileNotFoundError):
+        existing = os.lstat(dest)
+    if existing is not None and not (m.isdir() and stat.S_ISDIR(existing.st_mode)):
+        remove(dest)
+    mode = m.mode & 0o7777
+    if m.isdir():
+        if existing is None or not stat.S_ISDIR(existing.st_mode):
+            os.mkdir(dest, 0o700)
+    elif m.isreg():
+        src = tf.extractfile(m)
+        assert src is not None
+        with src, open(dest, "xb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+    elif m.issym():
+        os.symlink(m.linkname, dest)
+    elif m.islnk():
+        target = _parts(m.linkname)
+        tdir = _safe_dir(root, target[:-1], create=False) if target else None
+        if tdir is None:
+            return
+        try:
+            os.link(tdir / target[-1], dest, follow_symlinks=False)
+        except OSError:
+            return
+        return  # a hard link shares the target's metadata
+    elif m.ischr() or m.isblk() or m.isfifo():
+        kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
+        try:
+            os.mknod(dest, kind | 0o600, os.makedev(m.devmajor, m.devminor) if kind != stat.S_IFIFO else 0)
+        except PermissionError:
+            return  # no device nodes in a user namespace; the script cannot see this one
+    else:
+        return
+    _chown(dest, m.uid, m.gid)
+    if not m.issym():
+        os.chmod(dest, mode)
+        _set_xattrs(dest, xattrs)
+
+
+# --- assembling earlier layers -------------------------------------------------------------------------
+
+
+def _copy_meta(src_st: os.stat_result, dest: Path) -> None:
+    os.chmod(dest, stat.S_IMODE(src_st.st_mode))
+
+
+def place(host: Path, target: str, root: Path, *, link: bool) -> None:
+    """Put a host tree/file/symlink at `target` under root; later calls win for non-directories.
+
+    link=True hardlinks regular files (an overlayfs lower layer is never written to) and falls back to
+    a copy where the kernel refuses (another file system, protected_hardlinks).
+    """
+    parts = _parts(target)
+    parent = _safe_dir(root, parts[:-1]) if parts else None
+    dest = root if not parts else (parent / parts[-1] if parent is not None else None)
+    if dest is None:
+        return
+    _place(host, dest, link)
+
+
+def _place(src: Path, dest: Path, link: bool) -> None:
+    st = os.lstat(src)
+    existing = None
+    with contextlib.suppress(FileNotFoundError):
+        existing = os.lstat(dest)
+    if stat.S_ISDIR(st.st_mode):
+        if existing is not None and not stat.S_ISDIR(existing.st_mode):
+            remove(dest)
+            existing = None
+        if existing is None:
+            os.mkdir(dest, 0o700)
+        with os.scandir(src) as it:
+            names = sorted(e.name for e in it)
+        for name in names:
+            _place(src / name, dest / name, link)
+        _copy_meta(st, dest)
+        return
+    if existing is not None:
+        remove(dest)
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(src), dest)
+    elif stat.S_ISREG(st.st_mode):
+        if link:
+            try:
+                os.link(src, dest, follow_symlinks=False)
+                return
+            except OSError:
+                pass
+        shutil.copyfile(src, dest, follow_symlinks=False)
+        _copy_meta(st, dest)
+    elif stat.S_ISFIFO(st.st_mode):
+        os.mkfifo(dest, stat.S_IMODE(st.st_mode))
+    # sockets and devices on the host are not part of an image
+
+
+def copy_tree(src: Path, dest: Path) -> None:
+    """Copy src's content into dest (which exists): data, modes, symlinks, hardlinks, xattrs, ids."""
+    inodes: dict[tuple[int, int], Path] = {}
+
+    def walk(s: Path, d: Path) -> None:
+        with os.scandir(s) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            sp, dp = s / e.name, d / e.name
+            st = os.lstat(sp)
+            if stat.S_ISDIR(st.st_mode):
+                if not dp.is_dir() or dp.is_symlink():
+                    if os.path.lexists(dp):
+                        remove(dp)
+                    os.mkdir(dp, 0o700)
+                walk(sp, dp)
+            else:
+                if os.path.lexists(dp):
+                    remove(dp)
+                key = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and key in inodes:
+                    os.link(inodes[key], dp, follow_symlinks=False)
+                    continue
+                inodes[key] = dp
+                if stat.S_ISLNK(st.st_mode):
+                    os.symlink(os.readlink(sp), dp)
+                elif stat.S_ISREG(st.st_mode):
+                    shutil.copyfile(sp, dp, follow_symlinks=False)
+                elif stat.S_ISFIFO(st.st_mode):
+                    os.mkfifo(dp)
+                elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                    try:
+                        os.mknod(dp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev)
+                    except PermissionError:
+                        continue
+                else:
+                    continue
+            _clone_meta(sp, dp, st)
+
+    walk(src, dest)
+
+
+def _clone_meta(sp: Path, dp: Path, st: os.stat_result) -> None:
+    _chown(dp, st.st_uid, st.st_gid)
+    if stat.S_ISLNK(st.st_mode):
+        return
+    os.chmod(dp, stat.S_IMODE(st.st_mode))
+    _set_xattrs(dp, _xattrs(sp))
+
+
+def _xattrs(path: Path) -> dict[str, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    out = {}
+    for n in names:
+        with contextlib.suppress(OSError):
+            out[n] = os.getxattr(path, n, follow_symlinks=False)
+    return out
+
+
+# --- copy-and-diff -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Seen:
+    ino: int
+    ftype: int
+    mode: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    link: str
+    xattrs: tuple[tuple[str, bytes], ...]
+    in_lower: bool  # present before the customisation layer (a deletion needs a whiteout)
+    in_upper: bool  # part of the customisation layer already (from extraCommands / contents links)
+
+
+def _seen(path: Path, st: os.stat_result, in_lower: bool, in_upper: bool) -> Seen:
+    link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
+    xattrs = () if stat.S_ISLNK(st.st_mode) else tuple(sorted(_xattrs(path).items()))
+    return Seen(st.st_ino, stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                st.st_rdev, st.st_size, st.st_mtime_ns, st.st_ctime_ns, link, xattrs, in_lower, in_upper)
+
+
+def _walk_rel(root: Path) -> list[str]:
+    out: list[str] = []
+
+    def walk(d: Path, rel: str) -> None:
+        with os.scandir(d) as it:
+            names = sorted(e.name for e in it)
+        for n in names:
+            r = f"{rel}/{n}" if rel else n
+            out.append(r)
+            p = d / n
+            if p.is_dir() and not p.is_symlink():
+                walk(p, r)
+
+    walk(root, "")
+    return out
+
+
+def snapshot(merged: Path, lower_paths: set[str], upper_paths: set[str]) -> dict[str, Seen]:
+    snap = {}
+    for rel in _walk_rel(merged):
+        p = merged / rel
+        snap[rel] = _seen(p, os.lstat(p), rel in lower_paths, rel in upper_paths)
+    return snap
+
+
+def paths_of(root: Path) -> set[str]:
+    return set(_walk_rel(root)) if root.is_dir() else set()
+
+
+def diff_to_upper(merged: Path, snap: dict[str, Seen], upper: Path, skip: set[str]) -> None:
+    """Write into `upper` what an overlayfs upper layer would hold after the script ran in `merged`.
+
+    New or changed entries (type, ids, mode, size, times, link target, xattrs, or a new inode) are
+    hardlinked (files: same inode, so fakeroot's records stay attached) or recreated (directories);
+    parents come along with their current metadata, as overlayfs copies them up. A deleted lower path
+    becomes a char 0/0 whiteout; a directory that replaced a lower path is marked opaque.
+    """
+    now = _walk_rel(merged)
+    now_set = set(now)
+    include: set[str] = set()
+    opaque: set[str] = set()
+    for rel in now:
+        if rel.split("/", 1)[0] in skip:
+            continue
+        p = merged / rel
+        st = os.lstat(p)
+        before = snap.get(rel)
+        if before is None or before.in_upper:
+            include.add(rel)
+            if stat.S_ISDIR(st.st_mode) and before is None and _was_lower(rel, snap):
+                opaque.add(rel)
+            continue
+        if before.ino != st.st_ino:
+            include.add(rel)
+            if stat.S_ISDIR(st.st_mode) and before.in_lower:
+                opaque.add(rel)
+            continue
+        if _seen(p, st, before.in_lower, before.in_upper) != before:
+            include.add(rel)
+    # Under an opaque directory everything present is new content of the layer.
+    for rel in now:
+        if any(rel.startswith(o + "/") for o in opaque):
+            include.add(rel)
+    whiteouts: list[str] = []
+    for rel, before in snap.items():
+        if rel in now_set or not before.in_lower or rel.split("/", 1)[0] in skip:
+            continue
+        parent = rel.rpartition("/")[0]
+        if parent and (parent not in now_set or parent in opaque or not (merged / parent).is_dir()
+                       or (merged / parent).is_symlink()):
+            continue  # the parent went (or was replaced) too: one whiteout/opaque there covers it
+        whiteouts.append(rel)
+    for rel in list(include) + whiteouts:
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            include.add("/".join(parts[:i]))
+    for rel in sorted(include, key=lambda r: (r.count("/"), r)):
+        src, dst = merged / rel, upper / rel
+        st = os.lstat(src)
+        if stat.S_ISDIR(st.st_mode):
+            os.mkdir(dst, 0o700)
+            _chown(dst, st.st_uid, st.st_gid)
+            _set_xattrs(dst, _xattrs(src))
+            if rel in opaque:
+                os.setxattr(dst, OPAQUE_XATTR, b"y")
+        else:
+            os.link(src, dst, follow_symlinks=False)
+    for rel in whiteouts:
+        os.mknod(upper / rel, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    # Directory modes last: a 0555 directory must not stop us filling it.
+    for rel in sorted((r for r in include if (upper / r).is_dir() and not (upper / r).is_symlink()),
+                      key=lambda r: -r.count("/")):
+        os.chmod(upper / rel, stat.S_IMODE(os.lstat(merged / rel).st_mode))
+
+
+def _was_lower(rel: str, snap: dict[str, Seen]) -> bool:
+    before = snap.get(rel)
+    return before is not None and before.in_lower
+
+
+def hide_ids(root: Path, uid: int, gid: int) -> None:
+    """Give the caller's real ids to namespace root: plain fakeroot lets them show through (setxattr
+    records a file's real owner), and the caller's uid must never reach an image."""
+    for rel in [""] + _walk_rel(root):
+        p = root / rel if rel else root
+        st = os.lstat(p)
+        if st.st_uid == uid or st.st_gid == gid:
+            os.lchown(p, 0 if st.st_uid == uid else -1, 0 if st.st_gid == gid else -1)
