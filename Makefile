@@ -176,6 +176,7 @@ example: deps venv
 	  > "$$store/containers.conf"; \
 	echo '{}' > "$$store/auth.json"; \
 	export CONTAINERS_CONF="$$store/containers.conf" REGISTRY_AUTH_FILE="$$store/auth.json"; \
+	if [ "$(UID_NOW)" != 0 ]; then mkdir -m 0700 "$$store/xdg"; export XDG_RUNTIME_DIR="$$store/xdg"; fi; \
 	podman=(podman --root "$$store/root" --runroot "$$store/run" --storage-driver vfs); \
 	ulimits=(); [ "$(UID_NOW)" = 0 ] && ulimits=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024); \
 	cleanup() { "$${podman[@]}" system reset -f >/dev/null 2>&1 || true; rm -rf "$$store"; }; \
@@ -183,7 +184,14 @@ example: deps venv
 	if ! "$${podman[@]}" info >/dev/null 2>"$$store/info.err"; then \
 	  echo "example: podman is not usable here, not running the image:"; cat "$$store/info.err"; exit 0; \
 	fi; \
-	loaded=$$(run "$${podman[@]}" load -i $(EXAMPLE_OUT)); echo "$$loaded"; \
+	archive=$(EXAMPLE_OUT); \
+	if gzip -t "$$archive" 2>/dev/null; then \
+	  echo "example: podman 4.3 (Debian 12) cannot load a compressed docker-archive: decompressing a copy"; \
+	  printf '+ gzip -dc %s > %s\n' "$$archive" "$$store/example.tar"; gzip -dc "$$archive" > "$$store/example.tar"; \
+	  archive="$$store/example.tar"; \
+	fi; \
+	printf '+ %s\n' "$${podman[*]} load -i $$archive"; \
+	loaded=$$("$${podman[@]}" load -i "$$archive"); echo "$$loaded"; \
 	image=$$(sed -n 's/^Loaded image[^:]*: *//p' <<<"$$loaded" | tail -n1); \
 	run "$${podman[@]}" run --rm --pull=never --network=none --runtime runc "$${ulimits[@]}" "$$image"; \
 	echo "example: $(EXAMPLE_OUT) built and ran ($$image)"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import gzip
 import json
 import os
 import re
@@ -98,6 +97,37 @@ def cleanup_module_files() -> None:
 # --- skopeo -------------------------------------------------------------------------------------------
 
 
+def compression_of(path: str | os.PathLike[str]) -> str | None:
+    """"gz", "zstd" or None, from the file's magic bytes."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"\x1f\x8b":
+        return "gz"
+    if magic == b"\x28\xb5\x2f\xfd":
+        return "zstd"
+    return None
+
+
+def plain_archive(path: str | os.PathLike[str], dest_dir: str | os.PathLike[str]) -> Path:
+    """The archive itself when uncompressed, else a copy decompressed with gzip/zstd in dest_dir.
+
+    skopeo 1.9 and podman 4.3 (Debian 12) cannot read a compressed docker-archive from a file
+    ("loading tar component manifest.json: archive/tar: invalid tar header"), although dockerTools
+    and `docker load` use them: the real gzip/zstd tools decompress first."""
+    path = Path(path)
+    kind = compression_of(path)
+    if kind is None:
+        return path
+    out = Path(dest_dir) / (path.name.rsplit(".", 1)[0] + ".plain.tar")
+    tool = ["gzip", "-dc"] if kind == "gz" else ["zstd", "-dcq"]
+    with open(out, "wb") as f:
+        proc = subprocess.run([*tool, str(path)], stdout=f, stderr=subprocess.PIPE)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(tool)} {path} failed: {proc.stderr.decode(errors='replace')}")
+    out.chmod(0o644)
+    return out
+
+
 def skopeo_copy(
     src_ref: str,
     dst_ref: str,
@@ -106,9 +136,16 @@ def skopeo_copy(
     authfile: str | os.PathLike[str] | None = None,
 ) -> subprocess.CompletedProcess:
     """`skopeo copy SRC DST`: checks layer bytes against the config's diff_ids, missing or truncated
-    layers. Extra arguments go before the references (e.g. "--dest-tls-verify=false")."""
+    layers. Extra arguments go before the references (e.g. "--dest-tls-verify=false"). A compressed
+    `docker-archive:` source is decompressed first (see plain_archive)."""
     env = {"REGISTRY_AUTH_FILE": os.fspath(authfile or empty_auth_file())}
-    return run_tool(["skopeo", "copy", "--insecure-policy", *extra, src_ref, dst_ref], user, env=env)
+    with tempfile.TemporaryDirectory(prefix="nsbuild-skopeo-", dir="/var/tmp") as tmp:
+        os.chmod(tmp, 0o755)
+        if src_ref.startswith("docker-archive:"):
+            path, sep, rest = src_ref[len("docker-archive:"):].partition(":")
+            if os.path.isfile(path) and compression_of(path):
+                src_ref = f"docker-archive:{plain_archive(path, tmp)}{sep}{rest}"
+        return run_tool(["skopeo", "copy", "--insecure-policy", *extra, src_ref, dst_ref], user, env=env)
 
 
 def skopeo_inspect(ref: str, *extra: str, user: UserKey = None, raw: bool = False,
@@ -335,11 +372,6 @@ def gnutar_extract(layer_tar: str | os.PathLike[str], dest: str | os.PathLike[st
 # --- image structure (enough to find the layer blobs; no nsbuild code) ----------------------------------
 
 
-def _magic(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(4)
-
-
 def image_layers(image: str | os.PathLike[str], work: str | os.PathLike[str],
                  tag: str | None = None) -> list[Path]:
     """The layer blobs of a docker-archive (plain, gz or zstd), an OCI archive or an OCI layout,
@@ -348,15 +380,7 @@ def image_layers(image: str | os.PathLike[str], work: str | os.PathLike[str],
     if image.is_dir():
         return _oci_layers(image, tag)
     work.mkdir(parents=True, exist_ok=True)
-    outer = image
-    magic = _magic(image)
-    if magic[:2] == b"\x1f\x8b":
-        outer = work / "outer.tar"
-        with gzip.open(image, "rb") as src, open(outer, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    elif magic == b"\x28\xb5\x2f\xfd":
-        outer = work / "outer.tar"
-        run_tool(["zstd", "-d", "-q", "-f", image, "-o", outer])
+    outer = plain_archive(image, work)
     root = work / "image"
     root.mkdir(exist_ok=True)
     run_tool(["tar", "-xf", outer, "-C", root])
@@ -430,8 +454,9 @@ class PodmanStore:
         return proc
 
     def load(self, archive: str | os.PathLike[str]) -> str:
-        """`podman load -i` (docker-archive or OCI archive); returns the loaded image's name or id."""
-        out = self.podman("load", "-i", archive).stdout
+        """`podman load -i` (docker-archive or OCI archive; a compressed docker-archive is decompressed
+        first, see plain_archive); returns the loaded image's name or id."""
+        out = self.podman("load", "-i", plain_archive(archive, self.dir)).stdout
         found = re.findall(r"^Loaded image[^:]*: *(.+)$", out, re.M)
         if not found:
             raise AssertionError(f"podman load printed no image name:\n{out}")
