@@ -14,7 +14,7 @@ from typing import Any
 
 from nsbuild.errors import BuildError
 from nsbuild.owners import Owner
-from nsbuild.sandbox import MODE, USES_FAKEROOT, choose
+from nsbuild.sandbox import MODE, USES_FAKEROOT, choose, remove_tree
 from nsbuild.sandbox.runner import run
 from nsbuild.tarwriter import Source
 
@@ -135,12 +135,7 @@ def _read_result(path: Path) -> dict | None:
 
 
 def cleanup(path: Path, backend: str) -> None:
-    """Remove a scratch tree; what the caller cannot remove (subordinate ids) goes from inside the namespace."""
-    from nsbuild.sandbox.tree import remove
-
-    with contextlib.suppress(OSError):
-        remove(path)
-    if os.path.lexists(path) and MODE[backend] == "userns":
-        run("userns", ["rm", "-rf", "--", str(path)], env={"PATH": "/usr/bin:/bin"})
+    """Remove a scratch tree, from inside the namespace where subordinate ids own files in it."""
+    remove_tree(path)
     if os.path.lexists(path):
         shutil.rmtree(path, ignore_errors=True)

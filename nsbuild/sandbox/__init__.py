@@ -10,6 +10,7 @@ Backends, in the order `--isolation auto` tries them:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -168,3 +169,17 @@ def choose(isolation: str) -> str:
             return b
         reasons.append(f"  {b}: {p.why}; {p.fix}")
     raise BuildError("fakeRootCommands cannot run here, no backend works:\n" + "\n".join(reasons))
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a scratch tree; what the caller cannot remove itself (files owned by its subordinate ids,
+    left by the userns backend) is removed from inside a user namespace with the same id map."""
+    from nsbuild.sandbox.tree import remove
+
+    path = Path(path)
+    with contextlib.suppress(OSError):
+        remove(path)
+    if os.path.lexists(path) and os.getuid() != 0 and full_map() is not None:
+        with contextlib.suppress(BuildError):
+            run("userns", ["rm", "-rf", "--", str(path)], env={"PATH": "/usr/bin:/bin"},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
