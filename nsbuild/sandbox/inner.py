@@ -28,6 +28,34 @@ from nsbuild.sandbox.proc import kill_descendants, status_code
 
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# A user namespace cannot create device nodes: this `mknod` (first in PATH) records char/block devices
+# as empty placeholder files plus a line in the registry; the layer writer turns them into devices.
+MKNOD_SHIM = r"""#!/bin/sh
+mode=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -m) mode=$2; shift 2 ;;
+    --mode=*) mode=${1#--mode=}; shift ;;
+    -m*) mode=${1#-m}; shift ;;
+    --) shift; break ;;
+    *) break ;;
+  esac
+done
+case "$2" in
+  c|u|b) ;;
+  *) PATH=${PATH#*:} exec mknod ${mode:+-m "$mode"} "$@" ;;
+esac
+if [ $# -ne 4 ]; then echo "mknod: usage: mknod [-m MODE] NAME TYPE MAJOR MINOR" >&2; exit 1; fi
+if [ -e "$1" ] || [ -L "$1" ]; then echo "mknod: $1: File exists" >&2; exit 1; fi
+: > "$1" || exit 1
+if [ -n "$mode" ]; then chmod "$mode" "$1" || exit 1; fi
+case "$1" in */*) dir=${1%/*}; base=${1##*/} ;; *) dir=.; base=$1 ;; esac
+[ -n "$dir" ] || dir=/
+dir=$(cd "$dir" && pwd -P) || exit 1
+kind=char; [ "$2" = b ] && kind=block
+printf '%s/%s\t%s\t%s\t%s\n' "${dir%/}" "$base" "$kind" "$3" "$4" >> "@REGISTRY@"
+"""
+
 # Mount points the chroot needs; they are never part of the layer.
 SYSTEM_DIRS = ("dev", "proc", "sys")
 
@@ -65,7 +93,8 @@ def _setup_chroot(merged: Path, network: str) -> list[Path]:
         if p.is_symlink() or not p.is_dir():
             raise RuntimeError(f"/{name} in the image is not a directory: cannot enable the chroot")
     dev = merged / "dev"
-    mounts.mount("tmpfs", dev, "tmpfs", mounts.MS_NOSUID | mounts.MS_NOEXEC, "mode=0755,size=1m")
+    # exec allowed: the mknod shim lives here
+    mounts.mount("tmpfs", dev, "tmpfs", mounts.MS_NOSUID, "mode=0755,size=1m")
     done.append(dev)
     for node in DEV_NODES:
         target = dev / node
@@ -80,6 +109,10 @@ def _setup_chroot(merged: Path, network: str) -> list[Path]:
         os.symlink(to, dev / name)
     (dev / "shm").mkdir()
     (dev / "pts").mkdir()
+    if "FAKEROOTKEY" not in os.environ:
+        shim = dev / ".nsbuild"
+        shim.mkdir()
+        _write_shim(shim, "/dev/.nsbuild/devices")
     lib = _fakeroot_libdir()
     if lib is not None:
         # fakeroot's preload library must be reachable from inside the chroot; /dev is never in the layer.
@@ -100,6 +133,26 @@ def _setup_chroot(merged: Path, network: str) -> list[Path]:
         mounts.mount("/sys", sysfs, None, mounts.MS_BIND | mounts.MS_REC)
     done.append(sysfs)
     return done
+
+
+def _write_shim(d: Path, registry: str) -> None:
+    p = d / "mknod"
+    p.write_text(MKNOD_SHIM.replace("@REGISTRY@", registry))
+    p.chmod(0o755)
+
+
+def _devices(registry: str, root_prefix: str, upper: Path) -> dict[str, list]:
+    """Placeholders the shim recorded that are still empty regular files in the layer."""
+    out: dict[str, list] = {}
+    for line in registry.splitlines():
+        parts = line.split("\t")
+        if len(parts) != 4 or not parts[0].startswith(root_prefix):
+            continue
+        rel = parts[0][len(root_prefix):].strip("/")
+        p = upper / rel
+        if p.is_file() and not p.is_symlink() and p.stat().st_size == 0:
+            out[rel] = [parts[1], int(parts[2]), int(parts[3])]
+    return out
 
 
 def _fakeroot_libdir() -> str | None:
@@ -145,6 +198,9 @@ def _run_script(plan: dict, merged: Path) -> int:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
+    if "FAKEROOTKEY" not in os.environ:
+        shim_dir = "/dev/.nsbuild" if chroot else str(Path(plan["work"]) / "shim")
+        env["PATH"] = shim_dir + ":" + env.get("PATH", CHROOT_PATH)
     proc = subprocess.Popen(argv, env=env, preexec_fn=enter, stdin=subprocess.DEVNULL,
                             stdout=sys.stderr.fileno())
     _, status = os.waitpid(proc.pid, 0)
@@ -154,7 +210,7 @@ def _run_script(plan: dict, merged: Path) -> int:
     return proc.returncode
 
 
-def _write_layer(plan: dict, upper: Path, names_root: Path) -> dict:
+def _write_layer(plan: dict, upper: Path, names_root: Path, devices: dict[str, list]) -> dict:
     owner = plan["root_owner"]
     job = {
         "sources": [[str(upper), "/"]],
@@ -165,9 +221,13 @@ def _write_layer(plan: dict, upper: Path, names_root: Path) -> dict:
                   "group": _image_file(names_root, "etc/group")},
         "overlay_whiteouts": True,
     }
+    module = "nsbuild.layerjob"
+    if devices:
+        job["devices"] = devices
+        module = "nsbuild.sandbox.devlayer"
     job_path = Path(plan["work"]) / "layerjob.json"
     job_path.write_text(json.dumps(job))
-    res = subprocess.run([sys.executable, "-m", "nsbuild.layerjob", str(job_path)], stdout=subprocess.PIPE,
+    res = subprocess.run([sys.executable, "-m", module, str(job_path)], stdout=subprocess.PIPE,
                          stdin=subprocess.DEVNULL)
     if res.returncode != 0:
         raise RuntimeError(f"writing the customisation layer failed (exit {res.returncode})")
@@ -219,11 +279,22 @@ def main() -> None:
                     skip.add(name)
             snap = tree.snapshot(merged, lower_paths, upper_paths)
         timings["prepare"] = time.monotonic() - t0
+        registry = work / "devices.tsv"
+        if "FAKEROOTKEY" not in os.environ:
+            (work / "shim").mkdir()
+            _write_shim(work / "shim", str(registry))
         if plan["chroot"]:
             chroot_mounts = _setup_chroot(merged, plan["network"])
         t1 = time.monotonic()
         code = _run_script(plan, merged)
         timings["script"] = time.monotonic() - t1
+        # Read the shim's registry now: in a chroot it lives in the /dev tmpfs, unmounted next.
+        reg_file, reg_prefix = ((merged / "dev/.nsbuild/devices", "/") if plan["chroot"]
+                                else (registry, str(merged) + "/"))
+        try:
+            reg_lines = reg_file.read_text()
+        except FileNotFoundError:
+            reg_lines = ""
         _undo_mounts(chroot_mounts)
         chroot_mounts = []
         if code != 0:
@@ -232,9 +303,10 @@ def main() -> None:
             t2 = time.monotonic()
             if not overlay:
                 tree.diff_to_upper(merged, snap, upper, skip)
+            devices = _devices(reg_lines, reg_prefix, upper)
             if plan.get("caller_ids"):
                 tree.hide_ids(upper, *plan["caller_ids"])
-            stats = _write_layer(plan, upper, merged)
+            stats = _write_layer(plan, upper, merged, devices)
             timings["write"] = time.monotonic() - t2
             result = {"status": "ok", "stats": stats, "engine": "overlay" if overlay else "copy"}
     except Exception as exc:  # noqa: BLE001 - reported to the parent as one line

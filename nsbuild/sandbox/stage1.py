@@ -15,6 +15,7 @@ pid 1 of a new pid namespace: when it exits the kernel kills everything left in 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -49,6 +50,11 @@ def _enter(cfg: dict) -> None:
     try:
         mounts.unshare(flags)
     except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            _die("unshare: the limit of user namespaces is reached (user.max_user_namespaces here or in "
+                 "a parent namespace is 0 or used up)")
+        if exc.errno == errno.EPERM:
+            _die("unshare: not permitted (seccomp, AppArmor or a container runtime blocks user namespaces)")
         _die(f"unshare: {exc.strerror}")
     if mode == "single":
         try:
