@@ -9,16 +9,18 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nsbuild.baseimage import BaseImage, load_base
+from nsbuild.cache import LayerCache, fingerprint
 from nsbuild.errors import BuildError, SpecError
 from nsbuild.image import Image, make_config, oci_manifest
 from nsbuild.layer import Layer, build_layer
 from nsbuild.owners import Owner, OwnerPolicy
-from nsbuild.plan import Plan, make_plan
-from nsbuild.progress import Progress, human
+from nsbuild.plan import Plan, PlannedLayer, make_plan
+from nsbuild.progress import Progress
 from nsbuild.refs import ImageRef
 from nsbuild.scripts import run_bash, script_env
 from nsbuild.sinks import atomic_output, write_docker_archive, write_oci_archive, write_oci_dir
@@ -32,6 +34,8 @@ EXTENSIONS = {"none": ".tar", "gz": ".tar.gz", "zstd": ".tar.zst"}
 class BuildOptions:
     isolation: str = "auto"
     network: str = "none"
+    cache_dir: Path | None = None  # None: no cache
+    jobs: int = 0  # layers built at once; 0: one per CPU
 
 
 @dataclass
@@ -40,6 +44,7 @@ class BuildResult:
     output: str
     format: str
     layer_seconds: list[float] = field(default_factory=list)
+    cached: list[bool] = field(default_factory=list)
 
 
 def default_output(spec: Spec) -> ImageRef:
@@ -105,7 +110,8 @@ def link_store_contents(custom_root: Path, store_paths: list[Path], progress: Pr
             dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
 
 
-def build_image(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions | None = None) -> BuildResult:
+def build_image(spec: Spec, output: ImageRef, progress: Progress,
+                options: BuildOptions | None = None) -> BuildResult:
     options = options or BuildOptions()
     ws = Workspace()
     try:
@@ -114,7 +120,8 @@ def build_image(spec: Spec, output: ImageRef, progress: Progress, options: Build
         ws.close()
 
 
-def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions, ws: Workspace) -> BuildResult:
+def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions,
+           ws: Workspace) -> BuildResult:
     if spec.kind == "image":
         raise SpecError("", "nsbuild image (buildImage) is not implemented yet; use nsbuild layered")
     docker = output.format == "docker-archive"
@@ -136,16 +143,32 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
     owner = Owner(spec.uid, spec.gid, spec.uname, spec.gname)
     fixed = OwnerPolicy.fixed_owner(owner)
     total = len(plan.layers) + 1
-    layers: list[Layer] = []
-    seconds: list[float] = []
-    for i, planned in enumerate(plan.layers, 1):
-        progress.live(f"[{i}/{total}] {planned.comment} ({human(planned.size)}) …")
+    cache = LayerCache(options.cache_dir) if options.cache_dir else None
+    blob_dir = cache.blobs if cache else ws.blobs
+
+    def make(index: int, planned: PlannedLayer) -> tuple[Layer, float, bool]:
         t0 = time.monotonic()
-        layer = build_layer(planned.sources, ws.blobs, mtime=spec.mtime, owner=fixed, compression=compression,
+        key = None
+        if cache is not None:
+            key = fingerprint(planned.sources, mtime=spec.mtime, owner=fixed)
+            hit = cache.lookup(key, compression=compression, need_tar=keep_tar, comment=planned.comment)
+            if hit is not None:
+                progress.layer_done(index, total, planned.comment, hit.tar.size, time.monotonic() - t0, True)
+                return hit, time.monotonic() - t0, True
+        layer = build_layer(planned.sources, blob_dir, mtime=spec.mtime, owner=fixed, compression=compression,
                             keep_tar=keep_tar, comment=planned.comment)
-        seconds.append(time.monotonic() - t0)
-        progress.layer_done(i, total, planned.comment, layer.tar.size, seconds[-1])
-        layers.append(layer)
+        if cache is not None and key is not None:
+            cache.store(key, layer, compression)
+        progress.layer_done(index, total, planned.comment, layer.tar.size, time.monotonic() - t0)
+        return layer, time.monotonic() - t0, False
+
+    # Layers are independent: the C parts (reading, hashing, compressing) run in parallel threads.
+    jobs = options.jobs or len(os.sched_getaffinity(0))
+    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(plan.layers) or 1))) as pool:
+        done = list(pool.map(lambda ip: make(*ip), enumerate(plan.layers, 1)))
+    layers = [d[0] for d in done]
+    seconds = [d[1] for d in done]
+    cached = [d[2] for d in done]
     t0 = time.monotonic()
     layers.append(_customisation_layer(spec, plan, ws, progress, options, fixed, compression, keep_tar,
                                        base_layers))
@@ -160,7 +183,7 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
     image = Image(name=spec.name, tag=tag, layers=all_layers, config=config,
                   manifest=oci_manifest(config, all_layers))
     where = write_output(image, output, spec, progress)
-    return BuildResult(image, where, output.format, seconds)
+    return BuildResult(image, where, output.format, seconds, cached + [False])
 
 
 def _recompress(layer: Layer, compression: str, ws: Workspace) -> Layer:

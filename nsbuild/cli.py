@@ -27,6 +27,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON 
 IsolationOpt = Annotated[str, typer.Option(
     "--isolation", help="fakeRootCommands backend: auto | userns | userns-fakeroot | fakeroot")]
 NetworkOpt = Annotated[str, typer.Option("--network", help="scripts' network: none (only lo) | host")]
+CacheDirOpt = Annotated[Path | None, typer.Option("--cache-dir", help="layer cache [default: $XDG_CACHE_HOME/nsbuild]")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="build every layer, use and keep no cache")]
+JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=0, help="layers built at once [default: CPUs]")]
 
 
 def _fail(exc: NsbuildError) -> NoReturn:
@@ -40,7 +43,8 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _build(kind: str, spec_path: Path, output: str | None, fmt: str | None, quiet: bool, as_json: bool,
-           isolation: str, network: str, stream: bool = False) -> None:
+           isolation: str, network: str, cache_dir: Path | None, no_cache: bool, jobs: int,
+           stream: bool = False) -> None:
     from nsbuild.build import BuildOptions, build_image, resolve_output
     from nsbuild.refs import FORMATS, ImageRef, parse_ref
     from nsbuild.spec import load_spec
@@ -57,7 +61,11 @@ def _build(kind: str, spec_path: Path, output: str | None, fmt: str | None, quie
         else:
             ref = resolve_output(parse_ref(output) if output else None, fmt, spec)
         progress = Progress(quiet=quiet or as_json and not sys.stderr.isatty())
-        result = build_image(spec, ref, progress, BuildOptions(isolation=isolation, network=network))
+        from nsbuild.cache import default_cache_dir
+
+        options = BuildOptions(isolation=isolation, network=network, jobs=jobs,
+                               cache_dir=None if no_cache else (cache_dir or default_cache_dir()))
+        result = build_image(spec, ref, progress, options)
     except NsbuildError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -83,25 +91,28 @@ def _build(kind: str, spec_path: Path, output: str | None, fmt: str | None, quie
 
 @app.command()
 def layered(spec: SpecArg, output: OutputOpt = None, format: FormatOpt = None, quiet: QuietOpt = False,
-            json_out: JsonOpt = False, isolation: IsolationOpt = "auto", network: NetworkOpt = "none") -> None:
+            json_out: JsonOpt = False, isolation: IsolationOpt = "auto", network: NetworkOpt = "none",
+            cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False, jobs: JobsOpt = 0) -> None:
     """Build a layered image (buildLayeredImage) and write it."""
-    _build("layered", spec, output, format, quiet, json_out, isolation, network)
+    _build("layered", spec, output, format, quiet, json_out, isolation, network, cache_dir, no_cache, jobs)
 
 
 @app.command()
 def stream(spec: SpecArg, quiet: QuietOpt = False, isolation: IsolationOpt = "auto",
-           network: NetworkOpt = "none") -> None:
+           network: NetworkOpt = "none", cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
+           jobs: JobsOpt = 0) -> None:
     """Write an uncompressed docker-archive to stdout (streamLayeredImage): `| podman load`."""
     if sys.stdout.isatty():
         _fail(UsageError("refusing to write an image to a terminal; pipe it (| podman load) or use layered"))
-    _build("layered", spec, None, None, quiet, False, isolation, network, stream=True)
+    _build("layered", spec, None, None, quiet, False, isolation, network, cache_dir, no_cache, jobs, stream=True)
 
 
 @app.command()
 def image(spec: SpecArg, output: OutputOpt = None, format: FormatOpt = None, quiet: QuietOpt = False,
-          json_out: JsonOpt = False, isolation: IsolationOpt = "auto", network: NetworkOpt = "none") -> None:
+          json_out: JsonOpt = False, isolation: IsolationOpt = "auto", network: NetworkOpt = "none",
+          cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False, jobs: JobsOpt = 0) -> None:
     """Build a single-layer image on a base (buildImage), runAsRoot without KVM."""
-    _build("image", spec, output, format, quiet, json_out, isolation, network)
+    _build("image", spec, output, format, quiet, json_out, isolation, network, cache_dir, no_cache, jobs)
 
 
 @app.command()
@@ -142,6 +153,39 @@ def doctor() -> None:
     text, ok = run_doctor()
     print(text)
     raise typer.Exit(0 if ok else 1)
+
+
+cache_app = typer.Typer(help="Inspect and trim the layer cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("du")
+def cache_du(cache_dir: CacheDirOpt = None) -> None:
+    """How much the layer cache holds."""
+    from nsbuild.cache import LayerCache, default_cache_dir
+    from nsbuild.progress import human
+
+    root = cache_dir or default_cache_dir()
+    try:
+        entries, blobs, size = LayerCache(root).usage()
+    except NsbuildError as exc:
+        _fail(exc)
+    print(f"{root}: {entries} layer entries, {blobs} blobs, {human(size)}")
+
+
+@cache_app.command("prune")
+def cache_prune(cache_dir: CacheDirOpt = None,
+                older_than: Annotated[float, typer.Option("--older-than", help="days unused")] = 0.0) -> None:
+    """Drop layer entries unused for --older-than days (default: all) and blobs nothing refers to."""
+    from nsbuild.cache import LayerCache, default_cache_dir
+    from nsbuild.progress import human
+
+    root = cache_dir or default_cache_dir()
+    try:
+        removed, freed = LayerCache(root).prune(older_than * 86400)
+    except NsbuildError as exc:
+        _fail(exc)
+    print(f"{root}: removed {removed} layer entries, freed {human(freed)}")
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,8 +82,9 @@ def build_layer(sources: list[Source], blob_dir: Path, *, mtime: int, owner: Own
                 overlay_whiteouts: bool = False) -> Layer:
     """Write one layer in one pass: tar → (diff_id hash, optional tar file, optional compressed blob)."""
     blob_dir.mkdir(parents=True, exist_ok=True)
-    tmp_tar = blob_dir / f".tmp-{os.getpid()}-{id(sources)}.tar"
-    tmp_blob = blob_dir / f".tmp-{os.getpid()}-{id(sources)}.blob"
+    unique = uuid.uuid4().hex
+    tmp_tar = blob_dir / f".tmp-{unique}.tar"
+    tmp_blob = blob_dir / f".tmp-{unique}.blob"
     tar_file = open(tmp_tar, "wb", buffering=0) if keep_tar else None  # noqa: SIM115
     blob_file = open(tmp_blob, "wb", buffering=0) if compression != "none" else None  # noqa: SIM115
     try:
@@ -118,7 +120,7 @@ def layer_from_tar(tar_path: Path, blob_dir: Path, *, compression: str, comment:
                    expected_diff_id: str | None = None) -> Layer:
     """A layer from an uncompressed tar already on disk (a script's layer, a base image's layer)."""
     blob_dir.mkdir(parents=True, exist_ok=True)
-    tmp_blob = blob_dir / f".tmp-{os.getpid()}-{tar_path.name}.blob"
+    tmp_blob = blob_dir / f".tmp-{uuid.uuid4().hex}.blob"
     tar_hash = HashingWriter(None)
     blob_hash = None
     blob_file = open(tmp_blob, "wb", buffering=0) if compression != "none" else None  # noqa: SIM115

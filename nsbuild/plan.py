@@ -72,8 +72,7 @@ def make_plan(spec: Spec, base_layer_count: int) -> Plan:
     if not spec.include_store_paths:
         closure = {}
 
-    tree_layers = [PlannedLayer([src], f"{fld}: {src.host} → {src.target}", tree_size(src.host))
-                   for src, fld in trees]
+    tree_layers = [PlannedLayer([src], f"{fld}: {src.host} → {src.target}") for src, fld in trees]
     plan = Plan(layers=[], store_links=links, closure=closure)
     if budget == 0:
         # Nothing may get a layer of its own: everything joins the customisation layer, nothing is lost.
@@ -104,6 +103,9 @@ def _store_sources(closure: dict[str, StorePath], names: list[str]) -> list[Sour
 def _merge_smallest(layers: list[PlannedLayer], budget: int) -> list[PlannedLayer]:
     """Merge the two smallest layers until they fit; a merged layer keeps its earliest position."""
     items = [(i, layer) for i, layer in enumerate(layers)]
+    if len(items) > budget:
+        for layer in layers:  # sizes only matter when something must be merged
+            layer.size = sum(tree_size(s.host) for s in layer.sources)
     while len(items) > budget:
         by_size = sorted(items, key=lambda it: (it[1].size, it[0]))
         (ia, a), (ib, b) = sorted(by_size[:2], key=lambda it: it[0])
