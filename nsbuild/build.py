@@ -155,8 +155,13 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
             if hit is not None:
                 progress.layer_done(index, total, planned.comment, hit.tar.size, time.monotonic() - t0, True)
                 return hit, time.monotonic() - t0, True
+        label = f"[{index}/{total}]"
+        stops = []
         layer = build_layer(planned.sources, blob_dir, mtime=spec.mtime, owner=fixed, compression=compression,
-                            keep_tar=keep_tar, comment=planned.comment)
+                            keep_tar=keep_tar, comment=planned.comment,
+                            watch=lambda w: stops.append(progress.watch(label, lambda: w.size)))
+        for stop in stops:
+            stop()
         if cache is not None and key is not None:
             cache.store(key, layer, compression)
         progress.layer_done(index, total, planned.comment, layer.tar.size, time.monotonic() - t0)
@@ -209,14 +214,14 @@ def _customisation_layer(spec: Spec, plan: Plan, ws: Workspace, progress: Progre
         progress.info("running extraCommands")
         run_bash(spec.extra_commands, cwd=custom, env=env, what="extraCommands", log_dir=ws.root)
     sources = plan.custom_sources + [Source(custom, "/")]
-    if spec.fake_root_commands.strip() or spec.enable_fakechroot:
-        return _fake_root_layer(spec, plan, ws, progress, options, compression, base_layers, custom)
+    if spec.fake_root_commands.strip():
+        return _fake_root_layer(spec, plan, ws, progress, options, compression, base_layers, custom, env)
     return build_layer(sources, ws.blobs, mtime=spec.mtime, owner=fixed, compression=compression,
                        keep_tar=keep_tar, comment="customisation layer")
 
 
 def _fake_root_layer(spec: Spec, plan: Plan, ws: Workspace, progress: Progress, options: BuildOptions,
-                     compression: str, base_layers: list[Layer], custom: Path) -> Layer:
+                     compression: str, base_layers: list[Layer], custom: Path, env: dict[str, str]) -> Layer:
     try:
         from nsbuild.customize import build_customisation_layer
     except ImportError:
@@ -225,9 +230,9 @@ def _fake_root_layer(spec: Spec, plan: Plan, ws: Workspace, progress: Progress, 
 
     progress.info("running fakeRootCommands")
     out_tar = ws.root / "customisation.tar"
-    lower = [s for layer in plan.layers for s in layer.sources] + plan.custom_sources
+    lower = [s for layer in plan.layers for s in layer.sources]
     build_customisation_layer(
-        custom_root=custom, lower=lower,
+        custom_root=custom, lower=lower, upper_sources=plan.custom_sources, env=env,
         base_layer_tars=[layer.tar.path for layer in base_layers if layer.tar.path is not None],
         script=spec.fake_root_commands, enable_fakechroot=spec.enable_fakechroot,
         root_owner=Owner(spec.uid, spec.gid, spec.uname, spec.gname), mtime=spec.mtime,

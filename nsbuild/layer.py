@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def _store_blob(tmp: Path, digest: str, size: int, blob_dir: Path) -> Blob:
 
 def build_layer(sources: list[Source], blob_dir: Path, *, mtime: int, owner: OwnerPolicy,
                 compression: str, keep_tar: bool, comment: str,
-                overlay_whiteouts: bool = False) -> Layer:
+                overlay_whiteouts: bool = False, watch: Callable[[HashingWriter], None] | None = None) -> Layer:
     """Write one layer in one pass: tar → (diff_id hash, optional tar file, optional compressed blob)."""
     blob_dir.mkdir(parents=True, exist_ok=True)
     unique = uuid.uuid4().hex
@@ -89,6 +90,8 @@ def build_layer(sources: list[Source], blob_dir: Path, *, mtime: int, owner: Own
     blob_file = open(tmp_blob, "wb", buffering=0) if compression != "none" else None  # noqa: SIM115
     try:
         tar_hash = HashingWriter(tar_file)
+        if watch is not None:
+            watch(tar_hash)
         outs: list[object] = [tar_hash]
         blob_hash = compressor = None
         if blob_file is not None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 
@@ -22,6 +24,9 @@ class Progress:
         self.tty = self.stream.isatty()
         self.start = time.monotonic()
         self._live = False
+        self._lock = threading.Lock()
+        self._watched: dict[str, Callable[[], int]] = {}
+        self._ticker: threading.Thread | None = None
 
     def _clear(self) -> None:
         if self._live:
@@ -48,6 +53,29 @@ class Progress:
         self.stream.write(message[: 200])
         self.stream.flush()
         self._live = True
+
+    def watch(self, label: str, counter: Callable[[], int]) -> Callable[[], None]:
+        """On a terminal, redraw `label: N MiB` from `counter` until the returned stop() is called."""
+        with self._lock:
+            self._watched[label] = counter
+            if self.tty and not self.quiet and self._ticker is None:
+                self._ticker = threading.Thread(target=self._tick, daemon=True)
+                self._ticker.start()
+
+        def stop() -> None:
+            with self._lock:
+                self._watched.pop(label, None)
+        return stop
+
+    def _tick(self) -> None:
+        while True:
+            time.sleep(0.25)
+            with self._lock:
+                if not self._watched:
+                    self._ticker = None
+                    return
+                line = "  ".join(f"{label}: {human(c())}" for label, c in self._watched.items())
+            self.live(f"{line}  [{self.elapsed():.0f}s]")
 
     def layer_done(self, index: int, total: int, what: str, size: int, seconds: float,
                    cached: bool = False) -> None:
