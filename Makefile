@@ -98,9 +98,10 @@ venv: deps
 	   [ "$$('$(VENV)/bin/python' -c 'import sys; print(sys.base_prefix)' 2>/dev/null)" != "$$base" ]; then \
 	  echo "venv: $(VENV) was not made from $(PYTHON); recreating it"; rm -rf '$(VENV)'; \
 	fi; \
-	if [ ! -x '$(VENV)/bin/python' ]; then \
+	if ! '$(VENV)/bin/python' -m pip --version >/dev/null 2>&1; then \
 	  echo "venv: creating $(VENV) from $(PYTHON)"; \
-	  $(PYTHON) -m venv '$(VENV)'; \
+	  rm -rf '$(VENV)'; \
+	  $(PYTHON) -m venv '$(VENV)' || { rm -rf '$(VENV)'; echo "venv: $(PYTHON) -m venv failed" >&2; exit 1; }; \
 	  '$(VENV)/bin/python' -m pip install -q --upgrade pip; \
 	fi; \
 	stamp='$(VENV)/.nsbuild-installed'; \
