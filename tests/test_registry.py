@@ -14,6 +14,7 @@ import io
 import json
 import os
 import socket
+import struct
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -150,23 +151,31 @@ def write_oci_layout(image: Image, d: Path) -> Path:
 
 
 class DroppingProxy:
-    """A TCP proxy to `target` that resets the connection once, after `drop_after` bytes have gone
-    from the client to the registry (`upward`: in the middle of a request body) or back."""
+    """A TCP proxy to `target` that cuts one connection, once:
 
-    def __init__(self, target: str, drop_after: int, upward: bool = True) -> None:
+    - `drop_after=N` (upward): after N bytes from the client, forward half the block and reset both
+      sides (a request body cut mid-way: the registry holds part of it);
+    - `drop_after=N, upward=False`: after N bytes back to the client, forward half the block and
+      close (a response body cut mid-way);
+    - `cut_request=(b"PATCH ", n)`: reset the connection instead of forwarding the n-th request that
+      starts with the marker (a stale keep-alive connection: nothing of it reaches the registry).
+    """
+
+    def __init__(self, target: str, drop_after: int | None = None, upward: bool = True,
+                 cut_request: tuple[bytes, int] | None = None) -> None:
         host, port = target.rsplit(":", 1)
-        self.upward = upward
         self.target = (host, int(port))
         self.drop_after = drop_after
-        self.sent = 0
+        self.upward = upward
+        self.cut_request = cut_request
+        self.seen = {True: 0, False: 0}  # bytes per direction (True: upward)
+        self.marker_count = 0
         self.dropped = 0
         self.lock = threading.Lock()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.host = f"127.0.0.1:{self.server.getsockname()[1]}"
-        self.threads: list[threading.Thread] = []
         self.closing = False
-        t = threading.Thread(target=self._accept, daemon=True)
-        t.start()
+        threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
         while not self.closing:
@@ -175,29 +184,49 @@ class DroppingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
-            pair = (client, upstream)
-            threading.Thread(target=self._pump, args=(client, upstream, True, pair), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False, pair), daemon=True).start()
+            conn = {"pair": (client, upstream)}
+            threading.Thread(target=self._pump, args=(client, upstream, True, conn), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False, conn), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, upward: bool, pair: tuple) -> None:
+    def _decide(self, data: bytes, upward: bool, conn: dict) -> str:
+        """"forward", "half" (forward half, then cut) or "cut" (forward nothing, cut)."""
+        with self.lock:
+            self.seen[upward] += len(data)
+            if self.cut_request is not None:
+                marker, nth = self.cut_request
+                if upward and data.startswith(marker):
+                    self.marker_count += 1
+                    if self.marker_count == nth:
+                        self.dropped += 1
+                        return "cut"
+                return "forward"
+            if self.dropped:
+                return "forward"
+            if upward == self.upward and self.drop_after is not None and self.seen[upward] > self.drop_after:
+                self.dropped += 1
+                return "half"
+            return "forward"
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upward: bool, conn: dict) -> None:
+        pair = conn["pair"]
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
-                if upward == self.upward:
-                    with self.lock:
-                        self.sent += len(data)
-                        drop = not self.dropped and self.sent > self.drop_after
-                        if drop:
-                            self.dropped += 1
-                    if drop:
-                        # Forward part of this block, then reset both sides: a body cut mid-way.
+                action = self._decide(data, upward, conn)
+                if action != "forward":
+                    if action == "half":
                         dst.sendall(data[: len(data) // 2])
-                        for s in pair:
-                            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                            s.close()
-                        return
+                    for s in pair:
+                        with contextlib.suppress(OSError):
+                            if upward:  # linger 0: the close is a reset, as a crashed peer's would be
+                                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                            # shutdown first: the pump blocked in recv() on the other socket would
+                            # otherwise keep it open.
+                            s.shutdown(socket.SHUT_RDWR)
+                        s.close()
+                    return
                 dst.sendall(data)
         except OSError:
             pass
@@ -287,19 +316,36 @@ def test_push_survives_a_connection_reset_mid_upload(registry, tmp_path, chunked
 
 
 def test_chunked_upload_resumes_from_the_registry_range(registry, tmp_path):
-    """A reset between chunks (not inside one) leaves the registry's upload intact: resume, not restart."""
+    """The connection breaks as a PATCH is sent: ask the registry how much it holds (GET on the upload,
+    its Range) and go on from there, sending no chunk twice."""
     image = big_image(tmp_path / "img", size=2 * 1024 * 1024)
     big = image.layers[1]
-    # Drop after ~1 MiB of body: whichever chunk that lands in, the registry has kept every earlier one.
-    proxy = DroppingProxy(registry.host, drop_after=1024 * 1024 + 300 * 1024)
+    chunk = 128 * 1024
+    proxy = DroppingProxy(registry.host, cut_request=(b"PATCH ", 4))
     try:
-        result = push_image(image, f"{proxy.host}/big/resume:1", options=plain_options(), chunk_size=128 * 1024)
+        result = push_image(image, f"{proxy.host}/big/resume:1", options=plain_options(), chunk_size=chunk)
     finally:
         proxy.close()
     assert proxy.dropped == 1
-    assert result.resumed_uploads + result.restarted_uploads == 1
+    assert (result.resumed_uploads, result.restarted_uploads) == (1, 0)
     assert big.digest in result.uploaded_blobs
+    chunks = -(-big.size // chunk)
+    assert proxy.marker_count == chunks + 1  # every chunk reached the registry once
     pull_back_and_verify(registry, "big/resume:1", tmp_path)
+
+
+def test_chunked_upload_restarts_when_the_registry_dropped_the_upload(registry, tmp_path):
+    """A request body cut mid-chunk leaves distribution's upload at an offset that no longer matches
+    its upload state, and distribution cancels it: the client starts the blob again."""
+    image = big_image(tmp_path / "img", size=2 * 1024 * 1024)
+    proxy = DroppingProxy(registry.host, drop_after=1024 * 1024 + 300 * 1024)
+    try:
+        result = push_image(image, f"{proxy.host}/big/restart:1", options=plain_options(), chunk_size=128 * 1024)
+    finally:
+        proxy.close()
+    assert proxy.dropped == 1
+    assert result.resumed_uploads + result.restarted_uploads >= 1
+    pull_back_and_verify(registry, "big/restart:1", tmp_path)
 
 
 def test_push_over_tls_with_cert_dir(registries, tmp_path):
@@ -513,6 +559,7 @@ def test_pull_resumes_a_download_cut_by_a_reset(registry, tmp_path):
     finally:
         proxy.close()
     assert proxy.dropped == 1
+    assert pulled.resumed_downloads == 1
     assert pulled.digest == image.manifest_digest
     big = pulled.layers[1]
     assert "sha256:" + hashlib.sha256(big.path.read_bytes()).hexdigest() == image.layers[1].digest

@@ -41,7 +41,7 @@ INDEX_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
 MANIFEST_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST)
 ACCEPT = ", ".join([MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST])
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-_READ_SIZE = 1024 * 1024
+_READ_SIZE = 256 * 1024
 
 _GOARCH = {
     "x86_64": ("amd64", None),
@@ -87,6 +87,7 @@ class PulledImage:
     downloaded_blobs: list[str] = field(default_factory=list)
     cached_blobs: list[str] = field(default_factory=list)
     downloaded_bytes: int = 0
+    resumed_downloads: int = 0  # downloads continued with a Range request after a cut connection
 
     @property
     def resolved_digest(self) -> str:
@@ -188,6 +189,7 @@ class _Puller:
         self.downloaded: list[str] = []
         self.cached: list[str] = []
         self.downloaded_bytes = 0
+        self.resumed = 0
 
     def manifest(self, reference: str) -> tuple[bytes, str, str]:
         """(body, media type, digest) of /manifests/REFERENCE, the digest checked when pinned."""
@@ -280,7 +282,9 @@ class _Puller:
         headers = {"Range": f"bytes={have}-"} if have else {}
         resp = self.client.request("GET", f"/v2/{self.repo}/blobs/{digest}", headers=headers, stream=True)
         with resp:
-            if have and resp.status_code == 200:
+            if have and resp.status_code == 206:
+                self.resumed += 1
+            elif have and resp.status_code == 200:
                 # The registry ignored Range: start over.
                 sink.reset()
             elif resp.status_code not in (200, 206):
@@ -387,4 +391,5 @@ def pull_image(
         downloaded_blobs=puller.downloaded,
         cached_blobs=puller.cached,
         downloaded_bytes=puller.downloaded_bytes,
+        resumed_downloads=puller.resumed,
     )

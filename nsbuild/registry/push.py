@@ -27,10 +27,12 @@ from nsbuild.registry.client import (
     RegistryConnectionError,
     RegistryError,
     RegistryOptions,
+    registry_errors,
 )
 from nsbuild.registry.reference import Reference, parse_reference
 
 DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
+_LOST_UPLOAD = {"BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN"}
 _RANGE_RE = re.compile(r"^(?:bytes=)?0-(\d+)$")
 
 
@@ -249,6 +251,11 @@ class _Pusher:
             return
         if resp.status_code in RETRY_STATUSES:
             raise _Transient(f"HTTP {resp.status_code}")
+        codes = {code for code, _ in registry_errors(resp)}
+        if resp.status_code == 416 or (resp.status_code == 404 and codes & _LOST_UPLOAD):
+            # The registry dropped or moved the upload (e.g. distribution cancels one whose size no
+            # longer matches its state after a cut request): begin the blob again.
+            raise _Transient(f"HTTP {resp.status_code} {', '.join(sorted(codes))}".rstrip())
         self.client.raise_for(resp, what)
 
     def _finish(self, location: str, src: _BlobSource, body: bytes) -> None:
