@@ -26,6 +26,7 @@ import prctl
 from nsbuild.sandbox import mounts, tree
 from nsbuild.sandbox.proc import kill_descendants, status_code
 
+FAKEROOT_VARS = ("FAKEROOT", "FAKED_", "LD_PRELOAD", "LD_LIBRARY_PATH")
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # A user namespace cannot create device nodes: this `mknod` (first in PATH) records char/block devices
@@ -183,10 +184,14 @@ def _shell(merged: Path, chroot: bool) -> list[str]:
 
 def _run_script(plan: dict, merged: Path) -> int:
     chroot = plan["chroot"]
-    env = dict(plan.get("env") or os.environ)
+    env = dict(plan["env"]) if plan.get("env") is not None else dict(os.environ)
+    # fakeroot's session (preload library, daemon key) must reach the script whatever env it was given.
+    env.update({k: v for k, v in os.environ.items() if k.startswith(FAKEROOT_VARS)})
     argv = [*_shell(merged, chroot), plan["script"]]
     if chroot:
-        env = {k: v for k, v in env.items() if k.startswith(("FAKEROOT", "FAKED", "LD_", "TERM", "LANG", "LC_"))}
+        # Host paths mean nothing inside the image: keep locale/terminal and fakeroot's session only.
+        env = {k: v for k, v in env.items() if k.startswith((*FAKEROOT_VARS, "TERM", "LANG", "LC_", "TZ",
+                                                             "SOURCE_DATE_EPOCH"))}
         env.update(PATH=CHROOT_PATH, HOME="/root", PWD="/", USER="root", LOGNAME="root")
         if "FAKEROOTKEY" in env:
             env["LD_LIBRARY_PATH"] = "/dev/.fakeroot"
