@@ -102,7 +102,6 @@ venv: deps
 	  echo "venv: creating $(VENV) from $(PYTHON)"; \
 	  rm -rf '$(VENV)'; \
 	  $(PYTHON) -m venv '$(VENV)' || { rm -rf '$(VENV)'; echo "venv: $(PYTHON) -m venv failed" >&2; exit 1; }; \
-	  '$(VENV)/bin/python' -m pip install -q --upgrade pip; \
 	fi; \
 	stamp='$(VENV)/.nsbuild-installed'; \
 	if [ '$(INSTALL_KIND)' = editable ]; then \

@@ -67,6 +67,14 @@ def unprivileged_user(request: pytest.FixtureRequest) -> str | None:
     return request.param
 
 
+@pytest.fixture(params=unprivileged_user_params())
+def unprivileged_users(request: pytest.FixtureRequest) -> str | None:
+    """Alias of unprivileged_user (same parametrization), under the name the briefs use."""
+    if request.param is not None:
+        _users.account(request.param)
+    return request.param
+
+
 @pytest.fixture
 def user_with_subids() -> str | None:
     """An unprivileged caller with a subordinate id range (nsbuild-test, or the current user)."""

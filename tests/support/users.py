@@ -166,6 +166,57 @@ def run_as(
     return proc
 
 
+def popen_as(
+    argv: Sequence[str | os.PathLike[str]],
+    user: UserKey = None,
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    umask: int | None = None,
+    tz: str | None = None,
+    **popen_kwargs,
+) -> subprocess.Popen:
+    """Like run_as but returns the Popen (for interrupting a build: setpriv execs the command, so
+    proc.send_signal(SIGINT) reaches it directly). stdout/stderr default to pipes, stdin to /dev/null."""
+    acc = account(user)
+    if cwd is None and not acc.is_current:
+        cwd = acc.home
+    popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
+    popen_kwargs.setdefault("stdout", subprocess.PIPE)
+    popen_kwargs.setdefault("stderr", subprocess.PIPE)
+    return subprocess.Popen(
+        as_user_argv([os.fspath(a) for a in argv], user),
+        cwd=cwd,
+        env=user_env(user, env, tz),
+        umask=-1 if umask is None else umask,
+        **popen_kwargs,
+    )
+
+
+def popen_nsbuild(args: Sequence[str | os.PathLike[str]], user: UserKey = None, **kwargs) -> subprocess.Popen:
+    return popen_as([*nsbuild_cmd(), *args], user, **kwargs)
+
+
+def processes_of(user: UserKey = None) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process of the account (zombies excluded), from /proc:
+    to show that nothing a build started outlives it."""
+    uid = account(user).uid
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = Path(entry.path, "status").read_text()
+            cmdline = Path(entry.path, "cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        if int(fields.get("Uid", "-1").split()[0]) != uid or fields.get("State", "").startswith("Z"):
+            continue
+        found.append((int(entry.name), cmdline.replace(b"\0", b" ").decode(errors="replace").strip()))
+    return found
+
+
 def run_nsbuild(args: Sequence[str | os.PathLike[str]], user: UserKey = None, **kwargs) -> subprocess.CompletedProcess:
     """Run the installed nsbuild as the account (see run_as for the keyword arguments)."""
     return run_as([*nsbuild_cmd(), *args], user, **kwargs)
