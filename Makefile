@@ -15,8 +15,12 @@ SHELL := /bin/bash
 # so neither it nor a venv made from it can be executed by the unprivileged test accounts.
 PYTHON ?= /usr/bin/python3
 
+# The verifiers of ../shared/VERIFIERS.md, what python-prctl needs to build (libcap-dev, gcc,
+# python3-dev), the venv, compressors, and openssl (the registry tests make a throw-away CA).
+# Installed with their recommends, as VERIFIERS.md does: rootless podman wants catatonit,
+# slirp4netns and fuse-overlayfs from there.
 DEB_PACKAGES := skopeo umoci oci-image-tool podman buildah runc uidmap fakeroot libarchive-tools \
-	busybox-static docker-registry attr libcap-dev python3-venv python3-dev gcc zstd pigz
+	busybox-static docker-registry attr libcap-dev python3-venv python3-dev gcc zstd pigz openssl
 
 TEST_USER := nsbuild-test
 NOSUB_USER := nsbuild-nosub
@@ -79,7 +83,7 @@ deps:
 	  echo "deps: installing:$$missing"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get update -q; \
-	  apt-get install -y -q --no-install-recommends $$missing; \
+	  apt-get install -y -q $$missing; \
 	else \
 	  echo "deps: these Debian packages are missing:$$missing" >&2; \
 	  echo "deps: install them as root with:" >&2; \
