@@ -159,15 +159,21 @@ class DroppingProxy:
       close (a response body cut mid-way);
     - `cut_request=(b"PATCH ", n)`: reset the connection instead of forwarding the n-th request that
       starts with the marker (a stale keep-alive connection: nothing of it reaches the registry).
+    - `answer=(b"HEAD ", n, b"HTTP/1.1 429 ...")`: answer the n-th (and later: n..n+times-1) such
+      request with these bytes instead of forwarding it, and close (a rate limiter or a load balancer
+      in front of the registry).
     """
 
     def __init__(self, target: str, drop_after: int | None = None, upward: bool = True,
-                 cut_request: tuple[bytes, int] | None = None) -> None:
+                 cut_request: tuple[bytes, int] | None = None,
+                 answer: tuple[bytes, int, bytes] | None = None, times: int = 1) -> None:
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
         self.drop_after = drop_after
         self.upward = upward
         self.cut_request = cut_request
+        self.answer = answer
+        self.times = times
         self.seen = {True: 0, False: 0}  # bytes per direction (True: upward)
         self.marker_count = 0
         self.dropped = 0
@@ -192,6 +198,14 @@ class DroppingProxy:
         """"forward", "half" (forward half, then cut) or "cut" (forward nothing, cut)."""
         with self.lock:
             self.seen[upward] += len(data)
+            if self.answer is not None:
+                marker, nth, _ = self.answer
+                if upward and data.startswith(marker):
+                    self.marker_count += 1
+                    if nth <= self.marker_count < nth + self.times:
+                        self.dropped += 1
+                        return "answer"
+                return "forward"
             if self.cut_request is not None:
                 marker, nth = self.cut_request
                 if upward and data.startswith(marker):
@@ -215,6 +229,9 @@ class DroppingProxy:
                 if not data:
                     break
                 action = self._decide(data, upward, conn)
+                if action == "answer":
+                    assert self.answer is not None
+                    src.sendall(self.answer[2])
                 if action != "forward":
                     if action == "half":
                         dst.sendall(data[: len(data) // 2])
@@ -348,6 +365,43 @@ def test_chunked_upload_restarts_when_the_registry_dropped_the_upload(registry, 
     pull_back_and_verify(registry, "big/restart:1", tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("marker", "response"),
+    [
+        (b"HEAD ", b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nContent-Length: 0\r\n"
+                   b"Connection: close\r\n\r\n"),
+        (b"PUT /v2/retry/app/manifests/", b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                           b"Connection: close\r\n\r\n"),
+        (b"POST ", b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+    ],
+    ids=["429-on-HEAD", "503-on-manifest", "502-on-upload-start"],
+)
+def test_push_retries_429_and_5xx(registry, tmp_path, marker, response):
+    image = small_image(tmp_path / "img")
+    proxy = DroppingProxy(registry.host, answer=(marker, 1, response), times=2)
+    try:
+        result = push_image(image, f"{proxy.host}/retry/app:1", options=plain_options())
+    finally:
+        proxy.close()
+    assert proxy.dropped == 2 and result.retries >= 2
+    assert result.digest == image.manifest_digest
+    pull_back_and_verify(registry, "retry/app:1", tmp_path)
+
+
+def test_push_gives_up_on_a_registry_that_keeps_failing(registry, tmp_path):
+    image = small_image(tmp_path / "img")
+    response = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    proxy = DroppingProxy(registry.host, answer=(b"PUT /v2/down/app/manifests/", 1, response), times=100)
+    try:
+        with pytest.raises(BuildError) as err:
+            push_image(image, f"{proxy.host}/down/app:1", options=plain_options())
+    finally:
+        proxy.close()
+    assert proxy.dropped == FAST_RETRY.attempts
+    assert str(err.value).startswith(f"registry {proxy.host}: pushing the manifest to down/app:1")
+    assert "HTTP 503" in str(err.value)
+
+
 def test_push_over_tls_with_cert_dir(registries, tmp_path):
     reg = registries(tls=True)
     image = small_image(tmp_path / "img")
@@ -362,6 +416,9 @@ def test_push_over_tls_with_cert_dir(registries, tmp_path):
                         options=RegistryOptions(auth=auth, cert_dir=reg.cert_dir, retry=FAST_RETRY))
     assert result.digest == image.manifest_digest
     pull_back_and_verify(reg, "tls/app:1", tmp_path)
+    pulled = pull_image(f"{reg.host}/tls/app:1", dest_dir=tmp_path / "cache", architecture="amd64",
+                        options=RegistryOptions(auth=auth, cert_dir=reg.cert_dir))
+    assert pulled.digest == image.manifest_digest
 
 
 def test_push_with_htpasswd_basic_auth_from_authfile(registries, tmp_path, capsys):
@@ -372,6 +429,9 @@ def test_push_with_htpasswd_basic_auth_from_authfile(registries, tmp_path, capsy
                                                 retry=FAST_RETRY))
     assert result.digest == image.manifest_digest
     pull_back_and_verify(reg, "private/app:1", tmp_path, "--src-creds", "builder:s3cret-pw-123")
+    pulled = pull_image(f"{reg.host}/private/app:1", dest_dir=tmp_path / "cache", architecture="amd64",
+                        options=RegistryOptions(auth=AuthOptions(authfile=reg.auth_file), tls_verify=False))
+    assert pulled.digest == image.manifest_digest
 
     # No credentials at all: the message says where we looked.
     env = {"HOME": str(tmp_path / "home"), "XDG_RUNTIME_DIR": str(tmp_path / "run")}
@@ -425,6 +485,9 @@ def test_push_and_mount_with_bearer_token_auth(registries, tmp_path):
     scopes = [{(s["name"], tuple(s["actions"])) for s in r.scopes} for r in reg.token_server.requests if r.granted]
     assert {("org/app", ("pull", "push")), ("org/base", ("pull",))} in scopes
     pull_back_and_verify(reg, "org/app:1", tmp_path, "--src-creds", "ci:token-pw-9")
+    pulled = pull_image(f"{reg.host}/org/app:1", dest_dir=tmp_path / "cache", architecture="amd64",
+                        options=options)
+    assert pulled.digest == image.manifest_digest and set(pulled.downloaded_blobs) == image_blobs(image)
 
     # Wrong password through the token server: the same clear error.
     bad = tmp_path / "bad.json"
@@ -453,8 +516,9 @@ def test_manifest_rejected_names_the_registry_error(registry, tmp_path):
         push_manifest(f"{registry.host}/bad/app:1", image.manifest, "application/vnd.oci.image.manifest.v1+json",
                       options=plain_options())
     message = str(err.value)
-    assert message.startswith(f"registry {registry.host}: pushing the manifest to bad/app:1")
-    assert "MANIFEST_BLOB_UNKNOWN" in message and "\n" not in message
+    assert message.startswith(f"registry {registry.host} rejected the manifest for bad/app:1: "
+                              "MANIFEST_BLOB_UNKNOWN: blob unknown to registry")
+    assert "\n" not in message
 
 
 # --- pull ---------------------------------------------------------------------------------------------

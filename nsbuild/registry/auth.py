@@ -52,7 +52,7 @@ class AuthOptions:
     authfile: Path | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
-    env: Mapping[str, str] | None = None
+    env: Mapping[str, str] | None = field(default=None, repr=False)  # may hold unrelated secrets
     home: Path | None = None
 
 

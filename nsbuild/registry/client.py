@@ -531,6 +531,7 @@ class RegistryClient:
                 resp = self.session.request(
                     method,
                     url,
+                    proxies=_proxies_for(url),
                     headers=all_headers,
                     data=data,
                     params=params,
@@ -564,6 +565,16 @@ class RegistryClient:
                 self.retries += 1
                 continue
             return resp
+
+
+def _proxies_for(url: str) -> dict[str, str]:
+    """HTTP(S)_PROXY / NO_PROXY from the environment, as skopeo honours them; never for loopback
+    (Go's rule, which containers/image follows). Taken by hand because the session ignores the
+    environment: requests would also pick up .netrc credentials and send them to the registry."""
+    host = urlparse(url).hostname or ""
+    if host == "localhost" or host.startswith("127.") or host == "::1":
+        return {}
+    return requests.utils.get_environ_proxies(url)
 
 
 def _retry_after(value: str | None, policy: RetryPolicy) -> float | None:

@@ -60,6 +60,7 @@ class PushResult:
     uploaded_bytes: int = 0
     resumed_uploads: int = 0  # chunked uploads continued from the registry's Range after a failure
     restarted_uploads: int = 0  # uploads begun again from byte 0 after a failure
+    retries: int = 0  # requests sent again after a reset, a timeout, 429 or 5xx
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -375,7 +376,15 @@ class _Pusher:
         )
         resp.close()
         if resp.status_code not in (200, 201):
-            self.client.raise_for(resp, f"pushing the manifest to {self.repo}:{reference} (registry rejected it)")
+            errors = registry_errors(resp)
+            if 400 <= resp.status_code < 500 and errors:
+                text = "; ".join(f"{code}: {message}" if message else code for code, message in errors)
+                raise RegistryError(
+                    f"registry {self.client.registry} rejected the manifest for {self.repo}:{reference}: {text}",
+                    resp.status_code,
+                    errors[0][0],
+                )
+            self.client.raise_for(resp, f"pushing the manifest to {self.repo}:{reference}")
         digest = sha256_digest(manifest)
         got = resp.headers.get("Docker-Content-Digest")
         if got and got != digest:
@@ -405,6 +414,7 @@ def _push(
             mount_from = blob_record.repositories(target.registry, src.digest) if blob_record else []
             pusher.push_blob(src, mount_from)
         pusher.put_manifest(target.tag or digest, manifest, media_type)
+        result.retries = client.retries
     if blob_record is not None:
         for src in sources:
             blob_record.add(target.registry, target.repository, src.digest)
