@@ -97,9 +97,9 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
     run_env = dict(os.environ)
     if USES_FAKEROOT[backend]:
         argv = ["fakeroot", "--", *argv]
-        if backend == "userns-fakeroot":
-            # Only one id is mapped: a real chown to another id fails (EINVAL); fakeroot records it.
-            run_env["FAKEROOTDONTTRYCHOWN"] = "1"
+        # fakeroot only forgives EPERM from the real chown; where a single id is mapped (our namespace,
+        # or a container we run in) it is EINVAL. The record in fakeroot is what counts anyway.
+        run_env["FAKEROOTDONTTRYCHOWN"] = "1"
     try:
         res = run(MODE[backend], argv, network=network, env=run_env)
         outcome = _read_result(result_path)
