@@ -160,9 +160,15 @@ test-users:
 lint: venv
 	'$(VENV)/bin/ruff' check $(LINT_PATHS)
 
+# Lint and tests both run, so one report shows both; the target fails if either failed (pytest's
+# exit 5, "no tests collected", is a failure too).
 test: deps venv test-users
-	'$(VENV)/bin/ruff' check $(LINT_PATHS)
-	'$(VENV)/bin/pytest' $(PYTEST_ARGS)
+	@lint=0; tests=0; \
+	echo "+ $(VENV)/bin/ruff check $(LINT_PATHS)"; '$(VENV)/bin/ruff' check $(LINT_PATHS) || lint=$$?; \
+	echo "+ $(VENV)/bin/pytest $(PYTEST_ARGS)"; '$(VENV)/bin/pytest' $(PYTEST_ARGS) || tests=$$?; \
+	if [ $$lint != 0 ]; then echo "test: ruff check failed (exit $$lint)" >&2; fi; \
+	if [ $$tests != 0 ]; then echo "test: pytest failed (exit $$tests)" >&2; fi; \
+	[ $$lint = 0 ] && [ $$tests = 0 ]
 
 # ---------------------------------------------------------------------------------------------------
 # The example: build, summarise, and run it with podman in a throw-away store (see
