@@ -7,6 +7,7 @@ proxy that drops the connection once, mid-upload.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gzip
 import hashlib
@@ -15,13 +16,14 @@ import json
 import os
 import socket
 import struct
+import sys
 import tarfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support.registry import Registry, RegistryFactory
+from support.users import run_as
 from support.verifiers import oci_validate, require_tool, skopeo_copy, skopeo_inspect, umoci_unpack
 
 from nsbuild.errors import BuildError
@@ -97,15 +99,9 @@ def big_image(d: Path, size: int = 3 * 1024 * 1024) -> Image:
 
 
 @pytest.fixture
-def registries() -> Iterator[RegistryFactory]:
-    factory = RegistryFactory()
-    yield factory
-    factory.cleanup()
-
-
-@pytest.fixture
-def registry(registries: RegistryFactory) -> Registry:
-    return registries()
+def registry(registry_factory: RegistryFactory) -> Registry:
+    """The Registry object (conftest's `registry` gives only its host)."""
+    return registry_factory()
 
 
 def plain_options(**kw: object) -> RegistryOptions:
@@ -122,12 +118,6 @@ def pull_back_and_verify(reg: Registry, repo_tag: str, work: Path, *skopeo_extra
     umoci_unpack(oci, "t", work / f"bundle-{oci.name}")
     oci_validate(oci)
     return json.loads((oci / "index.json").read_text())
-
-
-def stored_blobs(reg: Registry) -> set[str]:
-    """Digests of the blobs in the registry's storage (blobs/sha256/XX/HEX/data)."""
-    root = reg.storage / "docker/registry/v2/blobs"
-    return {f"{p.parent.parent.parent.name}:{p.parent.name}" for p in root.glob("*/*/*/data")}
 
 
 def image_blobs(image: Image) -> set[str]:
@@ -270,7 +260,7 @@ def test_push_plain_http_pulls_back_valid_and_second_push_uploads_nothing(regist
     assert result.digest == image.manifest_digest
     assert set(result.uploaded_blobs) == image_blobs(image)
     assert result.skipped_blobs == [] and result.mounted_blobs == []
-    assert image_blobs(image) <= stored_blobs(registry)
+    assert image_blobs(image) <= registry.blobs_on_disk()
     assert events[-1].action == "manifest"
     assert registry.tags("app/one") == ["1.0"]
 
@@ -402,8 +392,8 @@ def test_push_gives_up_on_a_registry_that_keeps_failing(registry, tmp_path):
     assert "HTTP 503" in str(err.value)
 
 
-def test_push_over_tls_with_cert_dir(registries, tmp_path):
-    reg = registries(tls=True)
+def test_push_over_tls_with_cert_dir(registry_factory, tmp_path):
+    reg = registry_factory(tls=True)
     image = small_image(tmp_path / "img")
     auth = AuthOptions(env={"HOME": "/nonexistent"})
     with pytest.raises(BuildError) as err:
@@ -421,8 +411,8 @@ def test_push_over_tls_with_cert_dir(registries, tmp_path):
     assert pulled.digest == image.manifest_digest
 
 
-def test_push_with_htpasswd_basic_auth_from_authfile(registries, tmp_path, capsys):
-    reg = registries(auth=("builder", "s3cret-pw-123"))
+def test_push_with_htpasswd_basic_auth_from_authfile(registry_factory, tmp_path, capsys):
+    reg = registry_factory(auth=("builder", "s3cret-pw-123"))
     image = small_image(tmp_path / "img")
     result = push_image(image, f"{reg.host}/private/app:1",
                         options=RegistryOptions(auth=AuthOptions(authfile=reg.auth_file), tls_verify=False,
@@ -444,12 +434,10 @@ def test_push_with_htpasswd_basic_auth_from_authfile(registries, tmp_path, capsy
     assert str(tmp_path / "home" / ".docker" / "config.json") in message
 
 
-def test_wrong_password_is_a_clear_error_without_the_secret(registries, tmp_path, capsys):
-    reg = registries(auth=("builder", "right-password-1"))
+def test_wrong_password_is_a_clear_error_without_the_secret(registry_factory, tmp_path, capsys):
+    reg = registry_factory(auth=("builder", "right-password-1"))
     wrong = "Wr0ng-Secret-Value-42"
     authfile = tmp_path / "auth.json"
-    import base64
-
     authfile.write_text(json.dumps({"auths": {reg.host: {"auth": base64.b64encode(f"builder:{wrong}".encode())
                                                           .decode()}}}))
     image = small_image(tmp_path / "img")
@@ -462,7 +450,7 @@ def test_wrong_password_is_a_clear_error_without_the_secret(registries, tmp_path
     for text in (message, repr(err.value), repr(options), capsys.readouterr().out):
         assert wrong not in text
         assert base64.b64encode(f"builder:{wrong}".encode()).decode() not in text
-    assert stored_blobs(reg) == set()
+    assert reg.blobs_on_disk() == set()
 
     # Explicit --creds: same, and the secret never shows either.
     options = RegistryOptions(auth=AuthOptions(username="builder", password=wrong), tls_verify=False)
@@ -472,8 +460,8 @@ def test_wrong_password_is_a_clear_error_without_the_secret(registries, tmp_path
     assert wrong not in str(err.value) and wrong not in repr(options)
 
 
-def test_push_and_mount_with_bearer_token_auth(registries, tmp_path):
-    reg = registries(auth=("ci", "token-pw-9"), token=True)
+def test_push_and_mount_with_bearer_token_auth(registry_factory, tmp_path):
+    reg = registry_factory(auth=("ci", "token-pw-9"), token=True)
     image = small_image(tmp_path / "img")
     record = BlobRecord()
     options = RegistryOptions(auth=AuthOptions(authfile=reg.auth_file), tls_verify=False, retry=FAST_RETRY)
@@ -627,3 +615,51 @@ def test_pull_resumes_a_download_cut_by_a_reset(registry, tmp_path):
     assert pulled.digest == image.manifest_digest
     big = pulled.layers[1]
     assert "sha256:" + hashlib.sha256(big.path.read_bytes()).hexdigest() == image.layers[1].digest
+
+
+# --- as an unprivileged account -------------------------------------------------------------------------
+
+_USER_SCRIPT = """
+import json, sys
+from pathlib import Path
+from nsbuild.image import Image
+from nsbuild.layer import Blob, Layer
+from nsbuild.registry import RegistryOptions, pull_image, push_image
+spec = json.loads(sys.argv[1])
+layers = [Layer(l["diff_id"], Blob(l["diff_id"], 0, None), Blob(l["digest"], l["size"], Path(l["path"])),
+                l["media_type"], "test") for l in spec["layers"]]
+image = Image("x", "1", layers, bytes.fromhex(spec["config"]), bytes.fromhex(spec["manifest"]))
+options = RegistryOptions(tls_verify=False)
+pushed = push_image(image, spec["ref"], options=options)
+pulled = pull_image(spec["ref"], dest_dir=Path(spec["cache"]), architecture="amd64", options=options)
+print(json.dumps({"pushed": pushed.digest, "uploaded": pushed.uploaded_blobs, "pulled": pulled.digest,
+                  "cached": pulled.cached_blobs, "downloaded": pulled.downloaded_blobs}))
+"""
+
+
+def test_push_and_pull_as_an_unprivileged_user_with_docker_config(registry_factory, user_tmp, unprivileged_user,
+                                                                   tmp_path):
+    """What a CI job does: an ordinary account, credentials in ~/.docker/config.json, no
+    XDG_RUNTIME_DIR, no REGISTRY_AUTH_FILE."""
+    reg = registry_factory(auth=("runner", "ci-pw-77"))
+    work = user_tmp(unprivileged_user)
+    image = small_image(work / "img")
+    for path in (work / "img", *(layer.compressed.path for layer in image.layers)):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    home = user_tmp(unprivileged_user)
+    run_as(["mkdir", "-p", str(home / ".docker")], unprivileged_user, check=True)
+    run_as(["sh", "-c", f"cat > {home}/.docker/config.json"], unprivileged_user, check=True,
+           input=json.dumps({"auths": {reg.host: {"auth": base64.b64encode(b"runner:ci-pw-77").decode()}}}))
+    spec = {
+        "layers": [{"diff_id": layer.diff_id, "digest": layer.digest, "size": layer.size,
+                    "path": str(layer.compressed.path), "media_type": layer.media_type} for layer in image.layers],
+        "config": image.config.hex(), "manifest": image.manifest.hex(),
+        "ref": f"docker://{reg.host}/ci/app:1", "cache": str(work / "cache"),
+    }
+    proc = run_as([sys.executable, "-c", _USER_SCRIPT, json.dumps(spec)], unprivileged_user,
+                  env={"HOME": str(home)}, check=True)
+    out = json.loads(proc.stdout)
+    assert out["pushed"] == out["pulled"] == image.manifest_digest
+    assert set(out["uploaded"]) == image_blobs(image)
+    assert set(out["downloaded"]) == image_blobs(image) and out["cached"] == []
+    pull_back_and_verify(reg, "ci/app:1", tmp_path, "--src-creds", "runner:ci-pw-77")
