@@ -341,3 +341,38 @@ def test_podman_runs_image_owners_setuid_and_capability(user_with_subids: str | 
                                      run_args=["--user", "1000"])
         line = next(ln for ln in capeff.splitlines() if ln.startswith("CapEff"))
         assert int(line.split()[1], 16) == 1 << 10, line
+
+
+def test_from_image_layers_below_the_script(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
+    """fromImage layers are what the script sees below it (owners, devices, files it deletes); every
+    backend records the same changes to them."""
+    _require_tools()
+    user = unprivileged_user
+    work = user_tmp(user)
+    base = {"name": "base", "tag": "1", "compressor": "none",
+            "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+            "extraCommands": "mkdir -p bin etc opt/dir && ln -s busybox bin/sh && echo m > etc/motd && "
+                             "echo x > opt/dir/f && echo 'alice:x:1000:1000::/:/bin/sh' > etc/passwd",
+            "fakeRootCommands": "mkdir srv && chown 1000:1000 srv && echo s > srv/data && chown 1000 srv/data\n"
+                                "mknod cdev c 1 3 && mknod keepdev c 1 5"}
+    proc, base_tar = build(user, work, base, "userns-fakeroot", out_name="base.tar")
+    assert proc.returncode == 0, describe(proc)
+    script = ("test \"$(stat -c %u:%g srv)\" = 1000:1000\n"
+              "test \"$(stat -c %u srv/data)\" = 1000\n"
+              "test -e cdev && test -e keepdev\n"
+              "rm etc/motd && rm -rf opt/dir && echo more >> srv/data && chown 2000 srv && chown 7:7 cdev")
+    child = {"name": "child", "tag": "1", "compressor": "none", "fromImage": str(base_tar),
+             "fakeRootCommands": script}
+    results, digests = {}, {}
+    for backend in _backends_for(user):
+        proc, out = build(user, work, child, backend)
+        assert proc.returncode == 0, describe(proc)
+        layer = last_layer(out, work)
+        results[backend], digests[backend] = listing(layer), diff_id(layer)
+    lst = next(iter(results.values()))
+    assert lst["srv"][:4] == (tarfile.DIRTYPE, 0o755, 2000, 1000)
+    assert lst["srv/data"][:6] == (tarfile.REGTYPE, 0o644, 1000, 0, "alice", "root")
+    assert lst["cdev"][0] == tarfile.CHRTYPE and lst["cdev"][2:4] == (7, 7) and lst["cdev"][7:9] == (1, 3)
+    assert "etc/.wh.motd" in lst and "opt/.wh.dir" in lst and "keepdev" not in lst
+    assert all(v == lst for v in results.values()), results
+    assert len(set(digests.values())) == 1, digests

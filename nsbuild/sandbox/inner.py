@@ -66,9 +66,9 @@ def _log(msg: str) -> None:
     sys.stderr.flush()
 
 
-def _assemble(plan: dict, root: Path, link: bool) -> None:
+def _assemble(plan: dict, root: Path, link: bool, devices: dict[str, list]) -> None:
     for tar in plan["base_layers"]:
-        tree.unpack_layer(Path(tar), root)
+        tree.unpack_layer(Path(tar), root, devices)
     for host, target in plan["lower"]:
         tree.place(Path(host), target, root, link=link)
 
@@ -260,10 +260,11 @@ def main() -> None:
         for d in (upper, merged):
             d.mkdir()
         skip: set[str] = set()
+        lower_devices: dict[str, list] = {}  # base-layer devices the namespace could not create
         if plan["engine"] == "overlay":
             lower.mkdir()
             ovlwork.mkdir()
-            _assemble(plan, lower, link=True)
+            _assemble(plan, lower, link=True, devices=lower_devices)
             if plan["chroot"]:
                 # Mount points for the chroot, below everything (they never reach the upper layer).
                 for name in tree_system_dirs(lower):
@@ -274,7 +275,7 @@ def main() -> None:
                 tree.remove(upper)
                 upper.mkdir()
         if not overlay:
-            _assemble(plan, merged, link=False)
+            _assemble(plan, merged, link=False, devices=lower_devices)
             lower_paths = tree.paths_of(merged)
             upper_paths = tree.paths_of(Path(plan["custom_root"]))
             tree.copy_tree(Path(plan["custom_root"]), merged)
@@ -308,7 +309,10 @@ def main() -> None:
             t2 = time.monotonic()
             if not overlay:
                 tree.diff_to_upper(merged, snap, upper, skip)
-            devices = _devices(reg_lines, reg_prefix, upper)
+            devices = {rel: dev for rel, dev in lower_devices.items()
+                       if (upper / rel).is_file() and not (upper / rel).is_symlink()
+                       and (upper / rel).stat().st_size == 0}
+            devices.update(_devices(reg_lines, reg_prefix, upper))
             if plan.get("caller_ids"):
                 tree.hide_ids(upper, *plan["caller_ids"])
             stats = _write_layer(plan, upper, merged, devices)

@@ -94,8 +94,13 @@ def _set_xattrs(path: Path, xattrs: dict[str, bytes]) -> None:
             os.setxattr(path, key, value, follow_symlinks=False)
 
 
-def unpack_layer(tar_path: Path, root: Path) -> None:
-    """Apply one image layer to root: whiteouts first, then the entries (as a container runtime does)."""
+def unpack_layer(tar_path: Path, root: Path, devices: dict[str, list] | None = None) -> None:
+    """Apply one image layer to root: whiteouts first, then the entries (as a container runtime does).
+
+    Where the kernel refuses device nodes (a user namespace), an empty placeholder file stands in and
+    `devices` gets its relative name → [kind, major, minor], so the writer can restore it if the
+    script copies it up.
+    """
     with tarfile.open(tar_path, "r:*") as tf:
         members = tf.getmembers()
         for m in members:
@@ -120,10 +125,14 @@ def unpack_layer(tar_path: Path, root: Path) -> None:
             if parent is None:
                 continue
             dest = parent / parts[-1]
-            _extract(tf, m, dest, root)
+            rel = "/".join(parts)
+            if devices is not None:
+                devices.pop(rel, None)
+            if _extract(tf, m, dest, root) == "placeholder" and devices is not None:
+                devices[rel] = ["char" if m.ischr() else "block", m.devmajor, m.devminor]
 
 
-def _extract(tf: tarfile.TarFile, m: tarfile.TarInfo, dest: Path, root: Path) -> None:
+def _extract(tf: tarfile.TarFile, m: tarfile.TarInfo, dest: Path, root: Path) -> str | None:
     xattrs = {k[len("SCHILY.xattr."):]: v.encode("utf-8", "surrogateescape")
               for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}
     existing = None
@@ -154,16 +163,23 @@ def _extract(tf: tarfile.TarFile, m: tarfile.TarInfo, dest: Path, root: Path) ->
         return  # a hard link shares the target's metadata
     elif m.ischr() or m.isblk() or m.isfifo():
         kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
+        made = None
         try:
             os.mknod(dest, kind | 0o600, os.makedev(m.devmajor, m.devminor) if kind != stat.S_IFIFO else 0)
         except PermissionError:
-            return  # no device nodes in a user namespace; the script cannot see this one
+            # No device nodes in a user namespace: an empty file stands in for it.
+            with open(dest, "xb"):
+                made = "placeholder"
+        _chown(dest, m.uid, m.gid)
+        os.chmod(dest, mode)
+        return made
     else:
-        return
+        return None
     _chown(dest, m.uid, m.gid)
     if not m.issym():
         os.chmod(dest, mode)
         _set_xattrs(dest, xattrs)
+    return None
 
 
 # --- assembling earlier layers -------------------------------------------------------------------------
