@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import tarfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -383,8 +384,11 @@ def test_registry_token_auth(registry_factory: RegistryFactory, tiny_oci: Path, 
 def test_popen_as_and_processes_of(unprivileged_user: str | None) -> None:
     proc = popen_as(["sleep", "1000"], unprivileged_user)
     try:
-        mine = processes_of(unprivileged_user)
-        assert (proc.pid, "sleep 1000") in mine  # setpriv exec'd: the pid is sleep's own
+        # setpriv execs sleep in the same pid; wait until the exec has happened (hang guard: 60 s).
+        deadline = time.monotonic() + 60
+        while (proc.pid, "sleep 1000") not in (mine := processes_of(unprivileged_user)):
+            assert time.monotonic() < deadline, mine
+            time.sleep(0.01)
         if is_root():
             assert all(pid != proc.pid for pid, _ in processes_of(None))
     finally:

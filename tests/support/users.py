@@ -252,19 +252,44 @@ def make_user_tmp(user: UserKey = None, prefix: str = "nsbuild-test-") -> Path:
     return path
 
 
+def first_subid_range(name: str, uid: int, path: str) -> tuple[int, int] | None:
+    """The account's first range of /etc/subuid or /etc/subgid, as (start, count)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in lines:
+        fields = line.strip().split(":")
+        if len(fields) == 3 and fields[0] in (name, str(uid)) and fields[1].isdigit() and fields[2].isdigit():
+            return int(fields[1]), int(fields[2])
+    return None
+
+
 def remove_tree(path: Path, user: UserKey = None) -> None:
     """Remove a tree, including files owned by subordinate ids and read-only directories.
 
-    Root just removes it (after making directories writable: a build may leave 0555 dirs, and
-    immutable-free trees are all root meets here). An ordinary user first tries itself, then
-    `podman unshare rm -rf` (which maps its subordinate ids to namespace ids it can remove).
+    Root just removes it (after making directories writable: a build may leave 0555 dirs). An
+    ordinary user removes what it owns, then the rest from a user namespace that maps its
+    subordinate range the way nsbuild does (namespace id 1.. = first subordinate id..), where it is
+    root over those files; `podman unshare` is the last resort.
     """
     if not os.path.lexists(path):
         return
     subprocess.run(["chmod", "-R", "u+rwX", str(path)], capture_output=True, check=False)
     shutil.rmtree(path, ignore_errors=True)
-    if os.path.lexists(path) and not is_root() and shutil.which("podman"):
-        subprocess.run(["podman", "unshare", "rm", "-rf", str(path)], capture_output=True, check=False)
+    if os.path.lexists(path) and not is_root():
+        me = pwd.getpwuid(os.geteuid())
+        uids = first_subid_range(me.pw_name, me.pw_uid, "/etc/subuid")
+        gids = first_subid_range(me.pw_name, me.pw_uid, "/etc/subgid")
+        if uids and gids:
+            subprocess.run(
+                ["unshare", "--user", "--map-root-user", f"--map-users={uids[0]},1,{uids[1]}",
+                 f"--map-groups={gids[0]},1,{gids[1]}", "sh", "-c", 'chmod -R u+rwX "$1"; rm -rf "$1"', "sh",
+                 str(path)],
+                capture_output=True, check=False,
+            )
+        if os.path.lexists(path) and shutil.which("podman"):
+            subprocess.run(["podman", "unshare", "rm", "-rf", str(path)], capture_output=True, check=False)
     if os.path.lexists(path):
         raise AssertionError(f"could not remove {path}: files owned by ids this account cannot map remain")
 
