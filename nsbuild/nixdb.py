@@ -311,11 +311,16 @@ def write_nix_db(root: Path, closure: dict[str, StorePath], roots: list[Path], s
     if not closure:
         raise BuildError("includeNixDB: no store paths to register")
     store_dir = os.path.normpath(store_dir)
+    root_names = sorted({r.name for r in roots})
+    for name in root_names:
+        if name not in closure:
+            raise BuildError(f"includeNixDB: gcroot {name} is not one of the registered store paths")
+    regs = registrations(closure, store_dir)  # checks the closure before anything is written
     state = STATE_DIR
     db_dir = _safe_dir(root, f"{state}/db")
     for rel in ("profiles/per-user", "gcroots/per-user", "gcroots/docker", "temproots"):
         _safe_dir(root, f"{state}/{rel}")
-    write_db_file(db_dir / "db.sqlite", registrations(closure, store_dir), registration_time)
+    write_db_file(db_dir / "db.sqlite", regs, registration_time)
     # Without `schema` Nix would take the store for a new one; with it, for version 10, as written.
     _write_file(db_dir / "schema", str(NIX_SCHEMA_VERSION).encode(), 0o644)
     _write_file(db_dir / "big-lock", b"", 0o600)
@@ -325,7 +330,5 @@ def write_nix_db(root: Path, closure: dict[str, StorePath], roots: list[Path], s
     # images get the build directory there, this is the path inside the image.
     _symlink(f"/{state}/profiles", root / state / "gcroots" / "profiles")
     gcroots = root / state / "gcroots" / "docker"
-    for name in sorted({r.name for r in roots}):
-        if name not in closure:
-            raise BuildError(f"includeNixDB: gcroot {name} is not one of the registered store paths")
+    for name in root_names:
         _symlink(f"{store_dir}/{name}", gcroots / name)
