@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import email.utils
 import ssl
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -260,6 +261,8 @@ class RegistryClient:
         self._basic = False
         # Counters the tests and callers read: what actually went over the wire.
         self.retries = 0
+        # Blobs move in parallel threads: the token, the challenge and the counters are shared.
+        self._lock = threading.RLock()
 
     # -- public helpers -------------------------------------------------------------------------
 
@@ -273,7 +276,8 @@ class RegistryClient:
         self.close()
 
     def add_scope(self, repository: str, action: str) -> None:
-        self.scopes.setdefault(repository, set()).add(action)
+        with self._lock:
+            self.scopes.setdefault(repository, set()).add(action)
 
     def url(self, path_or_url: str) -> str:
         if self.base is None:
@@ -353,9 +357,13 @@ class RegistryClient:
                 ) from None
             if resp.status_code == 401 and not reauthenticated:
                 reauthenticated = True
-                self._set_challenge(resp)
+                sent = resp.request.headers.get("Authorization")
+                with self._lock:
+                    self._set_challenge(resp)
+                    # Drop the token only if no other thread has replaced it meanwhile.
+                    if self._token is not None and sent == f"Bearer {self._token}":
+                        self._token = None
                 resp.close()
-                self._token = None
                 continue
             if resp.status_code == 401:
                 resp.close()
@@ -386,9 +394,14 @@ class RegistryClient:
     # -- internals --------------------------------------------------------------------------------
 
     def _lookup_credential(self) -> Lookup:
-        if self._lookup is None:
-            self._lookup = find_credential(self.registry, self.ref.repository, self.options.auth)
-        return self._lookup
+        with self._lock:
+            if self._lookup is None:
+                self._lookup = find_credential(self.registry, self.ref.repository, self.options.auth)
+            return self._lookup
+
+    def count_retry(self) -> None:
+        with self._lock:
+            self.retries += 1
 
     def _scope_strings(self) -> list[str]:
         order = ("pull", "push", "delete")
@@ -419,6 +432,10 @@ class RegistryClient:
             raise BuildError(f"registry {self.registry}: unsupported auth scheme {scheme!r}")
 
     def _auth_headers(self) -> dict[str, str]:
+        with self._lock:
+            return self._auth_headers_locked()
+
+    def _auth_headers_locked(self) -> dict[str, str]:
         if self._challenge is None:
             return {}
         scheme, params = self._challenge
@@ -555,14 +572,14 @@ class RegistryClient:
                     raise
                 self._sleep(policy.delay(attempt))
                 attempt += 1
-                self.retries += 1
+                self.count_retry()
                 continue
             if resp.status_code in RETRY_STATUSES and retry and attempt + 1 < policy.attempts:
                 delay = _retry_after(resp.headers.get("Retry-After"), policy) or policy.delay(attempt)
                 resp.close()
                 self._sleep(delay)
                 attempt += 1
-                self.retries += 1
+                self.count_retry()
                 continue
             return resp
 

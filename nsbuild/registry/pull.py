@@ -13,7 +13,9 @@ import json
 import os
 import platform
 import tempfile
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from nsbuild.registry.client import (
     describe_exception,
     registry_errors,
 )
-from nsbuild.registry.push import ProgressEvent
+from nsbuild.registry.push import DEFAULT_JOBS, ProgressEvent
 from nsbuild.registry.reference import Reference, parse_reference
 
 MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -185,11 +187,17 @@ class _Puller:
         self.client = client
         self.repo = client.ref.repository
         self.store = store
-        self.progress = result_progress
+        self._progress = result_progress
+        # Layers come down in parallel threads: counters and the callback are shared.
+        self._lock = threading.Lock()
         self.downloaded: list[str] = []
         self.cached: list[str] = []
         self.downloaded_bytes = 0
         self.resumed = 0
+
+    def progress(self, event: ProgressEvent) -> None:
+        with self._lock:
+            self._progress(event)
 
     def manifest(self, reference: str) -> tuple[bytes, str, str]:
         """(body, media type, digest) of /manifests/REFERENCE, the digest checked when pinned."""
@@ -238,7 +246,8 @@ class _Puller:
     def blob(self, digest: str, size: int, media_type: str) -> PulledBlob:
         path = self.store.path(digest)
         if self.store.has(digest, size):
-            self.cached.append(digest)
+            with self._lock:
+                self.cached.append(digest)
             self.progress(ProgressEvent("exists", digest, size, size))
             return PulledBlob(digest, size, media_type, path)
         policy = self.client.options.retry
@@ -271,8 +280,9 @@ class _Puller:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        self.downloaded.append(digest)
-        self.downloaded_bytes += size
+        with self._lock:
+            self.downloaded.append(digest)
+            self.downloaded_bytes += size
         return PulledBlob(digest, size, media_type, path)
 
     def _download(self, digest: str, size: int, sink: _Sink) -> None:
@@ -283,7 +293,8 @@ class _Puller:
         resp = self.client.request("GET", f"/v2/{self.repo}/blobs/{digest}", headers=headers, stream=True)
         with resp:
             if have and resp.status_code == 206:
-                self.resumed += 1
+                with self._lock:
+                    self.resumed += 1
             elif have and resp.status_code == 200:
                 # The registry ignored Range: start over.
                 sink.reset()
@@ -330,12 +341,13 @@ def pull_image(
     os_name: str = "linux",
     options: RegistryOptions | None = None,
     progress: Callable[[ProgressEvent], None] | None = None,
+    jobs: int = DEFAULT_JOBS,
 ) -> PulledImage:
     """Pull `ref` (`[docker://]HOST[:PORT]/REPO[:TAG|@sha256:..]`) into `dest_dir/blobs/sha256/`.
 
     An index / manifest list is resolved to the `os_name`/`architecture`/`variant` entry (default: this
     machine's); a single manifest whose config names another architecture than the one asked for is
-    refused. Raises BuildError with one line on any failure.
+    refused. `jobs` layers download at a time. Raises BuildError with one line on any failure.
     """
     source = parse_reference(ref) if isinstance(ref, str) else ref
     if architecture is None:
@@ -371,12 +383,17 @@ def pull_image(
                 wanted = architecture + (f"/{variant}" if variant else "")
                 got = str(have_arch) + (f"/{have_variant}" if have_variant else "")
                 raise BuildError(f"image {source} is for {got}, not {wanted}; set architecture in the spec")
-        layers = []
-        for desc in layer_descs:
+        try:
+            wanted = [(str(d["digest"]), int(d["size"]), str(d.get("mediaType", ""))) for d in layer_descs]
+        except (KeyError, TypeError, ValueError):
+            raise BuildError(f"image {source}: manifest {digest} has an invalid layer descriptor") from None
+        with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(wanted))), thread_name_prefix="nsbuild-pull") as pool:
+            futures = [pool.submit(puller.blob, *w) for w in wanted]
             try:
-                layers.append(puller.blob(str(desc["digest"]), int(desc["size"]), str(desc.get("mediaType", ""))))
-            except (KeyError, TypeError, ValueError):
-                raise BuildError(f"image {source}: manifest {digest} has an invalid layer descriptor") from None
+                layers = [future.result() for future in futures]
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     return PulledImage(
         reference=source,
         digest=digest,

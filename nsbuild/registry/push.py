@@ -13,7 +13,9 @@ import json
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from nsbuild.registry.client import (
 from nsbuild.registry.reference import Reference, parse_reference
 
 DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
+DEFAULT_JOBS = 4  # blobs in flight at once (skopeo copies up to 6 layers at a time)
 _LOST_UPLOAD = {"BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN"}
 _RANGE_RE = re.compile(r"^(?:bytes=)?0-(\d+)$")
 
@@ -219,9 +222,24 @@ class _Pusher:
         self.client = client
         self.repo = client.ref.repository
         self.result = result
-        self.progress = progress or (lambda event: None)
         self.chunk_size = chunk_size
         self.monolithic_max = monolithic_max
+        # Blobs go up in parallel threads; the result and the caller's callback see one at a time.
+        self._lock = threading.Lock()
+        self._progress = progress
+
+    def progress(self, event: ProgressEvent) -> None:
+        if self._progress is not None:
+            with self._lock:
+                self._progress(event)
+
+    def _add(self, name: str, value: int | str) -> None:
+        with self._lock:
+            current = getattr(self.result, name)
+            if isinstance(current, list):
+                current.append(value)
+            else:
+                setattr(self.result, name, current + value)
 
     def exists(self, digest: str) -> bool:
         resp = self.client.request("HEAD", f"/v2/{self.repo}/blobs/{digest}")
@@ -291,7 +309,7 @@ class _Pusher:
                 else:
                     self._patch_all(src, session)
                     self._finish(session.location, src, b"")
-                self.result.uploaded_bytes += src.size
+                self._add("uploaded_bytes", src.size)
                 self.progress(ProgressEvent("uploaded", src.digest, src.size, src.size))
                 return
             except _Transient as e:
@@ -304,10 +322,10 @@ class _Pusher:
                 if session.location is not None and src.size > self.monolithic_max:
                     session = self._resume_point(session.location)
                     if session.location is not None:
-                        self.result.resumed_uploads += 1
+                        self._add("resumed_uploads", 1)
                         continue
                 session = _Session(None, 0)
-                self.result.restarted_uploads += 1
+                self._add("restarted_uploads", 1)
 
     def _patch_all(self, src: _BlobSource, session: _Session) -> None:
         """PATCH the rest of the blob from `session.offset`, keeping `session` current so that a
@@ -350,7 +368,7 @@ class _Pusher:
 
     def push_blob(self, src: _BlobSource, mount_from: list[str]) -> None:
         if self.exists(src.digest):
-            self.result.skipped_blobs.append(src.digest)
+            self._add("skipped_blobs", src.digest)
             self.progress(ProgressEvent("exists", src.digest, src.size, src.size))
             return
         location = None
@@ -360,12 +378,12 @@ class _Pusher:
             self.client.add_scope(other, "pull")
             location, mounted = self.start_upload((src.digest, other))
             if mounted:
-                self.result.mounted_blobs.append(src.digest)
+                self._add("mounted_blobs", src.digest)
                 self.progress(ProgressEvent("mounted", src.digest, src.size, src.size))
                 return
             break  # the registry opened a plain upload instead; use it
         self.upload(src, location)
-        self.result.uploaded_blobs.append(src.digest)
+        self._add("uploaded_blobs", src.digest)
 
     def put_manifest(self, reference: str, manifest: bytes, media_type: str) -> str:
         resp = self.client.request(
@@ -403,16 +421,35 @@ def _push(
     blob_record: BlobRecord | None,
     chunk_size: int,
     monolithic_max: int | None,
+    jobs: int,
 ) -> PushResult:
     digest = sha256_digest(manifest)
     if target.digest and target.digest != digest and not target.tag:
         raise UsageError(f"cannot push to {target}: the manifest's digest is {digest}")
     result = PushResult(str(target), digest, media_type)
     with RegistryClient(target, options, actions=("pull", "push")) as client:
+        client.ping()  # once, before the threads share the client
         pusher = _Pusher(client, result, progress, chunk_size, chunk_size if monolithic_max is None else monolithic_max)
-        for src in sources:
-            mount_from = blob_record.repositories(target.registry, src.digest) if blob_record else []
-            pusher.push_blob(src, mount_from)
+        jobs = max(1, min(jobs, len(sources)))
+        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="nsbuild-push") as pool:
+            futures = [
+                pool.submit(
+                    pusher.push_blob,
+                    src,
+                    blob_record.repositories(target.registry, src.digest) if blob_record else [],
+                )
+                for src in sources
+            ]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        order = {src.digest: i for i, src in enumerate(sources)}
+        for blobs in (result.uploaded_blobs, result.skipped_blobs, result.mounted_blobs):
+            blobs.sort(key=order.__getitem__)
+        # The manifest last: a tag never names a blob that is not there yet.
         pusher.put_manifest(target.tag or digest, manifest, media_type)
         result.retries = client.retries
     if blob_record is not None:
@@ -432,16 +469,19 @@ def push_image(
     blob_record: BlobRecord | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     monolithic_max: int | None = None,
+    jobs: int = DEFAULT_JOBS,
 ) -> PushResult:
     """Push `image` to `ref` (`[docker://]HOST[:PORT]/REPO[:TAG|@DIGEST]`) and return what happened.
 
     `blob_record` (read and updated) enables cross-repository mounts; blobs up to `monolithic_max`
-    (default `chunk_size`) go in one PUT, larger ones in `chunk_size` PATCHes.
+    (default `chunk_size`) go in one PUT, larger ones in `chunk_size` PATCHes; `jobs` blobs at a time.
     """
     target = parse_reference(ref) if isinstance(ref, str) else ref
     manifest, media_type = _manifest_for(image, manifest_format)
     sources = _blob_sources(image, manifest)
-    return _push(target, manifest, media_type, sources, options, progress, blob_record, chunk_size, monolithic_max)
+    return _push(
+        target, manifest, media_type, sources, options, progress, blob_record, chunk_size, monolithic_max, jobs
+    )
 
 
 def push_manifest(
@@ -454,6 +494,7 @@ def push_manifest(
     progress: Progress | None = None,
     blob_record: BlobRecord | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    jobs: int = DEFAULT_JOBS,
 ) -> PushResult:
     """Push any manifest (an index, an artifact such as a layer-cache record) after the `blobs` it
     needs ({digest: bytes or file}); blobs it names but that are not given must already be there."""
@@ -465,4 +506,4 @@ def push_manifest(
         else:
             src = _BlobSource(digest, Path(content).stat().st_size, path=Path(content))
         sources.append(src)
-    return _push(target, manifest, media_type, sources, options, progress, blob_record, chunk_size, None)
+    return _push(target, manifest, media_type, sources, options, progress, blob_record, chunk_size, None, jobs)
