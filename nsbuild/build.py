@@ -100,6 +100,7 @@ def link_store_contents(custom_root: Path, store_paths: list[Path], progress: Pr
             rel = os.path.relpath(dirpath, top)
             dest_dir = custom_root / rel if rel != "." else custom_root
             dest_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(dest_dir, 0o755)  # not the caller's umask: the layer must not depend on it
             for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
                 dest = dest_dir / name
                 if os.path.lexists(dest):
@@ -135,11 +136,9 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
             base.layers = [_recompress(layer, compression, ws) for layer in base.layers]
     base_layers = base.layers if base else []
     plan = make_plan(spec, len(base_layers))
-    if spec.include_nix_db:
-        if not plan.closure:
-            raise SpecError("includeNixDB", "the image has no store paths to register (no contents inside "
-                                            f"{spec.store_dir}, or includeStorePaths is false)")
-        raise BuildError("includeNixDB: registering store paths in a Nix database is not supported yet")
+    if spec.include_nix_db and not plan.closure:
+        raise SpecError("includeNixDB", "the image has no store paths to register (no contents inside "
+                                        f"{spec.store_dir}, or includeStorePaths is false)")
     owner = Owner(spec.uid, spec.gid, spec.uname, spec.gname)
     fixed = OwnerPolicy.fixed_owner(owner)
     total = len(plan.layers) + 1
@@ -209,6 +208,16 @@ def _customisation_layer(spec: Spec, plan: Plan, ws: Workspace, progress: Progre
     custom = ws.path("custom")
     os.chmod(custom, 0o755)
     link_store_contents(custom, plan.store_links, progress)
+    if spec.include_nix_db:
+        # Before extraCommands, as dockerTools' mkDbExtraCommand: a script may use the database.
+        import json
+
+        from nsbuild.nixdb import write_nix_db
+        from nsbuild.store import Store
+
+        progress.info(f"registering {len(plan.closure)} store paths in /nix/var/nix/db")
+        roots = plan.store_links + Store(spec.store_dir).paths_in_text(json.dumps(spec.config))
+        write_nix_db(custom, plan.closure, roots, spec.store_dir, spec.mtime)
     env = script_env(work=ws.root, spec_dir=spec.base_dir, mtime=spec.mtime)
     if spec.extra_commands.strip():
         progress.info("running extraCommands")
