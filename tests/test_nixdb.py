@@ -298,14 +298,14 @@ def test_bit_identical_across_umask_and_timezone(tmp_path: Path) -> None:
 
 # --- real Nix reads it -------------------------------------------------------------------------
 
-def _nix(root: Path, *args: str) -> subprocess.CompletedProcess:
+def _nix(root: Path, *args: str, store: str | None = None) -> subprocess.CompletedProcess:
     # A store root owned by us: Nix would otherwise want the nixbld group and a daemon.
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root), "USER": "root",
            "NIX_CONF_DIR": str(root / "etc-nix")}
     (root / "etc-nix").mkdir(exist_ok=True)
     (root / "etc-nix" / "nix.conf").write_text("build-users-group =\nsandbox = false\n")
-    return subprocess.run([NIX_STORE, "--store", f"local?root={root}", *args], env=env, capture_output=True,
-                          text=True)
+    return subprocess.run([NIX_STORE, "--store", store or f"local?root={root}", *args], env=env,
+                          capture_output=True, text=True)
 
 
 @needs_nix
@@ -391,6 +391,20 @@ def test_layered_image_carries_the_database(unprivileged_user: str | None, user_
         below |= set(_layer_members(layer))
     for path in rows:
         assert path.lstrip("/") in below
+    if NIX_STORE is not None:
+        # Real Nix opens the unpacked image as a store (this storeDir, state in the image) and
+        # re-hashes every registered path.
+        rootfs = work / "rootfs"
+        rootfs.mkdir()
+        for layer in layers:
+            subprocess.run(["tar", "-xf", layer, "-C", rootfs], check=True)
+        uri = (f"local?store={store}&real={rootfs}{store}&state={rootfs}/nix/var/nix"
+               f"&log={rootfs}/nix/var/log/nix")
+        proc = _nix(work, "--verify", "--check-contents", store=uri)
+        assert proc.returncode == 0 and "checking store hashes" in proc.stderr, describe(proc)
+        assert "was modified" not in proc.stderr and "invalid" not in proc.stderr, describe(proc)
+        proc = _nix(work, "-qR", name["app"], store=uri)
+        assert sorted(proc.stdout.split()) == sorted([name["app"], name["lib"], name["data"]]), describe(proc)
 
     # Same inputs, another umask and time zone: the same customisation layer, byte for byte.
     proc = run_nsbuild(["layered", spec, "-o", work / "img2.tar"], unprivileged_user, umask=0o077,
