@@ -502,7 +502,7 @@ class RegistryClient:
         lookup = self._lookup_credential()
         cred = lookup.credential
         details = "; ".join(f"{c}: {m}" if m else c for c, m in registry_errors(resp))
-        where = " (token server)" if token_server else ""
+        where = " from the token server" if token_server else ""
         if status == 403:
             who = f"user {cred.username!r} from {cred.source}" if cred else "anonymous access"
             repo = self.ref.repository
