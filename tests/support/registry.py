@@ -225,7 +225,10 @@ def start_registry(
     (the token server accepts those credentials). tls=True serves https with a fresh CA."""
     exe = shutil.which("docker-registry", path="/usr/bin:/usr/sbin:/bin")
     if exe is None:
-        pytest.skip("docker-registry is not installed (Debian package docker-registry; `make deps`)")
+        message = "docker-registry is not installed (Debian package docker-registry; `make deps`)"
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(message)  # CI installs it: never a silent skip there
+        pytest.skip(message)
     if token and auth is None:
         raise ValueError("token=True needs auth=(user, password) for the token server")
     d = Path(tempfile.mkdtemp(prefix="nsbuild-registry-", dir=parent or "/var/tmp"))
