@@ -118,6 +118,7 @@ class ImageView:
     config: dict[str, Any]
     layer_paths: list[Path]
     layers: list[list[tarfile.TarInfo]] = field(default_factory=list)
+    plain_paths: list[Path] = field(default_factory=list)  # each layer as an uncompressed tar
     manifest: Any = None
 
     def names(self, i: int) -> list[str]:
@@ -153,22 +154,13 @@ def read_image(image: str | os.PathLike[str], work: str | os.PathLike[str], tag:
         manifest = json.loads((root / "blobs" / "sha256" / descs[0]["digest"].split(":")[1]).read_text())
         config = json.loads((root / "blobs" / "sha256" / manifest["config"]["digest"].split(":")[1]).read_text())
     view = ImageView(config, layer_paths, manifest=manifest)
-    for p in layer_paths:
-        with tarfile.open(p, "r:*") as tar:
+    for i, p in enumerate(layer_paths):
+        d = work / f"plain-{i}"
+        d.mkdir(exist_ok=True)
+        view.plain_paths.append(plain_archive(p, d))  # gzip/zstd decompressed by the real tools
+        with tarfile.open(view.plain_paths[-1], "r:") as tar:
             view.layers.append(tar.getmembers())
     return view
-
-
-def decompressed_layers(image: str | os.PathLike[str], work: str | os.PathLike[str],
-                        tag: str | None = None) -> list[Path]:
-    """The layer blobs as plain tars (decompressed with the real gzip/zstd into `work`)."""
-    work = Path(work)
-    out = []
-    for i, p in enumerate(image_layers(image, work / "outer", tag)):
-        d = work / f"plain-{i}"
-        d.mkdir(parents=True, exist_ok=True)
-        out.append(plain_archive(p, d))
-    return out
 
 
 @dataclass

@@ -1,0 +1,145 @@
+"""Every output format × compressor of the bundled example, checked by the real clients
+(VERIFIERS.md): skopeo, umoci, oci-image-tool, podman load/pull + run, bsdtar and GNU tar."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from support import (
+    check_all_layers,
+    compression_of,
+    docker_daemon,
+    oci_manifest,
+    oci_validate,
+    podman_store,
+    run_nsbuild,
+    skopeo_copy,
+    to_gzip_oci,
+    umoci_unpack,
+)
+from support.core import EXAMPLE_SPEC, build, read_image, write_spec
+
+COMPRESSORS = ["none", "gz", "zstd"]
+FORMATS = ["docker-archive", "oci-dir", "oci-archive"]
+OCI_MEDIA = {
+    "none": "application/vnd.oci.image.layer.v1.tar",
+    "gz": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+}
+MAGIC = {"none": None, "gz": "gz", "zstd": "zstd"}
+GREETING = "hello from app in /home/app, GREETING=hello\nbuilt by nsbuild\n"
+
+
+def example_spec(tmp: Path, **overrides: object) -> Path:
+    """The bundled example with absolute content paths, written into tmp with overrides applied."""
+    spec = json.loads(EXAMPLE_SPEC.read_text())
+    spec["contents"] = [str(EXAMPLE_SPEC.parent / "rootfs"), *spec["contents"][1:]]
+    spec.update(overrides)
+    return write_spec(tmp, spec)
+
+
+def output_ref(fmt: str, tmp: Path) -> tuple[str, Path]:
+    if fmt == "docker-archive":
+        path = tmp / "image.tar"
+        return f"docker-archive:{path}", path
+    if fmt == "oci-dir":
+        path = tmp / "layout"
+        return f"oci:{path}:latest", path
+    path = tmp / "image.oci.tar"
+    return f"oci-archive:{path}:latest", path
+
+
+# compress.py: isal's threaded gzip writer calls flush() on its output, and HashingWriter (the OCI
+# blob path) has none -> every gz OCI build dies with AttributeError (docker-archive gz writes to a file).
+GZ_OCI_BUG = pytest.mark.xfail(strict=True, raises=AssertionError,
+                               reason="compress.py: HashingWriter has no flush(); isal's threaded gzip "
+                                      "writer calls it on close -> AttributeError traceback, exit 1")
+MATRIX = [pytest.param(fmt, comp, id=f"{fmt}-{comp}",
+                       marks=[GZ_OCI_BUG] if comp == "gz" and fmt != "docker-archive" else [])
+          for fmt in FORMATS for comp in COMPRESSORS]
+
+
+@pytest.mark.parametrize(("fmt", "compressor"), MATRIX)
+def test_every_format_and_compressor_is_accepted_by_the_clients(tmp_path: Path, fmt: str, compressor: str) -> None:
+    spec = example_spec(tmp_path, compressor=compressor)
+    ref, path = output_ref(fmt, tmp_path)
+    result = build(spec, ref, json_result=True).result  # type: ignore[attr-defined]
+    assert result["format"] == fmt
+
+    # The compression lands where dockerTools / the OCI spec put it.
+    view = read_image(path, tmp_path / "view", tag="latest")
+    if fmt == "docker-archive":
+        assert compression_of(path) == MAGIC[compressor]
+        for layer in view.layer_paths:
+            assert compression_of(layer) is None, "docker-archive layers are plain tars inside the archive"
+    else:
+        assert compression_of(path) is None if fmt == "oci-archive" else path.is_dir()
+        assert [d["mediaType"] for d in view.manifest["layers"]] == [OCI_MEDIA[compressor]] * len(view.layers)
+        for layer in view.layer_paths:
+            assert compression_of(layer) == MAGIC[compressor]
+    assert len(view.layers) == 3  # rootfs, busybox, customisation layer
+    assert view.config["rootfs"]["diff_ids"] == [layer["diff_id"] for layer in result["layers"]]
+
+    # skopeo checks layer bytes against diff_ids / digests; then umoci and oci-image-tool on the copy
+    # (gzip layers: neither knows zstd).
+    gz_layout = to_gzip_oci(ref, tmp_path / "gz-layout", "t")
+    umoci_unpack(gz_layout, "t", tmp_path / "bundle-copy")
+    oci_validate(gz_layout)
+    if fmt != "docker-archive" and compressor != "zstd":
+        # The output itself, not only skopeo's copy of it.
+        layout = path
+        if fmt == "oci-archive":
+            layout = tmp_path / "extracted"
+            layout.mkdir()
+            shutil.unpack_archive(path, layout, format="tar")
+        mtree = umoci_unpack(layout, "latest", tmp_path / "bundle")
+        assert mtree["bin/busybox"].mode == 0o755
+        assert mtree["bin/sh"].link == "busybox"
+        assert mtree["tmp"].mode == 0o1777
+        oci_validate(path)
+    # Every layer, extracted by bsdtar and GNU tar: no `..`, no absolute names, no traversal.
+    names = check_all_layers(path, tmp_path / "tars", tag="latest")
+    assert "bin/busybox" in names[1]
+
+    with podman_store() as store:
+        image = store.load(path) if fmt != "oci-dir" else store.pull(f"oci:{path}:latest")
+        assert store.run(image) == GREETING
+        assert store.run(image, ["id"]).startswith("uid=1000(app)")
+
+
+def test_oci_dir_from_format_option_and_zstd_blob_digests(tmp_path: Path) -> None:
+    """A bare -o path with --format oci-dir; zstd blobs are named by the digest of their bytes."""
+    spec = example_spec(tmp_path, compressor="zstd")
+    out = tmp_path / "layout"
+    build(spec, out, "--format", "oci-dir")
+    manifest = oci_manifest(out, "latest")
+    for desc in manifest["layers"]:
+        blob = out / "blobs" / "sha256" / desc["digest"].split(":")[1]
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == desc["digest"].split(":")[1]
+        assert blob.stat().st_size == desc["size"]
+    skopeo_copy(f"oci:{out}:latest", f"oci:{tmp_path / 'copy'}:x")
+
+
+def test_default_output_name_in_cwd(tmp_path: Path) -> None:
+    spec = example_spec(tmp_path, name="registry.example.com:5000/team/My-App", compressor="zstd")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    proc = run_nsbuild(["layered", str(spec), "--no-cache", "-q"], cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["my-app.tar.zst"]
+    assert compression_of(work / "my-app.tar.zst") == "zstd"
+
+
+def test_docker_load_in_a_private_dockerd(tmp_path: Path) -> None:
+    """docker load + run (root only, optional docker.io); zstd archives are refused by Docker 20.10."""
+    with docker_daemon() as docker:
+        for compressor in ("none", "gz"):
+            spec = example_spec(tmp_path, compressor=compressor)
+            out = tmp_path / f"image-{compressor}.tar"
+            build(spec, out)
+            image = docker.load(out)
+            assert docker.run(image) == GREETING
