@@ -150,19 +150,22 @@ class DroppingProxy:
       close (a response body cut mid-way);
     - `cut_request=(b"PATCH ", n)`: reset the connection instead of forwarding the n-th request that
       starts with the marker (a stale keep-alive connection: nothing of it reaches the registry).
+    - `cut_response=(b"PUT ", n)`: forward the n-th such request whole, then close the connection
+      instead of forwarding the registry's answer (the registry did the work; the client cannot know);
     - `answer=(b"HEAD ", n, b"HTTP/1.1 429 ...")`: answer the n-th (and later: n..n+times-1) such
       request with these bytes instead of forwarding it, and close (a rate limiter or a load balancer
       in front of the registry).
     """
 
     def __init__(self, target: str, drop_after: int | None = None, upward: bool = True,
-                 cut_request: tuple[bytes, int] | None = None,
+                 cut_request: tuple[bytes, int] | None = None, cut_response: tuple[bytes, int] | None = None,
                  answer: tuple[bytes, int, bytes] | None = None, times: int = 1) -> None:
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
         self.drop_after = drop_after
         self.upward = upward
         self.cut_request = cut_request
+        self.cut_response = cut_response
         self.answer = answer
         self.times = times
         self.seen = {True: 0, False: 0}  # bytes per direction (True: upward)
@@ -181,7 +184,7 @@ class DroppingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
-            conn = {"pair": (client, upstream)}
+            conn = {"pair": (client, upstream), "armed": False}
             threading.Thread(target=self._pump, args=(client, upstream, True, conn), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False, conn), daemon=True).start()
 
@@ -196,6 +199,16 @@ class DroppingProxy:
                     if nth <= self.marker_count < nth + self.times:
                         self.dropped += 1
                         return "answer"
+                return "forward"
+            if self.cut_response is not None:
+                marker, nth = self.cut_response
+                if upward and data.startswith(marker):
+                    self.marker_count += 1
+                    # Armed before the request goes on, so its answer cannot slip through.
+                    conn["armed"] = self.marker_count == nth
+                if not upward and conn["armed"] and not self.dropped:
+                    self.dropped += 1
+                    return "cut"
                 return "forward"
             if self.cut_request is not None:
                 marker, nth = self.cut_request
@@ -340,6 +353,22 @@ def test_chunked_upload_resumes_from_the_registry_range(registry, tmp_path):
     chunks = -(-big.size // chunk)
     assert proxy.marker_count == chunks + 1  # every chunk reached the registry once
     pull_back_and_verify(registry, "big/resume:1", tmp_path)
+
+
+def test_lost_answer_to_a_committed_upload_is_not_uploaded_again(registry, tmp_path):
+    """The registry stored the blob but its answer to the final PUT never arrived: a HEAD shows the
+    blob is there, so nothing is sent twice."""
+    image = small_image(tmp_path / "img")
+    proxy = DroppingProxy(registry.host, cut_response=(b"PUT /v2/lost/app/blobs/uploads/", 2))
+    try:
+        result = push_image(image, f"{proxy.host}/lost/app:1", options=plain_options())
+    finally:
+        proxy.close()
+    assert proxy.dropped == 1
+    assert proxy.marker_count == len(image_blobs(image))  # one PUT per blob, none repeated
+    assert (result.resumed_uploads, result.restarted_uploads) == (0, 0)
+    assert set(result.uploaded_blobs) == image_blobs(image)
+    pull_back_and_verify(registry, "lost/app:1", tmp_path)
 
 
 def test_chunked_upload_restarts_when_the_registry_dropped_the_upload(registry, tmp_path):

@@ -319,6 +319,11 @@ class _Pusher:
                         f"registry {self.client.registry}: upload of {src.digest} failed {failures} times: {e}"
                     ) from None
                 self.client._sleep(policy.delay(failures - 1))
+                if self.exists(src.digest):
+                    # The cut came after the registry committed the blob (e.g. the final PUT's answer).
+                    self._add("uploaded_bytes", src.size)
+                    self.progress(ProgressEvent("uploaded", src.digest, src.size, src.size))
+                    return
                 if session.location is not None and src.size > self.monolithic_max:
                     session = self._resume_point(session.location)
                     if session.location is not None:
