@@ -55,7 +55,7 @@ def _last_line(text: str | bytes | None) -> str:
 
 def _trial(mode: str, argv: list[str]) -> tuple[bool, str]:
     try:
-        res = run(mode, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        res = run(mode, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, lo=False,
                   env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
     except BuildError as exc:
         return False, str(exc)

@@ -18,9 +18,11 @@ from pathlib import Path
 from nsbuild import layerjob, tarwriter
 
 
-def main(argv: list[str]) -> int:
-    job = json.loads(Path(argv[0]).read_text())
+def run_job(job: dict) -> dict:
+    """layerjob.run_job with JOB["devices"] placeholders written as device nodes."""
     devices = {name.encode("utf-8", "surrogateescape"): spec for name, spec in job.get("devices", {}).items()}
+    if not devices:
+        return layerjob.run_job(job)
     plain = tarwriter.iter_entries
 
     def with_devices(sources: list[tarwriter.Source], *, overlay_whiteouts: bool = False) -> Iterator:
@@ -33,7 +35,16 @@ def main(argv: list[str]) -> int:
             yield entry
 
     tarwriter.iter_entries = with_devices  # write_tar looks it up at call time
-    return layerjob.main(argv)
+    try:
+        return layerjob.run_job(job)
+    finally:
+        tarwriter.iter_entries = plain
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[0]).read_text())
+    print(json.dumps(run_job(job)))
+    return 0
 
 
 if __name__ == "__main__":

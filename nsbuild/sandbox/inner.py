@@ -216,6 +216,8 @@ def _run_script(plan: dict, merged: Path) -> int:
 
 
 def _write_layer(plan: dict, upper: Path, names_root: Path, devices: dict[str, list]) -> dict:
+    """nsbuild.layerjob's job, run in this process: we are already inside the namespace / fakeroot
+    session, so lstat shows the ids and modes the script set (and one interpreter start is saved)."""
     owner = plan["root_owner"]
     job = {
         "sources": [[str(upper), "/"]],
@@ -225,18 +227,11 @@ def _write_layer(plan: dict, upper: Path, names_root: Path, devices: dict[str, l
                   "passwd": _image_file(names_root, "etc/passwd"),
                   "group": _image_file(names_root, "etc/group")},
         "overlay_whiteouts": True,
+        "devices": devices,
     }
-    module = "nsbuild.layerjob"
-    if devices:
-        job["devices"] = devices
-        module = "nsbuild.sandbox.devlayer"
-    job_path = Path(plan["work"]) / "layerjob.json"
-    job_path.write_text(json.dumps(job))
-    res = subprocess.run([sys.executable, "-m", module, str(job_path)], stdout=subprocess.PIPE,
-                         stdin=subprocess.DEVNULL)
-    if res.returncode != 0:
-        raise RuntimeError(f"writing the customisation layer failed (exit {res.returncode})")
-    return json.loads(res.stdout)
+    from nsbuild.sandbox import devlayer
+
+    return devlayer.run_job(job)
 
 
 def _image_file(root: Path, rel: str) -> str | None:

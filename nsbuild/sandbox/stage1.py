@@ -104,7 +104,7 @@ def _init(cfg: dict) -> None:
         # A /proc for the new pid namespace: `ps` and /proc/PID show the sandbox only.
         with contextlib.suppress(OSError):
             mounts.mount("proc", "/proc", "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
-        if cfg.get("network", "none") == "none":
+        if cfg.get("network", "none") == "none" and cfg.get("lo", True):
             try:
                 _lo_up()
             except Exception as exc:  # noqa: BLE001 - pyroute2 raises its own netlink errors

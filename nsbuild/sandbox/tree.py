@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 import stat
+import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,7 +307,7 @@ def _xattrs(path: Path) -> dict[str, bytes]:
 
 @dataclass(frozen=True)
 class Seen:
-    ino: int
+    ino: tuple[int, int]  # inode number and, for directories, generation
     ftype: int
     mode: int
     uid: int
@@ -320,10 +322,30 @@ class Seen:
     in_upper: bool  # part of the customisation layer already (from extraCommands / contents links)
 
 
+FS_IOC_GETVERSION = 0x80087601
+
+
+def _generation(path: Path) -> int:
+    """The inode's generation: a directory removed and made again may get the same inode number (ext4
+    reuses it at once), but not the same generation."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return 0
+    try:
+        buf = fcntl.ioctl(fd, FS_IOC_GETVERSION, b"\0" * 8)
+        return int.from_bytes(buf[:4], sys.byteorder)
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+
+
 def _seen(path: Path, st: os.stat_result, in_lower: bool, in_upper: bool) -> Seen:
     link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
     xattrs = () if stat.S_ISLNK(st.st_mode) else tuple(sorted(_xattrs(path).items()))
-    return Seen(st.st_ino, stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+    ident = (st.st_ino, _generation(path)) if stat.S_ISDIR(st.st_mode) else (st.st_ino, 0)
+    return Seen(ident, stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                 st.st_rdev, st.st_size, st.st_mtime_ns, st.st_ctime_ns, link, xattrs, in_lower, in_upper)
 
 
@@ -379,7 +401,8 @@ def diff_to_upper(merged: Path, snap: dict[str, Seen], upper: Path, skip: set[st
             if stat.S_ISDIR(st.st_mode) and before is None and _was_lower(rel, snap):
                 opaque.add(rel)
             continue
-        if before.ino != st.st_ino:
+        now_id = (st.st_ino, _generation(p)) if stat.S_ISDIR(st.st_mode) else (st.st_ino, 0)
+        if before.ino != now_id:
             include.add(rel)
             if stat.S_ISDIR(st.st_mode) and before.in_lower:
                 opaque.add(rel)
