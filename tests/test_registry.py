@@ -536,8 +536,8 @@ def test_manifest_rejected_names_the_registry_error(registry, tmp_path):
                       options=plain_options())
     message = str(err.value)
     assert message.startswith(f"registry {registry.host} rejected the manifest for bad/app:1: "
-                              "MANIFEST_BLOB_UNKNOWN: blob unknown to registry")
-    assert "\n" not in message
+                              "MANIFEST_BLOB_UNKNOWN: blob unknown to registry (sha256:")
+    assert message.endswith(" (and 2 more)") and "\n" not in message
 
 
 # --- pull ---------------------------------------------------------------------------------------------
@@ -622,8 +622,7 @@ def test_pull_single_manifest_of_another_architecture_is_refused(registry, tmp_p
 def test_pull_unknown_repository_and_tag(registry, tmp_path):
     with pytest.raises(BuildError) as err:
         pull_image(f"{registry.host}/no/such:1", dest_dir=tmp_path / "c", options=plain_options())
-    assert str(err.value).startswith(f"registry {registry.host}: ")
-    assert "no/such" in str(err.value) and "not found" in str(err.value)
+    assert str(err.value) == f"registry {registry.host}: repository no/such not found"
     img = small_image(tmp_path / "i")
     push_image(img, f"{registry.host}/has/tags:1", options=plain_options())
     with pytest.raises(BuildError) as err:

@@ -17,6 +17,7 @@ Bodies that cannot be replayed (chunk uploads) are retried by the caller, which 
 from __future__ import annotations
 
 import email.utils
+import socket
 import ssl
 import threading
 import time
@@ -93,6 +94,22 @@ def registry_errors(resp: requests.Response) -> list[tuple[str, str]]:
     return out
 
 
+def format_errors(errors: list[tuple[str, str]]) -> str:
+    """One line for a registry's error list; repeats of a code (one per blob) are counted, not listed."""
+    parts: list[str] = []
+    seen: dict[str, int] = {}
+    for code, message in errors:
+        if code in seen:
+            seen[code] += 1
+            continue
+        seen[code] = 0
+        parts.append(f"{code}: {message}" if message else code)
+    for i, code in enumerate(seen):
+        if seen[code]:
+            parts[i] += f" (and {seen[code]} more)"
+    return "; ".join(parts)
+
+
 def _short(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -154,7 +171,7 @@ def describe_exception(exc: BaseException) -> str:
         return "connection refused"
     if isinstance(cause, ConnectionResetError):
         return "connection reset"
-    if isinstance(cause, urllib3.exceptions.NameResolutionError):
+    if isinstance(cause, urllib3.exceptions.NameResolutionError | socket.gaierror):
         return "host name not found"
     if isinstance(cause, TimeoutError | urllib3.exceptions.TimeoutError):
         return "timed out"
@@ -384,7 +401,7 @@ class RegistryClient:
                 status,
                 "NAME_UNKNOWN",
             )
-        text = "; ".join(f"{code}: {message}" if message else code for code, message in errors)
+        text = format_errors(errors)
         if not text:
             text = _short(resp.text, 200) if resp.text else resp.reason or ""
         raise RegistryError(
@@ -501,7 +518,7 @@ class RegistryClient:
     def _auth_error(self, status: int, resp: requests.Response, token_server: bool = False) -> RegistryError:
         lookup = self._lookup_credential()
         cred = lookup.credential
-        details = "; ".join(f"{c}: {m}" if m else c for c, m in registry_errors(resp))
+        details = format_errors(registry_errors(resp))
         where = " from the token server" if token_server else ""
         if status == 403:
             who = f"user {cred.username!r} from {cred.source}" if cred else "anonymous access"

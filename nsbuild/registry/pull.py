@@ -199,13 +199,30 @@ class _Puller:
         with self._lock:
             self._progress(event)
 
+    def _repository_missing(self) -> bool:
+        """Whether a manifest 404 means the repository itself is unknown (distribution says
+        MANIFEST_UNKNOWN either way; its tag list tells them apart)."""
+        try:
+            resp = self.client.request("GET", f"/v2/{self.repo}/tags/list")
+        except BuildError:
+            return False
+        with resp:
+            if resp.status_code == 404:
+                return True
+            if resp.status_code == 200:
+                try:
+                    return not resp.json().get("tags")
+                except (ValueError, AttributeError):
+                    return False
+        return False
+
     def manifest(self, reference: str) -> tuple[bytes, str, str]:
         """(body, media type, digest) of /manifests/REFERENCE, the digest checked when pinned."""
         resp = self.client.request("GET", f"/v2/{self.repo}/manifests/{reference}", headers={"Accept": ACCEPT})
         with resp:
             if resp.status_code == 404:
                 codes = {c for c, _ in registry_errors(resp)}
-                if "NAME_UNKNOWN" in codes:
+                if "NAME_UNKNOWN" in codes or self._repository_missing():
                     raise RegistryError(
                         f"registry {self.client.registry}: repository {self.repo} not found",
                         404,

@@ -29,6 +29,7 @@ from nsbuild.registry.client import (
     RegistryConnectionError,
     RegistryError,
     RegistryOptions,
+    format_errors,
     registry_errors,
 )
 from nsbuild.registry.reference import Reference, parse_reference
@@ -401,7 +402,7 @@ class _Pusher:
         if resp.status_code not in (200, 201):
             errors = registry_errors(resp)
             if 400 <= resp.status_code < 500 and errors:
-                text = "; ".join(f"{code}: {message}" if message else code for code, message in errors)
+                text = format_errors(errors)
                 raise RegistryError(
                     f"registry {self.client.registry} rejected the manifest for {self.repo}:{reference}: {text}",
                     resp.status_code,
