@@ -13,7 +13,7 @@ import pytest
 
 from nsbuild.errors import BuildError, UsageError
 from nsbuild.registry.auth import AuthOptions, find_credential
-from nsbuild.registry.client import parse_challenge
+from nsbuild.registry.client import options_from_cli, parse_challenge
 from nsbuild.registry.reference import Reference, parse_reference
 
 
@@ -205,3 +205,13 @@ def test_secrets_stay_out_of_reprs(tmp_path, home):
     cred = find_credential("r.example", "a", opts).credential
     for text in (repr(opts), repr(cred), str(cred)):
         assert "very-secret" not in text and "env-secret" not in text
+
+
+def test_options_from_cli(tmp_path):
+    opts = options_from_cli(creds="me:pa:ss", tls_verify=False, cert_dir=tmp_path)
+    assert (opts.auth.username, opts.auth.password, opts.tls_verify, opts.cert_dir) == ("me", "pa:ss", False, tmp_path)
+    assert "pa:ss" not in repr(opts)
+    with pytest.raises(UsageError, match="--creds must be USER:PASSWORD"):
+        options_from_cli(creds="nopassword")
+    with pytest.raises(UsageError, match="does not exist"):
+        options_from_cli(authfile=tmp_path / "missing.json")

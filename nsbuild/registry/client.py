@@ -31,7 +31,7 @@ import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
-from nsbuild.errors import BuildError
+from nsbuild.errors import BuildError, UsageError
 from nsbuild.registry.auth import AuthOptions, Credential, Lookup, find_credential
 from nsbuild.registry.reference import Reference
 
@@ -59,6 +59,26 @@ class RegistryOptions:
     cert_dir: Path | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeout: float = 60.0  # per socket operation, not per transfer
+
+
+def options_from_cli(
+    *,
+    authfile: Path | None = None,
+    creds: str | None = None,
+    tls_verify: bool = True,
+    cert_dir: Path | None = None,
+) -> RegistryOptions:
+    """RegistryOptions from the CLI's flags (`--authfile`, `--creds USER:PASSWORD`, `--tls-verify`,
+    `--cert-dir`), as skopeo spells them."""
+    username = password = None
+    if creds is not None:
+        username, sep, password = creds.partition(":")
+        if not sep or not username:
+            raise UsageError("--creds must be USER:PASSWORD")
+    if authfile is not None and not Path(authfile).is_file():
+        raise UsageError(f"--authfile {authfile} does not exist")
+    auth = AuthOptions(authfile=Path(authfile) if authfile else None, username=username, password=password)
+    return RegistryOptions(auth=auth, tls_verify=tls_verify, cert_dir=Path(cert_dir) if cert_dir else None)
 
 
 class RegistryConnectionError(BuildError):
