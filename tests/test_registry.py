@@ -19,6 +19,7 @@ import struct
 import sys
 import tarfile
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -436,6 +437,11 @@ def test_push_over_tls_with_cert_dir(registry_factory, tmp_path):
                         options=RegistryOptions(auth=auth, cert_dir=reg.cert_dir, retry=FAST_RETRY))
     assert result.digest == image.manifest_digest
     pull_back_and_verify(reg, "tls/app:1", tmp_path)
+    # --tls-verify=false against an https registry: https without verification, not plain http.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = push_image(image, f"{reg.host}/tls/app:1", options=RegistryOptions(auth=auth, tls_verify=False))
+    assert again.uploaded_blobs == [] and again.digest == image.manifest_digest
     pulled = pull_image(f"{reg.host}/tls/app:1", dest_dir=tmp_path / "cache", architecture="amd64",
                         options=RegistryOptions(auth=auth, cert_dir=reg.cert_dir))
     assert pulled.digest == image.manifest_digest

@@ -287,6 +287,9 @@ class RegistryClient:
         self.session = requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
         self.session.trust_env = False  # no proxies or .netrc credentials picked up behind our back
+        if not self.options.tls_verify:
+            # The caller asked for no verification (--tls-verify=false); a warning per request is noise.
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         cert_dir = _find_cert_dir(self.host, self.options.cert_dir) if self.options.tls_verify else None
         self.session.mount("https://", _ContextAdapter(make_ssl_context(cert_dir)))
         self.session.mount("http://", HTTPAdapter(max_retries=0))
