@@ -268,3 +268,20 @@ def test_no_backend_works_one_reason_each(unprivileged_user: str | None, user_tm
     for backend in ("userns:", "userns-fakeroot:", "fakeroot:"):
         assert f"  {backend}" in err, err
     assert not (work / "img.tar").exists()
+
+
+def test_script_is_root_with_no_new_privs(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
+    """The script is uid 0 (real in a namespace, faked under fakeroot) and cannot gain privileges
+    through a setuid binary (no-new-privs), whatever the backend."""
+    user = unprivileged_user
+    work = user_tmp(user)
+    script = "id -u > uid\ngrep NoNewPrivs /proc/self/status > nnp\nls -n /proc/self/ > /dev/null"
+    for backend in _backends_for(user):
+        spec = _write_spec(user, work, script)
+        out = work / f"img-{backend}.tar"
+        proc = run_nsbuild(["layered", spec, "-o", out, "--isolation", backend], user=user,
+                           env={"TMPDIR": str(work / "tmp")})
+        assert proc.returncode == 0, describe(proc)
+        files = _layer_files(out, work)
+        assert files["uid"].strip() == b"0", (backend, files["uid"])
+        assert files["nnp"].split() == [b"NoNewPrivs:", b"1"], (backend, files["nnp"])
