@@ -285,3 +285,17 @@ def test_script_is_root_with_no_new_privs(unprivileged_user: str | None, user_tm
         files = _layer_files(out, work)
         assert files["uid"].strip() == b"0", (backend, files["uid"])
         assert files["nnp"].split() == [b"NoNewPrivs:", b"1"], (backend, files["nnp"])
+
+
+def test_stream_stdout_holds_only_the_image(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
+    """The script's output goes to stderr: `nsbuild stream`'s stdout stays a clean docker-archive."""
+    import io
+
+    user = unprivileged_user
+    work = user_tmp(user)
+    spec = _write_spec(user, work, "echo noise-on-stdout\necho noise-on-stderr >&2\ntouch f")
+    proc = run_as([*nsbuild_cmd(), "stream", str(spec)], user, env={"TMPDIR": str(work / "tmp")}, text=False)
+    assert proc.returncode == 0, describe(proc)
+    assert b"noise-on-stdout" in proc.stderr and b"noise-on-stdout" not in proc.stdout
+    with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tf:
+        assert "manifest.json" in tf.getnames()
