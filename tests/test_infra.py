@@ -308,6 +308,16 @@ def test_podman_runs_image_as_root_and_unprivileged(tiny_archive: Path, tiny_oci
         assert podman_load_and_run(f"{tiny_oci}:t").strip() == "hello from the tiny image"
 
 
+def test_podman_runs_oci_layout_whatever_its_path(tiny_oci: Path, tmp_path: Path, require_podman: None,
+                                                  user_with_subids: str | None, user_tmp: UserTmpFactory) -> None:
+    # podman names an image pulled from oci:DIR after DIR; "odd_" is not a valid reference component.
+    odd = user_tmp(user_with_subids) / "Odd_" / "layout_"
+    shutil.copytree(tiny_oci, odd)
+    run_tool(["chmod", "-R", "a+rX", odd.parent])
+    assert podman_load_and_run(f"{odd}:t", user=user_with_subids).strip() == "hello from the tiny image"
+    assert podman_load_and_run(odd, user=user_with_subids).strip() == "hello from the tiny image"
+
+
 def test_podman_run_failure_is_reported(tiny_archive: Path, require_podman: None) -> None:
     with pytest.raises(AssertionError, match="exit status"):
         podman_load_and_run(tiny_archive, ["/bin/busybox", "false"])

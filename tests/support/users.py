@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 import pwd
+import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,7 +245,15 @@ def describe(proc: subprocess.CompletedProcess) -> str:
 def make_user_tmp(user: UserKey = None, prefix: str = "nsbuild-test-") -> Path:
     """A fresh directory under /var/tmp owned by the account, mode 0755 (others may read results)."""
     acc = account(user)
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=USER_TMP_PARENT))
+    # Lower-case hex names, not mkdtemp's: podman derives an image name from an `oci:DIR` path, and
+    # a component like "abc_" (mkdtemp's alphabet has '_') is not a valid reference.
+    while True:
+        path = USER_TMP_PARENT / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            path.mkdir(mode=0o700)
+            break
+        except FileExistsError:
+            continue
     if not acc.is_current:
         os.chown(path, acc.uid, acc.gid)
     path.chmod(0o755)

@@ -517,7 +517,12 @@ def podman_load_and_run(
     with podman_store(user) as store:
         path = os.fspath(archive)
         if os.path.isdir(path) or (":" in path and os.path.isdir(path.rsplit(":", 1)[0])):
-            image = store.pull(f"oci:{path}")
+            layout, tag = (path, "") if os.path.isdir(path) else path.rsplit(":", 1)
+            # podman names the image after the layout's path, which must then be a valid reference:
+            # pull through a symlink with a plain name in the store's (hex-named) directory.
+            link = store.dir / "oci-layout"
+            link.symlink_to(os.path.abspath(layout))
+            image = store.pull(f"oci:{link}" + (f":{tag}" if tag else ""))
         else:
             image = store.load(path)
         return store.run(image, cmd, run_args)
