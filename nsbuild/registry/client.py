@@ -286,7 +286,8 @@ class RegistryClient:
         self._sleep = sleep
         self.session = requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
-        self.session.trust_env = False  # no proxies or .netrc credentials picked up behind our back
+        # No .netrc credentials sent behind our back; proxies are applied by hand (_proxies_for).
+        self.session.trust_env = False
         if not self.options.tls_verify:
             # The caller asked for no verification (--tls-verify=false); a warning per request is noise.
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
@@ -298,7 +299,6 @@ class RegistryClient:
         self._challenge: tuple[str, dict[str, str]] | None = None
         self._token: str | None = None
         self._token_scopes: frozenset[str] = frozenset()
-        self._basic = False
         # Counters the tests and callers read: what actually went over the wire.
         self.retries = 0
         # Blobs move in parallel threads: the token, the challenge and the counters are shared.
@@ -467,7 +467,6 @@ class RegistryClient:
             self._challenge = (scheme, params)
         elif scheme == "basic":
             self._challenge = (scheme, params)
-            self._basic = True
         else:
             raise BuildError(f"registry {self.registry}: unsupported auth scheme {scheme!r}")
 
