@@ -16,6 +16,7 @@ Bodies that cannot be replayed (chunk uploads) are retried by the caller, which 
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import socket
 import ssl
@@ -482,7 +483,7 @@ class RegistryClient:
             cred = self._lookup_credential().credential
             if cred is None:
                 return {}
-            return {"Authorization": requests.auth._basic_auth_str(cred.username, cred.password)}
+            return {"Authorization": _basic(cred)}
         scopes = frozenset(self._scope_strings())
         if self._token is None or self._token_scopes != scopes:
             self._token = self._fetch_token(params, sorted(scopes))
@@ -512,7 +513,7 @@ class RegistryClient:
             else:
                 headers = {}
                 if cred is not None:
-                    headers["Authorization"] = requests.auth._basic_auth_str(cred.username, cred.password)
+                    headers["Authorization"] = _basic(cred)
                 if cred is not None and cred.username:
                     query.append(("account", cred.username))
                 resp = self._send("GET", realm, params=query, headers=headers, retry=True)  # type: ignore[arg-type]
@@ -621,6 +622,10 @@ class RegistryClient:
                 self.count_retry()
                 continue
             return resp
+
+
+def _basic(cred: Credential) -> str:
+    return "Basic " + base64.b64encode(f"{cred.username}:{cred.password}".encode()).decode()
 
 
 def _proxies_for(url: str) -> dict[str, str]:
