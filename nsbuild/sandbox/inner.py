@@ -182,6 +182,19 @@ def _shell(merged: Path, chroot: bool) -> list[str]:
     raise RuntimeError("enableFakechroot: the image has no /bin/bash or /bin/sh to run fakeRootCommands")
 
 
+def _wait_for_network() -> None:
+    """Block until the sandbox's init has brought lo up (it does so while we prepare the trees)."""
+    fd = os.environ.pop("NSBUILD_NET_READY_FD", None)
+    if fd is None:
+        return
+    try:
+        got = os.read(int(fd), 1)
+    finally:
+        os.close(int(fd))
+    if got != b"1":
+        raise RuntimeError("the sandbox's network (lo) could not be set up")
+
+
 def _run_script(plan: dict, merged: Path) -> int:
     chroot = plan["chroot"]
     env = dict(plan["env"]) if plan.get("env") is not None else dict(os.environ)
@@ -286,6 +299,7 @@ def main() -> None:
             _write_shim(work / "shim", str(registry))
         if plan["chroot"]:
             chroot_mounts = _setup_chroot(merged, plan["network"])
+        _wait_for_network()
         t1 = time.monotonic()
         code = _run_script(plan, merged)
         timings["script"] = time.monotonic() - t1

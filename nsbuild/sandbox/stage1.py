@@ -104,17 +104,35 @@ def _init(cfg: dict) -> None:
         # A /proc for the new pid namespace: `ps` and /proc/PID show the sandbox only.
         with contextlib.suppress(OSError):
             mounts.mount("proc", "/proc", "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
-        if cfg.get("network", "none") == "none" and cfg.get("lo", True):
-            try:
-                _lo_up()
-            except Exception as exc:  # noqa: BLE001 - pyroute2 raises its own netlink errors
-                _die(f"bringing up lo: {exc}")
+    want_lo = cfg["mode"] != "none" and cfg.get("network", "none") == "none" and cfg.get("lo", True)
     # Only now: newuidmap (setuid) has run; nothing inside may gain privileges through exec.
     prctl.set_no_new_privs(True)
+    env = dict(cfg["env"]) if cfg.get("env") is not None else dict(os.environ)
+    fds: tuple[int, ...] = ()
+    if want_lo:
+        # pyroute2 takes ~0.1 s to import: bring lo up while the command starts. A command that must
+        # not run before the network is ready (the customisation step) waits on this pipe.
+        ready_r, ready_w = os.pipe()
+        env["NSBUILD_NET_READY_FD"] = str(ready_r)
+        fds = (ready_r,)
     try:
-        child = subprocess.Popen(cfg["argv"], env=cfg.get("env"), cwd=cfg.get("cwd"))
+        child = subprocess.Popen(cfg["argv"], env=env, cwd=cfg.get("cwd"), pass_fds=fds)
     except OSError as exc:
         _die(f"{cfg['argv'][0]}: {exc.strerror}")
+    if want_lo:
+        os.close(ready_r)
+        try:
+            _lo_up()
+            ok = b"1"
+        except Exception as exc:  # noqa: BLE001 - pyroute2 raises its own netlink errors
+            sys.stderr.write(f"nsbuild: sandbox: bringing up lo: {exc}\n")
+            ok = b"e"
+        with contextlib.suppress(OSError):
+            os.write(ready_w, ok)
+        os.close(ready_w)
+        if ok != b"1":
+            kill_descendants()
+            os._exit(EXIT_SETUP)
     code = 0
     while True:
         try:
