@@ -66,7 +66,7 @@ def make_plan(spec: Spec, base_layer_count: int) -> Plan:
             target += entry.path.name
         elif not host.is_dir() and target == "/":
             target = "/" + entry.path.name
-        trees.append((Source(host, target), entry.field))
+        trees.append((Source(host, target), entry.field.removesuffix(".path")))
     roots.extend(store.paths_in_text(json.dumps(spec.config)))
     closure = store.closure(roots) if roots else {}
     if not spec.include_store_paths:
