@@ -59,19 +59,20 @@ def remove(path: Path) -> None:
         return
 
     def onerror(func: object, p: str, exc: BaseException) -> None:
-        parent = os.path.dirname(p)
-        with contextlib.suppress(OSError):
-            os.chmod(parent, 0o700)
-        with contextlib.suppress(OSError):
-            os.chmod(p, 0o700)
+        # chmod follows symlinks: never touch one (it may point out of the tree).
+        for q in (os.path.dirname(p), p):
+            if not os.path.islink(q):
+                with contextlib.suppress(OSError):
+                    os.chmod(q, 0o700)
         if os.path.isdir(p) and not os.path.islink(p):
             shutil.rmtree(p, ignore_errors=True)
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
 
-    with contextlib.suppress(OSError):
-        os.chmod(path, 0o700)
+    if not os.path.islink(path):
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o700)
     for dirpath, dirnames, _ in os.walk(path):
         for d in dirnames:
             with contextlib.suppress(OSError):
