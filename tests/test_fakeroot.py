@@ -376,3 +376,41 @@ def test_from_image_layers_below_the_script(unprivileged_user: str | None, user_
     assert "etc/.wh.motd" in lst and "opt/.wh.dir" in lst and "keepdev" not in lst
     assert all(v == lst for v in results.values()), results
     assert len(set(digests.values())) == 1, digests
+
+
+EDGE_SCRIPT = r"""
+mv etc/untouched etc/renamed
+rm etc/lower-chmod && mkdir etc/lower-chmod
+chmod 700 opt/kept
+touch -d @5 etc/lower-chown
+setfattr -n user.d -v 1 opt/replaced
+ln etc/motd etc/motd-link
+rm -rf opt/gone/sub && touch opt/gone/newfile
+echo appended >> opt/kept/f
+"""
+
+
+def test_edge_changes_identical_across_backends(matrix_work: tuple[str | None, Path]) -> None:
+    """Overlayfs (userns) and copy-and-diff (fakeroot backends) agree on renames, a file replaced by a
+    directory, metadata-only and time-only changes, xattrs on a lower directory, hardlinks to lower
+    files, nested deletions and appends."""
+    user, work = matrix_work
+    results, digests = {}, {}
+    for backend in _backends_for(user):
+        proc, out = build(user, work, _spec(work, EDGE_SCRIPT), backend)
+        assert proc.returncode == 0, describe(proc)
+        layer = last_layer(out, work)
+        results[backend], digests[backend] = listing(layer), diff_id(layer)
+    lst = next(iter(results.values()))
+    assert "etc/.wh.untouched" in lst and lst["etc/renamed"][0] == tarfile.REGTYPE
+    assert lst["etc/lower-chmod"][0] == tarfile.DIRTYPE
+    assert lst["opt/kept"][1] == 0o700
+    assert "etc/lower-chown" in lst
+    assert dict(lst["opt/replaced"][9]) == {"SCHILY.xattr.user.d": "1"}
+    assert {lst["etc/motd"][0], lst["etc/motd-link"][0]} == {tarfile.REGTYPE, tarfile.LNKTYPE}
+    assert "opt/gone/.wh.sub" in lst and "opt/gone/newfile" in lst and "opt/gone/sub/f" not in lst
+    assert "opt/kept/f" in lst
+    for backend, other in results.items():
+        assert other == lst, f"{backend}: " + repr(
+            {k: (lst.get(k), other.get(k)) for k in set(lst) | set(other) if lst.get(k) != other.get(k)})
+    assert len(set(digests.values())) == 1, digests
