@@ -61,11 +61,11 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
     stderr live), or the layer cannot be written. KeyboardInterrupt propagates after teardown.
     """
     backend = choose(isolation)
-    if backend == "fakeroot":
-        if enable_fakechroot:
-            raise BuildError("enableFakechroot needs a user namespace (backends userns or userns-fakeroot); "
-                             "the fakeroot backend cannot chroot")
-        log.warn(STATIC_WARNING)
+    if backend == "fakeroot" and enable_fakechroot:
+        raise BuildError("enableFakechroot needs a user namespace (backends userns or userns-fakeroot); "
+                         "the fakeroot backend cannot chroot")
+    if USES_FAKEROOT[backend]:
+        log.warn(STATIC_WARNING.replace("fakeroot backend", f"{backend} backend"))
     log.info(f"fakeRootCommands backend: {backend}")
     workdir = Path(workdir)
     work = Path(tempfile.mkdtemp(prefix="fr-", dir=workdir))
