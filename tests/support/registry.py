@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from .tokenserver import TokenServer
+from .users import die_with_parent
 
 # Hang guard for the start-up poll only (the registry answers in ~50 ms); not a performance bound.
 START_DEADLINE = 60.0
@@ -257,7 +258,7 @@ def start_registry(
         # Never REGISTRY_* variables: distribution reads every one of them as its own configuration.
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(d), "LANG": "C.UTF-8"}
         reg.proc = subprocess.Popen([exe, "serve", str(d / "config.yml")], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, cwd=d)
+                                    stdin=subprocess.DEVNULL, env=env, cwd=d, preexec_fn=die_with_parent)
         log.close()
         if _wait_ready(reg):
             break

@@ -12,10 +12,12 @@ user, and the variant that needs the other kind of account is skipped with the r
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pwd
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -33,6 +35,14 @@ DEFAULT_TIMEOUT = 1800
 USER_TMP_PARENT = Path(os.environ.get("NSBUILD_TEST_TMP", "/var/tmp"))
 
 UserKey = str | None  # "test", "nosub", an account name, or None for the account running pytest
+
+
+def die_with_parent() -> None:
+    """preexec_fn for helper daemons (registry, dockerd): SIGTERM when pytest dies, however it dies,
+    so an interrupted run leaves no daemon behind. (PR_SET_PDEATHSIG = 1; it follows the forking
+    thread, and fixtures start daemons from pytest's main thread.)"""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
 def is_root() -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .users import UserKey, account, describe, is_root, make_user_tmp, remove_tree, run_as
+from .users import UserKey, account, describe, die_with_parent, is_root, make_user_tmp, remove_tree, run_as
 
 # The containers.conf that encodes this machine's quirks (VERIFIERS.md): crun refuses containers here,
 # root cannot raise rlimits, /dev/net/tun is closed to unprivileged users. cgroupfs + file events
@@ -568,7 +568,7 @@ def docker_daemon() -> Iterator[DockerDaemon]:
          "-H", f"unix://{sock}", "--iptables=false", "--ip6tables=false", "--bridge=none",
          "--ip-masq=false", "--storage-driver", "vfs",
          "--default-ulimit", "nofile=1024:1024", "--default-ulimit", "nproc=1024:1024"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
         env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"},
     )
     daemon = DockerDaemon(d, sock)
