@@ -20,7 +20,7 @@ from pathlib import Path
 
 from nsbuild.errors import BuildError
 from nsbuild.sandbox.ids import current_user, full_map
-from nsbuild.sandbox.runner import run
+from nsbuild.sandbox.runner import run, try_enter
 
 BACKENDS = ("userns", "userns-fakeroot", "fakeroot")
 # Stage1 mode per backend, and whether the script runs under fakeroot.
@@ -53,15 +53,15 @@ def _last_line(text: str | bytes | None) -> str:
     return lines[-1].removeprefix("nsbuild: sandbox: ") if lines else ""
 
 
-def _trial(mode: str, argv: list[str]) -> tuple[bool, str]:
+def _fakeroot_works() -> tuple[bool, str]:
     try:
-        res = run(mode, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, lo=False,
-                  env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
-    except BuildError as exc:
+        res = subprocess.run(["fakeroot", "--", "id", "-u"], capture_output=True, text=True,
+                             stdin=subprocess.DEVNULL, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
         return False, str(exc)
     if res.returncode != 0:
         return False, _last_line(res.stderr) or f"exit status {res.returncode}"
-    return True, res.stdout.decode().strip() if res.stdout else ""
+    return True, res.stdout.strip()
 
 
 def _userns_blocked(why: str) -> Probe | None:
@@ -103,9 +103,9 @@ def _probe_userns() -> Probe:
         return Probe(b, False, f"user {name} has no subordinate id range in /etc/subuid and /etc/subgid",
                      f"ask an administrator: usermod --add-subuids 100000-165535 --add-subgids "
                      f"100000-165535 {name}")
-    ok, out = _trial("userns", ["true"])
-    if not ok:
-        return Probe(b, False, f"cannot create the namespace: {out}",
+    why = try_enter("userns")
+    if why:
+        return Probe(b, False, f"cannot create the namespace: {why}",
                      "user namespaces may be restricted by seccomp, AppArmor "
                      "(kernel.apparmor_restrict_unprivileged_userns) or a container runtime")
     return Probe(b, True)
@@ -118,13 +118,14 @@ def _probe_userns_fakeroot() -> Probe:
         return Probe(b, False, blocked.why, blocked.fix)
     if shutil.which("fakeroot") is None:
         return Probe(b, False, "fakeroot is not installed", "install fakeroot (apt-get install fakeroot)")
-    ok, out = _trial("single", ["fakeroot", "--", "id", "-u"])
-    if not ok:
-        return Probe(b, False, f"cannot create the namespace: {out}",
+    why = try_enter("single")
+    if why:
+        return Probe(b, False, f"cannot create the namespace: {why}",
                      "user namespaces may be restricted by seccomp, AppArmor "
                      "(kernel.apparmor_restrict_unprivileged_userns) or a container runtime")
-    if out != "0":
-        return Probe(b, False, f"fakeroot does not work inside the namespace (id -u printed {out!r})",
+    ok, out = _fakeroot_works()
+    if not ok or out != "0":
+        return Probe(b, False, f"fakeroot does not work here: {out or 'no output'}",
                      "check that fakeroot's faked daemon can run (SysV IPC)")
     return Probe(b, True)
 
@@ -133,7 +134,7 @@ def _probe_fakeroot() -> Probe:
     b = "fakeroot"
     if shutil.which("fakeroot") is None:
         return Probe(b, False, "fakeroot is not installed", "install fakeroot (apt-get install fakeroot)")
-    ok, out = _trial("none", ["fakeroot", "--", "id", "-u"])
+    ok, out = _fakeroot_works()
     if not ok or out != "0":
         return Probe(b, False, f"fakeroot does not work here: {out or 'no output'}",
                      "check that fakeroot's faked daemon can run (SysV IPC) and LD_PRELOAD is allowed")

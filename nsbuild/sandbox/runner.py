@@ -8,6 +8,7 @@ every process of the build with it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -100,3 +101,77 @@ def _stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def try_enter(mode: str, *, network: str = "none") -> str | None:
+    """Can this process create the sandbox's namespaces? None if so, else why not (one line).
+
+    A cheap probe: fork, unshare in the child, write its id map (newuidmap/newgidmap from here for
+    mode "userns"), become namespace root, exit. No interpreter is started.
+    """
+    from nsbuild.sandbox import mounts
+
+    flags = mounts.CLONE_NEWUSER | mounts.CLONE_NEWNS | mounts.CLONE_NEWPID
+    if network == "none":
+        flags |= mounts.CLONE_NEWNET
+    idmap = full_map() if mode == "userns" else None
+    if mode == "userns" and idmap is None:
+        return "no subordinate id range for this user in /etc/subuid and /etc/subgid"
+    uid, gid = os.getuid(), os.getgid()
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child only makes syscalls and exits
+        code = 1
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            os.close(err_r)
+            try:
+                mounts.unshare(flags)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise OSError(exc.errno, "the limit of user namespaces is reached "
+                                  "(user.max_user_namespaces here or in a parent namespace)") from None
+                raise
+            if mode == "single":
+                for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1\n"),
+                                   ("gid_map", f"0 {gid} 1\n")):
+                    with open(f"/proc/self/{name}", "w") as f:
+                        f.write(text)
+            else:
+                os.write(ready_w, b"u")
+                if os.read(go_r, 1) != b"g":
+                    os._exit(2)
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+            code = 0
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.write(err_w, f"{exc.strerror or exc}".encode()[:500])
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.close(go_r)
+    os.close(err_w)
+    why = None
+    try:
+        if mode == "userns" and os.read(ready_r, 1) == b"u":
+            assert idmap is not None
+            try:
+                _write_map(pid, idmap)
+                os.write(go_w, b"g")
+            except (OSError, SandboxSetupError) as exc:
+                why = str(exc)
+    finally:
+        os.close(ready_r)
+        os.close(go_w)
+        _, status = os.waitpid(pid, 0)
+        msg = os.read(err_r, 1000).decode(errors="replace")
+        os.close(err_r)
+    if why:
+        return why
+    if status != 0:
+        return f"unshare: {msg}" if msg else "could not enter the namespaces"
+    return None
