@@ -185,6 +185,31 @@ def parse_date(key: str, value: Any) -> tuple[int, bool]:
     return seconds, False
 
 
+def _from_image(key: str, value: Any, ctx: Context) -> str | None:
+    """A base image reference; a file or directory in it is relative to the spec and must exist."""
+    from nsbuild.errors import UsageError
+    from nsbuild.refs import parse_ref
+
+    if value is None:
+        return None
+    _string(key, value, ctx)
+    try:
+        ref = parse_ref(value)
+    except UsageError as exc:
+        raise SpecError(key, str(exc)) from None
+    if ref.format == "registry":
+        return value
+    path = Path(os.path.expanduser(ref.location))
+    if not path.is_absolute():
+        path = Path(os.path.normpath(ctx.base_dir / path))
+    if not os.path.exists(path):
+        raise SpecError(key, f"no such file or directory: {ref.location}")
+    if ref.format == "auto":
+        return str(path)
+    transport = value.partition(":")[0]
+    return f"{transport}:{path}{value[len(transport) + 1 + len(ref.location):]}"
+
+
 def _path_entry(key: str, value: Any, ctx: Context) -> ContentEntry:
     target: str | None = None
     if isinstance(value, dict):
@@ -268,7 +293,7 @@ BOTH = (LAYERED, IMAGE)
 ATTRS: dict[str, Attr] = {
     "name": Attr(_name, None, BOTH, {"type": "string"}, "repository name, may carry a registry prefix"),
     "tag": Attr(_tag, None, BOTH, {"type": ["string", "null"]}, "tag; default: derived from the content"),
-    "fromImage": Attr(_optional_string, None, BOTH, {"type": ["string", "null"]},
+    "fromImage": Attr(_from_image, None, BOTH, {"type": ["string", "null"]},
                       "base image: docker-archive (plain/gz/zstd), OCI dir/archive, or a transport ref"),
     "fromImageName": Attr(_optional_string, None, (IMAGE,), {"type": ["string", "null"]},
                           "image name inside a multi-image archive"),

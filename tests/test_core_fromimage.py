@@ -121,14 +121,17 @@ def test_from_image_made_by_skopeo_with_gzip_layers(tmp_path: Path, base_tree: P
 
 
 def test_from_image_relative_to_the_spec(tmp_path: Path, base_tree: Path) -> None:
-    """Relative paths in a spec are relative to the spec file (DESIGN.md §2), fromImage included."""
+    """Relative paths in a spec are relative to the spec file (DESIGN.md §2), fromImage included, as a
+    bare path and inside a transport reference."""
     _, path = make_base(tmp_path, base_tree, "docker-archive", "gz")
+    _, layout = make_base(tmp_path, base_tree, "oci-dir", "none")
     (tmp_path / "sub").mkdir()
-    spec = write_spec(tmp_path / "sub", {"name": "child", "tag": "c1", "fromImage": "../base.tar.gz"})
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    build(spec, tmp_path / "child.tar", cwd=elsewhere)
-    assert len(read_image(tmp_path / "child.tar", tmp_path / "v").layers) == 3
+    elsewhere = tmp_path / "elsewhere" / "deeper"  # "../x" from here is not "../x" from sub/
+    elsewhere.mkdir(parents=True)
+    for i, ref in enumerate(["../base.tar.gz", f"docker-archive:../{path.name}", f"oci:../{layout.name}:b1"]):
+        spec = write_spec(tmp_path / "sub", {"name": "child", "tag": "c1", "fromImage": ref}, f"s{i}.json")
+        build(spec, tmp_path / f"child{i}.tar", cwd=elsewhere)
+        assert len(read_image(tmp_path / f"child{i}.tar", tmp_path / f"v{i}").layers) == 3
 
 
 def test_corrupt_base_layer_is_a_build_error(tmp_path: Path, base_tree: Path) -> None:
