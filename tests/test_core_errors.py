@@ -1,0 +1,240 @@
+"""Bad specs (exit 2, one line naming the field), failing scripts (exit 1 with their output), atomic
+output and interrupts (no partial file, no temporary tree, no stray process)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import UserTmpFactory, account, is_root, popen_nsbuild, processes_of, run_nsbuild
+from support.core import BUILD_FLAGS, build, write_spec
+
+# (spec overrides, field named in the message, a fragment of the message)
+BAD_SPECS: list[tuple[str, dict[str, Any] | Any, str, str]] = [
+    ("unknown-key", {"maxLayer": 3}, "maxLayer", "did you mean 'maxLayers'"),
+    ("unknown-key-2", {"extraCommand": "true"}, "extraCommand", "did you mean 'extraCommands'"),
+    ("name-missing", {"name": None}, "name", "required"),
+    ("name-type", {"name": 5}, "name", "string"),
+    ("name-invalid", {"name": "Bad Name!"}, "name", "not a valid image name"),
+    ("name-colon", {"name": "foo:bar"}, "name", "not a valid image name"),
+    ("tag-invalid", {"tag": "-dash"}, "tag", "not a valid tag"),
+    ("tag-type", {"tag": 1}, "tag", "string"),
+    ("tag-colon", {"tag": "a:b"}, "tag", "not a valid tag"),
+    ("compressor", {"compressor": "gzip"}, "compressor", "did you mean 'gz'"),
+    ("compressor-type", {"compressor": True}, "compressor", "string"),
+    ("architecture", {"architecture": "x86_64"}, "architecture", "amd64"),
+    ("created", {"created": "yesterday"}, "created", "ISO-8601"),
+    ("created-month", {"created": "2020-13-01T00:00:00Z"}, "created", "ISO-8601"),
+    ("created-1960", {"created": "1960-01-01T00:00:00Z"}, "created", "1970"),
+    ("mtime-type", {"mtime": 5}, "mtime", "got a number"),
+    ("uid-negative", {"uid": -1}, "uid", "-1"),
+    ("gid-negative", {"gid": -5}, "gid", "-5"),
+    ("uid-string", {"uid": "0"}, "uid", "got a string"),
+    ("uid-float", {"uid": 1.5}, "uid", "whole number"),
+    ("uid-bool", {"uid": True}, "uid", "whole number"),
+    ("uname", {"uname": "a:b"}, "uname", "':'"),
+    ("maxLayers-1", {"maxLayers": 1}, "maxLayers", "2"),
+    ("maxLayers-0", {"maxLayers": 0}, "maxLayers", "2"),
+    ("maxLayers-big", {"maxLayers": 1000}, "maxLayers", "125"),
+    ("contents-missing", {"contents": ["rootfs", "./app"]}, "contents[1]", "no such file or directory: ./app"),
+    ("contents-obj-missing", {"contents": [{"path": "nope", "target": "/x"}]}, "contents[0].path", "nope"),
+    ("contents-target", {"contents": [{"path": "rootfs", "target": "rel"}]}, "contents[0].target", "absolute"),
+    ("contents-dotdot", {"contents": [{"path": "rootfs", "target": "/a/../b"}]}, "contents[0].target", ".."),
+    ("contents-type", {"contents": 5}, "contents", "list"),
+    ("contents-obj-key", {"contents": [{"path": "rootfs", "dest": "/"}]}, "contents[0]", "dest"),
+    ("config-type", {"config": "x"}, "config", "object"),
+    ("config-key", {"config": {"cmd": ["a"]}}, "config.cmd", "did you mean 'Cmd'"),
+    ("config-env", {"config": {"Env": ["NOEQUALS"]}}, "config.Env[0]", "NAME=value"),
+    ("config-cmd-type", {"config": {"Cmd": "echo"}}, "config.Cmd", "list of strings"),
+    ("bool-type", {"includeStorePaths": "yes"}, "includeStorePaths", "true or false"),
+    ("extra-type", {"extraCommands": ["echo"]}, "extraCommands", "string"),
+    ("buildImage-only", {"runAsRoot": "true"}, "runAsRoot", "buildImage"),
+    ("storeDir", {"storeDir": "nix/store"}, "storeDir", "absolute"),
+    ("fromImage-missing", {"fromImage": "./no-base.tar"}, "fromImage", "no such file or directory"),
+    ("fromImage-oci-missing", {"fromImage": "oci:./no-layout:t"}, "fromImage", "no such file or directory"),
+    ("nixdb-no-store", {"includeNixDB": True}, "includeNixDB", "store paths"),
+]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "rootfs" / "etc").mkdir(parents=True)
+    (tmp_path / "rootfs" / "etc" / "hostname").write_text("x\n")
+    return tmp_path
+
+
+def fresh_tmpdir(tmp_path: Path) -> Path:
+    d = tmp_path / "TMPDIR"
+    d.mkdir(exist_ok=True)
+    d.chmod(0o1777)
+    return d
+
+
+def assert_clean(out_dir: Path, tmpdir: Path, expected: set[str]) -> None:
+    """Nothing but the expected files in the output directory; no nsbuild-* tree in TMPDIR."""
+    assert {p.name for p in out_dir.iterdir()} == expected, "a partial or temporary file was left"
+    assert not [p.name for p in tmpdir.iterdir()], f"temporary trees left in TMPDIR: {list(tmpdir.iterdir())}"
+
+
+@pytest.mark.parametrize(("case", "overrides", "field", "fragment"), BAD_SPECS, ids=[c[0] for c in BAD_SPECS])
+def test_bad_spec(project: Path, case: str, overrides: dict[str, Any], field: str, fragment: str) -> None:
+    spec: dict[str, Any] = {"name": "bad", "contents": ["rootfs"]}
+    spec.update(overrides)
+    spec = {k: v for k, v in spec.items() if v is not None}
+    spec_path = write_spec(project, spec)
+    out_dir = project / "out"
+    out_dir.mkdir()
+    tmpdir = fresh_tmpdir(project)
+    proc = build(spec_path, out_dir / "img.tar", env={"TMPDIR": str(tmpdir)}, check=False)
+    assert proc.returncode == 2, f"exit {proc.returncode}: {proc.stderr}"
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"nsbuild: error: {field}: "), lines[0]
+    assert fragment in lines[0], lines[0]
+    assert proc.stdout == ""
+    assert_clean(out_dir, tmpdir, set())
+
+
+@pytest.mark.parametrize("text", ['{"name": "x",', "[1]", "", '{"name": "x"} trailing'])
+def test_invalid_json(project: Path, text: str) -> None:
+    (project / "spec.json").write_text(text)
+    proc = build(project / "spec.json", project / "img.tar", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and not (project / "img.tar").exists()
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--format", "tarball"], "--format"),
+    (["-o", "oci:"], "missing the path"),
+    (["-o", "containers-storage:foo"], "containers-storage"),
+    (["-o", "docker-archive:x.tar:onlyname"], "docker-archive"),
+    (["--isolation", "vm"], "--isolation"),
+])
+def test_bad_usage(project: Path, args: list[str], fragment: str) -> None:
+    spec = write_spec(project, {"name": "x", "contents": ["rootfs"]})
+    proc = run_nsbuild(["layered", str(spec), *BUILD_FLAGS, *args], cwd=project)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and fragment in proc.stderr
+    assert sorted(p.name for p in project.iterdir()) == ["rootfs", "spec.json"]
+
+
+def test_missing_spec_file(tmp_path: Path) -> None:
+    proc = build(tmp_path / "nope.json", tmp_path / "img.tar", check=False)
+    assert proc.returncode == 2 and "nope.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_failing_extra_commands(project: Path) -> None:
+    spec = write_spec(project, {"name": "fails", "contents": ["rootfs"],
+                                "extraCommands": "echo made-it-this-far\necho on-stderr >&2\nfalse\necho never"})
+    out_dir = project / "out"
+    out_dir.mkdir()
+    (out_dir / "img.tar").write_bytes(b"previous image")  # a failed build must not clobber it
+    tmpdir = fresh_tmpdir(project)
+    proc = build(spec, out_dir / "img.tar", env={"TMPDIR": str(tmpdir)}, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "extraCommands" in proc.stderr and "status 1" in proc.stderr
+    assert "made-it-this-far" in proc.stderr and "on-stderr" in proc.stderr and "never" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (out_dir / "img.tar").read_bytes() == b"previous image"
+    assert_clean(out_dir, tmpdir, {"img.tar"})
+
+
+@pytest.mark.parametrize("status", [3, 127])
+def test_extra_commands_exit_status_is_reported(project: Path, status: int) -> None:
+    script = f"exit {status}" if status != 127 else "no-such-command-anywhere"
+    spec = write_spec(project, {"name": "fails", "contents": ["rootfs"], "extraCommands": script})
+    tmpdir = fresh_tmpdir(project)
+    proc = build(spec, project / "img.tar", env={"TMPDIR": str(tmpdir)}, check=False)
+    assert proc.returncode == 1 and f"status {status}" in proc.stderr, proc.stderr
+    assert not (project / "img.tar").exists()
+    assert not list(tmpdir.iterdir())
+
+
+def test_unreadable_input_fails_without_partial_output(user_tmp: UserTmpFactory, tmp_path: Path) -> None:
+    """A build that fails while writing a layer (a file the builder cannot read) as an unprivileged
+    user: exit 1 naming the file, nothing left in the output directory or TMPDIR."""
+    if not is_root():
+        pytest.skip("needs root to make a file an unprivileged builder cannot read")
+    inputs = user_tmp(None)
+    (inputs / "rootfs").mkdir()
+    (inputs / "rootfs" / "a-big").write_bytes(os.urandom(3 << 20))
+    (inputs / "rootfs" / "z-secret").write_text("root only\n")
+    (inputs / "rootfs" / "z-secret").chmod(0o600)
+    for p in (inputs / "rootfs", inputs / "rootfs" / "a-big"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    spec = write_spec(inputs, {"name": "unreadable", "compressor": "zstd", "contents": ["rootfs"]})
+    out = user_tmp("test")
+    tmpdir = user_tmp("test")
+    for ref in (f"{out}/img.tar.zst", f"oci-archive:{out}/img.oci.tar", f"oci:{out}/layout:t"):
+        proc = build(spec, ref, user="test", env={"TMPDIR": str(tmpdir)}, check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert "z-secret" in proc.stderr and "Traceback" not in proc.stderr
+        assert not list(out.iterdir()), list(out.iterdir())
+        assert not list(tmpdir.iterdir()), list(tmpdir.iterdir())
+
+
+def test_output_directory_missing(project: Path) -> None:
+    spec = write_spec(project, {"name": "x", "contents": ["rootfs"]})
+    proc = build(spec, project / "no" / "such" / "dir" / "img.tar", check=False)
+    assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def _wait_for(predicate, what: str, proc: subprocess.Popen, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    """Poll until predicate() holds (a hang guard, not a timing threshold)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"nsbuild exited ({proc.returncode}) before {what}: {proc.stderr.read()!r}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("fmt", ["docker-archive", "oci-dir"])
+def test_interrupt_leaves_nothing(user_tmp: UserTmpFactory, sig: signal.Signals, fmt: str) -> None:
+    user = "test" if is_root() else None
+    work = user_tmp(user)
+    (work / "rootfs").mkdir()
+    (work / "rootfs" / "file").write_bytes(os.urandom(1 << 20))
+    marker = f"{31000 + os.getpid() % 1000 + sig}"
+    spec = write_spec(work, {"name": "interrupted", "contents": ["rootfs"],
+                             "extraCommands": f"sleep {marker} & sleep {marker}.5"})
+    if user is not None:
+        os.chown(spec, account(user).uid, account(user).gid)
+    out = work / "out"
+    tmpdir = work / "tmp"
+    for d in (out, tmpdir):
+        d.mkdir()
+        if user is not None:
+            os.chown(d, account(user).uid, account(user).gid)
+    ref = f"{out}/img.tar" if fmt == "docker-archive" else f"oci:{out}/layout:t"
+    proc = popen_nsbuild(["layered", str(spec), "-o", ref, *BUILD_FLAGS], user, env={"TMPDIR": str(tmpdir)},
+                         text=True)
+
+    def sleeping() -> list[tuple[int, str]]:
+        return [p for p in processes_of(user) if p[1].startswith("sleep ") and marker in p[1]]
+
+    try:
+        _wait_for(lambda: len(sleeping()) == 2, "extraCommands' sleeps started", proc)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+        leftover = sleeping()  # before the clean-up below kills them
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid, _ in sleeping():
+            os.kill(pid, signal.SIGKILL)  # only ours: marked with a unique duration
+    assert proc.returncode in (130, 128 + sig, -sig), (proc.returncode, stderr)
+    assert "Traceback" not in stderr, stderr
+    assert not leftover, f"processes outlived the build: {leftover}"
+    assert not list(out.iterdir()), f"partial output: {list(out.iterdir())}"
+    assert not list(tmpdir.iterdir()), f"temporary trees left: {list(tmpdir.iterdir())}"
