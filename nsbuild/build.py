@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from nsbuild.baseimage import BaseImage, load_base
 from nsbuild.cache import LayerCache, fingerprint
@@ -20,12 +21,15 @@ from nsbuild.image import Image, make_config, oci_manifest
 from nsbuild.layer import Layer, build_layer
 from nsbuild.owners import Owner, OwnerPolicy
 from nsbuild.plan import Plan, PlannedLayer, make_plan
-from nsbuild.progress import Progress
+from nsbuild.progress import Progress, human
 from nsbuild.refs import ImageRef
 from nsbuild.scripts import run_bash, script_env
 from nsbuild.sinks import atomic_output, write_docker_archive, write_oci_archive, write_oci_dir
 from nsbuild.spec import Spec
 from nsbuild.tarwriter import Source
+
+if TYPE_CHECKING:
+    from nsbuild.registry import PushResult, RegistryOptions
 
 EXTENSIONS = {"none": ".tar", "gz": ".tar.gz", "zstd": ".tar.zst"}
 
@@ -36,6 +40,10 @@ class BuildOptions:
     network: str = "none"
     cache_dir: Path | None = None  # None: no cache
     jobs: int = 0  # layers built at once; 0: one per CPU
+    registry: RegistryOptions | None = None  # auth/TLS for docker:// outputs, bases and caches
+    manifest_format: str = "oci"  # docker:// outputs: oci | docker (v2 schema 2)
+    cache_from: str | None = None  # docker://REF of a shared layer cache to use
+    cache_to: str | None = None  # docker://REF to push this build's layer cache to
 
 
 @dataclass
@@ -45,6 +53,10 @@ class BuildResult:
     format: str
     layer_seconds: list[float] = field(default_factory=list)
     cached: list[bool] = field(default_factory=list)
+    push: PushResult | None = None  # docker:// output
+    base: dict[str, Any] | None = None  # docker:// fromImage: what was pulled
+    cache_push: PushResult | None = None  # --cache-to
+    remote_hits: int = 0  # layers taken from --cache-from
 
 
 def default_output(spec: Spec) -> ImageRef:
@@ -99,7 +111,13 @@ def link_store_contents(custom_root: Path, store_paths: list[Path], progress: Pr
             dirnames.sort()
             rel = os.path.relpath(dirpath, top)
             dest_dir = custom_root / rel if rel != "." else custom_root
-            dest_dir.mkdir(parents=True, exist_ok=True)
+            if os.path.islink(dest_dir) or (os.path.lexists(dest_dir) and not dest_dir.is_dir()):
+                # An earlier content path put a symlink or file here: never create through it (it may
+                # point anywhere on the host); the first provider wins, as for files.
+                progress.warn(f"/{rel} is provided by several contents; keeping the first, not {dirpath}")
+                dirnames[:] = []
+                continue
+            dest_dir.mkdir(exist_ok=True)
             os.chmod(dest_dir, 0o755)  # not the caller's umask: the layer must not depend on it
             for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
                 dest = dest_dir / name
@@ -125,11 +143,24 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
            ws: Workspace) -> BuildResult:
     if spec.kind == "image":
         raise SpecError("", "nsbuild image (buildImage) is not implemented yet; use nsbuild layered")
+    from nsbuild import remote
+
     docker = output.format == "docker-archive"
     compression = "none" if docker else spec.compressor
     keep_tar = docker or compression == "none"
     base: BaseImage | None = None
-    if spec.from_image:
+    cache = LayerCache(options.cache_dir) if options.cache_dir else None
+    annotations: dict[str, str] = {}
+    base_info = None
+    if spec.from_image and remote.is_registry(spec.from_image):
+        # Pulled blobs live in the layer cache (the next build downloads nothing), else the workspace.
+        pulled = remote.pull_base(spec.from_image, store_root=cache.root if cache else ws.path("pull"),
+                                  architecture=spec.architecture, options=options.registry, progress=progress,
+                                  need_tar=keep_tar or bool(spec.fake_root_commands.strip()))
+        base, annotations, base_info = pulled.base, pulled.annotations, pulled.to_json()
+        if not docker:
+            base.layers = [_recompress(layer, compression, ws) for layer in base.layers]
+    elif spec.from_image:
         progress.info(f"reading base image {spec.from_image}")
         base = load_base(spec.from_image, ws.blobs, ws.path("base"), architecture=spec.architecture)
         if not docker:
@@ -142,37 +173,10 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
     owner = Owner(spec.uid, spec.gid, spec.uname, spec.gname)
     fixed = OwnerPolicy.fixed_owner(owner)
     total = len(plan.layers) + 1
-    cache = LayerCache(options.cache_dir) if options.cache_dir else None
     blob_dir = cache.blobs if cache else ws.blobs
-
-    def make(index: int, planned: PlannedLayer) -> tuple[Layer, float, bool]:
-        t0 = time.monotonic()
-        key = None
-        if cache is not None:
-            key = fingerprint(planned.sources, mtime=spec.mtime, owner=fixed)
-            hit = cache.lookup(key, compression=compression, need_tar=keep_tar, comment=planned.comment)
-            if hit is not None:
-                progress.layer_done(index, total, planned.comment, hit.tar.size, time.monotonic() - t0, True)
-                return hit, time.monotonic() - t0, True
-        label = f"[{index}/{total}]"
-        stops = []
-        layer = build_layer(planned.sources, blob_dir, mtime=spec.mtime, owner=fixed, compression=compression,
-                            keep_tar=keep_tar, comment=planned.comment,
-                            watch=lambda w: stops.append(progress.watch(label, lambda: w.size)))
-        for stop in stops:
-            stop()
-        if cache is not None and key is not None:
-            cache.store(key, layer, compression)
-        progress.layer_done(index, total, planned.comment, layer.tar.size, time.monotonic() - t0)
-        return layer, time.monotonic() - t0, False
-
-    # Layers are independent: the C parts (reading, hashing, compressing) run in parallel threads.
-    jobs = options.jobs or len(os.sched_getaffinity(0))
-    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(plan.layers) or 1))) as pool:
-        done = list(pool.map(lambda ip: make(*ip), enumerate(plan.layers, 1)))
-    layers = [d[0] for d in done]
-    seconds = [d[1] for d in done]
-    cached = [d[2] for d in done]
+    with remote.opened_cache(options.cache_from, options.registry, progress) as shared:
+        layers, seconds, cached, content_keys = _content_layers(
+            spec, plan, progress, options, ws, cache, shared, blob_dir, compression, keep_tar, fixed, total)
     t0 = time.monotonic()
     layers.append(_customisation_layer(spec, plan, ws, progress, options, fixed, compression, keep_tar,
                                        base_layers))
@@ -185,9 +189,65 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
                          new_from=len(base_layers))
     tag = output.tag or spec.tag or hashlib.sha256(config).hexdigest()[:32]
     image = Image(name=spec.name, tag=tag, layers=all_layers, config=config,
-                  manifest=oci_manifest(config, all_layers))
-    where = write_output(image, output, spec, progress)
-    return BuildResult(image, where, output.format, seconds, cached + [False])
+                  manifest=oci_manifest(config, all_layers, annotations))
+    result = BuildResult(image, "", output.format, seconds, [c is True for c in cached] + [False],
+                         base=base_info, remote_hits=sum(1 for c in cached if c == "remote"))
+    result.output = write_output(image, output, spec, progress, options, result)
+    if options.cache_to:
+        result.cache_push = remote.push_cache(
+            options.cache_to, [(k, layer) for k, layer in zip(content_keys, layers, strict=False) if k],
+            options=options.registry, progress=progress, cache_dir=options.cache_dir)
+    return result
+
+
+def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOptions, ws: Workspace,
+                    cache: LayerCache | None, shared: Any, blob_dir: Path, compression: str, keep_tar: bool,
+                    fixed: OwnerPolicy, total: int) -> tuple[list[Layer], list[float], list[Any], list[str | None]]:
+    """The planned content layers, in parallel: from the local cache, the shared cache or built."""
+    from nsbuild import remote
+
+    want_content_key = shared is not None or bool(options.cache_to)
+
+    def make(index: int, planned: PlannedLayer) -> tuple[Layer, float, bool | str, str | None]:
+        t0 = time.monotonic()
+        key = None
+        content_key = None
+        if cache is not None:
+            key = fingerprint(planned.sources, mtime=spec.mtime, owner=fixed)
+            hit = cache.lookup(key, compression=compression, need_tar=keep_tar, comment=planned.comment)
+            if hit is not None:
+                if options.cache_to:
+                    content_key = remote.content_fingerprint(planned.sources, mtime=spec.mtime, owner=fixed)
+                progress.layer_done(index, total, planned.comment, hit.tar.size, time.monotonic() - t0, True)
+                return hit, time.monotonic() - t0, True, content_key
+        if want_content_key:
+            content_key = remote.content_fingerprint(planned.sources, mtime=spec.mtime, owner=fixed)
+        if shared is not None and content_key is not None:
+            got = shared.lookup(content_key, compression=compression, need_tar=keep_tar,
+                                store_root=cache.root if cache else ws.path("pull"), comment=planned.comment)
+            if got is not None:
+                if cache is not None and key is not None:
+                    cache.store(key, got, compression)
+                progress.info(f"[{index}/{total}] {planned.comment}: {human(got.size)} "
+                              f"(from cache {shared.ref}, {time.monotonic() - t0:.2f}s)")
+                return got, time.monotonic() - t0, "remote", content_key
+        label = f"[{index}/{total}]"
+        stops = []
+        layer = build_layer(planned.sources, blob_dir, mtime=spec.mtime, owner=fixed, compression=compression,
+                            keep_tar=keep_tar, comment=planned.comment,
+                            watch=lambda w: stops.append(progress.watch(label, lambda: w.size)))
+        for stop in stops:
+            stop()
+        if cache is not None and key is not None:
+            cache.store(key, layer, compression)
+        progress.layer_done(index, total, planned.comment, layer.tar.size, time.monotonic() - t0)
+        return layer, time.monotonic() - t0, False, content_key
+
+    # Layers are independent: the C parts (reading, hashing, compressing) run in parallel threads.
+    jobs = options.jobs or len(os.sched_getaffinity(0))
+    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(plan.layers) or 1))) as pool:
+        done = list(pool.map(lambda ip: make(*ip), enumerate(plan.layers, 1)))
+    return [d[0] for d in done], [d[1] for d in done], [d[2] for d in done], [d[3] for d in done]
 
 
 def _recompress(layer: Layer, compression: str, ws: Workspace) -> Layer:
@@ -251,7 +311,8 @@ def _fake_root_layer(spec: Spec, plan: Plan, ws: Workspace, progress: Progress, 
     return layer_from_tar(out_tar, ws.blobs, compression=compression, comment="customisation layer")
 
 
-def write_output(image: Image, output: ImageRef, spec: Spec, progress: Progress) -> str:
+def write_output(image: Image, output: ImageRef, spec: Spec, progress: Progress,
+                 options: BuildOptions | None = None, result: BuildResult | None = None) -> str:
     fmt = output.format
     if fmt == "docker-archive":
         repo_tag = f"{output.name}:{output.tag}" if output.name and output.tag else None
@@ -271,5 +332,16 @@ def write_output(image: Image, output: ImageRef, spec: Spec, progress: Progress)
             write_oci_archive(image, f, tag=output.tag or image.tag, mtime=spec.mtime)
         return str(output.path)
     if fmt == "registry":
-        raise BuildError("pushing to a registry (docker://) is not supported yet")
+        from nsbuild import remote
+
+        options = options or BuildOptions()
+        text = "docker://" + output.location
+        target = remote.registry_reference(text, "-o")
+        if not remote.has_explicit_tag(text):
+            target = target.with_tag(image.tag)  # no tag given: the spec's tag (or content hash)
+        pushed = remote.push(image, target, manifest_format=options.manifest_format, options=options.registry,
+                             progress=progress, cache_dir=options.cache_dir)
+        if result is not None:
+            result.push = pushed
+        return f"docker://{pushed.reference}"
     raise SpecError("--format", f"unknown output format {fmt!r}")

@@ -31,7 +31,7 @@ from nsbuild.owners import OwnerPolicy
 from nsbuild.tarwriter import Source
 
 # Bump whenever the tar writer's output for the same inputs changes.
-FORMAT_VERSION = "nsbuild-layer-v1"
+FORMAT_VERSION = "nsbuild-layer-v2"
 
 
 def default_cache_dir() -> Path:

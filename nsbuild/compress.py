@@ -38,6 +38,11 @@ class HashingWriter:
             self.out.write(data)
         return len(data)
 
+    def flush(self) -> None:
+        flush = getattr(self.out, "flush", None)
+        if flush is not None:
+            flush()
+
     @property
     def digest(self) -> str:
         return "sha256:" + self.hash.hexdigest()

@@ -52,7 +52,7 @@ def make_plan(spec: Spec, base_layer_count: int) -> Plan:
                                      f"more (at least {base_layer_count + 1})")
     store = Store(spec.store_dir)
     roots: list[Path] = []
-    trees: list[tuple[Source, str]] = []
+    trees: list[tuple[Source, str, str]] = []
     links: list[Path] = []
     for entry in spec.contents:
         store_entry = store.entry_of(entry.path) if entry.target is None else None
@@ -66,13 +66,13 @@ def make_plan(spec: Spec, base_layer_count: int) -> Plan:
             target += entry.path.name
         elif not host.is_dir() and target == "/":
             target = "/" + entry.path.name
-        trees.append((Source(host, target), entry.field.removesuffix(".path")))
+        trees.append((Source(host, target), entry.field.removesuffix(".path"), entry.written))
     roots.extend(store.paths_in_text(json.dumps(spec.config)))
     closure = store.closure(roots) if roots else {}
     if not spec.include_store_paths:
         closure = {}
 
-    tree_layers = [PlannedLayer([src], f"{fld}: {src.host} → {src.target}") for src, fld in trees]
+    tree_layers = [PlannedLayer([src], f"{fld}: {written} → {src.target}") for src, fld, written in trees]
     plan = Plan(layers=[], store_links=links, closure=closure)
     if budget == 0:
         # Nothing may get a layer of its own: everything joins the customisation layer, nothing is lost.

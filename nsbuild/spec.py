@@ -48,6 +48,7 @@ class ContentEntry:
     path: Path
     target: str | None  # None: a store path at its own place, or a root tree at /
     field: str  # e.g. "contents[2]", for messages
+    written: str = ""  # the path as the spec wrote it: history comments must not depend on the checkout
 
 
 @dataclass
@@ -228,13 +229,14 @@ def _path_entry(key: str, value: Any, ctx: Context) -> ContentEntry:
         key = f"{key}.path"
     if not isinstance(value, str) or not value:
         raise SpecError(key, f"expected a path, got {_type_name(value)}")
+    written = value
     path = Path(os.path.expanduser(value))
     if not path.is_absolute():
         path = ctx.base_dir / path
     path = Path(os.path.normpath(path))
     if not os.path.lexists(path):
         raise SpecError(key, f"no such file or directory: {value}")
-    return ContentEntry(path=path, target=target, field=key)
+    return ContentEntry(path=path, target=target, field=key, written=written)
 
 
 def _path_list(key: str, value: Any, ctx: Context) -> list[ContentEntry]:

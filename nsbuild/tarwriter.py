@@ -281,6 +281,14 @@ def _ustar_header(name: bytes, prefix: bytes, mode: int, uid: int, gid: int, siz
     return bytes(header)
 
 
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _needs_pax_text(value: bytes, limit: int) -> bool:
     return len(value) > limit or not value.isascii()
 
@@ -288,15 +296,23 @@ def _needs_pax_text(value: bytes, limit: int) -> bool:
 def encode_header(entry: Entry, owner: Owner, mtime: int) -> bytes:
     """The header block(s) for an entry; PAX records only where ustar cannot hold a value."""
     name = entry.name + b"/" if entry.kind == "dir" else entry.name
-    # Non-UTF-8 names go into PAX records as raw bytes, as GNU tar and Go's archive/tar read them;
-    # `hdrcharset=BINARY` would only make GNU tar warn.
+    # PAX values are UTF-8 by definition.  A name that is not valid UTF-8 goes raw into the ustar
+    # fields when it fits there (every reader takes those bytes as they are), and otherwise into a
+    # PAX record marked `hdrcharset=BINARY`.
     pax: list[bytes] = []
-    split = None if not name.isascii() else _split_ustar_name(name)
+    binary = False
+    utf8 = name.isascii() or _is_utf8(name)
+    split = _split_ustar_name(name) if name.isascii() or not utf8 else None
     if split is None:
         pax.append(_pax_record(b"path", name))
-        split = (b"", name[:100])
-    if entry.linkname and _needs_pax_text(entry.linkname, 100):
-        pax.append(_pax_record(b"linkpath", entry.linkname))
+        binary = not utf8
+        split = (b"", name[:100] if name.isascii() else b"")
+    link = entry.linkname
+    ustar_link = link
+    if link and (len(link) > 100 or (not link.isascii() and _is_utf8(link))):
+        pax.append(_pax_record(b"linkpath", link))
+        binary = binary or not _is_utf8(link)
+        ustar_link = link[:100] if link.isascii() else b""
     uid, gid = owner.uid, owner.gid
     uname, gname = owner.uname.encode(), owner.gname.encode()
     size = entry.size if entry.kind == "file" else 0
@@ -316,6 +332,8 @@ def encode_header(entry: Entry, owner: Owner, mtime: int) -> bytes:
         pax.append(_pax_record(b"SCHILY.xattr." + key, entry.xattrs[key]))
     out = b""
     if pax:
+        if binary:
+            pax.insert(0, _pax_record(b"hdrcharset", b"BINARY"))
         body = b"".join(pax)
         out = _ustar_header(b"././@PaxHeader", b"", 0o644, 0, 0, len(body), mtime, b"x", b"", b"", b"",
                             0, 0)
@@ -323,7 +341,7 @@ def encode_header(entry: Entry, owner: Owner, mtime: int) -> bytes:
     prefix, short = split
     out += _ustar_header(
         short, prefix, entry.mode, uid, gid, min(size, MAX_OCTAL_11) if size <= MAX_OCTAL_11 else 0,
-        mtime, TYPEFLAGS[entry.kind], entry.linkname[:100] if entry.linkname.isascii() else b"",
+        mtime, TYPEFLAGS[entry.kind], ustar_link,
         uname[:32] if uname.isascii() else b"", gname[:32] if gname.isascii() else b"",
         entry.devmajor, entry.devminor,
     )

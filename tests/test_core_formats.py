@@ -53,14 +53,7 @@ def output_ref(fmt: str, tmp: Path) -> tuple[str, Path]:
     return f"oci-archive:{path}:latest", path
 
 
-# compress.py: isal's threaded gzip writer calls flush() on its output, and HashingWriter (the OCI
-# blob path) has none -> every gz OCI build dies with AttributeError (docker-archive gz writes to a file).
-GZ_OCI_BUG = pytest.mark.xfail(strict=True, raises=AssertionError,
-                               reason="compress.py: HashingWriter has no flush(); isal's threaded gzip "
-                                      "writer calls it on close -> AttributeError traceback, exit 1")
-MATRIX = [pytest.param(fmt, comp, id=f"{fmt}-{comp}",
-                       marks=[GZ_OCI_BUG] if comp == "gz" and fmt != "docker-archive" else [])
-          for fmt in FORMATS for comp in COMPRESSORS]
+MATRIX = [pytest.param(fmt, comp, id=f"{fmt}-{comp}") for fmt in FORMATS for comp in COMPRESSORS]
 
 
 @pytest.mark.parametrize(("fmt", "compressor"), MATRIX)

@@ -190,10 +190,6 @@ def test_non_utf8_names_keep_their_bytes(non_utf8_layer: Path, tmp_path: Path) -
     assert os.path.exists(os.path.join(os.fsencode(out), NON_UTF8 * 20))
 
 
-@pytest.mark.xfail(strict=True, reason="tarwriter.py: non-UTF-8 names go into PAX path records as raw bytes "
-                   "without hdrcharset=BINARY; POSIX says PAX values are UTF-8, so bsdtar (libarchive) fails "
-                   "with 'Pathname can't be converted from UTF-8 to current locale' and exits 1. Fix: raw "
-                   "bytes in the ustar name/prefix fields when they fit, else hdrcharset=BINARY")
 def test_non_utf8_names_bsdtar(non_utf8_layer: Path, tmp_path: Path) -> None:
     bsdtar_extract(non_utf8_layer, tmp_path / "bx")
     assert os.path.exists(os.path.join(os.fsencode(tmp_path / "bx"), NON_UTF8 * 20))
