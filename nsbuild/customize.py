@@ -66,7 +66,6 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
                          "the fakeroot backend cannot chroot")
     if USES_FAKEROOT[backend]:
         log.warn(STATIC_WARNING.replace("fakeroot backend", f"{backend} backend"))
-    log.info(f"fakeRootCommands backend: {backend}")
     workdir = Path(workdir)
     work = Path(tempfile.mkdtemp(prefix="fr-", dir=workdir))
     os.chmod(work, 0o755)
@@ -83,7 +82,9 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
         "work": str(work), "custom_root": str(custom),
         "lower": [[str(s.host), s.target] for s in lower],
         "base_layers": [str(p) for p in base_layer_tars], "script": script, "chroot": enable_fakechroot,
-        "engine": "overlay" if backend == "userns" else "copy", "network": network, "out": str(tmp_out),
+        # NSBUILD_SANDBOX_ENGINE=copy forces copy-and-diff (what userns falls back to without overlayfs).
+        "engine": "overlay" if backend == "userns" and os.environ.get("NSBUILD_SANDBOX_ENGINE") != "copy"
+        else "copy", "network": network, "out": str(tmp_out),
         "mtime": int(mtime), "result": str(result_path),
         "root_owner": {"uid": root_owner.uid, "gid": root_owner.gid, "uname": root_owner.uname,
                        "gname": root_owner.gname},
@@ -91,6 +92,8 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
         # Without a namespace the caller's real ids can show through fakeroot: they become root.
         "caller_ids": [os.getuid(), os.getgid()] if backend == "fakeroot" and os.getuid() != 0 else None,
     }
+    log.info(f"fakeRootCommands backend: {backend} "
+             f"({'overlayfs' if plan['engine'] == 'overlay' else 'copy-and-diff'})")
     plan_path = work / "plan.json"
     plan_path.write_text(json.dumps(plan))
     argv = [sys.executable, "-m", "nsbuild.sandbox.inner", str(plan_path)]

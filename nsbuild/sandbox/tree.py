@@ -195,8 +195,8 @@ def _copy_meta(src_st: os.stat_result, dest: Path) -> None:
 def place(host: Path, target: str, root: Path, *, link: bool) -> None:
     """Put a host tree/file/symlink at `target` under root; later calls win for non-directories.
 
-    link=True hardlinks regular files (an overlayfs lower layer is never written to) and falls back to
-    a copy where the kernel refuses (another file system, protected_hardlinks).
+    link=True hardlinks regular files namespace root owns (an overlayfs lower layer is never written
+    to) and copies the rest, or where the kernel refuses (another file system, protected_hardlinks).
     """
     parts = _parts(target)
     parent = _safe_dir(root, parts[:-1]) if parts else None
@@ -228,7 +228,9 @@ def _place(src: Path, dest: Path, link: bool) -> None:
     if stat.S_ISLNK(st.st_mode):
         os.symlink(os.readlink(src), dest)
     elif stat.S_ISREG(st.st_mode):
-        if link:
+        # Hardlink only what namespace root owns: overlayfs cannot copy up a lower file whose owner
+        # or group is not mapped (EOVERFLOW), and content layers are root's in the image anyway.
+        if link and st.st_uid == 0 and st.st_gid == 0:
             try:
                 os.link(src, dest, follow_symlinks=False)
                 return
