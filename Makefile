@@ -19,7 +19,9 @@ PYTHON ?= /usr/bin/python3
 # python3-dev), the venv, compressors, and openssl (the registry tests make a throw-away CA).
 # Installed with their recommends, as VERIFIERS.md does: rootless podman wants catatonit,
 # slirp4netns and fuse-overlayfs from there.
-DEB_PACKAGES := skopeo umoci oci-image-tool podman buildah runc uidmap fakeroot libarchive-tools \
+# nix-bin: the real Nix that checks includeNixDB's database; its recommends would pull in systemd units.
+DEB_NO_RECOMMENDS := nix-bin
+DEB_PACKAGES := nix-bin skopeo umoci oci-image-tool podman buildah runc uidmap fakeroot libarchive-tools \
 	busybox-static docker-registry attr libcap-dev python3-venv python3-dev gcc zstd pigz openssl
 
 TEST_USER := nsbuild-test
@@ -83,7 +85,10 @@ deps:
 	  echo "deps: installing:$$missing"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get update -q; \
-	  apt-get install -y -q $$missing; \
+	  norec=""; rec=""; \
+	  for p in $$missing; do case " $(DEB_NO_RECOMMENDS) " in *" $$p "*) norec="$$norec $$p";; *) rec="$$rec $$p";; esac; done; \
+	  if [ -n "$$rec" ]; then apt-get install -y -q $$rec; fi; \
+	  if [ -n "$$norec" ]; then apt-get install -y -q --no-install-recommends $$norec; fi; \
 	else \
 	  echo "deps: these Debian packages are missing:$$missing" >&2; \
 	  echo "deps: install them as root with:" >&2; \
