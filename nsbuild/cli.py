@@ -1,4 +1,4 @@
-"""The command line (typer): nsbuild layered | stream | image | inspect | schema | doctor."""
+"""The command line (typer): nsbuild layered | stream | image | push | inspect | schema | doctor."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 SpecArg = Annotated[Path, typer.Argument(help="spec.json (dockerTools attribute names)", show_default=False)]
 OutputOpt = Annotated[str | None, typer.Option(
-    "-o", "--output", help="PATH, docker-archive:PATH[:NAME:TAG], oci:DIR[:TAG], oci-archive:PATH[:TAG]")]
+    "-o", "--output",
+    help="PATH, docker-archive:PATH[:NAME:TAG], oci:DIR[:TAG], oci-archive:PATH[:TAG], docker://HOST/REPO[:TAG]")]
 FormatOpt = Annotated[str | None, typer.Option(
     "--format", help="docker-archive | oci-dir | oci-archive (for a bare -o path)")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="no progress on stderr")]
@@ -30,6 +31,22 @@ NetworkOpt = Annotated[str, typer.Option("--network", help="scripts' network: no
 CacheDirOpt = Annotated[Path | None, typer.Option("--cache-dir", help="layer cache [default: $XDG_CACHE_HOME/nsbuild]")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="build every layer, use and keep no cache")]
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=0, help="layers built at once [default: CPUs]")]
+ManifestFormatOpt = Annotated[str, typer.Option(
+    "--manifest-format", help="docker:// outputs: oci | docker (Docker v2 schema 2)")]
+AuthfileOpt = Annotated[Path | None, typer.Option(
+    "--authfile", help="registry credentials file [default: $REGISTRY_AUTH_FILE, "
+                       "$XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json]")]
+CredsOpt = Annotated[str | None, typer.Option("--creds", metavar="USER:PASSWORD", help="registry credentials",
+                                              show_default=False)]
+TlsVerifyOpt = Annotated[bool, typer.Option(
+    "--tls-verify/--no-tls-verify",
+    help="verify registry TLS (--tls-verify=false also works); off: plain http allowed")]
+CertDirOpt = Annotated[Path | None, typer.Option(
+    "--cert-dir", help="directory of CA certificates (*.crt) for registries")]
+CacheToOpt = Annotated[str | None, typer.Option(
+    "--cache-to", metavar="docker://REF", help="push this build's layer cache to a registry (shared cache)")]
+CacheFromOpt = Annotated[str | None, typer.Option(
+    "--cache-from", metavar="docker://REF", help="take layers from a shared cache in a registry")]
 
 
 def _fail(exc: NsbuildError) -> NoReturn:
@@ -42,29 +59,75 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise UsageError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
 
 
+class RegistryFlags:
+    """The registry flags every command that talks to a registry takes, as skopeo spells them."""
+
+    def __init__(self, manifest_format: str = "oci", authfile: Path | None = None, creds: str | None = None,
+                 tls_verify: bool = True, cert_dir: Path | None = None, cache_to: str | None = None,
+                 cache_from: str | None = None) -> None:
+        self.manifest_format = manifest_format
+        self.authfile = authfile
+        self.creds = creds
+        self.tls_verify = tls_verify
+        self.cert_dir = cert_dir
+        self.cache_to = cache_to
+        self.cache_from = cache_from
+
+    def options(self):  # type: ignore[no-untyped-def]
+        from nsbuild.registry import options_from_cli
+
+        _check_choice("--manifest-format", self.manifest_format, ("oci", "docker"))
+        if self.cert_dir is not None and not self.cert_dir.is_dir():
+            raise UsageError(f"--cert-dir {self.cert_dir}: not a directory")
+        return options_from_cli(authfile=self.authfile, creds=self.creds, tls_verify=self.tls_verify,
+                                cert_dir=self.cert_dir)
+
+
+def _check_registry_refs(flags: RegistryFlags, output_is_registry: bool, compressor: str) -> None:
+    from nsbuild import remote
+
+    for name, value in (("--cache-to", flags.cache_to), ("--cache-from", flags.cache_from)):
+        if value is not None:
+            if not remote.is_registry(value):
+                raise UsageError(f"{name}: expected docker://HOST/REPO[:TAG], got {value!r}")
+            remote.registry_reference(value, name)
+    if flags.manifest_format == "docker" and output_is_registry and compressor == "zstd":
+        raise UsageError("--manifest-format docker: Docker v2 schema 2 has no zstd layer type; use compressor "
+                         "gz (or none), or the default --manifest-format oci")
+
+
 def _build(kind: str, spec_path: Path, output: str | None, fmt: str | None, quiet: bool, as_json: bool,
            isolation: str, network: str, cache_dir: Path | None, no_cache: bool, jobs: int,
-           stream: bool = False) -> None:
+           stream: bool = False, registry: RegistryFlags | None = None) -> None:
     from nsbuild.build import BuildOptions, build_image, resolve_output
     from nsbuild.refs import FORMATS, ImageRef, parse_ref
     from nsbuild.spec import load_spec
 
+    registry = registry or RegistryFlags()
     try:
         _check_choice("--isolation", isolation, ("auto", "userns", "userns-fakeroot", "fakeroot"))
         _check_choice("--network", network, ("none", "host"))
         if fmt is not None:
             _check_choice("--format", fmt, FORMATS)
+        reg_options = registry.options()
         spec = load_spec(spec_path, kind)
         if stream:
             spec.compressor = "none"
             ref = ImageRef("docker-archive", "-")
         else:
             ref = resolve_output(parse_ref(output) if output else None, fmt, spec)
+        if ref.format == "registry":
+            from nsbuild import remote
+
+            remote.registry_reference("docker://" + ref.location, "-o")
+        _check_registry_refs(registry, ref.format == "registry", spec.compressor)
         progress = Progress(quiet=quiet or as_json and not sys.stderr.isatty())
         from nsbuild.cache import default_cache_dir
 
         options = BuildOptions(isolation=isolation, network=network, jobs=jobs,
-                               cache_dir=None if no_cache else (cache_dir or default_cache_dir()))
+                               cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
+                               registry=reg_options, manifest_format=registry.manifest_format,
+                               cache_to=registry.cache_to, cache_from=registry.cache_from)
         result = build_image(spec, ref, progress, options)
     except NsbuildError as exc:
         _fail(exc)
@@ -77,24 +140,44 @@ def _build(kind: str, spec_path: Path, output: str | None, fmt: str | None, quie
         sys.stderr.write("nsbuild: output pipe closed before the image was written\n")
         raise typer.Exit(1) from None
     image = result.image
-    if not stream:
+    pushed = result.push
+    if pushed is not None and not as_json:
+        # The digest that `REPO@DIGEST` pulls (a Docker v2 manifest has another one than the OCI one).
+        print(f"{pushed.reference}@{pushed.digest}")
+    elif not stream and pushed is None:
         progress.info(f"wrote {result.output} ({result.format}) {image.reference} {image.manifest_digest}")
     if as_json:
-        print(json.dumps({
+        from nsbuild import remote
+
+        doc = {
             "output": result.output, "format": result.format, "name": image.name, "tag": image.tag,
-            "image_digest": image.manifest_digest, "config_digest": image.config_digest,
+            "image_digest": pushed.digest if pushed else image.manifest_digest,
+            "config_digest": image.config_digest,
             "layers": [{"diff_id": layer.diff_id, "digest": layer.digest, "size": layer.size,
                         "uncompressed_size": layer.tar.size, "media_type": layer.media_type,
                         "comment": layer.comment} for layer in image.layers],
-        }, indent=2))
+        }
+        if pushed is not None:
+            doc["push"] = remote.push_json(pushed)
+        if result.base is not None:
+            doc["base"] = result.base
+        if registry.cache_from:
+            doc["cache_from"] = {"reference": registry.cache_from, "layers": result.remote_hits}
+        if result.cache_push is not None:
+            doc["cache_to"] = remote.push_json(result.cache_push)
+        print(json.dumps(doc, indent=2))
 
 
 @app.command()
 def layered(spec: SpecArg, output: OutputOpt = None, format: FormatOpt = None, quiet: QuietOpt = False,
             json_out: JsonOpt = False, isolation: IsolationOpt = "auto", network: NetworkOpt = "none",
-            cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False, jobs: JobsOpt = 0) -> None:
-    """Build a layered image (buildLayeredImage) and write it."""
-    _build("layered", spec, output, format, quiet, json_out, isolation, network, cache_dir, no_cache, jobs)
+            cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False, jobs: JobsOpt = 0,
+            manifest_format: ManifestFormatOpt = "oci", authfile: AuthfileOpt = None, creds: CredsOpt = None,
+            tls_verify: TlsVerifyOpt = True, cert_dir: CertDirOpt = None, cache_to: CacheToOpt = None,
+            cache_from: CacheFromOpt = None) -> None:
+    """Build a layered image (buildLayeredImage) and write or push it."""
+    _build("layered", spec, output, format, quiet, json_out, isolation, network, cache_dir, no_cache, jobs,
+           registry=RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir, cache_to, cache_from))
 
 
 @app.command()
@@ -110,9 +193,51 @@ def stream(spec: SpecArg, quiet: QuietOpt = False, isolation: IsolationOpt = "au
 @app.command()
 def image(spec: SpecArg, output: OutputOpt = None, format: FormatOpt = None, quiet: QuietOpt = False,
           json_out: JsonOpt = False, isolation: IsolationOpt = "auto", network: NetworkOpt = "none",
-          cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False, jobs: JobsOpt = 0) -> None:
+          cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False, jobs: JobsOpt = 0,
+          manifest_format: ManifestFormatOpt = "oci", authfile: AuthfileOpt = None, creds: CredsOpt = None,
+          tls_verify: TlsVerifyOpt = True, cert_dir: CertDirOpt = None, cache_to: CacheToOpt = None,
+          cache_from: CacheFromOpt = None) -> None:
     """Build a single-layer image on a base (buildImage), runAsRoot without KVM."""
-    _build("image", spec, output, format, quiet, json_out, isolation, network, cache_dir, no_cache, jobs)
+    _build("image", spec, output, format, quiet, json_out, isolation, network, cache_dir, no_cache, jobs,
+           registry=RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir, cache_to, cache_from))
+
+
+@app.command()
+def push(image_ref: Annotated[str, typer.Argument(metavar="IMAGE", help="docker-archive, OCI dir or OCI archive")],
+         dest: Annotated[str, typer.Argument(metavar="REF", help="docker://HOST[:PORT]/REPO[:TAG] (tag: latest)")],
+         compressor: Annotated[str, typer.Option(
+             "--compressor", help="for uncompressed layers: gz | zstd | none")] = "gz",
+         quiet: QuietOpt = False, json_out: JsonOpt = False, cache_dir: CacheDirOpt = None,
+         manifest_format: ManifestFormatOpt = "oci", authfile: AuthfileOpt = None, creds: CredsOpt = None,
+         tls_verify: TlsVerifyOpt = True, cert_dir: CertDirOpt = None) -> None:
+    """Push an existing image (docker-archive, OCI layout or OCI archive) to a registry."""
+    from nsbuild import remote
+
+    flags = RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir)
+    try:
+        _check_choice("--compressor", compressor, ("gz", "zstd", "none"))
+        options = flags.options()
+        if not remote.is_registry(dest):
+            raise UsageError(f"REF: expected docker://HOST[:PORT]/REPO[:TAG], got {dest!r}")
+        target = remote.registry_reference(dest, "REF")
+        if manifest_format == "docker" and compressor == "zstd":
+            raise UsageError("--manifest-format docker: Docker v2 schema 2 has no zstd layer type; "
+                             "use --compressor gz")
+        progress = Progress(quiet=quiet or json_out and not sys.stderr.isatty())
+        from nsbuild.cache import default_cache_dir
+
+        result = remote.push_existing(image_ref, target, compressor=compressor, manifest_format=manifest_format,
+                                      options=options, progress=progress,
+                                      cache_dir=cache_dir or default_cache_dir())
+    except NsbuildError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        sys.stderr.write("nsbuild: interrupted\n")
+        raise typer.Exit(130) from None
+    if json_out:
+        print(json.dumps(remote.push_json(result), indent=2))
+    else:
+        print(f"{result.reference}@{result.digest}")
 
 
 @app.command()
@@ -192,8 +317,26 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _skopeo_bools(argv: list[str]) -> list[str]:
+    """`--tls-verify=false` as skopeo users write it (Go bool flags) → typer's `--no-tls-verify`."""
+    out = []
+    for arg in argv:
+        if arg == "--":
+            out.extend(argv[len(out):])
+            break
+        name, eq, value = arg.partition("=")
+        if eq and name == "--tls-verify":
+            if value.lower() in ("false", "0", "no"):
+                arg = "--no-tls-verify"
+            elif value.lower() in ("true", "1", "yes"):
+                arg = "--tls-verify"
+        out.append(arg)
+    return out
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
+    sys.argv[1:] = _skopeo_bools(sys.argv[1:])
     try:
         app()
     except BrokenPipeError:

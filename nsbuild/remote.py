@@ -1,0 +1,437 @@
+"""Glue between a build and registries (issue 6): push outputs, pull `docker://` bases, share the
+layer cache as an OCI artifact.
+
+The distribution protocol itself lives in nsbuild.registry; this module decides what to push and
+where pulled blobs go (the layer cache's `blobs/sha256`, so a second build downloads nothing).
+
+Shared layer cache
+------------------
+The local cache's fingerprints hold host paths, inodes and ctimes: worthless on another runner.  For
+sharing, a layer is named by a *content fingerprint*: the sha256 over, per tar entry in the order the
+writer emits them, the exact tar header the writer would write (name, type, mode, owner after the
+ownership policy, fixed mtime, link target, device numbers, xattrs) followed by the sha256 of the
+file's bytes.  Two inputs with the same content fingerprint produce the same layer tar byte for byte
+(the tar is those headers, that data and padding), whatever their host paths, inodes or file mtimes
+(a fresh git checkout gives every file a new mtime, so stat data alone could never match across
+runners).  It costs reading every file once; tar + compress + upload read them too and do much more.
+
+The artifact is an OCI image manifest whose config (media type CACHE_CONFIG_MEDIA) maps content
+fingerprints to diff_ids and blobs, and whose layers are those blobs, so the registry stores them
+(and keeps them from garbage collection) next to the record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nsbuild.baseimage import DOCKER_TO_OCI, BaseImage
+from nsbuild.compress import open_decompressed
+from nsbuild.errors import BuildError, UsageError
+from nsbuild.image import MEDIA_OCI_MANIFEST, Image, canonical_json, sha256_digest
+from nsbuild.layer import MEDIA_BY_COMPRESSOR, MEDIA_TAR, MEDIA_TAR_GZIP, MEDIA_TAR_ZSTD, Blob, Layer
+from nsbuild.owners import OwnerPolicy
+from nsbuild.progress import Progress, human
+from nsbuild.registry import (
+    BlobRecord,
+    ProgressEvent,
+    PulledImage,
+    PushResult,
+    RegistryError,
+    RegistryOptions,
+    parse_reference,
+    pull_image,
+    push_image,
+    push_manifest,
+)
+from nsbuild.registry.client import RegistryClient
+from nsbuild.registry.pull import _Puller, _Store
+from nsbuild.registry.reference import Reference
+from nsbuild.tarwriter import Source, encode_header, iter_entries
+
+CACHE_CONFIG_MEDIA = "application/vnd.nsbuild.cache.config.v1+json"
+CACHE_FORMAT = "nsbuild-cache-v1"
+# Bump with nsbuild.cache.FORMAT_VERSION: a writer change makes old records describe other bytes.
+CONTENT_VERSION = "nsbuild-content-v1"
+BASE_DIGEST = "org.opencontainers.image.base.digest"
+BASE_NAME = "org.opencontainers.image.base.name"
+COMPRESSION_OF_MEDIA = {MEDIA_TAR: "none", MEDIA_TAR_GZIP: "gz", MEDIA_TAR_ZSTD: "zstd"}
+
+
+def is_registry(text: str | None) -> bool:
+    return bool(text) and str(text).startswith("docker://")
+
+
+def registry_reference(text: str, what: str) -> Reference:
+    """A docker:// reference for an option; a bad one is a usage error naming the option."""
+    try:
+        return parse_reference(text)
+    except UsageError as exc:
+        raise UsageError(f"{what}: {exc}") from None
+
+
+def has_explicit_tag(text: str) -> bool:
+    body = text[len("docker://"):] if text.startswith("docker://") else text
+    last = body.rsplit("/", 1)[-1]
+    return ":" in last or "@" in body
+
+
+def blob_record(cache_dir: Path | None) -> BlobRecord:
+    """Where blobs were seen (for cross-repository mounts): beside the layer cache, else in memory."""
+    return BlobRecord(cache_dir / "blob-record.json" if cache_dir is not None else None)
+
+
+# --- progress ------------------------------------------------------------------------------------------
+
+
+class TransferReporter:
+    """Registry progress events as progress lines: one per blob, a live byte count on a terminal."""
+
+    def __init__(self, progress: Progress, verb: str) -> None:
+        self.progress = progress
+        self.verb = verb
+        self._lock = threading.Lock()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        short = event.digest[:19]
+        if event.action in ("uploading", "downloading"):
+            self.progress.live(f"{event.action} {short}: {human(event.done)} of {human(event.total)}")
+        elif event.action == "exists":
+            self.progress.info(f"{short}: already there ({human(event.total)})")
+        elif event.action == "mounted":
+            self.progress.info(f"{short}: mounted from another repository ({human(event.total)})")
+        elif event.action == "uploaded":
+            self.progress.info(f"{short}: uploaded {human(event.total)}")
+
+
+# --- push ----------------------------------------------------------------------------------------------
+
+
+def push(image: Image, target: Reference, *, manifest_format: str, options: RegistryOptions | None,
+         progress: Progress, cache_dir: Path | None) -> PushResult:
+    progress.info(f"pushing {target} ({manifest_format} manifest, {len(image.layers)} layers)")
+    result = push_image(image, target, manifest_format=manifest_format, options=options,
+                        progress=TransferReporter(progress, "push"), blob_record=blob_record(cache_dir))
+    progress.info(f"pushed {result.reference}@{result.digest}: {len(result.uploaded_blobs)} blobs uploaded "
+                  f"({human(result.uploaded_bytes)}), {len(result.skipped_blobs)} already there, "
+                  f"{len(result.mounted_blobs)} mounted")
+    return result
+
+
+def push_json(result: PushResult) -> dict[str, Any]:
+    """What --json shows of a push: the library's secret-free record plus counts."""
+    out = result.to_json()
+    out.update({"uploaded": len(result.uploaded_blobs), "skipped": len(result.skipped_blobs),
+                "mounted": len(result.mounted_blobs)})
+    return out
+
+
+# --- pull a base image ---------------------------------------------------------------------------------
+
+
+@dataclass
+class PulledBase:
+    base: BaseImage
+    pulled: PulledImage
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reference": str(self.pulled.reference), "digest": self.pulled.resolved_digest,
+                "manifest_digest": self.pulled.digest, "pinned": self.pulled.pinned,
+                "downloaded": len(self.pulled.downloaded_blobs), "cached": len(self.pulled.cached_blobs),
+                "downloaded_bytes": self.pulled.downloaded_bytes}
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _verify_cached(pulled: PulledImage, store_dir: Path) -> list[str]:
+    """pull_image trusts a blob already on disk when its size matches; a cache is shared with other
+    writers, so hash those again. Returns the digests that were wrong (and removes them)."""
+    bad = []
+    for digest in pulled.cached_blobs:
+        path = store_dir / digest.split(":", 1)[1]
+        if path.exists() and _file_digest(path) != digest:
+            path.unlink()
+            bad.append(digest)
+    return bad
+
+
+def _decompress_verified(src: Path, blob_dir: Path, diff_id: str, what: str) -> Blob:
+    """The layer tar of a compressed blob, checked against its diff_id; reused when already there."""
+    final = blob_dir / diff_id.split(":", 1)[1]
+    if final.exists():
+        if _file_digest(final) == diff_id:
+            return Blob(diff_id, final.stat().st_size, final)
+        final.unlink(missing_ok=True)
+    tmp = blob_dir / f".tmp-{uuid.uuid4().hex}.tar"
+    h = hashlib.sha256()
+    size = 0
+    try:
+        with open_decompressed(src) as f, open(tmp, "wb") as out:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+    except (OSError, EOFError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise BuildError(f"{what}: cannot decompress: {exc}") from None
+    if "sha256:" + h.hexdigest() != diff_id:
+        tmp.unlink(missing_ok=True)
+        raise BuildError(f"{what}: the uncompressed layer has digest sha256:{h.hexdigest()}, the config says "
+                         f"{diff_id} (refusing it)")
+    os.chmod(tmp, 0o444)
+    os.replace(tmp, final)
+    return Blob(diff_id, size, final)
+
+
+def pull_base(text: str, *, store_root: Path, architecture: str, options: RegistryOptions | None,
+              progress: Progress, need_tar: bool) -> PulledBase:
+    """Pull a `docker://` base into `store_root/blobs/sha256` (the layer cache, or the workspace)."""
+    ref = registry_reference(text, "fromImage")
+    progress.info(f"pulling base image {ref} ({architecture})")
+    store_dir = store_root / "blobs" / "sha256"
+    reporter = TransferReporter(progress, "pull")
+    pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options, progress=reporter)
+    if _verify_cached(pulled, store_dir):
+        progress.warn("cached base image blobs were corrupted; downloading them again")
+        pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options,
+                            progress=reporter)
+    progress.info(f"base image {ref} resolved to {pulled.resolved_digest} "
+                  f"({len(pulled.downloaded_blobs)} blobs downloaded, {human(pulled.downloaded_bytes)}; "
+                  f"{len(pulled.cached_blobs)} already cached)")
+    try:
+        config = json.loads(pulled.config)
+        diff_ids = config["rootfs"]["diff_ids"]
+    except (ValueError, KeyError, TypeError):
+        raise BuildError(f"fromImage {ref}: the image config has no rootfs.diff_ids") from None
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(pulled.layers):
+        raise BuildError(f"fromImage {ref}: the manifest lists {len(pulled.layers)} layers but the config "
+                         f"has {len(diff_ids) if isinstance(diff_ids, list) else 'no'} diff_ids")
+    pinned = pulled.pinned
+    layers = []
+    for i, (blob, diff_id) in enumerate(zip(pulled.layers, diff_ids, strict=True)):
+        what = f"fromImage: layer {i} ({blob.digest[:19]})"
+        media = DOCKER_TO_OCI.get(blob.media_type, blob.media_type)
+        if media not in COMPRESSION_OF_MEDIA:
+            raise BuildError(f"{what}: media type {blob.media_type!r} is not a layer nsbuild can use")
+        compressed = Blob(blob.digest, blob.size, blob.path)
+        if media == MEDIA_TAR:
+            if blob.digest != diff_id:
+                raise BuildError(f"{what}: an uncompressed layer whose digest is not the config's diff_id")
+            tar = compressed
+        elif need_tar:
+            tar = _decompress_verified(blob.path, store_dir, diff_id, what)
+        else:
+            tar = Blob(diff_id, 0, None)  # never needed: sinks use the compressed blob
+        layers.append(Layer(diff_id=diff_id, tar=tar, compressed=compressed, media_type=media,
+                            comment=f"base layer {i} from {pinned}"))
+    # Provenance in the config too (the docker-archive has no manifest annotations): every base
+    # history entry with a layer names the pinned base it came from.
+    history = [dict(h) for h in config.get("history", []) if isinstance(h, dict)]
+    for h in history:
+        if not h.get("empty_layer"):
+            old = h.get("comment")
+            h["comment"] = f"{old}; from {pinned}" if old else f"from {pinned}"
+    base = BaseImage(config, layers, history, text)
+    return PulledBase(base, pulled, {BASE_DIGEST: pulled.resolved_digest, BASE_NAME: str(ref)})
+
+
+# --- content fingerprints ------------------------------------------------------------------------------
+
+
+def content_fingerprint(sources: list[Source], *, mtime: int, owner: OwnerPolicy,
+                        overlay_whiteouts: bool = False) -> str:
+    """See the module docstring: the tar's headers in order, each file's data by its sha256."""
+    h = hashlib.sha256()
+    h.update(json.dumps([CONTENT_VERSION, mtime, owner.to_json(), overlay_whiteouts], sort_keys=True).encode())
+    for entry in iter_entries(sources, overlay_whiteouts=overlay_whiteouts):
+        h.update(encode_header(entry, owner.resolve(entry.uid, entry.gid), mtime))
+        if entry.kind == "file" and entry.size and entry.host is not None:
+            h.update(_content_digest(entry.host, entry.size))
+    return h.hexdigest()
+
+
+def _content_digest(host: bytes, size: int) -> bytes:
+    try:
+        fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BuildError(f"{os.fsdecode(host)}: cannot read: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").digest()
+    # The size is in the header already; a file that changed size under us would give a tar that
+    # does not match, so the build that follows reads it again anyway.
+    return digest + size.to_bytes(8, "big")
+
+
+# --- shared layer cache ---------------------------------------------------------------------------------
+
+
+class RemoteCache:
+    """`--cache-from`: a record fetched once, blobs downloaded (verified) when a fingerprint matches."""
+
+    def __init__(self, text: str, options: RegistryOptions | None, progress: Progress) -> None:
+        self.ref = registry_reference(text, "--cache-from")
+        self.options = options
+        self.progress = progress
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.client: RegistryClient | None = None
+        self._puller: _Puller | None = None
+        self._lock = threading.Lock()
+        self.downloaded_bytes = 0
+        self.hits = 0
+
+    def open(self) -> None:
+        self.client = RegistryClient(self.ref, self.options, actions=("pull",))
+        try:
+            body = self._manifest()
+        except BaseException:
+            self.close()
+            raise
+        if body is None:
+            self.progress.info(f"no shared cache at {self.ref} yet; building")
+            return
+        doc = json.loads(body)
+        config = doc.get("config") or {}
+        if config.get("mediaType") != CACHE_CONFIG_MEDIA:
+            raise BuildError(f"--cache-from {self.ref}: not an nsbuild cache (config media type "
+                             f"{config.get('mediaType')!r})")
+        assert self._puller is not None
+        blob = self._puller.blob(str(config["digest"]), int(config["size"]), CACHE_CONFIG_MEDIA)
+        record = json.loads(blob.path.read_bytes())
+        if record.get("format") != CACHE_FORMAT:
+            self.progress.warn(f"--cache-from {self.ref}: cache format {record.get('format')!r} is not "
+                               f"{CACHE_FORMAT}; ignoring it")
+            return
+        self.entries = record.get("layers") or {}
+        self.progress.info(f"shared cache {self.ref}: {len(self.entries)} layers recorded")
+
+    def _manifest(self) -> bytes | None:
+        assert self.client is not None
+        # Cache records land in the workspace-independent tmp store first; blobs are fetched per layer.
+        self._scratch = Path(tempfile.mkdtemp(prefix="nsbuild-cachefrom-"))
+        self._puller = _Puller(self.client, _Store(self._scratch), lambda e: None)
+        try:
+            body, _media, _digest = self._puller.manifest(self.ref.reference)
+        except RegistryError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return body
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        scratch = getattr(self, "_scratch", None)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def lookup(self, key: str, *, compression: str, need_tar: bool, store_root: Path,
+               comment: str) -> Layer | None:
+        """The layer for content fingerprint `key` from the registry, in the form this build needs
+        (`compression`'s blob; the plain tar too when `need_tar`), or None."""
+        entry = self.entries.get(key)
+        if not entry or self.client is None:
+            return None
+        forms: dict[str, dict[str, Any]] = entry.get("blobs") or {}
+        diff_id = str(entry["diff_id"])
+        store_dir = store_root / "blobs" / "sha256"
+        puller = _Puller(self.client, _Store(store_root), lambda e: None)
+        try:
+            if compression != "none":
+                rec = forms.get(compression)
+                if rec is None:
+                    return None
+                blob = self._fetch(puller, rec, store_dir)
+                tar = Blob(diff_id, int(entry.get("tar_size", 0)), None)
+                if need_tar:
+                    tar = _decompress_verified(blob.path, store_dir, diff_id, f"cache layer {diff_id[:19]}")
+                compressed = blob
+            else:
+                rec = forms.get("none") or forms.get("gz") or forms.get("zstd")
+                if rec is None:
+                    return None
+                blob = self._fetch(puller, rec, store_dir)
+                tar = blob if blob.digest == diff_id else _decompress_verified(
+                    blob.path, store_dir, diff_id, f"cache layer {diff_id[:19]}")
+                compressed = tar
+        except RegistryError as exc:
+            if exc.status == 404:
+                self.progress.warn(f"shared cache {self.ref}: a recorded blob is gone ({exc}); rebuilding")
+                return None
+            raise
+        with self._lock:
+            self.hits += 1
+        return Layer(diff_id=diff_id, tar=tar, compressed=compressed,
+                     media_type=MEDIA_BY_COMPRESSOR[compression], comment=comment)
+
+    def _fetch(self, puller: _Puller, rec: dict[str, Any], store_dir: Path) -> Blob:
+        digest, size = str(rec["digest"]), int(rec["size"])
+        pulled = puller.blob(digest, size, str(rec.get("mediaType", "")))
+        if digest in puller.cached and _file_digest(pulled.path) != digest:
+            # Someone else's bytes under this name: fetch them again, verified while streaming.
+            pulled.path.unlink(missing_ok=True)
+            pulled = puller.blob(digest, size, str(rec.get("mediaType", "")))
+        with self._lock:
+            self.downloaded_bytes += size if digest in puller.downloaded else 0
+        return Blob(digest, size, pulled.path)
+
+
+def push_cache(text: str, layers: list[tuple[str, Layer]], *, options: RegistryOptions | None,
+               progress: Progress, cache_dir: Path | None) -> PushResult:
+    """`--cache-to`: the record of this build's content layers, as an artifact holding their blobs."""
+    ref = registry_reference(text, "--cache-to")
+    entries: dict[str, dict[str, Any]] = {}
+    blobs: dict[str, Path] = {}
+    descriptors: list[dict[str, Any]] = []
+    for key, layer in layers:
+        blob = layer.compressed
+        if blob.path is None:
+            continue
+        form = COMPRESSION_OF_MEDIA.get(layer.media_type, "none")
+        entries[key] = {"diff_id": layer.diff_id, "tar_size": layer.tar.size,
+                        "blobs": {form: {"digest": blob.digest, "size": blob.size, "mediaType": layer.media_type}}}
+        if blob.digest not in blobs:
+            blobs[blob.digest] = blob.path
+            descriptors.append({"mediaType": layer.media_type, "digest": blob.digest, "size": blob.size})
+    config = canonical_json({"format": CACHE_FORMAT, "layers": entries})
+    manifest = canonical_json({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_OCI_MANIFEST,
+        "config": {"mediaType": CACHE_CONFIG_MEDIA, "digest": sha256_digest(config), "size": len(config)},
+        "layers": descriptors,
+        "annotations": {"org.opencontainers.image.description": "nsbuild layer cache"},
+    })
+    progress.info(f"pushing the layer cache ({len(entries)} layers) to {ref}")
+    result = push_manifest(ref, manifest, MEDIA_OCI_MANIFEST, blobs={sha256_digest(config): config, **blobs},
+                           options=options, progress=TransferReporter(progress, "cache"),
+                           blob_record=blob_record(cache_dir))
+    progress.info(f"pushed the layer cache {result.reference}@{result.digest}: "
+                  f"{len(result.uploaded_blobs)} blobs uploaded, {len(result.skipped_blobs)} already there, "
+                  f"{len(result.mounted_blobs)} mounted")
+    return result
+
+
+@contextlib.contextmanager
+def opened_cache(text: str | None, options: RegistryOptions | None, progress: Progress):  # type: ignore[no-untyped-def]
+    if not text:
+        yield None
+        return
+    cache = RemoteCache(text, options, progress)
+    cache.open()
+    try:
+        yield cache
+    finally:
+        cache.close()
