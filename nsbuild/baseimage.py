@@ -40,6 +40,7 @@ class BaseImage:
     layers: list[Layer]
     history: list[dict[str, Any]] = field(default_factory=list)
     source: str = ""
+    raw_config: bytes | None = None  # the config's bytes as stored (`nsbuild push` keeps its digest)
 
 
 class _Reader:
@@ -200,7 +201,7 @@ def _load_docker(reader: _Reader, blob_dir: Path, work_dir: Path, name: str | No
         tar = _decompressed_blob(raw, blob_dir, diff_id, what)
         layers.append(Layer(diff_id=diff_id, tar=tar, compressed=tar, media_type=MEDIA_TAR,
                             comment=f"base layer {i}"))
-    return BaseImage(config, layers, list(config.get("history", [])), source)
+    return BaseImage(config, layers, list(config.get("history", [])), source, config_bytes)
 
 
 def _choose_docker_image(manifest: list[dict], name: str | None, tag: str | None) -> dict:
@@ -238,12 +239,15 @@ def _load_oci(reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str,
     else:
         raise BuildError(f"fromImage: the layout holds {len(manifests)} images; name one with oci:DIR:TAG")
 
+    raw: dict[str, bytes] = {}
+
     def blob_json(d: dict, what: str) -> Any:
         digest = _check_digest(d.get("digest"), what)
         with reader.open("blobs/sha256/" + digest.split(":", 1)[1]) as f:
             blob = _copy_verified(f, blob_dir, digest, what)
         assert blob.path is not None
-        return json.loads(blob.path.read_bytes())
+        raw[what] = blob.path.read_bytes()
+        return json.loads(raw[what])
 
     manifest = blob_json(desc, "fromImage: manifest")
     for _ in range(4):
@@ -272,4 +276,4 @@ def _load_oci(reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str,
         media = COMPRESSION_MEDIA[compression_of(compressed.path or "")]
         layers.append(Layer(diff_id=diff_id, tar=tar, compressed=compressed, media_type=media,
                             comment=f"base layer {i}"))
-    return BaseImage(config, layers, list(config.get("history", [])), source)
+    return BaseImage(config, layers, list(config.get("history", [])), source, raw.get("fromImage: config"))
