@@ -106,7 +106,8 @@ class TransferReporter:
         if event.action in ("uploading", "downloading"):
             self.progress.live(f"{event.action} {short}: {human(event.done)} of {human(event.total)}")
         elif event.action == "exists":
-            self.progress.info(f"{short}: already there ({human(event.total)})")
+            where = "in the local cache" if self.verb == "pull" else "already in the registry"
+            self.progress.info(f"{short}: {where} ({human(event.total)})")
         elif event.action == "mounted":
             self.progress.info(f"{short}: mounted from another repository ({human(event.total)})")
         elif event.action == "uploaded":
@@ -435,3 +436,37 @@ def opened_cache(text: str | None, options: RegistryOptions | None, progress: Pr
         yield cache
     finally:
         cache.close()
+
+
+# --- nsbuild push --------------------------------------------------------------------------------------
+
+
+def push_existing(text: str, target: Reference, *, compressor: str, manifest_format: str,
+                  options: RegistryOptions | None, progress: Progress, cache_dir: Path | None) -> PushResult:
+    """`nsbuild push IMAGE REF`: an image on disk as it is; uncompressed layers compressed first."""
+    from nsbuild.baseimage import load_base
+    from nsbuild.build import Workspace
+    from nsbuild.image import oci_manifest
+    from nsbuild.layer import layer_from_tar
+    from nsbuild.spec import host_architecture
+
+    if is_registry(text):
+        raise UsageError(f"IMAGE {text!r}: copying between registries is skopeo's job; give an archive or layout")
+    ws = Workspace()
+    try:
+        progress.info(f"reading {text}")
+        base = load_base(text, ws.blobs, ws.path("base"), architecture=host_architecture())
+        layers = []
+        for layer in base.layers:
+            if compressor == "none" or layer.media_type != MEDIA_TAR or layer.tar.path is None:
+                layers.append(layer)  # compressed blobs are pushed byte for byte
+            else:
+                layers.append(layer_from_tar(layer.tar.path, ws.blobs, compression=compressor,
+                                             comment=layer.comment, expected_diff_id=layer.diff_id))
+        config = base.raw_config if base.raw_config is not None else canonical_json(base.config)
+        image = Image(name=target.repository, tag=target.tag or "latest", layers=layers, config=config,
+                      manifest=oci_manifest(config, layers))
+        return push(image, target, manifest_format=manifest_format, options=options, progress=progress,
+                    cache_dir=cache_dir)
+    finally:
+        ws.close()
