@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from nsbuild.compress import Compressor
-from nsbuild.errors import BuildError
+from nsbuild.errors import BuildError, UsageError
 from nsbuild.image import MEDIA_OCI_MANIFEST, Image, canonical_json
 from nsbuild.layer import Blob
 from nsbuild.owners import Owner
@@ -172,6 +172,12 @@ def write_oci_archive(image: Image, out: BinaryIO, *, tag: str, mtime: int) -> N
 
 def write_oci_dir(image: Image, dest: Path, *, tag: str) -> None:
     """Add the image to an OCI layout (created if missing), replacing an image with the same tag."""
+    if dest.exists() or dest.is_symlink():
+        if not dest.is_dir():
+            raise UsageError(f"{dest}: exists and is not a directory (an OCI layout is a directory)")
+        if not (dest / "oci-layout").exists() and any(dest.iterdir()):
+            raise UsageError(f"{dest}: a non-empty directory that is not an OCI layout (no oci-layout file); "
+                             "refusing to write into it")
     created = not dest.exists()
     try:
         blob_dir = dest / "blobs" / "sha256"
@@ -196,9 +202,11 @@ def write_oci_dir(image: Image, dest: Path, *, tag: str) -> None:
             except (json.JSONDecodeError, AttributeError):
                 raise BuildError(f"{index_path}: exists but is not a valid OCI index") from None
         _atomic_bytes(index_path, _index(image, tag, existing))
-    except BaseException:
+    except BaseException as exc:
         if created:
             shutil.rmtree(dest, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise BuildError(f"{dest}: cannot write the OCI layout: {exc.strerror or exc}") from None
         raise
 
 
@@ -222,6 +230,8 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
 def atomic_output(path: Path) -> Iterator[BinaryIO]:
     """A temporary file beside `path`, renamed over it only when the block finishes without error."""
     path = path.absolute()
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory; name the archive file to write (e.g. {path}/image.tar)")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except FileNotFoundError:
@@ -234,9 +244,11 @@ def atomic_output(path: Path) -> Iterator[BinaryIO]:
             f.flush()
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
+            raise BuildError(f"{path}: cannot write: {exc.strerror or exc}") from None
         raise
 
 

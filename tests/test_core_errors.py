@@ -3,6 +3,7 @@ output and interrupts (no partial file, no temporary tree, no stray process)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -238,3 +239,37 @@ def test_interrupt_leaves_nothing(user_tmp: UserTmpFactory, sig: signal.Signals,
     assert not leftover, f"processes outlived the build: {leftover}"
     assert not list(out.iterdir()), f"partial output: {list(out.iterdir())}"
     assert not list(tmpdir.iterdir()), f"temporary trees left: {list(tmpdir.iterdir())}"
+
+
+@pytest.mark.parametrize(("kind", "ref"), [
+    ("dir", "{d}/outdir"),
+    ("dir", "oci-archive:{d}/outdir"),
+    ("dir", "docker-archive:{d}/outdir"),
+    ("file", "oci:{d}/afile:t"),
+    ("nonlayout", "oci:{d}/outdir:t"),
+])
+def test_output_of_the_wrong_kind(project: Path, kind: str, ref: str) -> None:
+    """An archive onto a directory, a layout onto a file or into a directory that is not a layout: a
+    clear one-line error (exit 2), and what was there is untouched."""
+    spec = write_spec(project, {"name": "x", "contents": ["rootfs"]})
+    (project / "outdir").mkdir()
+    (project / "outdir" / "keep").write_text("mine\n")
+    (project / "afile").write_text("mine\n")
+    proc = build(spec, ref.format(d=project), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert sorted(p.name for p in (project / "outdir").iterdir()) == ["keep"]
+    assert (project / "afile").read_text() == "mine\n"
+    assert sorted(p.name for p in project.iterdir()) == ["afile", "outdir", "rootfs", "spec.json"]
+
+
+def test_oci_dir_into_an_empty_directory_and_a_second_tag(project: Path) -> None:
+    spec = write_spec(project, {"name": "x", "tag": "one", "contents": ["rootfs"]})
+    (project / "layout").mkdir()
+    build(spec, f"oci:{project / 'layout'}")
+    spec2 = write_spec(project, {"name": "x", "tag": "two", "contents": ["rootfs"], "extraCommands": "touch b"},
+                       "two.json")
+    build(spec2, f"oci:{project / 'layout'}:two")
+    index = json.loads((project / "layout" / "index.json").read_text())
+    names = [m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]]
+    assert names == ["one", "two"]
