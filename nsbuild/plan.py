@@ -101,15 +101,17 @@ def _store_sources(closure: dict[str, StorePath], names: list[str]) -> list[Sour
 
 
 def _merge_smallest(layers: list[PlannedLayer], budget: int) -> list[PlannedLayer]:
-    """Merge the two smallest layers until they fit; a merged layer keeps its earliest position."""
-    items = [(i, layer) for i, layer in enumerate(layers)]
+    """Merge neighbours, the smallest pair first, until the layers fit the budget.
+
+    Only neighbours: a file given by several contents entries must come from the last of them whatever
+    the budget, and merging two layers across a third would put the later entry below that one.
+    """
+    items = list(layers)
     if len(items) > budget:
         for layer in layers:  # sizes only matter when something must be merged
             layer.size = sum(tree_size(s.host) for s in layer.sources)
-    while len(items) > budget:
-        by_size = sorted(items, key=lambda it: (it[1].size, it[0]))
-        (ia, a), (ib, b) = sorted(by_size[:2], key=lambda it: it[0])
-        merged = PlannedLayer(a.sources + b.sources, f"{a.comment} + {b.comment}", a.size + b.size)
-        items = [it for it in items if it[0] not in (ia, ib)] + [(ia, merged)]
-        items.sort(key=lambda it: it[0])
-    return [layer for _, layer in items]
+    while len(items) > max(budget, 1):
+        i = min(range(len(items) - 1), key=lambda k: (items[k].size + items[k + 1].size, k))
+        a, b = items[i], items[i + 1]
+        items[i:i + 2] = [PlannedLayer(a.sources + b.sources, f"{a.comment} + {b.comment}", a.size + b.size)]
+    return items
