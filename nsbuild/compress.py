@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 from typing import BinaryIO, Protocol
 
 import zstandard
@@ -46,6 +48,43 @@ class HashingWriter:
     @property
     def digest(self) -> str:
         return "sha256:" + self.hash.hexdigest()
+
+
+class Pipelined:
+    """Hands chunks to a thread of its own, which feeds `out`.
+
+    Hashing, compressing and writing are C code that releases the GIL: in a second thread they run
+    alongside the Python code that walks the tree and builds headers, instead of after it.
+    """
+
+    def __init__(self, out: Sink, depth: int = 16) -> None:
+        self.out = out
+        self._queue: queue.Queue[bytes | bytearray | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="nsbuild-layer-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self._error is not None:
+            raise self._error
+        # A memoryview is the producer's reusable buffer: take a copy; bytes/bytearrays are handed over.
+        self._queue.put(bytes(data) if isinstance(data, memoryview) else data)
+        return len(data)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.out.write(item)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the producer
+                    self._error = exc
+
+    def close(self) -> None:
+        """Wait until everything is written; raise what the writer thread hit."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 class Compressor:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nsbuild.compress import Compressor, HashingWriter
+from nsbuild.compress import Compressor, HashingWriter, Pipelined
 from nsbuild.errors import BuildError
 from nsbuild.owners import OwnerPolicy
 from nsbuild.tarwriter import Source, write_tar
@@ -98,7 +98,11 @@ def build_layer(sources: list[Source], blob_dir: Path, *, mtime: int, owner: Own
             blob_hash = HashingWriter(blob_file)
             compressor = Compressor(compression, blob_hash)
             outs.append(compressor)
-        write_tar(sources, _Tee(*outs), mtime=mtime, owner=owner, overlay_whiteouts=overlay_whiteouts)
+        pipe = Pipelined(_Tee(*outs))
+        try:
+            write_tar(sources, pipe, mtime=mtime, owner=owner, overlay_whiteouts=overlay_whiteouts)
+        finally:
+            pipe.close()
         if compressor is not None:
             compressor.close()
     except BaseException:
