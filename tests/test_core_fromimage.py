@@ -166,3 +166,27 @@ def test_base_config_digest_is_not_reused_blindly(tmp_path: Path, base_tree: Pat
     assert before == after
     assert json.loads((layout / "index.json").read_text())["manifests"][0]["annotations"][
         "org.opencontainers.image.ref.name"] == "b1"
+
+
+@pytest.mark.parametrize("tool", ["skopeo-docker-archive", "podman-save-docker", "podman-save-oci-archive",
+                                  "podman-save-oci-dir"])
+def test_from_image_written_by_other_tools(tmp_path: Path, base_tree: Path, tool: str) -> None:
+    """Bases as skopeo and `podman save` write them (their own member names and layouts)."""
+    _, path = make_base(tmp_path, base_tree, "docker-archive", "none")
+    if tool == "skopeo-docker-archive":
+        out = tmp_path / "skopeo.tar"
+        skopeo_copy(f"docker-archive:{path}", f"docker-archive:{out}:base:b1")
+        ref = str(out)
+    else:
+        with podman_store() as ps:
+            image = ps.load(path)
+            fmt = {"podman-save-docker": "docker-archive", "podman-save-oci-archive": "oci-archive",
+                   "podman-save-oci-dir": "oci-dir"}[tool]
+            out = tmp_path / f"saved-{fmt}"
+            ps.podman("save", "--format", fmt, "-o", str(out), image)
+        ref = str(out)
+    base = read_image(path, tmp_path / "base-view")
+    build(child_spec(tmp_path, ref), tmp_path / "child.tar")
+    child = read_image(tmp_path / "child.tar", tmp_path / "child-view")
+    assert child.config["rootfs"]["diff_ids"][:2] == base.config["rootfs"]["diff_ids"]
+    check_child_runs(tmp_path / "child.tar")
