@@ -152,6 +152,10 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
     cache = LayerCache(options.cache_dir) if options.cache_dir else None
     annotations: dict[str, str] = {}
     base_info = None
+    if output.format == "registry":
+        remote.preflight("docker://" + output.location, "-o", options.registry)
+    if options.cache_to:
+        remote.preflight(options.cache_to, "--cache-to", options.registry)
     if spec.from_image and remote.is_registry(spec.from_image):
         # Pulled blobs live in the layer cache (the next build downloads nothing), else the workspace.
         pulled = remote.pull_base(spec.from_image, store_root=cache.root if cache else ws.path("pull"),

@@ -117,6 +117,16 @@ class TransferReporter:
 # --- push ----------------------------------------------------------------------------------------------
 
 
+def preflight(text: str, what: str, options: RegistryOptions | None) -> None:
+    """Reach the registry and authenticate for a push before the build: a wrong password, a missing
+    CA or a typo in the host fails in a second, not after minutes of compression."""
+    ref = registry_reference(text, what)
+    with RegistryClient(ref, options, actions=("pull", "push")) as client:
+        client.ping()
+        # Any authenticated request will do; 401/403 raise the clear auth error inside request().
+        client.request("GET", f"/v2/{ref.repository}/tags/list").close()
+
+
 def push(image: Image, target: Reference, *, manifest_format: str, options: RegistryOptions | None,
          progress: Progress, cache_dir: Path | None) -> PushResult:
     progress.info(f"pushing {target} ({manifest_format} manifest, {len(image.layers)} layers)")
@@ -455,7 +465,11 @@ def push_existing(text: str, target: Reference, *, compressor: str, manifest_for
     ws = Workspace()
     try:
         progress.info(f"reading {text}")
-        base = load_base(text, ws.blobs, ws.path("base"), architecture=host_architecture())
+        try:
+            base = load_base(text, ws.blobs, ws.path("base"), architecture=host_architecture())
+        except BuildError as exc:
+            # The reader speaks of fromImage; here the image is the command's argument.
+            raise BuildError(str(exc).removeprefix("fromImage: ")) from None
         layers = []
         for layer in base.layers:
             if compressor == "none" or layer.media_type != MEDIA_TAR or layer.tar.path is None:
