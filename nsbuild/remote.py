@@ -60,7 +60,7 @@ from nsbuild.tarwriter import Source, encode_header, iter_entries
 
 CACHE_CONFIG_MEDIA = "application/vnd.nsbuild.cache.config.v1+json"
 CACHE_FORMAT = "nsbuild-cache-v1"
-# Bump with nsbuild.cache.FORMAT_VERSION: a writer change makes old records describe other bytes.
+# Bump when the content fingerprint itself changes (the writer's FORMAT_VERSION is hashed in too).
 CONTENT_VERSION = "nsbuild-content-v1"
 BASE_DIGEST = "org.opencontainers.image.base.digest"
 BASE_NAME = "org.opencontainers.image.base.name"
@@ -266,7 +266,10 @@ def content_fingerprint(sources: list[Source], *, mtime: int, owner: OwnerPolicy
                         overlay_whiteouts: bool = False) -> str:
     """See the module docstring: the tar's headers in order, each file's data by its sha256."""
     h = hashlib.sha256()
-    h.update(json.dumps([CONTENT_VERSION, mtime, owner.to_json(), overlay_whiteouts], sort_keys=True).encode())
+    from nsbuild.cache import FORMAT_VERSION  # the writer's version: its bytes for these inputs
+
+    h.update(json.dumps([CONTENT_VERSION, FORMAT_VERSION, mtime, owner.to_json(), overlay_whiteouts],
+                        sort_keys=True).encode())
     for entry in iter_entries(sources, overlay_whiteouts=overlay_whiteouts):
         h.update(encode_header(entry, owner.resolve(entry.uid, entry.gid), mtime))
         if entry.kind == "file" and entry.size and entry.host is not None:
