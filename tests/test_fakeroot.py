@@ -436,3 +436,23 @@ def test_edge_changes_identical_across_backends(matrix_work: tuple[str | None, P
         assert other == lst, f"{backend}: " + repr(
             {k: (lst.get(k), other.get(k)) for k in set(lst) | set(other) if lst.get(k) != other.get(k)})
     assert len(set(digests.values())) == 1, digests
+
+
+def test_nixpkgs_fakechroot_with_static_busybox(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
+    """nixpkgs' case as written (a static busybox image, enableFakechroot, `touch /testfile && chown
+    12345:12345 /testfile`): recorded by userns; the fakeroot-based backend cannot follow a static
+    shell, and says so before the script runs instead of failing silently."""
+    _require_tools()
+    user = unprivileged_user
+    work = user_tmp(user)
+    spec = {"name": "busybox-chroot", "tag": "latest", "compressor": "none",
+            "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+            "extraCommands": "mkdir -p bin && for a in sh touch chown; do ln -s busybox bin/$a; done",
+            "enableFakechroot": True, "fakeRootCommands": "touch /testfile && chown 12345:12345 /testfile"}
+    if "userns" in _backends_for(user):
+        proc, out = build(user, work, spec, "userns")
+        assert proc.returncode == 0, describe(proc)
+        assert "statically linked" not in proc.stderr
+        assert listing(last_layer(out, work))["testfile"][2:4] == (12345, 12345)
+    proc, out = build(user, work, spec, "userns-fakeroot")
+    assert "/bin/sh is statically linked" in proc.stderr, describe(proc)

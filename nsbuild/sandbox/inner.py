@@ -172,12 +172,65 @@ def _undo_mounts(points: list[Path]) -> None:
             mounts.umount(p)
 
 
+def _resolve_in(root: Path, rel: str) -> Path | None:
+    """root/rel with symlinks resolved inside root (as the chroot will see them)."""
+    parts = [p for p in rel.split("/") if p]
+    cur: list[str] = []
+    for _ in range(64):
+        if not parts:
+            return root.joinpath(*cur)
+        part = parts.pop(0)
+        if part == "..":
+            cur = cur[:-1]
+            continue
+        if part == ".":
+            continue
+        p = root.joinpath(*cur, part)
+        if p.is_symlink():
+            target = os.readlink(p)
+            if target.startswith("/"):
+                cur = []
+            parts = [x for x in target.split("/") if x] + parts
+            continue
+        cur.append(part)
+    return None
+
+
+def _is_static_elf(path: Path) -> bool:
+    """An ELF executable without a PT_INTERP program header: LD_PRELOAD (fakeroot) cannot reach it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF":
+                return False
+            is64, little = head[4] == 2, head[5] == 1
+            order = "little" if little else "big"
+            if is64:
+                phoff, phentsize, phnum = (int.from_bytes(head[32:40], order),
+                                           int.from_bytes(head[54:56], order), int.from_bytes(head[56:58], order))
+            else:
+                phoff, phentsize, phnum = (int.from_bytes(head[28:32], order),
+                                           int.from_bytes(head[42:44], order), int.from_bytes(head[44:46], order))
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+    except OSError:
+        return False
+    pt_interp = 3
+    return all(int.from_bytes(table[i * phentsize:i * phentsize + 4], order) != pt_interp
+               for i in range(phnum))
+
+
 def _shell(merged: Path, chroot: bool) -> list[str]:
     if not chroot:
         return ["bash", "-e", "-c"]
     for sh in ("bin/bash", "usr/bin/bash", "bin/sh", "usr/bin/sh"):
         p = merged / sh
         if os.path.lexists(p):
+            real = _resolve_in(merged, sh)
+            if "FAKEROOTKEY" in os.environ and real is not None and _is_static_elf(real):
+                _log(f"warning: the image's /{sh} is statically linked: fakeroot cannot record what it "
+                     "(or other static tools) do, e.g. chown to other ids fails; a user namespace with "
+                     "subordinate ids (--isolation userns) or dynamically linked tools avoid this")
             return ["/" + sh, "-e", "-c"]
     raise RuntimeError("enableFakechroot: the image has no /bin/bash or /bin/sh to run fakeRootCommands")
 
