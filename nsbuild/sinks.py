@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -114,7 +115,7 @@ def docker_archive_members(image: Image, repo_tag: str | None) -> tuple[list[tup
 def write_docker_archive(image: Image, out: BinaryIO, *, compressor: str, mtime: int,
                          repo_tag: str | None = None) -> None:
     """docker-archive as `docker save` and dockerTools write it; the whole stream optionally compressed."""
-    repo_tag = repo_tag or image.reference
+    repo_tag = check_repo_tag(repo_tag or image.reference)
     sink: object = out
     comp = None
     if compressor != "none":
@@ -146,6 +147,37 @@ def _oci_blobs(image: Image) -> list[tuple[str, Blob | bytes]]:
     return blobs
 
 
+# org.opencontainers.image.ref.name grammar (image-spec annotations.md).
+_REF_COMPONENT = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
+REF_NAME_RE = re.compile(rf"^{_REF_COMPONENT}(?:/{_REF_COMPONENT})*$")
+
+
+def check_ref_name(tag: str) -> str:
+    """An OCI layout's ref.name, before anything is written: readers reject or mangle other names."""
+    if not REF_NAME_RE.match(tag):
+        raise UsageError(f"{tag!r} is not a valid OCI reference name (letters, digits and separators "
+                         "-._:@+ between them, '/' between components)")
+    return tag
+
+
+def check_repo_tag(repo_tag: str) -> str:
+    """NAME:TAG for a docker-archive's RepoTags, as docker/podman load accept it."""
+    from nsbuild.spec import NAME_RE, TAG_RE
+
+    name, sep, tag = repo_tag.rpartition(":")
+    if not sep or "/" in tag:
+        raise UsageError(f"{repo_tag!r}: expected NAME:TAG")
+    first, slash, rest = name.partition("/")
+    path = rest if slash and ("." in first or ":" in first or first == "localhost") else name
+    if not NAME_RE.match(name) or path != path.lower():
+        raise UsageError(f"{name!r} is not a valid repository name (lower-case letters, digits, '.', '_', "
+                         "'-', '/', optionally after a registry host)")
+    if not TAG_RE.match(tag):
+        raise UsageError(f"{tag!r} is not a valid tag (up to 128 of letters, digits, '_', '.', '-', "
+                         "not starting with '.' or '-')")
+    return repo_tag
+
+
 def _index(image: Image, tag: str, existing: list[dict] | None = None) -> bytes:
     manifests = [m for m in existing or [] if m.get("annotations", {}).get(REF_NAME) != tag]
     manifests.append({"mediaType": MEDIA_OCI_MANIFEST, "digest": image.manifest_digest,
@@ -158,6 +190,7 @@ OCI_LAYOUT = canonical_json({"imageLayoutVersion": "1.0.0"})
 
 
 def write_oci_archive(image: Image, out: BinaryIO, *, tag: str, mtime: int) -> None:
+    check_ref_name(tag)
     tar = _TarStream(out, mtime)
     tar.add_bytes("oci-layout", OCI_LAYOUT)
     tar.add_bytes("index.json", _index(image, tag))
@@ -172,6 +205,7 @@ def write_oci_archive(image: Image, out: BinaryIO, *, tag: str, mtime: int) -> N
 
 def write_oci_dir(image: Image, dest: Path, *, tag: str) -> None:
     """Add the image to an OCI layout (created if missing), replacing an image with the same tag."""
+    check_ref_name(tag)
     if dest.exists() or dest.is_symlink():
         if not dest.is_dir():
             raise UsageError(f"{dest}: exists and is not a directory (an OCI layout is a directory)")

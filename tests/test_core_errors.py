@@ -273,3 +273,15 @@ def test_oci_dir_into_an_empty_directory_and_a_second_tag(project: Path) -> None
     index = json.loads((project / "layout" / "index.json").read_text())
     names = [m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]]
     assert names == ["one", "two"]
+
+
+@pytest.mark.parametrize("ref", ["docker-archive:{d}/x.tar:Bad Name:tag", "docker-archive:{d}/x.tar:UPPER/app:tag",
+                                 "docker-archive:{d}/x.tar:app:-tag", "oci:{d}/layout:bad tag!",
+                                 "oci-archive:{d}/x.tar:-bad"])
+def test_invalid_name_or_tag_in_the_output_reference(project: Path, ref: str) -> None:
+    """podman/docker would refuse the archive later; nsbuild refuses it now and writes nothing."""
+    spec = write_spec(project, {"name": "x", "contents": ["rootfs"]})
+    proc = build(spec, ref.format(d=project), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert sorted(p.name for p in project.iterdir()) == ["rootfs", "spec.json"]

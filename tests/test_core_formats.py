@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,16 @@ def test_docker_load_in_a_private_dockerd(tmp_path: Path) -> None:
             build(spec, out)
             image = docker.load(out)
             assert docker.run(image) == GREETING
+
+
+def test_name_and_tag_from_the_output_reference(tmp_path: Path) -> None:
+    spec = example_spec(tmp_path, compressor="none")
+    out = tmp_path / "img.tar"
+    build(spec, f"docker-archive:{out}:localhost:5000/other/name:v2")
+    manifest = json.loads(subprocess.run(["tar", "-xOf", str(out), "manifest.json"], check=True,
+                                         capture_output=True, text=True).stdout)
+    assert manifest[0]["RepoTags"] == ["localhost:5000/other/name:v2"]
+    with podman_store() as store:
+        assert store.load(out) == "localhost:5000/other/name:v2"
+    build(spec, f"oci-archive:{tmp_path / 'img.oci.tar'}:release-1.0")
+    skopeo_copy(f"oci-archive:{tmp_path / 'img.oci.tar'}:release-1.0", f"oci:{tmp_path / 'copy'}:x")
