@@ -14,8 +14,10 @@ from support import (
     check_all_layers,
     compression_of,
     docker_daemon,
+    has_subids,
     oci_manifest,
     oci_validate,
+    podman_load_and_run,
     podman_store,
     run_nsbuild,
     skopeo_copy,
@@ -150,3 +152,19 @@ def test_name_and_tag_from_the_output_reference(tmp_path: Path) -> None:
         assert store.load(out) == "localhost:5000/other/name:v2"
     build(spec, f"oci-archive:{tmp_path / 'img.oci.tar'}:release-1.0")
     skopeo_copy(f"oci-archive:{tmp_path / 'img.oci.tar'}:release-1.0", f"oci:{tmp_path / 'copy'}:x")
+
+
+def test_built_and_run_rootless(unprivileged_user: str | None, user_tmp) -> None:  # type: ignore[no-untyped-def]
+    """Built by an unprivileged account (with and without subordinate ids), run by rootless podman."""
+    work = user_tmp(unprivileged_user)
+    spec = json.loads(EXAMPLE_SPEC.read_text())
+    spec["contents"] = [str(EXAMPLE_SPEC.parent / "rootfs"), *spec["contents"][1:]]
+    spec["compressor"] = "zstd"
+    spec_path = work / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    spec_path.chmod(0o644)
+    build(spec_path, work / "img.tar.zst", user=unprivileged_user)
+    build(spec_path, f"oci:{work / 'layout'}:latest", user=unprivileged_user)
+    runner = unprivileged_user if has_subids(unprivileged_user) else None  # rootless podman needs subids
+    assert podman_load_and_run(work / "img.tar.zst", user=runner) == GREETING
+    assert podman_load_and_run(f"{work / 'layout'}:latest", user=runner) == GREETING
