@@ -36,7 +36,8 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
                               script: str, enable_fakechroot: bool, root_owner: Owner, mtime: int,
                               isolation: str, network: str, workdir: Path, out_tar: Path, log: Any,
                               upper_sources: list[Source] | None = None,
-                              env: dict[str, str] | None = None) -> CustomisationResult:
+                              env: dict[str, str] | None = None, scratch_mib: int | None = None,
+                              memory_mib: int | None = None) -> CustomisationResult:
     """Run fakeRootCommands as namespace root over the image being built; write the customisation layer.
 
     custom_root      the customisation layer's tree so far (after extraCommands); read, never modified.
@@ -56,6 +57,10 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
     out_tar          the uncompressed layer tar, written atomically (absent unless the build succeeds).
     log              has .info(str) and .warn(str).
     env              the script's environment (default: this process's).
+    scratch_mib      (runAsRoot's diskSize) the script's writable space is a tmpfs of this many MiB in
+                     its mount namespace (copy-and-diff: the whole image copy counts); not enforced
+                     by the fakeroot backend (no namespaces), which warns.
+    memory_mib       (runAsRoot's buildVMMemorySize) RLIMIT_AS of every script process, in MiB.
 
     Raises BuildError (exit 1) when no backend works, the script fails (its status; its output went to
     stderr live), or the layer cannot be written. KeyboardInterrupt propagates after teardown.
@@ -64,6 +69,8 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
     if backend == "fakeroot" and enable_fakechroot:
         raise BuildError("enableFakechroot needs a user namespace (backends userns or userns-fakeroot); "
                          "the fakeroot backend cannot chroot")
+    if scratch_mib and backend == "fakeroot":
+        log.warn("fakeroot backend: the disk space limit (diskSize) is not enforced without namespaces")
     if USES_FAKEROOT[backend]:
         log.warn(STATIC_WARNING.replace("fakeroot backend", f"{backend} backend"))
     workdir = Path(workdir)
@@ -89,6 +96,7 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
         "root_owner": {"uid": root_owner.uid, "gid": root_owner.gid, "uname": root_owner.uname,
                        "gname": root_owner.gname},
         "env": dict(env) if env is not None else None,
+        "in_ns": backend != "fakeroot", "scratch_mib": scratch_mib, "memory_mib": memory_mib,
         # Without a namespace the caller's real ids can show through fakeroot: they become root.
         "caller_ids": [os.getuid(), os.getgid()] if backend == "fakeroot" and os.getuid() != 0 else None,
     }

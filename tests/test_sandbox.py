@@ -299,3 +299,61 @@ def test_stream_stdout_holds_only_the_image(unprivileged_user: str | None, user_
     assert b"noise-on-stdout" in proc.stderr and b"noise-on-stdout" not in proc.stdout
     with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tf:
         assert "manifest.json" in tf.getnames()
+
+
+DRIVER = r"""
+import json, sys
+from pathlib import Path
+from nsbuild.customize import build_customisation_layer
+from nsbuild.errors import BuildError
+from nsbuild.owners import Owner
+
+class Log:
+    def info(self, m): print(m, file=sys.stderr)
+    def warn(self, m): print("warning:", m, file=sys.stderr)
+
+args = json.loads(sys.argv[1])
+work = Path(args["work"])
+custom = work / "custom"; custom.mkdir(exist_ok=True)
+sandbox = work / "sandbox"; sandbox.mkdir(exist_ok=True)
+try:
+    build_customisation_layer(custom_root=custom, lower=[], base_layer_tars=[], script=args["script"],
+        enable_fakechroot=False, root_owner=Owner(0, 0, "root", "root"), mtime=1,
+        isolation=args["backend"], network="none", workdir=sandbox, out_tar=work / "out.tar", log=Log(),
+        scratch_mib=args.get("scratch"), memory_mib=args.get("memory"))
+except BuildError as exc:
+    print("BuildError:", exc)
+    sys.exit(1)
+print("ok")
+"""
+
+
+def test_scratch_and_memory_limits(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
+    """runAsRoot's diskSize and buildVMMemorySize: a tmpfs of that size holds what the script writes,
+    and each script process gets that much address space."""
+    import sys
+
+    user = unprivileged_user
+    work = user_tmp(user)
+    driver = work / "driver.py"
+    driver.write_text(DRIVER)
+
+    def go(backend: str, script: str, **limits: int) -> subprocess.CompletedProcess:
+        for p in (work / "out.tar",):
+            p.unlink(missing_ok=True)
+        args = json.dumps({"work": str(work), "backend": backend, "script": script, **limits})
+        return run_as([sys.executable, str(driver), args], user)
+
+    big = "head -c 24000000 /dev/zero > big"
+    hog = f"{sys.executable} -c 'x = bytearray(300 << 20)'"
+    for backend in [b for b in _backends_for(user) if b != "fakeroot"]:
+        proc = go(backend, big, scratch=16)
+        assert proc.returncode == 1 and "No space left on device" in proc.stderr, describe(proc)
+        assert not (work / "out.tar").exists()
+        proc = go(backend, big, scratch=64)
+        assert proc.returncode == 0, describe(proc)
+        proc = go(backend, hog, memory=200)
+        assert proc.returncode == 1 and "MemoryError" in proc.stderr, describe(proc)
+        proc = go(backend, hog, memory=1024)
+        assert proc.returncode == 0, describe(proc)
+        assert os.listdir(work / "sandbox") == []

@@ -7,7 +7,9 @@ it left running, write the layer with nsbuild.layerjob in this same context (so 
 modes the script set, real or faked), remove the trees. The outcome goes to PLAN["result"] as JSON.
 
 PLAN keys: work, custom_root, lower ([[host, target], ...]), base_layers, script, chroot, engine
-("overlay"|"copy"), in_ns, network, out, mtime, root_owner {uid,gid,uname,gname}, result, env.
+("overlay"|"copy"), in_ns, network, out, mtime, root_owner {uid,gid,uname,gname}, result, env,
+scratch_mib (writable space on a tmpfs of that size; namespaces only), memory_mib (RLIMIT_AS of each
+script process).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -73,11 +76,13 @@ def _assemble(plan: dict, root: Path, link: bool, devices: dict[str, list]) -> N
         tree.place(Path(host), target, root, link=link)
 
 
-def _mount_overlay(work: Path) -> bool:
+def _mount_overlay(work: Path, lower: Path, upper: Path, ovlwork: Path, merged: Path) -> bool:
     os.chdir(work)  # relative option paths: no escaping of ',' or ':' in the caller's directory names
+    rel = {k: os.path.relpath(v, work) for k, v in
+           (("lower", lower), ("upper", upper), ("work", ovlwork), ("merged", merged))}
     try:
-        mounts.mount("overlay", "merged", "overlay", 0,
-                     "lowerdir=lower,upperdir=upper,workdir=ovlwork,userxattr")
+        mounts.mount("overlay", rel["merged"], "overlay", 0,
+                     f"lowerdir={rel['lower']},upperdir={rel['upper']},workdir={rel['work']},userxattr")
     except OSError as exc:
         _log(f"overlayfs unavailable here ({exc.strerror}); using copy-and-diff")
         return False
@@ -262,7 +267,13 @@ def _run_script(plan: dict, merged: Path) -> int:
         if "FAKEROOTKEY" in env:
             env["LD_LIBRARY_PATH"] = "/dev/.fakeroot"
 
+    memory = plan.get("memory_mib")
+
     def enter() -> None:
+        if memory:
+            # buildVMMemorySize: a hard limit on each of the script's processes.
+            limit = int(memory) << 20
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         if chroot:
             os.chroot(merged)
         os.chdir("/" if chroot else merged)
@@ -317,7 +328,15 @@ def main() -> None:
     overlay = False
     timings: dict[str, float] = {}
     t0 = time.monotonic()
+    scratch: Path | None = None
     try:
+        if plan.get("scratch_mib") and plan.get("in_ns"):
+            # diskSize: everything the script can write lives on a tmpfs of that size.
+            scratch = work / "scratch"
+            scratch.mkdir()
+            mounts.mount("tmpfs", scratch, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
+                         f"size={int(plan['scratch_mib'])}m,mode=0755")
+            upper, ovlwork, merged = scratch / "upper", scratch / "ovlwork", scratch / "merged"
         for d in (upper, merged):
             d.mkdir()
         skip: set[str] = set()
@@ -331,7 +350,7 @@ def main() -> None:
                 for name in tree_system_dirs(lower):
                     (lower / name).mkdir(mode=0o755)
             tree.copy_tree(Path(plan["custom_root"]), upper)
-            overlay = _mount_overlay(work)
+            overlay = _mount_overlay(work, lower, upper, ovlwork, merged)
             if not overlay:
                 tree.remove(upper)
                 upper.mkdir()
@@ -389,9 +408,13 @@ def main() -> None:
             with contextlib.suppress(OSError):
                 mounts.umount(merged)
         # Files owned by subordinate ids can only be removed from in here.
-        for d in (merged, upper, ovlwork, lower):
+        if scratch is not None:
             with contextlib.suppress(OSError):
-                tree.remove(d)
+                mounts.umount(scratch)
+        for d in (merged, upper, ovlwork, lower, scratch):
+            if d is not None:
+                with contextlib.suppress(OSError):
+                    tree.remove(d)
         result["timings"] = timings
         Path(plan["result"]).write_text(json.dumps(result))
     sys.exit(0)
