@@ -76,13 +76,7 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
     workdir = Path(workdir)
     work = Path(tempfile.mkdtemp(prefix="fr-", dir=workdir))
     os.chmod(work, 0o755)
-    custom = Path(custom_root)
-    if upper_sources:
-        # The layer's own content: one tree, custom_root over the folded sources.
-        custom = work / "custom-in"
-        custom.mkdir()
-        for s in [*upper_sources, Source(Path(custom_root), "/")]:
-            _copy_source(s, custom)
+    custom = work / "custom-in" if upper_sources else Path(custom_root)
     result_path = work / "result.json"
     tmp_out = out_tar.with_name(out_tar.name + ".part")
     plan = {
@@ -112,6 +106,11 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
         # or a container we run in) it is EINVAL. The record in fakeroot is what counts anyway.
         run_env["FAKEROOTDONTTRYCHOWN"] = "1"
     try:
+        if upper_sources:
+            # The layer's own content: one tree, custom_root over the folded sources.
+            custom.mkdir()
+            for s in [*upper_sources, Source(Path(custom_root), "/")]:
+                _copy_source(s, custom)
         res = run(MODE[backend], argv, network=network, env=run_env)
         outcome = _read_result(result_path)
         if outcome is None:

@@ -456,3 +456,29 @@ def test_nixpkgs_fakechroot_with_static_busybox(unprivileged_user: str | None, u
         assert listing(last_layer(out, work))["testfile"][2:4] == (12345, 12345)
     proc, out = build(user, work, spec, "userns-fakeroot")
     assert "/bin/sh is statically linked" in proc.stderr, describe(proc)
+
+
+def test_contents_folded_into_the_customisation_layer(matrix_work: tuple[str | None, Path]) -> None:
+    """fromImage fills the layer budget (maxLayers 3 for a 2-layer base): the contents are folded into the customisation
+    layer itself; what the script changes in them lands there, with no whiteout for what is not below."""
+    user, work = matrix_work
+    base = {"name": "base", "tag": "1", "compressor": "none",
+            "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}]}
+    proc, base_tar = build(user, work, base, "userns-fakeroot", out_name="base.tar")
+    assert proc.returncode == 0, describe(proc)
+    results = {}
+    for backend in _backends_for(user):
+        spec = _spec(work, "chown 1000:1000 etc/lower-chown && rm etc/motd && chmod 4755 bin/busybox",
+                     maxLayers=3, fromImage=str(base_tar))
+        spec["contents"] = ["rootfs"]
+        proc, out = build(user, work, spec, backend)
+        assert proc.returncode == 0, describe(proc)
+        layers = image_layers(out, work / f"fold-{backend}")
+        assert len(layers) == 3, layers
+        lst = listing(layers[-1])
+        assert lst["etc/lower-chown"][2:4] == (1000, 1000)
+        assert lst["etc/untouched"][2:4] == (0, 0)
+        assert lst["bin/busybox"][1] == 0o4755  # from the base layer: copied up
+        assert "etc/motd" not in lst and "etc/.wh.motd" not in lst, sorted(lst)
+        results[backend] = lst
+    assert all(v == next(iter(results.values())) for v in results.values())
