@@ -183,11 +183,13 @@ def layered(spec: SpecArg, output: OutputOpt = None, format: FormatOpt = None, q
 @app.command()
 def stream(spec: SpecArg, quiet: QuietOpt = False, isolation: IsolationOpt = "auto",
            network: NetworkOpt = "none", cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
-           jobs: JobsOpt = 0) -> None:
+           jobs: JobsOpt = 0, authfile: AuthfileOpt = None, creds: CredsOpt = None, tls_verify: TlsVerifyOpt = True,
+           cert_dir: CertDirOpt = None, cache_to: CacheToOpt = None, cache_from: CacheFromOpt = None) -> None:
     """Write an uncompressed docker-archive to stdout (streamLayeredImage): `| podman load`."""
     if sys.stdout.isatty():
         _fail(UsageError("refusing to write an image to a terminal; pipe it (| podman load) or use layered"))
-    _build("layered", spec, None, None, quiet, False, isolation, network, cache_dir, no_cache, jobs, stream=True)
+    _build("layered", spec, None, None, quiet, False, isolation, network, cache_dir, no_cache, jobs, stream=True,
+           registry=RegistryFlags("oci", authfile, creds, tls_verify, cert_dir, cache_to, cache_from))
 
 
 @app.command()

@@ -351,3 +351,25 @@ def test_from_image_unknown_tag(app_spec, registry_factory: RegistryFactory) -> 
     assert proc.returncode == 1, describe(proc)
     assert "not found" in proc.stderr.splitlines()[-1] and "Traceback" not in proc.stderr
     assert not (work / "x.tar").exists()
+
+
+def test_token_auth_from_registry_auth_file_and_stream(app_spec, registry_factory: RegistryFactory) -> None:  # noqa: ANN001
+    """Bearer tokens (the WWW-Authenticate flow) with credentials from REGISTRY_AUTH_FILE; `stream`
+    takes the registry flags too, for a docker:// fromImage."""
+    user, work, spec = app_spec
+    reg = registry_factory(auth=("bob", "t0ken-Pass-5521"), token=True)
+    env = {"REGISTRY_AUTH_FILE": str(reg.auth_file)}
+    proc = run_nsbuild(["layered", str(spec), "-o", f"docker://{reg}/base:1", TLS_OFF, "--no-cache", "-q"], user,
+                       env=env)
+    assert proc.returncode == 0, describe(proc)
+    assert "t0ken-Pass-5521" not in proc.stdout + proc.stderr
+    child = write_spec(work, {"name": "child", "tag": "1", "fromImage": f"docker://{reg}/base:1"}, "child.json")
+    proc = run_nsbuild(["stream", str(child), TLS_OFF, "--no-cache"], user, env=env, text=False)
+    assert proc.returncode == 0, describe(proc)
+    archive = work / "streamed.tar"
+    archive.write_bytes(proc.stdout)
+    skopeo_copy(f"docker-archive:{archive}", f"oci:{work / 'streamed'}:t", user=user)
+    # Without credentials: one clear line naming what was tried.
+    proc = run_nsbuild(["stream", str(child), TLS_OFF, "--no-cache"], user, text=False)
+    assert proc.returncode == 1
+    assert b"no credentials found" in proc.stderr.splitlines()[-1], proc.stderr
