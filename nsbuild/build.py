@@ -212,6 +212,10 @@ def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOp
 
     want_content_key = shared is not None or bool(options.cache_to)
 
+    def content_fingerprint(key: str | None, planned: PlannedLayer) -> str:
+        return remote.remembered_content_fingerprint(cache.root if cache else None, key, planned.sources,
+                                                     mtime=spec.mtime, owner=fixed)
+
     def make(index: int, planned: PlannedLayer) -> tuple[Layer, float, bool | str, str | None]:
         t0 = time.monotonic()
         key = None
@@ -221,18 +225,18 @@ def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOp
             hit = cache.lookup(key, compression=compression, need_tar=keep_tar, comment=planned.comment)
             if hit is not None:
                 if options.cache_to:
-                    content_key = remote.content_fingerprint(planned.sources, mtime=spec.mtime, owner=fixed)
+                    content_key = content_fingerprint(key, planned)
                 progress.layer_done(index, total, planned.comment, hit.tar.size, time.monotonic() - t0, True)
                 return hit, time.monotonic() - t0, True, content_key
         if want_content_key:
-            content_key = remote.content_fingerprint(planned.sources, mtime=spec.mtime, owner=fixed)
+            content_key = content_fingerprint(key, planned)
         if shared is not None and content_key is not None:
             got = shared.lookup(content_key, compression=compression, need_tar=keep_tar,
                                 store_root=cache.root if cache else ws.path("pull"), comment=planned.comment)
             if got is not None:
                 if cache is not None and key is not None:
                     cache.store(key, got, compression)
-                progress.info(f"[{index}/{total}] {planned.comment}: {human(got.size)} "
+                progress.info(f"[{index}/{total}] {planned.comment}: {human(got.tar.size)} "
                               f"(from cache {shared.ref}, {time.monotonic() - t0:.2f}s)")
                 return got, time.monotonic() - t0, "remote", content_key
         label = f"[{index}/{total}]"

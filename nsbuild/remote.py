@@ -277,6 +277,27 @@ def content_fingerprint(sources: list[Source], *, mtime: int, owner: OwnerPolicy
     return h.hexdigest()
 
 
+def remembered_content_fingerprint(cache_root: Path | None, local_key: str | None, sources: list[Source], *,
+                                   mtime: int, owner: OwnerPolicy) -> str:
+    """content_fingerprint, remembered per local fingerprint in `<cache>/content/`: the local key
+    covers every entry's stat data (ctime included), so while it matches, the content does too and an
+    unchanged layer costs no reading."""
+    memo = cache_root / "content" / local_key if cache_root is not None and local_key else None
+    if memo is not None:
+        with contextlib.suppress(OSError):
+            value = memo.read_text().strip()
+            if len(value) == 64:
+                return value
+    value = content_fingerprint(sources, mtime=mtime, owner=owner)
+    if memo is not None:
+        with contextlib.suppress(OSError):
+            memo.parent.mkdir(exist_ok=True)
+            tmp = memo.with_name(f".{memo.name}.{uuid.uuid4().hex}")
+            tmp.write_text(value + "\n")
+            os.replace(tmp, memo)
+    return value
+
+
 def _content_digest(host: bytes, size: int) -> bytes:
     try:
         fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

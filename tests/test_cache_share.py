@@ -116,6 +116,35 @@ def test_second_runner_downloads_and_does_not_rebuild(user_with_subids: str | No
     assert content(states(err)) == {"contents[0]": "remote", "contents[1]": "built", "contents[2]": "remote"}, err
 
 
+def test_cache_to_after_a_local_change_records_the_new_content(user_with_subids: str | None, user_tmp,  # noqa: ANN001
+                                                               registry_factory: RegistryFactory) -> None:
+    """Runner A rebuilds with its local cache after an edit: unchanged layers come from the local cache
+    (their content fingerprints from the memo beside it), and the record it pushes describes the
+    edited inputs, not the old ones."""
+    user = user_with_subids
+    reg = registry_factory()
+    shared = f"docker://{reg}/cache:main"
+    a, b, c = user_tmp(user), user_tmp(user), user_tmp(user)
+    spec_a = make_inputs(a, user, mtime=1_600_000_000)
+    args = ["--cache-dir", str(a / "cache"), "--cache-to", shared, TLS_OFF]
+    build(user, spec_a, f"oci:{a / 'out1'}", *args)
+    assert len(list((a / "cache/content").iterdir())) == 3
+    (a / "alpha/sub/file.txt").write_text("alpha DATA\n")
+    err = build(user, spec_a, f"oci:{a / 'out2'}", *args)
+    assert content(states(err)) == {"contents[0]": "built", "contents[1]": "cached", "contents[2]": "cached"}, err
+
+    spec_b = make_inputs(b, user, mtime=1_700_000_000)
+    (b / "alpha/sub/file.txt").write_text("alpha DATA\n")
+    err = build(user, spec_b, f"oci:{b / 'out'}", "--cache-dir", str(b / "cache"), "--cache-from", shared, TLS_OFF)
+    assert set(content(states(err)).values()) == {"remote"}, err
+    assert index_digest(b / "out") == index_digest(a / "out2")
+
+    spec_c = make_inputs(c, user, mtime=1_700_000_000)  # the old alpha: no longer in the record
+    err = build(user, spec_c, f"oci:{c / 'out'}", "--no-cache", "--cache-from", shared, TLS_OFF)
+    assert content(states(err)) == {"contents[0]": "built", "contents[1]": "remote", "contents[2]": "remote"}, err
+    assert index_digest(c / "out") == index_digest(a / "out1")
+
+
 def test_shared_gzip_cache_feeds_a_docker_archive_without_local_cache(user_with_subids: str | None, user_tmp,  # noqa: ANN001
                                                                        registry_factory: RegistryFactory) -> None:
     user = user_with_subids
