@@ -85,9 +85,17 @@ def has_explicit_tag(text: str) -> bool:
     return ":" in last or "@" in body
 
 
+class _HintRecord(BlobRecord):
+    """A BlobRecord whose file is only a hint: failing to save it never fails a push."""
+
+    def save(self) -> None:
+        with contextlib.suppress(OSError):
+            super().save()
+
+
 def blob_record(cache_dir: Path | None) -> BlobRecord:
     """Where blobs were seen (for cross-repository mounts): beside the layer cache, else in memory."""
-    return BlobRecord(cache_dir / "blob-record.json" if cache_dir is not None else None)
+    return _HintRecord(cache_dir / "blob-record.json" if cache_dir is not None else None)
 
 
 # --- progress ------------------------------------------------------------------------------------------
