@@ -370,3 +370,23 @@ def test_layered_image_json_result_matches_archive(tmp_path: Path, store: FakeSt
     assert [entry["diff_id"] for entry in result["layers"]] == view.config["rootfs"]["diff_ids"]
     assert result["name"] == "layers" and result["tag"] == "t"
     assert result["image_digest"].startswith("sha256:") and result["config_digest"].startswith("sha256:")
+
+
+@pytest.mark.parametrize(("written", "expected"), [
+    ("2020-01-01T00:00:00+02:00", "2019-12-31T22:00:00Z"),
+    ("2020-01-01", "2020-01-01T00:00:00Z"),
+    ("2020-06-01T12:30:00.75Z", "2020-06-01T12:30:00Z"),
+    ("2020-06-01T12:30:00", "2020-06-01T12:30:00Z"),  # no zone: UTC, whatever TZ says
+])
+def test_date_forms_do_not_depend_on_tz(tmp_path: Path, written: str, expected: str) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_text("f")
+    spec = write_spec(tmp_path, {"name": "dates", "tag": "t", "contents": [str(tree)], "created": written,
+                                 "mtime": written})
+    epoch = int(datetime.fromisoformat(expected.replace("Z", "+00:00")).timestamp())
+    for tz in ("Asia/Tokyo", "America/Los_Angeles"):
+        build(spec, tmp_path / f"{tz.replace('/', '-')}.tar", tz=tz)
+        view = read_image(tmp_path / f"{tz.replace('/', '-')}.tar", tmp_path / f"view-{tz.replace('/', '-')}")
+        assert view.config["created"] == expected
+        assert {m.mtime for members in view.layers for m in members} == {epoch}

@@ -285,3 +285,28 @@ def test_invalid_name_or_tag_in_the_output_reference(project: Path, ref: str) ->
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert sorted(p.name for p in project.iterdir()) == ["rootfs", "spec.json"]
+
+
+@pytest.mark.parametrize("ref", ["{d}/out/img.tar.gz", "oci:{d}/out/layout:t", "oci-archive:{d}/out/img.oci.tar"])
+def test_success_leaves_only_the_output(project: Path, ref: str) -> None:
+    spec = write_spec(project, {"name": "x", "contents": ["rootfs"], "extraCommands": "mkdir -p tmp && touch tmp/x"})
+    (project / "out").mkdir()
+    tmpdir = fresh_tmpdir(project)
+    build(spec, ref.format(d=project), env={"TMPDIR": str(tmpdir)})
+    assert len(list((project / "out").iterdir())) == 1
+    assert not list(tmpdir.iterdir()), list(tmpdir.iterdir())
+
+
+def test_socket_in_contents_is_a_clear_build_error(project: Path) -> None:
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(project / "rootfs" / "etc" / "app.sock"))
+        spec = write_spec(project, {"name": "x", "contents": ["rootfs"]})
+        tmpdir = fresh_tmpdir(project)
+        proc = build(spec, project / "img.tar", env={"TMPDIR": str(tmpdir)}, check=False)
+    finally:
+        sock.close()
+    assert proc.returncode == 1 and "app.sock" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (project / "img.tar").exists() and not list(tmpdir.iterdir())
