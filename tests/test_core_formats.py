@@ -168,3 +168,28 @@ def test_built_and_run_rootless(unprivileged_user: str | None, user_tmp) -> None
     runner = unprivileged_user if has_subids(unprivileged_user) else None  # rootless podman needs subids
     assert podman_load_and_run(work / "img.tar.zst", user=runner) == GREETING
     assert podman_load_and_run(f"{work / 'layout'}:latest", user=runner) == GREETING
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_duplicate_layers(tmp_path: Path, fmt: str) -> None:
+    """Two contents entries with identical trees give the same layer twice: one blob, listed twice."""
+    trees = []
+    for name in ("a", "b"):
+        t = tmp_path / name / "etc"
+        t.mkdir(parents=True)
+        (t / "same").write_text("same bytes\n")
+        trees.append(str(t.parent))
+    spec = example_spec(tmp_path, compressor="none" if fmt == "docker-archive" else "zstd")
+    data = json.loads(spec.read_text())
+    data["contents"] = [data["contents"][0], *trees, data["contents"][1]]
+    spec.write_text(json.dumps(data))
+    ref, path = output_ref(fmt, tmp_path)
+    build(spec, ref)
+    view = read_image(path, tmp_path / "view", tag="latest")
+    diff_ids = view.config["rootfs"]["diff_ids"]
+    assert len(diff_ids) == 5 and diff_ids[1] == diff_ids[2]
+    gz_layout = to_gzip_oci(ref, tmp_path / "gz-layout", "t")
+    umoci_unpack(gz_layout, "t", tmp_path / "bundle")
+    with podman_store() as store:
+        image = store.load(path) if fmt != "oci-dir" else store.pull(f"oci:{path}:latest")
+        assert store.run(image) == GREETING
