@@ -74,6 +74,7 @@ def inspected(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             "config": {"Cmd": ["/bin/tool"], "User": "app", "Env": ["A=1"]}})
     build(spec, tmp / "img.tar.gz")
     build(spec, f"oci:{tmp / 'layout'}:t")
+    build(spec, f"oci-archive:{tmp / 'img.oci.tar'}:t")
     return tmp
 
 
@@ -83,10 +84,13 @@ def inspect_json(ref: str) -> dict:
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("which", ["archive", "docker-archive-ref", "oci-ref", "oci-dir"])
+@pytest.mark.parametrize("which", ["archive", "docker-archive-ref", "oci-ref", "oci-dir", "oci-archive",
+                                   "oci-archive-ref"])
 def test_inspect_json(inspected: Path, which: str) -> None:
     ref = {"archive": str(inspected / "img.tar.gz"), "docker-archive-ref": f"docker-archive:{inspected / 'img.tar.gz'}",
-           "oci-ref": f"oci:{inspected / 'layout'}:t", "oci-dir": str(inspected / "layout")}[which]
+           "oci-ref": f"oci:{inspected / 'layout'}:t", "oci-dir": str(inspected / "layout"),
+           "oci-archive": str(inspected / "img.oci.tar"),
+           "oci-archive-ref": f"oci-archive:{inspected / 'img.oci.tar'}:t"}[which]
     report = inspect_json(ref)
     view = read_image(inspected / "img.tar.gz", inspected / f"view-{which}")
     assert report["config"]["architecture"] == "arm64"

@@ -285,3 +285,21 @@ def test_file_larger_than_8_gib(tmp_path: Path) -> None:
     assert total == data_end + (-size % 512) + 1024, "data, padding and the two end blocks"
     pad = -size % 512
     assert tail[-(1024 + pad + 3):-(1024 + pad)] == b"END"
+
+
+def test_long_and_non_ascii_owner_names(tmp_path: Path) -> None:
+    """Names beyond ustar's 32 bytes or outside ASCII travel in PAX records; real readers show them."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_text("f")
+    uname, gname = "u" * 40, "grüppe"
+    spec = write_spec(tmp_path, {"name": "owners", "tag": "t", "compressor": "none", "contents": [str(tree)],
+                                 "uid": 70000, "gid": 2**31, "uname": uname, "gname": gname})
+    build(spec, tmp_path / "img.tar")
+    view = read_image(tmp_path / "img.tar", tmp_path / "view")
+    for members in view.layers:
+        for m in members:
+            assert (m.uid, m.gid, m.uname, m.gname) == (70000, 2**31, uname, gname), m.name
+    listing = subprocess.run(["tar", "-tvf", str(view.plain_paths[0])], capture_output=True, text=True,
+                             check=True).stdout
+    assert f"{uname}/{gname}" in listing, listing
