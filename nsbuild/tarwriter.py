@@ -372,15 +372,36 @@ def _copy_file(host: bytes, size: int, out: Writer, buf: bytearray) -> None:
         out.write(b"\0" * pad)
 
 
+Device = tuple[str, int, int]  # ("char" | "block", major, minor)
+
+
+def _with_devices(entries: Iterator[Entry], devices: dict[bytes, Device]) -> Iterator[Entry]:
+    """Empty placeholder files recorded as devices (a user namespace cannot mknod) become devices."""
+    for entry in entries:
+        dev = devices.get(entry.name)
+        if dev is not None and entry.kind == "file" and entry.size == 0:
+            kind, major, minor = dev
+            entry = Entry(name=entry.name, kind=kind, mode=entry.mode, uid=entry.uid, gid=entry.gid,
+                          devmajor=int(major), devminor=int(minor))
+        yield entry
+
+
 def write_tar(sources: list[Source], out: Writer, *, mtime: int, owner: OwnerPolicy,
-              overlay_whiteouts: bool = False, on_entry: Callable[[Entry], None] | None = None) -> TarStats:
-    """Write one layer tar for `sources` to `out`; return counts (the caller's writer hashes)."""
+              overlay_whiteouts: bool = False, on_entry: Callable[[Entry], None] | None = None,
+              devices: dict[bytes, Device] | None = None) -> TarStats:
+    """Write one layer tar for `sources` to `out`; return counts (the caller's writer hashes).
+
+    `devices` maps layer-relative names of empty placeholder files to the device each stands for.
+    """
     if not 0 <= mtime <= MAX_OCTAL_11:
         raise BuildError(f"mtime {mtime} is outside the range a tar header can hold")
     stats = TarStats()
     buf = bytearray(COPY_CHUNK)
     pending = bytearray()
-    for entry in iter_entries(sources, overlay_whiteouts=overlay_whiteouts):
+    entries = iter_entries(sources, overlay_whiteouts=overlay_whiteouts)
+    if devices:
+        entries = _with_devices(entries, devices)
+    for entry in entries:
         header = encode_header(entry, owner.resolve(entry.uid, entry.gid), mtime)
         stats.entries += 1
         if on_entry is not None:

@@ -306,9 +306,9 @@ def _write_layer(plan: dict, upper: Path, names_root: Path, devices: dict[str, l
         "overlay_whiteouts": True,
         "devices": devices,
     }
-    from nsbuild.sandbox import devlayer
+    from nsbuild import layerjob
 
-    return devlayer.run_job(job)
+    return layerjob.run_job(job)
 
 
 def _image_file(root: Path, rel: str) -> str | None:
