@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from support import podman_store, run_nsbuild, skopeo_inspect
+from support import podman_store, run_nsbuild, skopeo_inspect, to_gzip_oci, umoci_unpack
 from support.core import (
     BUSYBOX,
     DEFAULT_CREATED,
@@ -390,3 +390,21 @@ def test_date_forms_do_not_depend_on_tz(tmp_path: Path, written: str, expected: 
         view = read_image(tmp_path / f"{tz.replace('/', '-')}.tar", tmp_path / f"view-{tz.replace('/', '-')}")
         assert view.config["created"] == expected
         assert {m.mtime for members in view.layers for m in members} == {epoch}
+
+
+def test_many_store_paths_fill_max_layers(tmp_path: Path, store: FakeStore) -> None:
+    """More paths than the layer limit: exactly maxLayers (125, the most Docker/overlay take) layers, all
+    of them unpacked by umoci."""
+    paths = [store.add(f"pkg{i:03d}", {f"share/pkg{i}": b"p" * (i + 1)}) for i in range(140)]
+    tree = busybox_tree(tmp_path / "bb")
+    spec = write_spec(tmp_path, {"name": "many", "tag": "t", "storeDir": str(store.dir), "maxLayers": 125,
+                                 "contents": [str(tree), *map(str, paths)],
+                                 "config": {"Cmd": ["/bin/sh", "-c", "ls /share | wc -l"]}})
+    build(spec, tmp_path / "img.tar")
+    view = read_image(tmp_path / "img.tar", tmp_path / "view")
+    assert len(view.layers) == 125
+    _assert_closure_complete(view, paths)
+    # skopeo + umoci rather than podman: a vfs store copies the whole tree once per layer (~15 s here).
+    layout = to_gzip_oci(f"docker-archive:{tmp_path / 'img.tar'}", tmp_path / "layout", "t")
+    umoci_unpack(layout, "t", tmp_path / "bundle")
+    assert len(list((tmp_path / "bundle" / "rootfs" / "share").iterdir())) == 140
