@@ -142,7 +142,9 @@ def build_image(spec: Spec, output: ImageRef, progress: Progress,
 def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions,
            ws: Workspace) -> BuildResult:
     if spec.kind == "image":
-        raise SpecError("", "nsbuild image (buildImage) is not implemented yet; use nsbuild layered")
+        from nsbuild import buildimage
+
+        return buildimage.build(spec, output, progress, options, ws)
     from nsbuild import remote
 
     docker = output.format == "docker-archive"

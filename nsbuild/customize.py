@@ -37,7 +37,9 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
                               isolation: str, network: str, workdir: Path, out_tar: Path, log: Any,
                               upper_sources: list[Source] | None = None,
                               env: dict[str, str] | None = None, scratch_mib: int | None = None,
-                              memory_mib: int | None = None) -> CustomisationResult:
+                              memory_mib: int | None = None, what: str = "fakeRootCommands",
+                              after_script: str = "", after_env: dict[str, str] | None = None
+                              ) -> CustomisationResult:
     """Run fakeRootCommands as namespace root over the image being built; write the customisation layer.
 
     custom_root      the customisation layer's tree so far (after extraCommands); read, never modified.
@@ -61,11 +63,19 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
                      its mount namespace (copy-and-diff: the whole image copy counts); not enforced
                      by the fakeroot backend (no namespaces), which warns.
     memory_mib       (runAsRoot's buildVMMemorySize) RLIMIT_AS of every script process, in MiB.
+    what             "fakeRootCommands" or "runAsRoot" (buildImage): runAsRoot also gets a /tmp tmpfs
+                     in its chroot (never in the layer), base layers holding device nodes are refused,
+                     and a failure shows the script's last output lines.
+    after_script     (buildImage's extraCommands with runAsRoot) bash run after the script, not chrooted,
+                     cwd = the new layer's own tree (its files only), with after_env.
 
     Raises BuildError (exit 1) when no backend works, the script fails (its status; its output went to
     stderr live), or the layer cannot be written. KeyboardInterrupt propagates after teardown.
     """
     backend = choose(isolation)
+    if backend == "fakeroot" and enable_fakechroot and what == "runAsRoot":
+        raise BuildError("runAsRoot needs a user namespace to chroot into the image (backends userns or "
+                         "userns-fakeroot); the fakeroot backend cannot (see `nsbuild doctor`)")
     if backend == "fakeroot" and enable_fakechroot:
         raise BuildError("enableFakechroot needs a user namespace (backends userns or userns-fakeroot); "
                          "the fakeroot backend cannot chroot")
@@ -91,10 +101,12 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
                        "gname": root_owner.gname},
         "env": dict(env) if env is not None else None,
         "in_ns": backend != "fakeroot", "scratch_mib": scratch_mib, "memory_mib": memory_mib,
+        "tmp": what == "runAsRoot", "strict": what == "runAsRoot", "tail": what == "runAsRoot",
+        "after_script": after_script, "after_env": dict(after_env) if after_env is not None else None,
         # Without a namespace the caller's real ids can show through fakeroot: they become root.
         "caller_ids": [os.getuid(), os.getgid()] if backend == "fakeroot" and os.getuid() != 0 else None,
     }
-    log.info(f"fakeRootCommands backend: {backend} "
+    log.info(f"{what} backend: {backend} "
              f"({'overlayfs' if plan['engine'] == 'overlay' else 'copy-and-diff'})")
     plan_path = work / "plan.json"
     plan_path.write_text(json.dumps(plan))
@@ -116,11 +128,26 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
         if outcome is None:
             raise BuildError(f"fakeRootCommands: the {backend} sandbox failed (exit {res.returncode})")
         status = outcome.get("status")
+        tail = "\n".join(outcome.get("tail") or [])
+        if status == "script" and outcome.get("full") and scratch_mib:
+            raise BuildError(f"{what} ran out of disk space: diskSize is {scratch_mib} MiB (raise diskSize)"
+                             + (f"; its output:\n{tail}" if tail else ""))
+        if status == "script" and memory_mib and _out_of_memory(outcome):
+            raise BuildError(f"{what} ran out of memory: buildVMMemorySize is {memory_mib} MiB per process "
+                             "(raise buildVMMemorySize)" + (f"; its output:\n{tail}" if tail else ""))
         if status == "script":
-            raise BuildError(f"fakeRootCommands failed with exit status {outcome['code']} "
-                             f"(backend {backend}; its output is above)")
+            raise BuildError(f"{what} failed with exit status {outcome['code']} (backend {backend}"
+                             + (f"); its output:\n{tail}" if tail else "; its output is above)"))
+        if status == "after":
+            raise BuildError(f"extraCommands failed with exit status {outcome['code']}"
+                             + (f"; its output:\n{tail}" if tail else " (no output)"))
+        if status == "hostile":
+            raise BuildError(f"refusing the base image: {outcome.get('message')}")
+        if status == "error" and outcome.get("full") and scratch_mib:
+            raise BuildError(f"{what}: the image does not fit in diskSize ({scratch_mib} MiB): "
+                             f"{outcome.get('message')}")
         if status != "ok":
-            raise BuildError(f"fakeRootCommands ({backend}): {outcome.get('message', 'failed')}")
+            raise BuildError(f"{what} ({backend}): {outcome.get('message', 'failed')}")
         os.replace(tmp_out, out_tar)
         stats = outcome["stats"]
         return CustomisationResult(stats["diff_id"], int(stats["size"]), int(stats.get("entries", 0)),
@@ -129,6 +156,16 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
         with contextlib.suppress(FileNotFoundError):
             tmp_out.unlink()
         cleanup(work, backend)
+
+
+OOM_SIGNS = ("cannot allocate memory", "out of memory", "memory exhausted", "memoryerror", "bad_alloc",
+             "failed to allocate", "memory allocation failed")
+
+
+def _out_of_memory(outcome: dict) -> bool:
+    """RLIMIT_AS shows up as failed allocations: the programs say so, or die of SIGSEGV/SIGABRT/SIGKILL."""
+    text = "\n".join(outcome.get("tail") or []).lower()
+    return any(s in text for s in OOM_SIGNS) or outcome.get("code") in (128 + 6, 128 + 9, 128 + 11)
 
 
 def _copy_source(s: Source, root: Path) -> None:

@@ -15,14 +15,17 @@ script process).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import prctl
 
@@ -70,8 +73,11 @@ def _log(msg: str) -> None:
 
 
 def _assemble(plan: dict, root: Path, link: bool, devices: dict[str, list]) -> None:
-    for tar in plan["base_layers"]:
-        tree.unpack_layer(Path(tar), root, devices)
+    # A base image is input from elsewhere: every layer is validated against the tree so far before a
+    # byte of it is written (HostileLayer: one clear line, nothing written outside root).
+    model = tree.ImageModel(refuse_devices=bool(plan.get("strict")))
+    for i, tar in enumerate(plan["base_layers"]):
+        tree.unpack_layer(Path(tar), root, devices, model=model, label=f"fromImage layer {i}")
     for host, target in plan["lower"]:
         tree.place(Path(host), target, root, link=link)
 
@@ -91,10 +97,11 @@ def _mount_overlay(work: Path, lower: Path, upper: Path, ovlwork: Path, merged: 
     return True
 
 
-def _setup_chroot(merged: Path, network: str) -> list[Path]:
-    """/dev, /proc, /sys inside the merged root; returns the mount points to undo (deepest first)."""
+def _setup_chroot(merged: Path, network: str, tmp_mib: int | None = None) -> list[Path]:
+    """/dev, /proc, /sys (and a /tmp tmpfs of tmp_mib MiB) inside the merged root; returns the mount
+    points to undo (deepest first)."""
     done: list[Path] = []
-    for name in SYSTEM_DIRS:
+    for name in (*SYSTEM_DIRS, "tmp") if tmp_mib else SYSTEM_DIRS:
         p = merged / name
         if p.is_symlink() or not p.is_dir():
             raise RuntimeError(f"/{name} in the image is not a directory: cannot enable the chroot")
@@ -126,6 +133,11 @@ def _setup_chroot(merged: Path, network: str) -> list[Path]:
         inside.mkdir()
         mounts.mount(lib, inside, None, mounts.MS_BIND)
         done.append(inside)
+    if tmp_mib:
+        # runAsRoot's /tmp: scratch space that is never part of the layer.
+        mounts.mount("tmpfs", merged / "tmp", "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
+                     f"size={int(tmp_mib)}m,mode=1777")
+        done.append(merged / "tmp")
     proc = merged / "proc"
     mounts.mount("proc", proc, "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
     done.append(proc)
@@ -253,7 +265,7 @@ def _wait_for_network() -> None:
         raise RuntimeError("the sandbox's network (lo) could not be set up")
 
 
-def _run_script(plan: dict, merged: Path) -> int:
+def _run_script(plan: dict, merged: Path, tail: list[str] | None = None) -> int:
     chroot = plan["chroot"]
     env = dict(plan["env"]) if plan.get("env") is not None else dict(os.environ)
     # fakeroot's session (preload library, daemon key) must reach the script whatever env it was given.
@@ -283,13 +295,68 @@ def _run_script(plan: dict, merged: Path) -> int:
     if "FAKEROOTKEY" not in os.environ:
         shim_dir = "/dev/.nsbuild" if chroot else str(Path(plan["work"]) / "shim")
         env["PATH"] = shim_dir + ":" + env.get("PATH", CHROOT_PATH)
-    proc = subprocess.Popen(argv, env=env, preexec_fn=enter, stdin=subprocess.DEVNULL,
-                            stdout=sys.stderr.fileno())
+    return _spawn(argv, env, enter, tail)
+
+
+def _spawn(argv: list[str], env: dict[str, str], enter: Any, tail: list[str] | None) -> int:
+    """Run argv; its output goes to stderr as it comes. With `tail`, the output also passes through
+    a pipe and its last lines are kept there (for the error message)."""
+    if tail is None:
+        proc = subprocess.Popen(argv, env=env, preexec_fn=enter, stdin=subprocess.DEVNULL,
+                                stdout=sys.stderr.fileno())
+        reader = None
+    else:
+        r, w = os.pipe()
+        proc = subprocess.Popen(argv, env=env, preexec_fn=enter, stdin=subprocess.DEVNULL, stdout=w,
+                                stderr=w)
+        os.close(w)
+        reader = threading.Thread(target=_tee, args=(r, tail), daemon=True)
+        reader.start()
     _, status = os.waitpid(proc.pid, 0)
     proc.returncode = status_code(status)
     # Whatever the script left running (`daemon &`) must not touch the tree while it is written.
     kill_descendants()
+    if reader is not None:
+        reader.join(10)  # every writer is dead now: EOF comes at once
     return proc.returncode
+
+
+def _tee(fd: int, tail: list[str]) -> None:
+    buf = b""
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        while chunk := f.read(65536):
+            os.write(sys.stderr.fileno(), chunk)
+            buf = (buf + chunk)[-65536:]
+    tail[:] = buf.decode("utf-8", "replace").splitlines()[-40:]
+
+
+class _AfterFailed(Exception):
+    def __init__(self, code: int, tail: list[str]) -> None:
+        super().__init__(code)
+        self.code, self.tail = code, tail
+
+
+def _full(path: Path | None) -> bool:
+    """Whether the file system at path (a size-limited tmpfs) is (nearly) full."""
+    if path is None:
+        return False
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20) or st.f_favail == 0
+
+
+def _run_after(plan: dict, upper: Path, tail: list[str]) -> int:
+    env = dict(plan.get("after_env") or os.environ)
+    env.update({k: v for k, v in os.environ.items() if k.startswith(FAKEROOT_VARS)})
+
+    def enter() -> None:
+        os.chdir(upper)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    return _spawn(["bash", "--noprofile", "--norc", "-e", "-c", plan["after_script"]], env, enter, tail)
 
 
 def _write_layer(plan: dict, upper: Path, names_root: Path, devices: dict[str, list]) -> dict:
@@ -347,7 +414,7 @@ def main() -> None:
             _assemble(plan, lower, link=True, devices=lower_devices)
             if plan["chroot"]:
                 # Mount points for the chroot, below everything (they never reach the upper layer).
-                for name in tree_system_dirs(lower):
+                for name in tree_system_dirs(lower, plan):
                     (lower / name).mkdir(mode=0o755)
             tree.copy_tree(Path(plan["custom_root"]), upper)
             overlay = _mount_overlay(work, lower, upper, ovlwork, merged)
@@ -360,7 +427,7 @@ def main() -> None:
             upper_paths = tree.paths_of(Path(plan["custom_root"]))
             tree.copy_tree(Path(plan["custom_root"]), merged)
             if plan["chroot"]:
-                for name in tree_system_dirs(merged):
+                for name in tree_system_dirs(merged, plan):
                     (merged / name).mkdir(mode=0o755)
                     skip.add(name)
             snap = tree.snapshot(merged, lower_paths, upper_paths)
@@ -370,10 +437,13 @@ def main() -> None:
             (work / "shim").mkdir()
             _write_shim(work / "shim", str(registry))
         if plan["chroot"]:
-            chroot_mounts = _setup_chroot(merged, plan["network"])
+            chroot_mounts = _setup_chroot(merged, plan["network"], _tmp_mib(plan))
         _wait_for_network()
         t1 = time.monotonic()
-        code = _run_script(plan, merged)
+        tail: list[str] | None = [] if plan.get("tail") else None
+        code = _run_script(plan, merged, tail)
+        # Before the mounts go: did the script fill its diskSize-limited space (or /tmp)?
+        full = code != 0 and (_full(scratch) or _full(merged / "tmp" if _tmp_mib(plan) else None))
         timings["script"] = time.monotonic() - t1
         # Read the shim's registry now: in a chroot it lives in the /dev tmpfs, unmounted next.
         reg_file, reg_prefix = ((merged / "dev/.nsbuild/devices", "/") if plan["chroot"]
@@ -385,11 +455,18 @@ def main() -> None:
         _undo_mounts(chroot_mounts)
         chroot_mounts = []
         if code != 0:
-            result = {"status": "script", "code": code}
+            result = {"status": "script", "code": code, "tail": tail or [],
+                      "full": full}
         else:
             t2 = time.monotonic()
             if not overlay:
                 tree.diff_to_upper(merged, snap, upper, skip)
+            if plan.get("after_script", "").strip():
+                # runAsRoot's extraCommands: on the new layer's files only, as dockerTools does.
+                after_tail: list[str] = []
+                code = _run_after(plan, upper, after_tail)
+                if code != 0:
+                    raise _AfterFailed(code, after_tail)
             devices = {rel: dev for rel, dev in lower_devices.items()
                        if (upper / rel).is_file() and not (upper / rel).is_symlink()
                        and (upper / rel).stat().st_size == 0}
@@ -399,8 +476,13 @@ def main() -> None:
             stats = _write_layer(plan, upper, merged, devices)
             timings["write"] = time.monotonic() - t2
             result = {"status": "ok", "stats": stats, "engine": "overlay" if overlay else "copy"}
+    except _AfterFailed as exc:
+        result = {"status": "after", "code": exc.code, "tail": exc.tail}
+    except tree.HostileLayer as exc:
+        result = {"status": "hostile", "message": str(exc)}
     except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
-        result = {"status": "error", "message": str(exc) or type(exc).__name__}
+        result = {"status": "error", "message": str(exc) or type(exc).__name__,
+                  "full": isinstance(exc, OSError) and exc.errno == errno.ENOSPC}
     finally:
         kill_descendants()
         _undo_mounts(chroot_mounts)
@@ -420,8 +502,16 @@ def main() -> None:
     sys.exit(0)
 
 
-def tree_system_dirs(root: Path) -> list[str]:
-    return [n for n in SYSTEM_DIRS if not os.path.lexists(root / n)]
+def tree_system_dirs(root: Path, plan: dict | None = None) -> list[str]:
+    names = (*SYSTEM_DIRS, "tmp") if plan is not None and _tmp_mib(plan) else SYSTEM_DIRS
+    return [n for n in names if not os.path.lexists(root / n)]
+
+
+def _tmp_mib(plan: dict) -> int | None:
+    """runAsRoot gets a /tmp tmpfs (diskSize, else 1 GiB); fakeRootCommands keeps the image's /tmp."""
+    if not plan.get("tmp") or not plan["chroot"]:
+        return None
+    return int(plan.get("scratch_mib") or 1024)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import shutil
 import stat
 import sys
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,19 +98,194 @@ def _set_xattrs(path: Path, xattrs: dict[str, bytes]) -> None:
             os.setxattr(path, key, value, follow_symlinks=False)
 
 
-def unpack_layer(tar_path: Path, root: Path, devices: dict[str, list] | None = None) -> None:
+class HostileLayer(Exception):
+    """A base layer entry that could write outside the image's tree (or is not a sound tar)."""
+
+
+@dataclass
+class _Node:
+    kind: str  # "dir", "link", "file" (anything else that is not a directory)
+    link: str = ""
+    layer: str = ""
+    children: dict[str, _Node] | None = None
+    mode: int = 0
+
+
+class ImageModel:
+    """The image's tree as the tar headers of its layers describe it, applied in order (whiteouts and
+    opaque directories too), without writing anything. It refuses what a hostile layer could use to
+    write outside the tree: `..`, absolute names, writing through a symlink (also one an earlier layer
+    planted), hard links to outside or missing files, device nodes (when asked), declared sizes beyond
+    the layer's end, truncated archives."""
+
+    def __init__(self, *, refuse_devices: bool = False) -> None:
+        self.root = _Node("dir", children={})
+        self.refuse_devices = refuse_devices
+
+    def lookup(self, parts: list[str]) -> _Node | None:
+        node = self.root
+        for p in parts:
+            if node.kind != "dir" or node.children is None or p not in node.children:
+                return None
+            node = node.children[p]
+        return node
+
+    def resolve(self, parts: list[str], extra: Callable[[list[str]], tuple[str, str] | None] | None = None
+                ) -> list[str] | None:
+        """parts with symlinks resolved inside the image (as a chroot sees them); None when it does not
+        end at a directory (dangling, a file, a loop). `extra` overrides the model for a prefix (the new
+        layer's own entries): it returns (kind, link) or None."""
+        todo = list(parts)
+        cur: list[str] = []
+        for _ in range(256):
+            if not todo:
+                kind = self._kind(cur, extra)
+                return cur if kind is not None and kind[0] == "dir" else None
+            part = todo.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                cur = cur[:-1]
+                continue
+            kind = self._kind([*cur, part], extra)
+            if kind is None:
+                return None
+            if kind[0] == "link":
+                if kind[1].startswith("/"):
+                    cur = []
+                todo = [x for x in kind[1].split("/") if x] + todo
+                continue
+            cur.append(part)
+        return None
+
+    def _kind(self, parts: list[str], extra: Callable[[list[str]], tuple[str, str] | None] | None
+              ) -> tuple[str, str] | None:
+        if not parts:
+            return ("dir", "")
+        if extra is not None:
+            got = extra(parts)
+            if got is not None:
+                return got
+        node = self.lookup(parts)
+        return None if node is None else (node.kind, node.link)
+
+    def _parent(self, parts: list[str], what: str, create: bool) -> _Node | None:
+        node = self.root
+        for i, p in enumerate(parts):
+            assert node.children is not None
+            child = node.children.get(p)
+            if child is None:
+                if not create:
+                    return None
+                child = node.children[p] = _Node("dir", children={})
+            if child.kind == "link":
+                where = "/" + "/".join(parts[:i + 1])
+                raise HostileLayer(f"{what}: writes through the symlink {where} -> {child.link}"
+                                   + (f" (planted by {child.layer})" if child.layer else ""))
+            if child.kind != "dir":
+                if not create:
+                    return None
+                raise HostileLayer(f"{what}: /{'/'.join(parts[:i + 1])} is not a directory")
+            node = child
+        return node
+
+    def check_layer(self, tar_path: Path, label: str) -> list[tarfile.TarInfo]:
+        """Validate one layer against the tree so far and apply it; returns its members."""
+        total = os.path.getsize(tar_path)
+        members: list[tarfile.TarInfo] = []
+        try:
+            with tarfile.open(tar_path, "r:") as tf:
+                while True:
+                    m = tf.next()
+                    if m is None:
+                        break
+                    if m.isreg() and m.offset_data + m.size > total:
+                        raise HostileLayer(f"{label}: {m.name!r} declares {m.size} bytes but the layer ends "
+                                           f"{total - m.offset_data} bytes later (absurd size or truncated)")
+                    members.append(m)
+                end = members[-1].offset_data + ((members[-1].size + 511) // 512) * 512 if members else 0
+                if members and not (members[-1].isreg() or members[-1].islnk()):
+                    end = members[-1].offset_data
+            with open(tar_path, "rb") as f:
+                f.seek(end)
+                if f.read(512) != bytes(512):
+                    raise HostileLayer(f"{label}: truncated (no end-of-archive marker)")
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise HostileLayer(f"{label}: truncated or not a tar archive ({exc})") from None
+        for m in members:
+            self._check_name(m, label)
+        for m in members:
+            parts = _parts(m.name)
+            base = parts[-1] if parts else ""
+            if base == OPQ:
+                d = self._parent(parts[:-1], f"{label}: {m.name!r}", create=False)
+                if d is not None and d.children is not None:
+                    d.children.clear()
+            elif base.startswith(WH):
+                d = self._parent(parts[:-1], f"{label}: {m.name!r}", create=False)
+                if d is not None and d.children is not None:
+                    d.children.pop(base[len(WH):], None)
+        for m in members:
+            parts = _parts(m.name)
+            if not parts or parts[-1].startswith(WH):
+                continue
+            what = f"{label}: {m.name!r}"
+            parent = self._parent(parts[:-1], what, create=True)
+            assert parent is not None and parent.children is not None
+            if m.islnk():
+                target = _parts(m.linkname)
+                tparent = self._parent(target[:-1], f"{what} (hard link to {m.linkname!r})", create=False)
+                tnode = tparent.children.get(target[-1]) if tparent and tparent.children and target else None
+                if tnode is None or tnode.kind == "dir":
+                    raise HostileLayer(f"{what}: hard link to {m.linkname!r}, which is not a file in the image")
+                parent.children[parts[-1]] = _Node(tnode.kind, tnode.link, label)
+                continue
+            old = parent.children.get(parts[-1])
+            if m.isdir():
+                if old is None or old.kind != "dir":
+                    old = parent.children[parts[-1]] = _Node("dir", layer=label, children={})
+                old.mode = m.mode & 0o7777
+            elif m.issym():
+                parent.children[parts[-1]] = _Node("link", m.linkname, label)
+            else:
+                parent.children[parts[-1]] = _Node("file", layer=label)
+        return members
+
+    def _check_name(self, m: tarfile.TarInfo, label: str) -> None:
+        if m.name.startswith("/"):
+            raise HostileLayer(f"{label}: {m.name!r} is an absolute name")
+        if ".." in m.name.split("/"):
+            raise HostileLayer(f"{label}: {m.name!r} contains '..'")
+        if m.islnk() and (m.linkname.startswith("/") or ".." in m.linkname.split("/") or not _parts(m.linkname)):
+            raise HostileLayer(f"{label}: {m.name!r} is a hard link to {m.linkname!r}, outside the layer's tree")
+        if self.refuse_devices and (m.ischr() or m.isblk()):
+            raise HostileLayer(f"{label}: {m.name!r} is a device node ({m.devmajor}:{m.devminor}); "
+                               "base images used with runAsRoot may not hold any")
+        if not (m.isreg() or m.isdir() or m.issym() or m.islnk() or m.ischr() or m.isblk() or m.isfifo()):
+            raise HostileLayer(f"{label}: {m.name!r} has an unsupported tar entry type {m.type!r}")
+
+
+def unpack_layer(tar_path: Path, root: Path, devices: dict[str, list] | None = None,
+                 model: ImageModel | None = None, label: str = "") -> None:
     """Apply one image layer to root: whiteouts first, then the entries (as a container runtime does).
 
+    With a model, the layer is validated against it first (HostileLayer on anything that could write
+    outside root); on disk, a symlink or file in the way of a parent raises too, never written through.
     Where the kernel refuses device nodes (a user namespace), an empty placeholder file stands in and
     `devices` gets its relative name → [kind, major, minor], so the writer can restore it if the
     script copies it up.
     """
+    label = label or str(tar_path)
+    if model is not None:
+        model.check_layer(tar_path, label)
     with tarfile.open(tar_path, "r:*") as tf:
         members = tf.getmembers()
         for m in members:
             parts = _parts(m.name)
-            if not parts or ".." in parts:
+            if not parts:
                 continue
+            if ".." in parts:
+                raise HostileLayer(f"{label}: {m.name!r} contains '..'")
             base = parts[-1]
             if base == OPQ:
                 d = _safe_dir(root, parts[:-1], create=False)
@@ -122,11 +298,11 @@ def unpack_layer(tar_path: Path, root: Path, devices: dict[str, list] | None = N
                     remove(d / base[len(WH):])
         for m in members:
             parts = _parts(m.name)
-            if not parts or ".." in parts or parts[-1].startswith(WH):
+            if not parts or parts[-1].startswith(WH):
                 continue
             parent = _safe_dir(root, parts[:-1])
             if parent is None:
-                continue
+                raise HostileLayer(f"{label}: {m.name!r}: a symlink or file is in the way of its directory")
             dest = parent / parts[-1]
             rel = "/".join(parts)
             if devices is not None:

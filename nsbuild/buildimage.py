@@ -1,0 +1,328 @@
+"""`nsbuild image`: dockerTools' buildImage — one new layer on the base image, runAsRoot without KVM.
+
+The new layer's own tree (`custom`) is made in the workspace: copyToRoot copied into it (merged with the
+base image's directories and symlinks, see _Merger), the closure of any store paths in it, the Nix
+database when asked. Without runAsRoot, extraCommands runs in it as the calling user and every entry
+is owned by uid/gid. With runAsRoot, the sandbox of nsbuild.customize (the one fakeRootCommands uses)
+unpacks the base layers, puts `custom` on top, runs the script as namespace root chrooted into the
+result, then extraCommands on the layer's own files, and writes the difference to the base.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nsbuild.baseimage import BaseImage, load_base
+from nsbuild.errors import BuildError, SpecError
+from nsbuild.image import Image, make_config, oci_manifest
+from nsbuild.layer import Layer, build_layer, layer_from_tar
+from nsbuild.owners import Owner, OwnerPolicy
+from nsbuild.progress import Progress
+from nsbuild.refs import ImageRef
+from nsbuild.sandbox.tree import HostileLayer, ImageModel, remove
+from nsbuild.scripts import run_bash, script_env
+from nsbuild.spec import ContentEntry, Spec
+from nsbuild.tarwriter import Source
+
+if TYPE_CHECKING:
+    from nsbuild.build import BuildOptions, BuildResult, Workspace
+
+LAYER_COMMENT = "buildImage layer"
+
+
+def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions, ws: Workspace) -> BuildResult:
+    from nsbuild import remote
+    from nsbuild.build import BuildResult, _recompress, write_output
+
+    docker = output.format == "docker-archive"
+    compression = "none" if docker else spec.compressor
+    keep_tar = docker or compression == "none"
+    annotations: dict[str, str] = {}
+    base_info = None
+    base: BaseImage | None = None
+    if output.format == "registry":
+        remote.preflight("docker://" + output.location, "-o", options.registry)
+    if spec.from_image and remote.is_registry(spec.from_image):
+        cache_root = options.cache_dir if options.cache_dir else ws.path("pull")
+        pulled = remote.pull_base(spec.from_image, store_root=cache_root, architecture=spec.architecture,
+                                  options=options.registry, progress=progress, need_tar=True)
+        base, annotations, base_info = pulled.base, pulled.annotations, pulled.to_json()
+    elif spec.from_image:
+        progress.info(f"reading base image {spec.from_image}")
+        base = load_base(spec.from_image, ws.blobs, ws.path("base"), architecture=spec.architecture,
+                         image_name=spec.from_image_name, image_tag=spec.from_image_tag)
+    base_layers = base.layers if base else []
+    tars = _unique_tars(base_layers)
+    model = _scan_base(tars, refuse_devices=spec.run_as_root is not None)
+
+    t0 = time.monotonic()
+    custom = ws.path("custom")
+    os.chmod(custom, 0o755)
+    merger = _Merger(custom, model, spec.keep_contents_dirlinks, progress)
+    for entry in spec.copy_to_root:
+        merger.copy_entry(entry)
+    merger.finish()
+    _add_store_closure(spec, custom, progress)
+    env = script_env(work=ws.root, spec_dir=spec.base_dir, mtime=spec.mtime)
+    owner = Owner(spec.uid, spec.gid, spec.uname, spec.gname)
+    if spec.run_as_root is None:
+        if spec.extra_commands.strip():
+            progress.info("running extraCommands")
+            run_bash(spec.extra_commands, cwd=custom, env=env, what="extraCommands", log_dir=ws.root)
+        layer = build_layer([Source(custom, "/")], ws.blobs, mtime=spec.mtime,
+                            owner=OwnerPolicy.fixed_owner(owner), compression=compression,
+                            keep_tar=keep_tar, comment=LAYER_COMMENT)
+    else:
+        layer = _run_as_root_layer(spec, ws, progress, options, custom, env, tars, owner, compression)
+    seconds = time.monotonic() - t0
+    progress.layer_done(1, 1, LAYER_COMMENT, layer.tar.size, seconds)
+
+    if not docker:
+        base_layers = [_recompress(b, compression, ws) for b in base_layers]
+    all_layers = [*base_layers, layer]
+    # dockerTools' buildImage concatenates Env (the base's entries, then the spec's); layered merges
+    # key-wise. Runtimes take the last entry of a name, so the spec's value wins either way.
+    config = make_config(architecture=spec.architecture, created=spec.created, config=spec.config,
+                         base_config=base.config if base else None,
+                         base_history=base.history if base else [], layers=all_layers,
+                         new_from=len(base_layers), env_mode="concat")
+    import hashlib
+
+    tag = output.tag or spec.tag or hashlib.sha256(config).hexdigest()[:32]
+    image = Image(name=spec.name, tag=tag, layers=all_layers, config=config,
+                  manifest=oci_manifest(config, all_layers, annotations))
+    result = BuildResult(image, "", output.format, [seconds], [False], base=base_info)
+    result.output = write_output(image, output, spec, progress, options, result)
+    return result
+
+
+def _unique_tars(layers: list[Layer]) -> list[Path]:
+    """Each base layer once, at its first place: a layer repeated in the manifest is applied once."""
+    seen: set[str] = set()
+    out = []
+    for layer in layers:
+        if layer.diff_id in seen or layer.tar.path is None:
+            continue
+        seen.add(layer.diff_id)
+        out.append(layer.tar.path)
+    return out
+
+
+def _scan_base(tars: list[Path], *, refuse_devices: bool) -> ImageModel:
+    model = ImageModel(refuse_devices=refuse_devices)
+    for i, tar in enumerate(tars):
+        try:
+            model.check_layer(tar, f"fromImage layer {i}")
+        except HostileLayer as exc:
+            raise BuildError(f"refusing the base image: {exc}") from None
+    return model
+
+
+def _run_as_root_layer(spec: Spec, ws: Workspace, progress: Progress, options: BuildOptions, custom: Path,
+                       env: dict[str, str], tars: list[Path], owner: Owner, compression: str) -> Layer:
+    from nsbuild.customize import build_customisation_layer
+
+    progress.info("running runAsRoot")
+    out_tar = ws.root / "buildimage-layer.tar"
+    build_customisation_layer(
+        custom_root=custom, lower=[], base_layer_tars=tars, script=spec.run_as_root or "",
+        enable_fakechroot=True, root_owner=owner, mtime=spec.mtime, isolation=options.isolation,
+        network=options.network, workdir=ws.path("sandbox"), out_tar=out_tar, log=progress, env=env,
+        scratch_mib=spec.disk_size, memory_mib=spec.build_vm_memory_size, what="runAsRoot",
+        after_script=spec.extra_commands, after_env=env,
+    )
+    return layer_from_tar(out_tar, ws.blobs, compression=compression, comment=LAYER_COMMENT)
+
+
+def _add_store_closure(spec: Spec, custom: Path, progress: Progress) -> None:
+    """As dockerTools: store paths among copyToRoot (and named in config) bring their closure into the
+    layer at their store location; includeNixDB registers it."""
+    from nsbuild.store import Store
+
+    store = Store(spec.store_dir)
+    roots = []
+    for entry in spec.copy_to_root:
+        e = store.entry_of(entry.path)
+        if e is not None:
+            roots.append(e)
+    roots += store.paths_in_text(json.dumps(spec.config))
+    if not roots:
+        if spec.include_nix_db:
+            raise SpecError("includeNixDB", f"the image has no store paths to register (no copyToRoot entry "
+                                            f"inside {spec.store_dir}); there is no Nix store in the image")
+        return
+    closure = store.closure(roots)
+    progress.info(f"adding the closure of copyToRoot: {len(closure)} store paths")
+    from nsbuild.sandbox.tree import place
+
+    for name, sp in sorted(closure.items()):
+        place(sp.path, f"{spec.store_dir.rstrip('/')}/{name}", custom, link=False)
+    if spec.include_nix_db:
+        from nsbuild.nixdb import write_nix_db
+
+        write_nix_db(custom, closure, roots, spec.store_dir, spec.mtime)
+
+
+class _Merger:
+    """copyToRoot into the new layer's tree, never replacing a directory by a symlink or the other
+    way round behind the user's back.
+
+    A symlink to a directory becomes a directory (its content copied) unless keepContentsDirlinks.
+    A directory arriving where the base image (or an earlier entry) has a symlink is merged into the
+    directory the symlink leads to inside the image (a warning says so); where it leads nowhere, the
+    build fails. A file or symlink arriving where a directory is fails, except a symlink to a directory
+    with keepContentsDirlinks, whose content is merged into the existing directory (with a warning).
+    """
+
+    def __init__(self, custom: Path, model: ImageModel, keep_dirlinks: bool, progress: Progress) -> None:
+        self.custom = custom
+        self.model = model
+        self.keep = keep_dirlinks
+        self.progress = progress
+        self.field = "copyToRoot"
+        self.warned: set[str] = set()
+        self.modes: dict[Path, int] = {}
+
+    def _mode(self, path: Path, mode: int) -> None:
+        """Directory modes are set at the end: a 0555 directory must not stop us filling it."""
+        self.modes[path] = mode
+        os.chmod(path, mode | 0o700)
+
+    def finish(self) -> None:
+        for path, mode in sorted(self.modes.items(), key=lambda pm: -len(pm[0].parts)):
+            os.chmod(path, mode)
+
+    # the image as the new layer will see it: this layer's tree first, then the base
+    def _layer_kind(self, parts: list[str]) -> tuple[str, str] | None:
+        try:
+            st = os.lstat(self.custom.joinpath(*parts))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            return ("dir", "")
+        if stat.S_ISLNK(st.st_mode):
+            return ("link", os.readlink(self.custom.joinpath(*parts)))
+        return ("file", "")
+
+    def kind(self, parts: list[str]) -> tuple[str, str] | None:
+        got = self._layer_kind(parts)
+        if got is not None:
+            return got
+        node = self.model.lookup(parts)
+        return None if node is None else (node.kind, node.link)
+
+    def _where(self, parts: list[str]) -> str:
+        return "/" + "/".join(parts)
+
+    def dir_for(self, parts: list[str]) -> list[str]:
+        """The directory `parts` names in the image, symlinks followed inside it; made in the layer."""
+        cur: list[str] = []
+        for part in parts:
+            nxt = [*cur, part]
+            k = self.kind(nxt)
+            if k is not None and k[0] == "link":
+                resolved = self.model.resolve(nxt, self._layer_kind)
+                if resolved is None:
+                    raise BuildError(f"{self.field}: {self._where(nxt)} is a symlink to {k[1]!r} in the image, "
+                                     "which is not a directory in it: cannot merge a directory into it")
+                where = self._where(nxt)
+                if where not in self.warned:
+                    self.warned.add(where)
+                    self.progress.warn(f"{self.field}: {where} is a symlink to {k[1]!r} in the image; "
+                                       f"merging the directory into {self._where(resolved)}")
+                self._make_dirs(resolved)
+                cur = resolved
+                continue
+            path = self.custom.joinpath(*nxt)
+            if k is not None and k[0] == "file" and os.path.lexists(path):
+                remove(path)  # a file of an earlier copyToRoot entry gives way to a directory
+            if not os.path.isdir(path) or os.path.islink(path):
+                node = self.model.lookup(nxt)
+                os.mkdir(path)
+                self._mode(path, node.mode if node is not None and node.kind == "dir" and node.mode else 0o755)
+            cur = nxt
+        return cur
+
+    def _make_dirs(self, parts: list[str]) -> None:
+        for i in range(1, len(parts) + 1):
+            p = self.custom.joinpath(*parts[:i])
+            if not os.path.lexists(p):
+                node = self.model.lookup(parts[:i])
+                os.mkdir(p)
+                self._mode(p, node.mode if node is not None and node.mode else 0o755)
+
+    def copy_entry(self, entry: ContentEntry) -> None:
+        self.field = entry.field
+        src = Path(entry.path)
+        if entry.target is not None:
+            parts = [p for p in entry.target.split("/") if p]
+        elif stat.S_ISDIR(os.stat(src).st_mode):
+            parts = []
+        else:
+            parts = [src.name]
+        self._copy(src, parts, set())
+
+    def _copy(self, src: Path, parts: list[str], stack: set[tuple[int, int]]) -> None:
+        st = os.lstat(src)
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                real = os.stat(src)
+            except OSError:
+                real = None
+            if real is not None and stat.S_ISDIR(real.st_mode):
+                here = self.kind(parts) if parts else ("dir", "")
+                if not self.keep:
+                    self._copy_dir(src, real, parts, stack)
+                    return
+                if here is not None and here[0] == "dir":
+                    self.progress.warn(f"{self.field}: {self._where(parts)} is a directory in the image; "
+                                       f"merging the content of the symlink {src} -> {os.readlink(src)} into "
+                                       "it instead of replacing it by a symlink")
+                    self._copy_dir(src, real, parts, stack)
+                    return
+            self._put(parts, lambda dest: os.symlink(os.readlink(src), dest), "a symlink")
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self._copy_dir(src, st, parts, stack)
+        elif stat.S_ISREG(st.st_mode):
+            def copy(dest: Path) -> None:
+                shutil.copyfile(src, dest, follow_symlinks=False)
+                os.chmod(dest, stat.S_IMODE(st.st_mode))
+            self._put(parts, copy, "a file")
+        elif stat.S_ISFIFO(st.st_mode):
+            self._put(parts, lambda dest: os.mkfifo(dest, stat.S_IMODE(st.st_mode)), "a fifo")
+        else:
+            raise BuildError(f"{self.field}: {src} is a socket or device; it cannot be copied into an image")
+
+    def _copy_dir(self, src: Path, st: os.stat_result, parts: list[str], stack: set[tuple[int, int]]) -> None:
+        key = (st.st_dev, st.st_ino)
+        if key in stack:
+            raise BuildError(f"{self.field}: {src} leads back to a directory it is inside (symlink loop)")
+        where = self.dir_for(parts)
+        if where == parts and parts:
+            self._mode(self.custom.joinpath(*where), stat.S_IMODE(st.st_mode))
+        with os.scandir(src) as it:
+            names = sorted(e.name for e in it)
+        for name in names:
+            self._copy(src / name, [*where, name], stack | {key})
+
+    def _put(self, parts: list[str], make: object, what: str) -> None:
+        if not parts:
+            raise BuildError(f"{self.field}: cannot replace / by {what}")
+        parent = self.dir_for(parts[:-1])
+        dest_parts = [*parent, parts[-1]]
+        k = self.kind(dest_parts)
+        if k is not None and k[0] == "dir":
+            raise BuildError(f"{self.field}: {self._where(dest_parts)} is a directory in the image; it "
+                             f"cannot be replaced by {what} (remove the conflict, or set keepContentsDirlinks "
+                             "to false to copy a linked directory's content)")
+        dest = self.custom.joinpath(*dest_parts)
+        if os.path.lexists(dest):
+            remove(dest)
+        make(dest)  # type: ignore[operator]
