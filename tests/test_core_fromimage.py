@@ -190,3 +190,51 @@ def test_from_image_written_by_other_tools(tmp_path: Path, base_tree: Path, tool
     child = read_image(tmp_path / "child.tar", tmp_path / "child-view")
     assert child.config["rootfs"]["diff_ids"][:2] == base.config["rootfs"]["diff_ids"]
     check_child_runs(tmp_path / "child.tar")
+
+
+def test_from_image_picks_the_architecture_from_an_index(tmp_path: Path, base_tree: Path) -> None:
+    """A multi-architecture base: a nested image index whose entries carry platforms."""
+    layout = tmp_path / "multi"
+    digests = {}
+    for arch in ("amd64", "arm64"):
+        etc = tmp_path / f"etc-{arch}" / "etc"
+        etc.mkdir(parents=True)
+        (etc / "arch").write_text(f"{arch}\n")
+        spec = write_spec(tmp_path, {"name": "base", "tag": arch, "architecture": arch, "compressor": "none",
+                                     "contents": [str(base_tree), str(etc.parent)]}, f"{arch}.json")
+        build(spec, f"oci:{layout}:{arch}")
+        digests[arch] = oci_manifest(layout, arch)
+    index_doc = json.loads((layout / "index.json").read_text())
+    nested = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+              "manifests": [{**{k: v for k, v in m.items() if k != "annotations"},
+                             "platform": {"architecture": m["annotations"]["org.opencontainers.image.ref.name"],
+                                          "os": "linux"}} for m in index_doc["manifests"]]}
+    data = json.dumps(nested).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    index_doc["manifests"] = [{"mediaType": nested["mediaType"], "digest": f"sha256:{digest}", "size": len(data),
+                               "annotations": {"org.opencontainers.image.ref.name": "multi"}}]
+    (layout / "index.json").write_text(json.dumps(index_doc))
+    for arch in ("amd64", "arm64"):
+        spec = child_spec(tmp_path, f"oci:{layout}:multi", architecture=arch, compressor="none")
+        build(spec, tmp_path / f"child-{arch}.tar")
+        child = read_image(tmp_path / f"child-{arch}.tar", tmp_path / f"view-{arch}")
+        assert child.config["architecture"] == arch
+        base_layers = [d["digest"] for d in digests[arch]["layers"]]  # uncompressed: digest == diff_id
+        assert child.config["rootfs"]["diff_ids"][:len(base_layers)] == base_layers
+    spec = child_spec(tmp_path, f"oci:{layout}:multi", architecture="s390x")
+    proc = build(spec, tmp_path / "child-s390x.tar", check=False)
+    assert proc.returncode == 1 and "s390x" in proc.stderr and "amd64" in proc.stderr, proc.stderr
+
+
+def test_docker_archive_base_into_a_gzip_oci_layout(tmp_path: Path, base_tree: Path) -> None:
+    ref, path = make_base(tmp_path, base_tree, "docker-archive", "none")
+    base = read_image(path, tmp_path / "base-view")
+    layout = tmp_path / "child-layout"
+    build(child_spec(tmp_path, ref, compressor="gz"), f"oci:{layout}:c1")
+    manifest = oci_manifest(layout, "c1")
+    assert all(d["mediaType"].endswith("+gzip") for d in manifest["layers"])
+    mtree = umoci_unpack(layout, "c1", tmp_path / "bundle")  # checks diff_ids against the gzip blobs
+    assert "etc/base-release" in mtree and "etc/child-release" in mtree
+    child = read_image(layout, tmp_path / "child-view", tag="c1")
+    assert child.config["rootfs"]["diff_ids"][:2] == base.config["rootfs"]["diff_ids"]
