@@ -169,3 +169,18 @@ def test_same_bytes_from_another_checkout_and_file_system(tmp_path: Path) -> Non
         finally:
             shutil.rmtree(work)
     assert digests[0] == digests[1]
+
+
+def test_parallel_layer_builds_give_the_same_bytes(tmp_path: Path) -> None:
+    """Layers built one at a time or all at once (threads finishing in any order): same image."""
+    spec = make_inputs(tmp_path / "in")
+    data = json.loads(spec.read_text())
+    data["contents"] += [{"path": "tree/usr", "target": f"/copy{i}"} for i in range(6)]
+    spec.write_text(json.dumps(data))
+    outputs = []
+    for jobs in ("1", "8"):
+        for fmt in ("img.tar.gz", "layout"):
+            ref = tmp_path / f"j{jobs}-{fmt}"
+            build(spec, f"oci:{ref}:t" if fmt == "layout" else ref, "--jobs", jobs)
+            outputs.append((fmt, digest_tree(ref)))
+    assert outputs[0] == outputs[2] and outputs[1] == outputs[3], outputs
