@@ -70,7 +70,8 @@ def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOption
     merger.finish()
     _add_store_closure(spec, custom, progress)
     env = script_env(work=ws.root, spec_dir=spec.base_dir, mtime=spec.mtime)
-    owner = Owner(spec.uid, spec.gid, spec.uname, spec.gname)
+    # buildImage has no uname/gname: names only for id 0 (as for layered's defaults), else none.
+    owner = Owner(spec.uid, spec.gid, spec.uname if spec.uid == 0 else "", spec.gname if spec.gid == 0 else "")
     if spec.run_as_root is None:
         if spec.extra_commands.strip():
             progress.info("running extraCommands")
