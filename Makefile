@@ -19,9 +19,11 @@ PYTHON ?= /usr/bin/python3
 # python3-dev), the venv, compressors, and openssl (the registry tests make a throw-away CA).
 # Installed with their recommends, as VERIFIERS.md does: rootless podman wants catatonit,
 # slirp4netns and fuse-overlayfs from there.
-# nix-bin: the real Nix that checks includeNixDB's database; its recommends would pull in systemd units.
-DEB_NO_RECOMMENDS := nix-bin
-DEB_PACKAGES := nix-bin skopeo umoci oci-image-tool podman buildah runc uidmap fakeroot libarchive-tools \
+# nix-bin: the real Nix that checks includeNixDB's database; docker.io: a private dockerd for the
+# `docker load` checks (root only: as anyone else they are skipped). Their recommends would pull in
+# systemd units.
+DEB_NO_RECOMMENDS := nix-bin docker.io
+DEB_PACKAGES := nix-bin $(if $(filter 0,$(shell id -u)),docker.io) skopeo umoci oci-image-tool podman buildah runc uidmap fakeroot libarchive-tools \
 	busybox-static docker-registry attr libcap-dev python3-venv python3-dev gcc zstd pigz openssl
 
 TEST_USER := nsbuild-test
