@@ -3,6 +3,7 @@ output and interrupts (no partial file, no temporary tree, no stray process)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -310,3 +311,81 @@ def test_socket_in_contents_is_a_clear_build_error(project: Path) -> None:
         sock.close()
     assert proc.returncode == 1 and "app.sock" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (project / "img.tar").exists() and not list(tmpdir.iterdir())
+
+
+@pytest.mark.parametrize("ref", ["{d}/out/img.tar.zst", "oci:{d}/out/layout:t"])
+def test_interrupt_while_a_layer_is_written(tmp_path: Path, ref: str) -> None:
+    """SIGINT while the layer writer is busy with a large file: prompt exit 130, nothing left behind."""
+    tree = tmp_path / "rootfs"
+    tree.mkdir()
+    with open(tree / "big", "wb") as f:
+        f.truncate(1 << 30)  # sparse: cheap to make, a second or two to read, hash and compress
+    spec = write_spec(tmp_path, {"name": "big", "compressor": "zstd", "contents": ["rootfs"]})
+    (tmp_path / "out").mkdir()
+    tmpdir = fresh_tmpdir(tmp_path)
+    proc = popen_nsbuild(["layered", str(spec), "-o", ref.format(d=tmp_path), *BUILD_FLAGS],
+                         env={"TMPDIR": str(tmpdir)}, text=True)
+
+    def reading_big() -> bool:
+        """nsbuild has the big file open and is past its first MiB (from /proc, no timing)."""
+        fd_dir = Path(f"/proc/{proc.pid}/fd")
+        try:
+            for fd in fd_dir.iterdir():
+                if os.readlink(fd) == str(tree / "big"):
+                    pos = Path(f"/proc/{proc.pid}/fdinfo/{fd.name}").read_text().split()[1]
+                    if int(pos) > (1 << 20):
+                        return True
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        return False
+
+    try:
+        _wait_for(reading_big, "the layer writer started", proc)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (proc.returncode, stderr)
+    assert "Traceback" not in stderr, stderr
+    assert not list((tmp_path / "out").iterdir())
+    assert not list(tmpdir.iterdir()), list(tmpdir.rglob("*"))
+
+
+def _read_position(pid: int, path: Path) -> int | None:
+    """How far process `pid` has read `path` (from /proc/PID/fdinfo), None when it has it not open."""
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if os.readlink(fd) == str(path):
+                    return int(Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return None
+
+
+@pytest.mark.xfail(strict=True, reason="build.py: on SIGINT the main thread leaves pool.map but (likely) the "
+                   "ThreadPoolExecutor's shutdown(wait=True) lets the running layer job read, hash and compress "
+                   "the rest of its sources before exit 130 (a 4 GiB layer: ~5 s here; minutes for big trees)")
+def test_interrupt_stops_the_layer_writer_promptly(tmp_path: Path) -> None:
+    """After SIGINT the writer reads at most a little more of the file it is on (a volume, not a time)."""
+    tree = tmp_path / "rootfs"
+    tree.mkdir()
+    with open(tree / "big", "wb") as f:
+        f.truncate(16 << 30)
+    spec = write_spec(tmp_path, {"name": "big", "compressor": "zstd", "contents": ["rootfs"]})
+    proc = popen_nsbuild(["layered", str(spec), "-o", f"oci:{tmp_path / 'layout'}:t", *BUILD_FLAGS], text=True)
+    slack = 512 << 20
+    try:
+        _wait_for(lambda: (_read_position(proc.pid, tree / "big") or 0) > (64 << 20), "the writer started", proc)
+        start = _read_position(proc.pid, tree / "big") or 0
+        proc.send_signal(signal.SIGINT)
+        furthest = start
+        while proc.poll() is None and furthest - start <= slack:
+            furthest = max(furthest, _read_position(proc.pid, tree / "big") or 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert furthest - start <= slack, f"read {(furthest - start) >> 20} MiB more after SIGINT"
