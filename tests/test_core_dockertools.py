@@ -408,3 +408,15 @@ def test_many_store_paths_fill_max_layers(tmp_path: Path, store: FakeStore) -> N
     layout = to_gzip_oci(f"docker-archive:{tmp_path / 'img.tar'}", tmp_path / "layout", "t")
     umoci_unpack(layout, "t", tmp_path / "bundle")
     assert len(list((tmp_path / "bundle" / "rootfs" / "share").iterdir())) == 140
+
+
+def test_image_with_nothing_in_it(tmp_path: Path) -> None:
+    """Only a name: one (empty) customisation layer; the clients still take it."""
+    spec = write_spec(tmp_path, {"name": "empty"})
+    build(spec, tmp_path / "img.tar")
+    view = read_image(tmp_path / "img.tar", tmp_path / "view")
+    assert len(view.layers) == 1 and view.layers[0] == []
+    layout = to_gzip_oci(f"docker-archive:{tmp_path / 'img.tar'}", tmp_path / "layout", "t")
+    umoci_unpack(layout, "t", tmp_path / "bundle")
+    with podman_store() as ps:
+        ps.load(tmp_path / "img.tar")
