@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -184,3 +185,21 @@ def test_parallel_layer_builds_give_the_same_bytes(tmp_path: Path) -> None:
             build(spec, f"oci:{ref}:t" if fmt == "layout" else ref, "--jobs", jobs)
             outputs.append((fmt, digest_tree(ref)))
     assert outputs[0] == outputs[2] and outputs[1] == outputs[3], outputs
+
+
+def test_gzip_headers_carry_no_name_or_time(tmp_path: Path) -> None:
+    """The gzip member headers (whole docker-archive, OCI layer blobs): no FNAME, MTIME 0 - nothing of
+    the build's moment or file names leaks into the bytes."""
+    spec = spec_for(make_inputs(tmp_path / "in"), "gz")
+    build(spec, tmp_path / "img.tar.gz")
+    build(spec, f"oci:{tmp_path / 'layout'}:t")
+    blobs = [tmp_path / "img.tar.gz"] + [p for p in (tmp_path / "layout" / "blobs" / "sha256").iterdir()
+                                          if p.read_bytes()[:2] == b"\x1f\x8b"]
+    assert len(blobs) >= 4
+    for blob in blobs:
+        head = blob.read_bytes()[:10]
+        assert head[:3] == b"\x1f\x8b\x08", blob
+        flags, mtime = head[3], int.from_bytes(head[4:8], "little")
+        assert not flags & 0x08, f"{blob}: FNAME set"
+        assert mtime == 0, f"{blob}: MTIME {mtime}"
+        assert subprocess.run(["gzip", "-t", str(blob)]).returncode == 0, f"{blob}: gzip -t fails"
