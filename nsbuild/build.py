@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -244,7 +245,7 @@ def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOp
         label = f"[{index}/{total}]"
         stops = []
         layer = build_layer(planned.sources, blob_dir, mtime=spec.mtime, owner=fixed, compression=compression,
-                            keep_tar=keep_tar, comment=planned.comment,
+                            keep_tar=keep_tar, comment=planned.comment, cancel=cancel,
                             watch=lambda w: stops.append(progress.watch(label, lambda: w.size)))
         for stop in stops:
             stop()
@@ -255,8 +256,16 @@ def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOp
 
     # Layers are independent: the C parts (reading, hashing, compressing) run in parallel threads.
     jobs = options.jobs or len(os.sched_getaffinity(0))
-    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(plan.layers) or 1))) as pool:
+    cancel = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, len(plan.layers) or 1)))
+    try:
         done = list(pool.map(lambda ip: make(*ip), enumerate(plan.layers, 1)))
+    except BaseException:
+        # Ctrl-C or a failed layer: the other layers stop at their next entry, not when they are done.
+        cancel.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return [d[0] for d in done], [d[1] for d in done], [d[2] for d in done], [d[3] for d in done]
 
 

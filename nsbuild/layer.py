@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,7 +81,8 @@ def _store_blob(tmp: Path, digest: str, size: int, blob_dir: Path) -> Blob:
 
 def build_layer(sources: list[Source], blob_dir: Path, *, mtime: int, owner: OwnerPolicy,
                 compression: str, keep_tar: bool, comment: str,
-                overlay_whiteouts: bool = False, watch: Callable[[HashingWriter], None] | None = None) -> Layer:
+                overlay_whiteouts: bool = False, watch: Callable[[HashingWriter], None] | None = None,
+                cancel: threading.Event | None = None) -> Layer:
     """Write one layer in one pass: tar → (diff_id hash, optional tar file, optional compressed blob)."""
     blob_dir.mkdir(parents=True, exist_ok=True)
     unique = uuid.uuid4().hex
@@ -100,7 +102,7 @@ def build_layer(sources: list[Source], blob_dir: Path, *, mtime: int, owner: Own
             outs.append(compressor)
         pipe = Pipelined(_Tee(*outs))
         try:
-            write_tar(sources, pipe, mtime=mtime, owner=owner, overlay_whiteouts=overlay_whiteouts)
+            write_tar(sources, pipe, mtime=mtime, owner=owner, overlay_whiteouts=overlay_whiteouts, cancel=cancel)
         finally:
             pipe.close()
         if compressor is not None:

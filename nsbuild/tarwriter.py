@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -388,7 +389,7 @@ def _with_devices(entries: Iterator[Entry], devices: dict[bytes, Device]) -> Ite
 
 def write_tar(sources: list[Source], out: Writer, *, mtime: int, owner: OwnerPolicy,
               overlay_whiteouts: bool = False, on_entry: Callable[[Entry], None] | None = None,
-              devices: dict[bytes, Device] | None = None) -> TarStats:
+              devices: dict[bytes, Device] | None = None, cancel: threading.Event | None = None) -> TarStats:
     """Write one layer tar for `sources` to `out`; return counts (the caller's writer hashes).
 
     `devices` maps layer-relative names of empty placeholder files to the device each stands for.
@@ -402,6 +403,8 @@ def write_tar(sources: list[Source], out: Writer, *, mtime: int, owner: OwnerPol
     if devices:
         entries = _with_devices(entries, devices)
     for entry in entries:
+        if cancel is not None and cancel.is_set():
+            raise KeyboardInterrupt  # another layer failed or the build was interrupted
         header = encode_header(entry, owner.resolve(entry.uid, entry.gid), mtime)
         stats.entries += 1
         if on_entry is not None:
