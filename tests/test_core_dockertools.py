@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tarfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -420,3 +421,30 @@ def test_image_with_nothing_in_it(tmp_path: Path) -> None:
     umoci_unpack(layout, "t", tmp_path / "bundle")
     with podman_store() as ps:
         ps.load(tmp_path / "img.tar")
+
+
+def test_extra_commands_environment(unprivileged_user: str | None, user_tmp) -> None:  # type: ignore[no-untyped-def]
+    """extraCommands: bash -e as the calling user, cwd = the customisation layer's root, a clean
+    environment (nothing of the caller's leaks in), SOURCE_DATE_EPOCH = mtime."""
+    from support import account
+
+    work = user_tmp(unprivileged_user)
+    spec = write_spec(work, {"name": "env", "tag": "t", "mtime": "2001-02-03T04:05:06Z",
+                             "extraCommands": "mkdir -p out\nenv | sort > out/env\nid -u > out/uid\n"
+                                              "test -z \"$(ls -A | grep -v '^out$')\" && echo empty > out/cwd\n"
+                                              "echo $- > out/flags"})
+    build(spec, work / "img.tar", user=unprivileged_user,
+          env={"NSBUILD_LEAK_CHECK": "leaked", "HOME": "/nonexistent-home", "LC_ALL": "de_DE.UTF-8"})
+    view = read_image(work / "img.tar", work / "view")
+    with tarfile.open(view.plain_paths[-1]) as tar:
+        def text(name: str) -> str:
+            f = tar.extractfile(name)
+            assert f is not None
+            return f.read().decode()
+        env = dict(line.split("=", 1) for line in text("out/env").splitlines() if "=" in line)
+        assert text("out/uid").strip() == str(account(unprivileged_user).uid)
+        assert text("out/cwd").strip() == "empty"
+        assert "e" in text("out/flags")
+    assert "NSBUILD_LEAK_CHECK" not in env
+    assert env["HOME"] != "/nonexistent-home" and env.get("LC_ALL") != "de_DE.UTF-8"
+    assert env["SOURCE_DATE_EPOCH"] == "981173106"
