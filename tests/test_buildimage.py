@@ -568,3 +568,33 @@ def _running(marker: str) -> bool:
             if marker in cmd and "pytest" not in cmd:
                 return True
     return False
+
+
+def test_store_paths_bring_their_closure_and_nix_db(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
+    """A store path in copyToRoot: its content at /, its closure at the store location (references
+    found by scanning, as Nix does), and with includeNixDB both registered in /nix/var/nix/db."""
+    import sqlite3
+
+    user = unprivileged_user
+    work = user_tmp(user)
+    store = work / "store"
+    hello, lib = store / ("a" * 31 + "b-hello"), store / ("c" * 31 + "d-lib")
+    (hello / "bin").mkdir(parents=True)
+    (lib / "lib").mkdir(parents=True)
+    (lib / "lib/x").write_text("lib\n")
+    (hello / "bin/hello").write_text(f"#!/bin/sh\ncat {lib}/lib/x\n")
+    _own(user, store)
+    out = work / "nix.tar"
+    spec = {"name": "nix", "tag": "t", "compressor": "none", "storeDir": str(store),
+            "copyToRoot": [f"store/{hello.name}"], "includeNixDB": True}
+    proc = nsbuild(user, work, "image", spec, out)
+    assert proc.returncode == 0, describe(proc)
+    (layer,) = image_layers(out, work / "nix")
+    lst = listing(layer)
+    rel = str(store).lstrip("/")
+    assert {"bin/hello", f"{rel}/{hello.name}/bin/hello", f"{rel}/{lib.name}/lib/x"} <= set(lst)
+    db = work / "db.sqlite"
+    db.write_bytes(layer_file(layer, "nix/var/nix/db/db.sqlite"))
+    with sqlite3.connect(db) as conn:
+        paths = {row[0] for row in conn.execute("SELECT path FROM ValidPaths")}
+    assert paths == {str(hello), str(lib)}

@@ -101,7 +101,7 @@ def _setup_chroot(merged: Path, network: str, tmp_mib: int | None = None) -> lis
     """/dev, /proc, /sys (and a /tmp tmpfs of tmp_mib MiB) inside the merged root; returns the mount
     points to undo (deepest first)."""
     done: list[Path] = []
-    for name in (*SYSTEM_DIRS, "tmp") if tmp_mib else SYSTEM_DIRS:
+    for name in SYSTEM_DIRS:
         p = merged / name
         if p.is_symlink() or not p.is_dir():
             raise RuntimeError(f"/{name} in the image is not a directory: cannot enable the chroot")
@@ -133,8 +133,10 @@ def _setup_chroot(merged: Path, network: str, tmp_mib: int | None = None) -> lis
         inside.mkdir()
         mounts.mount(lib, inside, None, mounts.MS_BIND)
         done.append(inside)
-    if tmp_mib:
-        # runAsRoot's /tmp: scratch space that is never part of the layer.
+    tmp = merged / "tmp"
+    if tmp_mib and tmp.is_dir() and not tmp.is_symlink():
+        # runAsRoot's /tmp: scratch space that is never part of the layer (an image whose /tmp is a
+        # symlink, e.g. to /var/tmp, keeps it: writes there are the script's own business).
         mounts.mount("tmpfs", merged / "tmp", "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
                      f"size={int(tmp_mib)}m,mode=1777")
         done.append(merged / "tmp")
