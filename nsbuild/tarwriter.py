@@ -352,7 +352,7 @@ def encode_header(entry: Entry, owner: Owner, mtime: int) -> bytes:
 # --- writing ---------------------------------------------------------------------------------------
 
 
-def _copy_file(host: bytes, size: int, out: Writer, buf: bytearray) -> None:
+def _copy_file(host: bytes, size: int, out: Writer, buf: bytearray, cancel: threading.Event | None) -> None:
     try:
         fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -361,6 +361,8 @@ def _copy_file(host: bytes, size: int, out: Writer, buf: bytearray) -> None:
         view = memoryview(buf)
         remaining = size
         while remaining:
+            if cancel is not None and cancel.is_set():
+                raise KeyboardInterrupt
             n = os.readv(fd, [view[: min(remaining, len(buf))]])
             if n == 0:
                 raise BuildError(f"{os.fsdecode(host)}: file shrank while it was being archived")
@@ -423,7 +425,7 @@ def write_tar(sources: list[Source], out: Writer, *, mtime: int, owner: OwnerPol
                 pending += header
                 out.write(pending)
                 pending = bytearray()
-                _copy_file(entry.host or b"", entry.size, out, buf)
+                _copy_file(entry.host or b"", entry.size, out, buf, cancel)
             stats.data_bytes += entry.size
         else:
             pending += header
