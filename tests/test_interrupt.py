@@ -31,11 +31,15 @@ def test_interrupt_while_a_huge_layer_is_written(unprivileged_user, user_tmp, si
     out = tmp / "out.tar"
     proc = popen_nsbuild(["layered", str(spec), "-o", str(out), "--cache-dir", str(cache)], unprivileged_user,
                          env={"TMPDIR": str(scratch)})
-    time.sleep(2)
-    assert proc.poll() is None, "the build ended before it was interrupted"
-    proc.send_signal(sig)
-    # Without cancellation the writer thread would read all 64 GiB before the process could exit.
-    stdout, stderr = proc.communicate(timeout=60)
+    try:
+        time.sleep(2)
+        assert proc.poll() is None, "the build ended before it was interrupted"
+        proc.send_signal(sig)
+        # Without cancellation the writer thread would read all 64 GiB before the process could exit.
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
     assert proc.returncode == 130, stderr
     assert "interrupted" in (stderr.decode() if isinstance(stderr, bytes) else stderr)
     assert not out.exists()
