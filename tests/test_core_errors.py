@@ -365,9 +365,6 @@ def _read_position(pid: int, path: Path) -> int | None:
     return None
 
 
-@pytest.mark.xfail(strict=True, reason="build.py: on SIGINT the main thread leaves pool.map but (likely) the "
-                   "ThreadPoolExecutor's shutdown(wait=True) lets the running layer job read, hash and compress "
-                   "the rest of its sources before exit 130 (a 4 GiB layer: ~5 s here; minutes for big trees)")
 def test_interrupt_stops_the_layer_writer_promptly(tmp_path: Path) -> None:
     """After SIGINT the writer reads at most a little more of the file it is on (a volume, not a time)."""
     tree = tmp_path / "rootfs"
