@@ -25,7 +25,7 @@ from nsbuild.plan import Plan, PlannedLayer, make_plan
 from nsbuild.progress import Progress, human
 from nsbuild.refs import ImageRef
 from nsbuild.scripts import run_bash, script_env
-from nsbuild.sinks import atomic_output, write_docker_archive, write_oci_archive, write_oci_dir
+from nsbuild.sinks import atomic_output, check_destination, write_docker_archive, write_oci_archive, write_oci_dir
 from nsbuild.spec import Spec
 from nsbuild.tarwriter import Source
 
@@ -133,6 +133,8 @@ def link_store_contents(custom_root: Path, store_paths: list[Path], progress: Pr
 def build_image(spec: Spec, output: ImageRef, progress: Progress,
                 options: BuildOptions | None = None) -> BuildResult:
     options = options or BuildOptions()
+    if output.format in ("docker-archive", "oci-dir", "oci-archive") and output.location != "-":
+        check_destination(output.format, output.path, name=output.name, tag=output.tag)
     ws = Workspace()
     try:
         return _build(spec, output, progress, options, ws)

@@ -203,15 +203,33 @@ def write_oci_archive(image: Image, out: BinaryIO, *, tag: str, mtime: int) -> N
     tar.close()
 
 
+def check_destination(fmt: str, path: Path, *, name: str | None = None, tag: str | None = None) -> None:
+    """Refuse an output that cannot be written, before any layer is built (and again when writing)."""
+    if name and tag:
+        check_repo_tag(f"{name}:{tag}")
+    elif tag and fmt != "docker-archive":
+        check_ref_name(tag)
+    if fmt == "oci-dir":
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                raise UsageError(f"{path}: exists and is not a directory (an OCI layout is a directory)")
+            if not (path / "oci-layout").exists() and any(path.iterdir()):
+                raise UsageError(f"{path}: a non-empty directory that is not an OCI layout (no oci-layout "
+                                 "file); refusing to write into it")
+        return
+    path = path.absolute()
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory; name the archive file to write (e.g. {path}/image.tar)")
+    if not path.parent.is_dir():
+        raise UsageError(f"{path.parent}: output directory does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{path.parent}: cannot write here (permission denied)")
+
+
 def write_oci_dir(image: Image, dest: Path, *, tag: str) -> None:
     """Add the image to an OCI layout (created if missing), replacing an image with the same tag."""
     check_ref_name(tag)
-    if dest.exists() or dest.is_symlink():
-        if not dest.is_dir():
-            raise UsageError(f"{dest}: exists and is not a directory (an OCI layout is a directory)")
-        if not (dest / "oci-layout").exists() and any(dest.iterdir()):
-            raise UsageError(f"{dest}: a non-empty directory that is not an OCI layout (no oci-layout file); "
-                             "refusing to write into it")
+    check_destination("oci-dir", dest)
     created = not dest.exists()
     try:
         blob_dir = dest / "blobs" / "sha256"
@@ -264,8 +282,7 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
 def atomic_output(path: Path) -> Iterator[BinaryIO]:
     """A temporary file beside `path`, renamed over it only when the block finishes without error."""
     path = path.absolute()
-    if path.is_dir():
-        raise UsageError(f"{path}: is a directory; name the archive file to write (e.g. {path}/image.tar)")
+    check_destination("archive", path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except FileNotFoundError:

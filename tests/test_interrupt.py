@@ -8,7 +8,7 @@ import time
 
 import pytest
 from support.core import write_spec
-from support.users import popen_nsbuild, processes_of
+from support.users import popen_nsbuild, processes_of, run_nsbuild
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -48,3 +48,15 @@ def test_interrupt_while_a_huge_layer_is_written(unprivileged_user, user_tmp, si
     blobs = cache / "blobs" / "sha256"
     assert not blobs.exists() or [p.name for p in blobs.iterdir() if p.name.startswith(".tmp")] == []
     assert not [cmd for _, cmd in processes_of(unprivileged_user) if str(spec) in cmd]
+
+
+@pytest.mark.parametrize("output", ["{tmp}/missing-dir/out.tar", "{tmp}", "oci:{tmp}/afile", "oci:{tmp}/junk"])
+def test_unwritable_output_is_refused_before_anything_is_built(tmp_path, output: str) -> None:
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "something").write_text("x")
+    spec = write_spec(tmp_path, {"name": "early", "tag": "t", "extraCommands": 'touch "$NSBUILD_SPEC_DIR/ran"'})
+    proc = run_nsbuild(["layered", str(spec), "-o", output.format(tmp=tmp_path), "--no-cache"])
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "ran").exists(), "extraCommands ran although the output could not be written"
