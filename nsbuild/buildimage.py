@@ -48,6 +48,9 @@ def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOption
     base: BaseImage | None = None
     if output.format == "registry":
         remote.preflight("docker://" + output.location, "-o", options.registry)
+    if options.cache_to or options.cache_from:
+        progress.warn("--cache-to/--cache-from: buildImage's single layer depends on its base and scripts "
+                      "and is always built; nothing is shared")
     if spec.from_image and remote.is_registry(spec.from_image):
         cache_root = options.cache_dir if options.cache_dir else ws.path("pull")
         pulled = remote.pull_base(spec.from_image, store_root=cache_root, architecture=spec.architecture,
@@ -267,6 +270,10 @@ class _Merger:
             parts = []
         else:
             parts = [src.name]
+        if not parts and src.is_symlink():
+            # `./result` → a store path: the entry's content, whatever keepContentsDirlinks says.
+            self._copy_dir(src, os.stat(src), [], set())
+            return
         self._copy(src, parts, set())
 
     def _copy(self, src: Path, parts: list[str], stack: set[tuple[int, int]]) -> None:
