@@ -159,7 +159,7 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
 
 
 OOM_SIGNS = ("cannot allocate memory", "out of memory", "memory exhausted", "memoryerror", "bad_alloc",
-             "failed to allocate", "memory allocation failed")
+             "failed to allocate", "memory allocation failed", "memory allocation of", "outofmemory")
 
 
 def _out_of_memory(outcome: dict) -> bool:
