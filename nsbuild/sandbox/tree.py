@@ -199,16 +199,14 @@ class ImageModel:
                     m = tf.next()
                     if m is None:
                         break
-                    if m.isreg() and m.offset_data + m.size > total:
+                    if m.isreg() and not m.issparse() and m.offset_data + m.size > total:
                         raise HostileLayer(f"{label}: {m.name!r} declares {m.size} bytes but the layer ends "
                                            f"{total - m.offset_data} bytes later (absurd size or truncated)")
                     members.append(m)
-                end = members[-1].offset_data + ((members[-1].size + 511) // 512) * 512 if members else 0
-                if members and not (members[-1].isreg() or members[-1].islnk()):
-                    end = members[-1].offset_data
+                end = tf.offset  # where tarfile looked for the next header
             with open(tar_path, "rb") as f:
                 f.seek(end)
-                if f.read(512) != bytes(512):
+                if members and f.read(512) != bytes(512):
                     raise HostileLayer(f"{label}: truncated (no end-of-archive marker)")
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise HostileLayer(f"{label}: truncated or not a tar archive ({exc})") from None
