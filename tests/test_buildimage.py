@@ -29,7 +29,7 @@ from support.users import (
     run_nsbuild,
     user_env,
 )
-from support.verifiers import image_layers, podman_load_and_run
+from support.verifiers import image_layers, podman_load_and_run, umoci_unpack
 
 BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
 APPLETS = ("sh ls cat echo mkdir rm id whoami stat grep chown touch sleep head awk env printf test "
@@ -165,6 +165,14 @@ def test_busybox_run_as_root_in_podman(user_with_subids: str | None, user_tmp: U
     assert all(m.uid != caller.uid or caller.uid == 0 for m in lst.values())
     shown = podman_load_and_run(out, user=user).split()
     assert shown == ["1000:1000", "hi", "issue-gone", "app"], shown
+    # The same build as a gzip OCI layout: umoci checks digests, sizes, diff_ids and reads the owners back.
+    layout = work / "oci"
+    proc = nsbuild(user, work, "image", {**spec, "compressor": "gz"}, layout, "--isolation", "userns",
+                   "--format", "oci-dir", name="app-oci.json")
+    assert proc.returncode == 0, describe(proc)
+    tree = umoci_unpack(layout, "latest", work / "bundle", user)
+    assert (tree["data"].uid, tree["data"].gid) == (1000, 1000) and "etc/motd" in tree
+    assert "etc/issue" not in tree and "etc/passwd" in tree
 
 
 # --- every backend -------------------------------------------------------------------------------------
