@@ -69,7 +69,11 @@ def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOption
     os.chmod(custom, 0o755)
     merger = _Merger(custom, model, spec.keep_contents_dirlinks, progress)
     for entry in spec.copy_to_root:
-        merger.copy_entry(entry)
+        try:
+            merger.copy_entry(entry)
+        except OSError as exc:
+            raise BuildError(f"{entry.field}: cannot copy {exc.filename or entry.path}: "
+                             f"{exc.strerror or exc}") from None
     merger.finish()
     _add_store_closure(spec, custom, progress)
     env = script_env(work=ws.root, spec_dir=spec.base_dir, mtime=spec.mtime)
