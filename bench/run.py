@@ -141,8 +141,10 @@ def main() -> None:
             w, p, err = run([NSBUILD, "layered", "--cache-dir", str(cache), str(s), "-o", f"{work}/t.tar"])
             walls.append(w)
             lines = err.splitlines()
-            rebuilt.append(sum(1 for ln in lines if ln.startswith("nsbuild: [") and "cached" not in ln))
-        row(f"10 layers, 1 file touched ({max(rebuilt)} layer(s) rebuilt)", "none", n10, s10,
+            # Content layers built again (the customisation layer, the scripts' output, always is).
+            rebuilt.append(sum(1 for ln in lines if ln.startswith("nsbuild: [") and "cached" not in ln
+                               and "customisation layer" not in ln))
+        row(f"10 layers, 1 file touched ({max(rebuilt)} of 10 rebuilt)", "none", n10, s10,
             statistics.median(walls), p, statistics.median(walls) / cold)
 
         if not args.quick:
