@@ -14,7 +14,7 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -51,8 +51,6 @@ class Source:
 @dataclass
 class TarStats:
     entries: int = 0
-    data_bytes: int = 0
-    size: int = 0
 
 
 @dataclass
@@ -390,9 +388,10 @@ def _with_devices(entries: Iterator[Entry], devices: dict[bytes, Device]) -> Ite
 
 
 def write_tar(sources: list[Source], out: Writer, *, mtime: int, owner: OwnerPolicy,
-              overlay_whiteouts: bool = False, on_entry: Callable[[Entry], None] | None = None,
+              overlay_whiteouts: bool = False,
               devices: dict[bytes, Device] | None = None, cancel: threading.Event | None = None) -> TarStats:
-    """Write one layer tar for `sources` to `out`; return counts (the caller's writer hashes).
+    """Write one layer tar for `sources` to `out`; return the entry count (the caller's writer hashes
+    and counts the bytes).
 
     `devices` maps layer-relative names of empty placeholder files to the device each stands for.
     """
@@ -409,8 +408,6 @@ def write_tar(sources: list[Source], out: Writer, *, mtime: int, owner: OwnerPol
             raise KeyboardInterrupt  # another layer failed or the build was interrupted
         header = encode_header(entry, owner.resolve(entry.uid, entry.gid), mtime)
         stats.entries += 1
-        if on_entry is not None:
-            on_entry(entry)
         if entry.kind == "file" and entry.size:
             # Small files are batched with their headers: one write per ~1 MiB, not two per file.
             if entry.size <= 64 * 1024:
@@ -426,12 +423,9 @@ def write_tar(sources: list[Source], out: Writer, *, mtime: int, owner: OwnerPol
                 out.write(pending)
                 pending = bytearray()
                 _copy_file(entry.host or b"", entry.size, out, buf, cancel)
-            stats.data_bytes += entry.size
         else:
             pending += header
-        stats.size += len(header) + entry.size + (-entry.size % BLOCK if entry.kind == "file" else 0)
     pending += b"\0" * (2 * BLOCK)
-    stats.size += 2 * BLOCK
     out.write(pending)
     return stats
 
