@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from nsbuild.layer import MEDIA_BY_COMPRESSOR, Blob, Layer
+from nsbuild.layer import MEDIA_BY_COMPRESSOR, Blob, Layer, file_digest
 from nsbuild.owners import OwnerPolicy
 from nsbuild.tarwriter import Source
 
@@ -135,7 +135,7 @@ class LayerCache:
             return None
         if rec.get("stamp") != _stamp(st):
             # Changed since we stored it: trust only a fresh digest.
-            if st.st_size != size or _file_digest(path) != digest:
+            if st.st_size != size or file_digest(path) != digest:
                 path.unlink(missing_ok=True)
                 return None
             rec["stamp"] = _stamp(st)
@@ -211,10 +211,3 @@ def _files(d: Path) -> Iterator[Path]:
             if p.is_file() and not p.name.startswith("."):
                 yield p
 
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import uuid
@@ -55,6 +56,12 @@ class Layer:
     @property
     def size(self) -> int:
         return self.compressed.size
+
+
+def file_digest(path: Path) -> str:
+    """`sha256:<hex>` of a file's bytes (to re-check a blob that someone else may have written)."""
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # --- producing layers ------------------------------------------------------------------------------

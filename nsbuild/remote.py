@@ -38,7 +38,15 @@ from nsbuild.baseimage import DOCKER_TO_OCI, BaseImage
 from nsbuild.compress import open_decompressed
 from nsbuild.errors import BuildError, UsageError
 from nsbuild.image import MEDIA_OCI_MANIFEST, Image, canonical_json, sha256_digest
-from nsbuild.layer import MEDIA_BY_COMPRESSOR, MEDIA_TAR, MEDIA_TAR_GZIP, MEDIA_TAR_ZSTD, Blob, Layer
+from nsbuild.layer import (
+    MEDIA_BY_COMPRESSOR,
+    MEDIA_TAR,
+    MEDIA_TAR_GZIP,
+    MEDIA_TAR_ZSTD,
+    Blob,
+    Layer,
+    file_digest,
+)
 from nsbuild.owners import OwnerPolicy
 from nsbuild.progress import Progress, human
 from nsbuild.registry import (
@@ -170,18 +178,13 @@ class PulledBase:
                 "downloaded_bytes": self.pulled.downloaded_bytes}
 
 
-def _file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _verify_cached(pulled: PulledImage, store_dir: Path) -> list[str]:
     """pull_image trusts a blob already on disk when its size matches; a cache is shared with other
     writers, so hash those again. Returns the digests that were wrong (and removes them)."""
     bad = []
     for digest in pulled.cached_blobs:
         path = store_dir / digest.split(":", 1)[1]
-        if path.exists() and _file_digest(path) != digest:
+        if path.exists() and file_digest(path) != digest:
             path.unlink()
             bad.append(digest)
     return bad
@@ -191,7 +194,7 @@ def _decompress_verified(src: Path, blob_dir: Path, diff_id: str, what: str) -> 
     """The layer tar of a compressed blob, checked against its diff_id; reused when already there."""
     final = blob_dir / diff_id.split(":", 1)[1]
     if final.exists():
-        if _file_digest(final) == diff_id:
+        if file_digest(final) == diff_id:
             return Blob(diff_id, final.stat().st_size, final)
         final.unlink(missing_ok=True)
     tmp = blob_dir / f".tmp-{uuid.uuid4().hex}.tar"
@@ -423,7 +426,7 @@ class RemoteCache:
     def _fetch(self, puller: _Puller, rec: dict[str, Any], store_dir: Path) -> Blob:
         digest, size = str(rec["digest"]), int(rec["size"])
         pulled = puller.blob(digest, size, str(rec.get("mediaType", "")))
-        if digest in puller.cached and _file_digest(pulled.path) != digest:
+        if digest in puller.cached and file_digest(pulled.path) != digest:
             # Someone else's bytes under this name: fetch them again, verified while streaming.
             pulled.path.unlink(missing_ok=True)
             pulled = puller.blob(digest, size, str(rec.get("mediaType", "")))
