@@ -98,11 +98,11 @@ class LayerCache:
     def lookup(self, key: str, *, compression: str, need_tar: bool, comment: str) -> Layer | None:
         path = self.entries / f"{key}.json"
         try:
-            entry = json.loads(path.read_text())
+            text = path.read_text()
+            entry = json.loads(text)
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-        self._dirty = False
-        tar = self._blob(entry.get("tar"), need=need_tar)
+        tar = self._blob(entry.get("tar"))
         if tar is None and need_tar:
             return None
         forms = entry.get("compressed", {})
@@ -112,19 +112,22 @@ class LayerCache:
                 diff = entry.get("diff_id")
                 compressed = Blob(diff, entry.get("tar_size", 0), None)
         else:
-            compressed = self._blob(forms.get(compression), need=True)
+            compressed = self._blob(forms.get(compression))
             if compressed is None:
                 return None
         if tar is None:
             tar = Blob(entry["diff_id"], entry["tar_size"], None)
-        if self._dirty:
+        # _blob refreshes stamps in place; comparing with the file (not a flag on self, which the
+        # other layer threads' lookups would share) tells whether to write the entry back.
+        if entry != json.loads(text):
             self._write_entry(path, entry)
         else:
             os.utime(path)  # last use, for `cache prune`
         return Layer(diff_id=entry["diff_id"], tar=tar, compressed=compressed,
                      media_type=MEDIA_BY_COMPRESSOR[compression], comment=comment)
 
-    def _blob(self, rec: dict | None, *, need: bool) -> Blob | None:
+    def _blob(self, rec: dict | None) -> Blob | None:
+        """The recorded blob if it is still there and intact; refreshes `rec["stamp"]` after a re-check."""
         if not rec:
             return None
         digest, size = rec["digest"], rec["size"]
@@ -139,7 +142,6 @@ class LayerCache:
                 path.unlink(missing_ok=True)
                 return None
             rec["stamp"] = _stamp(st)
-            self._dirty = True
         return Blob(digest, size, path)
 
     # -- store --------------------------------------------------------------------------------------
