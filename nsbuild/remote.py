@@ -56,13 +56,14 @@ from nsbuild.registry import (
     PushResult,
     RegistryError,
     RegistryOptions,
+    fetch_blob,
+    fetch_manifest,
     parse_reference,
     pull_image,
     push_image,
     push_manifest,
 )
 from nsbuild.registry.client import RegistryClient
-from nsbuild.registry.pull import _Puller, _Store
 from nsbuild.registry.reference import Reference
 from nsbuild.tarwriter import Source, encode_header, iter_entries
 
@@ -333,10 +334,6 @@ class RemoteCache:
         self.progress = progress
         self.entries: dict[str, dict[str, Any]] = {}
         self.client: RegistryClient | None = None
-        self._puller: _Puller | None = None
-        self._lock = threading.Lock()
-        self.downloaded_bytes = 0
-        self.hits = 0
 
     def open(self) -> None:
         self.client = RegistryClient(self.ref, self.options, actions=("pull",))
@@ -353,8 +350,8 @@ class RemoteCache:
         if config.get("mediaType") != CACHE_CONFIG_MEDIA:
             raise BuildError(f"--cache-from {self.ref}: not an nsbuild cache (config media type "
                              f"{config.get('mediaType')!r})")
-        assert self._puller is not None
-        blob = self._puller.blob(str(config["digest"]), int(config["size"]), CACHE_CONFIG_MEDIA)
+        assert self.client is not None
+        blob = fetch_blob(self.client, self._scratch, str(config["digest"]), int(config["size"]), CACHE_CONFIG_MEDIA)
         record = json.loads(blob.path.read_bytes())
         if record.get("format") != CACHE_FORMAT:
             self.progress.warn(f"--cache-from {self.ref}: cache format {record.get('format')!r} is not "
@@ -367,9 +364,8 @@ class RemoteCache:
         assert self.client is not None
         # Cache records land in the workspace-independent tmp store first; blobs are fetched per layer.
         self._scratch = Path(tempfile.mkdtemp(prefix="nsbuild-cachefrom-"))
-        self._puller = _Puller(self.client, _Store(self._scratch), lambda e: None)
         try:
-            body, _media, _digest = self._puller.manifest(self.ref.reference)
+            body, _media, _digest = fetch_manifest(self.client, self._scratch, self.ref.reference)
         except RegistryError as exc:
             if exc.status == 404:
                 return None
@@ -394,13 +390,12 @@ class RemoteCache:
         forms: dict[str, dict[str, Any]] = entry.get("blobs") or {}
         diff_id = str(entry["diff_id"])
         store_dir = store_root / "blobs" / "sha256"
-        puller = _Puller(self.client, _Store(store_root), lambda e: None)
         try:
             if compression != "none":
                 rec = forms.get(compression)
                 if rec is None:
                     return None
-                blob = self._fetch(puller, rec, store_dir)
+                blob = self._fetch(rec, store_root)
                 tar = Blob(diff_id, int(entry.get("tar_size", 0)), None)
                 if need_tar:
                     tar = _decompress_verified(blob.path, store_dir, diff_id, f"cache layer {diff_id[:19]}")
@@ -409,7 +404,7 @@ class RemoteCache:
                 rec = forms.get("none") or forms.get("gz") or forms.get("zstd")
                 if rec is None:
                     return None
-                blob = self._fetch(puller, rec, store_dir)
+                blob = self._fetch(rec, store_root)
                 tar = blob if blob.digest == diff_id else _decompress_verified(
                     blob.path, store_dir, diff_id, f"cache layer {diff_id[:19]}")
                 compressed = tar
@@ -418,20 +413,13 @@ class RemoteCache:
                 self.progress.warn(f"shared cache {self.ref}: a recorded blob is gone ({exc}); rebuilding")
                 return None
             raise
-        with self._lock:
-            self.hits += 1
         return Layer(diff_id=diff_id, tar=tar, compressed=compressed,
                      media_type=MEDIA_BY_COMPRESSOR[compression], comment=comment)
 
-    def _fetch(self, puller: _Puller, rec: dict[str, Any], store_dir: Path) -> Blob:
+    def _fetch(self, rec: dict[str, Any], store_root: Path) -> Blob:
+        assert self.client is not None
         digest, size = str(rec["digest"]), int(rec["size"])
-        pulled = puller.blob(digest, size, str(rec.get("mediaType", "")))
-        if digest in puller.cached and file_digest(pulled.path) != digest:
-            # Someone else's bytes under this name: fetch them again, verified while streaming.
-            pulled.path.unlink(missing_ok=True)
-            pulled = puller.blob(digest, size, str(rec.get("mediaType", "")))
-        with self._lock:
-            self.downloaded_bytes += size if digest in puller.downloaded else 0
+        pulled = fetch_blob(self.client, store_root, digest, size, str(rec.get("mediaType", "")))
         return Blob(digest, size, pulled.path)
 
 

@@ -24,6 +24,7 @@ import requests
 
 from nsbuild.errors import BuildError
 from nsbuild.image import MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, sha256_digest
+from nsbuild.layer import file_digest
 from nsbuild.registry.client import (
     RegistryClient,
     RegistryError,
@@ -349,6 +350,30 @@ class _Sink:
         self.hasher = hashlib.sha256()
 
 
+def fetch_manifest(client: RegistryClient, store_root: Path, reference: str) -> tuple[bytes, str, str]:
+    """(body, media type, digest) of one manifest or index of the client's repository, as it is (no
+    platform resolution), also kept in `store_root/blobs/sha256/`. A 404 is a RegistryError with status 404."""
+    return _Puller(client, _Store(store_root), _no_progress).manifest(reference)
+
+
+def fetch_blob(client: RegistryClient, store_root: Path, digest: str, size: int, media_type: str = "") -> PulledBlob:
+    """One blob of the client's repository into `store_root/blobs/sha256/`, verified while it streams in.
+
+    Unlike pull_image, which trusts a blob of the right size already there, a blob found on disk is
+    hashed again and downloaded anew when its bytes are not `digest` (the store may be shared with
+    other writers)."""
+    puller = _Puller(client, _Store(store_root), _no_progress)
+    blob = puller.blob(digest, size, media_type)
+    if puller.cached and file_digest(blob.path) != digest:
+        blob.path.unlink(missing_ok=True)
+        blob = puller.blob(digest, size, media_type)
+    return blob
+
+
+def _no_progress(event: ProgressEvent) -> None:
+    pass
+
+
 def pull_image(
     ref: str | Reference,
     *,
@@ -372,7 +397,7 @@ def pull_image(
         variant = variant or host_variant
     store = _Store(dest_dir)
     with RegistryClient(source, options, actions=("pull",)) as client:
-        puller = _Puller(client, store, progress or (lambda event: None))
+        puller = _Puller(client, store, progress or _no_progress)
         body, media_type, digest = puller.manifest(source.reference)
         index_digest = None
         if media_type in INDEX_TYPES:
