@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from nsbuild.compress import HashingWriter, compression_of, open_decompressed
+from nsbuild.compress import compression_of, open_decompressed
 from nsbuild.errors import BuildError
-from nsbuild.layer import MEDIA_TAR, MEDIA_TAR_GZIP, MEDIA_TAR_ZSTD, Blob, Layer
+from nsbuild.layer import MEDIA_TAR, MEDIA_TAR_GZIP, MEDIA_TAR_ZSTD, Blob, Layer, copy_verified, decompress_verified
 from nsbuild.refs import ImageRef, parse_ref
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -88,23 +88,6 @@ class _Reader:
             raise BuildError(f"{name}: invalid JSON: {exc}") from None
 
 
-def _copy_verified(src: IO[bytes], dest_dir: Path, expected: str | None, what: str) -> Blob:
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    tmp = dest_dir / f".tmp-base-{os.getpid()}"
-    h = HashingWriter(None)
-    with open(tmp, "wb") as out:
-        while chunk := src.read(1 << 20):
-            h.write(chunk)
-            out.write(chunk)
-    if expected is not None and h.digest != expected:
-        tmp.unlink()
-        raise BuildError(f"{what}: digest mismatch: expected {expected}, the data has {h.digest} "
-                         "(corrupted or truncated)")
-    final = dest_dir / h.digest.split(":", 1)[1]
-    os.replace(tmp, final)
-    return Blob(h.digest, h.size, final)
-
-
 def _decompressed_blob(blob: Blob, dest_dir: Path, expected_diff_id: str | None, what: str) -> Blob:
     assert blob.path is not None
     if compression_of(blob.path) == "none":
@@ -112,11 +95,7 @@ def _decompressed_blob(blob: Blob, dest_dir: Path, expected_diff_id: str | None,
             raise BuildError(f"{what}: digest {blob.digest} does not match the config's diff_id "
                              f"{expected_diff_id}")
         return blob
-    try:
-        with open_decompressed(blob.path) as f:
-            return _copy_verified(f, dest_dir, expected_diff_id, what)
-    except (OSError, EOFError) as exc:
-        raise BuildError(f"{what}: cannot decompress: {exc}") from None
+    return decompress_verified(blob.path, dest_dir, expected_diff_id, what)
 
 
 def _check_digest(value: Any, what: str) -> str:
@@ -197,7 +176,7 @@ def _load_docker(reader: _Reader, blob_dir: Path, work_dir: Path, name: str | No
         _check_digest(diff_id, f"fromImage: config diff_ids[{i}]")
         what = f"fromImage: layer {i} ({lname})"
         with reader.open(os.path.normpath(lname)) as f:
-            raw = _copy_verified(f, blob_dir, None, what)
+            raw = copy_verified(f, blob_dir, None, what)
         tar = _decompressed_blob(raw, blob_dir, diff_id, what)
         layers.append(Layer(diff_id=diff_id, tar=tar, compressed=tar, media_type=MEDIA_TAR,
                             comment=f"base layer {i}"))
@@ -244,7 +223,7 @@ def _load_oci(reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str,
     def blob_json(d: dict, what: str) -> Any:
         digest = _check_digest(d.get("digest"), what)
         with reader.open("blobs/sha256/" + digest.split(":", 1)[1]) as f:
-            blob = _copy_verified(f, blob_dir, digest, what)
+            blob = copy_verified(f, blob_dir, digest, what)
         assert blob.path is not None
         raw[what] = blob.path.read_bytes()
         return json.loads(raw[what])
@@ -271,7 +250,7 @@ def _load_oci(reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str,
         _check_digest(diff_id, f"fromImage: config diff_ids[{i}]")
         what = f"fromImage: layer {i} ({digest[:19]})"
         with reader.open("blobs/sha256/" + digest.split(":", 1)[1]) as f:
-            compressed = _copy_verified(f, blob_dir, digest, what)
+            compressed = copy_verified(f, blob_dir, digest, what)
         tar = _decompressed_blob(compressed, blob_dir, diff_id, what)
         media = COMPRESSION_MEDIA[compression_of(compressed.path or "")]
         layers.append(Layer(diff_id=diff_id, tar=tar, compressed=compressed, media_type=media,

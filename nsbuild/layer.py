@@ -9,8 +9,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
-from nsbuild.compress import Compressor, HashingWriter, Pipelined
+from nsbuild.compress import Compressor, HashingWriter, Pipelined, open_decompressed
 from nsbuild.errors import BuildError
 from nsbuild.owners import OwnerPolicy
 from nsbuild.tarwriter import Source, write_tar
@@ -62,6 +63,37 @@ def file_digest(path: Path) -> str:
     """`sha256:<hex>` of a file's bytes (to re-check a blob that someone else may have written)."""
     with open(path, "rb") as f:
         return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def copy_verified(src: IO[bytes], dest_dir: Path, expected: str | None, what: str) -> Blob:
+    """Store `src`'s bytes in `dest_dir` under their digest, refused unless it is `expected` (when
+    given); a failure leaves no temporary file (dest_dir may be the shared layer cache)."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    tmp = dest_dir / f".tmp-{uuid.uuid4().hex}"
+    h = HashingWriter(None)
+    try:
+        with open(tmp, "wb") as out:
+            while chunk := src.read(1 << 20):
+                h.write(chunk)
+                out.write(chunk)
+        if expected is not None and h.digest != expected:
+            raise BuildError(f"{what}: digest mismatch: expected {expected}, the data has {h.digest} "
+                             "(corrupted or truncated)")
+        final = dest_dir / h.digest.split(":", 1)[1]
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Blob(h.digest, h.size, final)
+
+
+def decompress_verified(src: Path, dest_dir: Path, expected_diff_id: str | None, what: str) -> Blob:
+    """The layer tar inside the compressed blob `src`, stored by copy_verified."""
+    try:
+        with open_decompressed(src) as f:
+            return copy_verified(f, dest_dir, expected_diff_id, what)
+    except (OSError, EOFError) as exc:
+        raise BuildError(f"{what}: cannot decompress: {exc}") from None
 
 
 # --- producing layers ------------------------------------------------------------------------------

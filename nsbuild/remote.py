@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from nsbuild.baseimage import DOCKER_TO_OCI, BaseImage
-from nsbuild.compress import open_decompressed
 from nsbuild.errors import BuildError, UsageError
 from nsbuild.image import MEDIA_OCI_MANIFEST, Image, canonical_json, sha256_digest
 from nsbuild.layer import (
@@ -45,6 +44,7 @@ from nsbuild.layer import (
     MEDIA_TAR_ZSTD,
     Blob,
     Layer,
+    decompress_verified,
     file_digest,
 )
 from nsbuild.owners import OwnerPolicy
@@ -192,31 +192,16 @@ def _verify_cached(pulled: PulledImage, store_dir: Path) -> list[str]:
 
 
 def _decompress_verified(src: Path, blob_dir: Path, diff_id: str, what: str) -> Blob:
-    """The layer tar of a compressed blob, checked against its diff_id; reused when already there."""
+    """decompress_verified into the layer cache's store, reusing a tar already there (re-hashed: the
+    store is shared with other writers); stored read-only like every cached blob."""
     final = blob_dir / diff_id.split(":", 1)[1]
     if final.exists():
         if file_digest(final) == diff_id:
             return Blob(diff_id, final.stat().st_size, final)
         final.unlink(missing_ok=True)
-    tmp = blob_dir / f".tmp-{uuid.uuid4().hex}.tar"
-    h = hashlib.sha256()
-    size = 0
-    try:
-        with open_decompressed(src) as f, open(tmp, "wb") as out:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-    except (OSError, EOFError) as exc:
-        tmp.unlink(missing_ok=True)
-        raise BuildError(f"{what}: cannot decompress: {exc}") from None
-    if "sha256:" + h.hexdigest() != diff_id:
-        tmp.unlink(missing_ok=True)
-        raise BuildError(f"{what}: the uncompressed layer has digest sha256:{h.hexdigest()}, the config says "
-                         f"{diff_id} (refusing it)")
-    os.chmod(tmp, 0o444)
-    os.replace(tmp, final)
-    return Blob(diff_id, size, final)
+    blob = decompress_verified(src, blob_dir, diff_id, what)
+    os.chmod(final, 0o444)
+    return blob
 
 
 def pull_base(text: str, *, store_root: Path, architecture: str, options: RegistryOptions | None,
