@@ -81,17 +81,21 @@ def _stamp(st: os.stat_result) -> list[int]:
 
 
 class LayerCache:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, write: bool = True) -> None:
         self.root = root
         self.blobs = root / "blobs" / "sha256"
         self.entries = root / "layers"
+        from nsbuild.errors import BuildError
+
         try:
             self.blobs.mkdir(parents=True, exist_ok=True)
             self.entries.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            from nsbuild.errors import BuildError
-
             raise BuildError(f"cache directory {root}: {exc.strerror} (use --cache-dir or --no-cache)") from None
+        # An existing cache someone else owns (or on a read-only mount) passes mkdir; find out now,
+        # not with a traceback from the first layer written into it.
+        if write and not all(os.access(d, os.W_OK | os.X_OK) for d in (self.blobs, self.entries)):
+            raise BuildError(f"cache directory {root}: not writable (use --cache-dir or --no-cache)")
 
     # -- lookup -------------------------------------------------------------------------------------
 

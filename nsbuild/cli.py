@@ -294,7 +294,7 @@ def cache_du(cache_dir: CacheDirOpt = None) -> None:
 
     root = cache_dir or default_cache_dir()
     try:
-        entries, blobs, size = LayerCache(root).usage()
+        entries, blobs, size = LayerCache(root, write=False).usage()
     except NsbuildError as exc:
         _fail(exc)
     print(f"{root}: {entries} layer entries, {blobs} blobs, {human(size)}")

@@ -176,3 +176,31 @@ def test_default_cache_dir_is_per_user(unprivileged_user: str | None, user_tmp) 
         assert states[f"contents[0]: {tree} → /"] is expect_cached, proc.stderr
     entries = list((cache / "nsbuild" / "layers").glob("*.json"))
     assert len(entries) == 1 and json.loads(entries[0].read_text())["diff_id"].startswith("sha256:")
+
+
+def test_unwritable_cache_dir_is_one_line_error(unprivileged_user: str | None, user_tmp) -> None:
+    """A cache directory that exists but the caller cannot write (another account's, a read-only
+    mount) fails before any layer with one line, not a traceback from the layer writer."""
+    tmp = user_tmp(unprivileged_user)
+    tree = tmp / "tree"
+    tree.mkdir()
+    (tree / "f").write_text("x")
+    spec = write_spec(tmp, {"name": "c", "tag": "t", "compressor": "none", "contents": [str(tree)]})
+    cache = user_tmp(None) / "cache"  # root's when we are root, else our own made read-only
+    dirs = [cache / "blobs" / "sha256", cache / "blobs", cache / "layers", cache]
+    dirs[0].mkdir(parents=True)
+    dirs[2].mkdir()
+    for d in dirs:
+        d.chmod(0o555)
+    try:
+        proc = run_nsbuild(["layered", str(spec), "-o", str(tmp / "o.tar"), "--cache-dir", str(cache)],
+                           unprivileged_user)
+        assert proc.returncode == 1, describe(proc)
+        assert proc.stderr.strip() == f"nsbuild: error: cache directory {cache}: not writable " \
+                                      "(use --cache-dir or --no-cache)", describe(proc)
+        assert not (tmp / "o.tar").exists()
+        du = run_nsbuild(["cache", "du", "--cache-dir", str(cache)], unprivileged_user)
+        assert du.returncode == 0 and "0 layer entries" in du.stdout, describe(du)
+    finally:
+        for d in dirs:
+            d.chmod(0o755)
