@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,8 +52,6 @@ class BuildResult:
     image: Image
     output: str
     format: str
-    layer_seconds: list[float] = field(default_factory=list)
-    cached: list[bool] = field(default_factory=list)
     push: PushResult | None = None  # docker:// output
     base: dict[str, Any] | None = None  # docker:// fromImage: what was pulled
     cache_push: PushResult | None = None  # --cache-to
@@ -184,13 +182,12 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
     total = len(plan.layers) + 1
     blob_dir = cache.blobs if cache else ws.blobs
     with remote.opened_cache(options.cache_from, options.registry, progress) as shared:
-        layers, seconds, cached, content_keys = _content_layers(
+        layers, cached, content_keys = _content_layers(
             spec, plan, progress, options, ws, cache, shared, blob_dir, compression, keep_tar, fixed, total)
     t0 = time.monotonic()
     layers.append(_customisation_layer(spec, plan, ws, progress, options, fixed, compression, keep_tar,
                                        base_layers))
-    seconds.append(time.monotonic() - t0)
-    progress.layer_done(total, total, "customisation layer", layers[-1].tar.size, seconds[-1])
+    progress.layer_done(total, total, "customisation layer", layers[-1].tar.size, time.monotonic() - t0)
     all_layers = base_layers + layers
     config = make_config(architecture=spec.architecture, created=spec.created, config=spec.config,
                          base_config=base.config if base else None,
@@ -199,8 +196,8 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
     tag = output.tag or spec.tag or hashlib.sha256(config).hexdigest()[:32]
     image = Image(name=spec.name, tag=tag, layers=all_layers, config=config,
                   manifest=oci_manifest(config, all_layers, annotations))
-    result = BuildResult(image, "", output.format, seconds, [c is True for c in cached] + [False],
-                         base=base_info, remote_hits=sum(1 for c in cached if c == "remote"))
+    result = BuildResult(image, "", output.format, base=base_info,
+                         remote_hits=sum(1 for c in cached if c == "remote"))
     result.output = write_output(image, output, spec, progress, options, result)
     if options.cache_to:
         result.cache_push = remote.push_cache(
@@ -211,7 +208,7 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
 
 def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOptions, ws: Workspace,
                     cache: LayerCache | None, shared: Any, blob_dir: Path, compression: str, keep_tar: bool,
-                    fixed: OwnerPolicy, total: int) -> tuple[list[Layer], list[float], list[Any], list[str | None]]:
+                    fixed: OwnerPolicy, total: int) -> tuple[list[Layer], list[Any], list[str | None]]:
     """The planned content layers, in parallel: from the local cache, the shared cache or built."""
     from nsbuild import remote
 
@@ -221,7 +218,7 @@ def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOp
         return remote.remembered_content_fingerprint(cache.root if cache else None, key, planned.sources,
                                                      mtime=spec.mtime, owner=fixed)
 
-    def make(index: int, planned: PlannedLayer) -> tuple[Layer, float, bool | str, str | None]:
+    def make(index: int, planned: PlannedLayer) -> tuple[Layer, bool | str, str | None]:
         t0 = time.monotonic()
         key = None
         content_key = None
@@ -232,7 +229,7 @@ def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOp
                 if options.cache_to:
                     content_key = content_fingerprint(key, planned)
                 progress.layer_done(index, total, planned.comment, hit.tar.size, time.monotonic() - t0, True)
-                return hit, time.monotonic() - t0, True, content_key
+                return hit, True, content_key
         if want_content_key:
             content_key = content_fingerprint(key, planned)
         if shared is not None and content_key is not None:
@@ -243,7 +240,7 @@ def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOp
                     cache.store(key, got, compression)
                 progress.info(f"[{index}/{total}] {planned.comment}: {human(got.tar.size)} "
                               f"(from cache {shared.ref}, {time.monotonic() - t0:.2f}s)")
-                return got, time.monotonic() - t0, "remote", content_key
+                return got, "remote", content_key
         label = f"[{index}/{total}]"
         stops = []
         layer = build_layer(planned.sources, blob_dir, mtime=spec.mtime, owner=fixed, compression=compression,
@@ -254,7 +251,7 @@ def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOp
         if cache is not None and key is not None:
             cache.store(key, layer, compression)
         progress.layer_done(index, total, planned.comment, layer.tar.size, time.monotonic() - t0)
-        return layer, time.monotonic() - t0, False, content_key
+        return layer, False, content_key
 
     # Layers are independent: the C parts (reading, hashing, compressing) run in parallel threads.
     jobs = options.jobs or len(os.sched_getaffinity(0))
@@ -268,7 +265,7 @@ def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOp
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    return [d[0] for d in done], [d[1] for d in done], [d[2] for d in done], [d[3] for d in done]
+    return [d[0] for d in done], [d[1] for d in done], [d[2] for d in done]
 
 
 def _recompress(layer: Layer, compression: str, ws: Workspace) -> Layer:

@@ -88,8 +88,7 @@ def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOption
                             keep_tar=keep_tar, comment=LAYER_COMMENT)
     else:
         layer = _run_as_root_layer(spec, ws, progress, options, custom, env, tars, owner, compression)
-    seconds = time.monotonic() - t0
-    progress.layer_done(1, 1, LAYER_COMMENT, layer.tar.size, seconds)
+    progress.layer_done(1, 1, LAYER_COMMENT, layer.tar.size, time.monotonic() - t0)
 
     if not docker:
         base_layers = [_recompress(b, compression, ws) for b in base_layers]
@@ -105,7 +104,7 @@ def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOption
     tag = output.tag or spec.tag or hashlib.sha256(config).hexdigest()[:32]
     image = Image(name=spec.name, tag=tag, layers=all_layers, config=config,
                   manifest=oci_manifest(config, all_layers, annotations))
-    result = BuildResult(image, "", output.format, [seconds], [False], base=base_info)
+    result = BuildResult(image, "", output.format, base=base_info)
     result.output = write_output(image, output, spec, progress, options, result)
     return result
 
