@@ -19,7 +19,6 @@ from nsbuild.tarwriter import Source, write_tar
 MEDIA_TAR = "application/vnd.oci.image.layer.v1.tar"
 MEDIA_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 MEDIA_TAR_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
-DOCKER_MEDIA_TAR_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 MEDIA_BY_COMPRESSOR = {"none": MEDIA_TAR, "gz": MEDIA_TAR_GZIP, "zstd": MEDIA_TAR_ZSTD}
 

@@ -65,9 +65,3 @@ class OwnerPolicy:
         return {"fixed": self.fixed, "uid": self.root.uid, "gid": self.root.gid, "uname": self.root.uname,
                 "gname": self.root.gname, "users": {str(k): v for k, v in self.users.items()},
                 "groups": {str(k): v for k, v in self.groups.items()}}
-
-    @classmethod
-    def from_json(cls, data: dict) -> OwnerPolicy:
-        root = Owner(int(data["uid"]), int(data["gid"]), str(data["uname"]), str(data["gname"]))
-        return cls(root, bool(data["fixed"]), {int(k): v for k, v in data.get("users", {}).items()},
-                   {int(k): v for k, v in data.get("groups", {}).items()})

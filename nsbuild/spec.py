@@ -66,7 +66,6 @@ class Spec:
     config: dict[str, Any]
     architecture: str
     created: int
-    created_is_now: bool
     mtime: int
     uid: int
     gid: int
@@ -396,7 +395,7 @@ def parse_spec(raw: Any, spec_path: Path, kind: str, env: dict[str, str]) -> Spe
         from_image_tag=values["fromImageTag"], contents=values["contents"],
         copy_to_root=values["copyToRoot"], keep_contents_dirlinks=values["keepContentsDirlinks"],
         config=values["config"], architecture=values["architecture"] or host_architecture(),
-        created=created[0], created_is_now=created[1], mtime=mtime[0], uid=values["uid"],
+        created=created[0], mtime=mtime[0], uid=values["uid"],
         gid=values["gid"], uname=values["uname"], gname=values["gname"], max_layers=values["maxLayers"],
         extra_commands=values["extraCommands"], fake_root_commands=values["fakeRootCommands"],
         enable_fakechroot=values["enableFakechroot"], include_store_paths=values["includeStorePaths"],
