@@ -606,3 +606,24 @@ def test_store_paths_bring_their_closure_and_nix_db(unprivileged_user: str | Non
     with sqlite3.connect(db) as conn:
         paths = {row[0] for row in conn.execute("SELECT path FROM ValidPaths")}
     assert paths == {str(hello), str(lib)}
+
+
+def test_unreadable_copy_to_root_entry_is_one_line_error(unprivileged_user: str | None,
+                                                          user_tmp: UserTmpFactory) -> None:
+    """A file the caller cannot read fails the build with one line naming the entry (root reads
+    everything, so only an unprivileged caller shows it)."""
+    user = unprivileged_user
+    work = user_tmp(user)
+    src = work / "src"
+    (src / "sub").mkdir(parents=True)
+    secret = src / "sub" / "secret"
+    secret.write_text("x")
+    _own(user, src)
+    secret.chmod(0)
+    out = work / "o.tar"
+    proc = nsbuild(user, work, "image", {"name": "u", "tag": "t", "copyToRoot": [str(src)]}, out)
+    assert proc.returncode == 1, describe(proc)
+    assert "Traceback" not in proc.stderr, describe(proc)
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f"nsbuild: error: copyToRoot[0]: cannot copy {secret}: Permission denied", describe(proc)
+    assert not out.exists()
