@@ -275,9 +275,13 @@ def _recompress(layer: Layer, compression: str, ws: Workspace) -> Layer:
     from nsbuild.layer import layer_from_tar
 
     assert layer.tar.path is not None
-    copy = ws.path("recompress") / layer.tar.path.name
-    shutil.copyfile(layer.tar.path, copy)
-    return layer_from_tar(copy, ws.blobs, compression=compression, comment=layer.comment)
+    tar = layer.tar.path
+    if tar.parent != ws.blobs:
+        # layer_from_tar files the tar under ws.blobs by moving it: a tar of the shared cache is
+        # copied first. One already in ws.blobs (a local fromImage) is where it would go: no copy.
+        tar = ws.path("recompress") / tar.name
+        shutil.copyfile(layer.tar.path, tar)
+    return layer_from_tar(tar, ws.blobs, compression=compression, comment=layer.comment)
 
 
 def _customisation_layer(spec: Spec, plan: Plan, ws: Workspace, progress: Progress, options: BuildOptions,
