@@ -17,6 +17,7 @@ the cache), the blob is hashed again and, if wrong, dropped and its layer rebuil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -165,8 +166,13 @@ class LayerCache:
 
     def _write_entry(self, path: Path, entry: dict) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(entry, sort_keys=True))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(entry, sort_keys=True))
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # a full disk must not leave half entries in the cache
+                tmp.unlink(missing_ok=True)
+            raise
 
     def _record(self, blob: Blob) -> dict:
         assert blob.path is not None

@@ -287,11 +287,14 @@ def remembered_content_fingerprint(cache_root: Path | None, local_key: str | Non
                 return value
     value = content_fingerprint(sources, mtime=mtime, owner=owner)
     if memo is not None:
-        with contextlib.suppress(OSError):
+        tmp = memo.with_name(f".{memo.name}.{uuid.uuid4().hex}")
+        try:
             memo.parent.mkdir(exist_ok=True)
-            tmp = memo.with_name(f".{memo.name}.{uuid.uuid4().hex}")
             tmp.write_text(value + "\n")
             os.replace(tmp, memo)
+        except OSError:
+            with contextlib.suppress(OSError):  # only a hint: never fail the build nor leave a stray file
+                tmp.unlink(missing_ok=True)
     return value
 
 
