@@ -11,7 +11,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from nsbuild.errors import NsbuildError, UsageError
+from nsbuild.errors import BuildError, NsbuildError, UsageError
 from nsbuild.progress import Progress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -52,6 +52,13 @@ CacheFromOpt = Annotated[str | None, typer.Option(
 def _fail(exc: NsbuildError) -> NoReturn:
     sys.stderr.write(f"nsbuild: error: {exc}\n")
     raise typer.Exit(exc.exit_code)
+
+
+def _io_error(exc: OSError) -> BuildError:
+    """Last resort for an I/O failure nothing below turned into a BuildError (a full disk in the
+    workspace, ...): one line, exit 1, as every other build failure."""
+    where = f"{os.fsdecode(exc.filename)}: " if exc.filename else ""
+    return BuildError(f"{where}{exc.strerror or exc}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -139,6 +146,8 @@ def _build(kind: str, spec_path: Path, output: str | None, fmt: str | None, quie
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.stderr.write("nsbuild: output pipe closed before the image was written\n")
         raise typer.Exit(1) from None
+    except OSError as exc:
+        _fail(_io_error(exc))
     image = result.image
     pushed = result.push
     if pushed is not None and not as_json:
@@ -236,6 +245,8 @@ def push(image_ref: Annotated[str, typer.Argument(metavar="IMAGE", help="docker-
     except KeyboardInterrupt:
         sys.stderr.write("nsbuild: interrupted\n")
         raise typer.Exit(130) from None
+    except OSError as exc:
+        _fail(_io_error(exc))
     if json_out:
         print(json.dumps(remote.push_json(result), indent=2))
     else:

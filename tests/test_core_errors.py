@@ -181,6 +181,30 @@ def test_unreadable_input_fails_without_partial_output(user_tmp: UserTmpFactory,
         assert not list(tmpdir.iterdir()), list(tmpdir.iterdir())
 
 
+def test_full_disk_is_one_line_error(user_tmp: UserTmpFactory) -> None:
+    """TMPDIR on a 64 KiB tmpfs: the layer write hits ENOSPC. An unprivileged builder gets one line
+    and exit 1 (not a traceback), and nothing is left in the output directory or TMPDIR."""
+    if not is_root():
+        pytest.skip("needs root to mount a small tmpfs")
+    inputs = user_tmp(None)
+    (inputs / "rootfs").mkdir()
+    (inputs / "rootfs" / "big").write_bytes(os.urandom(1 << 20))
+    for p in (inputs / "rootfs", inputs / "rootfs" / "big"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    spec = write_spec(inputs, {"name": "full", "contents": ["rootfs"]})
+    out = user_tmp("test")
+    tmpdir = user_tmp("test")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=1777", "tmpfs", str(tmpdir)], check=True)
+    try:
+        proc = build(spec, out / "img.tar", user="test", env={"TMPDIR": str(tmpdir)}, check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip() == "nsbuild: error: No space left on device", proc.stderr
+        assert not list(out.iterdir()), list(out.iterdir())
+        assert not list(tmpdir.iterdir()), list(tmpdir.iterdir())
+    finally:
+        subprocess.run(["umount", str(tmpdir)], check=True)
+
+
 def test_output_directory_missing(project: Path) -> None:
     spec = write_spec(project, {"name": "x", "contents": ["rootfs"]})
     proc = build(spec, project / "no" / "such" / "dir" / "img.tar", check=False)
