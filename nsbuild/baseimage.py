@@ -105,33 +105,36 @@ def _check_digest(value: Any, what: str) -> str:
 
 
 def load_base(text: str, blob_dir: Path, work_dir: Path, *, architecture: str,
-              image_name: str | None = None, image_tag: str | None = None) -> BaseImage:
+              image_name: str | None = None, image_tag: str | None = None, label: str = "fromImage") -> BaseImage:
+    """The image at `text`; errors start with `label: ` (the spec attribute or the command's argument,
+    none when `label` is empty)."""
+    p = f"{label}: " if label else ""
     ref = parse_ref(text)
     if ref.format == "registry":
         raise BuildError(f"fromImage {text!r}: pulling from a registry is not supported yet")
     path = ref.path
     if not path.exists():
-        raise BuildError(f"fromImage: no such file or directory: {path}")
+        raise BuildError(f"{p}no such file or directory: {path}")
     fmt = ref.format
     if fmt == "auto":
         fmt = "oci-dir" if path.is_dir() else "archive"
     if fmt == "oci-dir":
         if not (path / "oci-layout").is_file():
-            raise BuildError(f"fromImage: {path} is a directory but not an OCI layout (no oci-layout file)")
-        return _load_oci(_Reader(root=path), ref, blob_dir, architecture, image_tag or ref.tag, text)
-    with _open_archive(path, work_dir) as tar:
+            raise BuildError(f"{p}{path} is a directory but not an OCI layout (no oci-layout file)")
+        return _load_oci(_Reader(root=path), ref, blob_dir, architecture, image_tag or ref.tag, text, p)
+    with _open_archive(path, work_dir, p) as tar:
         reader = _Reader(tar=tar)
         if reader.exists("manifest.json"):
             return _load_docker(reader, blob_dir, work_dir, image_name or ref.name, image_tag or ref.tag,
-                                text)
+                                text, p)
         if reader.exists("index.json") and reader.exists("oci-layout"):
-            return _load_oci(reader, ref, blob_dir, architecture, image_tag or ref.tag, text)
-        raise BuildError(f"fromImage: {path} is neither a docker-archive (no manifest.json) nor an OCI "
+            return _load_oci(reader, ref, blob_dir, architecture, image_tag or ref.tag, text, p)
+        raise BuildError(f"{p}{path} is neither a docker-archive (no manifest.json) nor an OCI "
                          "archive (no index.json)")
 
 
 @contextmanager
-def _open_archive(path: Path, work_dir: Path) -> Iterator[tarfile.TarFile]:
+def _open_archive(path: Path, work_dir: Path, p: str) -> Iterator[tarfile.TarFile]:
     plain = path
     if compression_of(path) != "none":
         # Random access to members needs the plain tar; decompress once into our work dir.
@@ -140,41 +143,41 @@ def _open_archive(path: Path, work_dir: Path) -> Iterator[tarfile.TarFile]:
             with open_decompressed(path) as src, open(plain, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
         except (OSError, EOFError) as exc:
-            raise BuildError(f"fromImage: {path}: cannot decompress: {exc}") from None
+            raise BuildError(f"{p}{path}: cannot decompress: {exc}") from None
     try:
         with tarfile.open(plain, "r:") as tar:
             yield tar
     except tarfile.TarError as exc:
-        raise BuildError(f"fromImage: {path}: not a readable tar archive: {exc}") from None
+        raise BuildError(f"{p}{path}: not a readable tar archive: {exc}") from None
     finally:
         if plain != path:
             plain.unlink(missing_ok=True)
 
 
 def _load_docker(reader: _Reader, blob_dir: Path, work_dir: Path, name: str | None, tag: str | None,
-                 source: str) -> BaseImage:
+                 source: str, p: str) -> BaseImage:
     manifest = reader.json("manifest.json")
     if not isinstance(manifest, list) or not manifest:
-        raise BuildError("fromImage: manifest.json holds no image")
-    entry = _choose_docker_image(manifest, name, tag)
+        raise BuildError(f"{p}manifest.json holds no image")
+    entry = _choose_docker_image(manifest, name, tag, p)
     config_name = entry.get("Config")
     if not isinstance(config_name, str):
-        raise BuildError("fromImage: manifest.json: Config missing")
+        raise BuildError(f"{p}manifest.json: Config missing")
     with reader.open(os.path.normpath(config_name)) as f:
         config_bytes = f.read(MAX_JSON)
     try:
         config = json.loads(config_bytes)
     except json.JSONDecodeError as exc:
-        raise BuildError(f"fromImage: {config_name}: invalid JSON: {exc}") from None
+        raise BuildError(f"{p}{config_name}: invalid JSON: {exc}") from None
     diff_ids = config.get("rootfs", {}).get("diff_ids", [])
     layer_names = entry.get("Layers", [])
     if not isinstance(layer_names, list) or len(layer_names) != len(diff_ids):
-        raise BuildError(f"fromImage: manifest.json lists {len(layer_names)} layers but the config has "
+        raise BuildError(f"{p}manifest.json lists {len(layer_names)} layers but the config has "
                          f"{len(diff_ids)} diff_ids")
     layers = []
     for i, (lname, diff_id) in enumerate(zip(layer_names, diff_ids, strict=True)):
-        _check_digest(diff_id, f"fromImage: config diff_ids[{i}]")
-        what = f"fromImage: layer {i} ({lname})"
+        _check_digest(diff_id, f"{p}config diff_ids[{i}]")
+        what = f"{p}layer {i} ({lname})"
         with reader.open(os.path.normpath(lname)) as f:
             raw = copy_verified(f, blob_dir, None, what)
         tar = _decompressed_blob(raw, blob_dir, diff_id, what)
@@ -183,11 +186,11 @@ def _load_docker(reader: _Reader, blob_dir: Path, work_dir: Path, name: str | No
     return BaseImage(config, layers, list(config.get("history", [])), source, config_bytes)
 
 
-def _choose_docker_image(manifest: list[dict], name: str | None, tag: str | None) -> dict:
+def _choose_docker_image(manifest: list[dict], name: str | None, tag: str | None, p: str) -> dict:
     if name is None and tag is None:
         if len(manifest) > 1:
             tags = [t for m in manifest for t in m.get("RepoTags") or []]
-            raise BuildError(f"fromImage: the archive holds {len(manifest)} images ({', '.join(tags)}); "
+            raise BuildError(f"{p}the archive holds {len(manifest)} images ({', '.join(tags)}); "
                              "choose one with fromImageName/fromImageTag or docker-archive:PATH:NAME:TAG")
         return manifest[0]
     for m in manifest:
@@ -197,26 +200,26 @@ def _choose_docker_image(manifest: list[dict], name: str | None, tag: str | None
             if name_ok and (tag is None or rtag == tag):
                 return m
     tags = [t for m in manifest for t in m.get("RepoTags") or []]
-    raise BuildError(f"fromImage: no image {name or '*'}:{tag or '*'} in the archive (it has: "
+    raise BuildError(f"{p}no image {name or '*'}:{tag or '*'} in the archive (it has: "
                      f"{', '.join(tags) or 'untagged images'})")
 
 
 def _load_oci(reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str, tag: str | None,
-              source: str) -> BaseImage:
+              source: str, p: str) -> BaseImage:
     index = reader.json("index.json")
     manifests = index.get("manifests") if isinstance(index, dict) else None
     if not isinstance(manifests, list) or not manifests:
-        raise BuildError("fromImage: index.json lists no manifest")
+        raise BuildError(f"{p}index.json lists no manifest")
     if tag is not None:
         names = [m.get("annotations", {}).get(REF_NAME, "?") for m in manifests]
         chosen = [m for m, n in zip(manifests, names, strict=True) if n == tag]
         if not chosen:
-            raise BuildError(f"fromImage: no image tagged {tag!r} in the layout (it has: {', '.join(names)})")
+            raise BuildError(f"{p}no image tagged {tag!r} in the layout (it has: {', '.join(names)})")
         desc = chosen[0]
     elif len(manifests) == 1:
         desc = manifests[0]
     else:
-        raise BuildError(f"fromImage: the layout holds {len(manifests)} images; name one with oci:DIR:TAG")
+        raise BuildError(f"{p}the layout holds {len(manifests)} images; name one with oci:DIR:TAG")
 
     raw: dict[str, bytes] = {}
 
@@ -228,7 +231,7 @@ def _load_oci(reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str,
         raw[what] = blob.path.read_bytes()
         return json.loads(raw[what])
 
-    manifest = blob_json(desc, "fromImage: manifest")
+    manifest = blob_json(desc, f"{p}manifest")
     for _ in range(4):
         if "manifests" not in manifest:
             break
@@ -236,23 +239,23 @@ def _load_oci(reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str,
                     if m.get("platform", {}).get("architecture") == architecture]
         if not platform:
             archs = [m.get("platform", {}).get("architecture", "?") for m in manifest["manifests"]]
-            raise BuildError(f"fromImage: no {architecture} image in the index (it has: {', '.join(archs)})")
-        manifest = blob_json(platform[0], "fromImage: manifest")
-    config = blob_json(manifest.get("config", {}), "fromImage: config")
+            raise BuildError(f"{p}no {architecture} image in the index (it has: {', '.join(archs)})")
+        manifest = blob_json(platform[0], f"{p}manifest")
+    config = blob_json(manifest.get("config", {}), f"{p}config")
     diff_ids = config.get("rootfs", {}).get("diff_ids", [])
     descs = manifest.get("layers", [])
     if len(descs) != len(diff_ids):
-        raise BuildError(f"fromImage: the manifest lists {len(descs)} layers but the config has "
+        raise BuildError(f"{p}the manifest lists {len(descs)} layers but the config has "
                          f"{len(diff_ids)} diff_ids")
     layers = []
     for i, (d, diff_id) in enumerate(zip(descs, diff_ids, strict=True)):
-        digest = _check_digest(d.get("digest"), f"fromImage: layer {i}")
-        _check_digest(diff_id, f"fromImage: config diff_ids[{i}]")
-        what = f"fromImage: layer {i} ({digest[:19]})"
+        digest = _check_digest(d.get("digest"), f"{p}layer {i}")
+        _check_digest(diff_id, f"{p}config diff_ids[{i}]")
+        what = f"{p}layer {i} ({digest[:19]})"
         with reader.open("blobs/sha256/" + digest.split(":", 1)[1]) as f:
             compressed = copy_verified(f, blob_dir, digest, what)
         tar = _decompressed_blob(compressed, blob_dir, diff_id, what)
         media = COMPRESSION_MEDIA[compression_of(compressed.path or "")]
         layers.append(Layer(diff_id=diff_id, tar=tar, compressed=compressed, media_type=media,
                             comment=f"base layer {i}"))
-    return BaseImage(config, layers, list(config.get("history", [])), source, raw.get("fromImage: config"))
+    return BaseImage(config, layers, list(config.get("history", [])), source, raw.get(f"{p}config"))

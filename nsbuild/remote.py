@@ -476,11 +476,8 @@ def push_existing(text: str, target: Reference, *, compressor: str, manifest_for
     ws = Workspace()
     try:
         progress.info(f"reading {text}")
-        try:
-            base = load_base(text, ws.blobs, ws.path("base"), architecture=host_architecture())
-        except BuildError as exc:
-            # The reader speaks of fromImage; here the image is the command's argument.
-            raise BuildError(str(exc).removeprefix("fromImage: ")) from None
+        # Here the image is the command's argument, not the spec's fromImage: no label.
+        base = load_base(text, ws.blobs, ws.path("base"), architecture=host_architecture(), label="")
         layers = []
         for layer in base.layers:
             if compressor == "none" or layer.media_type != MEDIA_TAR or layer.tar.path is None:
