@@ -46,7 +46,7 @@ def reap_nohang() -> None:
             return
 
 
-def kill_descendants(keep: tuple[int, ...] = ()) -> None:
+def kill_descendants() -> None:
     """SIGKILL every descendant of this process (a child subreaper) until none is left.
 
     Orphans of killed processes are re-parented to us (we are a subreaper), so loop until the tree is
@@ -54,29 +54,16 @@ def kill_descendants(keep: tuple[int, ...] = ()) -> None:
     """
     me = os.getpid()
     for _ in range(1000):
-        pids = [p for p in descendants(me) if p not in keep]
+        pids = descendants(me)
         if not pids:
             break
         for p in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
-        # Reap only what we may: direct children that are not kept.
         for p in children(me):
-            if p in keep:
-                continue
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(p, 0)
-    reap_nohang_except(keep)
-
-
-def reap_nohang_except(keep: tuple[int, ...]) -> None:
-    if not keep:
-        reap_nohang()
-        return
-    for p in children(os.getpid()):
-        if p not in keep:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(p, os.WNOHANG)
+    reap_nohang()
 
 
 def status_code(status: int) -> int:
