@@ -193,9 +193,7 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
                          base_config=base.config if base else None,
                          base_history=base.history if base else [], layers=all_layers,
                          new_from=len(base_layers))
-    tag = output.tag or spec.tag or hashlib.sha256(config).hexdigest()[:32]
-    image = Image(name=spec.name, tag=tag, layers=all_layers, config=config,
-                  manifest=oci_manifest(config, all_layers, annotations))
+    image = finished_image(spec, output, config, all_layers, annotations)
     result = BuildResult(image, "", output.format, base=base_info,
                          remote_hits=sum(1 for c in cached if c == "remote"))
     result.output = write_output(image, output, spec, progress, options, result)
@@ -204,6 +202,14 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
             options.cache_to, [(k, layer) for k, layer in zip(content_keys, layers, strict=False) if k],
             options=options.registry, progress=progress, cache_dir=options.cache_dir)
     return result
+
+
+def finished_image(spec: Spec, output: ImageRef, config: bytes, layers: list[Layer],
+                   annotations: dict[str, str]) -> Image:
+    """The image value every sink takes; with no tag given, the tag follows the content (config digest)."""
+    tag = output.tag or spec.tag or hashlib.sha256(config).hexdigest()[:32]
+    return Image(name=spec.name, tag=tag, layers=layers, config=config,
+                 manifest=oci_manifest(config, layers, annotations))
 
 
 def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOptions, ws: Workspace,

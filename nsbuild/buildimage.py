@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from nsbuild.baseimage import BaseImage, load_base
 from nsbuild.errors import BuildError, SpecError
-from nsbuild.image import Image, make_config, oci_manifest
+from nsbuild.image import make_config
 from nsbuild.layer import Layer, build_layer, layer_from_tar
 from nsbuild.owners import Owner, OwnerPolicy
 from nsbuild.progress import Progress
@@ -38,7 +38,7 @@ LAYER_COMMENT = "buildImage layer"
 
 def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions, ws: Workspace) -> BuildResult:
     from nsbuild import remote
-    from nsbuild.build import BuildResult, _recompress, write_output
+    from nsbuild.build import BuildResult, _recompress, finished_image, write_output
 
     docker = output.format == "docker-archive"
     compression = "none" if docker else spec.compressor
@@ -99,11 +99,7 @@ def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOption
                          base_config=base.config if base else None,
                          base_history=base.history if base else [], layers=all_layers,
                          new_from=len(base_layers), env_mode="concat")
-    import hashlib
-
-    tag = output.tag or spec.tag or hashlib.sha256(config).hexdigest()[:32]
-    image = Image(name=spec.name, tag=tag, layers=all_layers, config=config,
-                  manifest=oci_manifest(config, all_layers, annotations))
+    image = finished_image(spec, output, config, all_layers, annotations)
     result = BuildResult(image, "", output.format, base=base_info)
     result.output = write_output(image, output, spec, progress, options, result)
     return result
