@@ -140,6 +140,25 @@ def build_image(spec: Spec, output: ImageRef, progress: Progress,
         ws.close()
 
 
+def read_base(spec: Spec, ws: Workspace, options: BuildOptions, progress: Progress, *,
+              need_tar: bool) -> tuple[BaseImage | None, dict[str, str], dict[str, Any] | None]:
+    """fromImage for both kinds: pulled from a registry or read from a file; (base, annotations, --json info)."""
+    from nsbuild import remote
+
+    if not spec.from_image:
+        return None, {}, None
+    if remote.is_registry(spec.from_image):
+        # Pulled blobs live in the layer cache (the next build downloads nothing), else the workspace.
+        pulled = remote.pull_base(spec.from_image, store_root=options.cache_dir or ws.path("pull"),
+                                  architecture=spec.architecture, options=options.registry, progress=progress,
+                                  need_tar=need_tar)
+        return pulled.base, pulled.annotations, pulled.to_json()
+    progress.info(f"reading base image {spec.from_image}")
+    base = load_base(spec.from_image, ws.blobs, ws.path("base"), architecture=spec.architecture,
+                     image_name=spec.from_image_name, image_tag=spec.from_image_tag)
+    return base, {}, None
+
+
 def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions,
            ws: Workspace) -> BuildResult:
     if spec.kind == "image":
@@ -153,25 +172,14 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
     keep_tar = docker or compression == "none"
     base: BaseImage | None = None
     cache = LayerCache(options.cache_dir) if options.cache_dir else None
-    annotations: dict[str, str] = {}
-    base_info = None
     if output.format == "registry":
         remote.preflight("docker://" + output.location, "-o", options.registry)
     if options.cache_to:
         remote.preflight(options.cache_to, "--cache-to", options.registry)
-    if spec.from_image and remote.is_registry(spec.from_image):
-        # Pulled blobs live in the layer cache (the next build downloads nothing), else the workspace.
-        pulled = remote.pull_base(spec.from_image, store_root=cache.root if cache else ws.path("pull"),
-                                  architecture=spec.architecture, options=options.registry, progress=progress,
-                                  need_tar=keep_tar or bool(spec.fake_root_commands.strip()))
-        base, annotations, base_info = pulled.base, pulled.annotations, pulled.to_json()
-        if not docker:
-            base.layers = [_recompress(layer, compression, ws) for layer in base.layers]
-    elif spec.from_image:
-        progress.info(f"reading base image {spec.from_image}")
-        base = load_base(spec.from_image, ws.blobs, ws.path("base"), architecture=spec.architecture)
-        if not docker:
-            base.layers = [_recompress(layer, compression, ws) for layer in base.layers]
+    base, annotations, base_info = read_base(spec, ws, options, progress,
+                                             need_tar=keep_tar or bool(spec.fake_root_commands.strip()))
+    if base is not None and not docker:
+        base.layers = [_recompress(layer, compression, ws) for layer in base.layers]
     base_layers = base.layers if base else []
     plan = make_plan(spec, len(base_layers))
     if spec.include_nix_db and not plan.closure:

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nsbuild.baseimage import BaseImage, load_base
 from nsbuild.errors import BuildError, SpecError
 from nsbuild.image import make_config
 from nsbuild.layer import Layer, build_layer, layer_from_tar
@@ -38,28 +37,17 @@ LAYER_COMMENT = "buildImage layer"
 
 def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions, ws: Workspace) -> BuildResult:
     from nsbuild import remote
-    from nsbuild.build import BuildResult, _recompress, finished_image, write_output
+    from nsbuild.build import BuildResult, _recompress, finished_image, read_base, write_output
 
     docker = output.format == "docker-archive"
     compression = "none" if docker else spec.compressor
     keep_tar = docker or compression == "none"
-    annotations: dict[str, str] = {}
-    base_info = None
-    base: BaseImage | None = None
     if output.format == "registry":
         remote.preflight("docker://" + output.location, "-o", options.registry)
     if options.cache_to or options.cache_from:
         progress.warn("--cache-to/--cache-from: buildImage's single layer depends on its base and scripts "
                       "and is always built; nothing is shared")
-    if spec.from_image and remote.is_registry(spec.from_image):
-        cache_root = options.cache_dir if options.cache_dir else ws.path("pull")
-        pulled = remote.pull_base(spec.from_image, store_root=cache_root, architecture=spec.architecture,
-                                  options=options.registry, progress=progress, need_tar=True)
-        base, annotations, base_info = pulled.base, pulled.annotations, pulled.to_json()
-    elif spec.from_image:
-        progress.info(f"reading base image {spec.from_image}")
-        base = load_base(spec.from_image, ws.blobs, ws.path("base"), architecture=spec.architecture,
-                         image_name=spec.from_image_name, image_tag=spec.from_image_tag)
+    base, annotations, base_info = read_base(spec, ws, options, progress, need_tar=True)
     base_layers = base.layers if base else []
     tars = _unique_tars(base_layers)
     model = _scan_base(tars, refuse_devices=spec.run_as_root is not None)
