@@ -13,7 +13,7 @@ def children(pid: int) -> list[int]:
     out: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: the process is exiting right now
         return out
     for tid in tasks:
         try:
@@ -51,6 +51,10 @@ def kill_descendants() -> None:
 
     Orphans of killed processes are re-parented to us (we are a subreaper), so loop until the tree is
     empty. A process forking while we kill only adds children that the next round finds.
+
+    Only processes this round killed are waited for: a grandchild re-parented to us between the scan
+    and the wait was not killed yet, and a blocking wait for it would hang until the build's own
+    parent gave up and killed us, orphaning the rest of the tree to pid 1.
     """
     me = os.getpid()
     for _ in range(1000):
@@ -60,9 +64,11 @@ def kill_descendants() -> None:
         for p in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
+        killed = set(pids)
         for p in children(me):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(p, 0)
+            if p in killed:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(p, 0)
     reap_nohang()
 
 
