@@ -15,17 +15,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nsbuild.archive import ImageArchive, OutputStamps
 from nsbuild.baseimage import BaseImage, load_base
 from nsbuild.cache import LayerCache, fingerprint
 from nsbuild.errors import BuildError, SpecError
 from nsbuild.image import Image, make_config, oci_manifest
-from nsbuild.layer import Layer, build_layer
+from nsbuild.layer import MEDIA_BY_COMPRESSOR, Layer, build_layer
 from nsbuild.owners import Owner, OwnerPolicy
 from nsbuild.plan import Plan, PlannedLayer, make_plan
 from nsbuild.progress import Progress, human
 from nsbuild.refs import ImageRef
 from nsbuild.scripts import run_bash, script_env
-from nsbuild.sinks import atomic_output, check_destination, write_docker_archive, write_oci_archive, write_oci_dir
+from nsbuild.sinks import (
+    ArchiveOutput,
+    check_destination,
+    check_ref_name,
+    check_repo_tag,
+    write_docker_archive,
+    write_oci_dir,
+)
 from nsbuild.spec import Spec
 from nsbuild.tarwriter import Source
 
@@ -56,6 +64,7 @@ class BuildResult:
     base: dict[str, Any] | None = None  # docker:// fromImage: what was pulled
     cache_push: PushResult | None = None  # --cache-to
     remote_hits: int = 0  # layers taken from --cache-from
+    written: bool = True  # False: the output file already held these bytes
 
 
 def default_output(spec: Spec) -> ImageRef:
@@ -168,8 +177,8 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
     from nsbuild import remote
 
     docker = output.format == "docker-archive"
-    compression = "none" if docker else spec.compressor
-    keep_tar = docker or compression == "none"
+    compression = layer_compression(output, spec)
+    keep_tar = compression == "none"
     base: BaseImage | None = None
     cache = LayerCache(options.cache_dir) if options.cache_dir else None
     if output.format == "registry":
@@ -177,9 +186,9 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
     if options.cache_to:
         remote.preflight(options.cache_to, "--cache-to", options.registry)
     base, annotations, base_info = read_base(spec, ws, options, progress,
-                                             need_tar=keep_tar or bool(spec.fake_root_commands.strip()))
-    if base is not None and not docker:
-        base.layers = [_recompress(layer, compression, ws) for layer in base.layers]
+                                             need_tar=keep_tar or docker or bool(spec.fake_root_commands.strip()))
+    if base is not None:
+        base.layers = [_recompress(layer, compression, ws, exact=docker) for layer in base.layers]
     base_layers = base.layers if base else []
     plan = make_plan(spec, len(base_layers))
     if spec.include_nix_db and not plan.closure:
@@ -189,27 +198,54 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
     fixed = OwnerPolicy.fixed_owner(owner)
     total = len(plan.layers) + 1
     blob_dir = cache.blobs if cache else ws.blobs
-    with remote.opened_cache(options.cache_from, options.registry, progress) as shared:
-        layers, cached, content_keys = _content_layers(
-            spec, plan, progress, options, ws, cache, shared, blob_dir, compression, keep_tar, fixed, total)
-    t0 = time.monotonic()
-    layers.append(_customisation_layer(spec, plan, ws, progress, options, fixed, compression, keep_tar,
-                                       base_layers))
-    progress.layer_done(total, total, "customisation layer", layers[-1].tar.size, time.monotonic() - t0)
-    all_layers = base_layers + layers
-    config = make_config(architecture=spec.architecture, created=spec.created, config=spec.config,
-                         base_config=base.config if base else None,
-                         base_history=base.history if base else [], layers=all_layers,
-                         new_from=len(base_layers))
-    image = finished_image(spec, output, config, all_layers, annotations)
-    result = BuildResult(image, "", output.format, base=base_info,
-                         remote_hits=sum(1 for c in cached if c == "remote"))
-    result.output = write_output(image, output, spec, progress, options, result)
+    archive = open_archive(output, spec, cache, positions=len(base_layers) + total)
+    try:
+        for position, layer in enumerate(base_layers):
+            if archive is not None:
+                archive.archive.done(position, layer)
+        with remote.opened_cache(options.cache_from, options.registry, progress) as shared:
+            layers, cached, content_keys = _content_layers(
+                spec, plan, progress, options, ws, cache, shared, blob_dir, compression, keep_tar, fixed, total,
+                archive.archive if archive else None, len(base_layers))
+        t0 = time.monotonic()
+        layers.append(_customisation_layer(spec, plan, ws, progress, options, fixed, compression, keep_tar,
+                                           base_layers))
+        progress.layer_done(total, total, "customisation layer", layers[-1].tar.size, time.monotonic() - t0)
+        all_layers = base_layers + layers
+        config = make_config(architecture=spec.architecture, created=spec.created, config=spec.config,
+                             base_config=base.config if base else None,
+                             base_history=base.history if base else [], layers=all_layers,
+                             new_from=len(base_layers))
+        image = finished_image(spec, output, config, all_layers, annotations)
+        result = BuildResult(image, "", output.format, base=base_info,
+                             remote_hits=sum(1 for c in cached if c == "remote"))
+        result.output = write_output(image, output, spec, progress, options, result, archive)
+    finally:
+        if archive is not None:
+            archive.file.discard()  # a no-op once the archive is in place
     if options.cache_to:
         result.cache_push = remote.push_cache(
             options.cache_to, [(k, layer) for k, layer in zip(content_keys, layers, strict=False) if k],
             options=options.registry, progress=progress, cache_dir=options.cache_dir)
     return result
+
+
+def layer_compression(output: ImageRef, spec: Spec) -> str:
+    """The form of the new layers' blobs: the spec's compressor, for a docker-archive too (its layers are
+    frames of the compressed archive, nsbuild.archive), except on stdout, which is never compressed."""
+    if output.format == "docker-archive" and output.location == "-":
+        return "none"
+    return spec.compressor
+
+
+def open_archive(output: ImageRef, spec: Spec, cache: LayerCache | None, *, positions: int) -> ArchiveOutput | None:
+    """The output archive file, written while the layers are built (docker-archive, oci-archive)."""
+    if output.format not in ("docker-archive", "oci-archive") or output.location == "-":
+        return None
+    docker = output.format == "docker-archive"
+    return ArchiveOutput(output.path, kind="docker" if docker else "oci",
+                         envelope=spec.compressor if docker else "none", mtime=spec.mtime, positions=positions,
+                         stamps=OutputStamps(cache.root) if cache else None)
 
 
 def finished_image(spec: Spec, output: ImageRef, config: bytes, layers: list[Layer],
@@ -222,11 +258,21 @@ def finished_image(spec: Spec, output: ImageRef, config: bytes, layers: list[Lay
 
 def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOptions, ws: Workspace,
                     cache: LayerCache | None, shared: Any, blob_dir: Path, compression: str, keep_tar: bool,
-                    fixed: OwnerPolicy, total: int) -> tuple[list[Layer], list[Any], list[str | None]]:
-    """The planned content layers, in parallel: from the local cache, the shared cache or built."""
+                    fixed: OwnerPolicy, total: int, archive: ImageArchive | None,
+                    first_position: int) -> tuple[list[Layer], list[Any], list[str | None]]:
+    """The planned content layers, in parallel: from the local cache, the shared cache or built (into the
+    output archive when the layer is next in line there)."""
     from nsbuild import remote
 
     want_content_key = shared is not None or bool(options.cache_to)
+    # Without a cache, a layer streamed into the archive needs no file of its own (--cache-to pushes
+    # blob files).
+    files_needed = cache is not None or bool(options.cache_to)
+
+    def finished(index: int, layer: Layer) -> Layer:
+        if archive is not None:
+            archive.done(first_position + index - 1, layer)
+        return layer
 
     def content_fingerprint(key: str | None, planned: PlannedLayer) -> str:
         return remote.remembered_content_fingerprint(cache.root if cache else None, key, planned.sources,
@@ -243,7 +289,7 @@ def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOp
                 if options.cache_to:
                     content_key = content_fingerprint(key, planned)
                 progress.layer_done(index, total, planned.comment, hit.tar.size, time.monotonic() - t0, True)
-                return hit, True, content_key
+                return finished(index, hit), True, content_key
         if want_content_key:
             content_key = content_fingerprint(key, planned)
         if shared is not None and content_key is not None:
@@ -254,18 +300,21 @@ def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOp
                     cache.store(key, got, compression)
                 progress.info(f"[{index}/{total}] {planned.comment}: {human(got.tar.size)} "
                               f"(from cache {shared.ref}, {time.monotonic() - t0:.2f}s)")
-                return got, "remote", content_key
+                return finished(index, got), "remote", content_key
         label = f"[{index}/{total}]"
         stops = []
+        slot = archive.claim(first_position + index - 1) if archive is not None else None
+        files = files_needed or slot is None
         layer = build_layer(planned.sources, blob_dir, mtime=spec.mtime, owner=fixed, compression=compression,
-                            keep_tar=keep_tar, comment=planned.comment, cancel=cancel,
-                            watch=lambda w: stops.append(progress.watch(label, lambda: w.size)))
+                            keep_tar=keep_tar and files, keep_blob=files, comment=planned.comment, cancel=cancel,
+                            watch=lambda w: stops.append(progress.watch(label, lambda: w.size)),
+                            blob_out=slot.out if slot is not None else None)
         for stop in stops:
             stop()
         if cache is not None and key is not None:
             cache.store(key, layer, compression)
         progress.layer_done(index, total, planned.comment, layer.tar.size, time.monotonic() - t0)
-        return layer, False, content_key
+        return finished(index, layer), False, content_key
 
     # Layers are independent: the C parts (reading, hashing, compressing) run in parallel threads.
     jobs = options.jobs or len(os.sched_getaffinity(0))
@@ -282,9 +331,13 @@ def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOp
     return [d[0] for d in done], [d[1] for d in done], [d[2] for d in done]
 
 
-def _recompress(layer: Layer, compression: str, ws: Workspace) -> Layer:
-    """Base layers keep their bytes when they already have the wanted form."""
-    if compression == "none" or layer.media_type.endswith(("+gzip", "+zstd")):
+def _recompress(layer: Layer, compression: str, ws: Workspace, *, exact: bool = False) -> Layer:
+    """Base layers keep their bytes when they already have the wanted form: compressed, or for a
+    docker-archive (`exact`: frames of the archive's own compression) in exactly that compression."""
+    if exact:
+        if layer.media_type == MEDIA_BY_COMPRESSOR[compression]:
+            return layer
+    elif compression == "none" or layer.media_type.endswith(("+gzip", "+zstd")):
         return layer
     from nsbuild.layer import layer_from_tar
 
@@ -348,24 +401,27 @@ def _fake_root_layer(spec: Spec, plan: Plan, ws: Workspace, progress: Progress, 
 
 
 def write_output(image: Image, output: ImageRef, spec: Spec, progress: Progress,
-                 options: BuildOptions | None = None, result: BuildResult | None = None) -> str:
+                 options: BuildOptions | None = None, result: BuildResult | None = None,
+                 archive: ArchiveOutput | None = None) -> str:
     fmt = output.format
+    if fmt in ("docker-archive", "oci-archive") and output.location != "-":
+        if archive is None:
+            archive = open_archive(output, spec, None, positions=len(image.layers))
+            assert archive is not None
+        if fmt == "docker-archive":
+            ref = check_repo_tag(f"{output.name}:{output.tag}" if output.name and output.tag else image.reference)
+        else:
+            ref = check_ref_name(output.tag or image.tag)
+        if not archive.finish(image, ref) and result is not None:
+            result.written = False
+        return str(output.path)
     if fmt == "docker-archive":
         repo_tag = f"{output.name}:{output.tag}" if output.name and output.tag else None
-        if output.location == "-":
-            write_docker_archive(image, sys.stdout.buffer, compressor="none", mtime=spec.mtime,
-                                 repo_tag=repo_tag)
-            sys.stdout.buffer.flush()
-            return "-"
-        with atomic_output(output.path) as f:
-            write_docker_archive(image, f, compressor=spec.compressor, mtime=spec.mtime, repo_tag=repo_tag)
-        return str(output.path)
+        write_docker_archive(image, sys.stdout.buffer, compressor="none", mtime=spec.mtime, repo_tag=repo_tag)
+        sys.stdout.buffer.flush()
+        return "-"
     if fmt == "oci-dir":
         write_oci_dir(image, output.path, tag=output.tag or image.tag)
-        return str(output.path)
-    if fmt == "oci-archive":
-        with atomic_output(output.path) as f:
-            write_oci_archive(image, f, tag=output.tag or image.tag, mtime=spec.mtime)
         return str(output.path)
     if fmt == "registry":
         from nsbuild import remote

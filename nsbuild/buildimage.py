@@ -37,11 +37,11 @@ LAYER_COMMENT = "buildImage layer"
 
 def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions, ws: Workspace) -> BuildResult:
     from nsbuild import remote
-    from nsbuild.build import BuildResult, _recompress, finished_image, read_base, write_output
+    from nsbuild.build import BuildResult, _recompress, finished_image, layer_compression, read_base, write_output
 
     docker = output.format == "docker-archive"
-    compression = "none" if docker else spec.compressor
-    keep_tar = docker or compression == "none"
+    compression = layer_compression(output, spec)
+    keep_tar = compression == "none"
     if output.format == "registry":
         remote.preflight("docker://" + output.location, "-o", options.registry)
     if options.cache_to or options.cache_from:
@@ -78,8 +78,7 @@ def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOption
         layer = _run_as_root_layer(spec, ws, progress, options, custom, env, tars, owner, compression)
     progress.layer_done(1, 1, LAYER_COMMENT, layer.tar.size, time.monotonic() - t0)
 
-    if not docker:
-        base_layers = [_recompress(b, compression, ws) for b in base_layers]
+    base_layers = [_recompress(b, compression, ws, exact=docker) for b in base_layers]
     all_layers = [*base_layers, layer]
     # dockerTools' buildImage concatenates Env (the base's entries, then the spec's); layered merges
     # key-wise. Runtimes take the last entry of a name, so the spec's value wins either way.

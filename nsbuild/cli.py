@@ -154,12 +154,15 @@ def _build(kind: str, spec_path: Path, output: str | None, fmt: str | None, quie
         # The digest that `REPO@DIGEST` pulls (a Docker v2 manifest has another one than the OCI one).
         print(f"{pushed.reference}@{pushed.digest}")
     elif not stream and pushed is None:
-        progress.info(f"wrote {result.output} ({result.format}) {image.reference} {image.manifest_digest}")
+        # An output that already held these exact bytes was left alone (nothing to do, as make says).
+        verb = "wrote" if result.written else "up to date:"
+        progress.info(f"{verb} {result.output} ({result.format}) {image.reference} {image.manifest_digest}")
     if as_json:
         from nsbuild import remote
 
         doc = {
             "output": result.output, "format": result.format, "name": image.name, "tag": image.tag,
+            "written": result.written,
             "image_digest": pushed.digest if pushed else image.manifest_digest,
             "config_digest": image.config_digest,
             "layers": [{"diff_id": layer.diff_id, "digest": layer.digest, "size": layer.size,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from nsbuild.compress import Compressor, HashingWriter, Pipelined, open_decompressed
+from nsbuild.compress import Compressor, HashingWriter, Pipelined, Sink, open_decompressed
 from nsbuild.errors import BuildError
 from nsbuild.owners import OwnerPolicy
 from nsbuild.tarwriter import Source, write_tar
@@ -100,7 +100,7 @@ def decompress_verified(src: Path, dest_dir: Path, expected_diff_id: str | None,
 
 class _Tee:
     def __init__(self, *outs: object) -> None:
-        self.outs = outs
+        self.outs = [out for out in outs if out is not None]
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         for out in self.outs:
@@ -120,22 +120,29 @@ def _store_blob(tmp: Path, digest: str, size: int, blob_dir: Path) -> Blob:
 def build_layer(sources: list[Source], blob_dir: Path, *, mtime: int, owner: OwnerPolicy,
                 compression: str, keep_tar: bool, comment: str,
                 overlay_whiteouts: bool = False, watch: Callable[[HashingWriter], None] | None = None,
-                cancel: threading.Event | None = None) -> Layer:
-    """Write one layer in one pass: tar → (diff_id hash, optional tar file, optional compressed blob)."""
+                cancel: threading.Event | None = None, blob_out: Sink | None = None,
+                keep_blob: bool = True) -> Layer:
+    """Write one layer in one pass: tar → (diff_id hash, optional tar file, optional compressed blob).
+
+    `blob_out` also gets the layer's blob as it is made (the compressed stream; the tar itself when
+    `compression` is "none"): the output archive it streams into.  `keep_blob` False: no compressed
+    blob file, only its digest and size (then `keep_tar` decides alone what stays on disk).
+    """
     blob_dir.mkdir(parents=True, exist_ok=True)
     unique = uuid.uuid4().hex
     tmp_tar = blob_dir / f".tmp-{unique}.tar"
     tmp_blob = blob_dir / f".tmp-{unique}.blob"
+    compressed_kept = compression != "none" and keep_blob
     tar_file = open(tmp_tar, "wb", buffering=0) if keep_tar else None  # noqa: SIM115
-    blob_file = open(tmp_blob, "wb", buffering=0) if compression != "none" else None  # noqa: SIM115
+    blob_file = open(tmp_blob, "wb", buffering=0) if compressed_kept else None  # noqa: SIM115
     try:
-        tar_hash = HashingWriter(tar_file)
+        tar_hash = HashingWriter(_Tee(tar_file, blob_out if compression == "none" else None))
         if watch is not None:
             watch(tar_hash)
         outs: list[object] = [tar_hash]
         blob_hash = compressor = None
-        if blob_file is not None:
-            blob_hash = HashingWriter(blob_file)
+        if compression != "none":
+            blob_hash = HashingWriter(_Tee(blob_file, blob_out))
             compressor = Compressor(compression, blob_hash)
             outs.append(compressor)
         pipe = Pipelined(_Tee(*outs))
@@ -158,7 +165,8 @@ def build_layer(sources: list[Source], blob_dir: Path, *, mtime: int, owner: Own
                 else Blob(tar_hash.digest, tar_hash.size, None))
     compressed = tar_blob
     if blob_hash is not None:
-        compressed = _store_blob(tmp_blob, blob_hash.digest, blob_hash.size, blob_dir)
+        compressed = (_store_blob(tmp_blob, blob_hash.digest, blob_hash.size, blob_dir) if compressed_kept
+                      else Blob(blob_hash.digest, blob_hash.size, None))
     return Layer(diff_id=tar_hash.digest, tar=tar_blob, compressed=compressed,
                  media_type=MEDIA_BY_COMPRESSOR[compression], comment=comment)
 

@@ -16,123 +16,28 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
-from nsbuild.compress import Compressor
+from nsbuild.archive import OCI_LAYOUT, REF_NAME, ImageArchive, OutputStamps, oci_index
 from nsbuild.errors import BuildError, UsageError
-from nsbuild.image import MEDIA_OCI_MANIFEST, Image, canonical_json
+from nsbuild.image import Image
 from nsbuild.layer import Blob
-from nsbuild.owners import Owner
-from nsbuild.tarwriter import BLOCK, Entry, encode_header
 
-REF_NAME = "org.opencontainers.image.ref.name"
-ARCHIVE_OWNER = Owner(0, 0, "", "")
-COPY_CHUNK = 1 << 20
-
-
-class _TarStream:
-    """The outer archive (docker-archive / oci-archive): a few members, written in order."""
-
-    def __init__(self, out: object, mtime: int) -> None:
-        self.out = out
-        self.mtime = mtime
-        self.dirs: set[str] = set()
-        # Blob bytes go file-to-file in the kernel when the archive is a plain file (no compression).
-        self.fd: int | None = None
-        try:
-            fd = out.fileno()  # type: ignore[attr-defined]
-            if os.path.isfile(f"/proc/self/fd/{fd}") and os.lseek(fd, 0, os.SEEK_CUR) >= 0:
-                self.fd = fd
-        except (AttributeError, OSError, ValueError):
-            pass
-
-    def _write(self, data: bytes | bytearray | memoryview) -> None:
-        self.out.write(data)  # type: ignore[attr-defined]
-
-    def _parents(self, name: str) -> None:
-        parts = name.split("/")[:-1]
-        for i in range(1, len(parts) + 1):
-            d = "/".join(parts[:i])
-            if d not in self.dirs:
-                self.dirs.add(d)
-                entry = Entry(name=d.encode(), kind="dir", mode=0o755, uid=0, gid=0)
-                self._write(encode_header(entry, ARCHIVE_OWNER, self.mtime))
-
-    def add_bytes(self, name: str, data: bytes) -> None:
-        self._parents(name)
-        entry = Entry(name=name.encode(), kind="file", mode=0o644, uid=0, gid=0, size=len(data))
-        self._write(encode_header(entry, ARCHIVE_OWNER, self.mtime) + data + b"\0" * (-len(data) % BLOCK))
-
-    def add_blob(self, name: str, blob: Blob) -> None:
-        if blob.path is None:
-            raise BuildError(f"internal: blob {blob.digest} was not kept on disk")
-        self._parents(name)
-        entry = Entry(name=name.encode(), kind="file", mode=0o644, uid=0, gid=0, size=blob.size)
-        self._write(encode_header(entry, ARCHIVE_OWNER, self.mtime))
-        with open(blob.path, "rb") as f:
-            remaining = blob.size
-            if self.fd is not None:
-                self.out.flush()  # type: ignore[attr-defined]
-                remaining = _kernel_copy(f.fileno(), self.fd, remaining)
-            while remaining:
-                chunk = f.read(min(COPY_CHUNK, remaining))
-                if not chunk:
-                    raise BuildError(f"{blob.path}: blob shorter than recorded ({blob.size} bytes)")
-                self._write(chunk)
-                remaining -= len(chunk)
-        self._write(b"\0" * (-blob.size % BLOCK))
-
-    def close(self) -> None:
-        self._write(b"\0" * (2 * BLOCK))
-
-
-def _kernel_copy(src: int, dst: int, size: int) -> int:
-    """copy_file_range (reflink or in-kernel copy); returns what is left to copy the slow way."""
-    try:
-        while size:
-            n = os.copy_file_range(src, dst, min(size, 1 << 30))
-            if n == 0:
-                break
-            size -= n
-    except OSError:
-        pass
-    return size
-
-
-def docker_archive_members(image: Image, repo_tag: str | None) -> tuple[list[tuple[str, Blob]], dict]:
-    layer_names: list[str] = []
-    members: list[tuple[str, Blob]] = []
-    seen: set[str] = set()
-    for layer in image.layers:
-        name = layer.diff_id.split(":", 1)[1] + "/layer.tar"
-        layer_names.append(name)
-        if name not in seen:
-            seen.add(name)
-            members.append((name, layer.tar))
-    config_name = image.config_digest.split(":", 1)[1] + ".json"
-    manifest = [{"Config": config_name, "RepoTags": [repo_tag] if repo_tag else [], "Layers": layer_names}]
-    return members, {"config": config_name, "manifest": manifest}
+__all__ = ["REF_NAME", "ArchiveOutput", "AtomicFile", "atomic_output", "check_destination", "check_ref_name",
+           "check_repo_tag", "write_docker_archive", "write_oci_archive", "write_oci_dir"]
 
 
 def write_docker_archive(image: Image, out: BinaryIO, *, compressor: str, mtime: int,
                          repo_tag: str | None = None) -> None:
-    """docker-archive as `docker save` and dockerTools write it; the whole stream optionally compressed."""
+    """docker-archive as `docker save` and dockerTools write it; the whole stream optionally compressed
+    (the layers then carry blobs of that compression: see nsbuild.archive)."""
     repo_tag = check_repo_tag(repo_tag or image.reference)
-    sink: object = out
-    comp = None
-    if compressor != "none":
-        comp = Compressor(compressor, out)
-        sink = comp
-    tar = _TarStream(sink, mtime)
-    members, meta = docker_archive_members(image, repo_tag)
-    for name, blob in members:
-        tar.add_blob(name, blob)
-    tar.add_bytes(meta["config"], image.config)
-    tar.add_bytes("manifest.json", canonical_json(meta["manifest"]))
-    repo, _, tag = repo_tag.rpartition(":")
-    top = image.layers[-1].diff_id.split(":", 1)[1] if image.layers else ""
-    tar.add_bytes("repositories", canonical_json({repo: {tag: top}}))
-    tar.close()
-    if comp is not None:
-        comp.close()
+    archive = ImageArchive(out, kind="docker", envelope=compressor, mtime=mtime, positions=len(image.layers))
+    archive.finish(image, repo_tag)
+
+
+def write_oci_archive(image: Image, out: BinaryIO, *, tag: str, mtime: int) -> None:
+    check_ref_name(tag)
+    archive = ImageArchive(out, kind="oci", envelope="none", mtime=mtime, positions=len(image.layers))
+    archive.finish(image, tag)
 
 
 def _oci_blobs(image: Image) -> list[tuple[str, Blob | bytes]]:
@@ -176,31 +81,6 @@ def check_repo_tag(repo_tag: str) -> str:
         raise UsageError(f"{tag!r} is not a valid tag (up to 128 of letters, digits, '_', '.', '-', "
                          "not starting with '.' or '-')")
     return repo_tag
-
-
-def _index(image: Image, tag: str, existing: list[dict] | None = None) -> bytes:
-    manifests = [m for m in existing or [] if m.get("annotations", {}).get(REF_NAME) != tag]
-    manifests.append({"mediaType": MEDIA_OCI_MANIFEST, "digest": image.manifest_digest,
-                      "size": len(image.manifest), "annotations": {REF_NAME: tag}})
-    return canonical_json({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                           "manifests": manifests})
-
-
-OCI_LAYOUT = canonical_json({"imageLayoutVersion": "1.0.0"})
-
-
-def write_oci_archive(image: Image, out: BinaryIO, *, tag: str, mtime: int) -> None:
-    check_ref_name(tag)
-    tar = _TarStream(out, mtime)
-    tar.add_bytes("oci-layout", OCI_LAYOUT)
-    tar.add_bytes("index.json", _index(image, tag))
-    for digest, blob in _oci_blobs(image):
-        name = "blobs/sha256/" + digest.split(":", 1)[1]
-        if isinstance(blob, bytes):
-            tar.add_bytes(name, blob)
-        else:
-            tar.add_blob(name, blob)
-    tar.close()
 
 
 def check_destination(fmt: str, path: Path, *, name: str | None = None, tag: str | None = None) -> None:
@@ -253,7 +133,7 @@ def write_oci_dir(image: Image, dest: Path, *, tag: str) -> None:
                 existing = json.loads(index_path.read_bytes()).get("manifests", [])
             except (json.JSONDecodeError, AttributeError):
                 raise BuildError(f"{index_path}: exists but is not a valid OCI index") from None
-        _atomic_bytes(index_path, _index(image, tag, existing))
+        _atomic_bytes(index_path, oci_index(image, tag, existing))
     except BaseException as exc:
         if created:
             shutil.rmtree(dest, ignore_errors=True)
@@ -278,29 +158,87 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+class AtomicFile:
+    """A temporary file beside `path`, unbuffered; commit() renames it over `path`, anything else removes it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.absolute()
+        check_destination("archive", self.path)
+        try:
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        except FileNotFoundError:
+            raise BuildError(f"{self.path.parent}: output directory does not exist") from None
+        except PermissionError:
+            raise BuildError(f"{self.path.parent}: cannot write here (permission denied)") from None
+        self.file: BinaryIO = os.fdopen(fd, "wb", buffering=0)
+        self.ended = False
+
+    def commit(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        try:
+            self.file.close()
+            os.chmod(self.tmp, 0o666 & ~_umask())
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.discard()
+            raise BuildError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
+
+    def discard(self) -> None:
+        self.ended = True
+        with suppress(OSError):
+            self.file.close()
+        with suppress(OSError):
+            os.unlink(self.tmp)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            self.commit()
+            return
+        self.discard()
+        if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
+            raise BuildError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
+
+
+class ArchiveOutput:
+    """An archive output file: written while the layers are built, in place when finished, or left
+    alone when it already holds exactly these bytes (`stamps`: the cache's record of what it wrote)."""
+
+    def __init__(self, path: Path, *, kind: str, envelope: str, mtime: int, positions: int,
+                 stamps: OutputStamps | None) -> None:
+        self.file = AtomicFile(path)
+        self.archive = ImageArchive(self.file.file, kind=kind, envelope=envelope, mtime=mtime, positions=positions)
+        self.stamps = stamps
+
+    def finish(self, image: Image, ref: str) -> bool:
+        """Complete the archive and put it in place; False: the file already held it (left as it is)."""
+        path = self.file.path
+        identity = self.archive.identity(image, ref) if self.stamps is not None else ""
+        if self.stamps is not None and self.archive.untouched and self.stamps.holds(path, identity):
+            self.file.discard()
+            return False
+        try:
+            self.archive.finish(image, ref)
+        except OSError as exc:
+            self.file.discard()
+            raise BuildError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        if self.stamps is not None:
+            self.stamps.forget(path)
+        self.file.commit()
+        if self.stamps is not None:
+            self.stamps.record(path, identity)
+        return True
+
+
 @contextmanager
 def atomic_output(path: Path) -> Iterator[BinaryIO]:
     """A temporary file beside `path`, renamed over it only when the block finishes without error."""
-    path = path.absolute()
-    check_destination("archive", path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except FileNotFoundError:
-        raise BuildError(f"{path.parent}: output directory does not exist") from None
-    except PermissionError:
-        raise BuildError(f"{path.parent}: cannot write here (permission denied)") from None
-    try:
-        with os.fdopen(fd, "wb", buffering=COPY_CHUNK) as f:
-            yield f
-            f.flush()
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
-            raise BuildError(f"{path}: cannot write: {exc.strerror or exc}") from None
-        raise
+    with AtomicFile(path) as out:
+        yield out.file
 
 
 def _umask() -> int:

@@ -292,8 +292,9 @@ def _needs_pax_text(value: bytes, limit: int) -> bool:
     return len(value) > limit or not value.isascii()
 
 
-def encode_header(entry: Entry, owner: Owner, mtime: int) -> bytes:
-    """The header block(s) for an entry; PAX records only where ustar cannot hold a value."""
+def encode_header(entry: Entry, owner: Owner, mtime: int, *, pax_size: bool = False) -> bytes:
+    """The header block(s) for an entry; PAX records only where ustar cannot hold a value (and for the
+    size whatever it is with `pax_size`: a header of one length for any size)."""
     name = entry.name + b"/" if entry.kind == "dir" else entry.name
     # PAX values are UTF-8 by definition.  A name that is not valid UTF-8 goes raw into the ustar
     # fields when it fits there (every reader takes those bytes as they are), and otherwise into a
@@ -321,7 +322,7 @@ def encode_header(entry: Entry, owner: Owner, mtime: int) -> bytes:
     if gid > MAX_OCTAL_7:
         pax.append(_pax_record(b"gid", str(gid).encode()))
         gid = 0
-    if size > MAX_OCTAL_11:
+    if size > MAX_OCTAL_11 or pax_size:
         pax.append(_pax_record(b"size", str(size).encode()))
     if _needs_pax_text(uname, 32):
         pax.append(_pax_record(b"uname", uname))
