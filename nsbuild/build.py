@@ -24,7 +24,7 @@ from nsbuild.layer import MEDIA_BY_COMPRESSOR, Layer, build_layer
 from nsbuild.owners import Owner, OwnerPolicy
 from nsbuild.plan import Plan, PlannedLayer, make_plan
 from nsbuild.progress import Progress, human
-from nsbuild.refs import ImageRef
+from nsbuild.refs import ImageRef, is_registry
 from nsbuild.scripts import run_bash, script_env
 from nsbuild.sinks import (
     ArchiveOutput,
@@ -152,11 +152,11 @@ def build_image(spec: Spec, output: ImageRef, progress: Progress,
 def read_base(spec: Spec, ws: Workspace, options: BuildOptions, progress: Progress, *,
               need_tar: bool) -> tuple[BaseImage | None, dict[str, str], dict[str, Any] | None]:
     """fromImage for both kinds: pulled from a registry or read from a file; (base, annotations, --json info)."""
-    from nsbuild import remote
-
     if not spec.from_image:
         return None, {}, None
-    if remote.is_registry(spec.from_image):
+    if is_registry(spec.from_image):
+        from nsbuild import remote
+
         # Pulled blobs live in the layer cache (the next build downloads nothing), else the workspace.
         pulled = remote.pull_base(spec.from_image, store_root=options.cache_dir or ws.path("pull"),
                                   architecture=spec.architecture, options=options.registry, progress=progress,
@@ -174,8 +174,10 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
         from nsbuild import buildimage
 
         return buildimage.build(spec, output, progress, options, ws)
-    from nsbuild import remote
-
+    # The registry glue (and its HTTP stack) only when a registry is involved: a rebuild is quick.
+    remote: Any = None
+    if output.format == "registry" or options.cache_to or options.cache_from:
+        from nsbuild import remote
     docker = output.format == "docker-archive"
     compression = layer_compression(output, spec)
     keep_tar = compression == "none"
@@ -203,7 +205,9 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
         for position, layer in enumerate(base_layers):
             if archive is not None:
                 archive.archive.done(position, layer)
-        with remote.opened_cache(options.cache_from, options.registry, progress) as shared:
+        shared_cache = (remote.opened_cache(options.cache_from, options.registry, progress) if options.cache_from
+                        else contextlib.nullcontext())
+        with shared_cache as shared:
             layers, cached, content_keys = _content_layers(
                 spec, plan, progress, options, ws, cache, shared, blob_dir, compression, keep_tar, fixed, total,
                 archive.archive if archive else None, len(base_layers))
@@ -262,8 +266,6 @@ def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOp
                     first_position: int) -> tuple[list[Layer], list[Any], list[str | None]]:
     """The planned content layers, in parallel: from the local cache, the shared cache or built (into the
     output archive when the layer is next in line there)."""
-    from nsbuild import remote
-
     want_content_key = shared is not None or bool(options.cache_to)
     # Without a cache, a layer streamed into the archive needs no file of its own (--cache-to pushes
     # blob files).
@@ -275,6 +277,8 @@ def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOp
         return layer
 
     def content_fingerprint(key: str | None, planned: PlannedLayer) -> str:
+        from nsbuild import remote
+
         return remote.remembered_content_fingerprint(cache.root if cache else None, key, planned.sources,
                                                      mtime=spec.mtime, owner=fixed)
 

@@ -36,13 +36,14 @@ LAYER_COMMENT = "buildImage layer"
 
 
 def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions, ws: Workspace) -> BuildResult:
-    from nsbuild import remote
     from nsbuild.build import BuildResult, _recompress, finished_image, layer_compression, read_base, write_output
 
     docker = output.format == "docker-archive"
     compression = layer_compression(output, spec)
     keep_tar = compression == "none"
     if output.format == "registry":
+        from nsbuild import remote
+
         remote.preflight("docker://" + output.location, "-o", options.registry)
     if options.cache_to or options.cache_from:
         progress.warn("--cache-to/--cache-from: buildImage's single layer depends on its base and scripts "

@@ -91,11 +91,13 @@ class RegistryFlags:
 
 
 def _check_registry_refs(flags: RegistryFlags, output_is_registry: bool, compressor: str) -> None:
-    from nsbuild import remote
+    from nsbuild.refs import is_registry
 
     for name, value in (("--cache-to", flags.cache_to), ("--cache-from", flags.cache_from)):
         if value is not None:
-            if not remote.is_registry(value):
+            from nsbuild import remote
+
+            if not is_registry(value):
                 raise UsageError(f"{name}: expected docker://HOST/REPO[:TAG], got {value!r}")
             remote.registry_reference(value, name)
     if flags.manifest_format == "docker" and output_is_registry and compressor == "zstd":
@@ -158,8 +160,6 @@ def _build(kind: str, spec_path: Path, output: str | None, fmt: str | None, quie
         verb = "wrote" if result.written else "up to date:"
         progress.info(f"{verb} {result.output} ({result.format}) {image.reference} {image.manifest_digest}")
     if as_json:
-        from nsbuild import remote
-
         doc = {
             "output": result.output, "format": result.format, "name": image.name, "tag": image.tag,
             "written": result.written,
@@ -169,6 +169,8 @@ def _build(kind: str, spec_path: Path, output: str | None, fmt: str | None, quie
                         "uncompressed_size": layer.tar.size, "media_type": layer.media_type,
                         "comment": layer.comment} for layer in image.layers],
         }
+        if pushed is not None or result.cache_push is not None:
+            from nsbuild import remote
         if pushed is not None:
             doc["push"] = remote.push_json(pushed)
         if result.base is not None:

@@ -43,3 +43,8 @@ def parse_ref(text: str, default_format: str | None = None) -> ImageRef:
         raise UsageError(f"{text!r}: the {transport}: transport is not supported (use docker-archive:, "
                          "oci:, oci-archive: or docker://)")
     return ImageRef(default_format or "auto", text)
+
+
+def is_registry(text: str | None) -> bool:
+    """A `docker://` reference (a registry), as opposed to a file or directory."""
+    return bool(text) and str(text).startswith("docker://")

@@ -49,6 +49,7 @@ from nsbuild.layer import (
 )
 from nsbuild.owners import OwnerPolicy
 from nsbuild.progress import Progress, human
+from nsbuild.refs import is_registry
 from nsbuild.registry import (
     BlobRecord,
     ProgressEvent,
@@ -76,8 +77,6 @@ BASE_NAME = "org.opencontainers.image.base.name"
 COMPRESSION_OF_MEDIA = {MEDIA_TAR: "none", MEDIA_TAR_GZIP: "gz", MEDIA_TAR_ZSTD: "zstd"}
 
 
-def is_registry(text: str | None) -> bool:
-    return bool(text) and str(text).startswith("docker://")
 
 
 def registry_reference(text: str, what: str) -> Reference:

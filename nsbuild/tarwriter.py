@@ -53,7 +53,7 @@ class TarStats:
     entries: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """One tar member, before ownership policy is applied."""
 
@@ -208,22 +208,22 @@ def _leaf_entry(rel: bytes, host: bytes, st: os.stat_result, seen: dict[tuple[in
     xattrs = {} if stat.S_ISLNK(mode) else _read_xattrs(host)
     if overlay:
         xattrs = {k: v for k, v in xattrs.items() if not k.startswith(OVERLAY_XATTR_PREFIXES)}
-    common = {"name": rel, "mode": perm, "uid": st.st_uid, "gid": st.st_gid, "xattrs": xattrs}
+    uid, gid = st.st_uid, st.st_gid
     if stat.S_ISREG(mode):
         if st.st_nlink > 1:
             key = (st.st_dev, st.st_ino)
             first = seen.get(key)
             if first is not None:
-                return Entry(kind="hardlink", linkname=first, **{**common, "xattrs": {}})
+                return Entry(rel, "hardlink", perm, uid, gid, linkname=first)
             seen[key] = rel
-        return Entry(kind="file", size=st.st_size, host=host, **common)
+        return Entry(rel, "file", perm, uid, gid, size=st.st_size, xattrs=xattrs, host=host)
     if stat.S_ISLNK(mode):
-        return Entry(kind="symlink", linkname=os.readlink(host), **common)
+        return Entry(rel, "symlink", perm, uid, gid, linkname=os.readlink(host), xattrs=xattrs)
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return Entry(kind="char" if stat.S_ISCHR(mode) else "block", devmajor=os.major(st.st_rdev),
-                     devminor=os.minor(st.st_rdev), **common)
+        return Entry(rel, "char" if stat.S_ISCHR(mode) else "block", perm, uid, gid,
+                     devmajor=os.major(st.st_rdev), devminor=os.minor(st.st_rdev), xattrs=xattrs)
     if stat.S_ISFIFO(mode):
-        return Entry(kind="fifo", **common)
+        return Entry(rel, "fifo", perm, uid, gid, xattrs=xattrs)
     raise BuildError(f"{os.fsdecode(host)}: sockets and other special files cannot be stored in a layer")
 
 
@@ -292,9 +292,77 @@ def _needs_pax_text(value: bytes, limit: int) -> bool:
     return len(value) > limit or not value.isascii()
 
 
+_TEMPLATES: dict[tuple[Owner, int], tuple[bytes, int] | None] = {}
+
+
+def _template(owner: Owner, mtime: int) -> tuple[bytes, int] | None:
+    """A ustar header with this owner and mtime filled in (name, mode, size and type left NUL, the
+    checksum field spaces) and the sum of its bytes; None when they need PAX records.  The common entry
+    then only fills in its own fields: the per-entry cost of a layer of many small files."""
+    key = (owner, mtime)
+    if key not in _TEMPLATES:
+        uname, gname = owner.uname.encode(), owner.gname.encode()
+        fits = (owner.uid <= MAX_OCTAL_7 and owner.gid <= MAX_OCTAL_7 and not _needs_pax_text(uname, 32)
+                and not _needs_pax_text(gname, 32))
+        template = None
+        if fits:
+            header = bytearray(_ustar_header(b"", b"", 0, owner.uid, owner.gid, 0, mtime, b"0", b"", uname, gname,
+                                             0, 0))
+            header[100:108] = b"\0" * 8
+            header[124:136] = b"\0" * 12
+            header[156:157] = b"\0"
+            header[148:156] = b" " * 8  # the checksum is summed with its own field as spaces
+            template = (bytes(header), sum(header))
+        _TEMPLATES[key] = template
+    return _TEMPLATES[key]
+
+
+def _fast_header(entry: Entry, template: tuple[bytes, int]) -> bytes | None:
+    """encode_header's bytes for an entry that needs no PAX record, else None."""
+    if entry.xattrs or entry.size > MAX_OCTAL_11:
+        return None
+    name = entry.name + b"/" if entry.kind == "dir" else entry.name
+    link = entry.linkname
+    if not name.isascii() or len(link) > 100 or not link.isascii():
+        return None
+    prefix = b""
+    if len(name) > 100:
+        split = _split_ustar_name(name)
+        if split is None:
+            return None
+        prefix, name = split
+    h = bytearray(template[0])
+    mode = b"%07o\0" % entry.mode
+    size = b"%011o\0" % (entry.size if entry.kind == "file" else 0)
+    flag = TYPEFLAGS[entry.kind]
+    h[0:len(name)] = name
+    h[100:108] = mode
+    h[124:136] = size
+    h[156:157] = flag
+    chk = template[1] + sum(name) + sum(mode) + sum(size) + flag[0]
+    if link:
+        h[157:157 + len(link)] = link
+        chk += sum(link)
+    if entry.devmajor or entry.devminor:
+        devs = b"%07o\0%07o\0" % (entry.devmajor, entry.devminor)
+        chk += sum(devs) - sum(h[329:345])
+        h[329:345] = devs
+    if prefix:
+        h[345:345 + len(prefix)] = prefix
+        chk += sum(prefix)
+    h[148:156] = b"%06o\0 " % chk
+    return bytes(h)
+
+
 def encode_header(entry: Entry, owner: Owner, mtime: int, *, pax_size: bool = False) -> bytes:
     """The header block(s) for an entry; PAX records only where ustar cannot hold a value (and for the
     size whatever it is with `pax_size`: a header of one length for any size)."""
+    if not pax_size:
+        template = _template(owner, mtime)
+        if template is not None:
+            fast = _fast_header(entry, template)
+            if fast is not None:
+                return fast
     name = entry.name + b"/" if entry.kind == "dir" else entry.name
     # PAX values are UTF-8 by definition.  A name that is not valid UTF-8 goes raw into the ustar
     # fields when it fits there (every reader takes those bytes as they are), and otherwise into a
@@ -351,22 +419,22 @@ def encode_header(entry: Entry, owner: Owner, mtime: int, *, pax_size: bool = Fa
 # --- writing ---------------------------------------------------------------------------------------
 
 
-def _copy_file(host: bytes, size: int, out: Writer, buf: bytearray, cancel: threading.Event | None) -> None:
+def _copy_file(host: bytes, size: int, out: Writer, cancel: threading.Event | None) -> None:
     try:
         fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise BuildError(f"{os.fsdecode(host)}: cannot read: {exc.strerror}") from exc
     try:
-        view = memoryview(buf)
         remaining = size
         while remaining:
             if cancel is not None and cancel.is_set():
                 raise KeyboardInterrupt
-            n = os.readv(fd, [view[: min(remaining, len(buf))]])
-            if n == 0:
+            # A fresh bytes object per chunk: the writer thread takes it as it is, no copy.
+            data = os.read(fd, min(remaining, COPY_CHUNK))
+            if not data:
                 raise BuildError(f"{os.fsdecode(host)}: file shrank while it was being archived")
-            out.write(view[:n])
-            remaining -= n
+            out.write(data)
+            remaining -= len(data)
     finally:
         os.close(fd)
     pad = -size % BLOCK
@@ -399,15 +467,19 @@ def write_tar(sources: list[Source], out: Writer, *, mtime: int, owner: OwnerPol
     if not 0 <= mtime <= MAX_OCTAL_11:
         raise BuildError(f"mtime {mtime} is outside the range a tar header can hold")
     stats = TarStats()
-    buf = bytearray(COPY_CHUNK)
     pending = bytearray()
+    last_owner: Owner | None = None
+    template: tuple[bytes, int] | None = None
     entries = iter_entries(sources, overlay_whiteouts=overlay_whiteouts)
     if devices:
         entries = _with_devices(entries, devices)
     for entry in entries:
         if cancel is not None and cancel.is_set():
             raise KeyboardInterrupt  # another layer failed or the build was interrupted
-        header = encode_header(entry, owner.resolve(entry.uid, entry.gid), mtime)
+        resolved = owner.resolve(entry.uid, entry.gid)
+        if resolved is not last_owner:
+            last_owner, template = resolved, _template(resolved, mtime)
+        header = (template is not None and _fast_header(entry, template)) or encode_header(entry, resolved, mtime)
         stats.entries += 1
         if entry.kind == "file" and entry.size:
             # Small files are batched with their headers: one write per ~1 MiB, not two per file.
@@ -423,7 +495,7 @@ def write_tar(sources: list[Source], out: Writer, *, mtime: int, owner: OwnerPol
                 pending += header
                 out.write(pending)
                 pending = bytearray()
-                _copy_file(entry.host or b"", entry.size, out, buf, cancel)
+                _copy_file(entry.host or b"", entry.size, out, cancel)
         else:
             pending += header
     pending += b"\0" * (2 * BLOCK)
