@@ -202,8 +202,8 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
     blob_dir = cache.blobs if cache else ws.blobs
     archive = open_archive(output, spec, cache, positions=len(base_layers) + total)
     try:
-        for position, layer in enumerate(base_layers):
-            if archive is not None:
+        if archive is not None:
+            for position, layer in enumerate(base_layers):
                 archive.archive.done(position, layer)
         shared_cache = (remote.opened_cache(options.cache_from, options.registry, progress) if options.cache_from
                         else contextlib.nullcontext())

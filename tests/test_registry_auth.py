@@ -13,7 +13,8 @@ import pytest
 
 from nsbuild.errors import BuildError, UsageError
 from nsbuild.registry.auth import AuthOptions, find_credential
-from nsbuild.registry.client import options_from_cli, parse_challenge
+from nsbuild.registry.client import parse_challenge
+from nsbuild.registry.options import options_from_cli
 from nsbuild.registry.reference import Reference, parse_reference
 
 
