@@ -90,8 +90,9 @@ class Slot:
 class ArchiveStream:
     """A tar archive of a few members, written in order through an Envelope."""
 
-    def __init__(self, out: BinaryIO, *, mtime: int, envelope: str) -> None:
+    def __init__(self, out: BinaryIO, *, mtime: int, envelope: str, name: str | None = None) -> None:
         self.out = out
+        self.name = name  # the output file, for errors
         self.mtime = mtime
         self.envelope = Envelope(envelope)
         self.dirs: set[str] = set()
@@ -116,8 +117,14 @@ class ArchiveStream:
 
     def _write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
-        while view:  # an unbuffered file may take part of a write
-            view = view[self.out.write(view) or 0:]
+        try:
+            while view:  # an unbuffered file may take part of a write
+                view = view[self.out.write(view) or 0:]
+        except OSError as exc:
+            # A full disk while a layer streams in: say which file (a closed pipe stays what it is).
+            if self.name is None or isinstance(exc, BrokenPipeError):
+                raise
+            raise BuildError(f"{self.name}: cannot write: {exc.strerror or exc}") from None
         self.emitted += len(data)
 
     def _emit_pending(self) -> None:
@@ -230,11 +237,12 @@ class ImageArchive:
     compression) or an OCI archive ("oci": oci-layout, blobs, index.json) of the image's layers at
     positions 0..n-1, which arrive in any order from the layer threads (`done`)."""
 
-    def __init__(self, out: BinaryIO, *, kind: str, envelope: str, mtime: int, positions: int) -> None:
+    def __init__(self, out: BinaryIO, *, kind: str, envelope: str, mtime: int, positions: int,
+                 name: str | None = None) -> None:
         if kind == "oci" and envelope != "none":
             raise ValueError("an OCI archive is not compressed as a whole")
         self.kind = kind
-        self.stream = ArchiveStream(out, mtime=mtime, envelope=envelope)
+        self.stream = ArchiveStream(out, mtime=mtime, envelope=envelope, name=name)
         self.layer_compression = envelope if kind == "docker" else None
         self._layers: list[Layer | None] = [None] * positions
         self._written = 0  # positions 0.._written-1 are in the file (or skipped as repeats)

@@ -211,7 +211,8 @@ class ArchiveOutput:
     def __init__(self, path: Path, *, kind: str, envelope: str, mtime: int, positions: int,
                  stamps: OutputStamps | None) -> None:
         self.file = AtomicFile(path)
-        self.archive = ImageArchive(self.file.file, kind=kind, envelope=envelope, mtime=mtime, positions=positions)
+        self.archive = ImageArchive(self.file.file, kind=kind, envelope=envelope, mtime=mtime, positions=positions,
+                                    name=str(self.file.path))
         self.stamps = stamps
 
     def finish(self, image: Image, ref: str) -> bool:

@@ -181,9 +181,12 @@ def test_unreadable_input_fails_without_partial_output(user_tmp: UserTmpFactory,
         assert not list(tmpdir.iterdir()), list(tmpdir.iterdir())
 
 
-def test_full_disk_is_one_line_error(user_tmp: UserTmpFactory) -> None:
-    """TMPDIR on a 64 KiB tmpfs: the layer write hits ENOSPC. An unprivileged builder gets one line
-    and exit 1 (not a traceback), and nothing is left in the output directory or TMPDIR."""
+@pytest.mark.parametrize("full", ["workspace", "output"])
+def test_full_disk_is_one_line_error(user_tmp: UserTmpFactory, full: str) -> None:
+    """A 64 KiB tmpfs where the layer is written: the workspace (TMPDIR; an OCI layout output builds its
+    blobs there) or the output directory (an archive streams its layer straight into the output
+    file). An unprivileged builder gets one line and exit 1 (not a traceback), and nothing is left in
+    the output directory or TMPDIR."""
     if not is_root():
         pytest.skip("needs root to mount a small tmpfs")
     inputs = user_tmp(None)
@@ -194,15 +197,19 @@ def test_full_disk_is_one_line_error(user_tmp: UserTmpFactory) -> None:
     spec = write_spec(inputs, {"name": "full", "contents": ["rootfs"]})
     out = user_tmp("test")
     tmpdir = user_tmp("test")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=1777", "tmpfs", str(tmpdir)], check=True)
+    small = tmpdir if full == "workspace" else out
+    target = f"oci:{out / 'layout'}:t" if full == "workspace" else out / "img.tar"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=1777", "tmpfs", str(small)], check=True)
     try:
-        proc = build(spec, out / "img.tar", user="test", env={"TMPDIR": str(tmpdir)}, check=False)
+        proc = build(spec, target, user="test", env={"TMPDIR": str(tmpdir)}, check=False)
         assert proc.returncode == 1, proc.stderr
-        assert proc.stderr.strip() == "nsbuild: error: No space left on device", proc.stderr
+        expected = ("nsbuild: error: No space left on device" if full == "workspace"
+                    else f"nsbuild: error: {out / 'img.tar'}: cannot write: No space left on device")
+        assert proc.stderr.strip() == expected, proc.stderr
         assert not list(out.iterdir()), list(out.iterdir())
         assert not list(tmpdir.iterdir()), list(tmpdir.iterdir())
     finally:
-        subprocess.run(["umount", str(tmpdir)], check=True)
+        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_output_directory_missing(project: Path) -> None:
