@@ -83,8 +83,8 @@ def main() -> None:
     rows: list[tuple[str, ...]] = []
 
     def row(tool: str, comp: str, n: int, nbytes: int, wall: float, peak: float, ratio: float | None) -> None:
-        r = (tool, comp, str(n), f"{nbytes / 2**20:.0f} MiB", f"{wall:.2f}", f"{peak:.0f}",
-             "" if ratio is None else f"{ratio:.2f}")
+        r = (tool, comp, str(n) if n else "", f"{nbytes / 2**20:.0f} MiB" if nbytes else "", f"{wall:.2f}",
+             f"{peak:.0f}", "" if ratio is None else f"{ratio:.2f}")
         rows.append(r)
         print("  ".join(r), file=sys.stderr, flush=True)
 
@@ -189,7 +189,8 @@ def main() -> None:
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+        # A pipeline's "|" would end a Markdown cell.
+        print("| " + " | ".join(c.replace("|", "\\|").ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
 
 
 if __name__ == "__main__":
