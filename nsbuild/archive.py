@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from nsbuild.compress import Sink
 from nsbuild.errors import BuildError
 from nsbuild.image import Image, canonical_json
 from nsbuild.layer import MEDIA_BY_COMPRESSOR, Blob, Layer
@@ -84,7 +85,7 @@ class Slot:
 
     offset: int
     length: int
-    out: BinaryIO  # where the member's data goes, straight after the reserved header
+    out: Sink  # where the member's data goes, straight after the reserved header
 
 
 class ArchiveStream:
