@@ -244,7 +244,6 @@ class ImageArchive:
             raise ValueError("an OCI archive is not compressed as a whole")
         self.kind = kind
         self.stream = ArchiveStream(out, mtime=mtime, envelope=envelope, name=name)
-        self.layer_compression = envelope if kind == "docker" else None
         self._layers: list[Layer | None] = [None] * positions
         self._written = 0  # positions 0.._written-1 are in the file (or skipped as repeats)
         self._slot: tuple[int, Slot] | None = None
@@ -257,11 +256,12 @@ class ImageArchive:
         if self.kind == "oci":
             return _Member("blobs/sha256/" + layer.digest.split(":", 1)[1], layer.compressed, layer.compressed.size)
         name = layer.diff_id.split(":", 1)[1] + "/layer.tar"
-        if self.layer_compression == "none":
+        compression = self.stream.envelope.kind  # a compressed docker-archive's layers are its frames
+        if compression == "none":
             return _Member(name, layer.tar, layer.tar.size)
-        if layer.media_type != MEDIA_BY_COMPRESSOR[self.layer_compression or "none"]:
+        if layer.media_type != MEDIA_BY_COMPRESSOR[compression]:
             raise BuildError(f"internal: layer {layer.diff_id} is {layer.media_type}, not the archive's "
-                             f"{self.layer_compression}")
+                             f"{compression}")
         return _Member(name, layer.compressed, layer.tar.size)
 
     def claim(self, position: int) -> Slot | None:

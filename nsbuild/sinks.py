@@ -22,7 +22,7 @@ from nsbuild.image import Image
 from nsbuild.layer import Blob
 
 __all__ = ["REF_NAME", "ArchiveOutput", "AtomicFile", "atomic_output", "check_destination", "check_ref_name",
-           "check_repo_tag", "write_docker_archive", "write_oci_archive", "write_oci_dir"]
+           "check_repo_tag", "write_docker_archive", "write_oci_dir"]
 
 
 def write_docker_archive(image: Image, out: BinaryIO, *, compressor: str, mtime: int,
@@ -32,12 +32,6 @@ def write_docker_archive(image: Image, out: BinaryIO, *, compressor: str, mtime:
     repo_tag = check_repo_tag(repo_tag or image.reference)
     archive = ImageArchive(out, kind="docker", envelope=compressor, mtime=mtime, positions=len(image.layers))
     archive.finish(image, repo_tag)
-
-
-def write_oci_archive(image: Image, out: BinaryIO, *, tag: str, mtime: int) -> None:
-    check_ref_name(tag)
-    archive = ImageArchive(out, kind="oci", envelope="none", mtime=mtime, positions=len(image.layers))
-    archive.finish(image, tag)
 
 
 def _oci_blobs(image: Image) -> list[tuple[str, Blob | bytes]]:
@@ -222,11 +216,7 @@ class ArchiveOutput:
         if self.stamps is not None and self.archive.untouched and self.stamps.holds(path, identity):
             self.file.discard()
             return False
-        try:
-            self.archive.finish(image, ref)
-        except OSError as exc:
-            self.file.discard()
-            raise BuildError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        self.archive.finish(image, ref)  # write errors name the file (ArchiveStream); the caller discards
         if self.stamps is not None:
             self.stamps.forget(path)
         self.file.commit()

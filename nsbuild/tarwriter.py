@@ -356,13 +356,8 @@ def _fast_header(entry: Entry, template: tuple[bytes, int]) -> bytes | None:
 
 def encode_header(entry: Entry, owner: Owner, mtime: int, *, pax_size: bool = False) -> bytes:
     """The header block(s) for an entry; PAX records only where ustar cannot hold a value (and for the
-    size whatever it is with `pax_size`: a header of one length for any size)."""
-    if not pax_size:
-        template = _template(owner, mtime)
-        if template is not None:
-            fast = _fast_header(entry, template)
-            if fast is not None:
-                return fast
+    size whatever it is with `pax_size`: a header of one length for any size).  write_tar takes the
+    same bytes from _fast_header where they need no PAX record."""
     name = entry.name + b"/" if entry.kind == "dir" else entry.name
     # PAX values are UTF-8 by definition.  A name that is not valid UTF-8 goes raw into the ustar
     # fields when it fits there (every reader takes those bytes as they are), and otherwise into a
