@@ -20,6 +20,7 @@ from nsbuild.baseimage import BaseImage, load_base
 from nsbuild.cache import LayerCache, fingerprint
 from nsbuild.errors import BuildError, SpecError
 from nsbuild.image import Image, make_config, oci_manifest
+from nsbuild.imageconfig import healthcheck_warning
 from nsbuild.layer import MEDIA_BY_COMPRESSOR, Layer, build_layer
 from nsbuild.owners import Owner, OwnerPolicy
 from nsbuild.plan import Plan, PlannedLayer, make_plan
@@ -408,6 +409,8 @@ def write_output(image: Image, output: ImageRef, spec: Spec, progress: Progress,
                  options: BuildOptions | None = None, result: BuildResult | None = None,
                  archive: ArchiveOutput | None = None) -> str:
     fmt = output.format
+    if warning := healthcheck_warning(image.config, fmt, (options or BuildOptions()).manifest_format):
+        progress.warn(warning)
     if fmt in ("docker-archive", "oci-archive") and output.location != "-":
         if archive is None:
             archive = open_archive(output, spec, None, positions=len(image.layers))

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from nsbuild.errors import SpecError
+from nsbuild.imageconfig import check_image_config
+from nsbuild.imageconfig import field as config_field
 
 DEFAULT_DATE = "1970-01-01T00:00:01Z"
 ARCHITECTURES = ("amd64", "arm64", "386", "arm", "ppc64le", "ppc64", "s390x", "riscv64", "mips", "mipsle",
@@ -253,7 +255,7 @@ def _config(key: str, value: Any, ctx: Context) -> dict[str, Any]:
         raise SpecError(key, f"expected an object, got {_type_name(value)}")
     out: dict[str, Any] = {}
     for k, v in value.items():
-        sub = f"{key}.{k}"
+        sub = config_field(key, k)  # quoted when the name would not print on one line
         kind = CONFIG_KEYS.get(k)
         if kind is None:
             hint = difflib.get_close_matches(k, CONFIG_KEYS, n=1)
@@ -275,10 +277,8 @@ def _config(key: str, value: Any, ctx: Context) -> dict[str, Any]:
                     raise SpecError(f"{sub}[{i}]", f"expected \"NAME=value\", got {item!r}")
         if k == "Labels" and not all(isinstance(x, str) for x in v.values()):
             raise SpecError(sub, "expected string values")
-        if k in ("ExposedPorts", "Volumes"):
-            v = {str(p): {} for p in v}
         out[k] = v
-    return out
+    return check_image_config(key, out)  # what the values mean: nsbuild/imageconfig.py
 
 
 @dataclass(frozen=True)
