@@ -95,6 +95,28 @@ def field(key: str, name: str) -> str:
     return f"{key}.{name}" if plain else f"{key}[{json.dumps(name)}]"
 
 
+def healthcheck_schema() -> dict[str, Any]:
+    """The JSON Schema of `config.Healthcheck` for `nsbuild schema` (durations: nanoseconds or Go strings)."""
+    duration = {
+        "type": ["integer", "string", "null"],
+        "minimum": 0,
+        "description": 'nanoseconds, or a Go duration string such as "30s" (0: the default; else >= 1ms)',
+    }
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "Test": {
+                "type": ["array", "null"],
+                "items": {"type": "string"},
+                "description": '[], ["NONE"], ["CMD", argv...] or ["CMD-SHELL", command]',
+            },
+            **{name: duration for name in HEALTHCHECK_DURATIONS},
+            "Retries": {"type": ["integer", "null"], "minimum": 0},
+        },
+    }
+
+
 def _show(value: Any) -> str:
     """The offending value for a one-line message: JSON, cut short when long."""
     text = json.dumps(value, ensure_ascii=False)
@@ -298,8 +320,9 @@ def healthcheck_warning(config: bytes, output_format: str, manifest_format: str)
         keep = "push a Docker v2 manifest instead (--manifest-format docker)"
     else:
         return None
-    inner = json.loads(config).get("config") or {}
-    if not inner.get("Healthcheck"):
+    doc = json.loads(config)  # nsbuild's own config, or a base image's that was read as JSON already
+    inner = doc.get("config") if isinstance(doc, dict) else None
+    if not isinstance(inner, dict) or not inner.get("Healthcheck"):
         return None
     return (
         f"config.Healthcheck: OCI image configs have no Healthcheck and podman ignores it in this "

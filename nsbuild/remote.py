@@ -467,6 +467,7 @@ def push_existing(text: str, target: Reference, *, compressor: str, manifest_for
     from nsbuild.baseimage import load_base
     from nsbuild.build import Workspace
     from nsbuild.image import oci_manifest
+    from nsbuild.imageconfig import healthcheck_warning
     from nsbuild.layer import layer_from_tar
     from nsbuild.spec import host_architecture
 
@@ -487,6 +488,8 @@ def push_existing(text: str, target: Reference, *, compressor: str, manifest_for
         config = base.raw_config if base.raw_config is not None else canonical_json(base.config)
         image = Image(name=target.repository, tag=target.tag or "latest", layers=layers, config=config,
                       manifest=oci_manifest(config, layers))
+        if warning := healthcheck_warning(config, "registry", manifest_format):
+            progress.warn(warning)
         return push(image, target, manifest_format=manifest_format, options=options, progress=progress,
                     cache_dir=cache_dir)
     finally:

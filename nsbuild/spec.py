@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nsbuild.errors import SpecError
-from nsbuild.imageconfig import check_image_config
+from nsbuild.imageconfig import check_image_config, healthcheck_schema
 from nsbuild.imageconfig import field as config_field
 
 DEFAULT_DATE = "1970-01-01T00:00:01Z"
@@ -413,6 +413,7 @@ def json_schema(kind: str = LAYERED) -> dict[str, Any]:
                                                                 "target": {"type": "string"}}}]}
     config_props = {k: {"type": v} if v != "array" else {"type": "array", "items": {"type": "string"}}
                     for k, v in CONFIG_KEYS.items()}
+    config_props["Healthcheck"] = healthcheck_schema()
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": f"nsbuild {kind} spec",

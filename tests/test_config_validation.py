@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import UserTmpFactory, account, skopeo_inspect
+from support import UserTmpFactory, account, run_nsbuild, skopeo_inspect
 from support.core import BUSYBOX, build, write_spec
 from support.verifiers import docker_daemon, podman_store
 
@@ -348,6 +348,38 @@ def test_healthcheck_pushed_as_oci_warns(
         manifest_format,
         user=user_with_subids,
     )
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("nsbuild: warning:")]
+    if warns is None:
+        assert warnings == [], proc.stderr
+    else:
+        assert len(warnings) == 1 and warns in warnings[0], proc.stderr
+
+
+def test_schema_describes_healthcheck() -> None:
+    """`nsbuild schema` accepts what the build accepts (duration strings) and refuses unknown keys."""
+    jsonschema = pytest.importorskip("jsonschema")
+    proc = run_nsbuild(["schema"])
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    validator = jsonschema.validators.validator_for(doc)(doc)
+    validator.validate({"name": "x", "config": {"Healthcheck": HEALTHCHECK_30S}})
+    validator.validate({"name": "x", "config": {"Healthcheck": {"Interval": 30000000000, "Retries": 3}}})
+    for bad in ({"interval": "30s"}, {"Interval": -1}, {"Retries": "3"}, {"Test": "true"}):
+        assert list(validator.iter_errors({"name": "x", "config": {"Healthcheck": bad}})), bad
+
+
+@pytest.mark.parametrize(("manifest_format", "warns"), [("oci", "--manifest-format docker"), ("docker", None)])
+def test_nsbuild_push_of_healthcheck_image_as_oci_warns(
+    user_with_subids: str | None, user_tmp: UserTmpFactory, registry: str, manifest_format: str, warns: str | None
+) -> None:
+    """`nsbuild push` of an existing docker-archive holding a Healthcheck: the same warning as a build."""
+    user = user_with_subids
+    work = project(user_tmp, user)
+    archive = work / "out" / "img.tar"
+    build(spec_with(work, {"Healthcheck": HEALTHCHECK_30S}), archive, user=user)
+    args = ["push", str(archive), f"docker://{registry}/cfg:p", "--tls-verify=false", "-q"]
+    proc = run_nsbuild([*args, "--manifest-format", manifest_format], user)
+    assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("nsbuild: warning:")]
     if warns is None:
         assert warnings == [], proc.stderr
