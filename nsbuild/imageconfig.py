@@ -118,8 +118,12 @@ def healthcheck_schema() -> dict[str, Any]:
 
 
 def _show(value: Any) -> str:
-    """The offending value for a one-line message: JSON, cut short when long."""
-    text = json.dumps(value, ensure_ascii=False)
+    """The offending value for a one-line message: JSON (ASCII, so no character a reader takes for a line
+    break), cut short when long."""
+    try:
+        text = json.dumps(value)
+    except (ValueError, RecursionError):
+        return "a value too large to show"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
