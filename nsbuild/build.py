@@ -19,6 +19,7 @@ from nsbuild.archive import ImageArchive, OutputStamps
 from nsbuild.baseimage import BaseImage, load_base
 from nsbuild.cache import LayerCache, fingerprint
 from nsbuild.errors import BuildError, SpecError
+from nsbuild.hosttree import warn_contents_links
 from nsbuild.image import Image, make_config, oci_manifest
 from nsbuild.imageconfig import healthcheck_warning
 from nsbuild.layer import MEDIA_BY_COMPRESSOR, Layer, build_layer
@@ -194,6 +195,7 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
         base.layers = [_recompress(layer, compression, ws, exact=docker) for layer in base.layers]
     base_layers = base.layers if base else []
     plan = make_plan(spec, len(base_layers))
+    warn_contents_links(spec, progress)  # links leading out of a root tree are kept, never followed
     if spec.include_nix_db and not plan.closure:
         raise SpecError("includeNixDB", "the image has no store paths to register (no contents inside "
                                         f"{spec.store_dir}, or includeStorePaths is false)")

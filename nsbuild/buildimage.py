@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nsbuild.errors import BuildError, SpecError
+from nsbuild.hosttree import OUTSIDE, STORE, HostTree, warning
 from nsbuild.image import make_config
 from nsbuild.layer import Layer, build_layer, layer_from_tar
 from nsbuild.owners import Owner, OwnerPolicy
@@ -56,7 +57,7 @@ def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOption
     t0 = time.monotonic()
     custom = ws.path("custom")
     os.chmod(custom, 0o755)
-    merger = _Merger(custom, model, spec.keep_contents_dirlinks, progress)
+    merger = _Merger(custom, model, spec.keep_contents_dirlinks, progress, spec.store_dir)
     for entry in spec.copy_to_root:
         try:
             merger.copy_entry(entry)
@@ -162,23 +163,32 @@ def _add_store_closure(spec: Spec, custom: Path, progress: Progress) -> None:
 
 class _Merger:
     """copyToRoot into the new layer's tree, never replacing a directory by a symlink or the other
-    way round behind the user's back.
+    way round behind the user's back, and never reading the build host outside the given trees.
 
-    A symlink to a directory becomes a directory (its content copied) unless keepContentsDirlinks.
+    The entry itself is followed when it is a symlink (the user named it: `./result`, a link to a
+    rootfs). Below it every symlink is copied as a symlink (nsbuild.hosttree), except one into storeDir
+    that leads to a directory, which becomes that directory unless keepContentsDirlinks (buildEnv
+    trees, as dockerTools). Links leading out of the tree get one warning per entry. Hard links within
+    the trees stay hard links.
     A directory arriving where the base image (or an earlier entry) has a symlink is merged into the
     directory the symlink leads to inside the image (a warning says so); where it leads nowhere, the
     build fails. A file or symlink arriving where a directory is fails, except a symlink to a directory
-    with keepContentsDirlinks, whose content is merged into the existing directory (with a warning).
+    inside the tree or the store, whose content is then merged into the existing directory (warning).
     """
 
-    def __init__(self, custom: Path, model: ImageModel, keep_dirlinks: bool, progress: Progress) -> None:
+    def __init__(self, custom: Path, model: ImageModel, keep_dirlinks: bool, progress: Progress,
+                 store_dir: str = "/nix/store") -> None:
         self.custom = custom
         self.model = model
         self.keep = keep_dirlinks
         self.progress = progress
+        self.store_dir = store_dir
         self.field = "copyToRoot"
+        self.tree = HostTree("/", store_dir)
         self.warned: set[str] = set()
         self.modes: dict[Path, int] = {}
+        # host inode -> (first copy in the layer, its inode): later names become hard links to it
+        self.inodes: dict[tuple[int, int], tuple[Path, int]] = {}
 
     def _mode(self, path: Path, mode: int) -> None:
         """Directory modes are set at the end: a 0555 directory must not stop us filling it."""
@@ -191,14 +201,23 @@ class _Merger:
 
     # the image as the new layer will see it: this layer's tree first, then the base
     def _layer_kind(self, parts: list[str]) -> tuple[str, str] | None:
+        if not parts:
+            return ("dir", "")
+        cur = self.custom
+        for part in parts[:-1]:
+            cur = cur / part
+            # Never look through a link of the layer: it may lead out of it (`var/run -> /run`).
+            if os.path.islink(cur) or not os.path.isdir(cur):
+                return None
+        cur = cur / parts[-1]
         try:
-            st = os.lstat(self.custom.joinpath(*parts))
+            st = os.lstat(cur)
         except (FileNotFoundError, NotADirectoryError):
             return None
         if stat.S_ISDIR(st.st_mode):
             return ("dir", "")
         if stat.S_ISLNK(st.st_mode):
-            return ("link", os.readlink(self.custom.joinpath(*parts)))
+            return ("link", os.readlink(cur))
         return ("file", "")
 
     def kind(self, parts: list[str]) -> tuple[str, str] | None:
@@ -250,50 +269,73 @@ class _Merger:
 
     def copy_entry(self, entry: ContentEntry) -> None:
         self.field = entry.field
-        src = Path(entry.path)
+        # The entry itself is followed: naming it is the user's explicit choice, whatever it links to.
+        real = Path(os.path.realpath(entry.path))
+        st = os.stat(real)
+        is_dir = stat.S_ISDIR(st.st_mode)
         if entry.target is not None:
             parts = [p for p in entry.target.split("/") if p]
-        elif stat.S_ISDIR(os.stat(src).st_mode):
-            parts = []
         else:
-            parts = [src.name]
-        if not parts and src.is_symlink():
-            # `./result` → a store path: the entry's content, whatever keepContentsDirlinks says.
-            self._copy_dir(src, os.stat(src), [], set())
-            return
-        self._copy(src, parts, set())
+            parts = [] if is_dir else [Path(entry.path).name]
+        self.tree = HostTree(str(real if is_dir else real.parent), self.store_dir)
+        if is_dir:
+            self._copy_dir(real, st, parts, set())
+        else:
+            self._copy(real, parts, set())
+        line = warning(self.field, self.tree.escaped)
+        if line:
+            self.progress.warn(line)
 
     def _copy(self, src: Path, parts: list[str], stack: set[tuple[int, int]]) -> None:
+        """Copy one host entry; `src` is a physical path (no symlink among its parents)."""
         st = os.lstat(src)
         if stat.S_ISLNK(st.st_mode):
-            try:
-                real = os.stat(src)
-            except OSError:
-                real = None
-            if real is not None and stat.S_ISDIR(real.st_mode):
-                here = self.kind(parts) if parts else ("dir", "")
-                if not self.keep:
-                    self._copy_dir(src, real, parts, stack)
-                    return
-                if here is not None and here[0] == "dir":
-                    self.progress.warn(f"{self.field}: {self._where(parts)} is a directory in the image; "
-                                       f"merging the content of the symlink {src} -> {os.readlink(src)} into "
-                                       "it instead of replacing it by a symlink")
-                    self._copy_dir(src, real, parts, stack)
-                    return
-            self._put(parts, lambda dest: os.symlink(os.readlink(src), dest), "a symlink")
-            return
-        if stat.S_ISDIR(st.st_mode):
+            self._copy_link(src, parts, stack)
+        elif stat.S_ISDIR(st.st_mode):
             self._copy_dir(src, st, parts, stack)
         elif stat.S_ISREG(st.st_mode):
-            def copy(dest: Path) -> None:
-                shutil.copyfile(src, dest, follow_symlinks=False)
-                os.chmod(dest, stat.S_IMODE(st.st_mode))
-            self._put(parts, copy, "a file")
+            self._put(parts, lambda dest: self._copy_file(src, st, dest), "a file")
         elif stat.S_ISFIFO(st.st_mode):
             self._put(parts, lambda dest: os.mkfifo(dest, stat.S_IMODE(st.st_mode)), "a fifo")
         else:
             raise BuildError(f"{self.field}: {src} is a socket or device; it cannot be copied into an image")
+
+    def _copy_link(self, src: Path, parts: list[str], stack: set[tuple[int, int]]) -> None:
+        text = os.readlink(src)
+        kind = self.tree.note(self._where(parts), str(src.parent), text)
+        real = self.tree.directory_behind(src, kind)
+        if real is not None and kind == STORE and not self.keep:
+            self._copy_dir(real, os.stat(real), parts, stack)  # a buildEnv link: its content, as dockerTools
+            return
+        if real is not None and parts:
+            dest = [*self.dir_for(parts[:-1]), parts[-1]]
+            here = self.kind(dest)
+            if here is not None and here[0] == "dir":
+                self.progress.warn(f"{self.field}: {self._where(dest)} is a directory in the image; "
+                                   f"merging the content of the symlink {src} -> {text} into "
+                                   "it instead of replacing it by a symlink")
+                self._copy_dir(real, os.stat(real), parts, stack)
+                return
+        hint = ("; it leads out of the tree and is never followed" if kind == OUTSIDE else
+                " (set keepContentsDirlinks to false to copy the store directory's content)" if kind == STORE
+                else "")
+        self._put(parts, lambda dest: os.symlink(text, dest), f"the symlink -> {text!r}", hint)
+
+    def _copy_file(self, src: Path, st: os.stat_result, dest: Path) -> None:
+        key = (st.st_dev, st.st_ino)
+        first = self.inodes.get(key) if st.st_nlink > 1 else None
+        if first is not None:
+            try:
+                still = os.lstat(first[0]).st_ino == first[1]  # not replaced by a later entry since
+            except FileNotFoundError:
+                still = False
+            if still:
+                os.link(first[0], dest, follow_symlinks=False)
+                return
+        shutil.copyfile(src, dest, follow_symlinks=False)
+        os.chmod(dest, stat.S_IMODE(st.st_mode))
+        if st.st_nlink > 1:
+            self.inodes[key] = (dest, os.lstat(dest).st_ino)
 
     def _copy_dir(self, src: Path, st: os.stat_result, parts: list[str], stack: set[tuple[int, int]]) -> None:
         key = (st.st_dev, st.st_ino)
@@ -307,7 +349,7 @@ class _Merger:
         for name in names:
             self._copy(src / name, [*where, name], stack | {key})
 
-    def _put(self, parts: list[str], make: object, what: str) -> None:
+    def _put(self, parts: list[str], make: object, what: str, hint: str = "") -> None:
         if not parts:
             raise BuildError(f"{self.field}: cannot replace / by {what}")
         parent = self.dir_for(parts[:-1])
@@ -315,8 +357,7 @@ class _Merger:
         k = self.kind(dest_parts)
         if k is not None and k[0] == "dir":
             raise BuildError(f"{self.field}: {self._where(dest_parts)} is a directory in the image; it "
-                             f"cannot be replaced by {what} (remove the conflict, or set keepContentsDirlinks "
-                             "to false to copy a linked directory's content)")
+                             f"cannot be replaced by {what}{hint}")
         dest = self.custom.joinpath(*dest_parts)
         if os.path.lexists(dest):
             remove(dest)

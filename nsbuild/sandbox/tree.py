@@ -371,16 +371,20 @@ def place(host: Path, target: str, root: Path, *, link: bool) -> None:
 
     link=True hardlinks regular files namespace root owns (an overlayfs lower layer is never written
     to) and copies the rest, or where the kernel refuses (another file system, protected_hardlinks).
+    Symlinks are recreated, never followed; files hard-linked to each other within the tree stay so.
     """
     parts = _parts(target)
     parent = _safe_dir(root, parts[:-1]) if parts else None
     dest = root if not parts else (parent / parts[-1] if parent is not None else None)
     if dest is None:
         return
-    _place(host, dest, link)
+    _place(host, dest, link, {})
 
 
-def _place(src: Path, dest: Path, link: bool) -> None:
+Inodes = dict[tuple[int, int], tuple[Path, int]]  # host inode -> (its first copy, that copy's inode)
+
+
+def _place(src: Path, dest: Path, link: bool, inodes: Inodes) -> None:
     st = os.lstat(src)
     existing = None
     with contextlib.suppress(FileNotFoundError):
@@ -394,7 +398,7 @@ def _place(src: Path, dest: Path, link: bool) -> None:
         with os.scandir(src) as it:
             names = sorted(e.name for e in it)
         for name in names:
-            _place(src / name, dest / name, link)
+            _place(src / name, dest / name, link, inodes)
         _copy_meta(st, dest)
         return
     if existing is not None:
@@ -402,19 +406,34 @@ def _place(src: Path, dest: Path, link: bool) -> None:
     if stat.S_ISLNK(st.st_mode):
         os.symlink(os.readlink(src), dest)
     elif stat.S_ISREG(st.st_mode):
-        # Hardlink only what namespace root owns: overlayfs cannot copy up a lower file whose owner
-        # or group is not mapped (EOVERFLOW), and content layers are root's in the image anyway.
-        if link and st.st_uid == 0 and st.st_gid == 0:
-            try:
-                os.link(src, dest, follow_symlinks=False)
-                return
-            except OSError:
-                pass
-        shutil.copyfile(src, dest, follow_symlinks=False)
-        _copy_meta(st, dest)
+        _place_file(src, st, dest, link, inodes)
     elif stat.S_ISFIFO(st.st_mode):
         os.mkfifo(dest, stat.S_IMODE(st.st_mode))
     # sockets and devices on the host are not part of an image
+
+
+def _place_file(src: Path, st: os.stat_result, dest: Path, link: bool, inodes: Inodes) -> None:
+    key = (st.st_dev, st.st_ino)
+    first = inodes.get(key) if st.st_nlink > 1 else None
+    if first is not None:
+        with contextlib.suppress(OSError):
+            if os.lstat(first[0]).st_ino == first[1]:  # still the copy made for this inode
+                os.link(first[0], dest, follow_symlinks=False)
+                return
+    # Hardlink only what namespace root owns: overlayfs cannot copy up a lower file whose owner
+    # or group is not mapped (EOVERFLOW), and content layers are root's in the image anyway.
+    linked = False
+    if link and st.st_uid == 0 and st.st_gid == 0:
+        try:
+            os.link(src, dest, follow_symlinks=False)
+            linked = True
+        except OSError:
+            pass
+    if not linked:
+        shutil.copyfile(src, dest, follow_symlinks=False)
+        _copy_meta(st, dest)
+    if st.st_nlink > 1:
+        inodes[key] = (dest, os.lstat(dest).st_ino)
 
 
 def copy_tree(src: Path, dest: Path) -> None:
