@@ -24,7 +24,7 @@ PYTHON ?= /usr/bin/python3
 # systemd units.
 DEB_NO_RECOMMENDS := nix-bin docker.io
 DEB_PACKAGES := nix-bin $(if $(filter 0,$(shell id -u)),docker.io) skopeo umoci oci-image-tool podman buildah runc uidmap fakeroot libarchive-tools \
-	busybox-static docker-registry attr libcap-dev python3-venv python3-dev gcc zstd pigz openssl
+	busybox-static mmdebstrap docker-registry attr libcap-dev python3-venv python3-dev gcc zstd pigz openssl
 
 TEST_USER := nsbuild-test
 NOSUB_USER := nsbuild-nosub
