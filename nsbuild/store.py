@@ -22,6 +22,8 @@ class StorePath:
     path: Path  # <storeDir>/<hash>-<name>
     size: int = 0
     references: set[str] = field(default_factory=set)  # hash parts of other store paths
+    # From the Nix database: whether Nix recorded a reference to itself. None: found by scanning the NAR.
+    self_reference: bool | None = None
 
     @property
     def hash_part(self) -> str:
@@ -35,6 +37,7 @@ class Store:
         self.dir = Path(store_dir)
         self._entries: dict[str, str] | None = None
         self._scanned: dict[str, StorePath] = {}
+        self._outputs: set[str] | None = None  # hash parts of the entries that are not .drv files
 
     @property
     def entries(self) -> dict[str, str]:
@@ -70,20 +73,29 @@ class Store:
         return found
 
     def _scan(self, entry: Path) -> StorePath:
-        known = self.entries
-        own = entry.name[:32]
+        size = self.size_of(entry)
+        return StorePath(entry, size, self.hashes_in(entry) - {entry.name[:32]})
+
+    def size_of(self, entry: Path) -> int:
+        return sum(st.st_size for _, st in _walk(entry))
+
+    def hashes_in(self, top: Path) -> set[str]:
+        """Hash parts of this store's entries occurring in a tree or file: names, symlink targets,
+        file contents. `.drv` files are never among them: an output naming one (a build log, a
+        nix-support file) does not need the recipe at run time, and Nix never counts it either."""
+        if self._outputs is None:
+            self._outputs = {h for h, n in self.entries.items() if not n.endswith(".drv")}
+        known = self._outputs
         refs: set[str] = set()
-        size = 0
 
         def look(data: bytes) -> None:
             for run in HASH_RUN_RE.findall(data):
                 for i in range(len(run) - 31):
                     h = run[i:i + 32].decode()
-                    if h in known and h != own:
+                    if h in known:
                         refs.add(h)
 
-        for path, st in _walk(entry):
-            size += st.st_size
+        for path, st in _walk(top):
             look(os.fsencode(path.name))
             if stat.S_ISLNK(st.st_mode):
                 look(os.fsencode(os.readlink(path)))
@@ -93,20 +105,14 @@ class Store:
                     while chunk := f.read(SCAN_CHUNK):
                         look(tail + chunk)
                         tail = chunk[-31:]
-        return StorePath(entry, size, refs)
+        return refs
 
     def closure(self, roots: Iterable[Path]) -> dict[str, StorePath]:
-        """Every store path reachable from `roots` by references, keyed by entry name."""
-        out: dict[str, StorePath] = {}
-        todo = [r for r in roots]
-        while todo:
-            entry = todo.pop()
-            if entry.name in out:
-                continue
-            sp = self.scan(entry)
-            out[entry.name] = sp
-            todo.extend(self.dir / self.entries[h] for h in sorted(sp.references))
-        return out
+        """Every store path reachable from `roots` by references, keyed by entry name (nsbuild.closure:
+        from the store's Nix database when it has one, else by scanning)."""
+        from nsbuild.closure import closure
+
+        return closure(self, roots)
 
     def paths_in_text(self, text: str) -> list[Path]:
         """Store paths named in a text (an Entrypoint, an Env value, ...)."""
