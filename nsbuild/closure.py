@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -154,6 +155,31 @@ def _db_closure(store: Store, db: NixDB, roots: Iterable[Path]) -> dict[str, Sto
 
 
 def referenced_paths(store: Store, top: Path) -> list[Path]:
-    """Store entries whose hash occurs in a tree or file (names, link targets, contents), as Nix finds
-    the references of a build's output: the customisation layer after the scripts ran."""
+    """Store entries whose hash occurs in a tree (names, link targets, contents), as Nix finds the
+    references of a build's output: the customisation layer's tree after extraCommands."""
     return [store.dir / store.entries[h] for h in sorted(store.hashes_in(top))]
+
+
+def referenced_in_tar(store: Store, tar: Path, inside: Iterable[str]) -> list[Path]:
+    """The same for a layer tar (fakeRootCommands' customisation layer), its members below the store
+    paths `inside` (entry names already in the image) left out: their references are known (from the
+    database they may differ from what a scan of their bytes would find)."""
+    prefix = str(store.dir).strip("/") + "/"
+    skip = set(inside)
+    finder = store.finder()
+    try:
+        with tarfile.open(tar, "r:") as tf:
+            for m in tf:
+                name = m.name.removeprefix("./").lstrip("/")
+                if name.startswith(prefix) and name[len(prefix):].split("/", 1)[0] in skip:
+                    continue
+                finder.look(os.fsencode(m.name))
+                if m.issym() or m.islnk():
+                    finder.look(os.fsencode(m.linkname))
+                elif m.isreg():
+                    f = tf.extractfile(m)
+                    if f is not None:
+                        finder.read(f)
+    except (OSError, tarfile.TarError) as e:
+        raise BuildError(f"cannot read the customisation layer {tar}: {e}") from None
+    return [store.dir / store.entries[h] for h in sorted(finder.found)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class Plan:
     custom_sources: list[Source] = field(default_factory=list)  # folded into the customisation layer
     store_links: list[Path] = field(default_factory=list)  # store contents linked into /
     closure: dict[str, StorePath] = field(default_factory=dict)  # every store path in the image
+    store: Store | None = None  # where the closure was found (its scans are kept)
 
 
 def tree_size(path: Path) -> int:
@@ -44,14 +46,17 @@ def tree_size(path: Path) -> int:
     return total
 
 
-def make_plan(spec: Spec, base_layer_count: int) -> Plan:
+def make_plan(spec: Spec, base_layer_count: int, extra_roots: Sequence[Path] = (),
+              store: Store | None = None) -> Plan:
+    """`extra_roots`: store paths the scripts' output refers to (script_references); `store` a Store to
+    reuse (its scans are kept)."""
     budget = spec.max_layers - base_layer_count - 1
     if budget < 0:
         raise SpecError("maxLayers", f"{spec.max_layers} is too few: the base image already has "
                                      f"{base_layer_count} layers and the customisation layer needs one "
                                      f"more (at least {base_layer_count + 1})")
-    store = Store(spec.store_dir)
-    roots: list[Path] = []
+    store = store or Store(spec.store_dir)
+    roots: list[Path] = list(extra_roots)
     trees: list[tuple[Source, str, str]] = []
     links: list[Path] = []
     for entry in spec.contents:
@@ -73,7 +78,7 @@ def make_plan(spec: Spec, base_layer_count: int) -> Plan:
         closure = {}
 
     tree_layers = [PlannedLayer([src], f"{fld}: {written} → {src.target}") for src, fld, written in trees]
-    plan = Plan(layers=[], store_links=links, closure=closure)
+    plan = Plan(layers=[], store_links=links, closure=closure, store=store)
     if budget == 0:
         # Nothing may get a layer of its own: everything joins the customisation layer, nothing is lost.
         plan.custom_sources = _store_sources(closure, sorted(closure)) + [s for t in tree_layers
@@ -115,3 +120,17 @@ def _merge_smallest(layers: list[PlannedLayer], budget: int) -> list[PlannedLaye
         a, b = items[i], items[i + 1]
         items[i:i + 2] = [PlannedLayer(a.sources + b.sources, f"{a.comment} + {b.comment}", a.size + b.size)]
     return items
+
+
+def script_references(spec: Spec, plan: Plan, output: Path) -> list[Path]:
+    """Store paths the scripts' output (the customisation layer's tree, or its tar) refers to that are
+    not in the image yet: Nix finds them among the customisation layer's references, so dockerTools
+    puts them and their closure in the store layers. Nothing when includeStorePaths is false."""
+    if not spec.include_store_paths:
+        return []
+    from nsbuild.closure import referenced_in_tar, referenced_paths
+
+    store = plan.store or Store(spec.store_dir)
+    found = (referenced_in_tar(store, output, plan.closure) if output.is_file()
+             else referenced_paths(store, output))
+    return [p for p in found if p.name not in plan.closure]

@@ -8,6 +8,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from nsbuild.errors import BuildError
 
@@ -83,29 +84,20 @@ class Store:
         """Hash parts of this store's entries occurring in a tree or file: names, symlink targets,
         file contents. `.drv` files are never among them: an output naming one (a build log, a
         nix-support file) does not need the recipe at run time, and Nix never counts it either."""
-        if self._outputs is None:
-            self._outputs = {h for h, n in self.entries.items() if not n.endswith(".drv")}
-        known = self._outputs
-        refs: set[str] = set()
-
-        def look(data: bytes) -> None:
-            for run in HASH_RUN_RE.findall(data):
-                for i in range(len(run) - 31):
-                    h = run[i:i + 32].decode()
-                    if h in known:
-                        refs.add(h)
-
+        finder = self.finder()
         for path, st in _walk(top):
-            look(os.fsencode(path.name))
+            finder.look(os.fsencode(path.name))
             if stat.S_ISLNK(st.st_mode):
-                look(os.fsencode(os.readlink(path)))
+                finder.look(os.fsencode(os.readlink(path)))
             elif stat.S_ISREG(st.st_mode):
                 with open(path, "rb") as f:
-                    tail = b""
-                    while chunk := f.read(SCAN_CHUNK):
-                        look(tail + chunk)
-                        tail = chunk[-31:]
-        return refs
+                    finder.read(f)
+        return finder.found
+
+    def finder(self) -> HashFinder:
+        if self._outputs is None:
+            self._outputs = {h for h, n in self.entries.items() if not n.endswith(".drv")}
+        return HashFinder(self._outputs)
 
     def closure(self, roots: Iterable[Path]) -> dict[str, StorePath]:
         """Every store path reachable from `roots` by references, keyed by entry name (nsbuild.closure:
@@ -123,6 +115,28 @@ class Store:
             if name is not None:
                 found.append(self.dir / name)
         return found
+
+
+class HashFinder:
+    """Collects the hash parts among `known` that occur in the bytes it is shown."""
+
+    def __init__(self, known: set[str]) -> None:
+        self.known = known
+        self.found: set[str] = set()
+
+    def look(self, data: bytes) -> None:
+        for run in HASH_RUN_RE.findall(data):
+            for i in range(len(run) - 31):
+                h = run[i:i + 32].decode()
+                if h in self.known:
+                    self.found.add(h)
+
+    def read(self, f: BinaryIO) -> None:
+        """A whole stream, in chunks overlapping by 31 bytes so that no hash is cut in two."""
+        tail = b""
+        while chunk := f.read(SCAN_CHUNK):
+            self.look(tail + chunk)
+            tail = chunk[-31:]
 
 
 def _walk(top: Path) -> Iterable[tuple[Path, os.stat_result]]:
