@@ -82,15 +82,18 @@ class NixDB:
         rows = self._query("select id from ValidPaths where path = ?", (f"{self.prefix}/{name}",))
         if not rows:
             return None
-        refs = self._query("select v.path from Refs r join ValidPaths v on v.id = r.reference "
-                           "where r.referrer = ?", (rows[0][0],))
+        refs = self._query(
+            "select v.path from Refs r join ValidPaths v on v.id = r.reference where r.referrer = ?", (rows[0][0],)
+        )
         return sorted(os.path.basename(r[0]) for r in refs)
 
     def close(self) -> None:
         self.con.close()
         if self._stamp is not None and (_has_log(self._wal) or _stamp(self.db) != self._stamp):
-            raise BuildError(f"the Nix database {self.db} changed while it was read (a Nix build or "
-                             "garbage collection running?); build again")
+            raise BuildError(
+                f"the Nix database {self.db} changed while it was read (a Nix build or "
+                "garbage collection running?); build again"
+            )
 
 
 def _has_log(wal: Path) -> bool:
@@ -142,12 +145,16 @@ def _db_closure(store: Store, db: NixDB, roots: Iterable[Path]) -> dict[str, Sto
             continue
         refs = db.references(entry.name)
         if refs is None:
-            raise BuildError(f"{entry}: not a valid path in the Nix database {db.db} (Nix would not use it; "
-                             f"`nix-store --verify-path {db.prefix or store.dir}/{entry.name}`)")
+            raise BuildError(
+                f"{entry}: not a valid path in the Nix database {db.db} (Nix would not use it; "
+                f"`nix-store --verify-path {db.prefix or store.dir}/{entry.name}`)"
+            )
         missing = [r for r in refs if not os.path.lexists(store.dir / r)]
         if missing:
-            raise BuildError(f"{entry}: refers to {store.dir / missing[0]}, which the Nix database "
-                             f"{db.db} registers but is missing from the store")
+            raise BuildError(
+                f"{entry}: refers to {store.dir / missing[0]}, which the Nix database "
+                f"{db.db} registers but is missing from the store"
+            )
         others = {r[:32] for r in refs if r != entry.name}
         out[entry.name] = StorePath(entry, store.size_of(entry), others, self_reference=entry.name in refs)
         todo.extend(store.dir / r for r in sorted(refs) if r != entry.name)
@@ -171,7 +178,7 @@ def referenced_in_tar(store: Store, tar: Path, inside: Iterable[str]) -> list[Pa
         with tarfile.open(tar, "r:") as tf:
             for m in tf:
                 name = m.name.removeprefix("./").lstrip("/")
-                if name.startswith(prefix) and name[len(prefix):].split("/", 1)[0] in skip:
+                if name.startswith(prefix) and name[len(prefix) :].split("/", 1)[0] in skip:
                     continue
                 finder.look(os.fsencode(m.name))
                 if m.issym() or m.islnk():
