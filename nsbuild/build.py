@@ -24,7 +24,7 @@ from nsbuild.image import Image, make_config, oci_manifest
 from nsbuild.imageconfig import healthcheck_warning
 from nsbuild.layer import MEDIA_BY_COMPRESSOR, Layer, build_layer
 from nsbuild.owners import Owner, OwnerPolicy
-from nsbuild.plan import Plan, PlannedLayer, make_plan, script_references
+from nsbuild.plan import Plan, PlannedLayer, layer_hashes, make_plan, script_references
 from nsbuild.progress import Progress, human
 from nsbuild.refs import ImageRef, is_registry
 from nsbuild.scripts import run_bash, script_env
@@ -401,13 +401,14 @@ def _customisation_layer(spec: Spec, plan: Plan, ws: Workspace, progress: Progre
         roots = plan.store_links + Store(spec.store_dir).paths_in_text(json.dumps(spec.config))
         write_nix_db(custom, plan.closure, roots, spec.store_dir, spec.mtime)
     env = script_env(work=ws.root, spec_dir=spec.base_dir, mtime=spec.mtime)
+    scripted = bool(spec.extra_commands.strip() or spec.fake_root_commands.strip())
+    before = layer_hashes(spec, plan, custom) if scripted else set()
     if spec.extra_commands.strip():
         progress.info("running extraCommands")
         run_bash(spec.extra_commands, cwd=custom, env=env, what="extraCommands", log_dir=ws.root)
     if spec.fake_root_commands.strip():
-        return _fake_root_layer(spec, plan, ws, progress, options, compression, base_layers, custom, env)
-    scripted = spec.extra_commands.strip() != ""
-    found = script_references(spec, plan, custom) if scripted else []
+        return _fake_root_layer(spec, plan, ws, progress, options, compression, base_layers, custom, env, before)
+    found = script_references(spec, plan, custom, before) if scripted else []
     plan = _grown_plan(spec, plan, found, len(base_layers), progress, "extraCommands")
     sources = plan.custom_sources + [Source(custom, "/")]
     layer = build_layer(sources, ws.blobs, mtime=spec.mtime, owner=fixed, compression=compression,
@@ -431,8 +432,8 @@ def _grown_plan(spec: Spec, plan: Plan, found: list[Path], base_count: int, prog
 
 
 def _fake_root_layer(spec: Spec, plan: Plan, ws: Workspace, progress: Progress, options: BuildOptions,
-                     compression: str, base_layers: list[Layer], custom: Path,
-                     env: dict[str, str]) -> tuple[Layer, Plan]:
+                     compression: str, base_layers: list[Layer], custom: Path, env: dict[str, str],
+                     before: set[str]) -> tuple[Layer, Plan]:
     try:
         from nsbuild.customize import build_customisation_layer
     except ImportError:
@@ -451,7 +452,7 @@ def _fake_root_layer(spec: Spec, plan: Plan, ws: Workspace, progress: Progress, 
         out_tar=out_tar, log=progress,
     )
     # The tar's bytes hold every name, link target and file of the layer: scanned as they are.
-    found = script_references(spec, plan, out_tar)
+    found = script_references(spec, plan, out_tar, before)
     plan = _grown_plan(spec, plan, found, len(base_layers), progress, "fakeRootCommands")
     return layer_from_tar(out_tar, ws.blobs, compression=compression, comment="customisation layer"), plan
 

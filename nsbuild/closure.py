@@ -161,18 +161,27 @@ def _db_closure(store: Store, db: NixDB, roots: Iterable[Path]) -> dict[str, Sto
     return out
 
 
-def referenced_paths(store: Store, top: Path) -> list[Path]:
-    """Store entries whose hash occurs in a tree (names, link targets, contents), as Nix finds the
-    references of a build's output: the customisation layer's tree after extraCommands."""
-    return [store.dir / store.entries[h] for h in sorted(store.hashes_in(top))]
+def output_hashes(store: Store, output: Path, inside: Iterable[str] = ()) -> set[str]:
+    """Hash parts of store entries occurring in the customisation layer (names, link targets, file
+    contents), its tree or its tar (the sandbox's output), as Nix finds the references of a build's
+    output. The store paths `inside` (already in the image, perhaps copied into it) are left out: their
+    references are known, and from the database they may differ from what a scan of their bytes finds."""
+    if output.is_file():
+        return _tar_hashes(store, output, set(inside))
+    image_store = output / str(store.dir).lstrip("/")
+    return store.hashes_in(output, frozenset(image_store / name for name in inside))
 
 
-def referenced_in_tar(store: Store, tar: Path, inside: Iterable[str]) -> list[Path]:
-    """The same for a layer tar (fakeRootCommands' customisation layer), its members below the store
-    paths `inside` (entry names already in the image) left out: their references are known (from the
-    database they may differ from what a scan of their bytes would find)."""
+def referenced_paths(store: Store, output: Path, inside: Iterable[str], before: set[str]) -> list[Path]:
+    """The store paths the scripts' output refers to and the layer did not before they ran (`before`:
+    output_hashes of it then), none of `inside`."""
+    inside = set(inside)
+    found = output_hashes(store, output, inside) - before
+    return [store.dir / store.entries[h] for h in sorted(found) if store.entries[h] not in inside]
+
+
+def _tar_hashes(store: Store, tar: Path, skip: set[str]) -> set[str]:
     prefix = str(store.dir).strip("/") + "/"
-    skip = set(inside)
     finder = store.finder()
     try:
         with tarfile.open(tar, "r:") as tf:
@@ -189,4 +198,4 @@ def referenced_in_tar(store: Store, tar: Path, inside: Iterable[str]) -> list[Pa
                         finder.read(f)
     except (OSError, tarfile.TarError) as e:
         raise BuildError(f"cannot read the customisation layer {tar}: {e}") from None
-    return [store.dir / store.entries[h] for h in sorted(finder.found)]
+    return finder.found

@@ -122,15 +122,22 @@ def _merge_smallest(layers: list[PlannedLayer], budget: int) -> list[PlannedLaye
     return items
 
 
-def script_references(spec: Spec, plan: Plan, output: Path) -> list[Path]:
+def script_references(spec: Spec, plan: Plan, output: Path, before: set[str]) -> list[Path]:
     """Store paths the scripts' output (the customisation layer's tree, or its tar) refers to that are
-    not in the image yet: Nix finds them among the customisation layer's references, so dockerTools
-    puts them and their closure in the store layers. Nothing when includeStorePaths is false."""
+    not in the image yet (nor in the layer before the scripts ran, `before`: layer_hashes then): Nix
+    finds them among the customisation layer's references, so dockerTools puts them and their closure
+    in the store layers. Nothing when includeStorePaths is false."""
     if not spec.include_store_paths:
         return []
-    from nsbuild.closure import referenced_in_tar, referenced_paths
+    from nsbuild.closure import referenced_paths
 
-    store = plan.store or Store(spec.store_dir)
-    found = (referenced_in_tar(store, output, plan.closure) if output.is_file()
-             else referenced_paths(store, output))
-    return [p for p in found if p.name not in plan.closure]
+    return referenced_paths(plan.store or Store(spec.store_dir), output, plan.closure, before)
+
+
+def layer_hashes(spec: Spec, plan: Plan, tree: Path) -> set[str]:
+    """What the customisation layer's tree refers to before the scripts run (see script_references)."""
+    if not spec.include_store_paths:
+        return set()
+    from nsbuild.closure import output_hashes
+
+    return output_hashes(plan.store or Store(spec.store_dir), tree, plan.closure)

@@ -80,12 +80,12 @@ class Store:
     def size_of(self, entry: Path) -> int:
         return sum(st.st_size for _, st in _walk(entry))
 
-    def hashes_in(self, top: Path) -> set[str]:
+    def hashes_in(self, top: Path, skip: frozenset[Path] = frozenset()) -> set[str]:
         """Hash parts of this store's entries occurring in a tree or file: names, symlink targets,
         file contents. `.drv` files are never among them: an output naming one (a build log, a
         nix-support file) does not need the recipe at run time, and Nix never counts it either."""
         finder = self.finder()
-        for path, st in _walk(top):
+        for path, st in _walk(top, skip):
             finder.look(os.fsencode(path.name))
             if stat.S_ISLNK(st.st_mode):
                 finder.look(os.fsencode(os.readlink(path)))
@@ -139,12 +139,13 @@ class HashFinder:
             tail = chunk[-31:]
 
 
-def _walk(top: Path) -> Iterable[tuple[Path, os.stat_result]]:
+def _walk(top: Path, skip: frozenset[Path] = frozenset()) -> Iterable[tuple[Path, os.stat_result]]:
     st = os.lstat(top)
     yield top, st
     if stat.S_ISDIR(st.st_mode):
         for name in sorted(os.listdir(top)):
-            yield from _walk(top / name)
+            if top / name not in skip:
+                yield from _walk(top / name, skip)
 
 
 def group_layers(paths: dict[str, StorePath], budget: int) -> list[list[str]]:

@@ -326,3 +326,59 @@ def test_content_symlink_to_a_store_directory_is_linked_into_root(nixstore: NixS
     assert f"contents: {single} is a single file" in proc.stderr
     assert "nothing is linked into /" in proc.stderr
     assert not any(json.dumps(n).find("just-a-file") >= 0 for n in custom)
+
+
+# --- buildImage: one layer ---------------------------------------------------------------------------
+
+BASE_EXTRA = "mkdir -p bin && for t in sh cat ls; do ln -s busybox bin/$t; done"
+
+
+def test_build_image_scripts_references_are_in_its_layer(nixstore: NixStore, user_with_subids, user_tmp) -> None:
+    """buildImage (`nsbuild image`): what extraCommands or runAsRoot's output names joins the one layer,
+    with its closure; runAsRoot runs again over it (it sees the store in dockerTools' VM too)."""
+    user = user_with_subids
+    work = user_tmp(user)
+    base = write_spec(
+        work,
+        {
+            "name": "bb",
+            "tag": "t",
+            "compressor": "none",
+            "extraCommands": BASE_EXTRA,
+            "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+        },
+        "base.json",
+    )
+    proc = run_nsbuild(["layered", base, "-o", work / "base.tar", "--no-cache"], user)
+    assert proc.returncode == 0, describe(proc)
+    hello, selfref = nixstore.paths["hello"], nixstore.paths["selfref"]
+    common = {
+        "name": "one",
+        "tag": "t",
+        "storeDir": str(nixstore.dir),
+        "compressor": "none",
+        "fromImage": str(work / "base.tar"),
+        "copyToRoot": [str(nixstore.paths["note"])],
+    }
+    spec = write_spec(
+        work,
+        {
+            **common,
+            "runAsRoot": f"mkdir -p /etc; echo {hello} > /etc/hello-path",
+            "extraCommands": f"ln -s {selfref} ./selfref",
+        },
+        "rar.json",
+    )
+    proc = run_nsbuild(["image", spec, "-o", work / "img.tar"], user)
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stderr.count("running runAsRoot") == 2, describe(proc)  # again, with hello in the layer
+    got = _image_store_paths(work / "img.tar", work / "x", nixstore.dir)
+    last = len(image_layers(work / "img.tar", work / "n")) - 1
+    assert set(got) == nixstore.closure("note", "hello", "selfref") and set(got.values()) == {last}
+    view = read_image(work / "img.tar", work / "v")
+    assert [m.name for _, m in view.find("etc/hello-path")]  # the script's own output is still there
+    # copyToRoot's note (copied to /) names `other` without referring to it: not the scripts' doing.
+    spec = write_spec(work, {**common, "extraCommands": f"echo {hello} > hello-path"}, "extra.json")
+    proc = run_nsbuild(["image", spec, "-o", work / "img2.tar"], user)
+    assert proc.returncode == 0, describe(proc)
+    assert set(_image_store_paths(work / "img2.tar", work / "y", nixstore.dir)) == nixstore.closure("note", "hello")
