@@ -14,6 +14,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -382,3 +383,87 @@ def test_build_image_scripts_references_are_in_its_layer(nixstore: NixStore, use
     proc = run_nsbuild(["image", spec, "-o", work / "img2.tar"], user)
     assert proc.returncode == 0, describe(proc)
     assert set(_image_store_paths(work / "img2.tar", work / "y", nixstore.dir)) == nixstore.closure("note", "hello")
+
+
+# --- reading the database safely ----------------------------------------------------------------------
+
+
+def test_database_with_a_pending_log_is_read_whole_or_refused(user_tmp) -> None:
+    """A transaction still in the write-ahead log (Nix killed before its checkpoint) is seen when the
+    log can be read with its index (-shm); without the index the database is refused, never read as
+    the main file alone (which would miss the transaction)."""
+    root = user_tmp(None) / "s"
+    (root / "nix" / "store").mkdir(parents=True)
+    store = NixStore(root)
+    f = root / "greeting"
+    f.write_text("hi\n")
+    store.nix("nix-store", "--add", str(f))
+    fake = store.dir / "0a1b2c3d4f5g6h7i8j9k0l1m2n3p4q5r-handmade"
+    fake.mkdir()
+    (fake / "x").write_text("x\n")
+    db = root / "nix/var/nix/db/db.sqlite"
+    child = (
+        "import os, sqlite3, sys\n"
+        "con = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "con.execute('pragma wal_autocheckpoint = 0')\n"
+        "con.execute('insert into ValidPaths (path, hash, registrationTime, narSize) values (?, ?, 1, 8)',"
+        " (sys.argv[2], 'sha256:' + '0' * 64))\n"
+        "os._exit(0)  # no checkpoint: the registration stays in the log\n"
+    )
+    subprocess.run([sys.executable, "-c", child, str(db), str(fake)], check=True, timeout=60)
+    assert Path(f"{db}-wal").stat().st_size > 0 and Path(f"{db}-shm").exists()
+    work = user_tmp("test")
+    spec = write_spec(work, {"name": "x", "storeDir": str(store.dir), "contents": [str(fake)]})
+    proc = run_nsbuild(["layered", spec, "-o", work / "img.tar", "--no-cache"], "test")
+    assert proc.returncode == 0, describe(proc)  # the registration in the log was seen
+    Path(f"{db}-shm").unlink()
+    proc = run_nsbuild(["layered", spec, "-o", work / "img2.tar", "--no-cache"], "test")
+    assert proc.returncode == 1, describe(proc)
+    assert f"cannot read the Nix database {db}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (work / "img2.tar").exists()
+    assert not Path(f"{db}-shm").exists(), "the database's directory was written"
+
+
+# --- the real /nix/store ------------------------------------------------------------------------------
+
+REAL_STORE_EXPR = r"""
+let
+  mk = name: script: env: derivation ({
+    inherit name; system = builtins.currentSystem; builder = "@BUSYBOX@"; args = [ "sh" "-c" script ];
+  } // env);
+  dep = mk "nsbuild-test-dep-@TAG@" "echo dep > $out" {};
+  top = mk "nsbuild-test-top-@TAG@" "echo $dep > $out" { inherit dep; };
+in top
+"""
+
+
+def test_default_store_uses_the_real_nix_database(unprivileged_user, user_tmp) -> None:
+    """storeDir /nix/store (the default): references from /nix/var/nix/db/db.sqlite, as nix-store -qR."""
+    if os.geteuid() != 0:
+        pytest.skip("building into the real /nix/store needs root here (no Nix daemon)")
+    work = user_tmp(unprivileged_user)
+    tag = os.urandom(6).hex()  # a store path of this test alone: deleted afterwards
+    expr = work / "real.nix"
+    expr.write_text(REAL_STORE_EXPR.replace("@BUSYBOX@", BUSYBOX).replace("@TAG@", tag))
+    conf = work / "etc-nix"
+    conf.mkdir()
+    (conf / "nix.conf").write_text("build-users-group =\nsandbox = false\nsubstituters =\n")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "NIX_CONF_DIR": str(conf), "USER": "root"}
+
+    def nix(*args: str) -> str:
+        proc = subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, describe(proc)
+        return proc.stdout
+
+    top = nix("nix-build", str(expr), "--no-out-link").split()[-1]
+    try:
+        want = {os.path.basename(p) for p in nix("nix-store", "-qR", top).split()}
+        assert len(want) == 2
+        spec = write_spec(work, {"name": "real", "tag": "t", "contents": [top]})
+        proc = run_nsbuild(["layered", spec, "-o", work / "img.tar", "--no-cache"], unprivileged_user)
+        assert proc.returncode == 0, describe(proc)
+        assert set(_image_store_paths(work / "img.tar", work / "x", Path("/nix/store"))) == want
+    finally:
+        drvs = nix("nix-store", "-qd", top).split()
+        paths = sorted(nix("nix-store", "-qR", top, *drvs).split())
+        subprocess.run(["nix-store", "--delete", *paths], env=env, capture_output=True, timeout=120)
