@@ -135,9 +135,18 @@ def script_references(spec: Spec, plan: Plan, output: Path, before: set[str]) ->
 
 
 def layer_hashes(spec: Spec, plan: Plan, tree: Path) -> set[str]:
-    """What the customisation layer's tree refers to before the scripts run (see script_references)."""
+    """What the customisation layer refers to before the scripts run (see script_references): its tree,
+    and with fakeRootCommands the root trees it may copy up or has folded in (a link of theirs into the
+    store is theirs, never followed: a chown by the script does not make it a reference)."""
     if not spec.include_store_paths:
         return set()
     from nsbuild.closure import output_hashes
 
-    return output_hashes(plan.store or Store(spec.store_dir), tree, plan.closure)
+    store = plan.store or Store(spec.store_dir)
+    found = output_hashes(store, tree, plan.closure)
+    if spec.fake_root_commands.strip():
+        in_store = {sp.path for sp in plan.closure.values()}
+        for src in plan.custom_sources + [s for layer in plan.layers for s in layer.sources]:
+            if src.host not in in_store:
+                found |= store.hashes_in(src.host)
+    return found
