@@ -50,12 +50,15 @@ def short(layers: list[list[str]]) -> list[list[str]]:
 CHAIN = g(a_1=(100, ["b_2"]), b_2=(10, ["c_3"]), c_3=(1, []))
 
 
-@pytest.mark.parametrize(("limit", "expected"), [
-    (1, [["a", "b", "c"]]),  # seed b would make 2 sets: undone, everything stays with a
-    (2, [["b", "c"], ["a"]]),
-    (3, [["c"], ["b"], ["a"]]),
-    (10, [["c"], ["b"], ["a"]]),  # a budget beyond the number of paths changes nothing
-])
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        (1, [["a", "b", "c"]]),  # seed b would make 2 sets: undone, everything stays with a
+        (2, [["b", "c"], ["a"]]),
+        (3, [["c"], ["b"], ["a"]]),
+        (10, [["c"], ["b"], ["a"]]),  # a budget beyond the number of paths changes nothing
+    ],
+)
 def test_chain(limit: int, expected: list[list[str]]) -> None:
     assert short(split_layers(CHAIN, limit)) == expected
 
@@ -70,18 +73,26 @@ def test_chain(limit: int, expected: list[list[str]]) -> None:
 # closure sizes: libc 10, tool 60, lib 910, app 1910, {} or top 1961.
 # So libc goes with lib, the lower seed (never to a layer shared with app), and a budget of 4 leaves a
 # layer unused: seed tool needs 5 sets at once.
-BIG_ON_BIG = g(app_1=(1000, ["lib_2"]), lib_2=(900, ["libc_3"]), libc_3=(10, []), tool_4=(50, ["libc_3"]),
-               top_5=(1, ["app_1", "tool_4"]))
+BIG_ON_BIG = g(
+    app_1=(1000, ["lib_2"]),
+    lib_2=(900, ["libc_3"]),
+    libc_3=(10, []),
+    tool_4=(50, ["libc_3"]),
+    top_5=(1, ["app_1", "tool_4"]),
+)
 
 
-@pytest.mark.parametrize(("limit", "expected"), [
-    (1, [["app", "lib", "libc", "tool", "top"]]),
-    (2, [["app", "lib", "libc"], ["tool", "top"]]),  # closures 1910 < 1961
-    (3, [["lib", "libc"], ["app"], ["tool", "top"]]),
-    (4, [["lib", "libc"], ["app"], ["tool", "top"]]),  # seed tool needs 5: undone
-    (5, [["libc"], ["tool"], ["lib"], ["app"], ["top"]]),
-    (6, [["libc"], ["tool"], ["lib"], ["app"], ["top"]]),
-])
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        (1, [["app", "lib", "libc", "tool", "top"]]),
+        (2, [["app", "lib", "libc"], ["tool", "top"]]),  # closures 1910 < 1961
+        (3, [["lib", "libc"], ["app"], ["tool", "top"]]),
+        (4, [["lib", "libc"], ["app"], ["tool", "top"]]),  # seed tool needs 5: undone
+        (5, [["libc"], ["tool"], ["lib"], ["app"], ["top"]]),
+        (6, [["libc"], ["tool"], ["lib"], ["app"], ["top"]]),
+    ],
+)
 def test_large_path_on_large_path(limit: int, expected: list[list[str]]) -> None:
     assert short(split_layers(BIG_ON_BIG, limit)) == expected
 
@@ -95,13 +106,16 @@ def test_large_path_on_large_path(limit: int, expected: list[list[str]]) -> None
 DIAMOND = g(top_1=(1, ["l_2", "r_3"]), l_2=(50, ["base_4"]), r_3=(40, ["base_4"]), base_4=(30, []))
 
 
-@pytest.mark.parametrize(("limit", "expected"), [
-    (1, [["base", "l", "r", "top"]]),
-    (2, [["base", "l"], ["r", "top"]]),  # closures 80 < 121
-    (3, [["base", "l"], ["r", "top"]]),  # seed r needs 4 sets: undone
-    (4, [["base"], ["r"], ["l"], ["top"]]),
-    (7, [["base"], ["r"], ["l"], ["top"]]),
-])
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        (1, [["base", "l", "r", "top"]]),
+        (2, [["base", "l"], ["r", "top"]]),  # closures 80 < 121
+        (3, [["base", "l"], ["r", "top"]]),  # seed r needs 4 sets: undone
+        (4, [["base"], ["r"], ["l"], ["top"]]),
+        (7, [["base"], ["r"], ["l"], ["top"]]),
+    ],
+)
 def test_diamond(limit: int, expected: list[list[str]]) -> None:
     assert short(split_layers(DIAMOND, limit)) == expected
 
@@ -109,17 +123,26 @@ def test_diamond(limit: int, expected: list[list[str]]) -> None:
 # --- wide fan-out: root(1) → x1(50), x2(40), x3(30), x4(20), x5(10) -------------------------------------
 # Each leaf seeded adds one set; the rest stay in {} with root until root itself is a seed.
 # seed xk (k ≤ 5): k + 1 sets; seed root: the {} set becomes {root}, still 6.
-FAN = g(root_0=(1, ["x1_1", "x2_2", "x3_3", "x4_4", "x5_5"]), x1_1=(50, []), x2_2=(40, []), x3_3=(30, []),
-        x4_4=(20, []), x5_5=(10, []))
+FAN = g(
+    root_0=(1, ["x1_1", "x2_2", "x3_3", "x4_4", "x5_5"]),
+    x1_1=(50, []),
+    x2_2=(40, []),
+    x3_3=(30, []),
+    x4_4=(20, []),
+    x5_5=(10, []),
+)
 
 
-@pytest.mark.parametrize(("limit", "expected"), [
-    (1, [["root", "x1", "x2", "x3", "x4", "x5"]]),
-    (3, [["x2"], ["x1"], ["root", "x3", "x4", "x5"]]),  # closures 40, 50, 151
-    (5, [["x4"], ["x3"], ["x2"], ["x1"], ["root", "x5"]]),  # seed x5 needs 6
-    (6, [["x5"], ["x4"], ["x3"], ["x2"], ["x1"], ["root"]]),
-    (20, [["x5"], ["x4"], ["x3"], ["x2"], ["x1"], ["root"]]),
-])
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        (1, [["root", "x1", "x2", "x3", "x4", "x5"]]),
+        (3, [["x2"], ["x1"], ["root", "x3", "x4", "x5"]]),  # closures 40, 50, 151
+        (5, [["x4"], ["x3"], ["x2"], ["x1"], ["root", "x5"]]),  # seed x5 needs 6
+        (6, [["x5"], ["x4"], ["x3"], ["x2"], ["x1"], ["root"]]),
+        (20, [["x5"], ["x4"], ["x3"], ["x2"], ["x1"], ["root"]]),
+    ],
+)
 def test_fan_out(limit: int, expected: list[list[str]]) -> None:
     assert short(split_layers(FAN, limit)) == expected
 
@@ -178,6 +201,7 @@ def test_a_large_customisation_layer_is_seeded_first() -> None:
 
 
 # --- sizes -------------------------------------------------------------------------------------------------
+
 
 def test_nar_size_is_what_nix_store_dump_writes(tmp_path: Path) -> None:
     nix_store = "/usr/bin/nix-store"
@@ -253,7 +277,7 @@ def _store_layers(view, store: FakeStore) -> list[list[str]]:  # type: ignore[no
     rel = str(store.dir).lstrip("/") + "/"
     out = []
     for members in view.layers:
-        entries = {m.name[len(rel):].split("/", 1)[0] for m in members if m.name.startswith(rel)}
+        entries = {m.name[len(rel) :].split("/", 1)[0] for m in members if m.name.startswith(rel)}
         out.append(sorted(e.split("-", 1)[1] for e in entries if e))
     return out
 
@@ -262,8 +286,10 @@ def _store_layers(view, store: FakeStore) -> list[list[str]]:  # type: ignore[no
 def test_image_layers_follow_auto_layer(unprivileged_user: str | None, user_tmp, budget: int) -> None:  # type: ignore[no-untyped-def]
     work = user_tmp(unprivileged_user)
     store, top = _diamond_store(work / "store")
-    spec = write_spec(work, {"name": "diamond", "tag": "t", "storeDir": str(store.dir), "contents": [str(top)],
-                             "maxLayers": budget + 1})
+    spec = write_spec(
+        work,
+        {"name": "diamond", "tag": "t", "storeDir": str(store.dir), "contents": [str(top)], "maxLayers": budget + 1},
+    )
     build(spec, work / "img.tar", user=unprivileged_user)
     view = read_image(work / "img.tar", work / "view")
     expected = DIAMOND_LAYERS[budget]
@@ -282,8 +308,17 @@ def test_image_layers_with_from_image(unprivileged_user: str | None, user_tmp, b
     base_layers = len(read_image(work / "base.tar", work / "bview").layers)
     assert base_layers == 2  # the tree + its customisation layer
     store, top = _diamond_store(work / "store")
-    spec = write_spec(work, {"name": "diamond", "tag": "t", "storeDir": str(store.dir), "contents": [str(top)],
-                             "fromImage": str(work / "base.tar"), "maxLayers": base_layers + 1 + budget})
+    spec = write_spec(
+        work,
+        {
+            "name": "diamond",
+            "tag": "t",
+            "storeDir": str(store.dir),
+            "contents": [str(top)],
+            "fromImage": str(work / "base.tar"),
+            "maxLayers": base_layers + 1 + budget,
+        },
+    )
     build(spec, work / "img.tar", user=unprivileged_user)
     view = read_image(work / "img.tar", work / "view")
     assert _store_layers(view, store) == [[], [], *DIAMOND_LAYERS[budget], []]
