@@ -322,3 +322,44 @@ def test_image_layers_with_from_image(unprivileged_user: str | None, user_tmp, b
     build(spec, work / "img.tar", user=unprivileged_user)
     view = read_image(work / "img.tar", work / "view")
     assert _store_layers(view, store) == [[], [], *DIAMOND_LAYERS[budget], []]
+
+
+# --- the two hidden nodes in an image: paths named only in config ------------------------------------------
+# contents = [app(5 kB) → lib(4 kB)]; config names cfg(3 kB), which nothing in contents refers to.  The
+# customisation layer (about 10.5 kB: a 10240-byte tar of links, in a directory with its checksum) refers
+# to app only; the base JSON (a few hundred bytes) to cfg.  Seeds: customisation layer, app, lib, cfg, JSON.
+#   seed custom: app, lib → {custom}; {}: cfg, json                        2 sets
+#   seed app:    lib drops custom (above app), gains app → {custom}, {app}: app, lib, {}: cfg, json    3
+#   seed lib:    {lib}                                                     4 sets
+#   seed cfg:    {cfg}; {}: json alone                                     5 sets
+# Budget 2: {custom} holds app, lib; {}: cfg — cfg is apart because only the base JSON reaches it, and
+# comes first (closure 3 kB + JSON < custom + app + lib).
+CONFIG_ONLY_LAYERS = {
+    1: [["app", "cfg", "lib"]],
+    2: [["cfg"], ["app", "lib"]],
+    3: [["cfg"], ["app", "lib"]],  # {custom} holds the customisation layer alone: not a store layer
+    4: [["cfg"], ["lib"], ["app"]],
+    5: [["cfg"], ["lib"], ["app"]],
+}
+
+
+@pytest.mark.parametrize("budget", sorted(CONFIG_ONLY_LAYERS))
+def test_paths_named_only_in_config(tmp_path: Path, budget: int) -> None:
+    store = FakeStore(tmp_path / "store")
+    lib = store.add("lib", {"lib/lib.so": b"l" * 4000})
+    app = store.add("app", {"bin/app": b"a" * 5000}, refs=[lib])
+    cfg = store.add("cfg", {"etc/cfg": b"c" * 3000})
+    spec = write_spec(
+        tmp_path,
+        {
+            "name": "cfg",
+            "tag": "t",
+            "storeDir": str(store.dir),
+            "contents": [str(app)],
+            "config": {"Env": [f"CFG={cfg}/etc/cfg"]},
+            "maxLayers": budget + 1,
+        },
+    )
+    build(spec, tmp_path / "img.tar")
+    view = read_image(tmp_path / "img.tar", tmp_path / "view")
+    assert _store_layers(view, store) == [*CONFIG_ONLY_LAYERS[budget], []]
