@@ -39,9 +39,11 @@ class Node:
 
 
 def split_layers(graph: Mapping[str, Node], limit: int, hidden: Iterable[str] = ()) -> list[list[str]]:
-    """At most `limit` groups (hidden nodes count while choosing), each a list of visible names."""
+    """The graph's paths in at most `limit` layers, lowest first, each a list of names (hidden ones left
+    out; they count while the seeds are chosen).  The rule is the module docstring's."""
     if not graph or limit <= 0:
         return []
+    # A self-reference says nothing about layering; a reference outside the graph cannot be placed.
     graph = {n: Node(v.size, frozenset(r for r in v.refs if r in graph and r != n)) for n, v in graph.items()}
     users: dict[str, set[str]] = {n: set() for n in graph}
     for name, node in graph.items():
@@ -54,10 +56,10 @@ def split_layers(graph: Mapping[str, Node], limit: int, hidden: Iterable[str] = 
         trial = dict(owners)
         trial[seed] = frozenset((seed,))
         for path in below:
-            kept = owners[path] - above
-            trial[path] = kept if kept & below else kept | {seed}
+            kept = owners[path] - above  # those seeds reach it through this one now
+            trial[path] = kept if kept & below else kept | {seed}  # a lower seed's path stays its own
         if len(set(trial.values())) > limit:
-            break
+            break  # nixpkgs stops at the first seed that does not fit; later, smaller ones are not tried
         owners = trial
     return _ordered(graph, owners, set(hidden))
 
