@@ -66,14 +66,20 @@ def split_layers(graph: Mapping[str, Node], limit: int, hidden: Iterable[str] = 
 
 def _reach(start: str, step: Callable[[str], Iterable[str]]) -> set[str]:
     """Everything reachable from `start` through `step` (name → next names), `start` excluded."""
+    seen = _reach_from(step(start), step)
+    seen.discard(start)
+    return seen
+
+
+def _reach_from(starts: Iterable[str], step: Callable[[str], Iterable[str]]) -> set[str]:
+    """`starts` and everything reachable from them through `step`."""
     seen: set[str] = set()
-    todo = list(step(start))
+    todo = list(starts)
     while todo:
         n = todo.pop()
         if n not in seen:
             seen.add(n)
             todo.extend(step(n))
-    seen.discard(start)
     return seen
 
 
@@ -83,9 +89,7 @@ def _ordered(graph: Mapping[str, Node], owners: Mapping[str, frozenset[str]], hi
         groups.setdefault(key, []).append(name)
 
     def closure_size(members: list[str]) -> int:
-        everything = set(members)
-        for m in members:
-            everything |= _reach(m, lambda n: graph[n].refs)
+        everything = _reach_from(members, lambda n: graph[n].refs)
         return sum(graph[n].size for n in everything)
 
     layers = [sorted(members, key=path_key) for members in groups.values()]
