@@ -13,6 +13,7 @@ are taken, the name the order inside a layer.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -274,7 +275,11 @@ def _diamond_store(root: Path) -> tuple[FakeStore, Path]:
 
 def _store_layers(view, store: FakeStore) -> list[list[str]]:  # type: ignore[no-untyped-def]
     """Per layer, the names (after the hash) of the store entries it holds."""
-    rel = str(store.dir).lstrip("/") + "/"
+    return _store_layers_in(view, str(store.dir))
+
+
+def _store_layers_in(view, store_dir: str) -> list[list[str]]:  # type: ignore[no-untyped-def]
+    rel = store_dir.lstrip("/") + "/"
     out = []
     for members in view.layers:
         entries = {m.name[len(rel) :].split("/", 1)[0] for m in members if m.name.startswith(rel)}
@@ -363,3 +368,115 @@ def test_paths_named_only_in_config(tmp_path: Path, budget: int) -> None:
     build(spec, tmp_path / "img.tar")
     view = read_image(tmp_path / "img.tar", tmp_path / "view")
     assert _store_layers(view, store) == [*CONFIG_ONLY_LAYERS[budget], []]
+
+
+# --- against real Nix ----------------------------------------------------------------------------------------
+# Debian's nix-bin builds, offline and without a sandbox, a small closure and the two helper derivations
+# as dockerTools makes them (a writeText of the base JSON; a directory of layer.tar, GNU tar of the
+# contents' links, and its checksum), and hands their reference graph over through exportReferencesGraph.
+# Nix's narSize values must be the sizes nsbuild gives the graph's nodes, and the image's store layers
+# must be the partition derived from that graph:
+#   liba 400808, libb 300856 → liba, app 200904 → libb liba, custom 10784 → app small (hidden),
+#   cfgtool 5808 (named in config only), small 3856 → liba, json 248 → cfgtool (hidden).
+#   seed liba: 2 sets; libb: 3; app: 4; custom: small → {custom}, 5; cfgtool: 6; small: 7; json: 7.
+NIX_EXPR = r"""
+let
+  sys = builtins.currentSystem;
+  mk = name: kb: refs: builtins.derivation {
+    name = "nsbuild-al-${name}"; system = sys; builder = "/bin/sh";
+    args = [ "-c" ''
+      /bin/mkdir -p $out/share/${name}
+      echo ${toString refs} > $out/share/${name}/refs
+      /usr/bin/head -c ${toString (kb * 1000)} /dev/zero > $out/share/${name}/blob
+    '' ];
+  };
+  liba = mk "liba" 400 [];
+  libb = mk "libb" 300 [ liba ];
+  app = mk "app" 200 [ liba libb ];
+  small = mk "small" 3 [ liba ];
+  cfgtool = mk "cfgtool" 5 [];
+  config = { Cmd = [ "${cfgtool}/share/cfgtool/blob" ]; };
+  baseJson = builtins.derivation {
+    name = "al-base.json"; system = sys; builder = "/bin/bash";
+    text = builtins.toJSON { inherit config; architecture = "amd64"; os = "linux"; };
+    args = [ "-c" "printf '%s' \"$text\" > $out" ];
+  };
+  custom = builtins.derivation {
+    name = "al-customisation-layer"; system = sys; builder = "/bin/bash"; paths = [ app small ];
+    args = [ "-c" ''
+      set -e
+      /bin/mkdir old_out
+      for p in $paths; do /bin/cp -rsn $p/. old_out/; done
+      /bin/mkdir $out
+      cd old_out
+      /bin/tar --sort name --numeric-owner --mtime @1 --hard-dereference -cf $out/layer.tar .
+      /usr/bin/sha256sum $out/layer.tar | /usr/bin/cut -f 1 -d ' ' > $out/checksum
+    '' ];
+  };
+  graph = builtins.derivation {
+    name = "nsbuild-al-graph"; system = sys; builder = "/bin/bash"; __structuredAttrs = true;
+    exportReferencesGraph.graph = [ baseJson custom ];
+    args = [ "-c" ''. "$NIX_ATTRS_SH_FILE"; /bin/cat "$NIX_ATTRS_JSON_FILE" > "''${outputs[out]}"'' ];
+  };
+in { inherit graph app small cfgtool config; }
+"""
+REAL_NIX_LAYERS = {
+    2: [["liba"], ["app", "cfgtool", "libb", "small"]],
+    4: [["liba"], ["libb"], ["app"], ["cfgtool", "small"]],
+    5: [["cfgtool"], ["liba"], ["libb"], ["app"], ["small"]],
+    7: [["cfgtool"], ["liba"], ["small"], ["libb"], ["app"]],
+}
+
+
+@pytest.fixture(scope="module")
+def real_nix_graph(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    if not os.access("/usr/bin/nix-build", os.X_OK) or os.geteuid() != 0:
+        pytest.skip("needs Debian's nix-bin and root (nix-build writes /nix/store)")
+    expr = tmp_path_factory.mktemp("nix") / "al.nix"
+    expr.write_text(NIX_EXPR)
+    options = ["--option", "substituters", "", "--option", "sandbox", "false", "--option", "build-users-group", ""]
+    attrs = ["graph", "app", "small", "cfgtool"]
+    proc = subprocess.run(
+        ["nix-build", str(expr), "--no-out-link", *options, *(a for name in attrs for a in ("-A", name))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return dict(zip(attrs, proc.stdout.split(), strict=True))
+
+
+def test_sizes_are_nix_narsizes(real_nix_graph: dict[str, str]) -> None:
+    from nsbuild.autolayer import base_json_text, customisation_layer_nar_size, nar_size_of_file, nar_size_of_tree
+
+    graph = json.loads(Path(real_nix_graph["graph"]).read_text())["graph"]
+    sizes = {x["path"].split("-", 1)[1]: x["narSize"] for x in graph}
+    config = {"Cmd": [real_nix_graph["cfgtool"] + "/share/cfgtool/blob"]}
+    assert sizes["al-base.json"] == nar_size_of_tree(nar_size_of_file(len(base_json_text(config, "amd64"))))
+    assert sizes["al-customisation-layer"] == customisation_layer_nar_size(
+        [real_nix_graph["app"], real_nix_graph["small"]]
+    )
+    for x in graph:
+        assert nar_size(x["path"]) == x["narSize"], x["path"]
+
+
+@pytest.mark.parametrize("budget", sorted(REAL_NIX_LAYERS))
+def test_image_layers_on_a_real_nix_store(
+    real_nix_graph: dict[str, str], unprivileged_user: str | None, user_tmp, budget: int
+) -> None:  # type: ignore[no-untyped-def]
+    work = user_tmp(unprivileged_user)
+    spec = write_spec(
+        work,
+        {
+            "name": "al",
+            "tag": "t",
+            "storeDir": "/nix/store",
+            "contents": [real_nix_graph["app"], real_nix_graph["small"]],
+            "config": {"Cmd": [real_nix_graph["cfgtool"] + "/share/cfgtool/blob"]},
+            "maxLayers": budget + 1,
+        },
+    )
+    build(spec, work / "img.tar", user=unprivileged_user)
+    view = read_image(work / "img.tar", work / "view")
+    layers = [sorted(n.removeprefix("nsbuild-al-") for n in layer) for layer in _store_layers_in(view, "/nix/store")]
+    assert layers == [*REAL_NIX_LAYERS[budget], []]
