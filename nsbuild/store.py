@@ -78,7 +78,7 @@ class Store:
         def look(data: bytes) -> None:
             for run in HASH_RUN_RE.findall(data):
                 for i in range(len(run) - 31):
-                    h = run[i:i + 32].decode()
+                    h = run[i : i + 32].decode()
                     if h in known and h != own:
                         refs.add(h)
 
@@ -125,4 +125,3 @@ def _walk(top: Path) -> Iterable[tuple[Path, os.stat_result]]:
     if stat.S_ISDIR(st.st_mode):
         for name in sorted(os.listdir(top)):
             yield from _walk(top / name)
-
