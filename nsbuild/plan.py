@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nsbuild.autolayer import ImageGraph, base_json_text, image_store_layers, nar_size
 from nsbuild.errors import SpecError
 from nsbuild.spec import Spec
-from nsbuild.store import Store, StorePath, group_layers
+from nsbuild.store import Store, StorePath
 from nsbuild.tarwriter import Source
 
 
@@ -46,15 +47,17 @@ def tree_size(path: Path) -> int:
     return total
 
 
-def make_plan(spec: Spec, base_layer_count: int, extra_roots: Sequence[Path] = (),
-              store: Store | None = None) -> Plan:
-    """`extra_roots`: store paths the scripts' output refers to (script_references); `store` a Store to
-    reuse (its scans are kept)."""
+def make_plan(spec: Spec, base_layer_count: int, extra_roots: Sequence[Path] = (), store: Store | None = None) -> Plan:
+    """`extra_roots`: store paths the scripts' output refers to (script_references), which are in the image
+    as references of its customisation layer; `store` a Store to reuse (its scans are kept)."""
     budget = spec.max_layers - base_layer_count - 1
     if budget < 0:
-        raise SpecError("maxLayers", f"{spec.max_layers} is too few: the base image already has "
-                                     f"{base_layer_count} layers and the customisation layer needs one "
-                                     f"more (at least {base_layer_count + 1})")
+        raise SpecError(
+            "maxLayers",
+            f"{spec.max_layers} is too few: the base image already has "
+            f"{base_layer_count} layers and the customisation layer needs one "
+            f"more (at least {base_layer_count + 1})",
+        )
     store = store or Store(spec.store_dir)
     roots: list[Path] = list(extra_roots)
     trees: list[tuple[Source, str, str]] = []
@@ -72,7 +75,8 @@ def make_plan(spec: Spec, base_layer_count: int, extra_roots: Sequence[Path] = (
         elif not host.is_dir() and target == "/":
             target = "/" + entry.path.name
         trees.append((Source(host, target), entry.field.removesuffix(".path"), entry.written))
-    roots.extend(store.paths_in_text(json.dumps(spec.config)))
+    config_roots = store.paths_in_text(json.dumps(spec.config))
+    roots.extend(config_roots)
     closure = store.closure(roots) if roots else {}
     if not spec.include_store_paths:
         closure = {}
@@ -81,14 +85,13 @@ def make_plan(spec: Spec, base_layer_count: int, extra_roots: Sequence[Path] = (
     plan = Plan(layers=[], store_links=links, closure=closure, store=store)
     if budget == 0:
         # Nothing may get a layer of its own: everything joins the customisation layer, nothing is lost.
-        plan.custom_sources = _store_sources(closure, sorted(closure)) + [s for t in tree_layers
-                                                                          for s in t.sources]
+        plan.custom_sources = _store_sources(closure, sorted(closure)) + [s for t in tree_layers for s in t.sources]
         return plan
     store_budget = max(budget - len(tree_layers), 1 if closure else 0)
     tree_budget = budget - store_budget
     if closure and tree_budget <= 0 and tree_layers:
         store_budget, tree_budget = budget, 0
-    store_groups = group_layers(closure, store_budget)
+    store_groups = _store_groups(spec, closure, links, config_roots, store_budget, list(extra_roots))
     for names in store_groups:
         size = sum(closure[n].size for n in names)
         comment = "store paths: " + ", ".join(n[33:] for n in names[:8]) + (" …" if len(names) > 8 else "")
@@ -99,6 +102,33 @@ def make_plan(spec: Spec, base_layer_count: int, extra_roots: Sequence[Path] = (
     else:
         plan.layers.extend(_merge_smallest(tree_layers, tree_budget))
     return plan
+
+
+def _store_groups(
+    spec: Spec,
+    closure: dict[str, StorePath],
+    content_roots: list[Path],
+    config_roots: list[Path],
+    budget: int,
+    script_roots: list[Path],
+) -> list[list[str]]:
+    """The closure split as nixpkgs' auto-layer splits it (nsbuild.autolayer), sized by NAR size."""
+    if not closure or budget <= 0:
+        return []
+    by_hash = {sp.hash_part: name for name, sp in closure.items()}
+    paths = {
+        name: (nar_size(sp.path), [by_hash[h] for h in sp.references if h in by_hash]) for name, sp in closure.items()
+    }
+    image = ImageGraph(
+        store_dir=spec.store_dir,
+        name=spec.name,
+        paths=paths,
+        content_roots=[p.name for p in content_roots if p.name in closure],
+        config_roots=[p.name for p in config_roots if p.name in closure],
+        script_roots=[p.name for p in script_roots if p.name in closure],
+        base_json=base_json_text(spec.config, spec.architecture),
+    )
+    return image_store_layers(image, budget)
 
 
 def _store_sources(closure: dict[str, StorePath], names: list[str]) -> list[Source]:
@@ -118,7 +148,7 @@ def _merge_smallest(layers: list[PlannedLayer], budget: int) -> list[PlannedLaye
     while len(items) > max(budget, 1):
         i = min(range(len(items) - 1), key=lambda k: (items[k].size + items[k + 1].size, k))
         a, b = items[i], items[i + 1]
-        items[i:i + 2] = [PlannedLayer(a.sources + b.sources, f"{a.comment} + {b.comment}", a.size + b.size)]
+        items[i : i + 2] = [PlannedLayer(a.sources + b.sources, f"{a.comment} + {b.comment}", a.size + b.size)]
     return items
 
 
