@@ -150,7 +150,8 @@ def link_store_contents(
 
 def _linkable(top: Path, store_dir: str | None, progress: Progress) -> bool:
     real = os.path.realpath(top)
-    inside = store_dir is None or real.startswith(os.path.normpath(store_dir).rstrip("/") + "/")
+    # The store directory may itself be reached through a symlink (a bind of /nix elsewhere).
+    inside = store_dir is None or real.startswith(os.path.realpath(store_dir).rstrip("/") + "/")
     if os.path.isdir(real) and (inside or not top.is_symlink()):
         return True
     if top.is_symlink():
