@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from support.core import read_image, write_spec
 from support.users import describe, run_nsbuild
-from support.verifiers import image_layers
+from support.verifiers import image_layers, podman_store
 
 from nsbuild.store import Store
 
@@ -251,7 +251,7 @@ def test_store_paths_the_scripts_refer_to_are_in_the_image(nixstore: NixStore, u
             "name": "scripts",
             "tag": "t",
             "storeDir": str(nixstore.dir),
-            "contents": _entries(nixstore, "note"),
+            "contents": [*_entries(nixstore, "note"), {"path": BUSYBOX, "target": "/bin/busybox"}],
             "extraCommands": f"ln -s {hello}/bin/hello ./hello",
             "fakeRootCommands": f"mkdir -p etc && echo {other} > etc/other-path && chown 0:0 etc/other-path",
         },
@@ -266,6 +266,10 @@ def test_store_paths_the_scripts_refer_to_are_in_the_image(nixstore: NixStore, u
     view = read_image(work / "img.tar", work / "z")
     [(_, link)] = view.find("hello")
     assert link.issym() and link.linkname == f"{hello}/bin/hello"
+    # A runtime follows the link into the store path the script named (and that one's closure).
+    with podman_store() as ps:
+        out = ps.run(ps.load(work / "img.tar"), ["/bin/busybox", "sh", "-c", "cat /hello; cat /etc/other-path"])
+    assert out == f"{nixstore.paths['lib']}\n{other}\n"
     # extraCommands alone (no sandbox): the same.
     spec2 = write_spec(
         work,
