@@ -471,3 +471,26 @@ def test_default_store_uses_the_real_nix_database(unprivileged_user, user_tmp) -
         drvs = nix("nix-store", "-qd", top).split()
         paths = sorted(nix("nix-store", "-qR", top, *drvs).split())
         subprocess.run(["nix-store", "--delete", *paths], env=env, capture_output=True, timeout=120)
+
+
+# --- layering: the scripts' paths hang off the customisation layer ------------------------------------------
+# dockerTools' graph has the customisation layer (hidden, here ~10 kB, larger than the paths) referring
+# to what its output refers to. Budget 2, app a content path (100), tool named by a script (60):
+#   without the reference: seed custom → {custom}: custom, app; {}: tool, json (2 sets); seed json → 3:
+#     undone. Layers by closure size: [tool] (60 + json), [app] (with custom's 10 kB).
+#   with it: seed custom → {custom}: custom, app, tool; {}: json (2); seed json → 3: undone.
+#     One layer [app, tool] (json's set holds a hidden node only and is dropped).
+def test_script_paths_are_references_of_the_customisation_layer_node() -> None:
+    from nsbuild.autolayer import ImageGraph, image_store_layers
+
+    app, tool = "a" * 32 + "-app", "b" * 32 + "-tool"
+    common = {
+        "store_dir": "/nix/store",
+        "name": "x",
+        "paths": {app: (100, []), tool: (60, [])},
+        "content_roots": [app],
+        "config_roots": [],
+        "base_json": b'{"config":{}}',
+    }
+    assert image_store_layers(ImageGraph(**common), 2) == [[tool], [app]]
+    assert image_store_layers(ImageGraph(**common, script_roots=[tool]), 2) == [[app, tool]]
