@@ -44,8 +44,30 @@ class Exe:
 FileSpec = str | bytes | Link | Exe
 
 # The applets our "coreutils" offers (busybox provides each); no shell among them, as in GNU coreutils.
-COREUTILS = ("cat", "ls", "env", "test", "[", "stat", "readlink", "id", "echo", "mkdir", "chmod", "touch",
-             "sha256sum", "basename", "true", "false", "sleep", "printf", "ln", "chown", "rm", "wc")
+COREUTILS = (
+    "cat",
+    "ls",
+    "env",
+    "test",
+    "[",
+    "stat",
+    "readlink",
+    "id",
+    "echo",
+    "mkdir",
+    "chmod",
+    "touch",
+    "sha256sum",
+    "basename",
+    "true",
+    "false",
+    "sleep",
+    "printf",
+    "ln",
+    "chown",
+    "rm",
+    "wc",
+)
 # What our "busybox" store path links (pkgsStatic.busybox links every applet; these are enough).
 BUSYBOX_APPLETS = (*COREUTILS, "sh", "ash", "find", "grep", "wget", "httpd", "sed")
 
@@ -63,12 +85,13 @@ class ExampleStore:
 
     # --- writing store paths ----------------------------------------------------------------------
 
-    def path_of(self, name: str) -> Path:
-        return self.dir / f"{nix_hash('nixos-example-' + name)}-{name}"
+    def path_of(self, name: str, seed: str = "") -> Path:
+        """`<hash>-name`; the hash stands for the inputs (`seed`), so equal names may differ."""
+        return self.dir / f"{nix_hash('nixos-example-' + name + seed)}-{name}"
 
-    def add(self, name: str, files: Mapping[str, FileSpec]) -> Path:
+    def add(self, name: str, files: Mapping[str, FileSpec], seed: str = "") -> Path:
         """A store directory holding `files` (relative path -> content); read-only, as Nix leaves it."""
-        top = self.path_of(name)
+        top = self.path_of(name, seed)
         top.mkdir()
         for rel, content in files.items():
             _write(top / rel, content)
@@ -107,7 +130,7 @@ class ExampleStore:
                     for n in names:
                         full = Path(dirpath, n)
                         files.setdefault(str(full.relative_to(p)), Link(str(full)))
-        return self.add(name, files)
+        return self.add(name, files, seed=" ".join(map(str, paths)))
 
     def once(self, key: str, make) -> Path:  # type: ignore[no-untyped-def]
         if key not in self._made:
@@ -141,16 +164,20 @@ class ExampleStore:
 
     @property
     def coreutils(self) -> Path:
-        return self.once("coreutils", lambda: self.add(
-            "coreutils-9.5", {f"bin/{a}": Link(f"{self.busybox}/bin/busybox") for a in COREUTILS}))
+        return self.once(
+            "coreutils",
+            lambda: self.add("coreutils-9.5", {f"bin/{a}": Link(f"{self.busybox}/bin/busybox") for a in COREUTILS}),
+        )
 
     @property
     def bash(self) -> Path:
         """bash: `bin/bash` answers --version and otherwise runs busybox's shell; `bin/sh -> bash`."""
-        script = (f"#!{self.sh}\n"
-                  "# stands in for GNU bash: busybox's shell runs what is asked\n"
-                  'if [ "$1" = --version ]; then echo "GNU bash, version 5.2.37 (busybox stand-in)"; exit 0; fi\n'
-                  f'exec {self.busybox}/bin/busybox sh "$@"\n')
+        script = (
+            f"#!{self.sh}\n"
+            "# stands in for GNU bash: busybox's shell runs what is asked\n"
+            'if [ "$1" = --version ]; then echo "GNU bash, version 5.2.37 (busybox stand-in)"; exit 0; fi\n'
+            f'exec {self.busybox}/bin/busybox sh "$@"\n'
+        )
         return self.once("bash", lambda: self.add("bash-5.2p37", {"bin/bash": Exe(script), "bin/sh": Link("bash")}))
 
     def hello_named(self, name: str, program: str = "hello") -> Path:
@@ -179,8 +206,9 @@ class ExampleStore:
         gid = uid if gid is None else gid
         return [
             self.text_dir("shadow", "etc/shadow", f"root:!x:::::::\n{user}:!:::::::\n"),
-            self.text_dir("passwd", "etc/passwd",
-                          f"root:x:0:0::/root:{self.bash}/bin/bash\n{user}:x:{uid}:{gid}::/home/{user}:\n"),
+            self.text_dir(
+                "passwd", "etc/passwd", f"root:x:0:0::/root:{self.bash}/bin/bash\n{user}:x:{uid}:{gid}::/home/{user}:\n"
+            ),
             self.text_dir("group", "etc/group", f"root:x:0:\n{user}:x:{gid}:\n"),
             self.text_dir("gshadow", "etc/gshadow", f"root:x::\n{user}:x::\n"),
         ]
@@ -190,26 +218,35 @@ class ExampleStore:
         """dockerTools.caCertificates: the bundle under the three names distributions look for."""
         pem = Path("/etc/ssl/certs/ca-certificates.crt")
         data = pem.read_bytes() if pem.is_file() else b"-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n"
-        return self.once("cacert", lambda: self.add("ca-certificates-3.104", {
-            "etc/ssl/certs/ca-bundle.crt": data,
-            "etc/ssl/certs/ca-certificates.crt": Link("ca-bundle.crt"),
-            "etc/pki/tls/certs/ca-bundle.crt": Link("../../../ssl/certs/ca-bundle.crt"),
-        }))
+        return self.once(
+            "cacert",
+            lambda: self.add(
+                "ca-certificates-3.104",
+                {
+                    "etc/ssl/certs/ca-bundle.crt": data,
+                    "etc/ssl/certs/ca-certificates.crt": Link("ca-bundle.crt"),
+                    "etc/pki/tls/certs/ca-bundle.crt": Link("../../../ssl/certs/ca-bundle.crt"),
+                },
+            ),
+        )
 
     def nginx(self, webroot: Path) -> tuple[Path, Path]:
         """(nginx, its configuration file): `nginx -c CONF` serves CONF's `root` with busybox httpd on
         CONF's port, as CONF's user, in the foreground."""
 
         def make() -> Path:
-            script = (f"#!{self.sh}\n"
-                      '[ "$1" = -c ] || { echo "usage: nginx -c CONF" >&2; exit 2; }\n'
-                      '. "$2"\n'
-                      f'exec {self.busybox}/bin/busybox httpd -f -v -p "$listen" -u "$user" -h "$root"\n')
+            script = (
+                f"#!{self.sh}\n"
+                '[ "$1" = -c ] || { echo "usage: nginx -c CONF" >&2; exit 2; }\n'
+                '. "$2"\n'
+                f'exec {self.busybox}/bin/busybox httpd -f -v -p "$listen" -u "$user" -h "$root"\n'
+            )
             return self.add("nginx-1.27.3", {"bin/nginx": Exe(script)})
 
         nginx = self.once("nginx", make)
-        conf = self.once("nginx.conf", lambda: self.add_text(
-            "nginx.conf", f"user=nginx:nginx\nlisten=80\nroot={webroot}\n"))
+        conf = self.once(
+            "nginx.conf", lambda: self.add_text("nginx.conf", f"user=nginx:nginx\nlisten=80\nroot={webroot}\n")
+        )
         return nginx, conf
 
 
