@@ -198,8 +198,8 @@ class ExampleStore:
         return self.once("nix", lambda: self.add("nix-2.24.10", files))
 
     def text_dir(self, name: str, rel: str, text: str) -> Path:
-        """writeTextDir NAME REL TEXT."""
-        return self.once(f"textdir:{name}:{rel}", lambda: self.add(name, {rel: text}))
+        """writeTextDir NAME REL TEXT (the text is an input: another text is another store path)."""
+        return self.once(f"textdir:{name}:{rel}:{text}", lambda: self.add(name, {rel: text}, seed=rel + text))
 
     def shadow_setup(self, user: str, uid: int, gid: int | None = None) -> list[Path]:
         """Four writeTextDir store paths: /etc/passwd, group, shadow and gshadow with root and `user`."""
