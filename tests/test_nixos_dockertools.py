@@ -417,7 +417,9 @@ def _etc(e: Examples) -> Spec:
     activate = s.once(
         "etc-activate",
         lambda: s.add_script(
-            "etc-activate", f"#!{s.sh}\nln -s {tree}/etc /etc/static\nln -s /etc/static/some-config-file /etc/\n"
+            "etc-activate",
+            f"#!{s.sh}\n{s.busybox}/bin/ln -s {tree}/etc /etc/static\n"
+            f"{s.busybox}/bin/ln -s /etc/static/some-config-file /etc/\n",
         ),
     )
     cmd = s.once("etc-cmd", lambda: s.add_script("etc-cmd", f"#!{s.sh}\n{s.busybox}/bin/cat /etc/some-config-file\n"))
