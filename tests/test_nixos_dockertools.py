@@ -970,7 +970,18 @@ NOT_PORTED = [
 ]
 
 
-@pytest.mark.parametrize("key", ["layered-image", "fake-root-commands", "nginx", "env-child", "non-root-test"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "layered-image",
+        "fake-root-commands",
+        "nginx",
+        "env-child",
+        "non-root-test",
+        "repeated-layer-test",
+        "hello-on-root",
+    ],
+)
 def test_examples_built_without_subordinate_ids_are_the_same_images(ex: Examples, key: str) -> None:
     """Not a subtest of the NixOS test: nsbuild-nosub (no subordinate ids, so another fakeRootCommands
     backend) builds the same bytes, so what podman showed above holds for that account too. (Rootless
