@@ -391,6 +391,19 @@ class _Pusher:
         self.upload(src, location)
         self._add("uploaded_blobs", src.digest)
 
+    def _confirm_manifest(self, digest: str, media_type: str) -> None:
+        """The registry did not say what it stored: ask for the manifest by digest. Success is
+        reported only once the registry holds exactly our bytes."""
+        resp = self.client.request("HEAD", f"/v2/{self.repo}/manifests/{digest}", headers={"Accept": media_type})
+        resp.close()
+        got = resp.headers.get("Docker-Content-Digest")
+        if resp.status_code != 200 or (got and got != digest):
+            raise RegistryError(
+                f"registry {self.client.registry} accepted the manifest but does not serve {self.repo}@{digest} "
+                f"(HEAD answered HTTP {resp.status_code}{f', digest {got}' if got else ''})",
+                resp.status_code,
+            )
+
     def put_manifest(self, reference: str, manifest: bytes, media_type: str) -> str:
         resp = self.client.request(
             "PUT",
@@ -413,6 +426,8 @@ class _Pusher:
         got = resp.headers.get("Docker-Content-Digest")
         if got and got != digest:
             raise RegistryError(f"registry {self.client.registry} stored the manifest as {got}, expected {digest}")
+        if not got:
+            self._confirm_manifest(digest, media_type)
         self.progress(ProgressEvent("manifest", digest, len(manifest), len(manifest)))
         return digest
 
