@@ -217,10 +217,9 @@ def _checked_config(pulled: PulledImage, ref: Reference) -> tuple[dict[str, Any]
                          f"has {len(diff_ids)} diff_ids")
     if not all(is_sha256(d) for d in diff_ids):
         raise BuildError(f"fromImage {ref}: the image config's rootfs.diff_ids are not all sha256 digests")
-    for name in ("config", "history"):
-        kind = dict if name == "config" else list
+    for name, kind, word in (("config", dict, "object"), ("history", list, "array")):
         if config.get(name) is not None and not isinstance(config[name], kind):
-            raise BuildError(f"fromImage {ref}: the image config's {name!r} is not a JSON {kind.__name__}")
+            raise BuildError(f"fromImage {ref}: the image config's {name!r} is not a JSON {word}")
     return config, diff_ids
 
 

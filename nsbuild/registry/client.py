@@ -476,8 +476,21 @@ class RegistryClient:
         if not text:
             text = _short(resp.text, 200) if resp.text else resp.reason or ""
         raise RegistryError(
-            f"registry {self.registry}: {what} failed: HTTP {status} {text}".rstrip(), status, first_code
+            self.redact(f"registry {self.registry}: {what} failed: HTTP {status} {text}".rstrip()), status, first_code
         )
+
+    def redact(self, text: str) -> str:
+        """`text` (a registry's words, which may quote what we sent) without our secrets in it."""
+        secrets: list[str] = []
+        cred = self._lookup.credential if self._lookup is not None else None
+        if cred is not None and cred.password:
+            secrets += [cred.password, _basic(cred).split(" ", 1)[1]]
+        if self._token:
+            secrets.append(self._token)
+        for secret in sorted(secrets, key=len, reverse=True):
+            if len(secret) >= 4:
+                text = text.replace(secret, "<hidden>")
+        return text
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -616,9 +629,7 @@ class RegistryClient:
             )
         if details:
             msg += f": {details}"
-        if cred is not None and cred.password and cred.password in msg:
-            msg = msg.replace(cred.password, "<hidden>")
-        return RegistryError(msg, status, "DENIED" if status == 403 else "UNAUTHORIZED")
+        return RegistryError(self.redact(msg), status, "DENIED" if status == 403 else "UNAUTHORIZED")
 
     def _send(
         self,

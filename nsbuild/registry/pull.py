@@ -97,7 +97,8 @@ def parse_document(body: bytes, what: str) -> dict[str, Any]:
     if doc is None:
         raise BuildError(f"{what} is not JSON (or is nested too deeply)")
     if not isinstance(doc, dict):
-        raise BuildError(f"{what} is a JSON {type(doc).__name__}, not an object")
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(doc), "null")
+        raise BuildError(f"{what} is a JSON {kind}, not an object")
     return doc
 
 
