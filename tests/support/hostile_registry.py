@@ -142,25 +142,46 @@ class HostileRegistry:
             refs[tag] = (body, media_type)
         return digest
 
-    def add_image(self, repo: str, tag: str | None, files: dict[str, bytes], *, architecture: str = "amd64",
-                  config: bytes | None = None) -> dict[str, Any]:
+    def add_image(
+        self,
+        repo: str,
+        tag: str | None,
+        files: dict[str, bytes],
+        *,
+        architecture: str = "amd64",
+        config: bytes | None = None,
+    ) -> dict[str, Any]:
         """A one-layer image; `config` replaces the config JSON (hostile configs keep true digests)."""
         tar = layer_tar(files)
         gz = gzip.compress(tar, mtime=0)
         layer = self.add_blob(gz)
         if config is None:
-            config = json.dumps({"architecture": architecture, "os": "linux", "config": {"Env": ["BASE=1"]},
-                                 "rootfs": {"type": "layers", "diff_ids": [digest_of(tar)]},
-                                 "history": [{"created_by": "hostile test"}]}).encode()
+            config = json.dumps(
+                {
+                    "architecture": architecture,
+                    "os": "linux",
+                    "config": {"Env": ["BASE=1"]},
+                    "rootfs": {"type": "layers", "diff_ids": [digest_of(tar)]},
+                    "history": [{"created_by": "hostile test"}],
+                }
+            ).encode()
         config_digest = self.add_blob(config)
-        manifest = json.dumps({
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
-            "layers": [{"mediaType": OCI_GZIP, "digest": layer, "size": len(gz)}],
-        }).encode()
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
+                "layers": [{"mediaType": OCI_GZIP, "digest": layer, "size": len(gz)}],
+            }
+        ).encode()
         digest = self.add_manifest(repo, tag, manifest)
-        return {"manifest": digest, "manifest_bytes": manifest, "config": config_digest, "layer": layer,
-                "diff_id": digest_of(tar)}
+        return {
+            "manifest": digest,
+            "manifest_bytes": manifest,
+            "config": config_digest,
+            "layer": layer,
+            "diff_id": digest_of(tar),
+        }
 
     def add_index(self, repo: str, tag: str, entries: list[dict[str, Any]]) -> str:
         body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
@@ -298,15 +319,15 @@ class _Registry(_Answer):
         if self.path in ("/v2", "/v2/"):
             self.send(200, b"{}", {"Content-Type": "application/json"})
         elif "/manifests/" in self.path:
-            repo, _, ref = self.path[len("/v2/"):].partition("/manifests/")
+            repo, _, ref = self.path[len("/v2/") :].partition("/manifests/")
             self.manifest(repo, ref)
         elif "/blobs/uploads" in self.path:
-            repo = self.path[len("/v2/"):].partition("/blobs/uploads")[0]
+            repo = self.path[len("/v2/") :].partition("/blobs/uploads")[0]
             self.upload(repo, parts[-1] if not self.path.endswith("/") else "")
         elif "/blobs/" in self.path:
             self.blob(parts[-1])
         elif self.path.endswith("/tags/list"):
-            repo = self.path[len("/v2/"):-len("/tags/list")]
+            repo = self.path[len("/v2/") : -len("/tags/list")]
             tags = [r for r in self.reg.manifests.get(repo, {}) if not r.startswith("sha256:")]
             self.send(200, json.dumps({"name": repo, "tags": tags}).encode(), {"Content-Type": "application/json"})
         else:
@@ -334,8 +355,12 @@ class _Registry(_Answer):
     def manifest(self, repo: str, ref: str) -> None:
         f = self.reg.faults
         if self.method == "PUT":
-            self.reg.add_manifest(repo, None if ref.startswith("sha256:") else ref, self.body,
-                                  self.h.headers.get("Content-Type", OCI_MANIFEST))
+            self.reg.add_manifest(
+                repo,
+                None if ref.startswith("sha256:") else ref,
+                self.body,
+                self.h.headers.get("Content-Type", OCI_MANIFEST),
+            )
             sent = digest_of(self.body) if f.manifest_put_digest is None else f.manifest_put_digest
             self.send(201, b"", {"Docker-Content-Digest": sent} if sent else {})
             return
@@ -411,7 +436,7 @@ class _Elsewhere(_Answer):
             self.send(200, body, {"Content-Type": "application/json"})
         elif "/blobs/uploads/" in self.path:
             session = self.path.rsplit("/", 1)[-1]
-            repo = self.path[len("/v2/"):].partition("/blobs/uploads")[0]
+            repo = self.path[len("/v2/") :].partition("/blobs/uploads")[0]
             buf = self.reg.uploads.get(session)
             if buf is None:
                 self.error(404, "BLOB_UPLOAD_UNKNOWN", session)
