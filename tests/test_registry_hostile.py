@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from support.core import write_spec
-from support.hostile_registry import OCI_INDEX, OCI_MANIFEST, HostileRegistry, digest_of, layer_tar
+from support.hostile_registry import OCI_INDEX, OCI_MANIFEST, HostileRegistry, SilentPort, digest_of, layer_tar
 from support.users import account, run_nsbuild
 
 from nsbuild.spec import host_architecture
@@ -122,6 +122,23 @@ def test_redirected_blob_get_carries_no_credentials(hostile: HostileRegistry, wo
         assert all("Authorization" not in r.headers for r in reg.elsewhere_requests), reg.elsewhere_requests
         # The registry itself did get them (else this test could not fail).
         assert any(r.headers.get("Authorization") == f"Basic {BASIC}" for r in reg.requests)
+    finally:
+        reg.stop()
+
+
+def test_a_challenge_from_the_redirect_target_gets_no_credentials(work) -> None:
+    """Object storage (or an attacker) behind a redirect answers 401 with a Bearer challenge of its
+    own: answering it would send the registry's credentials to its realm."""
+    reg = HostileRegistry(credentials=(USER, PASSWORD))
+    try:
+        image = base_image(reg)
+        reg.faults.redirect_blobs = True
+        reg.faults.elsewhere_challenge = True
+        code, _, stderr, out = pull(reg, work, reg.ref("base", "1"), f"--creds={USER}:{PASSWORD}")
+        assert_one_line_failure(code, stderr, reg.elsewhere, "401")
+        assert [r.path.split("?")[0] for r in reg.elsewhere_requests] == [f"/storage/{image['config']}"]
+        assert all("Authorization" not in r.headers for r in reg.elsewhere_requests)
+        assert_nothing_bad_written(work[1], out)
     finally:
         reg.stop()
 
@@ -386,6 +403,21 @@ def test_a_stalled_registry_times_out_naming_the_timeout(hostile: HostileRegistr
     assert_nothing_bad_written(work[1], out)
     asked = [r for r in hostile.requests if where in r.path]
     assert len(asked) == RETRIES, asked  # bounded: one request per allowed attempt
+
+
+def test_a_registry_that_never_answers_a_connect_times_out_naming_the_timeout(work) -> None:
+    silent = SilentPort()
+    try:
+        spec = write_spec(work[1], {"name": "child", "tag": "1", "fromImage": f"docker://{silent.host}/base:1"})
+        code, _, stderr = nsbuild(
+            ["layered", str(spec), "-o", f"oci:{work[1] / 'out'}:1", "-q", "--no-cache", "--tls-verify=false"],
+            work[0],
+            NSBUILD_REGISTRY_CONNECT_TIMEOUT="1",
+        )
+        assert_one_line_failure(code, stderr, "connect timed out after 1 s", "NSBUILD_REGISTRY_CONNECT_TIMEOUT")
+        assert not (work[1] / "out").exists()
+    finally:
+        silent.close()
 
 
 def test_a_bad_timeout_setting_is_a_usage_error(hostile: HostileRegistry, work) -> None:

@@ -384,8 +384,8 @@ class RegistryClient:
                 continue
             except requests.RequestException as e:
                 last = e
-                if _is_new_connection_failure(e):
-                    break  # the port is closed for http too
+                if _is_new_connection_failure(e) or _timeout_kind(e) == "connect":
+                    break  # the port is closed (or silent) for http too
                 continue
             self.base = f"{scheme}://{self.host}/"
             if resp.status_code == 401:

@@ -12,10 +12,12 @@ each server received (`requests`, `elsewhere_requests`).
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import hashlib
 import io
 import json
+import socket
 import ssl
 import tarfile
 import threading
@@ -73,6 +75,30 @@ class Faults:
     manifest_put_digest: str | None = None  # Docker-Content-Digest answered to a manifest PUT ("" = none)
     manifest_head_missing: bool = False  # HEAD of a manifest by digest answers 404
     echo_authorization: bool = False  # error bodies quote the Authorization header received
+    elsewhere_challenge: bool = False  # the other host answers storage GETs with a Bearer 401 of its own
+
+
+class SilentPort:
+    """A port on 127.0.0.1 that never completes a TCP handshake: a listening socket whose accept queue
+    (backlog 0) is kept full, so Linux drops further SYNs and a client's connect times out."""
+
+    def __init__(self) -> None:
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(0)
+        self.host = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._fill = []
+        for _ in range(3):
+            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                c.connect(self._listener.getsockname())
+            self._fill.append(c)
+
+    def close(self) -> None:
+        for c in self._fill:
+            c.close()
+        self._listener.close()
 
 
 class _Server(ThreadingHTTPServer):
@@ -425,7 +451,10 @@ class _Elsewhere(_Answer):
     def handle(self) -> None:
         if self.faulted():
             return
-        if self.path.startswith("/storage/"):
+        if self.path.startswith("/storage/") and self.reg.faults.elsewhere_challenge:
+            realm = f"http://{self.reg.elsewhere}/token"
+            self.send(401, b"{}", {"WWW-Authenticate": f'Bearer realm="{realm}",service="storage"'})
+        elif self.path.startswith("/storage/"):
             data = self.reg.blobs.get(self.path.rsplit("/", 1)[-1])
             if data is None:
                 self.error(404, "BLOB_UNKNOWN", self.path)
