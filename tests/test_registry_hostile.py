@@ -135,9 +135,9 @@ def test_a_challenge_from_the_redirect_target_gets_no_credentials(work) -> None:
         reg.faults.redirect_blobs = True
         reg.faults.elsewhere_challenge = True
         code, _, stderr, out = pull(reg, work, reg.ref("base", "1"), f"--creds={USER}:{PASSWORD}")
-        assert_one_line_failure(code, stderr, reg.elsewhere, "401")
+        assert all("Authorization" not in r.headers for r in reg.elsewhere_requests), reg.elsewhere_requests
         assert [r.path.split("?")[0] for r in reg.elsewhere_requests] == [f"/storage/{image['config']}"]
-        assert all("Authorization" not in r.headers for r in reg.elsewhere_requests)
+        assert_one_line_failure(code, stderr, reg.elsewhere, "401")
         assert_nothing_bad_written(work[1], out)
     finally:
         reg.stop()
