@@ -159,24 +159,11 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 
 def _root_cause(exc: BaseException) -> BaseException:
     """The innermost useful exception under requests' wrappers (for one-line messages)."""
-    seen = exc
-    for _ in range(10):
-        nxt: BaseException | None = None
-        if isinstance(seen, urllib3.exceptions.MaxRetryError) and seen.reason is not None:
-            nxt = seen.reason
-        elif seen.args and isinstance(seen.args[0], BaseException):
-            nxt = seen.args[0]
-        elif seen.__cause__ is not None:
-            nxt = seen.__cause__
-        elif seen.__context__ is not None:
-            nxt = seen.__context__
-        if nxt is None:
-            break
-        seen = nxt
-    return seen
+    return _chain(exc)[-1]
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions under it, outermost first (requests and urllib3 wrap several deep)."""
     out: list[BaseException] = []
     seen: BaseException | None = exc
     while seen is not None and len(out) < 10:
