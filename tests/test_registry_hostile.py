@@ -305,6 +305,20 @@ def _hostile_manifest(reg: HostileRegistry, kind: str) -> str:
         "index-manifests-object": json.dumps(
             {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": {"x": 1}}
         ).encode(),
+        "index-entry-path-digest": json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_INDEX,
+                "manifests": [
+                    {
+                        "mediaType": OCI_MANIFEST,
+                        "digest": "../../../etc/passwd",
+                        "size": 1,
+                        "platform": {"os": "linux", "architecture": ARCH},
+                    }
+                ],
+            }
+        ).encode(),
     }
     says = {
         "manifest-list": "array, not an object",
@@ -314,6 +328,7 @@ def _hostile_manifest(reg: HostileRegistry, kind: str) -> str:
         "size-string": "no valid size",
         "config-too-big": "more than 4 MiB",
         "index-manifests-object": "'manifests' is not a list",
+        "index-entry-path-digest": "no valid sha256 digest",
     }
     if kind in docs:
         media = OCI_INDEX if kind.startswith("index") else OCI_MANIFEST
@@ -369,6 +384,7 @@ def _hostile_manifest(reg: HostileRegistry, kind: str) -> str:
         "size-string",
         "config-too-big",
         "index-manifests-object",
+        "index-entry-path-digest",
         "nested-index",
         "index-served-for-its-entry",
         "config-list",

@@ -210,12 +210,14 @@ def _variant_matches(arch: str, wanted: str | None, have: str | None) -> bool:
 
 
 def index_entries(index: dict[str, Any], what: str) -> list[dict[str, Any]]:
-    """The index's `manifests`, each a valid descriptor whose `platform` (if any) is an object."""
+    """The index's `manifests`, each an object whose `platform` (if any) is an object of strings. Only
+    the entry chosen must be a valid descriptor: an exotic entry for another platform is not our business."""
     entries = index.get("manifests")
     if not isinstance(entries, list):
         raise BuildError(f"{what}: 'manifests' is not a list")
     for i, desc in enumerate(entries):
-        descriptor(desc, f"{what}: manifests[{i}]")
+        if not isinstance(desc, dict):
+            raise BuildError(f"{what}: manifests[{i}] is not a JSON object")
         platform_ = desc.get("platform")
         if platform_ is not None and not (
             isinstance(platform_, dict)
