@@ -553,3 +553,61 @@ def test_the_fake_registry_tells_the_truth_unless_told_to_lie(hostile: HostileRe
     with urllib.request.urlopen(f"http://{hostile.host}/v2/base/manifests/1", timeout=10) as resp:
         assert resp.headers["Docker-Content-Digest"] == image["manifest"]
         assert digest_of(resp.read()) == image["manifest"]
+
+
+# --- a shared layer cache (--cache-from) from a hostile registry ---------------------------------------
+
+CACHE_MEDIA = "application/vnd.nsbuild.cache.config.v1+json"
+
+
+def _cache_record(reg: HostileRegistry, kind: str) -> str:
+    """A --cache-from record at base:cache that is wrong in one way; returns what the error must say."""
+    if kind == "manifest-list":
+        reg.add_manifest("base", "cache", b"[]")
+        return "array, not an object"
+    record = json.dumps({"format": "nsbuild-cache-v1", "layers": ["x"]}).encode()
+    media = "text/plain" if kind == "config-media" else CACHE_MEDIA
+    config = reg.add_blob(record if kind != "record-deep" else DEEP)
+    size = len(reg.blobs[config])
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": media, "digest": config, "size": size},
+        "layers": [],
+    }
+    reg.add_manifest("base", "cache", json.dumps(manifest).encode())
+    return {
+        "config-media": "not an nsbuild cache",
+        "record-layers-list": "'layers' is not an object",
+        "record-deep": "nested too deeply",
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["manifest-list", "config-media", "record-layers-list", "record-deep"])
+def test_a_hostile_cache_record_ends_in_one_line(hostile: HostileRegistry, work, kind: str) -> None:
+    user, d = work
+    message = _cache_record(hostile, kind)
+    tree = d / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/app.conf").write_text("x=1\n")
+    acc = account(user)
+    for p in (tree, tree / "etc", tree / "etc/app.conf"):
+        os.lchown(p, acc.uid, acc.gid)
+    spec = write_spec(d, {"name": "app", "tag": "1", "contents": [str(tree)]})
+    out = d / "out"
+    code, _, stderr = nsbuild(
+        [
+            "layered",
+            str(spec),
+            "-o",
+            f"oci:{out}:1",
+            "-q",
+            "--tls-verify=false",
+            "--cache-dir",
+            str(d / "cache"),
+            f"--cache-from=docker://{hostile.host}/base:cache",
+        ],
+        user,
+    )
+    assert_one_line_failure(code, stderr, message)
+    assert_nothing_bad_written(d, out)
