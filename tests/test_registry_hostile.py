@@ -408,6 +408,15 @@ def test_an_answer_that_never_ends_is_cut_at_4_mib(hostile: HostileRegistry, wor
     assert_nothing_bad_written(work[1], out)
 
 
+def test_an_answer_that_drips_is_cut_at_its_deadline(hostile: HostileRegistry, work) -> None:
+    """A byte every 0.3 s never trips the 1 s read timeout; the answer as a whole has 10 of them."""
+    base_image(hostile)
+    hostile.faults.drip.add("/manifests/")
+    code, _, stderr, out = pull(hostile, work, hostile.ref("base", "1"))
+    assert_one_line_failure(code, stderr, "still arriving after 10 s", "NSBUILD_REGISTRY_TIMEOUT")
+    assert_nothing_bad_written(work[1], out)
+
+
 @pytest.mark.parametrize("where", ["/manifests/", "/blobs/"])
 def test_a_stalled_registry_times_out_naming_the_timeout(hostile: HostileRegistry, work, where: str) -> None:
     image = base_image(hostile)

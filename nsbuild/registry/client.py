@@ -48,6 +48,8 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 # Registries cap manifests at 4 MiB (distribution's default); no other answer needs more.
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+# An answer read whole (manifests, configs' descriptors, errors) may take this many read timeouts in all.
+DEADLINE_FACTOR = 10
 USER_AGENT = "nsbuild/0.1"
 _SENSITIVE_HEADERS = ("authorization", "cookie", "proxy-authorization")
 
@@ -690,7 +692,7 @@ class RegistryClient:
             location = resp.headers.get("Location")
             if resp.status_code not in REDIRECT_STATUSES or not location:
                 if not stream:
-                    _read_bounded(resp, self.registry, method)
+                    _read_bounded(resp, self.registry, method, DEADLINE_FACTOR * self.options.timeout)
                 return resp
             resp.close()
             url = urljoin(resp.url, location)
@@ -704,23 +706,25 @@ class RegistryClient:
         )
 
 
-def _read_bounded(resp: requests.Response, registry: str, method: str, limit: int = MAX_RESPONSE_BYTES) -> None:
-    """Read the answer into resp.content, refusing one longer than `limit` (never held whole)."""
+def _read_bounded(resp: requests.Response, registry: str, method: str, deadline: float) -> None:
+    """Read the answer into resp.content, refusing one longer than MAX_RESPONSE_BYTES (never held
+    whole) or still arriving `deadline` seconds on (a registry that drips a byte per read timeout)."""
+    limit = MAX_RESPONSE_BYTES
+    what = f"registry {registry}: the answer to {method} {urlparse(resp.url).path}"
     declared = resp.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > limit:
         resp.close()
-        raise ResponseTooLarge(
-            f"registry {registry}: the answer to {method} {urlparse(resp.url).path} announces {declared} bytes, "
-            f"more than the {limit // (1024 * 1024)} MiB allowed; refusing it"
-        )
+        raise ResponseTooLarge(f"{what} announces {declared} bytes, more than the 4 MiB allowed; refusing it")
     buf = bytearray()
+    until = time.monotonic() + deadline
     try:
-        for chunk in resp.iter_content(64 * 1024):
+        for chunk in _chunks(resp):
             buf += chunk
             if len(buf) > limit:
+                raise ResponseTooLarge(f"{what} is longer than 4 MiB; refusing it")
+            if time.monotonic() > until:
                 raise ResponseTooLarge(
-                    f"registry {registry}: the answer to {method} {urlparse(resp.url).path} is longer than "
-                    f"{limit // (1024 * 1024)} MiB; refusing it"
+                    f"{what} is still arriving after {deadline:g} s ({DEADLINE_FACTOR} x {ENV_TIMEOUT}); refusing it"
                 )
     except BaseException:
         resp.close()  # a cut, a stall or too much: this connection is of no further use
@@ -728,6 +732,30 @@ def _read_bounded(resp: requests.Response, registry: str, method: str, limit: in
     # requests' own cache of the body: .content, .text and .json() read it from here.
     resp._content = bytes(buf)  # noqa: SLF001
     resp._content_consumed = True  # noqa: SLF001
+
+
+def _chunks(resp: requests.Response) -> Iterable[bytes]:
+    """The body as it arrives: read1 returns what one read gives (iter_content would wait for a whole
+    chunk, so a drip would never reach the deadline check). urllib3's errors are turned into the
+    requests exceptions that the retry loop knows, as iter_content does."""
+    raw = resp.raw
+    if getattr(raw, "chunked", False) or not hasattr(raw, "read1"):
+        yield from resp.iter_content(64 * 1024)
+        return
+    while True:
+        try:
+            chunk = raw.read1(64 * 1024, decode_content=True)
+        except urllib3.exceptions.ReadTimeoutError as e:
+            raise requests.ConnectionError(e) from e
+        except urllib3.exceptions.ProtocolError as e:
+            raise requests.exceptions.ChunkedEncodingError(e) from e
+        except urllib3.exceptions.DecodeError as e:
+            raise requests.exceptions.ContentDecodingError(e) from e
+        except urllib3.exceptions.SSLError as e:
+            raise requests.exceptions.SSLError(e) from e
+        if not chunk:
+            return
+        yield chunk
 
 
 def _basic(cred: Credential) -> str:

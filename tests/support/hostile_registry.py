@@ -34,6 +34,7 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 # Hang guard for a stalled handler: it waits for the test to end, never longer than this.
 STALL_LIMIT = 120.0
+DRIP_PAUSE = 0.3
 
 
 def digest_of(data: bytes) -> str:
@@ -69,6 +70,7 @@ class Faults:
     serve_instead: dict[str, bytes] = field(default_factory=dict)  # manifest ref or blob digest -> bytes sent
     endless: set[str] = field(default_factory=set)  # path substrings answered with a body that never ends
     stall: set[str] = field(default_factory=set)  # path substrings answered never (or after half a blob)
+    drip: set[str] = field(default_factory=set)  # path substrings answered one byte every DRIP_PAUSE seconds
     fail: dict[str, int] = field(default_factory=dict)  # "METHOD path-substring" -> 503s to send first
     drop: dict[str, int] = field(default_factory=dict)  # "METHOD path-substring" -> connections to cut first
     bearer_realm: str | None = None  # /v2/ challenges with this Bearer realm
@@ -305,6 +307,17 @@ class _Answer:
         while not self.reg._stop.is_set():
             self.h.wfile.write(chunk)
 
+    def drip(self) -> None:
+        """A 1 MiB answer, one byte at a time, each well within any read timeout."""
+        self.h.send_response(200)
+        self.h.send_header("Content-Type", OCI_MANIFEST)
+        self.h.send_header("Content-Length", str(1024 * 1024))
+        self.h.end_headers()
+        self.h.close_connection = True
+        while not self.reg._stop.wait(DRIP_PAUSE):
+            self.h.wfile.write(b" ")
+            self.h.wfile.flush()
+
     def stall(self, partial: bytes = b"", total: int = 0) -> None:
         """Say nothing (or send the headers and part of a body) and wait until the test ends."""
         if partial:
@@ -338,6 +351,9 @@ class _Registry(_Answer):
             return
         if any(s in self.path for s in f.endless):
             self.endless()
+            return
+        if any(s in self.path for s in f.drip):
+            self.drip()
             return
         if not self.authorized():
             return
