@@ -78,8 +78,6 @@ BASE_NAME = "org.opencontainers.image.base.name"
 COMPRESSION_OF_MEDIA = {MEDIA_TAR: "none", MEDIA_TAR_GZIP: "gz", MEDIA_TAR_ZSTD: "zstd"}
 
 
-
-
 def registry_reference(text: str, what: str) -> Reference:
     """A docker:// reference for an option; a bad one is a usage error naming the option."""
     try:
@@ -89,7 +87,7 @@ def registry_reference(text: str, what: str) -> Reference:
 
 
 def has_explicit_tag(text: str) -> bool:
-    body = text[len("docker://"):] if text.startswith("docker://") else text
+    body = text[len("docker://") :] if text.startswith("docker://") else text
     last = body.rsplit("/", 1)[-1]
     return ":" in last or "@" in body
 
@@ -144,22 +142,42 @@ def preflight(text: str, what: str, options: RegistryOptions | None) -> None:
         client.request("GET", f"/v2/{ref.repository}/tags/list").close()
 
 
-def push(image: Image, target: Reference, *, manifest_format: str, options: RegistryOptions | None,
-         progress: Progress, cache_dir: Path | None) -> PushResult:
+def push(
+    image: Image,
+    target: Reference,
+    *,
+    manifest_format: str,
+    options: RegistryOptions | None,
+    progress: Progress,
+    cache_dir: Path | None,
+) -> PushResult:
     progress.info(f"pushing {target} ({manifest_format} manifest, {len(image.layers)} layers)")
-    result = push_image(image, target, manifest_format=manifest_format, options=options,
-                        progress=TransferReporter(progress, "push"), blob_record=blob_record(cache_dir))
-    progress.info(f"pushed {result.reference}@{result.digest}: {len(result.uploaded_blobs)} blobs uploaded "
-                  f"({human(result.uploaded_bytes)}), {len(result.skipped_blobs)} already there, "
-                  f"{len(result.mounted_blobs)} mounted")
+    result = push_image(
+        image,
+        target,
+        manifest_format=manifest_format,
+        options=options,
+        progress=TransferReporter(progress, "push"),
+        blob_record=blob_record(cache_dir),
+    )
+    progress.info(
+        f"pushed {result.reference}@{result.digest}: {len(result.uploaded_blobs)} blobs uploaded "
+        f"({human(result.uploaded_bytes)}), {len(result.skipped_blobs)} already there, "
+        f"{len(result.mounted_blobs)} mounted"
+    )
     return result
 
 
 def push_json(result: PushResult) -> dict[str, Any]:
     """What --json shows of a push: the library's secret-free record plus counts."""
     out = result.to_json()
-    out.update({"uploaded": len(result.uploaded_blobs), "skipped": len(result.skipped_blobs),
-                "mounted": len(result.mounted_blobs)})
+    out.update(
+        {
+            "uploaded": len(result.uploaded_blobs),
+            "skipped": len(result.skipped_blobs),
+            "mounted": len(result.mounted_blobs),
+        }
+    )
     return out
 
 
@@ -173,10 +191,15 @@ class PulledBase:
     annotations: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"reference": str(self.pulled.reference), "digest": self.pulled.resolved_digest,
-                "manifest_digest": self.pulled.digest, "pinned": self.pulled.pinned,
-                "downloaded": len(self.pulled.downloaded_blobs), "cached": len(self.pulled.cached_blobs),
-                "downloaded_bytes": self.pulled.downloaded_bytes}
+        return {
+            "reference": str(self.pulled.reference),
+            "digest": self.pulled.resolved_digest,
+            "manifest_digest": self.pulled.digest,
+            "pinned": self.pulled.pinned,
+            "downloaded": len(self.pulled.downloaded_blobs),
+            "cached": len(self.pulled.cached_blobs),
+            "downloaded_bytes": self.pulled.downloaded_bytes,
+        }
 
 
 def _verify_cached(pulled: PulledImage, store_dir: Path) -> list[str]:
@@ -213,8 +236,10 @@ def _checked_config(pulled: PulledImage, ref: Reference) -> tuple[dict[str, Any]
     if not isinstance(diff_ids, list):
         raise BuildError(f"fromImage {ref}: the image config has no rootfs.diff_ids")
     if len(diff_ids) != len(pulled.layers):
-        raise BuildError(f"fromImage {ref}: the manifest lists {len(pulled.layers)} layers but the config "
-                         f"has {len(diff_ids)} diff_ids")
+        raise BuildError(
+            f"fromImage {ref}: the manifest lists {len(pulled.layers)} layers but the config "
+            f"has {len(diff_ids)} diff_ids"
+        )
     if not all(is_sha256(d) for d in diff_ids):
         raise BuildError(f"fromImage {ref}: the image config's rootfs.diff_ids are not all sha256 digests")
     for name, kind, word in (("config", dict, "object"), ("history", list, "array")):
@@ -223,8 +248,15 @@ def _checked_config(pulled: PulledImage, ref: Reference) -> tuple[dict[str, Any]
     return config, diff_ids
 
 
-def pull_base(text: str, *, store_root: Path, architecture: str, options: RegistryOptions | None,
-              progress: Progress, need_tar: bool) -> PulledBase:
+def pull_base(
+    text: str,
+    *,
+    store_root: Path,
+    architecture: str,
+    options: RegistryOptions | None,
+    progress: Progress,
+    need_tar: bool,
+) -> PulledBase:
     """Pull a `docker://` base into `store_root/blobs/sha256` (the layer cache, or the workspace)."""
     ref = registry_reference(text, "fromImage")
     progress.info(f"pulling base image {ref} ({architecture})")
@@ -233,11 +265,12 @@ def pull_base(text: str, *, store_root: Path, architecture: str, options: Regist
     pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options, progress=reporter)
     if _verify_cached(pulled, store_dir):
         progress.warn("cached base image blobs were corrupted; downloading them again")
-        pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options,
-                            progress=reporter)
-    progress.info(f"base image {ref} resolved to {pulled.resolved_digest} "
-                  f"({len(pulled.downloaded_blobs)} blobs downloaded, {human(pulled.downloaded_bytes)}; "
-                  f"{len(pulled.cached_blobs)} already cached)")
+        pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options, progress=reporter)
+    progress.info(
+        f"base image {ref} resolved to {pulled.resolved_digest} "
+        f"({len(pulled.downloaded_blobs)} blobs downloaded, {human(pulled.downloaded_bytes)}; "
+        f"{len(pulled.cached_blobs)} already cached)"
+    )
     config, diff_ids = _checked_config(pulled, ref)
     pinned = pulled.pinned
     layers = []
@@ -255,8 +288,15 @@ def pull_base(text: str, *, store_root: Path, architecture: str, options: Regist
             tar = _decompress_verified(blob.path, store_dir, diff_id, what)
         else:
             tar = Blob(diff_id, 0, None)  # never needed: sinks use the compressed blob
-        layers.append(Layer(diff_id=diff_id, tar=tar, compressed=compressed, media_type=media,
-                            comment=f"base layer {i} from {pinned}"))
+        layers.append(
+            Layer(
+                diff_id=diff_id,
+                tar=tar,
+                compressed=compressed,
+                media_type=media,
+                comment=f"base layer {i} from {pinned}",
+            )
+        )
     # Provenance in the config too (the docker-archive has no manifest annotations): every base
     # history entry with a layer names the pinned base it came from.
     history = [dict(h) for h in config.get("history") or [] if isinstance(h, dict)]
@@ -271,14 +311,18 @@ def pull_base(text: str, *, store_root: Path, architecture: str, options: Regist
 # --- content fingerprints ------------------------------------------------------------------------------
 
 
-def content_fingerprint(sources: list[Source], *, mtime: int, owner: OwnerPolicy,
-                        overlay_whiteouts: bool = False) -> str:
+def content_fingerprint(
+    sources: list[Source], *, mtime: int, owner: OwnerPolicy, overlay_whiteouts: bool = False
+) -> str:
     """See the module docstring: the tar's headers in order, each file's data by its sha256."""
     h = hashlib.sha256()
     from nsbuild.cache import FORMAT_VERSION  # the writer's version: its bytes for these inputs
 
-    h.update(json.dumps([CONTENT_VERSION, FORMAT_VERSION, mtime, owner.to_json(), overlay_whiteouts],
-                        sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            [CONTENT_VERSION, FORMAT_VERSION, mtime, owner.to_json(), overlay_whiteouts], sort_keys=True
+        ).encode()
+    )
     for entry in iter_entries(sources, overlay_whiteouts=overlay_whiteouts):
         h.update(encode_header(entry, owner.resolve(entry.uid, entry.gid), mtime))
         if entry.kind == "file" and entry.size and entry.host is not None:
@@ -286,8 +330,9 @@ def content_fingerprint(sources: list[Source], *, mtime: int, owner: OwnerPolicy
     return h.hexdigest()
 
 
-def remembered_content_fingerprint(cache_root: Path | None, local_key: str | None, sources: list[Source], *,
-                                   mtime: int, owner: OwnerPolicy) -> str:
+def remembered_content_fingerprint(
+    cache_root: Path | None, local_key: str | None, sources: list[Source], *, mtime: int, owner: OwnerPolicy
+) -> str:
     """content_fingerprint, remembered per local fingerprint in `<cache>/content/`: the local key
     covers every entry's stat data (ctime included), so while it matches, the content does too and an
     unchanged layer costs no reading."""
@@ -359,8 +404,9 @@ class RemoteCache:
         if not isinstance(record.get("layers") or {}, dict):
             raise BuildError(f"{what}: cache record {digest}: 'layers' is not an object")
         if record.get("format") != CACHE_FORMAT:
-            self.progress.warn(f"--cache-from {self.ref}: cache format {record.get('format')!r} is not "
-                               f"{CACHE_FORMAT}; ignoring it")
+            self.progress.warn(
+                f"--cache-from {self.ref}: cache format {record.get('format')!r} is not {CACHE_FORMAT}; ignoring it"
+            )
             return
         self.entries = record.get("layers") or {}
         self.progress.info(f"shared cache {self.ref}: {len(self.entries)} layers recorded")
@@ -385,8 +431,7 @@ class RemoteCache:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def lookup(self, key: str, *, compression: str, need_tar: bool, store_root: Path,
-               comment: str) -> Layer | None:
+    def lookup(self, key: str, *, compression: str, need_tar: bool, store_root: Path, comment: str) -> Layer | None:
         """The layer for content fingerprint `key` from the registry, in the form this build needs
         (`compression`'s blob; the plain tar too when `need_tar`), or None."""
         entry = self.entries.get(key)
@@ -413,16 +458,24 @@ class RemoteCache:
                 if rec is None:
                     return None
                 blob = self._fetch(rec, store_root)
-                tar = blob if blob.digest == diff_id else _decompress_verified(
-                    blob.path, store_dir, diff_id, f"cache layer {diff_id[:19]}")
+                tar = (
+                    blob
+                    if blob.digest == diff_id
+                    else _decompress_verified(blob.path, store_dir, diff_id, f"cache layer {diff_id[:19]}")
+                )
                 compressed = tar
         except RegistryError as exc:
             if exc.status == 404:
                 self.progress.warn(f"shared cache {self.ref}: a recorded blob is gone ({exc}); rebuilding")
                 return None
             raise
-        return Layer(diff_id=diff_id, tar=tar, compressed=compressed,
-                     media_type=MEDIA_BY_COMPRESSOR[compression], comment=comment)
+        return Layer(
+            diff_id=diff_id,
+            tar=tar,
+            compressed=compressed,
+            media_type=MEDIA_BY_COMPRESSOR[compression],
+            comment=comment,
+        )
 
     def _fetch(self, rec: dict[str, Any], store_root: Path) -> Blob:
         assert self.client is not None
@@ -447,8 +500,14 @@ def _valid_cache_entry(entry: object) -> bool:
     return True
 
 
-def push_cache(text: str, layers: list[tuple[str, Layer]], *, options: RegistryOptions | None,
-               progress: Progress, cache_dir: Path | None) -> PushResult:
+def push_cache(
+    text: str,
+    layers: list[tuple[str, Layer]],
+    *,
+    options: RegistryOptions | None,
+    progress: Progress,
+    cache_dir: Path | None,
+) -> PushResult:
     """`--cache-to`: the record of this build's content layers, as an artifact holding their blobs."""
     ref = registry_reference(text, "--cache-to")
     entries: dict[str, dict[str, Any]] = {}
@@ -459,26 +518,39 @@ def push_cache(text: str, layers: list[tuple[str, Layer]], *, options: RegistryO
         if blob.path is None:
             continue
         form = COMPRESSION_OF_MEDIA.get(layer.media_type, "none")
-        entries[key] = {"diff_id": layer.diff_id, "tar_size": layer.tar.size,
-                        "blobs": {form: {"digest": blob.digest, "size": blob.size, "mediaType": layer.media_type}}}
+        entries[key] = {
+            "diff_id": layer.diff_id,
+            "tar_size": layer.tar.size,
+            "blobs": {form: {"digest": blob.digest, "size": blob.size, "mediaType": layer.media_type}},
+        }
         if blob.digest not in blobs:
             blobs[blob.digest] = blob.path
             descriptors.append({"mediaType": layer.media_type, "digest": blob.digest, "size": blob.size})
     config = canonical_json({"format": CACHE_FORMAT, "layers": entries})
-    manifest = canonical_json({
-        "schemaVersion": 2,
-        "mediaType": MEDIA_OCI_MANIFEST,
-        "config": {"mediaType": CACHE_CONFIG_MEDIA, "digest": sha256_digest(config), "size": len(config)},
-        "layers": descriptors,
-        "annotations": {"org.opencontainers.image.description": "nsbuild layer cache"},
-    })
+    manifest = canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_OCI_MANIFEST,
+            "config": {"mediaType": CACHE_CONFIG_MEDIA, "digest": sha256_digest(config), "size": len(config)},
+            "layers": descriptors,
+            "annotations": {"org.opencontainers.image.description": "nsbuild layer cache"},
+        }
+    )
     progress.info(f"pushing the layer cache ({len(entries)} layers) to {ref}")
-    result = push_manifest(ref, manifest, MEDIA_OCI_MANIFEST, blobs={sha256_digest(config): config, **blobs},
-                           options=options, progress=TransferReporter(progress, "cache"),
-                           blob_record=blob_record(cache_dir))
-    progress.info(f"pushed the layer cache {result.reference}@{result.digest}: "
-                  f"{len(result.uploaded_blobs)} blobs uploaded, {len(result.skipped_blobs)} already there, "
-                  f"{len(result.mounted_blobs)} mounted")
+    result = push_manifest(
+        ref,
+        manifest,
+        MEDIA_OCI_MANIFEST,
+        blobs={sha256_digest(config): config, **blobs},
+        options=options,
+        progress=TransferReporter(progress, "cache"),
+        blob_record=blob_record(cache_dir),
+    )
+    progress.info(
+        f"pushed the layer cache {result.reference}@{result.digest}: "
+        f"{len(result.uploaded_blobs)} blobs uploaded, {len(result.skipped_blobs)} already there, "
+        f"{len(result.mounted_blobs)} mounted"
+    )
     return result
 
 
@@ -498,8 +570,16 @@ def opened_cache(text: str | None, options: RegistryOptions | None, progress: Pr
 # --- nsbuild push --------------------------------------------------------------------------------------
 
 
-def push_existing(text: str, target: Reference, *, compressor: str, manifest_format: str,
-                  options: RegistryOptions | None, progress: Progress, cache_dir: Path | None) -> PushResult:
+def push_existing(
+    text: str,
+    target: Reference,
+    *,
+    compressor: str,
+    manifest_format: str,
+    options: RegistryOptions | None,
+    progress: Progress,
+    cache_dir: Path | None,
+) -> PushResult:
     """`nsbuild push IMAGE REF`: an image on disk as it is; uncompressed layers compressed first."""
     from nsbuild.baseimage import load_base
     from nsbuild.build import Workspace
@@ -520,14 +600,27 @@ def push_existing(text: str, target: Reference, *, compressor: str, manifest_for
             if compressor == "none" or layer.media_type != MEDIA_TAR or layer.tar.path is None:
                 layers.append(layer)  # compressed blobs are pushed byte for byte
             else:
-                layers.append(layer_from_tar(layer.tar.path, ws.blobs, compression=compressor,
-                                             comment=layer.comment, expected_diff_id=layer.diff_id))
+                layers.append(
+                    layer_from_tar(
+                        layer.tar.path,
+                        ws.blobs,
+                        compression=compressor,
+                        comment=layer.comment,
+                        expected_diff_id=layer.diff_id,
+                    )
+                )
         config = base.raw_config if base.raw_config is not None else canonical_json(base.config)
-        image = Image(name=target.repository, tag=target.tag or "latest", layers=layers, config=config,
-                      manifest=oci_manifest(config, layers))
+        image = Image(
+            name=target.repository,
+            tag=target.tag or "latest",
+            layers=layers,
+            config=config,
+            manifest=oci_manifest(config, layers),
+        )
         if warning := healthcheck_warning(config, "registry", manifest_format):
             progress.warn(warning)
-        return push(image, target, manifest_format=manifest_format, options=options, progress=progress,
-                    cache_dir=cache_dir)
+        return push(
+            image, target, manifest_format=manifest_format, options=options, progress=progress, cache_dir=cache_dir
+        )
     finally:
         ws.close()
