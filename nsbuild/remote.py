@@ -65,6 +65,7 @@ from nsbuild.registry import (
     push_manifest,
 )
 from nsbuild.registry.client import RegistryClient
+from nsbuild.registry.pull import descriptor, is_sha256, parse_document
 from nsbuild.registry.reference import Reference
 from nsbuild.tarwriter import Source, encode_header, iter_entries
 
@@ -226,6 +227,27 @@ def _decompress_verified(src: Path, blob_dir: Path, diff_id: str, what: str) -> 
     return blob
 
 
+def _checked_config(pulled: PulledImage, ref: Reference) -> tuple[dict[str, Any], list[str]]:
+    """The pulled config (pull_image made sure it is a JSON object) and its diff_ids, refused in one
+    line unless each part the build reads has the type it must have."""
+    config = parse_document(pulled.config, f"fromImage {ref}: config {pulled.config_digest}")
+    rootfs = config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list):
+        raise BuildError(f"fromImage {ref}: the image config has no rootfs.diff_ids")
+    if len(diff_ids) != len(pulled.layers):
+        raise BuildError(
+            f"fromImage {ref}: the manifest lists {len(pulled.layers)} layers but the config "
+            f"has {len(diff_ids)} diff_ids"
+        )
+    if not all(is_sha256(d) for d in diff_ids):
+        raise BuildError(f"fromImage {ref}: the image config's rootfs.diff_ids are not all sha256 digests")
+    for name, kind, word in (("config", dict, "object"), ("history", list, "array")):
+        if config.get(name) is not None and not isinstance(config[name], kind):
+            raise BuildError(f"fromImage {ref}: the image config's {name!r} is not a JSON {word}")
+    return config, diff_ids
+
+
 def pull_base(
     text: str,
     *,
@@ -249,16 +271,7 @@ def pull_base(
         f"({len(pulled.downloaded_blobs)} blobs downloaded, {human(pulled.downloaded_bytes)}; "
         f"{len(pulled.cached_blobs)} already cached)"
     )
-    try:
-        config = json.loads(pulled.config)
-        diff_ids = config["rootfs"]["diff_ids"]
-    except (ValueError, KeyError, TypeError):
-        raise BuildError(f"fromImage {ref}: the image config has no rootfs.diff_ids") from None
-    if not isinstance(diff_ids, list) or len(diff_ids) != len(pulled.layers):
-        raise BuildError(
-            f"fromImage {ref}: the manifest lists {len(pulled.layers)} layers but the config "
-            f"has {len(diff_ids) if isinstance(diff_ids, list) else 'no'} diff_ids"
-        )
+    config, diff_ids = _checked_config(pulled, ref)
     pinned = pulled.pinned
     layers = []
     for i, (blob, diff_id) in enumerate(zip(pulled.layers, diff_ids, strict=True)):
@@ -286,7 +299,7 @@ def pull_base(
         )
     # Provenance in the config too (the docker-archive has no manifest annotations): every base
     # history entry with a layer names the pinned base it came from.
-    history = [dict(h) for h in config.get("history", []) if isinstance(h, dict)]
+    history = [dict(h) for h in config.get("history") or [] if isinstance(h, dict)]
     for h in history:
         if not h.get("empty_layer"):
             old = h.get("comment")
@@ -377,15 +390,19 @@ class RemoteCache:
         if body is None:
             self.progress.info(f"no shared cache at {self.ref} yet; building")
             return
-        doc = json.loads(body)
-        config = doc.get("config") or {}
-        if config.get("mediaType") != CACHE_CONFIG_MEDIA:
-            raise BuildError(
-                f"--cache-from {self.ref}: not an nsbuild cache (config media type {config.get('mediaType')!r})"
-            )
+        what = f"--cache-from {self.ref}"
+        doc = parse_document(body, f"{what}: manifest")
+        config = doc.get("config")
+        digest, size, media = descriptor(config, f"{what}: manifest config")
+        if media != CACHE_CONFIG_MEDIA:
+            raise BuildError(f"{what}: not an nsbuild cache (config media type {media[:80]!r})")
+        if size > 64 * 1024 * 1024:
+            raise BuildError(f"{what}: the cache record {digest} claims {size} bytes; refusing it")
         assert self.client is not None
-        blob = fetch_blob(self.client, self._scratch, str(config["digest"]), int(config["size"]), CACHE_CONFIG_MEDIA)
-        record = json.loads(blob.path.read_bytes())
+        blob = fetch_blob(self.client, self._scratch, digest, size, CACHE_CONFIG_MEDIA)
+        record = parse_document(blob.path.read_bytes(), f"{what}: cache record {digest}")
+        if not isinstance(record.get("layers") or {}, dict):
+            raise BuildError(f"{what}: cache record {digest}: 'layers' is not an object")
         if record.get("format") != CACHE_FORMAT:
             self.progress.warn(
                 f"--cache-from {self.ref}: cache format {record.get('format')!r} is not {CACHE_FORMAT}; ignoring it"
@@ -419,6 +436,9 @@ class RemoteCache:
         (`compression`'s blob; the plain tar too when `need_tar`), or None."""
         entry = self.entries.get(key)
         if not entry or self.client is None:
+            return None
+        if not _valid_cache_entry(entry):
+            self.progress.warn(f"shared cache {self.ref}: the record of layer {key[:12]} is malformed; rebuilding it")
             return None
         forms: dict[str, dict[str, Any]] = entry.get("blobs") or {}
         diff_id = str(entry["diff_id"])
@@ -462,6 +482,22 @@ class RemoteCache:
         digest, size = str(rec["digest"]), int(rec["size"])
         pulled = fetch_blob(self.client, store_root, digest, size, str(rec.get("mediaType", "")))
         return Blob(digest, size, pulled.path)
+
+
+def _valid_cache_entry(entry: object) -> bool:
+    """A cache record entry has the shape lookup reads: a diff_id and descriptors of its blobs."""
+    if not isinstance(entry, dict) or not is_sha256(entry.get("diff_id")):
+        return False
+    forms = entry.get("blobs") or {}
+    tar_size = entry.get("tar_size", 0)
+    if not isinstance(forms, dict) or not isinstance(tar_size, int) or isinstance(tar_size, bool) or tar_size < 0:
+        return False
+    try:
+        for rec in forms.values():
+            descriptor(rec, "cache blob")
+    except BuildError:
+        return False
+    return True
 
 
 def push_cache(
