@@ -25,6 +25,7 @@ from support.core import read_image, write_spec
 from support.users import describe, run_nsbuild
 from support.verifiers import image_layers, podman_store
 
+from nsbuild.errors import BuildError
 from nsbuild.store import Store
 
 NIX_STORE = shutil.which("nix-store")
@@ -494,3 +495,23 @@ def test_script_paths_are_references_of_the_customisation_layer_node() -> None:
     }
     assert image_store_layers(ImageGraph(**common), 2) == [[tool], [app]]
     assert image_store_layers(ImageGraph(**common, script_roots=[tool]), 2) == [[app, tool]]
+
+
+def test_chroot_store_database_names_paths_under_nix_store(tmp_path: Path) -> None:
+    """A `local?root=R` store keeps R/nix/store, and its database (R/nix/var/nix/db) names the paths
+    /nix/store/…: storeDir R/nix/store finds that database and reads it under that name."""
+    root = tmp_path / "chroot"
+    (root / "nix" / "store").mkdir(parents=True)
+    store = NixStore(root)
+    f = tmp_path / "greeting"
+    f.write_text("hi\n")
+    added = Path(store.nix("nix-store", "--add", str(f), uri=f"local?root={root}").strip())
+    assert str(added).startswith("/nix/store/")
+    physical = store.dir / added.name
+    assert physical.is_file()
+    fake = store.dir / "0a1b2c3d4f5g6h7i8j9k0l1m2n3p4q5r-handmade"
+    fake.mkdir()
+    s = Store(str(store.dir))
+    assert list(s.closure([physical])) == [added.name]
+    with pytest.raises(BuildError, match="not a valid path in the Nix database"):
+        s.closure([fake])
