@@ -234,15 +234,15 @@ def pull_base(text: str, *, store_root: Path, architecture: str, options: Regist
     store_dir = store_root / "blobs" / "sha256"
     reporter = TransferReporter(progress, "pull")
     pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options, progress=reporter)
-    if _verify_cached(pulled, store_dir):
-        progress.warn("cached base image blobs were corrupted; downloading them again")
-        pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options,
-                            progress=reporter)
     for _attempt in range(3):
-        # Pinned, then checked: a prune that ran since the pull took blobs away, so pull them again.
-        if pin is None or not pin(_diff_ids(pulled), [b.digest for b in pulled.layers]):
+        # Pinned, then checked (the layer cache is shared with prunes and other writers): blobs a
+        # prune took away since the pull, or corrupted ones, are downloaded again.
+        if pin is not None and pin(_diff_ids(pulled), [b.digest for b in pulled.layers]):
+            progress.warn("cached base image blobs were pruned meanwhile; downloading them again")
+        elif _verify_cached(pulled, store_dir):
+            progress.warn("cached base image blobs were corrupted; downloading them again")
+        else:
             break
-        progress.warn("cached base image blobs were pruned meanwhile; downloading them again")
         pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options,
                             progress=reporter)
     progress.info(f"base image {ref} resolved to {pulled.resolved_digest} "

@@ -180,3 +180,51 @@ def test_eight_builds_sharing_one_cache_match_serial_builds(user_with_subids: st
         assert all(out.read_bytes() == serial for out in outs), round_
     verify = run_nsbuild(["cache", "verify", "--cache-dir", str(d / "cache")], user)
     assert verify.returncode == 0 and "0 problems" in verify.stdout, describe(verify)
+
+
+def test_prune_racing_builds_from_a_registry_base(user_with_subids: str | None, user_tmp,  # noqa: ANN001
+                                                  registry: str) -> None:
+    """Pulled base blobs live in the cache unreferenced by any entry: prune takes them unless the
+    build pinned them; a build that finds them pruned between pull and pin downloads them again."""
+    user = user_with_subids
+    d = user_tmp(user)
+    base_spec = make_inputs(d, user)
+    check(build(base_spec, f"docker://{registry}/base:1", user, "--no-cache", "--tls-verify=false"))
+    child = d / "child"
+    child.mkdir()
+    (child / "c.txt").write_text("child\n")
+    os.lchown(child, account(user).uid, account(user).gid)
+    os.lchown(child / "c.txt", account(user).uid, account(user).gid)
+    spec = write_spec(d, {"name": "child", "tag": "1", "fromImage": f"docker://{registry}/base:1",
+                          "contents": [str(child)]}, "child.json")
+    args = ["--tls-verify=false"]
+    check(build(spec, str(d / "ref.tar"), user, "--no-cache", *args))
+    reference = (d / "ref.tar").read_bytes()
+    cache = ["--cache-dir", str(d / "cache")]
+    done = threading.Event()
+    prunes: list[subprocess.CompletedProcess] = []
+
+    def pruner() -> None:
+        while not done.is_set():
+            prunes.append(run_nsbuild(["cache", "prune", *cache], user, timeout=TIMEOUT))
+
+    def builder(worker: int) -> list[str]:
+        problems = []
+        for i in range(5):
+            out = d / f"w{worker}-{i}.tar"
+            proc = build(spec, str(out), user, *cache, *args)
+            if proc.returncode != 0 or "Traceback" in proc.stderr or out.read_bytes() != reference:
+                problems.append(describe(proc))
+        return problems
+
+    thread = threading.Thread(target=pruner)
+    thread.start()
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            problems = [p for ps in pool.map(builder, range(2)) for p in ps]
+    finally:
+        done.set()
+        thread.join()
+    assert problems == [], f"{len(problems)} of 10 builds failed or differ:\n" + "\n".join(problems[:3])
+    for proc in prunes:
+        check(proc)
