@@ -141,6 +141,31 @@ def test_forged_cache_from_record_cannot_inject_a_file(user_with_subids: str | N
     assert "from cache" in err and "refusing" not in err, err
 
 
+@pytest.mark.parametrize("compressor", ["none", "zstd"])
+def test_honest_records_of_every_compression_are_served(user_with_subids: str | None, user_tmp,  # noqa: ANN001
+                                                        registry_factory: RegistryFactory, compressor: str) -> None:
+    """The check passes what the writer wrote: plain tars (the blob is the tar) and zstd blobs, into a
+    layout and a docker-archive (which needs the tars), with and without a local cache."""
+    user = user_with_subids
+    reg = registry_factory()
+    shared = f"docker://{reg}/c:{compressor}"
+    d = user_tmp(user)
+    t = tree(d / "in/app", {"a.txt": b"a\n", "big.bin": os.urandom(200_000)}, user)
+    spec = write_spec(d, {"name": "h", "tag": "1", "compressor": compressor,
+                          "contents": [{"path": str(t), "target": "/app"}]})
+    ok(run_nsbuild(["layered", str(spec), "-o", f"oci:{d / 'a'}:1", "--no-cache", "--cache-to", shared, TLS_OFF],
+                   user))
+    ok(run_nsbuild(["layered", str(spec), "-o", str(d / "a.tar"), "--no-cache"], user))
+    for name, out, extra in (("b", f"oci:{d / 'b'}:1", ["--no-cache"]),
+                             ("c", str(d / "c.tar"), ["--cache-dir", str(d / "cache")])):
+        err = ok(run_nsbuild(["layered", str(spec), "-o", out, *extra, "--cache-from", shared, TLS_OFF], user))
+        assert "from cache" in err and "refusing" not in err, err
+        if name == "b":
+            assert (d / "b/index.json").read_bytes() == (d / "a/index.json").read_bytes()
+        else:
+            assert (d / "c.tar").read_bytes() == (d / "a.tar").read_bytes()
+
+
 @pytest.fixture
 def owner() -> OwnerPolicy:
     return OwnerPolicy.fixed_owner(Owner(0, 0, "root", "root"))
