@@ -65,8 +65,7 @@ class Staging:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             self.blobs = self.root / "blobs" / "sha256"
             self.blobs.mkdir(parents=True)
-            self._pins = os.open(self.root / "pins", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                                 0o644)
+            self._pins = os.open(self.root / "pins", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         self.pinned: set[str] = set()
 
     def pin(self, digests: list[str]) -> None:

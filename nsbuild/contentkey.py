@@ -40,8 +40,11 @@ def content_hasher(*, mtime: int, owner: OwnerPolicy, overlay_whiteouts: bool) -
     from nsbuild.cache import FORMAT_VERSION  # the writer's version: its bytes for these inputs
 
     h = hashlib.sha256()
-    h.update(json.dumps([CONTENT_VERSION, FORMAT_VERSION, mtime, owner.to_json(), overlay_whiteouts],
-                        sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            [CONTENT_VERSION, FORMAT_VERSION, mtime, owner.to_json(), overlay_whiteouts], sort_keys=True
+        ).encode()
+    )
     return h
 
 
@@ -50,8 +53,9 @@ def file_record(digest: bytes, size: int) -> bytes:
     return digest + size.to_bytes(8, "big")
 
 
-def check_tar(read: Callable[[int], bytes], key: str, *, mtime: int, owner: OwnerPolicy,
-              overlay_whiteouts: bool = False) -> None:
+def check_tar(
+    read: Callable[[int], bytes], key: str, *, mtime: int, owner: OwnerPolicy, overlay_whiteouts: bool = False
+) -> None:
     """Raise TarMismatch unless the tar that `read` yields has the content fingerprint `key`."""
     h = content_hasher(mtime=mtime, owner=owner, overlay_whiteouts=overlay_whiteouts)
     while True:
@@ -103,11 +107,11 @@ def _pax_size(body: bytes) -> int | None:
     pos = 0
     size = None
     while pos < len(body):
-        length_text, sep, _ = body[pos:pos + 24].partition(b" ")
+        length_text, sep, _ = body[pos : pos + 24].partition(b" ")
         if not sep or not length_text.isdigit() or int(length_text) <= 0:
             raise TarMismatch("a malformed PAX record")
-        record = body[pos:pos + int(length_text)]
-        key, _, value = record[len(length_text) + 1:-1].partition(b"=")
+        record = body[pos : pos + int(length_text)]
+        key, _, value = record[len(length_text) + 1 : -1].partition(b"=")
         if key == b"size":
             if not value.isdigit():
                 raise TarMismatch("a malformed PAX size")
@@ -161,8 +165,7 @@ class TeeReader:
         return "sha256:" + self.hash.hexdigest()
 
 
-def verified_tar(blob: Blob, *, diff_id: str, key: str, mtime: int, owner: OwnerPolicy,
-                 save_dir: Path | None) -> Blob:
+def verified_tar(blob: Blob, *, diff_id: str, key: str, mtime: int, owner: OwnerPolicy, save_dir: Path | None) -> Blob:
     """The layer tar of a downloaded `blob` (a tar, or compressed), checked against the content
     fingerprint `key` and the recorded `diff_id` (TarMismatch otherwise); kept in `save_dir` when given
     and the blob is compressed.  Nothing half-written stays behind."""

@@ -78,8 +78,6 @@ BASE_NAME = "org.opencontainers.image.base.name"
 COMPRESSION_OF_MEDIA = {MEDIA_TAR: "none", MEDIA_TAR_GZIP: "gz", MEDIA_TAR_ZSTD: "zstd"}
 
 
-
-
 def registry_reference(text: str, what: str) -> Reference:
     """A docker:// reference for an option; a bad one is a usage error naming the option."""
     try:
@@ -89,7 +87,7 @@ def registry_reference(text: str, what: str) -> Reference:
 
 
 def has_explicit_tag(text: str) -> bool:
-    body = text[len("docker://"):] if text.startswith("docker://") else text
+    body = text[len("docker://") :] if text.startswith("docker://") else text
     last = body.rsplit("/", 1)[-1]
     return ":" in last or "@" in body
 
@@ -144,15 +142,30 @@ def preflight(text: str, what: str, options: RegistryOptions | None) -> None:
         client.request("GET", f"/v2/{ref.repository}/tags/list").close()
 
 
-def push(image: Image, target: Reference, *, manifest_format: str, options: RegistryOptions | None,
-         progress: Progress, cache_dir: Path | None) -> PushResult:
+def push(
+    image: Image,
+    target: Reference,
+    *,
+    manifest_format: str,
+    options: RegistryOptions | None,
+    progress: Progress,
+    cache_dir: Path | None,
+) -> PushResult:
     progress.info(f"pushing {target} ({manifest_format} manifest, {len(image.layers)} layers)")
     check_blobs([layer.compressed for layer in image.layers])
-    result = push_image(image, target, manifest_format=manifest_format, options=options,
-                        progress=TransferReporter(progress, "push"), blob_record=blob_record(cache_dir))
-    progress.info(f"pushed {result.reference}@{result.digest}: {len(result.uploaded_blobs)} blobs uploaded "
-                  f"({human(result.uploaded_bytes)}), {len(result.skipped_blobs)} already there, "
-                  f"{len(result.mounted_blobs)} mounted")
+    result = push_image(
+        image,
+        target,
+        manifest_format=manifest_format,
+        options=options,
+        progress=TransferReporter(progress, "push"),
+        blob_record=blob_record(cache_dir),
+    )
+    progress.info(
+        f"pushed {result.reference}@{result.digest}: {len(result.uploaded_blobs)} blobs uploaded "
+        f"({human(result.uploaded_bytes)}), {len(result.skipped_blobs)} already there, "
+        f"{len(result.mounted_blobs)} mounted"
+    )
     return result
 
 
@@ -162,15 +175,22 @@ def check_blobs(blobs: list[Blob]) -> None:
     with a less clear error."""
     for blob in blobs:
         if blob.path is not None and file_digest(blob.path) != blob.digest:
-            raise BuildError(f"{blob.path}: the blob {blob.digest[:19]} is corrupted (its bytes have another "
-                             "digest); run `nsbuild cache verify` and build again")
+            raise BuildError(
+                f"{blob.path}: the blob {blob.digest[:19]} is corrupted (its bytes have another "
+                "digest); run `nsbuild cache verify` and build again"
+            )
 
 
 def push_json(result: PushResult) -> dict[str, Any]:
     """What --json shows of a push: the library's secret-free record plus counts."""
     out = result.to_json()
-    out.update({"uploaded": len(result.uploaded_blobs), "skipped": len(result.skipped_blobs),
-                "mounted": len(result.mounted_blobs)})
+    out.update(
+        {
+            "uploaded": len(result.uploaded_blobs),
+            "skipped": len(result.skipped_blobs),
+            "mounted": len(result.mounted_blobs),
+        }
+    )
     return out
 
 
@@ -184,10 +204,15 @@ class PulledBase:
     annotations: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"reference": str(self.pulled.reference), "digest": self.pulled.resolved_digest,
-                "manifest_digest": self.pulled.digest, "pinned": self.pulled.pinned,
-                "downloaded": len(self.pulled.downloaded_blobs), "cached": len(self.pulled.cached_blobs),
-                "downloaded_bytes": self.pulled.downloaded_bytes}
+        return {
+            "reference": str(self.pulled.reference),
+            "digest": self.pulled.resolved_digest,
+            "manifest_digest": self.pulled.digest,
+            "pinned": self.pulled.pinned,
+            "downloaded": len(self.pulled.downloaded_blobs),
+            "cached": len(self.pulled.cached_blobs),
+            "downloaded_bytes": self.pulled.downloaded_bytes,
+        }
 
 
 def _verify_cached(pulled: PulledImage, store_dir: Path) -> list[str]:
@@ -225,8 +250,16 @@ def _diff_ids(pulled: PulledImage) -> list[str]:
     return []
 
 
-def pull_base(text: str, *, store_root: Path, architecture: str, options: RegistryOptions | None,
-              progress: Progress, need_tar: bool, pin: Pin | None = None) -> PulledBase:
+def pull_base(
+    text: str,
+    *,
+    store_root: Path,
+    architecture: str,
+    options: RegistryOptions | None,
+    progress: Progress,
+    need_tar: bool,
+    pin: Pin | None = None,
+) -> PulledBase:
     """Pull a `docker://` base into `store_root/blobs/sha256` (the layer cache, or the workspace).
     `pin(digests, required)`: the layer cache's pin_present, so a prune cannot take the blobs away."""
     ref = registry_reference(text, "fromImage")
@@ -243,19 +276,22 @@ def pull_base(text: str, *, store_root: Path, architecture: str, options: Regist
             progress.warn("cached base image blobs were corrupted; downloading them again")
         else:
             break
-        pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options,
-                            progress=reporter)
-    progress.info(f"base image {ref} resolved to {pulled.resolved_digest} "
-                  f"({len(pulled.downloaded_blobs)} blobs downloaded, {human(pulled.downloaded_bytes)}; "
-                  f"{len(pulled.cached_blobs)} already cached)")
+        pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options, progress=reporter)
+    progress.info(
+        f"base image {ref} resolved to {pulled.resolved_digest} "
+        f"({len(pulled.downloaded_blobs)} blobs downloaded, {human(pulled.downloaded_bytes)}; "
+        f"{len(pulled.cached_blobs)} already cached)"
+    )
     try:
         config = json.loads(pulled.config)
         diff_ids = config["rootfs"]["diff_ids"]
     except (ValueError, KeyError, TypeError):
         raise BuildError(f"fromImage {ref}: the image config has no rootfs.diff_ids") from None
     if not isinstance(diff_ids, list) or len(diff_ids) != len(pulled.layers):
-        raise BuildError(f"fromImage {ref}: the manifest lists {len(pulled.layers)} layers but the config "
-                         f"has {len(diff_ids) if isinstance(diff_ids, list) else 'no'} diff_ids")
+        raise BuildError(
+            f"fromImage {ref}: the manifest lists {len(pulled.layers)} layers but the config "
+            f"has {len(diff_ids) if isinstance(diff_ids, list) else 'no'} diff_ids"
+        )
     pinned = pulled.pinned
     layers = []
     for i, (blob, diff_id) in enumerate(zip(pulled.layers, diff_ids, strict=True)):
@@ -272,8 +308,15 @@ def pull_base(text: str, *, store_root: Path, architecture: str, options: Regist
             tar = _decompress_verified(blob.path, store_dir, diff_id, what)
         else:
             tar = Blob(diff_id, 0, None)  # never needed: sinks use the compressed blob
-        layers.append(Layer(diff_id=diff_id, tar=tar, compressed=compressed, media_type=media,
-                            comment=f"base layer {i} from {pinned}"))
+        layers.append(
+            Layer(
+                diff_id=diff_id,
+                tar=tar,
+                compressed=compressed,
+                media_type=media,
+                comment=f"base layer {i} from {pinned}",
+            )
+        )
     # Provenance in the config too (the docker-archive has no manifest annotations): every base
     # history entry with a layer names the pinned base it came from.
     history = [dict(h) for h in config.get("history", []) if isinstance(h, dict)]
@@ -288,8 +331,9 @@ def pull_base(text: str, *, store_root: Path, architecture: str, options: Regist
 # --- content fingerprints ------------------------------------------------------------------------------
 
 
-def content_fingerprint(sources: list[Source], *, mtime: int, owner: OwnerPolicy,
-                        overlay_whiteouts: bool = False) -> str:
+def content_fingerprint(
+    sources: list[Source], *, mtime: int, owner: OwnerPolicy, overlay_whiteouts: bool = False
+) -> str:
     """See the module docstring: the tar's headers in order, each file's data by its sha256
     (nsbuild.contentkey.check_tar checks a downloaded tar against it)."""
     h = content_hasher(mtime=mtime, owner=owner, overlay_whiteouts=overlay_whiteouts)
@@ -300,8 +344,9 @@ def content_fingerprint(sources: list[Source], *, mtime: int, owner: OwnerPolicy
     return h.hexdigest()
 
 
-def remembered_content_fingerprint(cache_root: Path | None, local_key: str | None, sources: list[Source], *,
-                                   mtime: int, owner: OwnerPolicy) -> str:
+def remembered_content_fingerprint(
+    cache_root: Path | None, local_key: str | None, sources: list[Source], *, mtime: int, owner: OwnerPolicy
+) -> str:
     """content_fingerprint, remembered per local fingerprint in `<cache>/content/`: the local key
     covers every entry's stat data (ctime included), so while it matches, the content does too and an
     unchanged layer costs no reading."""
@@ -362,14 +407,16 @@ class RemoteCache:
         doc = json.loads(body)
         config = doc.get("config") or {}
         if config.get("mediaType") != CACHE_CONFIG_MEDIA:
-            raise BuildError(f"--cache-from {self.ref}: not an nsbuild cache (config media type "
-                             f"{config.get('mediaType')!r})")
+            raise BuildError(
+                f"--cache-from {self.ref}: not an nsbuild cache (config media type {config.get('mediaType')!r})"
+            )
         assert self.client is not None
         blob = fetch_blob(self.client, self._scratch, str(config["digest"]), int(config["size"]), CACHE_CONFIG_MEDIA)
         record = json.loads(blob.path.read_bytes())
         if record.get("format") != CACHE_FORMAT:
-            self.progress.warn(f"--cache-from {self.ref}: cache format {record.get('format')!r} is not "
-                               f"{CACHE_FORMAT}; ignoring it")
+            self.progress.warn(
+                f"--cache-from {self.ref}: cache format {record.get('format')!r} is not {CACHE_FORMAT}; ignoring it"
+            )
             return
         self.entries = record.get("layers") or {}
         self.progress.info(f"shared cache {self.ref}: {len(self.entries)} layers recorded")
@@ -394,8 +441,17 @@ class RemoteCache:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def lookup(self, key: str, *, compression: str, need_tar: bool, store_root: Path, comment: str,
-               mtime: int, owner: OwnerPolicy) -> Layer | None:
+    def lookup(
+        self,
+        key: str,
+        *,
+        compression: str,
+        need_tar: bool,
+        store_root: Path,
+        comment: str,
+        mtime: int,
+        owner: OwnerPolicy,
+    ) -> Layer | None:
         """The layer for content fingerprint `key` from the registry, in the form this build needs
         (`compression`'s blob; the plain tar too when `need_tar`), or None.  Its tar is checked against
         `key` first (nsbuild.contentkey): a record naming other content is refused, the layer built."""
@@ -403,8 +459,11 @@ class RemoteCache:
         if not entry or self.client is None:
             return None
         forms: dict[str, dict[str, Any]] = entry.get("blobs") or {}
-        rec = forms.get(compression) if compression != "none" else (
-            forms.get("none") or forms.get("gz") or forms.get("zstd"))
+        rec = (
+            forms.get(compression)
+            if compression != "none"
+            else (forms.get("none") or forms.get("gz") or forms.get("zstd"))
+        )
         if rec is None:
             return None
         try:
@@ -418,17 +477,29 @@ class RemoteCache:
         try:
             if compression != "none" and compression_of(blob.path) != compression:
                 raise TarMismatch(f"the blob is not {compression}-compressed")
-            tar = verified_tar(blob, diff_id=str(entry.get("diff_id")), key=key, mtime=mtime, owner=owner,
-                               save_dir=store_root / "blobs" / "sha256" if keep_tar else None)
+            tar = verified_tar(
+                blob,
+                diff_id=str(entry.get("diff_id")),
+                key=key,
+                mtime=mtime,
+                owner=owner,
+                save_dir=store_root / "blobs" / "sha256" if keep_tar else None,
+            )
         except TarMismatch as exc:
-            self.progress.warn(f"shared cache {self.ref}: refusing the layer recorded for {comment}: {exc}; "
-                               "building it")
+            self.progress.warn(
+                f"shared cache {self.ref}: refusing the layer recorded for {comment}: {exc}; building it"
+            )
             with contextlib.suppress(OSError):
                 blob.path.unlink()
             return None
         compressed = tar if compression == "none" else blob
-        return Layer(diff_id=tar.digest, tar=tar, compressed=compressed,
-                     media_type=MEDIA_BY_COMPRESSOR[compression], comment=comment)
+        return Layer(
+            diff_id=tar.digest,
+            tar=tar,
+            compressed=compressed,
+            media_type=MEDIA_BY_COMPRESSOR[compression],
+            comment=comment,
+        )
 
     def _fetch(self, rec: dict[str, Any], store_root: Path) -> Blob:
         assert self.client is not None
@@ -437,8 +508,14 @@ class RemoteCache:
         return Blob(digest, size, pulled.path)
 
 
-def push_cache(text: str, layers: list[tuple[str, Layer]], *, options: RegistryOptions | None,
-               progress: Progress, cache_dir: Path | None) -> PushResult:
+def push_cache(
+    text: str,
+    layers: list[tuple[str, Layer]],
+    *,
+    options: RegistryOptions | None,
+    progress: Progress,
+    cache_dir: Path | None,
+) -> PushResult:
     """`--cache-to`: the record of this build's content layers, as an artifact holding their blobs."""
     ref = registry_reference(text, "--cache-to")
     entries: dict[str, dict[str, Any]] = {}
@@ -449,27 +526,40 @@ def push_cache(text: str, layers: list[tuple[str, Layer]], *, options: RegistryO
         if blob.path is None:
             continue
         form = COMPRESSION_OF_MEDIA.get(layer.media_type, "none")
-        entries[key] = {"diff_id": layer.diff_id, "tar_size": layer.tar.size,
-                        "blobs": {form: {"digest": blob.digest, "size": blob.size, "mediaType": layer.media_type}}}
+        entries[key] = {
+            "diff_id": layer.diff_id,
+            "tar_size": layer.tar.size,
+            "blobs": {form: {"digest": blob.digest, "size": blob.size, "mediaType": layer.media_type}},
+        }
         if blob.digest not in blobs:
             blobs[blob.digest] = blob.path
             descriptors.append({"mediaType": layer.media_type, "digest": blob.digest, "size": blob.size})
     config = canonical_json({"format": CACHE_FORMAT, "layers": entries})
-    manifest = canonical_json({
-        "schemaVersion": 2,
-        "mediaType": MEDIA_OCI_MANIFEST,
-        "config": {"mediaType": CACHE_CONFIG_MEDIA, "digest": sha256_digest(config), "size": len(config)},
-        "layers": descriptors,
-        "annotations": {"org.opencontainers.image.description": "nsbuild layer cache"},
-    })
+    manifest = canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_OCI_MANIFEST,
+            "config": {"mediaType": CACHE_CONFIG_MEDIA, "digest": sha256_digest(config), "size": len(config)},
+            "layers": descriptors,
+            "annotations": {"org.opencontainers.image.description": "nsbuild layer cache"},
+        }
+    )
     check_blobs([Blob(digest, 0, path) for digest, path in blobs.items()])
     progress.info(f"pushing the layer cache ({len(entries)} layers) to {ref}")
-    result = push_manifest(ref, manifest, MEDIA_OCI_MANIFEST, blobs={sha256_digest(config): config, **blobs},
-                           options=options, progress=TransferReporter(progress, "cache"),
-                           blob_record=blob_record(cache_dir))
-    progress.info(f"pushed the layer cache {result.reference}@{result.digest}: "
-                  f"{len(result.uploaded_blobs)} blobs uploaded, {len(result.skipped_blobs)} already there, "
-                  f"{len(result.mounted_blobs)} mounted")
+    result = push_manifest(
+        ref,
+        manifest,
+        MEDIA_OCI_MANIFEST,
+        blobs={sha256_digest(config): config, **blobs},
+        options=options,
+        progress=TransferReporter(progress, "cache"),
+        blob_record=blob_record(cache_dir),
+    )
+    progress.info(
+        f"pushed the layer cache {result.reference}@{result.digest}: "
+        f"{len(result.uploaded_blobs)} blobs uploaded, {len(result.skipped_blobs)} already there, "
+        f"{len(result.mounted_blobs)} mounted"
+    )
     return result
 
 
@@ -489,8 +579,16 @@ def opened_cache(text: str | None, options: RegistryOptions | None, progress: Pr
 # --- nsbuild push --------------------------------------------------------------------------------------
 
 
-def push_existing(text: str, target: Reference, *, compressor: str, manifest_format: str,
-                  options: RegistryOptions | None, progress: Progress, cache_dir: Path | None) -> PushResult:
+def push_existing(
+    text: str,
+    target: Reference,
+    *,
+    compressor: str,
+    manifest_format: str,
+    options: RegistryOptions | None,
+    progress: Progress,
+    cache_dir: Path | None,
+) -> PushResult:
     """`nsbuild push IMAGE REF`: an image on disk as it is; uncompressed layers compressed first."""
     from nsbuild.baseimage import load_base
     from nsbuild.build import Workspace
@@ -511,14 +609,27 @@ def push_existing(text: str, target: Reference, *, compressor: str, manifest_for
             if compressor == "none" or layer.media_type != MEDIA_TAR or layer.tar.path is None:
                 layers.append(layer)  # compressed blobs are pushed byte for byte
             else:
-                layers.append(layer_from_tar(layer.tar.path, ws.blobs, compression=compressor,
-                                             comment=layer.comment, expected_diff_id=layer.diff_id))
+                layers.append(
+                    layer_from_tar(
+                        layer.tar.path,
+                        ws.blobs,
+                        compression=compressor,
+                        comment=layer.comment,
+                        expected_diff_id=layer.diff_id,
+                    )
+                )
         config = base.raw_config if base.raw_config is not None else canonical_json(base.config)
-        image = Image(name=target.repository, tag=target.tag or "latest", layers=layers, config=config,
-                      manifest=oci_manifest(config, layers))
+        image = Image(
+            name=target.repository,
+            tag=target.tag or "latest",
+            layers=layers,
+            config=config,
+            manifest=oci_manifest(config, layers),
+        )
         if warning := healthcheck_warning(config, "registry", manifest_format):
             progress.warn(warning)
-        return push(image, target, manifest_format=manifest_format, options=options, progress=progress,
-                    cache_dir=cache_dir)
+        return push(
+            image, target, manifest_format=manifest_format, options=options, progress=progress, cache_dir=cache_dir
+        )
     finally:
         ws.close()

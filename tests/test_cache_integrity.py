@@ -49,8 +49,11 @@ def tree(d: Path, files: dict[str, bytes], user: str | None) -> Path:
 def layer_files(layout: Path, tag: str) -> dict[str, bytes]:
     """Every regular file of every layer of the image `tag` in an OCI layout (read with tarfile)."""
     index = json.loads((layout / "index.json").read_text())
-    digest = next(m["digest"] for m in index["manifests"]
-                  if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
+    digest = next(
+        m["digest"]
+        for m in index["manifests"]
+        if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag
+    )
     manifest = json.loads((layout / "blobs/sha256" / digest.split(":")[1]).read_bytes())
     files = {}
     for layer in manifest["layers"]:
@@ -73,8 +76,9 @@ def _upload(reg: Registry, repo: str, data: bytes) -> str:
     if location.startswith("/"):
         location = reg.url + location
     sep = "&" if "?" in location else "?"
-    req = urllib.request.Request(f"{location}{sep}digest={digest}", method="PUT", data=data,
-                                 headers={"Content-Type": "application/octet-stream"})
+    req = urllib.request.Request(
+        f"{location}{sep}digest={digest}", method="PUT", data=data, headers={"Content-Type": "application/octet-stream"}
+    )
     with urllib.request.urlopen(req, timeout=30):
         pass
     return digest
@@ -101,14 +105,18 @@ def forge_record(reg: Registry, repo: str, good_tag: str, evil_tag: str, forged_
     manifest = dict(records[evil_tag][0])
     manifest["config"] = {"mediaType": CACHE_CONFIG_MEDIA, "digest": config_digest, "size": len(config)}
     body = json.dumps(manifest).encode()
-    req = urllib.request.Request(f"{reg.url}/v2/{repo}/manifests/{forged_tag}", method="PUT", data=body,
-                                 headers={"Content-Type": OCI_MANIFEST})
+    req = urllib.request.Request(
+        f"{reg.url}/v2/{repo}/manifests/{forged_tag}", method="PUT", data=body, headers={"Content-Type": OCI_MANIFEST}
+    )
     with urllib.request.urlopen(req, timeout=30):
         pass
 
 
-def test_forged_cache_from_record_cannot_inject_a_file(user_with_subids: str | None, user_tmp,  # noqa: ANN001
-                                                      registry_factory: RegistryFactory) -> None:
+def test_forged_cache_from_record_cannot_inject_a_file(
+    user_with_subids: str | None,
+    user_tmp,  # noqa: ANN001
+    registry_factory: RegistryFactory,
+) -> None:
     user = user_with_subids
     reg = registry_factory()
     repo = "ci/cache"
@@ -117,33 +125,81 @@ def test_forged_cache_from_record_cannot_inject_a_file(user_with_subids: str | N
     evil = tree(d / "evil/app", {"hello.txt": b"hello\n", "EVIL": b"pwned\n"}, user)
     specs = {}
     for name, t in (("good", good), ("evil", evil)):
-        specs[name] = write_spec(d / name, {"name": "victim", "tag": "1", "contents": [
-            {"path": str(t), "target": "/app"}]})
-        ok(run_nsbuild(["layered", str(specs[name]), "-o", f"oci:{d / name / 'out'}:1", "--no-cache",
-                        "--cache-to", f"docker://{reg}/{repo}:{name}", TLS_OFF], user))
+        specs[name] = write_spec(
+            d / name, {"name": "victim", "tag": "1", "contents": [{"path": str(t), "target": "/app"}]}
+        )
+        ok(
+            run_nsbuild(
+                [
+                    "layered",
+                    str(specs[name]),
+                    "-o",
+                    f"oci:{d / name / 'out'}:1",
+                    "--no-cache",
+                    "--cache-to",
+                    f"docker://{reg}/{repo}:{name}",
+                    TLS_OFF,
+                ],
+                user,
+            )
+        )
     forge_record(reg, repo, "good", "evil", "forged")
 
     # Another runner, its own cache: the forged record matches its fingerprint, the blob does not.
-    err = ok(run_nsbuild(["layered", str(specs["good"]), "-o", f"oci:{d / 'victim'}:1", "--cache-dir",
-                          str(d / "cache"), "--cache-from", f"docker://{reg}/{repo}:forged", TLS_OFF], user))
+    err = ok(
+        run_nsbuild(
+            [
+                "layered",
+                str(specs["good"]),
+                "-o",
+                f"oci:{d / 'victim'}:1",
+                "--cache-dir",
+                str(d / "cache"),
+                "--cache-from",
+                f"docker://{reg}/{repo}:forged",
+                TLS_OFF,
+            ],
+            user,
+        )
+    )
     assert "refusing the layer recorded for contents[0]" in err, err
     assert "from cache" not in err, err
     files = layer_files(d / "victim", "1")
     assert "app/EVIL" not in files and files["app/hello.txt"] == b"hello\n"
     assert (d / "victim/index.json").read_bytes() == (d / "good/out/index.json").read_bytes()
     # Nothing of the forged layer entered the local cache: the next build takes only its own layer.
-    ok(run_nsbuild(["layered", str(specs["good"]), "-o", f"oci:{d / 'again'}:1", "--cache-dir",
-                    str(d / "cache")], user))
+    ok(
+        run_nsbuild(
+            ["layered", str(specs["good"]), "-o", f"oci:{d / 'again'}:1", "--cache-dir", str(d / "cache")], user
+        )
+    )
     assert "app/EVIL" not in layer_files(d / "again", "1")
     # The honest record still serves.
-    err = ok(run_nsbuild(["layered", str(specs["good"]), "-o", f"oci:{d / 'honest'}:1", "--no-cache",
-                          "--cache-from", f"docker://{reg}/{repo}:good", TLS_OFF], user))
+    err = ok(
+        run_nsbuild(
+            [
+                "layered",
+                str(specs["good"]),
+                "-o",
+                f"oci:{d / 'honest'}:1",
+                "--no-cache",
+                "--cache-from",
+                f"docker://{reg}/{repo}:good",
+                TLS_OFF,
+            ],
+            user,
+        )
+    )
     assert "from cache" in err and "refusing" not in err, err
 
 
 @pytest.mark.parametrize("compressor", ["none", "zstd"])
-def test_honest_records_of_every_compression_are_served(user_with_subids: str | None, user_tmp,  # noqa: ANN001
-                                                        registry_factory: RegistryFactory, compressor: str) -> None:
+def test_honest_records_of_every_compression_are_served(
+    user_with_subids: str | None,
+    user_tmp,  # noqa: ANN001
+    registry_factory: RegistryFactory,
+    compressor: str,
+) -> None:
     """The check passes what the writer wrote: plain tars (the blob is the tar) and zstd blobs, into a
     layout and a docker-archive (which needs the tars), with and without a local cache."""
     user = user_with_subids
@@ -151,13 +207,15 @@ def test_honest_records_of_every_compression_are_served(user_with_subids: str | 
     shared = f"docker://{reg}/c:{compressor}"
     d = user_tmp(user)
     t = tree(d / "in/app", {"a.txt": b"a\n", "big.bin": os.urandom(200_000)}, user)
-    spec = write_spec(d, {"name": "h", "tag": "1", "compressor": compressor,
-                          "contents": [{"path": str(t), "target": "/app"}]})
-    ok(run_nsbuild(["layered", str(spec), "-o", f"oci:{d / 'a'}:1", "--no-cache", "--cache-to", shared, TLS_OFF],
-                   user))
+    spec = write_spec(
+        d, {"name": "h", "tag": "1", "compressor": compressor, "contents": [{"path": str(t), "target": "/app"}]}
+    )
+    ok(run_nsbuild(["layered", str(spec), "-o", f"oci:{d / 'a'}:1", "--no-cache", "--cache-to", shared, TLS_OFF], user))
     ok(run_nsbuild(["layered", str(spec), "-o", str(d / "a.tar"), "--no-cache"], user))
-    for name, out, extra in (("b", f"oci:{d / 'b'}:1", ["--no-cache"]),
-                             ("c", str(d / "c.tar"), ["--cache-dir", str(d / "cache")])):
+    for name, out, extra in (
+        ("b", f"oci:{d / 'b'}:1", ["--no-cache"]),
+        ("c", str(d / "c.tar"), ["--cache-dir", str(d / "cache")]),
+    ):
         err = ok(run_nsbuild(["layered", str(spec), "-o", out, *extra, "--cache-from", shared, TLS_OFF], user))
         assert "from cache" in err and "refusing" not in err, err
         if name == "b":
@@ -176,8 +234,7 @@ def _layer_tar(tmp: Path, owner: OwnerPolicy) -> tuple[bytes, str]:
     os.symlink("a.txt", src / "ln")
     (src / ("long" * 40)).write_bytes(b"long name\n")  # a PAX path record
     sources = [Source(src, "/x")]
-    layer = build_layer(sources, tmp / "blobs", mtime=7, owner=owner, compression="none", keep_tar=True,
-                        comment="t")
+    layer = build_layer(sources, tmp / "blobs", mtime=7, owner=owner, compression="none", keep_tar=True, comment="t")
     assert layer.tar.path is not None
     return layer.tar.path.read_bytes(), content_fingerprint(sources, mtime=7, owner=owner)
 
@@ -194,7 +251,7 @@ def test_check_tar_accepts_the_writers_tar_and_nothing_else(tmp_path: Path, owne
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         members = tf.getmembers()
     mode = bytearray(data)
-    mode[members[1].offset + 100:members[1].offset + 107] = b"0000777"  # a header field
+    mode[members[1].offset + 100 : members[1].offset + 107] = b"0000777"  # a header field
     variants = {
         "flipped data": bytes(flipped),
         "junk in padding": bytes(padding),
@@ -223,8 +280,9 @@ class Cached:
     def build(self, *extra: str, expect: int = 0) -> tuple[str, Path]:
         self.n += 1
         out = self.d / f"out{self.n}.tar"
-        proc = run_nsbuild(["layered", str(self.spec), "-o", f"oci-archive:{out}", "--cache-dir",
-                            str(self.cache), *extra], self.user)
+        proc = run_nsbuild(
+            ["layered", str(self.spec), "-o", f"oci-archive:{out}", "--cache-dir", str(self.cache), *extra], self.user
+        )
         if expect == 0:
             return ok(proc), out
         assert proc.returncode == expect, describe(proc)
@@ -251,8 +309,7 @@ def corrupt_in_place(path: Path) -> None:
     assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
 
 
-def test_blob_edited_in_place_with_size_and_mtime_kept_is_not_served(unprivileged_user: str | None,
-                                                                     user_tmp) -> None:  # noqa: ANN001
+def test_blob_edited_in_place_with_size_and_mtime_kept_is_not_served(unprivileged_user: str | None, user_tmp) -> None:  # noqa: ANN001
     c = Cached(user_tmp(unprivileged_user), unprivileged_user)
     _, first = c.build()
     victim = c.largest_blob()
@@ -295,15 +352,20 @@ def test_cache_verify_finds_what_stamps_cannot(unprivileged_user: str | None, us
     assert again.read_bytes() == first.read_bytes()
 
 
-def test_push_refuses_a_corrupted_cached_blob(user_with_subids: str | None, user_tmp,  # noqa: ANN001
-                                             registry: str) -> None:
+def test_push_refuses_a_corrupted_cached_blob(
+    user_with_subids: str | None,
+    user_tmp,  # noqa: ANN001
+    registry: str,
+) -> None:
     c = Cached(user_tmp(user_with_subids), user_with_subids)
     c.build()
     victim = c.largest_blob()
     corrupt_in_place(victim)
     _stamp_as_is(c.cache)
-    proc = run_nsbuild(["layered", str(c.spec), "-o", f"docker://{registry}/app:1", "--cache-dir", str(c.cache),
-                        TLS_OFF], user_with_subids)
+    proc = run_nsbuild(
+        ["layered", str(c.spec), "-o", f"docker://{registry}/app:1", "--cache-dir", str(c.cache), TLS_OFF],
+        user_with_subids,
+    )
     assert proc.returncode == 1, describe(proc)
     assert "is corrupted" in proc.stderr and "cache verify" in proc.stderr, describe(proc)
     assert proc.stderr.count("\n") <= 12 and "Traceback" not in proc.stderr
@@ -320,8 +382,7 @@ def temporaries(cache: Path) -> list[Path]:
     return found
 
 
-def test_killed_builds_leave_no_temporary_file_in_the_cache(user_with_subids: str | None,
-                                                            user_tmp) -> None:  # noqa: ANN001
+def test_killed_builds_leave_no_temporary_file_in_the_cache(user_with_subids: str | None, user_tmp) -> None:  # noqa: ANN001
     user = user_with_subids
     d = user_tmp(user)
     t = tree(d / "in", {f"f{i}.bin": os.urandom(1 << 20) for i in range(40)}, user)

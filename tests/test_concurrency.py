@@ -30,9 +30,16 @@ def make_inputs(d: Path, user: str | None) -> Path:
         for root, dirs, files in os.walk(d):
             for n in [*dirs, *files]:
                 os.lchown(os.path.join(root, n), acc.uid, acc.gid)
-    return write_spec(d, {"name": "conc", "tag": "t", "compressor": "gz", "mtime": "2023-11-14T22:13:20Z",
-                          "contents": [{"path": str(d / "in" / n), "target": f"/{n}"}
-                                       for n in ("alpha", "beta", "gamma")]})
+    return write_spec(
+        d,
+        {
+            "name": "conc",
+            "tag": "t",
+            "compressor": "gz",
+            "mtime": "2023-11-14T22:13:20Z",
+            "contents": [{"path": str(d / "in" / n), "target": f"/{n}"} for n in ("alpha", "beta", "gamma")],
+        },
+    )
 
 
 def build(spec: Path, out: str, user: str | None, *extra: str) -> subprocess.CompletedProcess:
@@ -55,8 +62,7 @@ def layout_tags(layout: Path) -> set[str]:
 
 def manifest_of(layout: Path, tag: str) -> str:
     index = json.loads((layout / "index.json").read_text())
-    return next(m["digest"] for m in index["manifests"]
-                if m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+    return next(m["digest"] for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == tag)
 
 
 def test_prune_racing_builds_never_fails_a_build(user_with_subids: str | None, user_tmp) -> None:  # noqa: ANN001
@@ -141,8 +147,7 @@ def test_two_prunes_at_once(user_with_subids: str | None, user_tmp) -> None:  # 
         assert list((d / "cache/blobs/sha256").iterdir()) == []
 
 
-def test_eight_writers_into_one_oci_layout_keep_every_tag(user_with_subids: str | None,
-                                                          user_tmp) -> None:  # noqa: ANN001
+def test_eight_writers_into_one_oci_layout_keep_every_tag(user_with_subids: str | None, user_tmp) -> None:  # noqa: ANN001
     user = user_with_subids
     d = user_tmp(user)
     spec = make_inputs(d, user)
@@ -150,9 +155,9 @@ def test_eight_writers_into_one_oci_layout_keep_every_tag(user_with_subids: str 
     rounds = 5  # the first round creates the layout, the others add to it
     for round_ in range(rounds):
         tags = [f"r{round_}-{i}" for i in range(8)]
-        procs = in_parallel([lambda tag=tag: build(spec, f"oci:{layout}:{tag}", user, "--cache-dir",
-                                                   str(d / "cache"))
-                             for tag in tags])
+        procs = in_parallel(
+            [lambda tag=tag: build(spec, f"oci:{layout}:{tag}", user, "--cache-dir", str(d / "cache")) for tag in tags]
+        )
         for proc in procs:
             check(proc)
         assert set(tags) <= layout_tags(layout), sorted(layout_tags(layout))
@@ -164,8 +169,7 @@ def test_eight_writers_into_one_oci_layout_keep_every_tag(user_with_subids: str 
     assert not [p for p in layout.iterdir() if p.name.startswith(".")]  # no temporary beside the index
 
 
-def test_eight_builds_sharing_one_cache_match_serial_builds(user_with_subids: str | None,
-                                                            user_tmp) -> None:  # noqa: ANN001
+def test_eight_builds_sharing_one_cache_match_serial_builds(user_with_subids: str | None, user_tmp) -> None:  # noqa: ANN001
     user = user_with_subids
     d = user_tmp(user)
     spec = make_inputs(d, user)
@@ -173,8 +177,9 @@ def test_eight_builds_sharing_one_cache_match_serial_builds(user_with_subids: st
     serial = (d / "serial.tar").read_bytes()
     for round_ in ("cold", "warm"):
         outs = [d / f"{round_}{i}.tar" for i in range(8)]
-        procs = in_parallel([lambda out=out: build(spec, f"oci-archive:{out}", user, "--cache-dir",
-                                                   str(d / "cache")) for out in outs])
+        procs = in_parallel(
+            [lambda out=out: build(spec, f"oci-archive:{out}", user, "--cache-dir", str(d / "cache")) for out in outs]
+        )
         for proc in procs:
             check(proc)
         assert all(out.read_bytes() == serial for out in outs), round_
@@ -182,8 +187,11 @@ def test_eight_builds_sharing_one_cache_match_serial_builds(user_with_subids: st
     assert verify.returncode == 0 and "0 problems" in verify.stdout, describe(verify)
 
 
-def test_prune_racing_builds_from_a_registry_base(user_with_subids: str | None, user_tmp,  # noqa: ANN001
-                                                  registry: str) -> None:
+def test_prune_racing_builds_from_a_registry_base(
+    user_with_subids: str | None,
+    user_tmp,  # noqa: ANN001
+    registry: str,
+) -> None:
     """Pulled base blobs live in the cache unreferenced by any entry: prune takes them unless the
     build pinned them; a build that finds them pruned between pull and pin downloads them again."""
     user = user_with_subids
@@ -195,8 +203,11 @@ def test_prune_racing_builds_from_a_registry_base(user_with_subids: str | None, 
     (child / "c.txt").write_text("child\n")
     os.lchown(child, account(user).uid, account(user).gid)
     os.lchown(child / "c.txt", account(user).uid, account(user).gid)
-    spec = write_spec(d, {"name": "child", "tag": "1", "fromImage": f"docker://{registry}/base:1",
-                          "contents": [str(child)]}, "child.json")
+    spec = write_spec(
+        d,
+        {"name": "child", "tag": "1", "fromImage": f"docker://{registry}/base:1", "contents": [str(child)]},
+        "child.json",
+    )
     args = ["--tls-verify=false"]
     check(build(spec, str(d / "ref.tar"), user, "--no-cache", *args))
     reference = (d / "ref.tar").read_bytes()
