@@ -103,8 +103,10 @@ def check_destination(fmt: str, path: Path, *, name: str | None = None, tag: str
         if path.exists() or path.is_symlink():
             if not path.is_dir():
                 raise UsageError(f"{path}: exists and is not a directory (an OCI layout is a directory)")
-            # Dot files: another writer's temporary oci-layout, an instant before it is in place.
-            if not (path / "oci-layout").exists() and any(not p.name.startswith(".") for p in path.iterdir()):
+            # Another writer's temporary oci-layout, an instant before it is in place, does not count.
+            if not (path / "oci-layout").exists() and any(
+                not p.name.startswith(".oci-layout.") for p in path.iterdir()
+            ):
                 raise UsageError(
                     f"{path}: a non-empty directory that is not an OCI layout (no oci-layout "
                     "file); refusing to write into it"
