@@ -90,26 +90,47 @@ def _get(reg: Registry, path: str, accept: str = OCI_MANIFEST) -> bytes:
     return body
 
 
-def forge_record(reg: Registry, repo: str, good_tag: str, evil_tag: str, forged_tag: str) -> None:
-    """A record under `forged_tag` with the good record's fingerprints mapped to the evil record's
-    layers (same positions), its blobs the evil ones: what a writer to the shared cache could push."""
-    records = {}
-    for tag in (good_tag, evil_tag):
-        manifest = json.loads(_get(reg, f"/v2/{repo}/manifests/{tag}"))
-        config = json.loads(_get(reg, f"/v2/{repo}/blobs/{manifest['config']['digest']}", "*/*"))
-        records[tag] = (manifest, config)
-    good, evil = records[good_tag][1]["layers"], records[evil_tag][1]["layers"]
-    forged = dict(zip(good, evil.values(), strict=True))
-    config = json.dumps({"format": records[good_tag][1]["format"], "layers": forged}, sort_keys=True).encode()
-    config_digest = _upload(reg, repo, config)
-    manifest = dict(records[evil_tag][0])
-    manifest["config"] = {"mediaType": CACHE_CONFIG_MEDIA, "digest": config_digest, "size": len(config)}
-    body = json.dumps(manifest).encode()
+def _record(reg: Registry, repo: str, tag: str) -> tuple[dict, dict]:
+    """(manifest, config) of a cache record in the registry."""
+    manifest = json.loads(_get(reg, f"/v2/{repo}/manifests/{tag}"))
+    return manifest, json.loads(_get(reg, f"/v2/{repo}/blobs/{manifest['config']['digest']}", "*/*"))
+
+
+def _push_record(reg: Registry, repo: str, tag: str, manifest: dict, config: dict) -> None:
+    data = json.dumps(config, sort_keys=True).encode()
+    manifest = {
+        **manifest,
+        "config": {"mediaType": CACHE_CONFIG_MEDIA, "digest": _upload(reg, repo, data), "size": len(data)},
+    }
     req = urllib.request.Request(
-        f"{reg.url}/v2/{repo}/manifests/{forged_tag}", method="PUT", data=body, headers={"Content-Type": OCI_MANIFEST}
+        f"{reg.url}/v2/{repo}/manifests/{tag}",
+        method="PUT",
+        data=json.dumps(manifest).encode(),
+        headers={"Content-Type": OCI_MANIFEST},
     )
     with urllib.request.urlopen(req, timeout=30):
         pass
+
+
+def forge_record(reg: Registry, repo: str, good_tag: str, evil_tag: str, forged_tag: str) -> None:
+    """A record under `forged_tag` with the good record's fingerprints mapped to the evil record's
+    layers (same positions), its blobs the evil ones: what a writer to the shared cache could push."""
+    _, good = _record(reg, repo, good_tag)
+    evil_manifest, evil = _record(reg, repo, evil_tag)
+    forged = dict(zip(good["layers"], evil["layers"].values(), strict=True))
+    _push_record(reg, repo, forged_tag, evil_manifest, {"format": good["format"], "layers": forged})
+
+
+def misstate_diff_ids(reg: Registry, repo: str, good_tag: str, other_tag: str, forged_tag: str) -> None:
+    """The good record, its blobs, but each layer's diff_id the other record's: the tar passes the
+    content check, the image config would name a layer that is not there."""
+    manifest, good = _record(reg, repo, good_tag)
+    _, other = _record(reg, repo, other_tag)
+    layers = {
+        key: {**entry, "diff_id": wrong["diff_id"]}
+        for (key, entry), wrong in zip(good["layers"].items(), other["layers"].values(), strict=True)
+    }
+    _push_record(reg, repo, forged_tag, manifest, {"format": good["format"], "layers": layers})
 
 
 def test_forged_cache_from_record_cannot_inject_a_file(
@@ -174,6 +195,25 @@ def test_forged_cache_from_record_cannot_inject_a_file(
         )
     )
     assert "app/EVIL" not in layer_files(d / "again", "1")
+    # A record with the right blob and a wrong diff_id is refused too (the config would be wrong).
+    misstate_diff_ids(reg, repo, "good", "evil", "lying")
+    err = ok(
+        run_nsbuild(
+            [
+                "layered",
+                str(specs["good"]),
+                "-o",
+                f"oci:{d / 'lied'}:1",
+                "--no-cache",
+                "--cache-from",
+                f"docker://{reg}/{repo}:lying",
+                TLS_OFF,
+            ],
+            user,
+        )
+    )
+    assert "refusing the layer recorded for contents[0]" in err and "the record says" in err, err
+    assert (d / "lied/index.json").read_bytes() == (d / "good/out/index.json").read_bytes()
     # The honest record still serves.
     err = ok(
         run_nsbuild(
