@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import signal
 import tarfile
 import time
@@ -447,3 +448,31 @@ def test_killed_builds_leave_no_temporary_file_in_the_cache(user_with_subids: st
     assert "; 0 temporary files" in du.stdout, describe(du)
     ok(run_nsbuild(["layered", str(spec), "-o", f"oci-archive:{d / 'clean.tar'}", "--no-cache"], user))
     assert (d / "o.tar").read_bytes() == (d / "clean.tar").read_bytes()
+
+
+def test_kills_at_random_moments_leave_a_consistent_cache(user_with_subids: str | None, user_tmp) -> None:  # noqa: ANN001
+    """kill -9 anywhere (pulling nothing, building, publishing, writing entries, writing the output):
+    the cache stays consistent (`cache verify` finds nothing), the next build gives a clean build's
+    bytes and sweeps every temporary."""
+    user = user_with_subids
+    d = user_tmp(user)
+    trees = [tree(d / "in" / f"t{i}", {"data.bin": os.urandom(4 << 20), "x.txt": b"x\n"}, user) for i in range(4)]
+    spec = write_spec(d, {"name": "k", "tag": "t", "compressor": "gz", "contents": [str(t) for t in trees]})
+    cache = d / "cache"
+    args = ["layered", str(spec), "-o", f"oci:{d / 'layout'}:t", "--cache-dir", str(cache)]
+    rng = random.Random(11)
+    for i in range(12):
+        if i % 3 == 0:  # a changed input: some layers come from the cache, one is built
+            (trees[i % 4] / "x.txt").write_bytes(os.urandom(8))
+        proc = popen_nsbuild(args, user)
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    verify = run_nsbuild(["cache", "verify", "--cache-dir", str(cache)], user)
+    assert verify.returncode == 0 and "0 problems" in verify.stdout, describe(verify)
+    ok(run_nsbuild(args, user))
+    assert temporaries(cache) == [], temporaries(cache)
+    ok(run_nsbuild(["layered", str(spec), "-o", f"oci:{d / 'clean'}:t", "--no-cache"], user))
+    index = json.loads((d / "layout/index.json").read_text())
+    clean = json.loads((d / "clean/index.json").read_text())
+    assert [m["digest"] for m in index["manifests"]] == [m["digest"] for m in clean["manifests"]]
