@@ -235,6 +235,8 @@ class ImageGraph:
     content_roots: list[str]  # entry names of store contents (the customisation layer links them)
     config_roots: list[str]  # entry names of store paths named in config
     base_json: bytes  # base_json_text(...)
+    # entry names the scripts' output refers to (nsbuild.closure): references of the customisation layer
+    script_roots: list[str] = field(default_factory=list)
 
 
 def image_store_layers(image: ImageGraph, budget: int) -> list[list[str]]:
@@ -250,7 +252,7 @@ def image_store_layers(image: ImageGraph, budget: int) -> list[list[str]]:
     )
     graph[custom] = Node(
         customisation_layer_nar_size(prefix + r for r in image.content_roots),
-        frozenset(prefix + r for r in image.content_roots),
+        frozenset(prefix + r for r in [*image.content_roots, *image.script_roots]),
     )
     layers = split_layers(graph, budget, hidden={base_json, custom})
     return [[p[len(prefix) :] for p in layer] for layer in layers]

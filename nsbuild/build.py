@@ -24,7 +24,7 @@ from nsbuild.image import Image, make_config, oci_manifest
 from nsbuild.imageconfig import healthcheck_warning
 from nsbuild.layer import MEDIA_BY_COMPRESSOR, Layer, build_layer
 from nsbuild.owners import Owner, OwnerPolicy
-from nsbuild.plan import Plan, PlannedLayer, make_plan
+from nsbuild.plan import Plan, PlannedLayer, layer_hashes, make_plan, script_references
 from nsbuild.progress import Progress, human
 from nsbuild.refs import ImageRef, is_registry
 from nsbuild.scripts import run_bash, script_env
@@ -112,10 +112,17 @@ class Workspace:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def link_store_contents(custom_root: Path, store_paths: list[Path], progress: Progress) -> None:
-    """As symlinkJoin does: real directories, symlinks to every file of each store content path."""
+def link_store_contents(
+    custom_root: Path, store_paths: list[Path], progress: Progress, store_dir: str | None = None
+) -> None:
+    """As symlinkJoin does: real directories, symlinks to every file of each store content path.
+
+    A store path that is a symlink to a directory in the store is linked like that directory (the links
+    go through it, as lndir's do); one that is a file, or leads to one or out of the store, is in the
+    image at its store path only, and a warning says that nothing of it is linked into /.
+    """
     for top in store_paths:
-        if top.is_symlink() or not top.is_dir():
+        if not _linkable(top, store_dir, progress):
             continue
         for dirpath, dirnames, filenames in os.walk(top):
             dirnames.sort()
@@ -139,6 +146,25 @@ def link_store_contents(custom_root: Path, store_paths: list[Path], progress: Pr
                     continue
                 os.symlink(os.path.join(dirpath, name), dest)
             dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+
+
+def _linkable(top: Path, store_dir: str | None, progress: Progress) -> bool:
+    real = os.path.realpath(top)
+    # The store directory may itself be reached through a symlink (a bind of /nix elsewhere).
+    inside = store_dir is None or real.startswith(os.path.realpath(store_dir).rstrip("/") + "/")
+    if os.path.isdir(real) and (inside or not top.is_symlink()):
+        return True
+    if top.is_symlink():
+        what = f"a symlink to {os.readlink(top)!r}, which is " + (
+            "not in the store" if not inside else "not a directory" if os.path.lexists(real) else "missing"
+        )
+    else:
+        what = "a single file"
+    progress.warn(
+        f"contents: {top} is {what}: it is in the image at its store path, and nothing is "
+        'linked into / for it (give it a target, {"path": …, "target": …}, to place it)'
+    )
+    return False
 
 
 def build_image(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions | None = None) -> BuildResult:
@@ -220,7 +246,14 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
         )
     owner = Owner(spec.uid, spec.gid, spec.uname, spec.gname)
     fixed = OwnerPolicy.fixed_owner(owner)
+    # The customisation layer first, as dockerTools: the store paths its scripts' output refers to
+    # are part of the closure the store layers are made of.
+    t0 = time.monotonic()
+    custom_layer, plan = _customisation_layer(
+        spec, plan, ws, progress, options, fixed, compression, keep_tar, base_layers
+    )
     total = len(plan.layers) + 1
+    progress.layer_done(total, total, "customisation layer", custom_layer.tar.size, time.monotonic() - t0)
     # New blobs go to the build's staging area in the cache; cache.store publishes them.
     blob_dir = cache.store_root / "blobs" / "sha256" if cache else ws.blobs
     archive = open_archive(output, spec, cache, positions=len(base_layers) + total)
@@ -250,11 +283,7 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
                 archive.archive if archive else None,
                 len(base_layers),
             )
-        t0 = time.monotonic()
-        layers.append(
-            _customisation_layer(spec, plan, ws, progress, options, fixed, compression, keep_tar, base_layers)
-        )
-        progress.layer_done(total, total, "customisation layer", layers[-1].tar.size, time.monotonic() - t0)
+        layers.append(custom_layer)
         all_layers = base_layers + layers
         config = make_config(
             architecture=spec.architecture,
@@ -453,12 +482,14 @@ def _customisation_layer(
     compression: str,
     keep_tar: bool,
     base_layers: list[Layer],
-) -> Layer:
+) -> tuple[Layer, Plan]:
+    """The customisation layer, and the plan grown by the store paths its scripts' output refers to."""
     custom = ws.path("custom")
     os.chmod(custom, 0o755)
-    link_store_contents(custom, plan.store_links, progress)
+    link_store_contents(custom, plan.store_links, progress, spec.store_dir)
     if spec.include_nix_db:
-        # Before extraCommands, as dockerTools' mkDbExtraCommand: a script may use the database.
+        # Before extraCommands, as dockerTools' mkDbExtraCommand: a script may use the database, which
+        # holds the closure of the contents and config (not what the scripts add, as in dockerTools).
         import json
 
         from nsbuild.nixdb import write_nix_db
@@ -468,13 +499,17 @@ def _customisation_layer(
         roots = plan.store_links + Store(spec.store_dir).paths_in_text(json.dumps(spec.config))
         write_nix_db(custom, plan.closure, roots, spec.store_dir, spec.mtime)
     env = script_env(work=ws.root, spec_dir=spec.base_dir, mtime=spec.mtime)
+    scripted = bool(spec.extra_commands.strip() or spec.fake_root_commands.strip())
+    before = layer_hashes(spec, plan, custom) if scripted else set()
     if spec.extra_commands.strip():
         progress.info("running extraCommands")
         run_bash(spec.extra_commands, cwd=custom, env=env, what="extraCommands", log_dir=ws.root)
-    sources = plan.custom_sources + [Source(custom, "/")]
     if spec.fake_root_commands.strip():
-        return _fake_root_layer(spec, plan, ws, progress, options, compression, base_layers, custom, env)
-    return build_layer(
+        return _fake_root_layer(spec, plan, ws, progress, options, compression, base_layers, custom, env, before)
+    found = script_references(spec, plan, custom, before) if scripted else []
+    plan = _grown_plan(spec, plan, found, len(base_layers), progress, "extraCommands")
+    sources = plan.custom_sources + [Source(custom, "/")]
+    layer = build_layer(
         sources,
         ws.blobs,
         mtime=spec.mtime,
@@ -483,6 +518,27 @@ def _customisation_layer(
         keep_tar=keep_tar,
         comment="customisation layer",
     )
+    return layer, plan
+
+
+def _grown_plan(spec: Spec, plan: Plan, found: list[Path], base_count: int, progress: Progress, what: str) -> Plan:
+    """The plan again with the store paths `what` referred to among its roots (nothing new: the same)."""
+    if not found:
+        return plan
+    progress.info(
+        f"{what}' output refers to {len(found)} store path(s) not in the contents' closure: "
+        + ", ".join(p.name for p in found[:4])
+        + (" …" if len(found) > 4 else "")
+    )
+    grown = make_plan(spec, base_count, extra_roots=found, store=plan.store)
+    if what == "fakeRootCommands" and not grown.layers and grown.custom_sources:
+        # The layer is written already; with no store layer there is nowhere left to put them.
+        raise SpecError(
+            "maxLayers",
+            f"fakeRootCommands' output refers to {found[0]}, which needs a store "
+            f"layer: raise maxLayers to at least {spec.max_layers + 1}",
+        )
+    return grown
 
 
 def _fake_root_layer(
@@ -495,7 +551,8 @@ def _fake_root_layer(
     base_layers: list[Layer],
     custom: Path,
     env: dict[str, str],
-) -> Layer:
+    before: set[str],
+) -> tuple[Layer, Plan]:
     try:
         from nsbuild.customize import build_customisation_layer
     except ImportError:
@@ -521,7 +578,10 @@ def _fake_root_layer(
         out_tar=out_tar,
         log=progress,
     )
-    return layer_from_tar(out_tar, ws.blobs, compression=compression, comment="customisation layer")
+    # The tar's bytes hold every name, link target and file of the layer: scanned as they are.
+    found = script_references(spec, plan, out_tar, before)
+    plan = _grown_plan(spec, plan, found, len(base_layers), progress, "fakeRootCommands")
+    return layer_from_tar(out_tar, ws.blobs, compression=compression, comment="customisation layer"), plan
 
 
 def write_output(

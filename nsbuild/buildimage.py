@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nsbuild.closure import output_hashes
 from nsbuild.errors import BuildError, SpecError
 from nsbuild.hosttree import OUTSIDE, STORE, HostTree, warning
 from nsbuild.image import make_config
@@ -28,6 +29,7 @@ from nsbuild.refs import ImageRef
 from nsbuild.sandbox.tree import HostileLayer, ImageModel, remove
 from nsbuild.scripts import run_bash, script_env
 from nsbuild.spec import ContentEntry, Spec
+from nsbuild.store import Store, StorePath
 from nsbuild.tarwriter import Source
 
 if TYPE_CHECKING:
@@ -68,14 +70,17 @@ def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOption
                 f"{entry.field}: cannot copy {exc.filename or entry.path}: {exc.strerror or exc}"
             ) from None
     merger.finish()
-    _add_store_closure(spec, custom, progress)
+    store, closure = _add_store_closure(spec, custom, progress)
     env = script_env(work=ws.root, spec_dir=spec.base_dir, mtime=spec.mtime)
     # buildImage has no uname/gname: names only for id 0 (as for layered's defaults), else none.
     owner = Owner(spec.uid, spec.gid, spec.uname if spec.uid == 0 else "", spec.gname if spec.gid == 0 else "")
+    scripted = spec.run_as_root is not None or bool(spec.extra_commands.strip())
+    before = output_hashes(store, custom, closure) if scripted else set()
     if spec.run_as_root is None:
         if spec.extra_commands.strip():
             progress.info("running extraCommands")
             run_bash(spec.extra_commands, cwd=custom, env=env, what="extraCommands", log_dir=ws.root)
+            _add_script_references(spec, store, closure, custom, custom, progress, "extraCommands", before)
         layer = build_layer(
             [Source(custom, "/")],
             ws.blobs,
@@ -86,7 +91,9 @@ def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOption
             comment=LAYER_COMMENT,
         )
     else:
-        layer = _run_as_root_layer(spec, ws, progress, options, custom, env, tars, owner, compression)
+        layer = _run_as_root_layer(
+            spec, ws, progress, options, custom, env, tars, owner, compression, (store, closure, before)
+        )
     progress.layer_done(1, 1, LAYER_COMMENT, layer.tar.size, time.monotonic() - t0)
 
     base_layers = [_recompress(b, compression, ws, exact=docker) for b in base_layers]
@@ -141,39 +148,49 @@ def _run_as_root_layer(
     tars: list[Path],
     owner: Owner,
     compression: str,
+    found: tuple[Store, dict[str, StorePath], set[str]],
 ) -> Layer:
+    """runAsRoot (then extraCommands) in the sandbox. When their output refers to store paths not in
+    the layer yet, those join `custom` with their closure and the scripts run again over it: the
+    layer is written whole by the sandbox, and in dockerTools' VM the script sees the store anyway."""
     from nsbuild.customize import build_customisation_layer
 
-    progress.info("running runAsRoot")
+    store, closure, before = found
     out_tar = ws.root / "buildimage-layer.tar"
-    build_customisation_layer(
-        custom_root=custom,
-        lower=[],
-        base_layer_tars=tars,
-        script=spec.run_as_root or "",
-        enable_fakechroot=True,
-        root_owner=owner,
-        mtime=spec.mtime,
-        isolation=options.isolation,
-        network=options.network,
-        workdir=ws.path("sandbox"),
-        out_tar=out_tar,
-        log=progress,
-        env=env,
-        scratch_mib=spec.disk_size,
-        memory_mib=spec.build_vm_memory_size,
-        what="runAsRoot",
-        after_script=spec.extra_commands,
-        after_env=env,
-    )
+    for _ in range(3):  # a script whose every run names new store paths is not followed for ever
+        progress.info("running runAsRoot")
+        build_customisation_layer(
+            custom_root=custom,
+            lower=[],
+            base_layer_tars=tars,
+            script=spec.run_as_root or "",
+            enable_fakechroot=True,
+            root_owner=owner,
+            mtime=spec.mtime,
+            isolation=options.isolation,
+            network=options.network,
+            workdir=ws.path("sandbox"),
+            out_tar=out_tar,
+            log=progress,
+            env=env,
+            scratch_mib=spec.disk_size,
+            memory_mib=spec.build_vm_memory_size,
+            what="runAsRoot",
+            after_script=spec.extra_commands,
+            after_env=env,
+        )
+        if not _add_script_references(spec, store, closure, out_tar, custom, progress, "runAsRoot", before):
+            break
+    else:
+        raise BuildError(
+            "runAsRoot: its output names new store paths every time it runs; cannot settle which belong in the layer"
+        )
     return layer_from_tar(out_tar, ws.blobs, compression=compression, comment=LAYER_COMMENT)
 
 
-def _add_store_closure(spec: Spec, custom: Path, progress: Progress) -> None:
+def _add_store_closure(spec: Spec, custom: Path, progress: Progress) -> tuple[Store, dict[str, StorePath]]:
     """As dockerTools: store paths among copyToRoot (and named in config) bring their closure into the
-    layer at their store location; includeNixDB registers it."""
-    from nsbuild.store import Store
-
+    layer at their store location; includeNixDB registers it. Returns the store and that closure."""
     store = Store(spec.store_dir)
     roots = []
     for entry in spec.copy_to_root:
@@ -188,17 +205,50 @@ def _add_store_closure(spec: Spec, custom: Path, progress: Progress) -> None:
                 f"the image has no store paths to register (no copyToRoot entry "
                 f"inside {spec.store_dir}); there is no Nix store in the image",
             )
-        return
+        return store, {}
     closure = store.closure(roots)
     progress.info(f"adding the closure of copyToRoot: {len(closure)} store paths")
-    from nsbuild.sandbox.tree import place
-
-    for name, sp in sorted(closure.items()):
-        place(sp.path, f"{spec.store_dir.rstrip('/')}/{name}", custom, link=False)
+    _place_store_paths(spec, custom, closure)
     if spec.include_nix_db:
         from nsbuild.nixdb import write_nix_db
 
         write_nix_db(custom, closure, roots, spec.store_dir, spec.mtime)
+    return store, closure
+
+
+def _place_store_paths(spec: Spec, custom: Path, paths: dict[str, StorePath]) -> None:
+    from nsbuild.sandbox.tree import place
+
+    for name, sp in sorted(paths.items()):
+        place(sp.path, f"{spec.store_dir.rstrip('/')}/{name}", custom, link=False)
+
+
+def _add_script_references(
+    spec: Spec,
+    store: Store,
+    closure: dict[str, StorePath],
+    output: Path,
+    custom: Path,
+    progress: Progress,
+    what: str,
+    before: set[str],
+) -> bool:
+    """The store paths the scripts' output (`custom` itself, or the sandbox's tar) refers to and the
+    layer did not before (`before`), with their closure, placed in `custom` and added to `closure` (the
+    Nix database keeps copyToRoot's, as dockerTools'). True when there were any."""
+    from nsbuild.closure import referenced_paths
+
+    found = referenced_paths(store, output, closure, before)
+    if not found:
+        return False
+    more = {n: sp for n, sp in store.closure(found).items() if n not in closure}
+    progress.info(
+        f"{what}' output refers to {len(found)} store path(s) not in copyToRoot's closure: adding "
+        f"{len(more)} store paths"
+    )
+    _place_store_paths(spec, custom, more)
+    closure.update(more)
+    return True
 
 
 class _Merger:

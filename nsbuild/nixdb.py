@@ -219,9 +219,10 @@ def registrations(closure: dict[str, StorePath], store_dir: str, jobs: int | Non
 
     def one(name: str) -> Registration:
         sp = closure[name]
-        info = nar_info(sp.path, sp.hash_part)
+        # A self-reference Nix recorded is taken as it is; without a database the NAR tells.
+        info = nar_info(sp.path, sp.hash_part if sp.self_reference is None else None)
         refs = {f"{store_dir}/{by_hash[h]}" for h in sp.references}
-        if info.self_reference:
+        if info.self_reference or sp.self_reference:
             refs.add(f"{store_dir}/{name}")
         return Registration(f"{store_dir}/{name}", info, sorted(refs))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class Plan:
     custom_sources: list[Source] = field(default_factory=list)  # folded into the customisation layer
     store_links: list[Path] = field(default_factory=list)  # store contents linked into /
     closure: dict[str, StorePath] = field(default_factory=dict)  # every store path in the image
+    store: Store | None = None  # where the closure was found (its scans are kept)
 
 
 def tree_size(path: Path) -> int:
@@ -45,7 +47,9 @@ def tree_size(path: Path) -> int:
     return total
 
 
-def make_plan(spec: Spec, base_layer_count: int) -> Plan:
+def make_plan(spec: Spec, base_layer_count: int, extra_roots: Sequence[Path] = (), store: Store | None = None) -> Plan:
+    """`extra_roots`: store paths the scripts' output refers to (script_references), which are in the image
+    as references of its customisation layer; `store` a Store to reuse (its scans are kept)."""
     budget = spec.max_layers - base_layer_count - 1
     if budget < 0:
         raise SpecError(
@@ -54,8 +58,8 @@ def make_plan(spec: Spec, base_layer_count: int) -> Plan:
             f"{base_layer_count} layers and the customisation layer needs one "
             f"more (at least {base_layer_count + 1})",
         )
-    store = Store(spec.store_dir)
-    roots: list[Path] = []
+    store = store or Store(spec.store_dir)
+    roots: list[Path] = list(extra_roots)
     trees: list[tuple[Source, str, str]] = []
     links: list[Path] = []
     for entry in spec.contents:
@@ -78,7 +82,7 @@ def make_plan(spec: Spec, base_layer_count: int) -> Plan:
         closure = {}
 
     tree_layers = [PlannedLayer([src], f"{fld}: {written} → {src.target}") for src, fld, written in trees]
-    plan = Plan(layers=[], store_links=links, closure=closure)
+    plan = Plan(layers=[], store_links=links, closure=closure, store=store)
     if budget == 0:
         # Nothing may get a layer of its own: everything joins the customisation layer, nothing is lost.
         plan.custom_sources = _store_sources(closure, sorted(closure)) + [s for t in tree_layers for s in t.sources]
@@ -87,7 +91,7 @@ def make_plan(spec: Spec, base_layer_count: int) -> Plan:
     tree_budget = budget - store_budget
     if closure and tree_budget <= 0 and tree_layers:
         store_budget, tree_budget = budget, 0
-    store_groups = _store_groups(spec, closure, links, config_roots, store_budget)
+    store_groups = _store_groups(spec, closure, links, config_roots, store_budget, list(extra_roots))
     for names in store_groups:
         size = sum(closure[n].size for n in names)
         comment = "store paths: " + ", ".join(n[33:] for n in names[:8]) + (" …" if len(names) > 8 else "")
@@ -101,7 +105,12 @@ def make_plan(spec: Spec, base_layer_count: int) -> Plan:
 
 
 def _store_groups(
-    spec: Spec, closure: dict[str, StorePath], content_roots: list[Path], config_roots: list[Path], budget: int
+    spec: Spec,
+    closure: dict[str, StorePath],
+    content_roots: list[Path],
+    config_roots: list[Path],
+    budget: int,
+    script_roots: list[Path],
 ) -> list[list[str]]:
     """The closure split as nixpkgs' auto-layer splits it (nsbuild.autolayer), sized by NAR size."""
     if not closure or budget <= 0:
@@ -116,6 +125,7 @@ def _store_groups(
         paths=paths,
         content_roots=[p.name for p in content_roots if p.name in closure],
         config_roots=[p.name for p in config_roots if p.name in closure],
+        script_roots=[p.name for p in script_roots if p.name in closure],
         base_json=base_json_text(spec.config, spec.architecture),
     )
     return image_store_layers(image, budget)
@@ -140,3 +150,33 @@ def _merge_smallest(layers: list[PlannedLayer], budget: int) -> list[PlannedLaye
         a, b = items[i], items[i + 1]
         items[i : i + 2] = [PlannedLayer(a.sources + b.sources, f"{a.comment} + {b.comment}", a.size + b.size)]
     return items
+
+
+def script_references(spec: Spec, plan: Plan, output: Path, before: set[str]) -> list[Path]:
+    """Store paths the scripts' output (the customisation layer's tree, or its tar) refers to that are
+    not in the image yet (nor in the layer before the scripts ran, `before`: layer_hashes then): Nix
+    finds them among the customisation layer's references, so dockerTools puts them and their closure
+    in the store layers. Nothing when includeStorePaths is false."""
+    if not spec.include_store_paths:
+        return []
+    from nsbuild.closure import referenced_paths
+
+    return referenced_paths(plan.store or Store(spec.store_dir), output, plan.closure, before)
+
+
+def layer_hashes(spec: Spec, plan: Plan, tree: Path) -> set[str]:
+    """What the customisation layer refers to before the scripts run (see script_references): its tree,
+    and with fakeRootCommands the root trees it may copy up or has folded in (a link of theirs into the
+    store is theirs, never followed: a chown by the script does not make it a reference)."""
+    if not spec.include_store_paths:
+        return set()
+    from nsbuild.closure import output_hashes
+
+    store = plan.store or Store(spec.store_dir)
+    found = output_hashes(store, tree, plan.closure)
+    if spec.fake_root_commands.strip():
+        in_store = {sp.path for sp in plan.closure.values()}
+        for src in plan.custom_sources + [s for layer in plan.layers for s in layer.sources]:
+            if src.host not in in_store:
+                found |= store.hashes_in(src.host)
+    return found

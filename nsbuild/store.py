@@ -1,4 +1,5 @@
-"""Store paths: closures by reference scanning, as Nix does (DESIGN.md §3; layers: nsbuild.autolayer)."""
+"""Store paths: closures (nsbuild.closure: from the Nix database, else by reference scanning, as Nix does)
+(DESIGN.md §3; layers: nsbuild.autolayer)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from nsbuild.errors import BuildError
 
@@ -22,6 +24,8 @@ class StorePath:
     path: Path  # <storeDir>/<hash>-<name>
     size: int = 0
     references: set[str] = field(default_factory=set)  # hash parts of other store paths
+    # From the Nix database: whether Nix recorded a reference to itself. None: found by scanning the NAR.
+    self_reference: bool | None = None
 
     @property
     def hash_part(self) -> str:
@@ -35,6 +39,7 @@ class Store:
         self.dir = Path(store_dir)
         self._entries: dict[str, str] | None = None
         self._scanned: dict[str, StorePath] = {}
+        self._outputs: set[str] | None = None  # hash parts of the entries that are not .drv files
 
     @property
     def entries(self) -> dict[str, str]:
@@ -70,43 +75,37 @@ class Store:
         return found
 
     def _scan(self, entry: Path) -> StorePath:
-        known = self.entries
-        own = entry.name[:32]
-        refs: set[str] = set()
-        size = 0
+        size = self.size_of(entry)
+        return StorePath(entry, size, self.hashes_in(entry) - {entry.name[:32]})
 
-        def look(data: bytes) -> None:
-            for run in HASH_RUN_RE.findall(data):
-                for i in range(len(run) - 31):
-                    h = run[i : i + 32].decode()
-                    if h in known and h != own:
-                        refs.add(h)
+    def size_of(self, entry: Path) -> int:
+        return sum(st.st_size for _, st in _walk(entry))
 
-        for path, st in _walk(entry):
-            size += st.st_size
-            look(os.fsencode(path.name))
+    def hashes_in(self, top: Path, skip: frozenset[Path] = frozenset()) -> set[str]:
+        """Hash parts of this store's entries occurring in a tree or file: names, symlink targets,
+        file contents. `.drv` files are never among them: an output naming one (a build log, a
+        nix-support file) does not need the recipe at run time, and Nix never counts it either."""
+        finder = self.finder()
+        for path, st in _walk(top, skip):
+            finder.look(os.fsencode(path.name))
             if stat.S_ISLNK(st.st_mode):
-                look(os.fsencode(os.readlink(path)))
+                finder.look(os.fsencode(os.readlink(path)))
             elif stat.S_ISREG(st.st_mode):
                 with open(path, "rb") as f:
-                    tail = b""
-                    while chunk := f.read(SCAN_CHUNK):
-                        look(tail + chunk)
-                        tail = chunk[-31:]
-        return StorePath(entry, size, refs)
+                    finder.read(f)
+        return finder.found
+
+    def finder(self) -> HashFinder:
+        if self._outputs is None:
+            self._outputs = {h for h, n in self.entries.items() if not n.endswith(".drv")}
+        return HashFinder(self._outputs)
 
     def closure(self, roots: Iterable[Path]) -> dict[str, StorePath]:
-        """Every store path reachable from `roots` by references, keyed by entry name."""
-        out: dict[str, StorePath] = {}
-        todo = [r for r in roots]
-        while todo:
-            entry = todo.pop()
-            if entry.name in out:
-                continue
-            sp = self.scan(entry)
-            out[entry.name] = sp
-            todo.extend(self.dir / self.entries[h] for h in sorted(sp.references))
-        return out
+        """Every store path reachable from `roots` by references, keyed by entry name (nsbuild.closure:
+        from the store's Nix database when it has one, else by scanning)."""
+        from nsbuild.closure import closure
+
+        return closure(self, roots)
 
     def paths_in_text(self, text: str) -> list[Path]:
         """Store paths named in a text (an Entrypoint, an Env value, ...)."""
@@ -119,9 +118,32 @@ class Store:
         return found
 
 
-def _walk(top: Path) -> Iterable[tuple[Path, os.stat_result]]:
+class HashFinder:
+    """Collects the hash parts among `known` that occur in the bytes it is shown."""
+
+    def __init__(self, known: set[str]) -> None:
+        self.known = known
+        self.found: set[str] = set()
+
+    def look(self, data: bytes) -> None:
+        for run in HASH_RUN_RE.findall(data):
+            for i in range(len(run) - 31):
+                h = run[i : i + 32].decode()
+                if h in self.known:
+                    self.found.add(h)
+
+    def read(self, f: BinaryIO) -> None:
+        """A whole stream, in chunks overlapping by 31 bytes so that no hash is cut in two."""
+        tail = b""
+        while chunk := f.read(SCAN_CHUNK):
+            self.look(tail + chunk)
+            tail = chunk[-31:]
+
+
+def _walk(top: Path, skip: frozenset[Path] = frozenset()) -> Iterable[tuple[Path, os.stat_result]]:
     st = os.lstat(top)
     yield top, st
     if stat.S_ISDIR(st.st_mode):
         for name in sorted(os.listdir(top)):
-            yield from _walk(top / name)
+            if top / name not in skip:
+                yield from _walk(top / name, skip)

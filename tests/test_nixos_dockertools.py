@@ -45,12 +45,6 @@ NO_HOST_SHELL_FAKECHROOT = pytest.mark.xfail(
     reason="enableFakechroot: fakeRootCommands cannot run in an image without /bin/sh (no host shell or tools, "
     "storeDir not visible in the chroot), as dockerTools' fakechroot allows",
 )
-SCRIPT_OUTPUT_REFS = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="store paths that the scripts' output refers to (a symlink made by fakeRootCommands/extraCommands) "
-    "are not added to the image: the link dangles",
-)
 
 
 @dataclass
@@ -775,7 +769,6 @@ def test_buildLayeredImage_supports_running_chown_with_fakeRootCommands(ex: Exam
     assert ex.run("fake-root-commands", ["sh", "-c", "stat -c %u /home/alice"]).stdout.strip() == "1000"
 
 
-@SCRIPT_OUTPUT_REFS
 def test_the_image_contains_store_paths_referenced_by_the_fakeRootCommands_output(ex: Examples) -> None:
     out = ex.run("fake-root-commands", ["/hello/bin/layeredImageWithFakeRootCommands-hello"]).stdout
     assert HELLO_OUTPUT in out
@@ -868,7 +861,6 @@ def test_ensure_the_bulk_layer_with_a_base_image_respects_the_number_of_maxLayer
     assert len(ex.inspect("layered-bulk-layer")["RootFS"]["Layers"]) == 4
 
 
-@SCRIPT_OUTPUT_REFS
 def test_ensure_only_minimal_paths_are_added_to_the_store(ex: Examples) -> None:
     """busybox copied into / refers to its own store path, which is then the image's only store path;
     the program the script ran (hello) is a build-time dependency and stays out."""
