@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from nsbuild.errors import BuildError
 from nsbuild.sandbox.ids import IdMap, full_map
 
-MODES = ("userns", "single", "none")
+MODES = ("userns", "single", "self", "none")
 
 
 class SandboxSetupError(BuildError):
@@ -51,10 +51,12 @@ def _write_map(pid: int, idmap: IdMap) -> None:
 
 def run(mode: str, argv: Sequence[str], *, network: str = "none", env: Mapping[str, str] | None = None,
         cwd: str | None = None, stdout: int | None = None, stderr: int | None = None,
-        idmap: IdMap | None = None, lo: bool = True) -> subprocess.CompletedProcess:
+        idmap: IdMap | None = None, lo: bool = True, umask: int | None = None
+        ) -> subprocess.CompletedProcess:
     """Run argv as the init's child inside a sandbox; returns its status (and output if captured).
 
-    mode: "userns" (full map), "single" (one id), "none" (no namespaces; subreaper only).
+    mode: "userns" (full map), "single" (one id), "self" (the caller's own ids, pid namespace; no
+    namespaces where none can be made), "none" (no namespaces; subreapers only).
     lo: bring the loopback interface up (network "none"); probes skip it, pyroute2 takes ~0.1 s to load.
     """
     if mode not in MODES:
@@ -66,11 +68,15 @@ def run(mode: str, argv: Sequence[str], *, network: str = "none", env: Mapping[s
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
     cfg = {"mode": mode, "network": network, "ready_fd": ready_w, "go_fd": go_r, "argv": list(argv),
-           "env": dict(env) if env is not None else None, "cwd": cwd, "parent": os.getpid(), "lo": lo}
+           "env": dict(env) if env is not None else None, "cwd": cwd, "parent": os.getpid(), "lo": lo,
+           "umask": umask}
     try:
         proc = subprocess.Popen([sys.executable, "-m", "nsbuild.sandbox.stage1", json.dumps(cfg)],
                                 pass_fds=(ready_w, go_r), stdin=subprocess.DEVNULL, stdout=stdout,
-                                stderr=stderr, env=dict(env) if env is not None else None)
+                                stderr=stderr, env=dict(env) if env is not None else None,
+                                # Its own process group: a kill of nsbuild's group leaves stage1 alive
+                                # long enough to take the sandbox down (its death signal).
+                                process_group=0)
     finally:
         os.close(ready_w)
         os.close(go_r)
