@@ -88,10 +88,15 @@ def resolve_output(ref: ImageRef | None, fmt: str | None, spec: Spec) -> ImageRe
 
 
 class Workspace:
-    """The build's private temporary tree; removed whatever happens."""
+    """The build's private temporary tree; removed whatever happens. It holds a lock while the build
+    lives: a build killed outright leaves its tree, and the next build removes it (nsbuild.sweep)."""
 
     def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="nsbuild-"))
+        from nsbuild import sweep
+
+        parent = Path(tempfile.gettempdir())
+        sweep.sweep_workspaces(parent)
+        self.root, self._lock = sweep.new_workspace(parent)
         os.chmod(self.root, 0o700)
         self.blobs = self.root / "blobs"
         self.blobs.mkdir()
@@ -110,6 +115,8 @@ class Workspace:
             with contextlib.suppress(Exception):  # a plain removal follows anyway
                 remove_tree(self.root)
         shutil.rmtree(self.root, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.close(self._lock)
 
 
 def link_store_contents(custom_root: Path, store_paths: list[Path], progress: Progress) -> None:
