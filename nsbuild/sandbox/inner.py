@@ -476,7 +476,7 @@ def main() -> None:
                        and (upper / rel).stat().st_size == 0}
             devices.update(_devices(reg_lines, reg_prefix, upper))
             if plan.get("caller_ids"):
-                fakeshims.refuse_ambiguous_caller_ids(upper, *plan["caller_ids"])
+                fakeshims.refuse_ambiguous_caller_ids(upper, *plan["caller_ids"], work / "fakeroot-shim")
             stats = _write_layer(plan, upper, merged, devices)
             timings["write"] = time.monotonic() - t2
             result = {"status": "ok", "stats": stats, "engine": "overlay" if overlay else "copy"}
