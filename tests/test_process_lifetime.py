@@ -178,9 +178,7 @@ def test_kill_9_of_nsbuild_ends_every_script_process(
         marker = _marker()
         started = work / f"started-{kind}-{backend}"
         script = (
-            "mkdir -p owned/deep && chown -R 4000:4000 owned && chmod 500 owned\n"
-            if kind == "fakeRootCommands"
-            else ""
+            "mkdir -p owned/deep && chown -R 4000:4000 owned && chmod 500 owned\n" if kind == "fakeRootCommands" else ""
         )
         script += _escapes(marker) + f"touch {started}\nsleep {marker}\n"
         spec = _write_spec(user, work, kind, script)
@@ -263,3 +261,68 @@ def test_kill_9_loop_then_the_same_bytes(user_with_subids: str | None, user_tmp:
     # Everything left in the user's directories is theirs to delete, without a namespace.
     proc = run_as(["rm", "-rf", str(work / "out"), str(work / "tmp")], user)
     assert proc.returncode == 0, describe(proc)
+
+
+def _busybox_base(user: str | None, work: Path) -> Path:
+    setup = "mkdir -p bin tmp && for a in sh sleep setsid touch; do ln -s busybox bin/$a; done"
+    spec = _write_spec(user, work, "extraCommands", "", name="base.json")
+    data = json.loads(spec.read_text())
+    data["extraCommands"] = setup
+    spec.write_text(json.dumps(data))
+    out = work / "base.tar"
+    proc = run_nsbuild(["layered", spec, "-o", out, "--no-cache"], user, env={"TMPDIR": str(work / "tmp")})
+    assert proc.returncode == 0, describe(proc)
+    return out
+
+
+def _image_spec(user: str | None, work: Path, base: Path, marker: str, wait: bool) -> Path:
+    """buildImage: runAsRoot (chrooted into the image, busybox) and extraCommands (host tools)."""
+    escapes = f"setsid sleep {marker} &\n(setsid sleep {marker} &)\n(sleep {marker} &)\nsleep {marker} &\n"
+    spec = {
+        "name": "image-lifetime",
+        "tag": "latest",
+        "compressor": "none",
+        "fromImage": str(base),
+        "runAsRoot": "#!/bin/sh\n" + escapes + ("sleep " + marker + "\n" if wait else "touch /ran"),
+        "extraCommands": _escapes(marker),
+    }
+    path = work / "image.json"
+    path.write_text(json.dumps(spec))
+    if is_root():
+        acc = account(user)
+        os.chown(path, acc.uid, acc.gid)
+    return path
+
+
+def test_build_image_scripts_end_with_the_build(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
+    """runAsRoot (in the image's chroot) and buildImage's extraCommands: nothing they start survives a
+    build, nor a kill -9 of nsbuild while runAsRoot runs."""
+    user = unprivileged_user
+    work = user_tmp(user)
+    base = _busybox_base(user, work)
+    backends = ["userns", "userns-fakeroot"] if has_subids(user) else ["userns-fakeroot"]
+    for backend in backends:
+        marker = _marker()
+        spec = _image_spec(user, work, base, marker, wait=False)
+        out = work / f"img-{backend}.tar"
+        args = ["image", spec, "-o", out, "--isolation", backend, "--no-cache"]
+        proc = run_nsbuild(args, user, env={"TMPDIR": str(work / "tmp")})
+        assert proc.returncode == 0, describe(proc)
+        assert _processes_with(marker) == [], backend
+        assert _leftovers(work, out) == [], backend
+        marker = _marker()
+        spec = _image_spec(user, work, base, marker, wait=True)
+        p = popen_nsbuild(args, user, env={"TMPDIR": str(work / "tmp")}, cwd=work)
+        try:
+            deadline = time.monotonic() + HANG_GUARD
+            while len(_processes_with(marker)) < 5:  # four escaped sleeps and the one runAsRoot waits on
+                assert p.poll() is None, p.communicate()
+                assert time.monotonic() < deadline, "runAsRoot never started its processes"
+                time.sleep(0.05)
+            p.kill()  # kill -9 of nsbuild (setpriv exec'd it)
+            p.communicate(timeout=HANG_GUARD)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert _wait_gone(marker) == [], backend

@@ -194,8 +194,11 @@ def main() -> None:
     prctl.set_child_subreaper(True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if cfg["mode"] == "self":
-        if not enter_self_namespace():
-            cfg["mode"] = "none"  # no user namespace here: subreapers only (lifetime.py)
+        try:
+            if not enter_self_namespace():
+                cfg["mode"] = "none"  # no user namespace here: subreapers only (lifetime.py)
+        except OSError as exc:
+            _die(f"mapping the caller's own ids in a user namespace: {exc.strerror or exc}")
     elif cfg["mode"] != "none":
         _enter(cfg)
     alive_r, alive_w = os.pipe()
