@@ -129,6 +129,9 @@ def test_no_script_process_outlives_a_build(
     user = unprivileged_user
     work = user_tmp(user)
     kinds = [("extraCommands", "auto"), ("fakeRootCommands", "fakeroot")] if fallback else _kinds(user)
+    doctor = [*nsbuild_cmd(), "doctor"]
+    proc = run_as(_without_userns(doctor) if fallback else doctor, user)
+    assert ("child subreapers only" if fallback else "(pid namespace; setsid") in proc.stdout, describe(proc)
     for kind, backend in kinds:
         marker = _marker()
         spec = _write_spec(user, work, kind, _escapes(marker) + "touch made-it")

@@ -66,3 +66,18 @@ def on_parent_death(cleanup: Callable[[], None]) -> None:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGHUP, handler)
     prctl.set_pdeathsig(signal.SIGTERM)
+
+
+def pid_namespace_available() -> bool:
+    """Whether scripts that run as the caller get the pid namespace here (a forked child tries)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child only makes syscalls and exits
+        code = 1
+        try:
+            code = 0 if enter_self_namespace() else 1
+        except BaseException:  # noqa: BLE001 - any failure means "no"
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
