@@ -33,6 +33,9 @@ touch other && chown 1003:1003 other && chmod 4755 other
 mkdir dir && chown {n}:{t} dir && chmod 3775 dir
 touch suid-then-chown && chmod 6755 suid-then-chown && chown 1003:1003 suid-then-chown
 touch sgid-noexec && chmod 2644 sgid-noexec && chown 1004 sgid-noexec
+mkdir -p tree/sub && touch tree/sub/s tree/g && chmod 4755 tree/sub/s && chmod 2775 tree/g tree/sub
+chown -R 1005:1005 tree
+ln -s own-{t} link && chown -h 1006:1006 link
 mknod cdev c 1 3
 mknod -m 600 bdev b 8 0
 mknod fifo p
