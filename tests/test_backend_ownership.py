@@ -24,7 +24,9 @@ BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/bu
 
 def _ownership_script() -> str:
     t, n = account("test").uid, account("nosub").uid
+    # A script may change PATH: the shims must still find the real tools (and not themselves).
     return f"""
+PATH=/nonexistent:$PATH
 touch own-{t} && chown {t}:{t} own-{t} && chmod 4755 own-{t}
 touch own-{n} && chown {n}:{n} own-{n} && chmod 4755 own-{n}
 touch grp && chgrp {n} grp && chmod 2755 grp

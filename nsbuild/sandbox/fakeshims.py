@@ -17,6 +17,7 @@ setxattr(2) itself on a new file) fails the build.
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 import sys
 from pathlib import Path
@@ -28,7 +29,10 @@ RECORD_SHIM = r"""#!/bin/sh
 for a in "$@"; do
   if [ -f "$a" ] || [ -d "$a" ]; then chown --reference="$a" -- "$a" 2>/dev/null; fi
 done
-PATH=${PATH#*:} exec @TOOL@ "$@"
+set -f; p=; IFS=:
+for d in $PATH; do [ "$d" = @DIR@ ] || p="${p:+$p:}$d"; done
+unset IFS; set +f
+PATH=$p exec @TOOL@ "$@"
 """
 TOOLS = ("setfattr", "setcap")
 
@@ -39,7 +43,7 @@ CHOWN_SHIM = r"""#!@PYTHON@ -IS
 import os, shutil, stat, subprocess, sys
 tool = os.path.basename(sys.argv[0])
 args = sys.argv[1:]
-rest = os.environ.get("PATH", "").split(":", 1)[-1]
+rest = ":".join(d for d in os.environ.get("PATH", "").split(":") if d != @DIR@)
 real = shutil.which(tool, path=rest)
 if real is None:
     sys.exit(f"{tool}: not found")
@@ -88,7 +92,7 @@ for f in files:
                 kill_privileges(os.path.join(d, n), False)
     else:
         kill_privileges(f, not nofollow)
-with open("@REGISTRY@", "a") as reg:
+with open(@REGISTRY@, "a") as reg:
     reg.writelines(chowned)
 """
 
@@ -103,11 +107,15 @@ def install(shim_dir: Path) -> str:
     shim_dir.mkdir(exist_ok=True)
     for tool in TOOLS:
         p = shim_dir / tool
-        p.write_text(RECORD_SHIM.replace("@TOOL@", tool))
+        p.write_text(RECORD_SHIM.replace("@TOOL@", tool).replace("@DIR@", shlex.quote(str(shim_dir))))
         p.chmod(0o755)
     for tool in ("chown", "chgrp"):
         p = shim_dir / tool
-        p.write_text(CHOWN_SHIM.replace("@PYTHON@", sys.executable).replace("@REGISTRY@", str(shim_dir / "chowned")))
+        p.write_text(
+            CHOWN_SHIM.replace("@PYTHON@", sys.executable)
+            .replace("@REGISTRY@", repr(str(shim_dir / "chowned")))
+            .replace("@DIR@", repr(str(shim_dir)))
+        )
         p.chmod(0o755)
     return str(shim_dir)
 
