@@ -329,3 +329,38 @@ def test_build_image_scripts_end_with_the_build(unprivileged_user: str | None, u
                 p.kill()
                 p.wait()
         assert _wait_gone(marker) == [], backend
+
+
+def test_a_live_build_is_never_swept(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
+    """Builds sweep dead builds' trees, never a running one's: a build started while another waits in
+    its script (same TMPDIR, same output) leaves the other's workspace and temporary output alone."""
+    user = unprivileged_user
+    work = user_tmp(user)
+    started, go = work / "started", work / "go"
+    script = f"mkdir -p owned && chown 4000:4000 owned\ntouch {started}\nwhile [ ! -e {go} ]; do sleep 0.1; done\n"
+    slow = _write_spec(user, work, "fakeRootCommands", script, name="slow.json")
+    quick = _write_spec(user, work, "fakeRootCommands", "true", name="quick.json")
+    out = work / "img.tar"
+    env = {"TMPDIR": str(work / "tmp")}
+    a = popen_nsbuild(["layered", slow, "-o", out, "--no-cache"], user, env=env, cwd=work)
+    try:
+        deadline = time.monotonic() + HANG_GUARD
+        while not started.exists():
+            assert a.poll() is None, a.communicate()
+            assert time.monotonic() < deadline, "the script never started"
+            time.sleep(0.05)
+        during = _leftovers(work, out)
+        assert during, "the running build has a workspace and a temporary output"
+        proc = run_nsbuild(["layered", quick, "-o", work / "other.tar", "--no-cache"], user, env=env)
+        assert proc.returncode == 0, describe(proc)
+        proc = run_nsbuild(["layered", quick, "-o", out, "--no-cache"], user, env=env)
+        assert proc.returncode == 0, describe(proc)
+        assert set(during) <= set(_leftovers(work, out)), "a live build's files were swept"
+        go.touch()
+        _, err = a.communicate(timeout=HANG_GUARD)
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+    assert a.returncode == 0, err
+    assert _leftovers(work, out) == []
