@@ -143,8 +143,9 @@ def test_no_script_process_outlives_a_build(
         assert _leftovers(work, out) == [], (kind, backend)
 
 
-def _start_and_kill(user: str | None, argv: list[str], work: Path, started: Path) -> None:
-    """Start a build, wait until its script runs, kill -9 nsbuild (only nsbuild: its pid)."""
+def _start_and_kill(user: str | None, argv: list[str], work: Path, started: Path, group: bool) -> None:
+    """Start a build, wait until its script runs, kill -9 nsbuild: its pid only, or (group) its whole
+    process group, as a terminal or a job runner might."""
     proc = subprocess.Popen(
         as_user_argv(argv, user),
         env=user_env(user, {"TMPDIR": str(work / "tmp")}),
@@ -152,6 +153,7 @@ def _start_and_kill(user: str | None, argv: list[str], work: Path, started: Path
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + HANG_GUARD
@@ -159,7 +161,10 @@ def _start_and_kill(user: str | None, argv: list[str], work: Path, started: Path
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the script never started"
             time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=HANG_GUARD)
     finally:
         if proc.poll() is None:
@@ -168,9 +173,10 @@ def _start_and_kill(user: str | None, argv: list[str], work: Path, started: Path
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.parametrize("group", [False, True], ids=["pid", "group"])
 @pytest.mark.parametrize("fallback", [False, True], ids=["pidns", "no-userns"])
 def test_kill_9_of_nsbuild_ends_every_script_process(
-    unprivileged_user: str | None, user_tmp: UserTmpFactory, fallback: bool
+    unprivileged_user: str | None, user_tmp: UserTmpFactory, fallback: bool, group: bool
 ) -> None:
     """kill -9 of nsbuild while the script runs (its children escaped with setsid -f and double forks):
     every one of them ends; the next build sweeps the dead build's tree and temporary output file."""
@@ -187,7 +193,7 @@ def test_kill_9_of_nsbuild_ends_every_script_process(
         spec = _write_spec(user, work, kind, script)
         out = work / f"img-{kind}-{backend}.tar"
         argv = [*nsbuild_cmd(), "layered", str(spec), "-o", str(out), "--isolation", backend, "--no-cache"]
-        _start_and_kill(user, _without_userns(argv) if fallback else argv, work, started)
+        _start_and_kill(user, _without_userns(argv) if fallback else argv, work, started, group)
         assert _wait_gone(marker) == [], (kind, backend)
         assert not out.exists()
         # The dead build's workspace (and the archive it was writing) stay until the next build.
