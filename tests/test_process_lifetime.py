@@ -189,12 +189,19 @@ def test_kill_9_of_nsbuild_ends_every_script_process(
         script = (
             "mkdir -p owned/deep && chown -R 4000:4000 owned && chmod 500 owned\n" if kind == "fakeRootCommands" else ""
         )
+        keyfile = work / f"fakerootkey-{kind}-{backend}"
+        if backend in ("fakeroot", "userns-fakeroot") and kind == "fakeRootCommands":
+            script += f'echo "$FAKEROOTKEY" > {keyfile}\n'
         script += _escapes(marker) + f"touch {started}\nsleep {marker}\n"
         spec = _write_spec(user, work, kind, script)
         out = work / f"img-{kind}-{backend}.tar"
         argv = [*nsbuild_cmd(), "layered", str(spec), "-o", str(out), "--isolation", backend, "--no-cache"]
         _start_and_kill(user, _without_userns(argv) if fallback else argv, work, started, group)
         assert _wait_gone(marker) == [], (kind, backend)
+        if keyfile.exists() and not fallback:
+            # faked was killed before it could remove its SysV queue and semaphore: they end with the
+            # build's IPC namespace, never in the host's (where nothing would ever remove them).
+            assert _sysv_keys_in_use(int(keyfile.read_text())) == [], backend
         assert not out.exists()
         # The dead build's workspace (and the archive it was writing) stay until the next build.
         assert _leftovers(work, out), "the killed build should have left its workspace"
@@ -203,6 +210,17 @@ def test_kill_9_of_nsbuild_ends_every_script_process(
         proc = run_as(_without_userns(argv) if fallback else argv, user, env={"TMPDIR": str(work / "tmp")})
         assert proc.returncode == 0, describe(proc)
         assert _leftovers(work, out) == [], (kind, backend)
+
+
+def _sysv_keys_in_use(key: int) -> list[str]:
+    """The host's SysV message queues and semaphore sets with this key (fakeroot's session key)."""
+    found = []
+    for kind in ("msg", "sem"):
+        for line in Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields and int(fields[0]) in (key, key + 1, key + 2):
+                found.append(f"{kind}: {line}")
+    return found
 
 
 def _big_rootfs(work: Path, user: str | None) -> Path:

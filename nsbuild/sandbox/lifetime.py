@@ -25,7 +25,9 @@ from collections.abc import Callable
 
 from nsbuild.sandbox import mounts
 
-SELF_FLAGS = mounts.CLONE_NEWUSER | mounts.CLONE_NEWNS | mounts.CLONE_NEWPID
+# An IPC namespace too: fakeroot's daemon keeps its state in SysV message queues and semaphores,
+# which outlive a daemon that is killed; they end with the namespace.
+SELF_FLAGS = mounts.CLONE_NEWUSER | mounts.CLONE_NEWNS | mounts.CLONE_NEWPID | mounts.CLONE_NEWIPC
 
 
 def _write(path: str, data: str) -> None:

@@ -48,7 +48,8 @@ def _write(path: str, data: str) -> None:
 
 def _enter(cfg: dict) -> None:
     mode = cfg["mode"]
-    flags = mounts.CLONE_NEWUSER | mounts.CLONE_NEWNS | mounts.CLONE_NEWPID
+    # IPC: fakeroot's SysV queues and semaphores end with the namespace, even when faked is killed.
+    flags = mounts.CLONE_NEWUSER | mounts.CLONE_NEWNS | mounts.CLONE_NEWPID | mounts.CLONE_NEWIPC
     if cfg.get("network", "none") == "none":
         flags |= mounts.CLONE_NEWNET
     uid, gid = os.getuid(), os.getgid()
