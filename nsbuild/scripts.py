@@ -48,5 +48,5 @@ def run_bash(script: str, *, cwd: Path, env: dict[str, str], what: str, log_dir:
             log.seek(0)
             output = log.read().decode("utf-8", "replace")
             tail = "\n".join(output.splitlines()[-40:])
-            raise BuildError(f"{what} failed with exit status {status}" + (f"; its output:\n{tail}" if tail else
-                                                                  " (no output)"))
+            shown = f"; its output:\n{tail}" if tail else " (no output)"
+            raise BuildError(f"{what} failed with exit status {status}{shown}")
