@@ -107,14 +107,10 @@ class Workspace:
         return p
 
     def close(self) -> None:
-        try:
-            from nsbuild.sandbox import remove_tree  # subordinate-id files need the namespace to delete
-        except ImportError:
-            remove_tree = None
-        if remove_tree is not None:
-            with contextlib.suppress(Exception):  # a plain removal follows anyway
-                remove_tree(self.root)
-        shutil.rmtree(self.root, ignore_errors=True)
+        from nsbuild import sweep
+
+        # Whatever cannot be removed now stays with its lock file: the next build's sweep retries.
+        sweep.remove_workspace(self.root)
         with contextlib.suppress(OSError):
             os.close(self._lock)
 

@@ -83,11 +83,31 @@ def _sweep_one(root: Path) -> None:
         return
     try:
         if _try_lock(fd) and _same_file(fd, root / LOCK):
-            from nsbuild.sandbox import remove_tree
-
-            remove_tree(root)
+            remove_workspace(root)
     finally:
         os.close(fd)
+
+
+def remove_workspace(root: Path) -> None:
+    """Remove a workspace whose lock the caller holds: the lock file goes last, so a build killed
+    while removing leaves a tree that still has it (the next sweep finishes the job), or an empty one."""
+    import shutil
+
+    from nsbuild.sandbox import remove_tree  # files owned by subordinate ids need the namespace
+
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return
+    for name in names:
+        if name != LOCK:
+            with contextlib.suppress(Exception):  # a plain removal follows anyway
+                remove_tree(root / name)
+            shutil.rmtree(root / name, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.unlink(root / LOCK)
+    with contextlib.suppress(OSError):
+        os.rmdir(root)
 
 
 def locked_temp_file(directory: Path, prefix: str, suffix: str) -> tuple[int, str, int]:
