@@ -42,6 +42,7 @@ mknod cdev c 1 3
 mknod -m 600 bdev b 8 0
 mknod fifo p
 touch xa && setfattr -n user.note -v hello xa
+touch suid-xattr && chmod 4755 suid-xattr && setfattr -n user.k -v v suid-xattr
 touch xo && chown {t}:{t} xo && setfattr -n user.k -v v xo
 cp bin/busybox capbin && setcap cap_net_bind_service+ep capbin
 cp bin/busybox capown && chown {n}:{n} capown && setcap cap_net_raw+ep capown
@@ -123,6 +124,7 @@ def test_every_backend_writes_the_userns_bytes(user_tmp: UserTmpFactory) -> None
     assert ref[f"own-{n}"][1:4] == (oct(0o4755), n, n), ref[f"own-{n}"]
     assert ref["suid-then-chown"][1:4] == (oct(0o755), 1003, 1003), "a chown clears setuid and setgid"
     assert ref["sgid-noexec"][1] == oct(0o2644), "setgid without group exec is not cleared"
+    assert ref["suid-xattr"][1] == oct(0o4755), "setting an extended attribute keeps setuid"
     assert ref["cdev"][0] == tarfile.CHRTYPE and ref["bdev"][6:8] == (8, 0)
     assert "SCHILY.xattr.security.capability" in ref["capbin"][8]
     assert ref["capown"][2:4] == (n, n) and "SCHILY.xattr.security.capability" in ref["capown"][8]

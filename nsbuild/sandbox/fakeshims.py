@@ -25,13 +25,14 @@ from pathlib import Path
 from nsbuild.sandbox import tree
 
 # First in PATH, then the real tool: a chown to the file's own current (faked) ids records them.
+# (The real chown, not the chown shim: giving a record must not clear setuid bits.)
 RECORD_SHIM = r"""#!/bin/sh
-for a in "$@"; do
-  if [ -f "$a" ] || [ -d "$a" ]; then chown --reference="$a" -- "$a" 2>/dev/null; fi
-done
 set -f; p=; IFS=:
 for d in $PATH; do [ "$d" = @DIR@ ] || p="${p:+$p:}$d"; done
 unset IFS; set +f
+for a in "$@"; do
+  if [ -f "$a" ] || [ -d "$a" ]; then PATH=$p chown --reference="$a" -- "$a" 2>/dev/null; fi
+done
 PATH=$p exec @TOOL@ "$@"
 """
 TOOLS = ("setfattr", "setcap")
