@@ -38,8 +38,10 @@ def _process_guarantee() -> str:
 
     if pid_namespace_available():
         return "script processes: end with the build (pid namespace; setsid and double forks included)"
-    return ("script processes: end with the build through child subreapers only (no user namespace here); "
-            "a process another daemon starts for a script (systemd-run, at) can outlive it")
+    return (
+        "script processes: end with the build through child subreapers only (no user namespace here); "
+        "a process another daemon starts for a script (systemd-run, at) can outlive it"
+    )
 
 
 def render(probes: list[Probe], chosen: str | None) -> str:
@@ -54,8 +56,9 @@ def render(probes: list[Probe], chosen: str | None) -> str:
     if chosen:
         lines.append(f"--isolation auto uses: {chosen}")
     else:
-        lines.append("no backend works here: fakeRootCommands and enableFakechroot cannot run "
-                     "(builds without them still work)")
+        lines.append(
+            "no backend works here: fakeRootCommands and enableFakechroot cannot run (builds without them still work)"
+        )
     lines.append("")
     lines.extend(_facts())
     return "\n".join(lines)

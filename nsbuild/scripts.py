@@ -14,18 +14,25 @@ PASSED_THROUGH = ("PATH",)
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
 
 
-def script_env(*, work: Path, spec_dir: Path, mtime: int,
-               extra: dict[str, str] | None = None) -> dict[str, str]:
+def script_env(*, work: Path, spec_dir: Path, mtime: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: os.environ[k] for k in PASSED_THROUGH if k in os.environ}
     env.setdefault("PATH", DEFAULT_PATH)
     home = work / "home"
     home.mkdir(exist_ok=True)
     tmp = work / "tmp"
     tmp.mkdir(exist_ok=True)
-    env.update({
-        "HOME": str(home), "TMPDIR": str(tmp), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TZ": "UTC",
-        "SOURCE_DATE_EPOCH": str(mtime), "NSBUILD_SPEC_DIR": str(spec_dir), "TERM": "dumb",
-    })
+    env.update(
+        {
+            "HOME": str(home),
+            "TMPDIR": str(tmp),
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "TZ": "UTC",
+            "SOURCE_DATE_EPOCH": str(mtime),
+            "NSBUILD_SPEC_DIR": str(spec_dir),
+            "TERM": "dumb",
+        }
+    )
     env.update(extra or {})
     return env
 
@@ -41,8 +48,16 @@ def run_bash(script: str, *, cwd: Path, env: dict[str, str], what: str, log_dir:
     from nsbuild.sandbox.runner import run
 
     with tempfile.NamedTemporaryFile("w+b", dir=log_dir, prefix="script-", suffix=".log") as log:
-        res = run("self", ["bash", "--noprofile", "--norc", "-e", "-c", script], network="host", env=env,
-                  cwd=str(cwd), stdout=log.fileno(), stderr=subprocess.STDOUT, umask=0o022)
+        res = run(
+            "self",
+            ["bash", "--noprofile", "--norc", "-e", "-c", script],
+            network="host",
+            env=env,
+            cwd=str(cwd),
+            stdout=log.fileno(),
+            stderr=subprocess.STDOUT,
+            umask=0o022,
+        )
         status = res.returncode
         if status != 0:
             log.seek(0)
