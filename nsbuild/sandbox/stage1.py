@@ -1,6 +1,7 @@
 """First process of a sandbox: enters the namespaces and runs the command as their init.
 
-`python -m nsbuild.sandbox.stage1 CONFIG_JSON`, started by nsbuild.sandbox.runner. CONFIG holds:
+`python -m nsbuild.sandbox.stage1 --config-fd FD`, started by nsbuild.sandbox.runner, which writes
+CONFIG as JSON to that pipe (a command line is readable by everyone in /proc). CONFIG holds:
   mode     "userns" (full id map written by the parent through newuidmap/newgidmap),
            "single" (one id: this process maps itself), "none" (no namespaces; fakeroot backend)
   network  "none" (own network namespace, lo up) or "host"
@@ -51,8 +52,10 @@ def _enter(cfg: dict) -> None:
         mounts.unshare(flags)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            _die("unshare: the limit of user namespaces is reached (user.max_user_namespaces here or in "
-                 "a parent namespace is 0 or used up)")
+            _die(
+                "unshare: the limit of user namespaces is reached (user.max_user_namespaces here or in "
+                "a parent namespace is 0 or used up)"
+            )
         if exc.errno == errno.EPERM:
             _die("unshare: not permitted (seccomp, AppArmor or a container runtime blocks user namespaces)")
         _die(f"unshare: {exc.strerror}")
@@ -146,8 +149,17 @@ def _init(cfg: dict) -> None:
     os._exit(code)
 
 
+def _read_config(argv: list[str]) -> dict:
+    """`--config-fd N`: the configuration as JSON on that pipe (never on the command line)."""
+    if len(argv) != 3 or argv[1] != "--config-fd":
+        _die("usage: python -m nsbuild.sandbox.stage1 --config-fd FD")
+    fd = int(argv[2])
+    with os.fdopen(fd, "rb") as f:
+        return json.loads(f.read())
+
+
 def main() -> None:
-    cfg = json.loads(sys.argv[1])
+    cfg = _read_config(sys.argv)
     prctl.set_pdeathsig(signal.SIGKILL)
     if os.getppid() != cfg["parent"]:
         os._exit(EXIT_SETUP)  # nsbuild died before we set the death signal
