@@ -30,8 +30,14 @@ NSBUILD = str(Path(sys.executable).parent / "nsbuild")
 def run(cmd: list[str] | str, env: dict[str, str] | None = None) -> tuple[float, float, str]:
     """Wall seconds, peak RSS MiB (largest process of the tree), stderr."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, shell=isinstance(cmd, str), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=env, executable="/bin/bash" if isinstance(cmd, str) else None)
+    proc = subprocess.Popen(
+        cmd,
+        shell=isinstance(cmd, str),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        executable="/bin/bash" if isinstance(cmd, str) else None,
+    )
     err = proc.stderr.read().decode() if proc.stderr else ""
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - t0
@@ -53,8 +59,11 @@ def median_run(cmd: list[str] | str, runs: int, before: object = None) -> tuple[
 
 
 def spec(path: Path, contents: list, compressor: str, max_layers: int = 100) -> Path:
-    path.write_text(json.dumps({"name": "bench", "tag": "t", "contents": contents, "compressor": compressor,
-                                "maxLayers": max_layers}))
+    path.write_text(
+        json.dumps(
+            {"name": "bench", "tag": "t", "contents": contents, "compressor": compressor, "maxLayers": max_layers}
+        )
+    )
     return path
 
 
@@ -70,8 +79,9 @@ def count_files(tree: Path) -> tuple[int, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    default_tree = subprocess.run(["python3", "-c", "import sys; print(sys.base_prefix)"], capture_output=True,
-                                  text=True).stdout.strip()
+    default_tree = subprocess.run(
+        ["python3", "-c", "import sys; print(sys.base_prefix)"], capture_output=True, text=True
+    ).stdout.strip()
     ap.add_argument("--tree", default=default_tree)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="skip the 2x tree and the 300k-file rows")
@@ -83,23 +93,41 @@ def main() -> None:
     rows: list[tuple[str, ...]] = []
 
     def row(tool: str, comp: str, n: int, nbytes: int, wall: float, peak: float, ratio: float | None) -> None:
-        r = (tool, comp, str(n) if n else "", f"{nbytes / 2**20:.0f} MiB" if nbytes else "", f"{wall:.2f}",
-             f"{peak:.0f}", "" if ratio is None else f"{ratio:.2f}")
+        r = (
+            tool,
+            comp,
+            str(n) if n else "",
+            f"{nbytes / 2**20:.0f} MiB" if nbytes else "",
+            f"{wall:.2f}",
+            f"{peak:.0f}",
+            "" if ratio is None else f"{ratio:.2f}",
+        )
         rows.append(r)
         print("  ".join(r), file=sys.stderr, flush=True)
 
     try:
         contents = [{"path": str(tree), "target": "/opt/tree"}]
         tar = f"tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@1 -C {tree} -cf - ."
-        pipelines = {"none": f"{tar} | sha256sum > {work}/h", "zstd": f"{tar} | zstd -q -T0 -3 | sha256sum > {work}/h",
-                     "gz": f"{tar} | gzip -6 | sha256sum > {work}/h"}
+        pipelines = {
+            "none": f"{tar} | sha256sum > {work}/h",
+            "zstd": f"{tar} | zstd -q -T0 -3 | sha256sum > {work}/h",
+            "gz": f"{tar} | gzip -6 | sha256sum > {work}/h",
+        }
         for comp in ("none", "zstd", "gz"):
             s = spec(work / f"{comp}.json", contents, comp, 2)
             tw, tp = median_run(pipelines[comp], args.runs)
-            row(f"tar | {'sha256sum' if comp == 'none' else ('zstd -T0 -3' if comp == 'zstd' else 'gzip -6')}",
-                comp, files, size, tw, tp, None)
-            nw, np_ = median_run([NSBUILD, "layered", "-q", "--no-cache", str(s), "-o", f"oci-archive:{work}/o.tar"],
-                                 args.runs)
+            row(
+                f"tar | {'sha256sum' if comp == 'none' else ('zstd -T0 -3' if comp == 'zstd' else 'gzip -6')}",
+                comp,
+                files,
+                size,
+                tw,
+                tp,
+                None,
+            )
+            nw, np_ = median_run(
+                [NSBUILD, "layered", "-q", "--no-cache", str(s), "-o", f"oci-archive:{work}/o.tar"], args.runs
+            )
             row("nsbuild layered (oci-archive)", comp, files, size, nw, np_, nw / tw)
             dw, dp = median_run([NSBUILD, "layered", "-q", "--no-cache", str(s), "-o", f"{work}/d.tar"], args.runs)
             row("nsbuild layered (docker-archive)", comp, files, size, dw, dp, dw / tw)
@@ -115,8 +143,11 @@ def main() -> None:
 
         # Rebuilds through the cache.
         s = spec(work / "none.json", contents, "none", 2)
-        w, p = median_run([NSBUILD, "layered", "-q", "--cache-dir", str(work / "cold-cache"), str(s),
-                           "-o", f"{work}/c.tar"], args.runs, before=lambda: shutil.rmtree(work / "cold-cache", True))
+        w, p = median_run(
+            [NSBUILD, "layered", "-q", "--cache-dir", str(work / "cold-cache"), str(s), "-o", f"{work}/c.tar"],
+            args.runs,
+            before=lambda: shutil.rmtree(work / "cold-cache", True),
+        )
         row("cold, with the cache (writes cache + output)", "none", files, size, w, p, w / cold_none)
         run([NSBUILD, "layered", "-q", "--cache-dir", str(cache), str(s), "-o", f"{work}/d.tar"])
         warm = [NSBUILD, "layered", "-q", "--cache-dir", str(cache), str(s), "-o", f"{work}/d.tar"]
@@ -126,8 +157,9 @@ def main() -> None:
         w, p = median_run(fresh, args.runs, before=lambda: (work / "new.tar").unlink(missing_ok=True))
         row("rebuild, nothing changed (docker-archive, new file)", "none", files, size, w, p, w / cold_none)
         run([NSBUILD, "layered", "-q", "--cache-dir", str(cache), str(s), "-o", f"oci:{work}/ocidir:t"])
-        w, p = median_run([NSBUILD, "layered", "-q", "--cache-dir", str(cache), str(s), "-o", f"oci:{work}/ocidir:t"],
-                          args.runs)
+        w, p = median_run(
+            [NSBUILD, "layered", "-q", "--cache-dir", str(cache), str(s), "-o", f"oci:{work}/ocidir:t"], args.runs
+        )
         row("rebuild, nothing changed (oci-dir)", "none", files, size, w, p, w / cold_oci)
 
         # Ten layers from ten copies' subtrees; touch one file, rebuild: one layer is rebuilt.
@@ -144,6 +176,7 @@ def main() -> None:
         def touch() -> None:
             with open(victim, "ab") as f:
                 f.write(b"#")
+
         for kind, out in (("docker-archive", f"{work}/t.tar"), ("oci-dir", f"oci:{work}/tlayout:t")):
             cold, _ = median_run([NSBUILD, "layered", "-q", "--no-cache", str(s), "-o", out], args.runs)
             run([NSBUILD, "layered", "-q", "--cache-dir", str(cache), str(s), "-o", out])
@@ -155,14 +188,30 @@ def main() -> None:
                 walls.append(w)
                 lines = err.splitlines()
                 # Content layers built again (the customisation layer, the scripts' output, always is).
-                rebuilt.append(sum(1 for ln in lines if ln.startswith("nsbuild: [") and "cached" not in ln
-                                   and "customisation layer" not in ln))
-            row(f"10 layers, 1 file touched ({max(rebuilt)} of 10 rebuilt, {kind})", "none", n10, s10,
-                statistics.median(walls), p, statistics.median(walls) / cold)
+                rebuilt.append(
+                    sum(
+                        1
+                        for ln in lines
+                        if ln.startswith("nsbuild: [") and "cached" not in ln and "customisation layer" not in ln
+                    )
+                )
+            row(
+                f"10 layers, 1 file touched ({max(rebuilt)} of 10 rebuilt, {kind})",
+                "none",
+                n10,
+                s10,
+                statistics.median(walls),
+                p,
+                statistics.median(walls) / cold,
+            )
 
         if not args.quick:
-            s = spec(work / "double.json", [{"path": str(tree), "target": "/a"}, {"path": str(tree), "target": "/b"}],
-                     "zstd", 2)
+            s = spec(
+                work / "double.json",
+                [{"path": str(tree), "target": "/a"}, {"path": str(tree), "target": "/b"}],
+                "zstd",
+                2,
+            )
             w, p, _ = run([NSBUILD, "layered", "-q", "--no-cache", str(s), "-o", f"oci-archive:{work}/o.tar"])
             row("nsbuild, tree twice as large (oci-archive)", "zstd", 2 * files, 2 * size, w, p, None)
             small = work / "small"
@@ -177,15 +226,20 @@ def main() -> None:
             s = spec(work / "small.json", [{"path": str(small), "target": "/s"}], "none", 2)
             w, p, _ = run([NSBUILD, "layered", "-q", "--no-cache", str(s), "-o", f"{work}/d.tar"])
             row("nsbuild layered (300k small files)", "none", ns, ss, w, p, w / tw)
-            print(f"per file: nsbuild {w / ns * 1e6:.1f} µs (300k small) vs {cold_none / files * 1e6:.1f} µs "
-                  f"(bench tree, {files} files)", file=sys.stderr)
+            print(
+                f"per file: nsbuild {w / ns * 1e6:.1f} µs (300k small) vs {cold_none / files * 1e6:.1f} µs "
+                f"(bench tree, {files} files)",
+                file=sys.stderr,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     header = ("tool", "compressor", "files", "bytes", "wall s", "peak MiB", "ratio")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    print(f"\nbench tree: {tree} ({files} entries, {size / 2**20:.0f} MiB), {os.cpu_count()} CPUs, "
-          f"median of {args.runs}; ratio = nsbuild / the tar pipeline above it (rebuild rows: / cold nsbuild)\n")
+    print(
+        f"\nbench tree: {tree} ({files} entries, {size / 2**20:.0f} MiB), {os.cpu_count()} CPUs, "
+        f"median of {args.runs}; ratio = nsbuild / the tar pipeline above it (rebuild rows: / cold nsbuild)\n"
+    )
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
