@@ -17,16 +17,28 @@ import io
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tarfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.users import UserTmpFactory, account, describe, has_subids, is_root, popen_as, run_nsbuild
+from support.users import (
+    UserTmpFactory,
+    account,
+    describe,
+    has_subids,
+    is_root,
+    popen_as,
+    popen_nsbuild,
+    processes_of,
+    run_nsbuild,
+)
 from support.verifiers import image_layers
 
 BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
@@ -392,3 +404,63 @@ def test_a_build_never_changes_its_inputs(unprivileged_user: str | None, user_tm
                 assert motd is not None and motd.read() == b"changed\n"
                 assert tf.getmember("etc/passwd").uid == 4000, backend
         assert os.listdir(tmp) == [], f"{backend} left temporary files behind"
+
+
+def _secret_holders(user: str | None, secret: bytes, skip: int) -> list[str]:
+    """Processes of the account (but `skip`) whose environment or command line holds the secret."""
+    found = []
+    for pid, _ in processes_of(user):
+        if pid == skip:
+            continue
+        for f in ("environ", "cmdline"):
+            try:
+                if secret in Path(f"/proc/{pid}/{f}").read_bytes():
+                    found.append(f"{pid} {f}: {Path(f'/proc/{pid}/cmdline').read_bytes()[:200]!r}")
+            except OSError:
+                continue
+    return found
+
+
+def test_no_sandbox_process_holds_the_callers_secret(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
+    """Seen from the host while the script runs: of every process of the build, only nsbuild's own has
+    the caller's environment; no command line holds it (stage1's configuration goes over a pipe)."""
+    _require()
+    user = unprivileged_user
+    work = user_tmp(user)
+    tmp = work / "tmp"
+    tmp.mkdir()
+    _own(user, tmp)
+    secret = SECRET_A + SECRET_B
+    for backend in [*_backends(user), "fakeroot"]:
+        marker = f"{3000 + uuid.uuid4().int % 100000}.{os.getpid()}"
+        spec = {
+            "name": "victim",
+            "tag": "t",
+            "compressor": "none",
+            "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+            "fakeRootCommands": f"sleep {marker} || true\necho built > built",
+        }
+        spec_path = work / f"spec-{backend}.json"
+        spec_path.write_text(json.dumps(spec))
+        _own(user, spec_path)
+        out = work / f"out-{backend}.tar"
+        env = {"TMPDIR": str(tmp), "REGISTRY_PASSWORD": secret}
+        proc = popen_nsbuild(["layered", spec_path, "-o", out, "--isolation", backend], user, env=env)
+        try:
+            sleeper = None
+            for _ in range(6000):  # hang guard only
+                sleeper = next((pid for pid, cmd in processes_of(user) if cmd == f"sleep {marker}"), None)
+                if sleeper is not None or proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+            assert sleeper is not None, proc.communicate()
+            assert _secret_holders(user, secret.encode(), skip=proc.pid) == [], backend
+            assert secret.encode() in Path(f"/proc/{proc.pid}/environ").read_bytes()  # the probe works
+            os.kill(sleeper, signal.SIGKILL)
+            _, err = proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, (backend, err)
+        assert _report(out, work, "built") == ["built"]
