@@ -15,7 +15,7 @@ from typing import Any
 from nsbuild.errors import BuildError
 from nsbuild.owners import Owner
 from nsbuild.sandbox import MODE, USES_FAKEROOT, choose, remove_tree
-from nsbuild.sandbox.boundary import sandbox_env
+from nsbuild.sandbox.boundary import hide_own_process, sandbox_env
 from nsbuild.sandbox.runner import run
 from nsbuild.tarwriter import Source
 
@@ -89,6 +89,7 @@ def build_customisation_layer(
     stderr live), or the layer cannot be written. KeyboardInterrupt propagates after teardown.
     """
     backend = choose(isolation)
+    hide_own_process()  # the fakeroot backend's scripts run as the caller, beside this process
     if backend == "fakeroot" and enable_fakechroot and what == "runAsRoot":
         raise BuildError(
             "runAsRoot needs a user namespace to chroot into the image (backends userns or "

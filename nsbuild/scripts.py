@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from nsbuild.errors import BuildError
+from nsbuild.sandbox.boundary import hide_own_process
 
 # The environment scripts see, documented in the README: nothing else leaks in from the caller.
 PASSED_THROUGH = ("PATH",)
@@ -43,6 +44,7 @@ def run_bash(script: str, *, cwd: Path, env: dict[str, str], what: str, log_dir:
     """Run a script with `bash -e`; its output is kept and shown if it fails."""
     if not script.strip():
         return
+    hide_own_process()  # the script runs as the caller: our environ must be closed to it
     with tempfile.NamedTemporaryFile("w+b", dir=log_dir, prefix="script-", suffix=".log") as log:
         # A session of its own, so every process the script leaves behind can be killed with it.
         proc = subprocess.Popen(

@@ -421,6 +421,17 @@ def _secret_holders(user: str | None, secret: bytes, skip: int) -> list[str]:
     return found
 
 
+PEEK = (
+    (
+        'S="@SA@""@SB@"\necho ran >> @OUT@\n'
+        'for p in /proc/[0-9]*; do for f in environ cmdline; do tr "\\0" "\\n" < "$p/$f" 2>/dev/null'
+        ' | grep -q "$S" && echo "ESCAPE $p/$f" >> @OUT@; done; done; true\n'
+    )
+    .replace("@SA@", SECRET_A)
+    .replace("@SB@", SECRET_B)
+)
+
+
 def test_no_sandbox_process_holds_the_callers_secret(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
     """Seen from the host while the script runs: of every process of the build, only nsbuild's own has
     the caller's environment; no command line holds it (stage1's configuration goes over a pipe)."""
@@ -438,7 +449,8 @@ def test_no_sandbox_process_holds_the_callers_secret(unprivileged_user: str | No
             "tag": "t",
             "compressor": "none",
             "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
-            "fakeRootCommands": f"sleep {marker} || true\necho built > built",
+            "extraCommands": PEEK.replace("@OUT@", "extra-report"),
+            "fakeRootCommands": PEEK.replace("@OUT@", "script-report") + f"sleep {marker} || true\necho built > built",
         }
         spec_path = work / f"spec-{backend}.json"
         spec_path.write_text(json.dumps(spec))
@@ -464,3 +476,8 @@ def test_no_sandbox_process_holds_the_callers_secret(unprivileged_user: str | No
                 proc.wait()
         assert proc.returncode == 0, (backend, err)
         assert _report(out, work, "built") == ["built"]
+        # Scripts that run as the caller beside nsbuild (extraCommands; the fakeroot backend) cannot
+        # read nsbuild's own environment either (it is not dumpable).
+        for name in ("extra-report", "script-report"):
+            report = _report(out, work, name)
+            assert "ran" in report and [x for x in report if x.startswith("ESCAPE")] == [], (backend, name, report)

@@ -76,6 +76,15 @@ def sandbox_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def hide_own_process() -> None:
+    """Make nsbuild's own process non-dumpable: its /proc/PID/environ (the caller's environment, with
+    e.g. REGISTRY_PASSWORD), mem and fds are then closed to processes of the same account, so also to
+    scripts that run as the caller (extraCommands, the fakeroot backend). A child gets this back to
+    normal when it execs; one that only forks (runner.try_enter) resets it itself."""
+    with contextlib.suppress(OSError, AttributeError):
+        prctl.set_dumpable(False)
+
+
 def _syscall_error(what: str) -> OSError:
     err = ctypes.get_errno()
     return OSError(err, f"{what}: {os.strerror(err)}")

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
+import prctl
+
 from nsbuild.errors import BuildError
 from nsbuild.sandbox.ids import IdMap, full_map
 
@@ -163,6 +165,8 @@ def try_enter(mode: str, *, network: str = "none") -> str | None:
     if pid == 0:  # pragma: no cover - the child only makes syscalls and exits
         code = 1
         try:
+            # newuidmap checks who owns /proc/PID: a non-dumpable process's is root's (hide_own_process).
+            prctl.set_dumpable(True)
             os.close(ready_r)
             os.close(go_w)
             os.close(err_r)
