@@ -271,7 +271,7 @@ for p in /proc/[0-9]*; do
   for f in environ cmdline; do tr '\0' '\n' < "$p/$f" 2>/dev/null | grep -q "$S" && say "ESCAPE secret in $p/$f"; done
 done
 env | grep -q "$S" && say "ESCAPE secret in env"
-echo pwned 2>/dev/null > "/tmp/@MARK@" && say "ESCAPE wrote host /tmp"
+echo pwned > "/tmp/@MARK@" && say control-private-tmp
 echo pwned 2>/dev/null > "@CANARY@" && say "ESCAPE wrote the caller's file"
 # (fakeroot answers a chown from its records: the owner on disk is what the test checks)
 chown 4000:4000 "@CANARY@" 2>/dev/null || true
@@ -284,7 +284,8 @@ echo built > built
 
 def test_fake_root_commands_without_chroot(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
     """fakeRootCommands on the host's tree (no chroot): the host is read-only to it except the image
-    tree, $HOME and $TMPDIR; the caller's secrets and nsbuild's processes are out of sight."""
+    tree, $HOME and $TMPDIR; /tmp is a private tmpfs (the host's stays untouched); the caller's secrets
+    and nsbuild's processes are out of sight."""
     _require()
     user = unprivileged_user
     work = user_tmp(user)
@@ -316,7 +317,7 @@ def test_fake_root_commands_without_chroot(unprivileged_user: str | None, user_t
             proc = run_nsbuild(["layered", spec_path, "-o", out, "--isolation", backend], user=user, env=env)
             assert proc.returncode == 0, describe(proc)
             report = _report(out, work, "report.txt")
-            assert {"ran", "control-tmpdir", "control-home"} <= set(report), report
+            assert {"ran", "control-tmpdir", "control-home", "control-private-tmp"} <= set(report), report
             assert [line for line in report if line.startswith("ESCAPE")] == [], (backend, report)
             assert not Path("/tmp", mark).exists()
             assert canary.read_text() == "caller-secret\n"

@@ -11,10 +11,11 @@ Every script of a namespace backend runs in a pid and mount namespace of its own
       /sys read-only), /tmp (runAsRoot: a tmpfs).
   no chroot (fakeRootCommands)
       the host's file system as the caller sees it, every mount read-only except the image tree and
-      the script's $HOME and $TMPDIR (in the build's own scratch tree); a fresh /proc of its own pid
-      namespace. The read-only flags and the /proc mount are locked by a further user namespace (same
-      ids), so the script cannot remount or unmount them: what namespace root could do beyond the
-      caller's own account (chown to subordinate ids, files owned by them) reaches the image only.
+      the script's $HOME and $TMPDIR (in the build's own scratch tree); /tmp and /dev/shm are empty
+      tmpfs of its own (1 GiB each); a fresh /proc of its own pid namespace. The read-only flags and
+      the mounts are locked by a further user namespace (same ids), so the script cannot remount or
+      unmount them: what namespace root could do beyond the caller's own account (chown to
+      subordinate ids, files owned by them) reaches the image only.
 
 The fakeroot backend has no namespaces: its scripts run as the caller, with the caller's view.
 The sandbox's own processes get sandbox_env(), never the caller's environment, and their
@@ -179,6 +180,18 @@ def _into_image(root: Path) -> None:
     os.chdir("/")
 
 
+PRIVATE_TMP = ("/tmp", "/dev/shm")
+PRIVATE_TMP_MIB = 1024
+
+
+def _private_scratch() -> None:
+    """/tmp and /dev/shm: empty tmpfs of the script's own (what it writes there is gone when it ends;
+    the host's stay untouched), so tools that expect them writable still work."""
+    for d in PRIVATE_TMP:
+        if os.path.isdir(d) and not os.path.islink(d):
+            mounts.mount("tmpfs", d, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, f"size={PRIVATE_TMP_MIB}m,mode=1777")
+
+
 def _host_readonly(writable: Sequence[Path], ready: int, go: int) -> None:
     """The host read-only except `writable`, a /proc of our own; then a nested user namespace (the
     same ids) locks both: the script, its root, can neither remount nor unmount them."""
@@ -190,6 +203,7 @@ def _host_readonly(writable: Sequence[Path], ready: int, go: int) -> None:
     set_readonly("/", True, recursive=True)
     for w in writable:
         set_readonly(w, False, recursive=True)
+    _private_scratch()
     mounts.unshare(mounts.CLONE_NEWUSER | mounts.CLONE_NEWNS)
     os.write(ready, b"u")
     if os.read(go, 1) != b"g":
