@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.core import FakeStore
 from support.users import (
     UserTmpFactory,
     account,
@@ -362,8 +363,8 @@ chown 4000:4000 etc/passwd
 
 def test_a_build_never_changes_its_inputs(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
     """Every backend, a script attacking the lower layers (../lower) and changing the image: the content
-    tree, the spec and the base image keep every byte and every stat field, ctime included, and the
-    image has the script's changes."""
+    tree, the store path, the base image and the spec keep every byte and every stat field, ctime
+    included, and the image has the script's changes."""
     _require()
     user = unprivileged_user
     work = user_tmp(user)
@@ -373,11 +374,15 @@ def test_a_build_never_changes_its_inputs(unprivileged_user: str | None, user_tm
     (rootfs / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\n")
     (rootfs / "etc/linked").write_text("two names\n")
     os.link(rootfs / "etc/linked", rootfs / "etc/linked2")
+    store = FakeStore(work / "store")
+    tool = store.add("tool-1", {"bin/tool": "#!/bin/sh\n", "share/tool/data": b"t" * 5000})
+    base = work / "base.tar"
+    _hostile_base(base, '#!/bin/busybox sh\nexec /bin/busybox sh "$@"\n')
     tmp = work / "tmp"
     tmp.mkdir()
     if is_root():
         acc = account(user)
-        for p in [rootfs, *rootfs.rglob("*"), tmp]:
+        for p in [rootfs, *rootfs.rglob("*"), store.dir, *store.dir.rglob("*"), base, tmp]:
             os.lchown(p, acc.uid, acc.gid)
     backends = (["userns"] if has_subids(user) else []) + ["userns-fakeroot", "fakeroot"]
     for backend in backends:
@@ -385,20 +390,22 @@ def test_a_build_never_changes_its_inputs(unprivileged_user: str | None, user_tm
             "name": "inputs",
             "tag": "t",
             "compressor": "none",
-            "contents": ["rootfs", {"path": BUSYBOX, "target": "/bin/busybox"}],
+            "contents": ["rootfs", str(tool)],
+            "storeDir": str(store.dir),
+            "fromImage": str(base),
             "fakeRootCommands": LOWER_ATTACK,
         }
         spec_path = work / f"spec-{backend}.json"
         spec_path.write_text(json.dumps(spec))
         _own(user, spec_path)
-        before = _stat_all(rootfs, spec_path)
+        before = _stat_all(rootfs, store.dir, base, spec_path)
         for i in range(2):  # the second build reuses the content layer: still nothing changes
             out = work / f"out-{backend}-{i}.tar"
             proc = run_nsbuild(
                 ["layered", spec_path, "-o", out, "--isolation", backend], user=user, env={"TMPDIR": str(tmp)}
             )
             assert proc.returncode == 0, describe(proc)
-            assert _stat_all(rootfs, spec_path) == before, f"{backend}: the build changed its inputs"
+            assert _stat_all(rootfs, store.dir, base, spec_path) == before, f"{backend}: the build changed its inputs"
             layer = image_layers(out, work / f"x-{backend}-{i}")[-1]
             with tarfile.open(layer) as tf:
                 motd = tf.extractfile("etc/motd")
