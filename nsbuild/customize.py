@@ -140,6 +140,8 @@ def build_customisation_layer(
         "after_env": dict(after_env) if after_env is not None else None,
         # Without a namespace the caller's real ids can show through fakeroot: they become root.
         "caller_ids": [os.getuid(), os.getgid()] if backend == "fakeroot" and os.getuid() != 0 else None,
+        # Out of sight for scripts on the host's tree (namespace backends): keys, tokens, credentials.
+        "hide": _caller_homes(),
     }
     log.info(f"{what} backend: {backend} ({'overlayfs' if plan['engine'] == 'overlay' else 'copy-and-diff'})")
     plan_path = work / "plan.json"
@@ -206,6 +208,16 @@ def build_customisation_layer(
         with contextlib.suppress(FileNotFoundError):
             tmp_out.unlink()
         cleanup(work, backend)
+
+
+def _caller_homes() -> list[str]:
+    """The caller's home directories ($HOME and the password database's), never `/`."""
+    import pwd
+
+    homes = {os.environ.get("HOME", "")}
+    with contextlib.suppress(KeyError):
+        homes.add(pwd.getpwuid(os.getuid()).pw_dir)
+    return sorted(h for h in homes if h.startswith("/") and os.path.realpath(h) != "/")
 
 
 OOM_SIGNS = (

@@ -489,3 +489,67 @@ def test_no_sandbox_process_holds_the_callers_secret(unprivileged_user: str | No
         for name in ("extra-report", "script-report"):
             report = _report(out, work, name)
             assert "ran" in report and [x for x in report if x.startswith("ESCAPE")] == [], (backend, name, report)
+
+
+HOME_PEEK = r"""
+say() { echo "$*" >> report.txt; }
+say ran
+cat "@CANARY@" > /dev/null 2>&1 && say "ESCAPE read the caller's home"
+ls -A "@HOME@" | grep -q keys-dir && say "ESCAPE listed the caller's home"
+cp "$NSBUILD_SPEC_DIR/data.txt" copied.txt && say control-spec-dir
+[ "$(command -v cp)" = "@HOME@/profile/bin/cp" ] && say control-path-below-home
+echo x 2>/dev/null > "$NSBUILD_SPEC_DIR/new" && say "ESCAPE wrote the spec directory"
+echo ok > "$TMPDIR/probe" && say control-tmpdir
+true
+"""
+
+
+def test_callers_home_is_out_of_sight(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
+    """The caller's home (~/.docker/config.json, keys) is an empty directory for a script on the host's
+    tree, while the spec's directory and the build's own trees below the home stay usable."""
+    _require()
+    user = unprivileged_user
+    acc = account(user)
+    if not acc.home.is_dir() or acc.home == Path("/"):
+        pytest.skip(f"{acc.name} has no home directory")
+    base = acc.home / f"h5-{uuid.uuid4().hex[:8]}"
+    try:
+        (base / "keys-dir").mkdir(parents=True)
+        canary = base / "keys-dir" / "secret"
+        canary.write_text("caller-secret\n")
+        proj = base / "proj"
+        proj.mkdir()
+        (proj / "data.txt").write_text("from the spec dir\n")
+        tmp = base / "tmp"  # the build's scratch tree below the home too
+        tmp.mkdir()
+        # A PATH entry below the home that leads out of it, as a Nix user's ~/.nix-profile/bin.
+        (base / "profile").mkdir()
+        (base / "profile" / "bin").symlink_to("/usr/bin")
+        script = HOME_PEEK.replace("@CANARY@", str(canary)).replace("@HOME@", str(base))
+        for backend in _backends(user):
+            spec = {
+                "name": "victim",
+                "tag": "t",
+                "compressor": "none",
+                "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+                "fakeRootCommands": script,
+            }
+            spec_path = proj / f"spec-{backend}.json"
+            spec_path.write_text(json.dumps(spec))
+            if is_root():
+                for p in [base, *base.rglob("*")]:
+                    os.lchown(p, acc.uid, acc.gid)
+            out = base / f"out-{backend}.tar"
+            proc = run_nsbuild(
+                ["layered", spec_path, "-o", out, "--isolation", backend],
+                user=user,
+                env={"TMPDIR": str(tmp), "PATH": f"{base}/profile/bin:/usr/bin:/bin"},
+            )
+            assert proc.returncode == 0, describe(proc)
+            report = _report(out, base, "report.txt")
+            assert {"ran", "control-spec-dir", "control-tmpdir", "control-path-below-home"} <= set(report), report
+            assert [x for x in report if x.startswith("ESCAPE")] == [], (backend, report)
+            assert _report(out, base, "copied.txt") == ["from the spec dir"]
+            assert not (proj / "new").exists()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -12,7 +12,9 @@ Every script of a namespace backend runs in a pid and mount namespace of its own
   no chroot (fakeRootCommands)
       the host's file system as the caller sees it, every mount read-only except the image tree and
       the script's $HOME and $TMPDIR (in the build's own scratch tree); /tmp and /dev/shm are empty
-      tmpfs of its own (1 GiB each); a fresh /proc of its own pid namespace. The read-only flags and
+      tmpfs of its own (1 GiB each); the caller's home is an empty directory (but for the spec's
+      directory and the build's own trees where they lie below it); a fresh /proc of its own pid
+      namespace. The read-only flags and
       the mounts are locked by a further user namespace (same ids), so the script cannot remount or
       unmount them: what namespace root could do beyond the caller's own account (chown to
       subordinate ids, files owned by them) reaches the image only.
@@ -192,12 +194,48 @@ def _private_scratch() -> None:
             mounts.mount("tmpfs", d, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, f"size={PRIVATE_TMP_MIB}m,mode=1777")
 
 
-def _host_readonly(writable: Sequence[Path], ready: int, go: int) -> None:
-    """The host read-only except `writable`, a /proc of our own; then a nested user namespace (the
-    same ids) locks both: the script, its root, can neither remount nor unmount them."""
+def _hide(hidden: Sequence[Path], keep: Sequence[Path]) -> None:
+    """An empty tmpfs over each of `hidden` (the caller's home: its keys, tokens, registry
+    credentials); the paths of `keep` below one are bound back in at the same place."""
+    homes = [(Path(os.path.abspath(h)), Path(os.path.realpath(h))) for h in hidden]
+    fds = {}
+    for p in keep:
+        target = _target_below(Path(p), homes)
+        if target is not None and os.path.isdir(p) and target not in fds:
+            fds[target] = os.open(p, os.O_PATH | os.O_DIRECTORY)
+    for _, real in homes:
+        mounts.mount("tmpfs", real, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "size=1m,mode=0755")
+    for target, fd in fds.items():
+        target.mkdir(parents=True, exist_ok=True)
+        mounts.mount(f"/proc/self/fd/{fd}", target, None, mounts.MS_BIND | mounts.MS_REC)
+        os.close(fd)
+
+
+def _target_below(p: Path, homes: Sequence[tuple[Path, Path]]) -> Path | None:
+    """Where `p` must be bound back once the homes are covered: its real path if that is below a home,
+    else its own name's place (a `~/.nix-profile/bin` in PATH leads out of the home, but its name must
+    still resolve), else None (not below a home: nothing to do)."""
+    real, named = Path(os.path.realpath(p)), Path(os.path.abspath(p))
+    for text, home in homes:
+        if real == home or home in real.parents:
+            return real
+        for base in (text, home):
+            if named == base or base in named.parents:
+                return home / named.relative_to(base)
+    return None
+
+
+def _host_readonly(
+    writable: Sequence[Path], ready: int, go: int, hidden: Sequence[Path] = (), readable: Sequence[Path] = ()
+) -> None:
+    """The host read-only except `writable`, `hidden` out of sight (but `readable` and `writable` below
+    them), a /proc of our own; then a nested user namespace (the same ids) locks all of it: the
+    script, its root, can neither remount nor unmount them."""
     with contextlib.suppress(OSError):
         mounts.umount("/proc")
     mounts.mount("proc", "/proc", "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
+    if hidden:
+        _hide(hidden, [*writable, *readable])
     for w in writable:
         mounts.mount(str(w), w, None, mounts.MS_BIND | mounts.MS_REC)
     set_readonly("/", True, recursive=True)
@@ -214,9 +252,17 @@ def _host_readonly(writable: Sequence[Path], ready: int, go: int) -> None:
         os.setgroups([])  # denied where the sandbox maps one id (setgroups is "deny" there)
 
 
-def launcher(root: Path | None, writable: Sequence[Path], cwd: Path, enter: Callable[[], None]) -> Callable[[], None]:
+def launcher(
+    root: Path | None,
+    writable: Sequence[Path],
+    cwd: Path,
+    enter: Callable[[], None],
+    hidden: Sequence[Path] = (),
+    readable: Sequence[Path] = (),
+) -> Callable[[], None]:
     """A preexec_fn that puts the script behind the boundary described above; `root` for a chroot,
-    else `writable` are the only writable paths. `enter` runs last (limits, signal dispositions).
+    else `writable` are the only writable paths and `hidden` (the caller's home) is out of sight but
+    for `readable` and `writable` below it. `enter` runs last (limits, signal dispositions).
 
     In the forked child: unshare a pid namespace, fork again; the first process stays outside as the
     script's supervisor (it returns the script's status; its mount namespace and /proc stay the
@@ -247,7 +293,7 @@ def launcher(root: Path | None, writable: Sequence[Path], cwd: Path, enter: Call
             if root is not None:
                 _into_image(root)
             else:
-                _host_readonly(writable, ready_w, go_r)
+                _host_readonly(writable, ready_w, go_r, hidden, readable)
                 os.chdir(cwd)
             os.close(ready_w)
             os.close(go_r)

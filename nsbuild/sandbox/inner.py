@@ -316,7 +316,7 @@ def _run_script(plan: dict, merged: Path, tail: list[str] | None = None) -> int:
         shim_dir = "/dev/.nsbuild" if chroot else str(Path(plan["work"]) / "shim")
         env["PATH"] = shim_dir + ":" + env.get("PATH", CHROOT_PATH)
     writable = [merged, Path(plan["work"]) / "reg", *_script_dirs(env)]
-    return _spawn(argv, env, _behind_boundary(plan, merged if chroot else None, writable, merged, enter), tail)
+    return _spawn(argv, env, _behind_boundary(plan, merged if chroot else None, writable, merged, enter, env), tail)
 
 
 def _script_dirs(env: dict[str, str]) -> list[Path]:
@@ -329,11 +329,18 @@ def _script_dirs(env: dict[str, str]) -> list[Path]:
     return out
 
 
-def _behind_boundary(plan: dict, root: Path | None, writable: list[Path], cwd: Path, enter: Any) -> Any:
-    """preexec_fn for a script: behind nsbuild.sandbox.boundary where there are namespaces; the
-    fakeroot backend has none (its scripts run as the caller, with the caller's view)."""
+def _behind_boundary(
+    plan: dict, root: Path | None, writable: list[Path], cwd: Path, enter: Any, env: dict[str, str]
+) -> Any:
+    """preexec_fn for a script: behind nsbuild.sandbox.boundary where there are namespaces (the
+    caller's home hidden, the spec's directory readable); the fakeroot backend has none (its scripts
+    run as the caller, with the caller's view)."""
     if plan.get("in_ns"):
-        return boundary.launcher(root, writable, cwd, enter)
+        hidden = [Path(h) for h in plan.get("hide") or [] if Path(h).is_dir() and Path(h) != Path("/")]
+        # Still readable below a hidden home: the spec's directory and PATH (a ~/.nix-profile/bin).
+        names = [env.get("NSBUILD_SPEC_DIR") or "", *env.get("PATH", "").split(":")]
+        readable = [Path(n) for n in names if n.startswith("/") and os.path.realpath(n) != "/"]
+        return boundary.launcher(root, writable, cwd, enter, hidden, readable)
 
     def plain() -> None:
         enter()
@@ -397,7 +404,7 @@ def _run_after(plan: dict, upper: Path, tail: list[str]) -> int:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    preexec = _behind_boundary(plan, None, [upper, *_script_dirs(env)], upper, enter)
+    preexec = _behind_boundary(plan, None, [upper, *_script_dirs(env)], upper, enter, env)
     return _spawn(["bash", "--noprofile", "--norc", "-e", "-c", plan["after_script"]], env, preexec, tail)
 
 
