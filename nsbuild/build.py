@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from nsbuild.archive import ImageArchive, OutputStamps
 from nsbuild.baseimage import BaseImage, load_base
-from nsbuild.cache import LayerCache, fingerprint
+from nsbuild.cache import LayerCache, close_caches, fingerprint, open_cache
 from nsbuild.errors import BuildError, SpecError
 from nsbuild.hosttree import warn_contents_links
 from nsbuild.image import Image, make_config, oci_manifest
@@ -149,6 +149,7 @@ def build_image(spec: Spec, output: ImageRef, progress: Progress, options: Build
     try:
         return _build(spec, output, progress, options, ws)
     finally:
+        close_caches()  # the build's pins and staging area in the layer cache
         ws.close()
 
 
@@ -162,6 +163,7 @@ def read_base(
         from nsbuild import remote
 
         # Pulled blobs live in the layer cache (the next build downloads nothing), else the workspace.
+        pin = open_cache(options.cache_dir).pin_present if options.cache_dir else None
         pulled = remote.pull_base(
             spec.from_image,
             store_root=options.cache_dir or ws.path("pull"),
@@ -169,6 +171,7 @@ def read_base(
             options=options.registry,
             progress=progress,
             need_tar=need_tar,
+            pin=pin,
         )
         return pulled.base, pulled.annotations, pulled.to_json()
     progress.info(f"reading base image {spec.from_image}")
@@ -196,7 +199,7 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
     compression = layer_compression(output, spec)
     keep_tar = compression == "none"
     base: BaseImage | None = None
-    cache = LayerCache(options.cache_dir) if options.cache_dir else None
+    cache = open_cache(options.cache_dir) if options.cache_dir else None
     if output.format == "registry":
         remote.preflight("docker://" + output.location, "-o", options.registry)
     if options.cache_to:
@@ -218,7 +221,8 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
     owner = Owner(spec.uid, spec.gid, spec.uname, spec.gname)
     fixed = OwnerPolicy.fixed_owner(owner)
     total = len(plan.layers) + 1
-    blob_dir = cache.blobs if cache else ws.blobs
+    # New blobs go to the build's staging area in the cache; cache.store publishes them.
+    blob_dir = cache.store_root / "blobs" / "sha256" if cache else ws.blobs
     archive = open_archive(output, spec, cache, positions=len(base_layers) + total)
     try:
         if archive is not None:
@@ -367,12 +371,14 @@ def _content_layers(
                 content_key,
                 compression=compression,
                 need_tar=keep_tar,
-                store_root=cache.root if cache else ws.path("pull"),
+                store_root=cache.store_root if cache else ws.path("pull"),
                 comment=planned.comment,
+                mtime=spec.mtime,
+                owner=fixed,
             )
             if got is not None:
                 if cache is not None and key is not None:
-                    cache.store(key, got, compression)
+                    got = cache.store(key, got, compression)
                 progress.info(
                     f"[{index}/{total}] {planned.comment}: {human(got.tar.size)} "
                     f"(from cache {shared.ref}, {time.monotonic() - t0:.2f}s)"
@@ -398,7 +404,7 @@ def _content_layers(
         for stop in stops:
             stop()
         if cache is not None and key is not None:
-            cache.store(key, layer, compression)
+            layer = cache.store(key, layer, compression)
         progress.layer_done(index, total, planned.comment, layer.tar.size, time.monotonic() - t0)
         return finished(index, layer), False, content_key
 

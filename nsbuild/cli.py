@@ -459,23 +459,24 @@ app.add_typer(cache_app, name="cache")
 
 @cache_app.command("du")
 def cache_du(cache_dir: CacheDirOpt = None) -> None:
-    """How much the layer cache holds."""
+    """How much the layer cache holds (temporary files of running or dead builds included)."""
     from nsbuild.cache import LayerCache, default_cache_dir
     from nsbuild.progress import human
 
     root = cache_dir or default_cache_dir()
     try:
-        entries, blobs, size = LayerCache(root, write=False).usage()
+        entries, blobs, size, temps, temp_size = LayerCache(root, write=False).usage()
     except NsbuildError as exc:
         _fail(exc)
-    print(f"{root}: {entries} layer entries, {blobs} blobs, {human(size)}")
+    print(f"{root}: {entries} layer entries, {blobs} blobs, {human(size)}; {temps} temporary files, {human(temp_size)}")
 
 
 @cache_app.command("prune")
 def cache_prune(
     cache_dir: CacheDirOpt = None, older_than: Annotated[float, typer.Option("--older-than", help="days unused")] = 0.0
 ) -> None:
-    """Drop layer entries unused for --older-than days (default: all) and blobs nothing refers to."""
+    """Drop layer entries unused for --older-than days (default: all) and blobs nothing refers to.
+    Safe while builds use the cache: blobs a running build uses are kept."""
     from nsbuild.cache import LayerCache, default_cache_dir
     from nsbuild.progress import human
 
@@ -484,7 +485,29 @@ def cache_prune(
         removed, freed = LayerCache(root).prune(older_than * 86400)
     except NsbuildError as exc:
         _fail(exc)
+    except OSError as exc:
+        _fail(BuildError(f"cache directory {root}: {exc.strerror or exc}"))
     print(f"{root}: removed {removed} layer entries, freed {human(freed)}")
+
+
+@cache_app.command("verify")
+def cache_verify(cache_dir: CacheDirOpt = None) -> None:
+    """Hash every cached blob again and check every layer entry against its blobs; what is wrong is
+    removed (the next build rebuilds it). Exit 1 when something was wrong."""
+    from nsbuild.cache import LayerCache, default_cache_dir
+    from nsbuild.progress import human
+
+    root = cache_dir or default_cache_dir()
+    try:
+        checked, size, problems = LayerCache(root).verify()
+    except NsbuildError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(BuildError(f"cache directory {root}: {exc.strerror or exc}"))
+    for problem in problems:
+        print(f"nsbuild: {root}: {problem}", file=sys.stderr)
+    print(f"{root}: {checked} blobs checked ({human(size)}), {len(problems)} problems")
+    raise typer.Exit(1 if problems else 0)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

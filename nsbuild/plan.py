@@ -8,9 +8,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nsbuild.autolayer import ImageGraph, base_json_text, image_store_layers, nar_size
 from nsbuild.errors import SpecError
 from nsbuild.spec import Spec
-from nsbuild.store import Store, StorePath, group_layers
+from nsbuild.store import Store, StorePath
 from nsbuild.tarwriter import Source
 
 
@@ -70,7 +71,8 @@ def make_plan(spec: Spec, base_layer_count: int) -> Plan:
         elif not host.is_dir() and target == "/":
             target = "/" + entry.path.name
         trees.append((Source(host, target), entry.field.removesuffix(".path"), entry.written))
-    roots.extend(store.paths_in_text(json.dumps(spec.config)))
+    config_roots = store.paths_in_text(json.dumps(spec.config))
+    roots.extend(config_roots)
     closure = store.closure(roots) if roots else {}
     if not spec.include_store_paths:
         closure = {}
@@ -85,7 +87,7 @@ def make_plan(spec: Spec, base_layer_count: int) -> Plan:
     tree_budget = budget - store_budget
     if closure and tree_budget <= 0 and tree_layers:
         store_budget, tree_budget = budget, 0
-    store_groups = group_layers(closure, store_budget)
+    store_groups = _store_groups(spec, closure, links, config_roots, store_budget)
     for names in store_groups:
         size = sum(closure[n].size for n in names)
         comment = "store paths: " + ", ".join(n[33:] for n in names[:8]) + (" …" if len(names) > 8 else "")
@@ -96,6 +98,27 @@ def make_plan(spec: Spec, base_layer_count: int) -> Plan:
     else:
         plan.layers.extend(_merge_smallest(tree_layers, tree_budget))
     return plan
+
+
+def _store_groups(
+    spec: Spec, closure: dict[str, StorePath], content_roots: list[Path], config_roots: list[Path], budget: int
+) -> list[list[str]]:
+    """The closure split as nixpkgs' auto-layer splits it (nsbuild.autolayer), sized by NAR size."""
+    if not closure or budget <= 0:
+        return []
+    by_hash = {sp.hash_part: name for name, sp in closure.items()}
+    paths = {
+        name: (nar_size(sp.path), [by_hash[h] for h in sp.references if h in by_hash]) for name, sp in closure.items()
+    }
+    image = ImageGraph(
+        store_dir=spec.store_dir,
+        name=spec.name,
+        paths=paths,
+        content_roots=[p.name for p in content_roots if p.name in closure],
+        config_roots=[p.name for p in config_roots if p.name in closure],
+        base_json=base_json_text(spec.config, spec.architecture),
+    )
+    return image_store_layers(image, budget)
 
 
 def _store_sources(closure: dict[str, StorePath], names: list[str]) -> list[Source]:

@@ -30,11 +30,14 @@ import shutil
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nsbuild.baseimage import DOCKER_TO_OCI, BaseImage
+from nsbuild.compress import compression_of
+from nsbuild.contentkey import TarMismatch, content_hasher, file_record, verified_tar
 from nsbuild.errors import BuildError, UsageError
 from nsbuild.image import MEDIA_OCI_MANIFEST, Image, canonical_json, sha256_digest
 from nsbuild.layer import (
@@ -65,13 +68,12 @@ from nsbuild.registry import (
     push_manifest,
 )
 from nsbuild.registry.client import RegistryClient
+from nsbuild.registry.pull import descriptor, is_sha256, parse_document
 from nsbuild.registry.reference import Reference
 from nsbuild.tarwriter import Source, encode_header, iter_entries
 
 CACHE_CONFIG_MEDIA = "application/vnd.nsbuild.cache.config.v1+json"
 CACHE_FORMAT = "nsbuild-cache-v1"
-# Bump when the content fingerprint itself changes (the writer's FORMAT_VERSION is hashed in too).
-CONTENT_VERSION = "nsbuild-content-v1"
 BASE_DIGEST = "org.opencontainers.image.base.digest"
 BASE_NAME = "org.opencontainers.image.base.name"
 COMPRESSION_OF_MEDIA = {MEDIA_TAR: "none", MEDIA_TAR_GZIP: "gz", MEDIA_TAR_ZSTD: "zstd"}
@@ -151,6 +153,7 @@ def push(
     cache_dir: Path | None,
 ) -> PushResult:
     progress.info(f"pushing {target} ({manifest_format} manifest, {len(image.layers)} layers)")
+    check_blobs([layer.compressed for layer in image.layers])
     result = push_image(
         image,
         target,
@@ -165,6 +168,18 @@ def push(
         f"{len(result.mounted_blobs)} mounted"
     )
     return result
+
+
+def check_blobs(blobs: list[Blob]) -> None:
+    """Hash every blob file again before it leaves the machine: a cached blob damaged where its stamp
+    cannot see (the disk, the raw device) must not reach a registry, which would keep it or refuse it
+    with a less clear error."""
+    for blob in blobs:
+        if blob.path is not None and file_digest(blob.path) != blob.digest:
+            raise BuildError(
+                f"{blob.path}: the blob {blob.digest[:19]} is corrupted (its bytes have another "
+                "digest); run `nsbuild cache verify` and build again"
+            )
 
 
 def push_json(result: PushResult) -> dict[str, Any]:
@@ -226,6 +241,37 @@ def _decompress_verified(src: Path, blob_dir: Path, diff_id: str, what: str) -> 
     return blob
 
 
+def _checked_config(pulled: PulledImage, ref: Reference) -> tuple[dict[str, Any], list[str]]:
+    """The pulled config (pull_image made sure it is a JSON object) and its diff_ids, refused in one
+    line unless each part the build reads has the type it must have."""
+    config = parse_document(pulled.config, f"fromImage {ref}: config {pulled.config_digest}")
+    rootfs = config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list):
+        raise BuildError(f"fromImage {ref}: the image config has no rootfs.diff_ids")
+    if len(diff_ids) != len(pulled.layers):
+        raise BuildError(
+            f"fromImage {ref}: the manifest lists {len(pulled.layers)} layers but the config "
+            f"has {len(diff_ids)} diff_ids"
+        )
+    if not all(is_sha256(d) for d in diff_ids):
+        raise BuildError(f"fromImage {ref}: the image config's rootfs.diff_ids are not all sha256 digests")
+    for name, kind, word in (("config", dict, "object"), ("history", list, "array")):
+        if config.get(name) is not None and not isinstance(config[name], kind):
+            raise BuildError(f"fromImage {ref}: the image config's {name!r} is not a JSON {word}")
+    return config, diff_ids
+
+
+Pin = Callable[[list[str], list[str]], list[str]]
+
+
+def _diff_ids(pulled: PulledImage) -> list[str]:
+    """The base's diff_ids (their tars are cached too), [] for a config that is not as expected."""
+    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return [str(d) for d in json.loads(pulled.config)["rootfs"]["diff_ids"]]
+    return []
+
+
 def pull_base(
     text: str,
     *,
@@ -234,31 +280,31 @@ def pull_base(
     options: RegistryOptions | None,
     progress: Progress,
     need_tar: bool,
+    pin: Pin | None = None,
 ) -> PulledBase:
-    """Pull a `docker://` base into `store_root/blobs/sha256` (the layer cache, or the workspace)."""
+    """Pull a `docker://` base into `store_root/blobs/sha256` (the layer cache, or the workspace).
+    `pin(digests, required)`: the layer cache's pin_present, so a prune cannot take the blobs away."""
     ref = registry_reference(text, "fromImage")
     progress.info(f"pulling base image {ref} ({architecture})")
     store_dir = store_root / "blobs" / "sha256"
     reporter = TransferReporter(progress, "pull")
     pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options, progress=reporter)
-    if _verify_cached(pulled, store_dir):
-        progress.warn("cached base image blobs were corrupted; downloading them again")
+    for _attempt in range(3):
+        # Pinned, then checked (the layer cache is shared with prunes and other writers): blobs a
+        # prune took away since the pull, or corrupted ones, are downloaded again.
+        if pin is not None and pin(_diff_ids(pulled), [b.digest for b in pulled.layers]):
+            progress.warn("cached base image blobs were pruned meanwhile; downloading them again")
+        elif _verify_cached(pulled, store_dir):
+            progress.warn("cached base image blobs were corrupted; downloading them again")
+        else:
+            break
         pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options, progress=reporter)
     progress.info(
         f"base image {ref} resolved to {pulled.resolved_digest} "
         f"({len(pulled.downloaded_blobs)} blobs downloaded, {human(pulled.downloaded_bytes)}; "
         f"{len(pulled.cached_blobs)} already cached)"
     )
-    try:
-        config = json.loads(pulled.config)
-        diff_ids = config["rootfs"]["diff_ids"]
-    except (ValueError, KeyError, TypeError):
-        raise BuildError(f"fromImage {ref}: the image config has no rootfs.diff_ids") from None
-    if not isinstance(diff_ids, list) or len(diff_ids) != len(pulled.layers):
-        raise BuildError(
-            f"fromImage {ref}: the manifest lists {len(pulled.layers)} layers but the config "
-            f"has {len(diff_ids) if isinstance(diff_ids, list) else 'no'} diff_ids"
-        )
+    config, diff_ids = _checked_config(pulled, ref)
     pinned = pulled.pinned
     layers = []
     for i, (blob, diff_id) in enumerate(zip(pulled.layers, diff_ids, strict=True)):
@@ -286,7 +332,7 @@ def pull_base(
         )
     # Provenance in the config too (the docker-archive has no manifest annotations): every base
     # history entry with a layer names the pinned base it came from.
-    history = [dict(h) for h in config.get("history", []) if isinstance(h, dict)]
+    history = [dict(h) for h in config.get("history") or [] if isinstance(h, dict)]
     for h in history:
         if not h.get("empty_layer"):
             old = h.get("comment")
@@ -301,15 +347,9 @@ def pull_base(
 def content_fingerprint(
     sources: list[Source], *, mtime: int, owner: OwnerPolicy, overlay_whiteouts: bool = False
 ) -> str:
-    """See the module docstring: the tar's headers in order, each file's data by its sha256."""
-    h = hashlib.sha256()
-    from nsbuild.cache import FORMAT_VERSION  # the writer's version: its bytes for these inputs
-
-    h.update(
-        json.dumps(
-            [CONTENT_VERSION, FORMAT_VERSION, mtime, owner.to_json(), overlay_whiteouts], sort_keys=True
-        ).encode()
-    )
+    """See the module docstring: the tar's headers in order, each file's data by its sha256
+    (nsbuild.contentkey.check_tar checks a downloaded tar against it)."""
+    h = content_hasher(mtime=mtime, owner=owner, overlay_whiteouts=overlay_whiteouts)
     for entry in iter_entries(sources, overlay_whiteouts=overlay_whiteouts):
         h.update(encode_header(entry, owner.resolve(entry.uid, entry.gid), mtime))
         if entry.kind == "file" and entry.size and entry.host is not None:
@@ -331,7 +371,7 @@ def remembered_content_fingerprint(
                 return value
     value = content_fingerprint(sources, mtime=mtime, owner=owner)
     if memo is not None:
-        tmp = memo.with_name(f".{memo.name}.{uuid.uuid4().hex}")
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")  # pid: swept once dead
         try:
             memo.parent.mkdir(exist_ok=True)
             tmp.write_text(value + "\n")
@@ -351,7 +391,7 @@ def _content_digest(host: bytes, size: int) -> bytes:
         digest = hashlib.file_digest(f, "sha256").digest()
     # The size is in the header already; a file that changed size under us would give a tar that
     # does not match, so the build that follows reads it again anyway.
-    return digest + size.to_bytes(8, "big")
+    return file_record(digest, size)
 
 
 # --- shared layer cache ---------------------------------------------------------------------------------
@@ -377,15 +417,19 @@ class RemoteCache:
         if body is None:
             self.progress.info(f"no shared cache at {self.ref} yet; building")
             return
-        doc = json.loads(body)
-        config = doc.get("config") or {}
-        if config.get("mediaType") != CACHE_CONFIG_MEDIA:
-            raise BuildError(
-                f"--cache-from {self.ref}: not an nsbuild cache (config media type {config.get('mediaType')!r})"
-            )
+        what = f"--cache-from {self.ref}"
+        doc = parse_document(body, f"{what}: manifest")
+        config = doc.get("config")
+        digest, size, media = descriptor(config, f"{what}: manifest config")
+        if media != CACHE_CONFIG_MEDIA:
+            raise BuildError(f"{what}: not an nsbuild cache (config media type {media[:80]!r})")
+        if size > 64 * 1024 * 1024:
+            raise BuildError(f"{what}: the cache record {digest} claims {size} bytes; refusing it")
         assert self.client is not None
-        blob = fetch_blob(self.client, self._scratch, str(config["digest"]), int(config["size"]), CACHE_CONFIG_MEDIA)
-        record = json.loads(blob.path.read_bytes())
+        blob = fetch_blob(self.client, self._scratch, digest, size, CACHE_CONFIG_MEDIA)
+        record = parse_document(blob.path.read_bytes(), f"{what}: cache record {digest}")
+        if not isinstance(record.get("layers") or {}, dict):
+            raise BuildError(f"{what}: cache record {digest}: 'layers' is not an object")
         if record.get("format") != CACHE_FORMAT:
             self.progress.warn(
                 f"--cache-from {self.ref}: cache format {record.get('format')!r} is not {CACHE_FORMAT}; ignoring it"
@@ -414,43 +458,63 @@ class RemoteCache:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def lookup(self, key: str, *, compression: str, need_tar: bool, store_root: Path, comment: str) -> Layer | None:
+    def lookup(
+        self,
+        key: str,
+        *,
+        compression: str,
+        need_tar: bool,
+        store_root: Path,
+        comment: str,
+        mtime: int,
+        owner: OwnerPolicy,
+    ) -> Layer | None:
         """The layer for content fingerprint `key` from the registry, in the form this build needs
-        (`compression`'s blob; the plain tar too when `need_tar`), or None."""
+        (`compression`'s blob; the plain tar too when `need_tar`), or None.  Its tar is checked against
+        `key` first (nsbuild.contentkey): a record naming other content is refused, the layer built."""
         entry = self.entries.get(key)
         if not entry or self.client is None:
             return None
+        if not _valid_cache_entry(entry):
+            self.progress.warn(f"shared cache {self.ref}: the record of layer {key[:12]} is malformed; rebuilding it")
+            return None
         forms: dict[str, dict[str, Any]] = entry.get("blobs") or {}
-        diff_id = str(entry["diff_id"])
-        store_dir = store_root / "blobs" / "sha256"
+        rec = (
+            forms.get(compression)
+            if compression != "none"
+            else (forms.get("none") or forms.get("gz") or forms.get("zstd"))
+        )
+        if rec is None:
+            return None
         try:
-            if compression != "none":
-                rec = forms.get(compression)
-                if rec is None:
-                    return None
-                blob = self._fetch(rec, store_root)
-                tar = Blob(diff_id, int(entry.get("tar_size", 0)), None)
-                if need_tar:
-                    tar = _decompress_verified(blob.path, store_dir, diff_id, f"cache layer {diff_id[:19]}")
-                compressed = blob
-            else:
-                rec = forms.get("none") or forms.get("gz") or forms.get("zstd")
-                if rec is None:
-                    return None
-                blob = self._fetch(rec, store_root)
-                tar = (
-                    blob
-                    if blob.digest == diff_id
-                    else _decompress_verified(blob.path, store_dir, diff_id, f"cache layer {diff_id[:19]}")
-                )
-                compressed = tar
+            blob = self._fetch(rec, store_root)
         except RegistryError as exc:
             if exc.status == 404:
                 self.progress.warn(f"shared cache {self.ref}: a recorded blob is gone ({exc}); rebuilding")
                 return None
             raise
+        keep_tar = need_tar or compression == "none"
+        try:
+            if compression != "none" and compression_of(blob.path) != compression:
+                raise TarMismatch(f"the blob is not {compression}-compressed")
+            tar = verified_tar(
+                blob,
+                diff_id=str(entry.get("diff_id")),
+                key=key,
+                mtime=mtime,
+                owner=owner,
+                save_dir=store_root / "blobs" / "sha256" if keep_tar else None,
+            )
+        except TarMismatch as exc:
+            self.progress.warn(
+                f"shared cache {self.ref}: refusing the layer recorded for {comment}: {exc}; building it"
+            )
+            with contextlib.suppress(OSError):
+                blob.path.unlink()
+            return None
+        compressed = tar if compression == "none" else blob
         return Layer(
-            diff_id=diff_id,
+            diff_id=tar.digest,
             tar=tar,
             compressed=compressed,
             media_type=MEDIA_BY_COMPRESSOR[compression],
@@ -462,6 +526,22 @@ class RemoteCache:
         digest, size = str(rec["digest"]), int(rec["size"])
         pulled = fetch_blob(self.client, store_root, digest, size, str(rec.get("mediaType", "")))
         return Blob(digest, size, pulled.path)
+
+
+def _valid_cache_entry(entry: object) -> bool:
+    """A cache record entry has the shape lookup reads: a diff_id and descriptors of its blobs."""
+    if not isinstance(entry, dict) or not is_sha256(entry.get("diff_id")):
+        return False
+    forms = entry.get("blobs") or {}
+    tar_size = entry.get("tar_size", 0)
+    if not isinstance(forms, dict) or not isinstance(tar_size, int) or isinstance(tar_size, bool) or tar_size < 0:
+        return False
+    try:
+        for rec in forms.values():
+            descriptor(rec, "cache blob")
+    except BuildError:
+        return False
+    return True
 
 
 def push_cache(
@@ -500,6 +580,7 @@ def push_cache(
             "annotations": {"org.opencontainers.image.description": "nsbuild layer cache"},
         }
     )
+    check_blobs([Blob(digest, 0, path) for digest, path in blobs.items()])
     progress.info(f"pushing the layer cache ({len(entries)} layers) to {ref}")
     result = push_manifest(
         ref,

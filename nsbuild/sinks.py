@@ -6,6 +6,7 @@ atomic: a temporary file beside the destination, renamed at the end, removed on 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -102,7 +103,10 @@ def check_destination(fmt: str, path: Path, *, name: str | None = None, tag: str
         if path.exists() or path.is_symlink():
             if not path.is_dir():
                 raise UsageError(f"{path}: exists and is not a directory (an OCI layout is a directory)")
-            if not (path / "oci-layout").exists() and any(path.iterdir()):
+            # Another writer's temporary oci-layout, an instant before it is in place, does not count.
+            if not (path / "oci-layout").exists() and any(
+                not p.name.startswith(".oci-layout.") for p in path.iterdir()
+            ):
                 raise UsageError(
                     f"{path}: a non-empty directory that is not an OCI layout (no oci-layout "
                     "file); refusing to write into it"
@@ -118,39 +122,79 @@ def check_destination(fmt: str, path: Path, *, name: str | None = None, tag: str
 
 
 def write_oci_dir(image: Image, dest: Path, *, tag: str) -> None:
-    """Add the image to an OCI layout (created if missing), replacing an image with the same tag."""
+    """Add the image to an OCI layout (created if missing), replacing an image with the same tag.
+
+    Several builds may write into one layout at once (`make -j8`): each holds an exclusive flock on the
+    layout directory itself (no extra file in the layout) while it adds its blobs and rewrites
+    index.json from the index as it is then, so no tag is lost."""
     check_ref_name(tag)
     check_destination("oci-dir", dest)
-    created = not dest.exists()
-    try:
-        blob_dir = dest / "blobs" / "sha256"
-        blob_dir.mkdir(parents=True, exist_ok=True)
-        layout = dest / "oci-layout"
-        if not layout.exists():
-            _atomic_bytes(layout, OCI_LAYOUT)
-        for digest, blob in _oci_blobs(image):
-            final = blob_dir / digest.split(":", 1)[1]
-            size = len(blob) if isinstance(blob, bytes) else blob.size
-            if final.exists() and final.stat().st_size == size:
-                continue
-            if isinstance(blob, bytes):
-                _atomic_bytes(final, blob)
-            else:
-                _link_or_copy(blob, final)
-        existing: list[dict] = []
-        index_path = dest / "index.json"
-        if index_path.exists():
-            try:
-                existing = json.loads(index_path.read_bytes()).get("manifests", [])
-            except (json.JSONDecodeError, AttributeError):
-                raise BuildError(f"{index_path}: exists but is not a valid OCI index") from None
-        _atomic_bytes(index_path, oci_index(image, tag, existing))
-    except BaseException as exc:
-        if created:
-            shutil.rmtree(dest, ignore_errors=True)
-        if isinstance(exc, OSError):
+    with _locked_layout(dest) as created:
+        try:
+            check_destination("oci-dir", dest)  # again, now that no other writer is in the middle
+            _fill_oci_dir(image, dest, tag)
+        except BaseException as exc:
+            if created and not (dest / "index.json").exists():
+                shutil.rmtree(dest, ignore_errors=True)  # nobody else finished an image in it yet
+            if isinstance(exc, OSError):
+                raise BuildError(f"{dest}: cannot write the OCI layout: {exc.strerror or exc}") from None
+            raise
+
+
+@contextmanager
+def _locked_layout(dest: Path) -> Iterator[bool]:
+    """The layout directory, created if missing and flocked; yields whether this call created it.
+    A directory removed by a failed first writer while we waited is made again."""
+    for _ in range(10):
+        created = False
+        try:
+            dest.mkdir()
+            created = True
+        except FileExistsError:
+            pass
+        except OSError as exc:
             raise BuildError(f"{dest}: cannot write the OCI layout: {exc.strerror or exc}") from None
-        raise
+        try:
+            fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise BuildError(f"{dest}: cannot write the OCI layout: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with suppress(FileNotFoundError):
+                if os.stat(dest).st_ino == os.fstat(fd).st_ino:
+                    yield created
+                    return
+        finally:
+            os.close(fd)
+    raise BuildError(f"{dest}: the OCI layout keeps disappearing while it is written")
+
+
+def _fill_oci_dir(image: Image, dest: Path, tag: str) -> None:
+    # oci-layout first: a layout directory is never seen with blobs and without it.
+    layout = dest / "oci-layout"
+    if not layout.exists():
+        _atomic_bytes(layout, OCI_LAYOUT)
+    blob_dir = dest / "blobs" / "sha256"
+    blob_dir.mkdir(parents=True, exist_ok=True)
+    for digest, blob in _oci_blobs(image):
+        final = blob_dir / digest.split(":", 1)[1]
+        size = len(blob) if isinstance(blob, bytes) else blob.size
+        if final.exists() and final.stat().st_size == size:
+            continue
+        if isinstance(blob, bytes):
+            _atomic_bytes(final, blob)
+        else:
+            _link_or_copy(blob, final)
+    existing: list[dict] = []
+    index_path = dest / "index.json"
+    if index_path.exists():
+        try:
+            existing = json.loads(index_path.read_bytes()).get("manifests", [])
+        except (json.JSONDecodeError, AttributeError):
+            raise BuildError(f"{index_path}: exists but is not a valid OCI index") from None
+    _atomic_bytes(index_path, oci_index(image, tag, existing))
 
 
 def _link_or_copy(blob: Blob, final: Path) -> None:

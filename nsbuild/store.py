@@ -1,4 +1,4 @@
-"""Store paths: closures by reference scanning, as Nix does, and grouping into layers (DESIGN.md §3)."""
+"""Store paths: closures by reference scanning, as Nix does (DESIGN.md §3; layers: nsbuild.autolayer)."""
 
 from __future__ import annotations
 
@@ -125,58 +125,3 @@ def _walk(top: Path) -> Iterable[tuple[Path, os.stat_result]]:
     if stat.S_ISDIR(st.st_mode):
         for name in sorted(os.listdir(top)):
             yield from _walk(top / name)
-
-
-def group_layers(paths: dict[str, StorePath], budget: int) -> list[list[str]]:
-    """Split a closure into at most `budget` layers, ordered stable-first.
-
-    The largest paths seed layers of their own; a path reached from exactly one seed joins it; paths
-    shared by several seeds get a layer per set of seeds; the rest share one layer.  Seeds are added
-    largest-first while the layer count stays within the budget.
-    """
-    if not paths or budget <= 0:
-        return []
-    by_hash = {sp.hash_part: name for name, sp in paths.items()}
-    order = sorted(paths, key=lambda n: (-paths[n].size, n))
-
-    def reach(seed: str) -> set[str]:
-        seen, todo = set(), [seed]
-        while todo:
-            n = todo.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            todo.extend(by_hash[h] for h in paths[n].references if h in by_hash)
-        return seen
-
-    reaches: dict[str, set[str]] = {}
-    best: list[list[str]] = [sorted(paths)]
-    seeds: list[str] = []
-    for candidate in order:
-        if len(seeds) >= budget:
-            break
-        reaches[candidate] = reach(candidate)
-        layers = _assign(paths, seeds + [candidate], reaches)
-        if len(layers) > budget:
-            break
-        seeds.append(candidate)
-        best = layers
-    return best
-
-
-def _assign(paths: dict[str, StorePath], seeds: list[str], reaches: dict[str, set[str]]) -> list[list[str]]:
-    owners: dict[str, tuple[str, ...]] = {}
-    for name in paths:
-        owners[name] = tuple(s for s in seeds if name in reaches[s]) if name not in seeds else (name,)
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for name, key in owners.items():
-        groups.setdefault(key, []).append(name)
-    shared = sorted(
-        (k for k in groups if len(k) > 1),
-        key=lambda k: (-len(k), -sum(paths[n].size for n in groups[k]), sorted(groups[k])),
-    )
-    single = [(s,) for s in seeds if (s,) in groups]
-    layers = [sorted(groups[k]) for k in shared] + [sorted(groups[k]) for k in single]
-    if () in groups:
-        layers.append(sorted(groups[()]))
-    return layers

@@ -12,12 +12,19 @@ so a cross-repository mount works) and fetches a new one once when a request is 
 
 Retries with exponential backoff on connection resets, timeouts, 429 and 5xx (`Retry-After` honoured).
 Bodies that cannot be replayed (chunk uploads) are retried by the caller, which knows how to resume.
+
+Credentials stay with their origin (scheme, host, port): redirects are followed here, not by
+requests, and a hop to another origin (object storage behind a blob, an upload Location elsewhere)
+carries no Authorization header. A 401 from another origin never starts the challenge flow (its
+realm could be anyone's). Every answer not streamed by the caller is read to at most
+MAX_RESPONSE_BYTES: a registry that never stops sending is refused, not held in memory.
 """
 
 from __future__ import annotations
 
 import base64
 import email.utils
+import json
 import socket
 import ssl
 import threading
@@ -33,11 +40,41 @@ from requests.adapters import HTTPAdapter
 
 from nsbuild.errors import BuildError
 from nsbuild.registry.auth import Credential, Lookup, find_credential
-from nsbuild.registry.options import RegistryOptions, RetryPolicy
+from nsbuild.registry.options import ENV_CONNECT_TIMEOUT, ENV_TIMEOUT, RegistryOptions, RetryPolicy
 from nsbuild.registry.reference import Reference
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+# Registries cap manifests at 4 MiB (distribution's default); no other answer needs more.
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+# An answer read whole (manifests, configs' descriptors, errors) may take this many read timeouts in all.
+DEADLINE_FACTOR = 10
 USER_AGENT = "nsbuild/0.1"
+_SENSITIVE_HEADERS = ("authorization", "cookie", "proxy-authorization")
+
+
+class ResponseTooLarge(BuildError):
+    """An answer longer than MAX_RESPONSE_BYTES (or than its caller allows)."""
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a URL: what credentials are scoped to (the web's same-origin rule)."""
+    parts = urlparse(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port or (443 if scheme == "https" else 80)
+
+
+def json_or_none(data: bytes | str) -> Any:
+    """Parsed JSON, or None for anything that is not (deep nesting included: RecursionError)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
 
 
 class RegistryConnectionError(BuildError):
@@ -55,10 +92,7 @@ class RegistryError(BuildError):
 
 def registry_errors(resp: requests.Response) -> list[tuple[str, str]]:
     """The (code, message) pairs of a distribution error body; empty when the body is not one."""
-    try:
-        body = resp.json()
-    except ValueError:
-        return []
+    body = json_or_none(resp.content)
     out = []
     if isinstance(body, dict) and isinstance(body.get("errors"), list):
         for err in body["errors"]:
@@ -127,24 +161,50 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 
 def _root_cause(exc: BaseException) -> BaseException:
     """The innermost useful exception under requests' wrappers (for one-line messages)."""
-    seen = exc
-    for _ in range(10):
-        nxt: BaseException | None = None
+    return _chain(exc)[-1]
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions under it, outermost first (requests and urllib3 wrap several deep)."""
+    out: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(out) < 10:
+        out.append(seen)
         if isinstance(seen, urllib3.exceptions.MaxRetryError) and seen.reason is not None:
-            nxt = seen.reason
+            seen = seen.reason
         elif seen.args and isinstance(seen.args[0], BaseException):
-            nxt = seen.args[0]
-        elif seen.__cause__ is not None:
-            nxt = seen.__cause__
-        elif seen.__context__ is not None:
-            nxt = seen.__context__
-        if nxt is None:
-            break
-        seen = nxt
-    return seen
+            seen = seen.args[0]
+        else:
+            seen = seen.__cause__ or seen.__context__
+    return out
 
 
-def describe_exception(exc: BaseException) -> str:
+def _timeout_kind(exc: BaseException) -> str | None:
+    """ "connect" or "read" when the failure was one of our timeouts, else None."""
+    chain = _chain(exc)
+    if any(isinstance(e, requests.exceptions.ConnectTimeout) for e in chain):
+        return "connect"
+    if any(isinstance(e, ConnectionRefusedError | socket.gaierror) for e in chain):
+        return None
+    if any(isinstance(e, urllib3.exceptions.ConnectTimeoutError) for e in chain) and not any(
+        isinstance(e, urllib3.exceptions.NewConnectionError) for e in chain
+    ):
+        return "connect"
+    if any(isinstance(e, requests.exceptions.ReadTimeout | urllib3.exceptions.ReadTimeoutError) for e in chain):
+        return "read"
+    if any(isinstance(e, TimeoutError | urllib3.exceptions.TimeoutError) for e in chain):
+        return "read"
+    return None
+
+
+def describe_exception(exc: BaseException, options: RegistryOptions | None = None) -> str:
+    """One phrase for a transport failure; timeouts say which one, how long, and how to change it."""
+    kind = _timeout_kind(exc)
+    if kind is not None:
+        opts = options or RegistryOptions()
+        if kind == "connect":
+            return f"connect timed out after {opts.connect_timeout:g} s (set {ENV_CONNECT_TIMEOUT} to wait longer)"
+        return f"read timed out: no data for {opts.timeout:g} s (set {ENV_TIMEOUT} to wait longer)"
     cause = _root_cause(exc)
     if isinstance(cause, ConnectionRefusedError):
         return "connection refused"
@@ -288,6 +348,13 @@ class RegistryClient:
     def credential(self) -> Credential | None:
         return self._lookup_credential().credential
 
+    def describe(self, exc: BaseException) -> str:
+        return describe_exception(exc, self.options)
+
+    def is_registry_origin(self, url: str) -> bool:
+        """Whether `url` is on the registry's own origin: the only one its credentials go to."""
+        return self.base is not None and origin(url) == origin(self.base)
+
     def ping(self) -> None:
         """Find the scheme that works and the auth challenge. Raises a one-line BuildError."""
         schemes = ["https"] if self.options.tls_verify else ["https", "http"]
@@ -299,15 +366,15 @@ class RegistryClient:
             except requests.exceptions.SSLError as e:
                 if self.options.tls_verify:
                     raise BuildError(
-                        f"registry {self.registry}: TLS failed: {describe_exception(e)}; pass the registry's "
+                        f"registry {self.registry}: TLS failed: {self.describe(e)}; pass the registry's "
                         "CA with --cert-dir, or --tls-verify=false for a plain-http test registry"
                     ) from None
                 last = e
                 continue
             except requests.RequestException as e:
                 last = e
-                if _is_new_connection_failure(e):
-                    break  # the port is closed for http too
+                if _is_new_connection_failure(e) or _timeout_kind(e) == "connect":
+                    break  # the port is closed (or silent) for http too
                 continue
             self.base = f"{scheme}://{self.host}/"
             if resp.status_code == 401:
@@ -320,7 +387,7 @@ class RegistryClient:
             resp.close()
             return
         assert last is not None
-        raise BuildError(f"registry {self.registry} is unreachable: {describe_exception(last)}")
+        raise BuildError(f"registry {self.registry} is unreachable: {self.describe(last)}")
 
     def request(
         self,
@@ -349,11 +416,22 @@ class RegistryClient:
                     auth=True,
                 )
             except requests.exceptions.SSLError as e:
-                raise BuildError(f"registry {self.registry}: TLS failed: {describe_exception(e)}") from None
+                raise BuildError(f"registry {self.registry}: TLS failed: {self.describe(e)}") from None
             except requests.RequestException as e:
                 raise RegistryConnectionError(
-                    f"registry {self.registry}: {method} {urlparse(url).path} failed: {describe_exception(e)}"
+                    f"registry {self.registry}: {method} {urlparse(url).path} failed: {self.describe(e)}"
                 ) from None
+            if resp.status_code == 401 and not self.is_registry_origin(resp.url):
+                # Object storage (or an attacker) behind a redirect: its challenge is not the
+                # registry's, and answering it could hand our credentials to its realm.
+                resp.close()
+                where = urlparse(resp.url).netloc
+                raise RegistryError(
+                    f"registry {self.registry}: {method} {urlparse(url).path} was sent on to {where}, "
+                    "which answered HTTP 401 (credentials are never sent to another host)",
+                    401,
+                    "UNAUTHORIZED",
+                )
             if resp.status_code == 401 and not reauthenticated:
                 reauthenticated = True
                 sent = resp.request.headers.get("Authorization")
@@ -387,8 +465,21 @@ class RegistryClient:
         if not text:
             text = _short(resp.text, 200) if resp.text else resp.reason or ""
         raise RegistryError(
-            f"registry {self.registry}: {what} failed: HTTP {status} {text}".rstrip(), status, first_code
+            self.redact(f"registry {self.registry}: {what} failed: HTTP {status} {text}".rstrip()), status, first_code
         )
+
+    def redact(self, text: str) -> str:
+        """`text` (a registry's words, which may quote what we sent) without our secrets in it."""
+        secrets: list[str] = []
+        cred = self._lookup.credential if self._lookup is not None else None
+        if cred is not None and cred.password:
+            secrets += [cred.password, _basic(cred).split(" ", 1)[1]]
+        if self._token:
+            secrets.append(self._token)
+        for secret in sorted(secrets, key=len, reverse=True):
+            if len(secret) >= 4:
+                text = text.replace(secret, "<hidden>")
+        return text
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -452,6 +543,7 @@ class RegistryClient:
         realm = params.get("realm")
         if not realm:
             raise BuildError(f"registry {self.registry}: bearer challenge without a realm")
+        self._check_realm(realm)
         cred = self._lookup_credential().credential
         query: list[tuple[str, str]] = []
         if params.get("service"):
@@ -477,8 +569,7 @@ class RegistryClient:
                 resp = self._send("GET", realm, params=query, headers=headers, retry=True)  # type: ignore[arg-type]
         except requests.RequestException as e:
             raise BuildError(
-                f"registry {self.registry}: token server {urlparse(realm).netloc} is unreachable: "
-                f"{describe_exception(e)}"
+                f"registry {self.registry}: token server {urlparse(realm).netloc} is unreachable: {self.describe(e)}"
             ) from None
         if resp.status_code in (401, 403):
             raise self._auth_error(resp.status_code, resp, token_server=True)
@@ -487,14 +578,23 @@ class RegistryClient:
                 f"registry {self.registry}: token server {urlparse(realm).netloc} answered HTTP {resp.status_code}",
                 resp.status_code,
             )
-        try:
-            body = resp.json()
-            token = body.get("token") or body.get("access_token")
-        except (ValueError, AttributeError):
-            token = None
-        if not token:
+        body = json_or_none(resp.content)
+        token = (body.get("token") or body.get("access_token")) if isinstance(body, dict) else None
+        if not token or not isinstance(token, str) or any(c in token for c in "\r\n"):
             raise BuildError(f"registry {self.registry}: token server {urlparse(realm).netloc} gave no token")
         return str(token)
+
+    def _check_realm(self, realm: str) -> None:
+        """Credentials (and the token) never travel over plain http unless --tls-verify=false said
+        plain http is acceptable for this registry."""
+        scheme = urlparse(realm).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise BuildError(f"registry {self.registry}: the token realm {_short(realm, 100)!r} is not an http(s) URL")
+        if scheme == "http" and self.options.tls_verify:
+            raise BuildError(
+                f"registry {self.registry}: its token server {urlparse(realm).netloc} is plain http while the "
+                "registry is verified TLS; refusing to send credentials in clear (--tls-verify=false allows it)"
+            )
 
     def _auth_error(self, status: int, resp: requests.Response, token_server: bool = False) -> RegistryError:
         lookup = self._lookup_credential()
@@ -518,9 +618,7 @@ class RegistryClient:
             )
         if details:
             msg += f": {details}"
-        if cred is not None and cred.password and cred.password in msg:
-            msg = msg.replace(cred.password, "<hidden>")
-        return RegistryError(msg, status, "DENIED" if status == 403 else "UNAUTHORIZED")
+        return RegistryError(self.redact(msg), status, "DENIED" if status == 403 else "UNAUTHORIZED")
 
     def _send(
         self,
@@ -537,24 +635,9 @@ class RegistryClient:
     ) -> requests.Response:
         policy = self.options.retry
         attempt = 0
-        verify = self.options.tls_verify
         while True:
-            all_headers = dict(headers or {})
-            if auth:
-                all_headers.update(self._auth_headers())
             try:
-                resp = self.session.request(
-                    method,
-                    url,
-                    proxies=_proxies_for(url),
-                    headers=all_headers,
-                    data=data,
-                    params=params,
-                    stream=stream,
-                    timeout=self.options.timeout,
-                    verify=verify,
-                    allow_redirects=True,
-                )
+                resp = self._exchange(method, url, headers=headers, data=data, params=params, stream=stream, auth=auth)
             except requests.exceptions.SSLError:
                 raise
             except (
@@ -580,6 +663,99 @@ class RegistryClient:
                 self.count_retry()
                 continue
             return resp
+
+    def _exchange(
+        self, method: str, url: str, *, headers: dict[str, str] | None, data: Any, params: Any, stream: bool, auth: bool
+    ) -> requests.Response:
+        """One request and the redirects it leads to, followed here (requests would re-send our
+        headers): a hop to another origin gets no credentials. An answer the caller does not stream
+        is read here, to at most MAX_RESPONSE_BYTES."""
+        first = origin(url)
+        for _hop in range(MAX_REDIRECTS + 1):
+            sent = dict(headers or {})
+            if origin(url) != first:
+                sent = {k: v for k, v in sent.items() if k.lower() not in _SENSITIVE_HEADERS}
+            if auth and self.is_registry_origin(url):
+                sent.update(self._auth_headers())
+            resp = self.session.request(
+                method,
+                url,
+                proxies=_proxies_for(url),
+                headers=sent,
+                data=data,
+                params=params,
+                stream=True,
+                timeout=self.options.timeouts,
+                verify=self.options.tls_verify,
+                allow_redirects=False,
+            )
+            location = resp.headers.get("Location")
+            if resp.status_code not in REDIRECT_STATUSES or not location:
+                if not stream:
+                    _read_bounded(resp, self.registry, method, DEADLINE_FACTOR * self.options.timeout)
+                return resp
+            resp.close()
+            url = urljoin(resp.url, location)
+            if urlparse(url).scheme.lower() not in ("http", "https"):
+                raise BuildError(f"registry {self.registry}: {method} was redirected to a non-http URL")
+            params = None  # the Location is the whole new URL, query included
+            if resp.status_code == 303 or (resp.status_code in (301, 302) and method not in ("GET", "HEAD")):
+                method, data = "GET", None
+        raise BuildError(
+            f"registry {self.registry}: more than {MAX_REDIRECTS} redirects for {method} {_short(url, 120)}"
+        )
+
+
+def _read_bounded(resp: requests.Response, registry: str, method: str, deadline: float) -> None:
+    """Read the answer into resp.content, refusing one longer than MAX_RESPONSE_BYTES (never held
+    whole) or still arriving `deadline` seconds on (a registry that drips a byte per read timeout)."""
+    limit = MAX_RESPONSE_BYTES
+    what = f"registry {registry}: the answer to {method} {urlparse(resp.url).path}"
+    declared = resp.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        resp.close()
+        raise ResponseTooLarge(f"{what} announces {declared} bytes, more than the 4 MiB allowed; refusing it")
+    buf = bytearray()
+    until = time.monotonic() + deadline
+    try:
+        for chunk in _chunks(resp):
+            buf += chunk
+            if len(buf) > limit:
+                raise ResponseTooLarge(f"{what} is longer than 4 MiB; refusing it")
+            if time.monotonic() > until:
+                raise ResponseTooLarge(
+                    f"{what} is still arriving after {deadline:g} s ({DEADLINE_FACTOR} x {ENV_TIMEOUT}); refusing it"
+                )
+    except BaseException:
+        resp.close()  # a cut, a stall or too much: this connection is of no further use
+        raise
+    # requests' own cache of the body: .content, .text and .json() read it from here.
+    resp._content = bytes(buf)  # noqa: SLF001
+    resp._content_consumed = True  # noqa: SLF001
+
+
+def _chunks(resp: requests.Response) -> Iterable[bytes]:
+    """The body as it arrives: read1 returns what one read gives (iter_content would wait for a whole
+    chunk, so a drip would never reach the deadline check). urllib3's errors are turned into the
+    requests exceptions that the retry loop knows, as iter_content does."""
+    raw = resp.raw
+    if getattr(raw, "chunked", False) or not hasattr(raw, "read1"):
+        yield from resp.iter_content(64 * 1024)
+        return
+    while True:
+        try:
+            chunk = raw.read1(64 * 1024, decode_content=True)
+        except urllib3.exceptions.ReadTimeoutError as e:
+            raise requests.ConnectionError(e) from e
+        except urllib3.exceptions.ProtocolError as e:
+            raise requests.exceptions.ChunkedEncodingError(e) from e
+        except urllib3.exceptions.DecodeError as e:
+            raise requests.exceptions.ContentDecodingError(e) from e
+        except urllib3.exceptions.SSLError as e:
+            raise requests.exceptions.SSLError(e) from e
+        if not chunk:
+            return
+        yield chunk
 
 
 def _basic(cred: Credential) -> str:

@@ -3,6 +3,12 @@
 `dest_dir/blobs/sha256/<hex>` holds every blob (index, manifest, config, layers) under its digest, as
 in an OCI layout, so a second pull, or another image sharing layers, downloads nothing it already has.
 Each blob is hashed while it streams in and renamed into place only when digest and size match.
+
+Nothing from the registry is trusted before it is checked: a manifest or index asked for by digest
+must hash to it, one asked for by tag must hash to the `Docker-Content-Digest` the registry sent
+(when it sent one) and to the size its descriptor gave; every document must be a JSON object of the
+expected shape (descriptors with sha256 digests and whole sizes); manifests and configs are capped
+at 4 MiB. Any failure is one line naming the digest, and nothing lands in the store.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from nsbuild.registry.client import (
     RegistryClient,
     RegistryError,
     RegistryOptions,
-    describe_exception,
+    json_or_none,
     registry_errors,
 )
 from nsbuild.registry.push import DEFAULT_JOBS, ProgressEvent
@@ -44,7 +50,57 @@ INDEX_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
 MANIFEST_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST)
 ACCEPT = ", ".join([MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST])
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_CONFIG_BYTES = 4 * 1024 * 1024  # as for manifests: configs are small, a huge one is an attack
 _READ_SIZE = 256 * 1024
+_HEX = frozenset("0123456789abcdef")
+
+
+def is_sha256(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and value.startswith("sha256:")
+        and len(value) == 71
+        and all(c in _HEX for c in value[7:])
+    )
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def descriptor(desc: object, what: str) -> tuple[str, int, str]:
+    """(digest, size, mediaType) of a descriptor, or a one-line BuildError saying what is wrong."""
+    if not isinstance(desc, dict):
+        raise BuildError(f"{what} is not a JSON object")
+    digest, size, media = desc.get("digest"), desc.get("size"), desc.get("mediaType", "")
+    if not is_sha256(digest):
+        raise BuildError(f"{what} has no valid sha256 digest ({_shown(digest)})")
+    if not _whole(size):
+        raise BuildError(f"{what} {digest} has no valid size ({_shown(size)})")
+    if not isinstance(media, str):
+        raise BuildError(f"{what} {digest} has a mediaType that is not a string")
+    return str(digest), int(size), media  # type: ignore[arg-type]
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value, ensure_ascii=True) if isinstance(value, str | int | float | None) else type(value).__name__
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _plain(value: object) -> str:
+    return value if isinstance(value, str) and len(value) <= 80 and value.isprintable() else _shown(value)
+
+
+def parse_document(body: bytes, what: str) -> dict[str, Any]:
+    """A manifest, index or config: a JSON object, or a one-line BuildError (wrong type, too deep, not JSON)."""
+    doc = json_or_none(body)
+    if doc is None:
+        raise BuildError(f"{what} is not JSON (or is nested too deeply)")
+    if not isinstance(doc, dict):
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(doc), "null")
+        raise BuildError(f"{what} is a JSON {kind}, not an object")
+    return doc
+
 
 _GOARCH = {
     "x86_64": ("amd64", None),
@@ -153,11 +209,29 @@ def _variant_matches(arch: str, wanted: str | None, have: str | None) -> bool:
     return wanted == have
 
 
+def index_entries(index: dict[str, Any], what: str) -> list[dict[str, Any]]:
+    """The index's `manifests`, each an object whose `platform` (if any) is an object of strings. Only
+    the entry chosen must be a valid descriptor: an exotic entry for another platform is not our business."""
+    entries = index.get("manifests")
+    if not isinstance(entries, list):
+        raise BuildError(f"{what}: 'manifests' is not a list")
+    for i, desc in enumerate(entries):
+        if not isinstance(desc, dict):
+            raise BuildError(f"{what}: manifests[{i}] is not a JSON object")
+        platform_ = desc.get("platform")
+        if platform_ is not None and not (
+            isinstance(platform_, dict)
+            and all(isinstance(v, str) for k, v in platform_.items() if k != "features" and k != "os.features")
+        ):
+            raise BuildError(f"{what}: manifests[{i}].platform is not an object of strings")
+    return entries
+
+
 def choose_manifest(
     index: dict[str, Any], ref: Reference, os_name: str, architecture: str, variant: str | None
 ) -> dict[str, Any]:
     candidates = []
-    for desc in index.get("manifests") or []:
+    for desc in index_entries(index, f"image {ref}: index"):
         p = desc.get("platform") or {}
         if (
             p.get("os") == os_name
@@ -211,14 +285,46 @@ class _Puller:
             if resp.status_code == 404:
                 return True
             if resp.status_code == 200:
-                try:
-                    return not resp.json().get("tags")
-                except (ValueError, AttributeError):
-                    return False
+                body = json_or_none(resp.content)
+                return not (isinstance(body, dict) and body.get("tags"))
         return False
 
-    def manifest(self, reference: str) -> tuple[bytes, str, str]:
-        """(body, media type, digest) of /manifests/REFERENCE, the digest checked when pinned."""
+    def manifest(self, reference: str, size: int | None = None) -> tuple[bytes, str, str]:
+        """(body, media type, digest) of /manifests/REFERENCE, verified (see the module docstring)
+        before it is parsed or stored; `size` is the descriptor's, when a descriptor named it."""
+        pinned = reference.startswith("sha256:")
+        if pinned and not is_sha256(reference):
+            raise BuildError(f"image {self.client.ref}: invalid manifest digest {_shown(reference)}")
+        body, sent_digest, content_type = self._get_manifest(reference)
+        digest = sha256_digest(body)
+        where = f"registry {self.client.registry}: manifest {self.repo}@{reference if pinned else digest}"
+        if pinned and digest != reference:
+            raise BuildError(f"{where} arrived with digest {digest}; refusing it")
+        if not pinned and is_sha256(sent_digest) and sent_digest != digest:
+            raise BuildError(
+                f"registry {self.client.registry}: manifest {self.repo}:{reference} was announced as {sent_digest} "
+                f"but its bytes are {digest}; refusing it"
+            )
+        if size is not None and len(body) != size:
+            raise BuildError(f"{where} has {len(body)} bytes, its descriptor says {size}; refusing it")
+        doc = parse_document(body, where)
+        # The body's own mediaType is authoritative when present (some registries send text/plain).
+        media_type = doc.get("mediaType") or content_type
+        if not isinstance(media_type, str):
+            raise BuildError(f"{where} has a mediaType that is not a string")
+        if media_type in MEDIA_DOCKER_SCHEMA1 or doc.get("schemaVersion") == 1:
+            raise BuildError(
+                f"image {self.client.ref} uses the Docker schema 1 manifest format, which is not supported"
+            )
+        if media_type not in INDEX_TYPES + MANIFEST_TYPES:
+            # An OCI manifest may omit mediaType; tell it from the index by its shape.
+            media_type = MEDIA_OCI_INDEX if "manifests" in doc else MEDIA_OCI_MANIFEST
+        self.store.put_bytes(digest, body)
+        return body, media_type, digest
+
+    def _get_manifest(self, reference: str) -> tuple[bytes, str | None, str]:
+        """The body of /manifests/REFERENCE (at most 4 MiB, read by the client) and the digest the
+        registry announced for it; a 404 says whether the repository or the tag is missing."""
         resp = self.client.request("GET", f"/v2/{self.repo}/manifests/{reference}", headers={"Accept": ACCEPT})
         with resp:
             if resp.status_code == 404:
@@ -236,30 +342,8 @@ class _Puller:
                 )
             if resp.status_code != 200:
                 self.client.raise_for(resp, f"fetching manifest {self.repo}:{reference}")
-            body = resp.content
-        if len(body) > MAX_MANIFEST_BYTES:
-            raise BuildError(f"registry {self.client.registry}: manifest of {self.repo} is too large")
-        digest = sha256_digest(body)
-        if reference.startswith("sha256:") and digest != reference:
-            raise BuildError(
-                f"registry {self.client.registry}: manifest {self.repo}@{reference} arrived with digest {digest}"
-            )
-        media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            raise BuildError(f"registry {self.client.registry}: manifest of {self.repo} is not JSON") from None
-        # The body's own mediaType is authoritative when present (some registries send text/plain).
-        media_type = doc.get("mediaType") or media_type
-        if media_type in MEDIA_DOCKER_SCHEMA1 or doc.get("schemaVersion") == 1:
-            raise BuildError(
-                f"image {self.client.ref} uses the Docker schema 1 manifest format, which is not supported"
-            )
-        if media_type not in INDEX_TYPES + MANIFEST_TYPES:
-            # An OCI manifest may omit mediaType; tell it from the index by its shape.
-            media_type = MEDIA_OCI_INDEX if "manifests" in doc else MEDIA_OCI_MANIFEST
-        self.store.put_bytes(digest, body)
-        return body, media_type, digest
+            content_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+            return resp.content, resp.headers.get("Docker-Content-Digest"), content_type
 
     def blob(self, digest: str, size: int, media_type: str) -> PulledBlob:
         path = self.store.path(digest)
@@ -283,7 +367,8 @@ class _Puller:
                         failures += 1
                         if failures >= policy.attempts:
                             raise BuildError(
-                                f"registry {self.client.registry}: download of {digest} failed: {describe_exception(e)}"
+                                f"registry {self.client.registry}: download of {digest} failed: "
+                                f"{self.client.describe(e)}"
                             ) from None
                         self.client._sleep(policy.delay(failures - 1))
             got = "sha256:" + sink.hasher.hexdigest()
@@ -374,6 +459,36 @@ def _no_progress(event: ProgressEvent) -> None:
     pass
 
 
+def _resolve(
+    puller: _Puller, source: Reference, os_name: str, architecture: str, variant: str | None
+) -> tuple[bytes, str, str, str | None]:
+    """(manifest body, media type, digest, index digest or None) for the reference, through one index
+    at most (a nested or self-naming index is refused: resolving it could never end)."""
+    body, media_type, digest = puller.manifest(source.reference)
+    if media_type not in INDEX_TYPES:
+        return body, media_type, digest, None
+    index = parse_document(body, f"image {source}: index {digest}")
+    chosen = choose_manifest(index, source, os_name, architecture, variant)
+    chosen_digest, chosen_size, _ = descriptor(chosen, f"image {source}: index {digest} entry")
+    if chosen_digest == digest:
+        raise BuildError(f"image {source}: index {digest} names itself as its {architecture} manifest")
+    body, media_type, manifest_digest = puller.manifest(chosen_digest, chosen_size)
+    if media_type in INDEX_TYPES:
+        raise BuildError(
+            f"image {source}: index {digest} names another index ({manifest_digest}); nested indexes are not supported"
+        )
+    return body, media_type, manifest_digest, digest
+
+
+def _check_architecture(cfg: dict[str, Any], source: Reference, architecture: str, variant: str | None) -> None:
+    """A single manifest (no index to choose from) must be for the architecture asked for."""
+    have_arch, have_variant = cfg.get("architecture"), cfg.get("variant")
+    if have_arch and (have_arch != architecture or not _variant_matches(architecture, variant, have_variant)):
+        wanted = architecture + (f"/{variant}" if variant else "")
+        got = _plain(have_arch) + (f"/{_plain(have_variant)}" if have_variant else "")
+        raise BuildError(f"image {source} is for {got}, not {wanted}; set architecture in the spec")
+
+
 def pull_image(
     ref: str | Reference,
     *,
@@ -398,37 +513,21 @@ def pull_image(
     store = _Store(dest_dir)
     with RegistryClient(source, options, actions=("pull",)) as client:
         puller = _Puller(client, store, progress or _no_progress)
-        body, media_type, digest = puller.manifest(source.reference)
-        index_digest = None
-        if media_type in INDEX_TYPES:
-            index_digest = digest
-            chosen = choose_manifest(json.loads(body), source, os_name, architecture, variant)
-            body, media_type, digest = puller.manifest(str(chosen["digest"]))
-            if media_type in INDEX_TYPES:
-                raise BuildError(f"image {source}: nested indexes are not supported")
-        doc = json.loads(body)
-        try:
-            config_desc = doc["config"]
-            layer_descs = doc.get("layers") or []
-            config_digest, config_size = str(config_desc["digest"]), int(config_desc["size"])
-        except (KeyError, TypeError, ValueError):
-            raise BuildError(f"image {source}: manifest {digest} has no valid config descriptor") from None
-        config_blob = puller.blob(config_digest, config_size, str(config_desc.get("mediaType", "")))
+        body, media_type, digest, index_digest = _resolve(puller, source, os_name, architecture, variant)
+        where = f"image {source}: manifest {digest}"
+        doc = parse_document(body, where)
+        config_digest, config_size, config_media = descriptor(doc.get("config"), f"{where}: config")
+        if config_size > MAX_CONFIG_BYTES:
+            raise BuildError(f"{where}: config {config_digest} claims {config_size} bytes, more than 4 MiB")
+        layer_descs = doc.get("layers") or []
+        if not isinstance(layer_descs, list):
+            raise BuildError(f"{where}: 'layers' is not a list")
+        wanted = [descriptor(d, f"{where}: layers[{i}]") for i, d in enumerate(layer_descs)]
+        config_blob = puller.blob(config_digest, config_size, config_media)
         config = config_blob.path.read_bytes()
-        try:
-            cfg = json.loads(config)
-        except ValueError:
-            raise BuildError(f"image {source}: config {config_digest} is not JSON") from None
+        cfg = parse_document(config, f"image {source}: config {config_digest}")
         if index_digest is None:
-            have_arch, have_variant = cfg.get("architecture"), cfg.get("variant")
-            if have_arch and (have_arch != architecture or not _variant_matches(architecture, variant, have_variant)):
-                wanted = architecture + (f"/{variant}" if variant else "")
-                got = str(have_arch) + (f"/{have_variant}" if have_variant else "")
-                raise BuildError(f"image {source} is for {got}, not {wanted}; set architecture in the spec")
-        try:
-            wanted = [(str(d["digest"]), int(d["size"]), str(d.get("mediaType", ""))) for d in layer_descs]
-        except (KeyError, TypeError, ValueError):
-            raise BuildError(f"image {source}: manifest {digest} has an invalid layer descriptor") from None
+            _check_architecture(cfg, source, architecture, variant)
         with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(wanted))), thread_name_prefix="nsbuild-pull") as pool:
             futures = [pool.submit(puller.blob, *w) for w in wanted]
             try:

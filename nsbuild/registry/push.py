@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urljoin
 
 import requests
 
@@ -355,7 +356,8 @@ class _Pusher:
                 raise _Transient(str(e)) from None
             resp.close()
             self._check_status(resp, 202, f"upload of {src.digest}")
-            session.location = self.client.url(resp.headers.get("Location") or session.location)
+            # A relative Location is relative to the URL that answered (an upload host may not be the registry).
+            session.location = urljoin(resp.url or session.location, resp.headers.get("Location") or session.location)
             held = _parse_range(resp.headers.get("Range"))
             session.offset = held if held is not None else end + 1
             self.progress(ProgressEvent("uploading", src.digest, session.offset, src.size))
@@ -370,7 +372,7 @@ class _Pusher:
         held = _parse_range(resp.headers.get("Range")) if resp.status_code == 204 else None
         if held is None:
             return _Session(None, 0)
-        return _Session(self.client.url(resp.headers.get("Location") or location), held)
+        return _Session(urljoin(resp.url or location, resp.headers.get("Location") or location), held)
 
     def push_blob(self, src: _BlobSource, mount_from: list[str]) -> None:
         if self.exists(src.digest):
@@ -391,6 +393,19 @@ class _Pusher:
         self.upload(src, location)
         self._add("uploaded_blobs", src.digest)
 
+    def _confirm_manifest(self, digest: str, media_type: str) -> None:
+        """The registry did not say what it stored: ask for the manifest by digest. Success is
+        reported only once the registry holds exactly our bytes."""
+        resp = self.client.request("HEAD", f"/v2/{self.repo}/manifests/{digest}", headers={"Accept": media_type})
+        resp.close()
+        got = resp.headers.get("Docker-Content-Digest")
+        if resp.status_code != 200 or (got and got != digest):
+            raise RegistryError(
+                f"registry {self.client.registry} accepted the manifest but does not serve {self.repo}@{digest} "
+                f"(HEAD answered HTTP {resp.status_code}{f', digest {got}' if got else ''})",
+                resp.status_code,
+            )
+
     def put_manifest(self, reference: str, manifest: bytes, media_type: str) -> str:
         resp = self.client.request(
             "PUT",
@@ -404,7 +419,9 @@ class _Pusher:
             if 400 <= resp.status_code < 500 and errors:
                 text = format_errors(errors)
                 raise RegistryError(
-                    f"registry {self.client.registry} rejected the manifest for {self.repo}:{reference}: {text}",
+                    self.client.redact(
+                        f"registry {self.client.registry} rejected the manifest for {self.repo}:{reference}: {text}"
+                    ),
                     resp.status_code,
                     errors[0][0],
                 )
@@ -413,6 +430,8 @@ class _Pusher:
         got = resp.headers.get("Docker-Content-Digest")
         if got and got != digest:
             raise RegistryError(f"registry {self.client.registry} stored the manifest as {got}, expected {digest}")
+        if not got:
+            self._confirm_manifest(digest, media_type)
         self.progress(ProgressEvent("manifest", digest, len(manifest), len(manifest)))
         return digest
 
