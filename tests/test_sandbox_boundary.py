@@ -302,7 +302,8 @@ def test_fake_root_commands_without_chroot(unprivileged_user: str | None, user_t
             "@SB@": SECRET_B,
         }.items():
             script = script.replace(k, v)
-        for backend in _backends(user):
+        # The build's scratch tree in /var/tmp, and in /tmp (no TMPDIR), below the script's own /tmp.
+        for backend, scratch in [(b, t) for b in _backends(user) for t in (str(tmp), None)]:
             spec = {
                 "name": "victim",
                 "tag": "t",
@@ -313,8 +314,8 @@ def test_fake_root_commands_without_chroot(unprivileged_user: str | None, user_t
             spec_path = work / f"spec-{backend}.json"
             spec_path.write_text(json.dumps(spec))
             _own(user, spec_path)
-            out = work / f"out-{backend}.tar"
-            env = {"TMPDIR": str(tmp), "REGISTRY_PASSWORD": SECRET_A + SECRET_B}
+            out = work / f"out-{backend}-{bool(scratch)}.tar"
+            env = {"REGISTRY_PASSWORD": SECRET_A + SECRET_B, **({"TMPDIR": scratch} if scratch else {})}
             proc = run_nsbuild(["layered", spec_path, "-o", out, "--isolation", backend], user=user, env=env)
             assert proc.returncode == 0, describe(proc)
             report = _report(out, work, "report.txt")

@@ -186,25 +186,21 @@ PRIVATE_TMP = ("/tmp", "/dev/shm")
 PRIVATE_TMP_MIB = 1024
 
 
-def _private_scratch() -> None:
-    """/tmp and /dev/shm: empty tmpfs of the script's own (what it writes there is gone when it ends;
-    the host's stay untouched), so tools that expect them writable still work."""
-    for d in PRIVATE_TMP:
-        if os.path.isdir(d) and not os.path.islink(d):
-            mounts.mount("tmpfs", d, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, f"size={PRIVATE_TMP_MIB}m,mode=1777")
+def _private_dirs() -> list[Path]:
+    return [Path(d) for d in PRIVATE_TMP if os.path.isdir(d) and not os.path.islink(d)]
 
 
-def _hide(hidden: Sequence[Path], keep: Sequence[Path]) -> None:
-    """An empty tmpfs over each of `hidden` (the caller's home: its keys, tokens, registry
-    credentials); the paths of `keep` below one are bound back in at the same place."""
-    homes = [(Path(os.path.abspath(h)), Path(os.path.realpath(h))) for h in hidden]
+def _cover(dirs: Sequence[Path], keep: Sequence[Path], data: str) -> None:
+    """An empty tmpfs (mount data `data`) over each of `dirs`; the paths of `keep` below one are bound
+    back in at the same place (the build's own trees, the spec's directory, PATH entries)."""
+    homes = [(Path(os.path.abspath(h)), Path(os.path.realpath(h))) for h in dirs]
     fds = {}
     for p in keep:
         target = _target_below(Path(p), homes)
         if target is not None and os.path.isdir(p) and target not in fds:
             fds[target] = os.open(p, os.O_PATH | os.O_DIRECTORY)
     for _, real in homes:
-        mounts.mount("tmpfs", real, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "size=1m,mode=0755")
+        mounts.mount("tmpfs", real, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, data)
     for target, fd in fds.items():
         target.mkdir(parents=True, exist_ok=True)
         mounts.mount(f"/proc/self/fd/{fd}", target, None, mounts.MS_BIND | mounts.MS_REC)
@@ -234,14 +230,21 @@ def _host_readonly(
     with contextlib.suppress(OSError):
         mounts.umount("/proc")
     mounts.mount("proc", "/proc", "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
+    keep = [*writable, *readable]
     if hidden:
-        _hide(hidden, [*writable, *readable])
+        # The caller's home: its keys, tokens, registry credentials out of sight.
+        _cover(hidden, keep, "size=1m,mode=0755")
+    # /tmp and /dev/shm of its own: what it writes there is gone when it ends, the host's stay
+    # untouched, and tools that expect them writable still work.
+    scratch = _private_dirs()
+    _cover(scratch, keep, f"size={PRIVATE_TMP_MIB}m,mode=1777")
     for w in writable:
         mounts.mount(str(w), w, None, mounts.MS_BIND | mounts.MS_REC)
     set_readonly("/", True, recursive=True)
+    for d in scratch:
+        set_readonly(d, False, recursive=False)
     for w in writable:
         set_readonly(w, False, recursive=True)
-    _private_scratch()
     mounts.unshare(mounts.CLONE_NEWUSER | mounts.CLONE_NEWNS)
     os.write(ready, b"u")
     if os.read(go, 1) != b"g":
