@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from nsbuild.compress import compression_of, open_decompressed
 from nsbuild.errors import BuildError
 from nsbuild.layer import MEDIA_TAR, MEDIA_TAR_GZIP, MEDIA_TAR_ZSTD, Blob, Layer, copy_verified, decompress_verified
 from nsbuild.refs import ImageRef, parse_ref
+from nsbuild.tarscan import Member, TarFormatError, check_file, scan_file
 
 REF_NAME = "org.opencontainers.image.ref.name"
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -43,32 +43,49 @@ class BaseImage:
     raw_config: bytes | None = None  # the config's bytes as stored (`nsbuild push` keeps its digest)
 
 
-class _Reader:
-    """Named files of an image: a directory, or the members of a (decompressed) tar archive."""
+class _Slice:
+    """The data of one member of an archive file, read as a file."""
 
-    def __init__(self, root: Path | None = None, tar: tarfile.TarFile | None = None) -> None:
+    def __init__(self, f: IO[bytes], size: int) -> None:
+        self.f = f
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.f.read(n)
+        if len(data) != n:
+            raise BuildError("the archive changed while it was read")
+        self.left -= n
+        return data
+
+
+class _Reader:
+    """Named files of an image: a directory, or the members of a (decompressed) tar archive, indexed
+    by nsbuild.tarscan (strict headers; a malformed archive is refused before anything is read)."""
+
+    def __init__(self, root: Path | None = None, archive: Path | None = None) -> None:
         self.root = root
-        self.tar = tar
-        self.members: dict[str, tarfile.TarInfo] = {}
-        if tar is not None:
-            for m in tar.getmembers():
+        self.archive = archive
+        self.members: dict[str, Member] = {}
+        if archive is not None:
+            for m in scan_file(archive):
                 self.members[os.path.normpath(m.name).lstrip("/")] = m
 
     def exists(self, name: str) -> bool:
-        if self.tar is not None:
+        if self.archive is not None:
             return name in self.members
         assert self.root is not None
         return (self.root / name).is_file()
 
     @contextmanager
     def open(self, name: str) -> Iterator[IO[bytes]]:
-        if self.tar is not None:
+        if self.archive is not None:
             member = self.members.get(name)
-            if member is None or not member.isfile():
+            if member is None or not member.isreg():
                 raise BuildError(f"{name}: missing from the archive (or not a regular file)")
-            f = self.tar.extractfile(member)
-            assert f is not None
-            yield f
+            with open(self.archive, "rb") as f:
+                f.seek(member.data_offset)
+                yield _Slice(f, member.size)  # type: ignore[misc]
             return
         assert self.root is not None
         path = self.root / name
@@ -82,20 +99,34 @@ class _Reader:
             data = f.read(MAX_JSON + 1)
         if len(data) > MAX_JSON:
             raise BuildError(f"{name}: larger than {MAX_JSON >> 20} MiB, not an image file")
-        try:
-            return json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BuildError(f"{name}: invalid JSON: {exc}") from None
+        return parse_json(data, name)
+
+
+def parse_json(data: bytes, what: str, kind: type = object) -> Any:
+    """JSON from a base image: a syntax error, nesting that exhausts the recursion limit, a number of
+    thousands of digits or a value of the wrong type is one line, never a traceback."""
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise BuildError(f"{what}: invalid JSON: {reason}") from None
+    if not isinstance(value, kind):
+        raise BuildError(
+            f"{what}: expected a JSON {'object' if kind is dict else kind.__name__}, got {type(value).__name__}"
+        )
+    return value
 
 
 def _decompressed_blob(blob: Blob, dest_dir: Path, expected_diff_id: str | None, what: str) -> Blob:
     assert blob.path is not None
     if compression_of(blob.path) == "none":
         if expected_diff_id is not None and blob.digest != expected_diff_id:
-            raise BuildError(f"{what}: digest {blob.digest} does not match the config's diff_id "
-                             f"{expected_diff_id}")
+            raise BuildError(f"{what}: digest {blob.digest} does not match the config's diff_id {expected_diff_id}")
+        check_layer_tar(blob, what)
         return blob
-    return decompress_verified(blob.path, dest_dir, expected_diff_id, what)
+    tar = decompress_verified(blob.path, dest_dir, expected_diff_id, what)
+    check_layer_tar(tar, what)
+    return tar
 
 
 def _check_digest(value: Any, what: str) -> str:
@@ -104,8 +135,16 @@ def _check_digest(value: Any, what: str) -> str:
     return value
 
 
-def load_base(text: str, blob_dir: Path, work_dir: Path, *, architecture: str,
-              image_name: str | None = None, image_tag: str | None = None, label: str = "fromImage") -> BaseImage:
+def load_base(
+    text: str,
+    blob_dir: Path,
+    work_dir: Path,
+    *,
+    architecture: str,
+    image_name: str | None = None,
+    image_tag: str | None = None,
+    label: str = "fromImage",
+) -> BaseImage:
     """The image at `text`; errors start with `label: ` (the spec attribute or the command's argument,
     none when `label` is empty)."""
     p = f"{label}: " if label else ""
@@ -121,20 +160,28 @@ def load_base(text: str, blob_dir: Path, work_dir: Path, *, architecture: str,
     if fmt == "oci-dir":
         if not (path / "oci-layout").is_file():
             raise BuildError(f"{p}{path} is a directory but not an OCI layout (no oci-layout file)")
-        return _load_oci(_Reader(root=path), ref, blob_dir, architecture, image_tag or ref.tag, text, p)
-    with _open_archive(path, work_dir, p) as tar:
-        reader = _Reader(tar=tar)
+        with _malformed(path, p):
+            return _load_oci(_Reader(root=path), ref, blob_dir, architecture, image_tag or ref.tag, text, p)
+    with _open_archive(path, work_dir, p) as reader, _malformed(path, p):
         if reader.exists("manifest.json"):
-            return _load_docker(reader, blob_dir, work_dir, image_name or ref.name, image_tag or ref.tag,
-                                text, p)
+            return _load_docker(reader, blob_dir, work_dir, image_name or ref.name, image_tag or ref.tag, text, p)
         if reader.exists("index.json") and reader.exists("oci-layout"):
             return _load_oci(reader, ref, blob_dir, architecture, image_tag or ref.tag, text, p)
-        raise BuildError(f"{p}{path} is neither a docker-archive (no manifest.json) nor an OCI "
-                         "archive (no index.json)")
+        raise BuildError(f"{p}{path} is neither a docker-archive (no manifest.json) nor an OCI archive (no index.json)")
 
 
 @contextmanager
-def _open_archive(path: Path, work_dir: Path, p: str) -> Iterator[tarfile.TarFile]:
+def _malformed(path: Path, p: str) -> Iterator[None]:
+    """A manifest, index or config whose values have the wrong types (a list where an object belongs, a
+    number for a name): one line naming the image, whatever line of the loader tripped over it."""
+    try:
+        yield
+    except (AttributeError, TypeError, KeyError, IndexError) as exc:
+        raise BuildError(f"{p}{path}: malformed manifest, index or config ({exc})") from None
+
+
+@contextmanager
+def _open_archive(path: Path, work_dir: Path, p: str) -> Iterator[_Reader]:
     plain = path
     if compression_of(path) != "none":
         # Random access to members needs the plain tar; decompress once into our work dir.
@@ -143,19 +190,32 @@ def _open_archive(path: Path, work_dir: Path, p: str) -> Iterator[tarfile.TarFil
             with open_decompressed(path) as src, open(plain, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
         except (OSError, EOFError) as exc:
+            plain.unlink(missing_ok=True)
             raise BuildError(f"{p}{path}: cannot decompress: {exc}") from None
     try:
-        with tarfile.open(plain, "r:") as tar:
-            yield tar
-    except tarfile.TarError as exc:
-        raise BuildError(f"{p}{path}: not a readable tar archive: {exc}") from None
+        try:
+            reader = _Reader(archive=plain)
+        except TarFormatError as exc:
+            raise BuildError(f"{p}{path}: not a readable tar archive: {exc}") from None
+        yield reader
     finally:
         if plain != path:
             plain.unlink(missing_ok=True)
 
 
-def _load_docker(reader: _Reader, blob_dir: Path, work_dir: Path, name: str | None, tag: str | None,
-                 source: str, p: str) -> BaseImage:
+def check_layer_tar(blob: Blob, what: str) -> None:
+    """Every header of a base layer, before anything uses it (a layer reused byte for byte too: an
+    image must not pass on a tar that readers disagree about)."""
+    assert blob.path is not None
+    try:
+        check_file(blob.path)
+    except TarFormatError as exc:
+        raise BuildError(f"{what}: not a sound tar archive: {exc}") from None
+
+
+def _load_docker(
+    reader: _Reader, blob_dir: Path, work_dir: Path, name: str | None, tag: str | None, source: str, p: str
+) -> BaseImage:
     manifest = reader.json("manifest.json")
     if not isinstance(manifest, list) or not manifest:
         raise BuildError(f"{p}manifest.json holds no image")
@@ -164,16 +224,16 @@ def _load_docker(reader: _Reader, blob_dir: Path, work_dir: Path, name: str | No
     if not isinstance(config_name, str):
         raise BuildError(f"{p}manifest.json: Config missing")
     with reader.open(os.path.normpath(config_name)) as f:
-        config_bytes = f.read(MAX_JSON)
-    try:
-        config = json.loads(config_bytes)
-    except json.JSONDecodeError as exc:
-        raise BuildError(f"{p}{config_name}: invalid JSON: {exc}") from None
+        config_bytes = f.read(MAX_JSON + 1)
+    if len(config_bytes) > MAX_JSON:
+        raise BuildError(f"{p}{config_name}: larger than {MAX_JSON >> 20} MiB, not an image config")
+    config = parse_json(config_bytes, f"{p}{config_name}", dict)
     diff_ids = config.get("rootfs", {}).get("diff_ids", [])
     layer_names = entry.get("Layers", [])
     if not isinstance(layer_names, list) or len(layer_names) != len(diff_ids):
-        raise BuildError(f"{p}manifest.json lists {len(layer_names)} layers but the config has "
-                         f"{len(diff_ids)} diff_ids")
+        raise BuildError(
+            f"{p}manifest.json lists {len(layer_names)} layers but the config has {len(diff_ids)} diff_ids"
+        )
     layers = []
     for i, (lname, diff_id) in enumerate(zip(layer_names, diff_ids, strict=True)):
         _check_digest(diff_id, f"{p}config diff_ids[{i}]")
@@ -181,8 +241,7 @@ def _load_docker(reader: _Reader, blob_dir: Path, work_dir: Path, name: str | No
         with reader.open(os.path.normpath(lname)) as f:
             raw = copy_verified(f, blob_dir, None, what)
         tar = _decompressed_blob(raw, blob_dir, diff_id, what)
-        layers.append(Layer(diff_id=diff_id, tar=tar, compressed=tar, media_type=MEDIA_TAR,
-                            comment=f"base layer {i}"))
+        layers.append(Layer(diff_id=diff_id, tar=tar, compressed=tar, media_type=MEDIA_TAR, comment=f"base layer {i}"))
     return BaseImage(config, layers, list(config.get("history", [])), source, config_bytes)
 
 
@@ -190,8 +249,10 @@ def _choose_docker_image(manifest: list[dict], name: str | None, tag: str | None
     if name is None and tag is None:
         if len(manifest) > 1:
             tags = [t for m in manifest for t in m.get("RepoTags") or []]
-            raise BuildError(f"{p}the archive holds {len(manifest)} images ({', '.join(tags)}); "
-                             "choose one with fromImageName/fromImageTag or docker-archive:PATH:NAME:TAG")
+            raise BuildError(
+                f"{p}the archive holds {len(manifest)} images ({', '.join(tags)}); "
+                "choose one with fromImageName/fromImageTag or docker-archive:PATH:NAME:TAG"
+            )
         return manifest[0]
     for m in manifest:
         for repo_tag in m.get("RepoTags") or []:
@@ -200,12 +261,14 @@ def _choose_docker_image(manifest: list[dict], name: str | None, tag: str | None
             if name_ok and (tag is None or rtag == tag):
                 return m
     tags = [t for m in manifest for t in m.get("RepoTags") or []]
-    raise BuildError(f"{p}no image {name or '*'}:{tag or '*'} in the archive (it has: "
-                     f"{', '.join(tags) or 'untagged images'})")
+    raise BuildError(
+        f"{p}no image {name or '*'}:{tag or '*'} in the archive (it has: {', '.join(tags) or 'untagged images'})"
+    )
 
 
-def _load_oci(reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str, tag: str | None,
-              source: str, p: str) -> BaseImage:
+def _load_oci(
+    reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str, tag: str | None, source: str, p: str
+) -> BaseImage:
     index = reader.json("index.json")
     manifests = index.get("manifests") if isinstance(index, dict) else None
     if not isinstance(manifests, list) or not manifests:
@@ -228,15 +291,16 @@ def _load_oci(reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str,
         with reader.open("blobs/sha256/" + digest.split(":", 1)[1]) as f:
             blob = copy_verified(f, blob_dir, digest, what)
         assert blob.path is not None
+        if blob.size > MAX_JSON:
+            raise BuildError(f"{what}: larger than {MAX_JSON >> 20} MiB, not an image file")
         raw[what] = blob.path.read_bytes()
-        return json.loads(raw[what])
+        return parse_json(raw[what], what, dict)
 
     manifest = blob_json(desc, f"{p}manifest")
     for _ in range(4):
         if "manifests" not in manifest:
             break
-        platform = [m for m in manifest["manifests"]
-                    if m.get("platform", {}).get("architecture") == architecture]
+        platform = [m for m in manifest["manifests"] if m.get("platform", {}).get("architecture") == architecture]
         if not platform:
             archs = [m.get("platform", {}).get("architecture", "?") for m in manifest["manifests"]]
             raise BuildError(f"{p}no {architecture} image in the index (it has: {', '.join(archs)})")
@@ -245,8 +309,7 @@ def _load_oci(reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str,
     diff_ids = config.get("rootfs", {}).get("diff_ids", [])
     descs = manifest.get("layers", [])
     if len(descs) != len(diff_ids):
-        raise BuildError(f"{p}the manifest lists {len(descs)} layers but the config has "
-                         f"{len(diff_ids)} diff_ids")
+        raise BuildError(f"{p}the manifest lists {len(descs)} layers but the config has {len(diff_ids)} diff_ids")
     layers = []
     for i, (d, diff_id) in enumerate(zip(descs, diff_ids, strict=True)):
         digest = _check_digest(d.get("digest"), f"{p}layer {i}")
@@ -256,6 +319,7 @@ def _load_oci(reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str,
             compressed = copy_verified(f, blob_dir, digest, what)
         tar = _decompressed_blob(compressed, blob_dir, diff_id, what)
         media = COMPRESSION_MEDIA[compression_of(compressed.path or "")]
-        layers.append(Layer(diff_id=diff_id, tar=tar, compressed=compressed, media_type=media,
-                            comment=f"base layer {i}"))
+        layers.append(
+            Layer(diff_id=diff_id, tar=tar, compressed=compressed, media_type=media, comment=f"base layer {i}")
+        )
     return BaseImage(config, layers, list(config.get("history", [])), source, raw.get(f"{p}config"))
