@@ -127,7 +127,9 @@ def _decode(raw: bytes, what: str) -> str:
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
-    """`LEN KEY=VALUE\\n` records; NUL padding may follow the last one."""
+    """`LEN KEY=VALUE\\n` records; NUL padding may follow the last one. hdrcharset=BINARY (nsbuild writes
+    it for names that are not UTF-8) changes nothing: names are decoded as tarfile does, UTF-8 with
+    surrogate escapes."""
     out: dict[str, str] = {}
     pos = 0
     while pos < len(data) and data[pos] != 0:
@@ -142,7 +144,7 @@ def _pax_records(data: bytes) -> dict[str, str]:
         if not key or not eq:
             raise TarFormatError("malformed PAX record (no key=value)")
         name = key.decode("utf-8", "surrogateescape")
-        if name == "hdrcharset" or name.startswith("GNU.sparse."):
+        if name.startswith("GNU.sparse."):
             raise TarFormatError(f"unsupported PAX record {name!r}")
         if name in ("path", "linkpath"):
             out[name] = _decode(value, f"PAX {name}")
