@@ -203,6 +203,7 @@ def _entry(block: bytes, offset: int, pending: _Pending, globals_: dict[str, str
     size = _number(block[124:136], "size")
     uid = _number(block[108:116], "uid")
     gid = _number(block[116:124], "gid")
+    _number(block[136:148], "mtime", signed=True)  # unused, but tarfile stops at a header it cannot parse
     linkname = _decode(_nts(block[157:257]), "the link name") if block[157] else ""
     if pending.longname is not None:
         name = pending.longname.removesuffix("/") if kind == b"5" else pending.longname
