@@ -242,7 +242,9 @@ def assert_one_line(proc, code: int, needle: str, tmp: Path, out: Path, what: ob
 def _run(work: Path, user: str | None, kind: str, spec: dict) -> tuple[object, Path, Path]:
     spec_path, tmp, out = _prepare(work, user, spec)
     # A hang is a failure: every case must be refused at once (60 s for what takes well under 1 s).
-    proc = run_nsbuild([kind, spec_path, "-o", out, "--no-cache"], user=user, env={"TMPDIR": str(tmp)}, timeout=60)
+    proc = run_nsbuild(
+        [kind, spec_path, "-o", out, "--no-cache", "-q"], user=user, env={"TMPDIR": str(tmp)}, timeout=60
+    )
     return proc, tmp, out
 
 
@@ -472,3 +474,80 @@ def test_million_entry_layer(user_with_subids: str | None, user_tmp: UserTmpFact
         assert proc.returncode == 0, describe(proc)
         assert os.listdir(tmp) == []
         out.unlink()
+
+
+# --- specs that crashed --------------------------------------------------------------------------------------
+
+BASE_SPEC = '{"name": "x", "tag": "t", "contents": ["root"]'
+# name → (spec text, extra environment, the field the one line names, a fragment of it)
+BAD_SPECS: dict[str, tuple[str, dict[str, str], str, str]] = {
+    "deep-100000": (
+        '{"name": "x", "config": {"Labels": ' + "[" * 100000 + "]" * 100000 + "}}",
+        {},
+        "spec.json",
+        "nested too deeply",
+    ),
+    "deep-40": (
+        '{"name": "x", "config": {"Labels": ' + "[" * 40 + "]" * 40 + "}}",
+        {},
+        "config.Labels[0]",
+        "levels deep",
+    ),
+    "int-5000-digits": (BASE_SPEC + ', "uid": ' + "9" * 5000 + "}", {}, "uid", "5000 digits"),
+    "nan": (BASE_SPEC + ', "uid": NaN}', {}, "spec.json", "NaN is not JSON"),
+    "nul-in-script": (BASE_SPEC + ', "extraCommands": "echo a\\u0000b"}', {}, "extraCommands", "NUL byte"),
+    "nul-in-fakeroot": (BASE_SPEC + ', "fakeRootCommands": "\\u0000"}', {}, "fakeRootCommands", "NUL byte"),
+    "nul-in-target": (
+        '{"name": "x", "contents": [{"path": "root", "target": "/a\\u0000b"}]}',
+        {},
+        "contents[0].target",
+        "NUL byte",
+    ),
+    "nul-in-storeDir": (BASE_SPEC + ', "storeDir": "/nix/st\\u0000ore"}', {}, "storeDir", "NUL byte"),
+    "nul-in-label": (BASE_SPEC + ', "config": {"Labels": {"a": "b\\u0000"}}}', {}, "config.Labels.a", "NUL byte"),
+    "lone-surrogate": (BASE_SPEC + ', "extraCommands": "\\ud800"}', {}, "extraCommands", "surrogate"),
+    "name-10000": (BASE_SPEC.replace('"x"', '"' + "a" * 10000 + '"', 1) + "}", {}, "name", "at most 255"),
+    "target-component-300": (
+        '{"name": "x", "contents": [{"path": "root", "target": "/' + "a" * 300 + '"}]}',
+        {},
+        "contents[0].target",
+        "at most 255",
+    ),
+    "path-6000": ('{"name": "x", "contents": ["' + "a/" * 3000 + '"]}', {}, "contents[0]", "at most 4095"),
+    "fromImage-long": (BASE_SPEC + ', "fromImage": "' + "b" * 300 + '.tar"}', {}, "fromImage", "at most 255"),
+    "storeDir-long": (BASE_SPEC + ', "storeDir": "/' + "s" * 300 + '"}', {}, "storeDir", "at most 255"),
+    "epoch-superscript": (BASE_SPEC + "}", {"SOURCE_DATE_EPOCH": "²"}, "SOURCE_DATE_EPOCH", "whole seconds"),
+    "epoch-20-digits": (BASE_SPEC + "}", {"SOURCE_DATE_EPOCH": "9" * 20}, "SOURCE_DATE_EPOCH", "whole seconds"),
+    "created-after-9999": (BASE_SPEC + ', "created": "9999-12-31T23:59:59-23:59"}', {}, "created", "after 9999"),
+}
+
+
+def test_bad_specs_one_line(user_with_subids: str | None, user_tmp: UserTmpFactory) -> None:
+    """Specs that used to end in a traceback (or build): exit 2, one line naming the field, nothing left."""
+    user = user_with_subids
+    work = user_tmp(user)
+    (work / "root").mkdir()
+    (work / "root" / "f").write_text("x\n")
+    for name, (text, env, field, needle) in BAD_SPECS.items():
+        spec_path, tmp, out = _prepare(work, user, {})
+        spec_path.write_text(text, encoding="utf-8", errors="surrogatepass")
+        proc = run_nsbuild(
+            ["layered", spec_path, "-o", out, "--no-cache", "-q"],
+            user=user,
+            env={"TMPDIR": str(tmp), **env},
+            timeout=60,
+        )
+        assert_one_line(proc, 2, needle, tmp, out, name)
+        assert f"error: {field}" in proc.stderr or (field == "spec.json" and "spec.json:" in proc.stderr), (
+            name,
+            proc.stderr,
+        )
+
+
+def test_dev_zero_as_spec(user_with_subids: str | None, user_tmp: UserTmpFactory) -> None:
+    """/dev/zero is read up to the size cap, never to the end of memory."""
+    user = user_with_subids
+    work = user_tmp(user)
+    _, tmp, out = _prepare(work, user, {})
+    proc = run_nsbuild(["layered", "/dev/zero", "-o", out, "-q"], user=user, env={"TMPDIR": str(tmp)}, timeout=60)
+    assert_one_line(proc, 2, "/dev/zero: larger than", tmp, out, "/dev/zero")
