@@ -408,7 +408,7 @@ def parse_json_text(text: str, where: str) -> Any:
 def _field_path(parent: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{parent}[{key}]"
-    return f"{parent}.{key}" if parent else key
+    return config_field(parent, key) if parent else key  # config.Labels["org.example.a"], as imageconfig
 
 
 def check_values(raw: Any) -> None:

@@ -324,6 +324,25 @@ WHITEOUTS = {
 
 
 @pytest.mark.parametrize("mode", ["image", "layered-fakeRootCommands"])
+def test_overlong_names_refused(mode: str, user_with_subids: str | None, user_tmp: UserTmpFactory) -> None:
+    """A base entry whose name (PAX) has a component over NAME_MAX or is longer than PATH_MAX is refused
+    before anything is unpacked, with one line (not an OSError half-way through)."""
+    user = user_with_subids
+    work = user_tmp(user)
+    for name, path in {"component": "etc/" + "c" * 300, "total": "d/" * 2100 + "f"}.items():
+        case = work / name
+        case.mkdir()
+        bad = pax({"path": path}) + header(b"placeholder", 0) + END
+        (case / "base.tar").write_bytes(docker_archive([good_layer(), bad]))
+        spec = {"name": "victim", "tag": "t", "compressor": "none", "fromImage": str(case / "base.tar")}
+        kind = "image"
+        if mode != "image":
+            kind, spec["fakeRootCommands"] = "layered", "true"
+        proc, tmp, out = _run(case, user, kind, spec)
+        assert_one_line(proc, 1, "longer than the kernel takes", tmp, out, (name, mode))
+
+
+@pytest.mark.parametrize("mode", ["image", "layered-fakeRootCommands"])
 def test_whiteouts_of_dot_names_refused(mode: str, user_with_subids: str | None, user_tmp: UserTmpFactory) -> None:
     """`.wh...` would delete the parent of the unpack root, `.wh..`/`.wh.` the directory itself: refused,
     whether the layer is only read (image) or unpacked in the sandbox (fakeRootCommands), and the
@@ -504,7 +523,12 @@ BAD_SPECS: dict[str, tuple[str, dict[str, str], str, str]] = {
         "NUL byte",
     ),
     "nul-in-storeDir": (BASE_SPEC + ', "storeDir": "/nix/st\\u0000ore"}', {}, "storeDir", "NUL byte"),
-    "nul-in-label": (BASE_SPEC + ', "config": {"Labels": {"a": "b\\u0000"}}}', {}, "config.Labels.a", "NUL byte"),
+    "nul-in-label": (
+        BASE_SPEC + ', "config": {"Labels": {"org.example.a": "b\\u0000"}}}',
+        {},
+        'config.Labels["org.example.a"]',
+        "NUL byte",
+    ),
     "lone-surrogate": (BASE_SPEC + ', "extraCommands": "\\ud800"}', {}, "extraCommands", "surrogate"),
     "name-10000": (BASE_SPEC.replace('"x"', '"' + "a" * 10000 + '"', 1) + "}", {}, "name", "at most 255"),
     "target-component-300": (

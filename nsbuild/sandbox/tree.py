@@ -250,6 +250,9 @@ class ImageModel:
         if bad_xattr:
             # overlayfs reads these from the lower layers: a base layer must not steer the script's mount.
             raise HostileLayer(f"{label}: {m.name!r} carries the overlayfs attribute {bad_xattr[0][13:]!r}")
+        raw = os.fsencode(m.name)
+        if len(raw) > 4095 or len(os.fsencode(m.linkname)) > 4095 or max(map(len, raw.split(b"/"))) > 255:
+            raise HostileLayer(f"{label}: {m.name[:80]!r}...: a name or link target longer than the kernel takes")
         if m.name.startswith("/"):
             raise HostileLayer(f"{label}: {m.name!r} is an absolute name")
         if ".." in m.name.split("/"):
