@@ -129,6 +129,35 @@ def _decompressed_blob(blob: Blob, dest_dir: Path, expected_diff_id: str | None,
     return tar
 
 
+# What the image config's runtime part holds, as far as nsbuild merges it into the new image.
+BASE_CONFIG_LISTS = ("Env", "Cmd", "Entrypoint", "Shell", "OnBuild")
+BASE_CONFIG_OBJECTS = ("Labels", "ExposedPorts", "Volumes", "Healthcheck")
+BASE_CONFIG_STRINGS = ("User", "WorkingDir", "StopSignal")
+
+
+def _check_base_config(config: dict[str, Any], what: str) -> None:
+    """The base config's values nsbuild reads have the types the image spec gives them (a number for
+    Env must be one line here, not a TypeError where the configs are merged)."""
+    runtime = config.get("config")
+    if runtime is not None and not isinstance(runtime, dict):
+        raise BuildError(f"{what}: config: expected an object, got {type(runtime).__name__}")
+    history = config.get("history")
+    if history is not None and not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
+        raise BuildError(f"{what}: history: expected a list of objects")
+    for key, value in (runtime or {}).items():
+        if value is None:
+            continue
+        if key in BASE_CONFIG_LISTS and not (isinstance(value, list) and all(isinstance(x, str) for x in value)):
+            raise BuildError(f"{what}: config.{key}: expected a list of strings")
+        if key in BASE_CONFIG_OBJECTS and not isinstance(value, dict):
+            raise BuildError(f"{what}: config.{key}: expected an object")
+        if key in BASE_CONFIG_STRINGS and not isinstance(value, str):
+            raise BuildError(f"{what}: config.{key}: expected a string")
+    labels = (runtime or {}).get("Labels") or {}
+    if not all(isinstance(v, str) for v in labels.values()):
+        raise BuildError(f"{what}: config.Labels: expected string values")
+
+
 def _check_digest(value: Any, what: str) -> str:
     if not isinstance(value, str) or not DIGEST_RE.match(value):
         raise BuildError(f"{what}: {value!r} is not a sha256 digest")
@@ -221,6 +250,7 @@ def _load_docker(reader: _Reader, blob_dir: Path, work_dir: Path, name: str | No
     if len(config_bytes) > MAX_JSON:
         raise BuildError(f"{p}{config_name}: larger than {MAX_JSON >> 20} MiB, not an image config")
     config = parse_json(config_bytes, f"{p}{config_name}", dict)
+    _check_base_config(config, f"{p}{config_name}")
     diff_ids = config.get("rootfs", {}).get("diff_ids", [])
     layer_names = entry.get("Layers", [])
     if not isinstance(layer_names, list) or len(layer_names) != len(diff_ids):
@@ -296,6 +326,7 @@ def _load_oci(reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str,
             raise BuildError(f"{p}no {architecture} image in the index (it has: {', '.join(archs)})")
         manifest = blob_json(platform[0], f"{p}manifest")
     config = blob_json(manifest.get("config", {}), f"{p}config")
+    _check_base_config(config, f"{p}config")
     diff_ids = config.get("rootfs", {}).get("diff_ids", [])
     descs = manifest.get("layers", [])
     if len(descs) != len(diff_ids):

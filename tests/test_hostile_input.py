@@ -575,3 +575,61 @@ def test_dev_zero_as_spec(user_with_subids: str | None, user_tmp: UserTmpFactory
     _, tmp, out = _prepare(work, user, {})
     proc = run_nsbuild(["layered", "/dev/zero", "-o", out, "-q"], user=user, env={"TMPDIR": str(tmp)}, timeout=60)
     assert_one_line(proc, 2, "/dev/zero: larger than", tmp, out, "/dev/zero")
+
+
+# --- manifests, indexes and configs of the wrong shape -------------------------------------------------------
+
+
+def _docker_with(manifest: bytes, config: bytes) -> bytes:
+    layer = good_layer()
+    return member(b"manifest.json", manifest) + member(b"c.json", config) + member(b"L0/layer.tar", layer) + END
+
+
+def test_malformed_image_metadata(user_with_subids: str | None, user_tmp: UserTmpFactory) -> None:
+    """JSON of the wrong type, nested past the recursion limit, with a 5000-digit number, or not JSON, in
+    a docker-archive's manifest.json or config and an OCI layout's index or config: exit 1, one line."""
+    user = user_with_subids
+    work = user_tmp(user)
+    did = "sha256:" + hashlib.sha256(good_layer()).hexdigest()
+    cfg = {"architecture": "amd64", "os": "linux", "config": {}, "rootfs": {"type": "layers", "diff_ids": [did]}}
+    ok_manifest = json.dumps([{"Config": "c.json", "Layers": ["L0/layer.tar"]}]).encode()
+    docker_cases = {
+        "manifest-of-numbers": (b"[1]", json.dumps(cfg).encode(), "malformed manifest"),
+        "manifest-config-number": (b'[{"Config": 1}]', json.dumps(cfg).encode(), "Config missing"),
+        "manifest-deep": (b"[" * 100000 + b"]" * 100000, json.dumps(cfg).encode(), "nested too deeply"),
+        "config-list": (ok_manifest, b"[]", "expected a JSON object"),
+        "config-deep": (ok_manifest, b'{"a":' * 100000 + b"1" + b"}" * 100000, "nested too deeply"),
+        "config-big-int": (ok_manifest, b'{"a": ' + b"9" * 5000 + b"}", "invalid JSON"),
+        "config-not-json": (ok_manifest, b"{nope", "invalid JSON"),
+        "config-env-number": (ok_manifest, json.dumps({**cfg, "config": {"Env": 5}}).encode(), "config.Env"),
+        "config-label-number": (
+            ok_manifest,
+            json.dumps({**cfg, "config": {"Labels": {"a": 1}}}).encode(),
+            "config.Labels",
+        ),
+        "config-history-number": (ok_manifest, json.dumps({**cfg, "history": 5}).encode(), "history"),
+    }
+    for name, (manifest, config, needle) in docker_cases.items():
+        case = work / name
+        case.mkdir()
+        (case / "base.tar").write_bytes(_docker_with(manifest, config))
+        for kind in ("layered", "image"):
+            proc, tmp, out = _run(
+                case, user, kind, {"name": "v", "tag": "t", "compressor": "none", "fromImage": str(case / "base.tar")}
+            )
+            assert_one_line(proc, 1, needle, tmp, out, (name, kind))
+    oci_cases = {
+        "index-list": (b"[]", "lists no manifest"),
+        "index-manifests-numbers": (b'{"manifests": [1]}', "malformed manifest"),
+        "index-digest-number": (b'{"manifests": [{"digest": 5}]}', "not a sha256 digest"),
+        "index-deep": (b'{"manifests": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested too deeply"),
+    }
+    for name, (index, needle) in oci_cases.items():
+        case = work / name
+        case.mkdir()
+        oci_layout(case / "oci", [good_layer()])
+        (case / "oci" / "index.json").write_bytes(index)
+        proc, tmp, out = _run(
+            case, user, "layered", {"name": "v", "tag": "t", "compressor": "none", "fromImage": f"oci:{case / 'oci'}"}
+        )
+        assert_one_line(proc, 1, needle, tmp, out, name)
