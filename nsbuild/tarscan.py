@@ -109,6 +109,19 @@ def _parse_number(field: bytes, what: str, signed: bool) -> int:
     return int(text or b"0", 8)
 
 
+def _numbers(block: bytes) -> None:
+    """The numeric fields nsbuild does not use; tarfile parses (and stops at) them all."""
+    for lo, hi, what in (
+        (100, 108, "mode"),
+        (108, 116, "uid"),
+        (116, 124, "gid"),
+        (329, 337, "device major"),
+        (337, 345, "device minor"),
+    ):
+        _number(block[lo:hi], what)
+    _number(block[136:148], "mtime", signed=True)
+
+
 def _check_checksum(block: bytes) -> None:
     stored = _number(block[148:156], "checksum")
     unsigned = 256 + sum(block) - sum(block[148:156])
@@ -169,6 +182,8 @@ class _Pending:
         self.longlink: str | None = None
 
     def add(self, kind: bytes, data: bytes, offset: int, globals_: dict[str, str]) -> None:
+        if self.offset is None:
+            self.offset = offset  # a global header too: tarfile wants an entry after every extended header
         if kind == b"g":
             records = _pax_records(data)
             bad = [k for k in PAX_ENTRY_KEYS if k in records]
@@ -176,8 +191,6 @@ class _Pending:
                 raise TarFormatError(f"a global PAX header sets {bad[0]!r}")
             globals_.update(records)
             return
-        if self.offset is None:
-            self.offset = offset
         slot = {b"x": "pax", b"L": "longname", b"K": "longlink"}[kind]
         if getattr(self, slot) is not None:
             raise TarFormatError("two extended headers of the same kind for one entry")
@@ -260,6 +273,7 @@ def iter_members(f: BinaryIO, total: int) -> Iterator[Member]:
             _check_checksum(block)
             kind = block[156:157]
             size = _number(block[124:136], "size")
+            _numbers(block)  # in extended headers too: tarfile parses every header's numbers
             if kind not in REGULAR + HEADER_ONLY + EXTENDED:
                 raise TarFormatError(f"unsupported entry type {kind!r}")
             data_end = pos + BLOCK + size
@@ -271,9 +285,10 @@ def iter_members(f: BinaryIO, total: int) -> Iterator[Member]:
             if kind in EXTENDED:
                 if size > MAX_EXTENDED:
                     raise TarFormatError(f"extended header of {size} bytes (more than {MAX_EXTENDED})")
-                pending.add(kind, _read_exact(f, size, pos + BLOCK), pos, globals_)
-                f.seek(-size % BLOCK, os.SEEK_CUR)
-                pos += BLOCK + size + (-size % BLOCK)
+                # With its padding: tarfile parses the whole blocks (records or a name in the padding count).
+                padded = size + (-size % BLOCK)
+                pending.add(kind, _read_exact(f, padded, pos + BLOCK), pos, globals_)
+                pos += BLOCK + padded
                 continue
             member = _entry(block, pos, pending, globals_)
         except TarFormatError as exc:

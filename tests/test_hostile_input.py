@@ -436,12 +436,15 @@ def test_strict_reader_reads_what_tarfile_reads() -> None:
     accepted = refused = 0
     for data in _sample_archives():
         assert _ours(data) == _theirs(data)
-        headers = [m.data_offset - BLOCK for m in iter_members(io.BytesIO(data), len(data))]
-        for _ in range(1500):
+        members = list(iter_members(io.BytesIO(data), len(data)))
+        # Every header: the entries' own and their extended (PAX, GNU long name) headers and records.
+        headers = sorted({m.data_offset - BLOCK for m in members} | {m.offset for m in members})
+        for _ in range(3000):
             raw = bytearray(data)
             for _ in range(rng.randint(1, 3)):
                 base = rng.choice(headers) if rng.random() < 0.8 else rng.randrange(0, len(raw) - BLOCK)
-                raw[base + rng.randrange(BLOCK)] = rng.choice(b"\0 /.-+_0789aLKxgS5\x80\xff")
+                at = base + rng.randrange(2 * BLOCK if base in headers else BLOCK)
+                raw[at] = rng.choice(b"\0 /.-+_0789aLKxgS5=\n\x80\xff")
             if rng.random() < 0.5:  # keep the checksum right, or the flip is only ever a bad checksum
                 for off in headers:
                     raw[off + 148 : off + 156] = b" " * 8
