@@ -61,8 +61,11 @@ class Envelope:
             return bytes(data)
         if self.kind == "gz":
             # RFC 1952 member (no name, mtime 0, OS unknown) around one final stored block (RFC 1951).
-            head = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff\x01" + n.to_bytes(2, "little") + \
-                (n ^ 0xFFFF).to_bytes(2, "little")
+            head = (
+                b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff\x01"
+                + n.to_bytes(2, "little")
+                + (n ^ 0xFFFF).to_bytes(2, "little")
+            )
             return head + data + zlib.crc32(data).to_bytes(4, "little") + n.to_bytes(4, "little")
         # RFC 8878 frame: single segment, 4-byte content size, no checksum; one last raw block.
         return b"\x28\xb5\x2f\xfd\xa0" + n.to_bytes(4, "little") + ((n << 3) | 1).to_bytes(3, "little") + data
@@ -70,7 +73,7 @@ class Envelope:
     def frames(self, data: bytes | bytearray) -> bytes:
         if self.kind == "none":
             return bytes(data)
-        return b"".join(self.frame(bytes(data[i:i + STORED_MAX])) for i in range(0, len(data), STORED_MAX))
+        return b"".join(self.frame(bytes(data[i : i + STORED_MAX])) for i in range(0, len(data), STORED_MAX))
 
     def patch(self, fd: int, frame_offset: int, data: bytes) -> None:
         """Overwrite the content of a frame written by frame() with bytes of the same length."""
@@ -120,7 +123,7 @@ class ArchiveStream:
         view = memoryview(data)
         try:
             while view:  # an unbuffered file may take part of a write
-                view = view[self.out.write(view) or 0:]
+                view = view[self.out.write(view) or 0 :]
         except OSError as exc:
             # A full disk while a layer streams in: say which file (a closed pipe stays what it is).
             if self.name is None or isinstance(exc, BrokenPipeError):
@@ -140,8 +143,9 @@ class ArchiveStream:
             d = "/".join(parts[:i])
             if d not in self.dirs:
                 self.dirs.add(d)
-                out += encode_header(Entry(name=d.encode(), kind="dir", mode=0o755, uid=0, gid=0),
-                                     ARCHIVE_OWNER, self.mtime)
+                out += encode_header(
+                    Entry(name=d.encode(), kind="dir", mode=0o755, uid=0, gid=0), ARCHIVE_OWNER, self.mtime
+                )
         return out
 
     def member_header(self, name: str, size: int, *, blob: bool = False) -> bytes:
@@ -238,8 +242,9 @@ class ImageArchive:
     compression) or an OCI archive ("oci": oci-layout, blobs, index.json) of the image's layers at
     positions 0..n-1, which arrive in any order from the layer threads (`done`)."""
 
-    def __init__(self, out: BinaryIO, *, kind: str, envelope: str, mtime: int, positions: int,
-                 name: str | None = None) -> None:
+    def __init__(
+        self, out: BinaryIO, *, kind: str, envelope: str, mtime: int, positions: int, name: str | None = None
+    ) -> None:
         if kind == "oci" and envelope != "none":
             raise ValueError("an OCI archive is not compressed as a whole")
         self.kind = kind
@@ -260,8 +265,7 @@ class ImageArchive:
         if compression == "none":
             return _Member(name, layer.tar, layer.tar.size)
         if layer.media_type != MEDIA_BY_COMPRESSOR[compression]:
-            raise BuildError(f"internal: layer {layer.diff_id} is {layer.media_type}, not the archive's "
-                             f"{compression}")
+            raise BuildError(f"internal: layer {layer.diff_id} is {layer.media_type}, not the archive's {compression}")
         return _Member(name, layer.compressed, layer.tar.size)
 
     def claim(self, position: int) -> Slot | None:
@@ -269,7 +273,7 @@ class ImageArchive:
         with self._lock:
             if not self.stream.seekable or self._slot is not None:
                 return None
-            if any(layer is None for layer in self._layers[self._written:position]):
+            if any(layer is None for layer in self._layers[self._written : position]):
                 return None
             self._append_through(position)
             if self.kind == "oci":
@@ -311,22 +315,35 @@ class ImageArchive:
     def metadata(self, image: Image, ref: str) -> list[tuple[str, bytes]]:
         """The members after the layers: docker `ref` is NAME:TAG, OCI `ref` the ref.name."""
         if self.kind == "oci":
-            return [("blobs/sha256/" + image.config_digest.split(":", 1)[1], image.config),
-                    ("blobs/sha256/" + image.manifest_digest.split(":", 1)[1], image.manifest),
-                    ("index.json", oci_index(image, ref))]
+            return [
+                ("blobs/sha256/" + image.config_digest.split(":", 1)[1], image.config),
+                ("blobs/sha256/" + image.manifest_digest.split(":", 1)[1], image.manifest),
+                ("index.json", oci_index(image, ref)),
+            ]
         config_name = image.config_digest.split(":", 1)[1] + ".json"
         layers = [self.member(layer).name for layer in image.layers]
         manifest = [{"Config": config_name, "RepoTags": [ref], "Layers": layers}]
         repo, _, tag = ref.rpartition(":")
         top = image.layers[-1].diff_id.split(":", 1)[1] if image.layers else ""
-        return [(config_name, image.config), ("manifest.json", canonical_json(manifest)),
-                ("repositories", canonical_json({repo: {tag: top}}))]
+        return [
+            (config_name, image.config),
+            ("manifest.json", canonical_json(manifest)),
+            ("repositories", canonical_json({repo: {tag: top}})),
+        ]
 
     def identity(self, image: Image, ref: str) -> str:
         """A digest of everything that decides the archive's bytes."""
-        h = hashlib.sha256(json.dumps([ARCHIVE_VERSION, self.kind, self.stream.envelope.kind, self.stream.mtime,
-                                       [(m.name, m.blob.digest, m.member_size)
-                                        for m in (self.member(layer) for layer in image.layers)]]).encode())
+        h = hashlib.sha256(
+            json.dumps(
+                [
+                    ARCHIVE_VERSION,
+                    self.kind,
+                    self.stream.envelope.kind,
+                    self.stream.mtime,
+                    [(m.name, m.blob.digest, m.member_size) for m in (self.member(layer) for layer in image.layers)],
+                ]
+            ).encode()
+        )
         for name, data in self.metadata(image, ref):
             h.update(b"\0%s\0%d\0" % (name.encode(), len(data)) + data)
         return h.hexdigest()
@@ -353,8 +370,14 @@ def oci_index(image: Image, tag: str, existing: list[dict] | None = None) -> byt
     from nsbuild.image import MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST
 
     manifests = [m for m in existing or [] if m.get("annotations", {}).get(REF_NAME) != tag]
-    manifests.append({"mediaType": MEDIA_OCI_MANIFEST, "digest": image.manifest_digest,
-                      "size": len(image.manifest), "annotations": {REF_NAME: tag}})
+    manifests.append(
+        {
+            "mediaType": MEDIA_OCI_MANIFEST,
+            "digest": image.manifest_digest,
+            "size": len(image.manifest),
+            "annotations": {REF_NAME: tag},
+        }
+    )
     return canonical_json({"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": manifests})
 
 

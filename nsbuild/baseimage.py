@@ -111,8 +111,9 @@ def parse_json(data: bytes, what: str, kind: type = object) -> Any:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
         raise BuildError(f"{what}: invalid JSON: {reason}") from None
     if not isinstance(value, kind):
-        raise BuildError(f"{what}: expected a JSON {'object' if kind is dict else kind.__name__}, "
-                         f"got {type(value).__name__}")
+        raise BuildError(
+            f"{what}: expected a JSON {'object' if kind is dict else kind.__name__}, got {type(value).__name__}"
+        )
     return value
 
 
@@ -120,8 +121,7 @@ def _decompressed_blob(blob: Blob, dest_dir: Path, expected_diff_id: str | None,
     assert blob.path is not None
     if compression_of(blob.path) == "none":
         if expected_diff_id is not None and blob.digest != expected_diff_id:
-            raise BuildError(f"{what}: digest {blob.digest} does not match the config's diff_id "
-                             f"{expected_diff_id}")
+            raise BuildError(f"{what}: digest {blob.digest} does not match the config's diff_id {expected_diff_id}")
         check_layer_tar(blob, what)
         return blob
     tar = decompress_verified(blob.path, dest_dir, expected_diff_id, what)
@@ -164,8 +164,16 @@ def _check_digest(value: Any, what: str) -> str:
     return value
 
 
-def load_base(text: str, blob_dir: Path, work_dir: Path, *, architecture: str,
-              image_name: str | None = None, image_tag: str | None = None, label: str = "fromImage") -> BaseImage:
+def load_base(
+    text: str,
+    blob_dir: Path,
+    work_dir: Path,
+    *,
+    architecture: str,
+    image_name: str | None = None,
+    image_tag: str | None = None,
+    label: str = "fromImage",
+) -> BaseImage:
     """The image at `text`; errors start with `label: ` (the spec attribute or the command's argument,
     none when `label` is empty)."""
     p = f"{label}: " if label else ""
@@ -185,12 +193,10 @@ def load_base(text: str, blob_dir: Path, work_dir: Path, *, architecture: str,
             return _load_oci(_Reader(root=path), ref, blob_dir, architecture, image_tag or ref.tag, text, p)
     with _open_archive(path, work_dir, p) as reader, _malformed(path, p):
         if reader.exists("manifest.json"):
-            return _load_docker(reader, blob_dir, work_dir, image_name or ref.name, image_tag or ref.tag,
-                                text, p)
+            return _load_docker(reader, blob_dir, work_dir, image_name or ref.name, image_tag or ref.tag, text, p)
         if reader.exists("index.json") and reader.exists("oci-layout"):
             return _load_oci(reader, ref, blob_dir, architecture, image_tag or ref.tag, text, p)
-        raise BuildError(f"{p}{path} is neither a docker-archive (no manifest.json) nor an OCI "
-                         "archive (no index.json)")
+        raise BuildError(f"{p}{path} is neither a docker-archive (no manifest.json) nor an OCI archive (no index.json)")
 
 
 @contextmanager
@@ -236,8 +242,9 @@ def check_layer_tar(blob: Blob, what: str) -> None:
         raise BuildError(f"{what}: not a sound tar archive: {exc}") from None
 
 
-def _load_docker(reader: _Reader, blob_dir: Path, work_dir: Path, name: str | None, tag: str | None,
-                 source: str, p: str) -> BaseImage:
+def _load_docker(
+    reader: _Reader, blob_dir: Path, work_dir: Path, name: str | None, tag: str | None, source: str, p: str
+) -> BaseImage:
     manifest = reader.json("manifest.json")
     if not isinstance(manifest, list) or not manifest:
         raise BuildError(f"{p}manifest.json holds no image")
@@ -254,8 +261,9 @@ def _load_docker(reader: _Reader, blob_dir: Path, work_dir: Path, name: str | No
     diff_ids = config.get("rootfs", {}).get("diff_ids", [])
     layer_names = entry.get("Layers", [])
     if not isinstance(layer_names, list) or len(layer_names) != len(diff_ids):
-        raise BuildError(f"{p}manifest.json lists {len(layer_names)} layers but the config has "
-                         f"{len(diff_ids)} diff_ids")
+        raise BuildError(
+            f"{p}manifest.json lists {len(layer_names)} layers but the config has {len(diff_ids)} diff_ids"
+        )
     layers = []
     for i, (lname, diff_id) in enumerate(zip(layer_names, diff_ids, strict=True)):
         _check_digest(diff_id, f"{p}config diff_ids[{i}]")
@@ -263,8 +271,7 @@ def _load_docker(reader: _Reader, blob_dir: Path, work_dir: Path, name: str | No
         with reader.open(os.path.normpath(lname)) as f:
             raw = copy_verified(f, blob_dir, None, what)
         tar = _decompressed_blob(raw, blob_dir, diff_id, what)
-        layers.append(Layer(diff_id=diff_id, tar=tar, compressed=tar, media_type=MEDIA_TAR,
-                            comment=f"base layer {i}"))
+        layers.append(Layer(diff_id=diff_id, tar=tar, compressed=tar, media_type=MEDIA_TAR, comment=f"base layer {i}"))
     return BaseImage(config, layers, list(config.get("history", [])), source, config_bytes)
 
 
@@ -272,8 +279,10 @@ def _choose_docker_image(manifest: list[dict], name: str | None, tag: str | None
     if name is None and tag is None:
         if len(manifest) > 1:
             tags = [t for m in manifest for t in m.get("RepoTags") or []]
-            raise BuildError(f"{p}the archive holds {len(manifest)} images ({', '.join(tags)}); "
-                             "choose one with fromImageName/fromImageTag or docker-archive:PATH:NAME:TAG")
+            raise BuildError(
+                f"{p}the archive holds {len(manifest)} images ({', '.join(tags)}); "
+                "choose one with fromImageName/fromImageTag or docker-archive:PATH:NAME:TAG"
+            )
         return manifest[0]
     for m in manifest:
         for repo_tag in m.get("RepoTags") or []:
@@ -282,12 +291,14 @@ def _choose_docker_image(manifest: list[dict], name: str | None, tag: str | None
             if name_ok and (tag is None or rtag == tag):
                 return m
     tags = [t for m in manifest for t in m.get("RepoTags") or []]
-    raise BuildError(f"{p}no image {name or '*'}:{tag or '*'} in the archive (it has: "
-                     f"{', '.join(tags) or 'untagged images'})")
+    raise BuildError(
+        f"{p}no image {name or '*'}:{tag or '*'} in the archive (it has: {', '.join(tags) or 'untagged images'})"
+    )
 
 
-def _load_oci(reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str, tag: str | None,
-              source: str, p: str) -> BaseImage:
+def _load_oci(
+    reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str, tag: str | None, source: str, p: str
+) -> BaseImage:
     index = reader.json("index.json")
     manifests = index.get("manifests") if isinstance(index, dict) else None
     if not isinstance(manifests, list) or not manifests:
@@ -319,8 +330,7 @@ def _load_oci(reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str,
     for _ in range(4):
         if "manifests" not in manifest:
             break
-        platform = [m for m in manifest["manifests"]
-                    if m.get("platform", {}).get("architecture") == architecture]
+        platform = [m for m in manifest["manifests"] if m.get("platform", {}).get("architecture") == architecture]
         if not platform:
             archs = [m.get("platform", {}).get("architecture", "?") for m in manifest["manifests"]]
             raise BuildError(f"{p}no {architecture} image in the index (it has: {', '.join(archs)})")
@@ -330,8 +340,7 @@ def _load_oci(reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str,
     diff_ids = config.get("rootfs", {}).get("diff_ids", [])
     descs = manifest.get("layers", [])
     if len(descs) != len(diff_ids):
-        raise BuildError(f"{p}the manifest lists {len(descs)} layers but the config has "
-                         f"{len(diff_ids)} diff_ids")
+        raise BuildError(f"{p}the manifest lists {len(descs)} layers but the config has {len(diff_ids)} diff_ids")
     layers = []
     for i, (d, diff_id) in enumerate(zip(descs, diff_ids, strict=True)):
         digest = _check_digest(d.get("digest"), f"{p}layer {i}")
@@ -341,6 +350,7 @@ def _load_oci(reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str,
             compressed = copy_verified(f, blob_dir, digest, what)
         tar = _decompressed_blob(compressed, blob_dir, diff_id, what)
         media = COMPRESSION_MEDIA[compression_of(compressed.path or "")]
-        layers.append(Layer(diff_id=diff_id, tar=tar, compressed=compressed, media_type=media,
-                            comment=f"base layer {i}"))
+        layers.append(
+            Layer(diff_id=diff_id, tar=tar, compressed=compressed, media_type=media, comment=f"base layer {i}")
+        )
     return BaseImage(config, layers, list(config.get("history", [])), source, raw.get(f"{p}config"))

@@ -132,15 +132,16 @@ def link_store_contents(custom_root: Path, store_paths: list[Path], progress: Pr
             for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
                 dest = dest_dir / name
                 if os.path.lexists(dest):
-                    progress.warn(f"/{os.path.relpath(dest, custom_root)} is provided by several contents; "
-                                  f"keeping the first, not {os.path.join(dirpath, name)}")
+                    progress.warn(
+                        f"/{os.path.relpath(dest, custom_root)} is provided by several contents; "
+                        f"keeping the first, not {os.path.join(dirpath, name)}"
+                    )
                     continue
                 os.symlink(os.path.join(dirpath, name), dest)
             dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
 
 
-def build_image(spec: Spec, output: ImageRef, progress: Progress,
-                options: BuildOptions | None = None) -> BuildResult:
+def build_image(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions | None = None) -> BuildResult:
     options = options or BuildOptions()
     if output.format in ("docker-archive", "oci-dir", "oci-archive") and output.location != "-":
         check_destination(output.format, output.path, name=output.name, tag=output.tag)
@@ -151,8 +152,9 @@ def build_image(spec: Spec, output: ImageRef, progress: Progress,
         ws.close()
 
 
-def read_base(spec: Spec, ws: Workspace, options: BuildOptions, progress: Progress, *,
-              need_tar: bool) -> tuple[BaseImage | None, dict[str, str], dict[str, Any] | None]:
+def read_base(
+    spec: Spec, ws: Workspace, options: BuildOptions, progress: Progress, *, need_tar: bool
+) -> tuple[BaseImage | None, dict[str, str], dict[str, Any] | None]:
     """fromImage for both kinds: pulled from a registry or read from a file; (base, annotations, --json info)."""
     if not spec.from_image:
         return None, {}, None
@@ -160,18 +162,28 @@ def read_base(spec: Spec, ws: Workspace, options: BuildOptions, progress: Progre
         from nsbuild import remote
 
         # Pulled blobs live in the layer cache (the next build downloads nothing), else the workspace.
-        pulled = remote.pull_base(spec.from_image, store_root=options.cache_dir or ws.path("pull"),
-                                  architecture=spec.architecture, options=options.registry, progress=progress,
-                                  need_tar=need_tar)
+        pulled = remote.pull_base(
+            spec.from_image,
+            store_root=options.cache_dir or ws.path("pull"),
+            architecture=spec.architecture,
+            options=options.registry,
+            progress=progress,
+            need_tar=need_tar,
+        )
         return pulled.base, pulled.annotations, pulled.to_json()
     progress.info(f"reading base image {spec.from_image}")
-    base = load_base(spec.from_image, ws.blobs, ws.path("base"), architecture=spec.architecture,
-                     image_name=spec.from_image_name, image_tag=spec.from_image_tag)
+    base = load_base(
+        spec.from_image,
+        ws.blobs,
+        ws.path("base"),
+        architecture=spec.architecture,
+        image_name=spec.from_image_name,
+        image_tag=spec.from_image_tag,
+    )
     return base, {}, None
 
 
-def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions,
-           ws: Workspace) -> BuildResult:
+def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions, ws: Workspace) -> BuildResult:
     if spec.kind == "image":
         from nsbuild import buildimage
 
@@ -189,16 +201,20 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
         remote.preflight("docker://" + output.location, "-o", options.registry)
     if options.cache_to:
         remote.preflight(options.cache_to, "--cache-to", options.registry)
-    base, annotations, base_info = read_base(spec, ws, options, progress,
-                                             need_tar=keep_tar or docker or bool(spec.fake_root_commands.strip()))
+    base, annotations, base_info = read_base(
+        spec, ws, options, progress, need_tar=keep_tar or docker or bool(spec.fake_root_commands.strip())
+    )
     if base is not None:
         base.layers = [_recompress(layer, compression, ws, exact=docker) for layer in base.layers]
     base_layers = base.layers if base else []
     plan = make_plan(spec, len(base_layers))
     warn_contents_links(spec, progress)  # links leading out of a root tree are kept, never followed
     if spec.include_nix_db and not plan.closure:
-        raise SpecError("includeNixDB", "the image has no store paths to register (no contents inside "
-                                        f"{spec.store_dir}, or includeStorePaths is false)")
+        raise SpecError(
+            "includeNixDB",
+            "the image has no store paths to register (no contents inside "
+            f"{spec.store_dir}, or includeStorePaths is false)",
+        )
     owner = Owner(spec.uid, spec.gid, spec.uname, spec.gname)
     fixed = OwnerPolicy.fixed_owner(owner)
     total = len(plan.layers) + 1
@@ -208,32 +224,59 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
         if archive is not None:
             for position, layer in enumerate(base_layers):
                 archive.archive.done(position, layer)
-        shared_cache = (remote.opened_cache(options.cache_from, options.registry, progress) if options.cache_from
-                        else contextlib.nullcontext())
+        shared_cache = (
+            remote.opened_cache(options.cache_from, options.registry, progress)
+            if options.cache_from
+            else contextlib.nullcontext()
+        )
         with shared_cache as shared:
             layers, cached, content_keys = _content_layers(
-                spec, plan, progress, options, ws, cache, shared, blob_dir, compression, keep_tar, fixed, total,
-                archive.archive if archive else None, len(base_layers))
+                spec,
+                plan,
+                progress,
+                options,
+                ws,
+                cache,
+                shared,
+                blob_dir,
+                compression,
+                keep_tar,
+                fixed,
+                total,
+                archive.archive if archive else None,
+                len(base_layers),
+            )
         t0 = time.monotonic()
-        layers.append(_customisation_layer(spec, plan, ws, progress, options, fixed, compression, keep_tar,
-                                           base_layers))
+        layers.append(
+            _customisation_layer(spec, plan, ws, progress, options, fixed, compression, keep_tar, base_layers)
+        )
         progress.layer_done(total, total, "customisation layer", layers[-1].tar.size, time.monotonic() - t0)
         all_layers = base_layers + layers
-        config = make_config(architecture=spec.architecture, created=spec.created, config=spec.config,
-                             base_config=base.config if base else None,
-                             base_history=base.history if base else [], layers=all_layers,
-                             new_from=len(base_layers))
+        config = make_config(
+            architecture=spec.architecture,
+            created=spec.created,
+            config=spec.config,
+            base_config=base.config if base else None,
+            base_history=base.history if base else [],
+            layers=all_layers,
+            new_from=len(base_layers),
+        )
         image = finished_image(spec, output, config, all_layers, annotations)
-        result = BuildResult(image, "", output.format, base=base_info,
-                             remote_hits=sum(1 for c in cached if c == "remote"))
+        result = BuildResult(
+            image, "", output.format, base=base_info, remote_hits=sum(1 for c in cached if c == "remote")
+        )
         result.output = write_output(image, output, spec, progress, options, result, archive)
     finally:
         if archive is not None:
             archive.file.discard()  # a no-op once the archive is in place
     if options.cache_to:
         result.cache_push = remote.push_cache(
-            options.cache_to, [(k, layer) for k, layer in zip(content_keys, layers, strict=False) if k],
-            options=options.registry, progress=progress, cache_dir=options.cache_dir)
+            options.cache_to,
+            [(k, layer) for k, layer in zip(content_keys, layers, strict=False) if k],
+            options=options.registry,
+            progress=progress,
+            cache_dir=options.cache_dir,
+        )
     return result
 
 
@@ -250,23 +293,42 @@ def open_archive(output: ImageRef, spec: Spec, cache: LayerCache | None, *, posi
     if output.format not in ("docker-archive", "oci-archive") or output.location == "-":
         return None
     docker = output.format == "docker-archive"
-    return ArchiveOutput(output.path, kind="docker" if docker else "oci",
-                         envelope=spec.compressor if docker else "none", mtime=spec.mtime, positions=positions,
-                         stamps=OutputStamps(cache.root) if cache else None)
+    return ArchiveOutput(
+        output.path,
+        kind="docker" if docker else "oci",
+        envelope=spec.compressor if docker else "none",
+        mtime=spec.mtime,
+        positions=positions,
+        stamps=OutputStamps(cache.root) if cache else None,
+    )
 
 
-def finished_image(spec: Spec, output: ImageRef, config: bytes, layers: list[Layer],
-                   annotations: dict[str, str]) -> Image:
+def finished_image(
+    spec: Spec, output: ImageRef, config: bytes, layers: list[Layer], annotations: dict[str, str]
+) -> Image:
     """The image value every sink takes; with no tag given, the tag follows the content (config digest)."""
     tag = output.tag or spec.tag or hashlib.sha256(config).hexdigest()[:32]
-    return Image(name=spec.name, tag=tag, layers=layers, config=config,
-                 manifest=oci_manifest(config, layers, annotations))
+    return Image(
+        name=spec.name, tag=tag, layers=layers, config=config, manifest=oci_manifest(config, layers, annotations)
+    )
 
 
-def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOptions, ws: Workspace,
-                    cache: LayerCache | None, shared: Any, blob_dir: Path, compression: str, keep_tar: bool,
-                    fixed: OwnerPolicy, total: int, archive: ImageArchive | None,
-                    first_position: int) -> tuple[list[Layer], list[Any], list[str | None]]:
+def _content_layers(
+    spec: Spec,
+    plan: Plan,
+    progress: Progress,
+    options: BuildOptions,
+    ws: Workspace,
+    cache: LayerCache | None,
+    shared: Any,
+    blob_dir: Path,
+    compression: str,
+    keep_tar: bool,
+    fixed: OwnerPolicy,
+    total: int,
+    archive: ImageArchive | None,
+    first_position: int,
+) -> tuple[list[Layer], list[Any], list[str | None]]:
     """The planned content layers, in parallel: from the local cache, the shared cache or built (into the
     output archive when the layer is next in line there)."""
     want_content_key = shared is not None or bool(options.cache_to)
@@ -282,8 +344,9 @@ def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOp
     def content_fingerprint(key: str | None, planned: PlannedLayer) -> str:
         from nsbuild import remote
 
-        return remote.remembered_content_fingerprint(cache.root if cache else None, key, planned.sources,
-                                                     mtime=spec.mtime, owner=fixed)
+        return remote.remembered_content_fingerprint(
+            cache.root if cache else None, key, planned.sources, mtime=spec.mtime, owner=fixed
+        )
 
     def make(index: int, planned: PlannedLayer) -> tuple[Layer, bool | str, str | None]:
         t0 = time.monotonic()
@@ -300,22 +363,38 @@ def _content_layers(spec: Spec, plan: Plan, progress: Progress, options: BuildOp
         if want_content_key:
             content_key = content_fingerprint(key, planned)
         if shared is not None and content_key is not None:
-            got = shared.lookup(content_key, compression=compression, need_tar=keep_tar,
-                                store_root=cache.root if cache else ws.path("pull"), comment=planned.comment)
+            got = shared.lookup(
+                content_key,
+                compression=compression,
+                need_tar=keep_tar,
+                store_root=cache.root if cache else ws.path("pull"),
+                comment=planned.comment,
+            )
             if got is not None:
                 if cache is not None and key is not None:
                     cache.store(key, got, compression)
-                progress.info(f"[{index}/{total}] {planned.comment}: {human(got.tar.size)} "
-                              f"(from cache {shared.ref}, {time.monotonic() - t0:.2f}s)")
+                progress.info(
+                    f"[{index}/{total}] {planned.comment}: {human(got.tar.size)} "
+                    f"(from cache {shared.ref}, {time.monotonic() - t0:.2f}s)"
+                )
                 return finished(index, got), "remote", content_key
         label = f"[{index}/{total}]"
         stops = []
         slot = archive.claim(first_position + index - 1) if archive is not None else None
         files = files_needed or slot is None
-        layer = build_layer(planned.sources, blob_dir, mtime=spec.mtime, owner=fixed, compression=compression,
-                            keep_tar=keep_tar and files, keep_blob=files, comment=planned.comment, cancel=cancel,
-                            watch=lambda w: stops.append(progress.watch(label, lambda: w.size)),
-                            blob_out=slot.out if slot is not None else None)
+        layer = build_layer(
+            planned.sources,
+            blob_dir,
+            mtime=spec.mtime,
+            owner=fixed,
+            compression=compression,
+            keep_tar=keep_tar and files,
+            keep_blob=files,
+            comment=planned.comment,
+            cancel=cancel,
+            watch=lambda w: stops.append(progress.watch(label, lambda: w.size)),
+            blob_out=slot.out if slot is not None else None,
+        )
         for stop in stops:
             stop()
         if cache is not None and key is not None:
@@ -358,9 +437,17 @@ def _recompress(layer: Layer, compression: str, ws: Workspace, *, exact: bool = 
     return layer_from_tar(tar, ws.blobs, compression=compression, comment=layer.comment)
 
 
-def _customisation_layer(spec: Spec, plan: Plan, ws: Workspace, progress: Progress, options: BuildOptions,
-                         fixed: OwnerPolicy, compression: str, keep_tar: bool,
-                         base_layers: list[Layer]) -> Layer:
+def _customisation_layer(
+    spec: Spec,
+    plan: Plan,
+    ws: Workspace,
+    progress: Progress,
+    options: BuildOptions,
+    fixed: OwnerPolicy,
+    compression: str,
+    keep_tar: bool,
+    base_layers: list[Layer],
+) -> Layer:
     custom = ws.path("custom")
     os.chmod(custom, 0o755)
     link_store_contents(custom, plan.store_links, progress)
@@ -381,12 +468,28 @@ def _customisation_layer(spec: Spec, plan: Plan, ws: Workspace, progress: Progre
     sources = plan.custom_sources + [Source(custom, "/")]
     if spec.fake_root_commands.strip():
         return _fake_root_layer(spec, plan, ws, progress, options, compression, base_layers, custom, env)
-    return build_layer(sources, ws.blobs, mtime=spec.mtime, owner=fixed, compression=compression,
-                       keep_tar=keep_tar, comment="customisation layer")
+    return build_layer(
+        sources,
+        ws.blobs,
+        mtime=spec.mtime,
+        owner=fixed,
+        compression=compression,
+        keep_tar=keep_tar,
+        comment="customisation layer",
+    )
 
 
-def _fake_root_layer(spec: Spec, plan: Plan, ws: Workspace, progress: Progress, options: BuildOptions,
-                     compression: str, base_layers: list[Layer], custom: Path, env: dict[str, str]) -> Layer:
+def _fake_root_layer(
+    spec: Spec,
+    plan: Plan,
+    ws: Workspace,
+    progress: Progress,
+    options: BuildOptions,
+    compression: str,
+    base_layers: list[Layer],
+    custom: Path,
+    env: dict[str, str],
+) -> Layer:
     try:
         from nsbuild.customize import build_customisation_layer
     except ImportError:
@@ -397,19 +500,33 @@ def _fake_root_layer(spec: Spec, plan: Plan, ws: Workspace, progress: Progress, 
     out_tar = ws.root / "customisation.tar"
     lower = [s for layer in plan.layers for s in layer.sources]
     build_customisation_layer(
-        custom_root=custom, lower=lower, upper_sources=plan.custom_sources, env=env,
+        custom_root=custom,
+        lower=lower,
+        upper_sources=plan.custom_sources,
+        env=env,
         base_layer_tars=[layer.tar.path for layer in base_layers if layer.tar.path is not None],
-        script=spec.fake_root_commands, enable_fakechroot=spec.enable_fakechroot,
-        root_owner=Owner(spec.uid, spec.gid, spec.uname, spec.gname), mtime=spec.mtime,
-        isolation=options.isolation, network=options.network, workdir=ws.path("sandbox"),
-        out_tar=out_tar, log=progress,
+        script=spec.fake_root_commands,
+        enable_fakechroot=spec.enable_fakechroot,
+        root_owner=Owner(spec.uid, spec.gid, spec.uname, spec.gname),
+        mtime=spec.mtime,
+        isolation=options.isolation,
+        network=options.network,
+        workdir=ws.path("sandbox"),
+        out_tar=out_tar,
+        log=progress,
     )
     return layer_from_tar(out_tar, ws.blobs, compression=compression, comment="customisation layer")
 
 
-def write_output(image: Image, output: ImageRef, spec: Spec, progress: Progress,
-                 options: BuildOptions | None = None, result: BuildResult | None = None,
-                 archive: ArchiveOutput | None = None) -> str:
+def write_output(
+    image: Image,
+    output: ImageRef,
+    spec: Spec,
+    progress: Progress,
+    options: BuildOptions | None = None,
+    result: BuildResult | None = None,
+    archive: ArchiveOutput | None = None,
+) -> str:
     fmt = output.format
     if warning := healthcheck_warning(image.config, fmt, (options or BuildOptions()).manifest_format):
         progress.warn(warning)
@@ -440,8 +557,14 @@ def write_output(image: Image, output: ImageRef, spec: Spec, progress: Progress,
         target = remote.registry_reference(text, "-o")
         if not remote.has_explicit_tag(text):
             target = target.with_tag(image.tag)  # no tag given: the spec's tag (or content hash)
-        pushed = remote.push(image, target, manifest_format=options.manifest_format, options=options.registry,
-                             progress=progress, cache_dir=options.cache_dir)
+        pushed = remote.push(
+            image,
+            target,
+            manifest_format=options.manifest_format,
+            options=options.registry,
+            progress=progress,
+            cache_dir=options.cache_dir,
+        )
         if result is not None:
             result.push = pushed
         return f"docker://{pushed.reference}"

@@ -47,8 +47,10 @@ def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOption
 
         remote.preflight("docker://" + output.location, "-o", options.registry)
     if options.cache_to or options.cache_from:
-        progress.warn("--cache-to/--cache-from: buildImage's single layer depends on its base and scripts "
-                      "and is always built; nothing is shared")
+        progress.warn(
+            "--cache-to/--cache-from: buildImage's single layer depends on its base and scripts "
+            "and is always built; nothing is shared"
+        )
     base, annotations, base_info = read_base(spec, ws, options, progress, need_tar=True)
     base_layers = base.layers if base else []
     tars = _unique_tars(base_layers)
@@ -62,8 +64,9 @@ def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOption
         try:
             merger.copy_entry(entry)
         except OSError as exc:
-            raise BuildError(f"{entry.field}: cannot copy {exc.filename or entry.path}: "
-                             f"{exc.strerror or exc}") from None
+            raise BuildError(
+                f"{entry.field}: cannot copy {exc.filename or entry.path}: {exc.strerror or exc}"
+            ) from None
     merger.finish()
     _add_store_closure(spec, custom, progress)
     env = script_env(work=ws.root, spec_dir=spec.base_dir, mtime=spec.mtime)
@@ -73,9 +76,15 @@ def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOption
         if spec.extra_commands.strip():
             progress.info("running extraCommands")
             run_bash(spec.extra_commands, cwd=custom, env=env, what="extraCommands", log_dir=ws.root)
-        layer = build_layer([Source(custom, "/")], ws.blobs, mtime=spec.mtime,
-                            owner=OwnerPolicy.fixed_owner(owner), compression=compression,
-                            keep_tar=keep_tar, comment=LAYER_COMMENT)
+        layer = build_layer(
+            [Source(custom, "/")],
+            ws.blobs,
+            mtime=spec.mtime,
+            owner=OwnerPolicy.fixed_owner(owner),
+            compression=compression,
+            keep_tar=keep_tar,
+            comment=LAYER_COMMENT,
+        )
     else:
         layer = _run_as_root_layer(spec, ws, progress, options, custom, env, tars, owner, compression)
     progress.layer_done(1, 1, LAYER_COMMENT, layer.tar.size, time.monotonic() - t0)
@@ -84,10 +93,16 @@ def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOption
     all_layers = [*base_layers, layer]
     # dockerTools' buildImage concatenates Env (the base's entries, then the spec's); layered merges
     # key-wise. Runtimes take the last entry of a name, so the spec's value wins either way.
-    config = make_config(architecture=spec.architecture, created=spec.created, config=spec.config,
-                         base_config=base.config if base else None,
-                         base_history=base.history if base else [], layers=all_layers,
-                         new_from=len(base_layers), env_mode="concat")
+    config = make_config(
+        architecture=spec.architecture,
+        created=spec.created,
+        config=spec.config,
+        base_config=base.config if base else None,
+        base_history=base.history if base else [],
+        layers=all_layers,
+        new_from=len(base_layers),
+        env_mode="concat",
+    )
     image = finished_image(spec, output, config, all_layers, annotations)
     result = BuildResult(image, "", output.format, base=base_info)
     result.output = write_output(image, output, spec, progress, options, result)
@@ -116,18 +131,40 @@ def _scan_base(tars: list[Path], *, refuse_devices: bool) -> ImageModel:
     return model
 
 
-def _run_as_root_layer(spec: Spec, ws: Workspace, progress: Progress, options: BuildOptions, custom: Path,
-                       env: dict[str, str], tars: list[Path], owner: Owner, compression: str) -> Layer:
+def _run_as_root_layer(
+    spec: Spec,
+    ws: Workspace,
+    progress: Progress,
+    options: BuildOptions,
+    custom: Path,
+    env: dict[str, str],
+    tars: list[Path],
+    owner: Owner,
+    compression: str,
+) -> Layer:
     from nsbuild.customize import build_customisation_layer
 
     progress.info("running runAsRoot")
     out_tar = ws.root / "buildimage-layer.tar"
     build_customisation_layer(
-        custom_root=custom, lower=[], base_layer_tars=tars, script=spec.run_as_root or "",
-        enable_fakechroot=True, root_owner=owner, mtime=spec.mtime, isolation=options.isolation,
-        network=options.network, workdir=ws.path("sandbox"), out_tar=out_tar, log=progress, env=env,
-        scratch_mib=spec.disk_size, memory_mib=spec.build_vm_memory_size, what="runAsRoot",
-        after_script=spec.extra_commands, after_env=env,
+        custom_root=custom,
+        lower=[],
+        base_layer_tars=tars,
+        script=spec.run_as_root or "",
+        enable_fakechroot=True,
+        root_owner=owner,
+        mtime=spec.mtime,
+        isolation=options.isolation,
+        network=options.network,
+        workdir=ws.path("sandbox"),
+        out_tar=out_tar,
+        log=progress,
+        env=env,
+        scratch_mib=spec.disk_size,
+        memory_mib=spec.build_vm_memory_size,
+        what="runAsRoot",
+        after_script=spec.extra_commands,
+        after_env=env,
     )
     return layer_from_tar(out_tar, ws.blobs, compression=compression, comment=LAYER_COMMENT)
 
@@ -146,8 +183,11 @@ def _add_store_closure(spec: Spec, custom: Path, progress: Progress) -> None:
     roots += store.paths_in_text(json.dumps(spec.config))
     if not roots:
         if spec.include_nix_db:
-            raise SpecError("includeNixDB", f"the image has no store paths to register (no copyToRoot entry "
-                                            f"inside {spec.store_dir}); there is no Nix store in the image")
+            raise SpecError(
+                "includeNixDB",
+                f"the image has no store paths to register (no copyToRoot entry "
+                f"inside {spec.store_dir}); there is no Nix store in the image",
+            )
         return
     closure = store.closure(roots)
     progress.info(f"adding the closure of copyToRoot: {len(closure)} store paths")
@@ -176,8 +216,9 @@ class _Merger:
     inside the tree or the store, whose content is then merged into the existing directory (warning).
     """
 
-    def __init__(self, custom: Path, model: ImageModel, keep_dirlinks: bool, progress: Progress,
-                 store_dir: str = "/nix/store") -> None:
+    def __init__(
+        self, custom: Path, model: ImageModel, keep_dirlinks: bool, progress: Progress, store_dir: str = "/nix/store"
+    ) -> None:
         self.custom = custom
         self.model = model
         self.keep = keep_dirlinks
@@ -239,13 +280,17 @@ class _Merger:
             if k is not None and k[0] == "link":
                 resolved = self.model.resolve(nxt, self._layer_kind)
                 if resolved is None:
-                    raise BuildError(f"{self.field}: {self._where(nxt)} is a symlink to {k[1]!r} in the image, "
-                                     "which is not a directory in it: cannot merge a directory into it")
+                    raise BuildError(
+                        f"{self.field}: {self._where(nxt)} is a symlink to {k[1]!r} in the image, "
+                        "which is not a directory in it: cannot merge a directory into it"
+                    )
                 where = self._where(nxt)
                 if where not in self.warned:
                     self.warned.add(where)
-                    self.progress.warn(f"{self.field}: {where} is a symlink to {k[1]!r} in the image; "
-                                       f"merging the directory into {self._where(resolved)}")
+                    self.progress.warn(
+                        f"{self.field}: {where} is a symlink to {k[1]!r} in the image; "
+                        f"merging the directory into {self._where(resolved)}"
+                    )
                 self._make_dirs(resolved)
                 cur = resolved
                 continue
@@ -311,14 +356,20 @@ class _Merger:
             dest = [*self.dir_for(parts[:-1]), parts[-1]]
             here = self.kind(dest)
             if here is not None and here[0] == "dir":
-                self.progress.warn(f"{self.field}: {self._where(dest)} is a directory in the image; "
-                                   f"merging the content of the symlink {src} -> {text} into "
-                                   "it instead of replacing it by a symlink")
+                self.progress.warn(
+                    f"{self.field}: {self._where(dest)} is a directory in the image; "
+                    f"merging the content of the symlink {src} -> {text} into "
+                    "it instead of replacing it by a symlink"
+                )
                 self._copy_dir(real, os.stat(real), parts, stack)
                 return
-        hint = ("; it leads out of the tree and is never followed" if kind == OUTSIDE else
-                " (set keepContentsDirlinks to false to copy the store directory's content)" if kind == STORE
-                else "")
+        hint = (
+            "; it leads out of the tree and is never followed"
+            if kind == OUTSIDE
+            else " (set keepContentsDirlinks to false to copy the store directory's content)"
+            if kind == STORE
+            else ""
+        )
         self._put(parts, lambda dest: os.symlink(text, dest), f"the symlink -> {text!r}", hint)
 
     def _copy_file(self, src: Path, st: os.stat_result, dest: Path) -> None:
@@ -356,8 +407,10 @@ class _Merger:
         dest_parts = [*parent, parts[-1]]
         k = self.kind(dest_parts)
         if k is not None and k[0] == "dir":
-            raise BuildError(f"{self.field}: {self._where(dest_parts)} is a directory in the image; it "
-                             f"cannot be replaced by {what}{hint}")
+            raise BuildError(
+                f"{self.field}: {self._where(dest_parts)} is a directory in the image; it "
+                f"cannot be replaced by {what}{hint}"
+            )
         dest = self.custom.joinpath(*dest_parts)
         if os.path.lexists(dest):
             remove(dest)

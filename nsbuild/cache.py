@@ -51,8 +51,18 @@ def fingerprint(sources: list[Source], *, mtime: int, owner: OwnerPolicy, overla
 
 def _stat_bytes(name: bytes, st: os.stat_result) -> bytes:
     return b"%s\0%o %d %d %d %d %d %d %d %d %d\n" % (
-        name, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_ino, st.st_dev, st.st_mtime_ns,
-        st.st_ctime_ns, st.st_nlink, st.st_rdev)
+        name,
+        st.st_mode,
+        st.st_uid,
+        st.st_gid,
+        st.st_size,
+        st.st_ino,
+        st.st_dev,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_nlink,
+        st.st_rdev,
+    )
 
 
 def _hash_tree(top: bytes, h: hashlib._Hash) -> None:
@@ -69,7 +79,7 @@ def _hash_tree(top: bytes, h: hashlib._Hash) -> None:
         d = stack.pop()
         with os.scandir(d) as it:
             entries = sorted(it, key=lambda e: e.name)
-        rel = d[len(top):]
+        rel = d[len(top) :]
         for e in entries:
             est = e.stat(follow_symlinks=False)
             h.update(_stat_bytes(rel + b"/" + e.name, est))
@@ -128,8 +138,13 @@ class LayerCache:
             self._write_entry(path, entry)
         else:
             os.utime(path)  # last use, for `cache prune`
-        return Layer(diff_id=entry["diff_id"], tar=tar, compressed=compressed,
-                     media_type=MEDIA_BY_COMPRESSOR[compression], comment=comment)
+        return Layer(
+            diff_id=entry["diff_id"],
+            tar=tar,
+            compressed=compressed,
+            media_type=MEDIA_BY_COMPRESSOR[compression],
+            comment=comment,
+        )
 
     def _blob(self, rec: dict | None) -> Blob | None:
         """The recorded blob if it is still there and intact; refreshes `rec["stamp"]` after a re-check."""
@@ -185,8 +200,7 @@ class LayerCache:
     def usage(self) -> tuple[int, int, int]:
         """(layer entries, blobs, bytes)."""
         blobs = list(_files(self.blobs))
-        return (len(list(self.entries.glob("*.json"))), len(blobs),
-                sum(p.stat().st_size for p in blobs))
+        return (len(list(self.entries.glob("*.json"))), len(blobs), sum(p.stat().st_size for p in blobs))
 
     def prune(self, older_than_s: float = 0.0) -> tuple[int, int]:
         """Drop entries unused for `older_than_s` seconds, then every blob no entry refers to."""
@@ -222,4 +236,3 @@ def _files(d: Path) -> Iterator[Path]:
         for p in d.iterdir():
             if p.is_file() and not p.name.startswith("."):
                 yield p
-

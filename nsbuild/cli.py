@@ -14,39 +14,68 @@ import typer
 from nsbuild.errors import BuildError, NsbuildError, UsageError
 from nsbuild.progress import Progress
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Build Docker/OCI images without root, without a daemon and without Nix.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Build Docker/OCI images without root, without a daemon and without Nix.",
+)
 
 SpecArg = Annotated[Path, typer.Argument(help="spec.json (dockerTools attribute names)", show_default=False)]
-OutputOpt = Annotated[str | None, typer.Option(
-    "-o", "--output",
-    help="PATH, docker-archive:PATH[:NAME:TAG], oci:DIR[:TAG], oci-archive:PATH[:TAG], docker://HOST/REPO[:TAG]")]
-FormatOpt = Annotated[str | None, typer.Option(
-    "--format", help="docker-archive | oci-dir | oci-archive (for a bare -o path)")]
+OutputOpt = Annotated[
+    str | None,
+    typer.Option(
+        "-o",
+        "--output",
+        help="PATH, docker-archive:PATH[:NAME:TAG], oci:DIR[:TAG], oci-archive:PATH[:TAG], docker://HOST/REPO[:TAG]",
+    ),
+]
+FormatOpt = Annotated[
+    str | None, typer.Option("--format", help="docker-archive | oci-dir | oci-archive (for a bare -o path)")
+]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="no progress on stderr")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
-IsolationOpt = Annotated[str, typer.Option(
-    "--isolation", help="fakeRootCommands backend: auto | userns | userns-fakeroot | fakeroot")]
+IsolationOpt = Annotated[
+    str, typer.Option("--isolation", help="fakeRootCommands backend: auto | userns | userns-fakeroot | fakeroot")
+]
 NetworkOpt = Annotated[str, typer.Option("--network", help="scripts' network: none (only lo) | host")]
 CacheDirOpt = Annotated[Path | None, typer.Option("--cache-dir", help="layer cache [default: $XDG_CACHE_HOME/nsbuild]")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="build every layer, use and keep no cache")]
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=0, help="layers built at once [default: CPUs]")]
-ManifestFormatOpt = Annotated[str, typer.Option(
-    "--manifest-format", help="docker:// outputs: oci | docker (Docker v2 schema 2)")]
-AuthfileOpt = Annotated[Path | None, typer.Option(
-    "--authfile", help="registry credentials file [default: $REGISTRY_AUTH_FILE, "
-                       "$XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json]")]
-CredsOpt = Annotated[str | None, typer.Option("--creds", metavar="USER:PASSWORD", help="registry credentials",
-                                              show_default=False)]
-TlsVerifyOpt = Annotated[bool, typer.Option(
-    "--tls-verify/--no-tls-verify",
-    help="verify registry TLS (--tls-verify=false also works); off: plain http allowed")]
-CertDirOpt = Annotated[Path | None, typer.Option(
-    "--cert-dir", help="directory of CA certificates (*.crt) for registries")]
-CacheToOpt = Annotated[str | None, typer.Option(
-    "--cache-to", metavar="docker://REF", help="push this build's layer cache to a registry (shared cache)")]
-CacheFromOpt = Annotated[str | None, typer.Option(
-    "--cache-from", metavar="docker://REF", help="take layers from a shared cache in a registry")]
+ManifestFormatOpt = Annotated[
+    str, typer.Option("--manifest-format", help="docker:// outputs: oci | docker (Docker v2 schema 2)")
+]
+AuthfileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--authfile",
+        help="registry credentials file [default: $REGISTRY_AUTH_FILE, "
+        "$XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json]",
+    ),
+]
+CredsOpt = Annotated[
+    str | None, typer.Option("--creds", metavar="USER:PASSWORD", help="registry credentials", show_default=False)
+]
+TlsVerifyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--tls-verify/--no-tls-verify",
+        help="verify registry TLS (--tls-verify=false also works); off: plain http allowed",
+    ),
+]
+CertDirOpt = Annotated[
+    Path | None, typer.Option("--cert-dir", help="directory of CA certificates (*.crt) for registries")
+]
+CacheToOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--cache-to", metavar="docker://REF", help="push this build's layer cache to a registry (shared cache)"
+    ),
+]
+CacheFromOpt = Annotated[
+    str | None,
+    typer.Option("--cache-from", metavar="docker://REF", help="take layers from a shared cache in a registry"),
+]
 
 
 def _fail(exc: NsbuildError) -> NoReturn:
@@ -69,9 +98,16 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 class RegistryFlags:
     """The registry flags every command that talks to a registry takes, as skopeo spells them."""
 
-    def __init__(self, manifest_format: str = "oci", authfile: Path | None = None, creds: str | None = None,
-                 tls_verify: bool = True, cert_dir: Path | None = None, cache_to: str | None = None,
-                 cache_from: str | None = None) -> None:
+    def __init__(
+        self,
+        manifest_format: str = "oci",
+        authfile: Path | None = None,
+        creds: str | None = None,
+        tls_verify: bool = True,
+        cert_dir: Path | None = None,
+        cache_to: str | None = None,
+        cache_from: str | None = None,
+    ) -> None:
         self.manifest_format = manifest_format
         self.authfile = authfile
         self.creds = creds
@@ -86,8 +122,9 @@ class RegistryFlags:
         _check_choice("--manifest-format", self.manifest_format, ("oci", "docker"))
         if self.cert_dir is not None and not self.cert_dir.is_dir():
             raise UsageError(f"--cert-dir {self.cert_dir}: not a directory")
-        return options_from_cli(authfile=self.authfile, creds=self.creds, tls_verify=self.tls_verify,
-                                cert_dir=self.cert_dir)
+        return options_from_cli(
+            authfile=self.authfile, creds=self.creds, tls_verify=self.tls_verify, cert_dir=self.cert_dir
+        )
 
 
 def _check_registry_refs(flags: RegistryFlags, output_is_registry: bool, compressor: str) -> None:
@@ -101,13 +138,27 @@ def _check_registry_refs(flags: RegistryFlags, output_is_registry: bool, compres
                 raise UsageError(f"{name}: expected docker://HOST/REPO[:TAG], got {value!r}")
             remote.registry_reference(value, name)
     if flags.manifest_format == "docker" and output_is_registry and compressor == "zstd":
-        raise UsageError("--manifest-format docker: Docker v2 schema 2 has no zstd layer type; use compressor "
-                         "gz (or none), or the default --manifest-format oci")
+        raise UsageError(
+            "--manifest-format docker: Docker v2 schema 2 has no zstd layer type; use compressor "
+            "gz (or none), or the default --manifest-format oci"
+        )
 
 
-def _build(kind: str, spec_path: Path, output: str | None, fmt: str | None, quiet: bool, as_json: bool,
-           isolation: str, network: str, cache_dir: Path | None, no_cache: bool, jobs: int,
-           stream: bool = False, registry: RegistryFlags | None = None) -> None:
+def _build(
+    kind: str,
+    spec_path: Path,
+    output: str | None,
+    fmt: str | None,
+    quiet: bool,
+    as_json: bool,
+    isolation: str,
+    network: str,
+    cache_dir: Path | None,
+    no_cache: bool,
+    jobs: int,
+    stream: bool = False,
+    registry: RegistryFlags | None = None,
+) -> None:
     from nsbuild.build import BuildOptions, build_image, resolve_output
     from nsbuild.refs import FORMATS, ImageRef, parse_ref
     from nsbuild.spec import load_spec
@@ -133,10 +184,16 @@ def _build(kind: str, spec_path: Path, output: str | None, fmt: str | None, quie
         progress = Progress(quiet=quiet or as_json and not sys.stderr.isatty())
         from nsbuild.cache import default_cache_dir
 
-        options = BuildOptions(isolation=isolation, network=network, jobs=jobs,
-                               cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
-                               registry=reg_options, manifest_format=registry.manifest_format,
-                               cache_to=registry.cache_to, cache_from=registry.cache_from)
+        options = BuildOptions(
+            isolation=isolation,
+            network=network,
+            jobs=jobs,
+            cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
+            registry=reg_options,
+            manifest_format=registry.manifest_format,
+            cache_to=registry.cache_to,
+            cache_from=registry.cache_from,
+        )
         result = build_image(spec, ref, progress, options)
     except NsbuildError as exc:
         _fail(exc)
@@ -161,13 +218,24 @@ def _build(kind: str, spec_path: Path, output: str | None, fmt: str | None, quie
         progress.info(f"{verb} {result.output} ({result.format}) {image.reference} {image.manifest_digest}")
     if as_json:
         doc = {
-            "output": result.output, "format": result.format, "name": image.name, "tag": image.tag,
+            "output": result.output,
+            "format": result.format,
+            "name": image.name,
+            "tag": image.tag,
             "written": result.written,
             "image_digest": pushed.digest if pushed else image.manifest_digest,
             "config_digest": image.config_digest,
-            "layers": [{"diff_id": layer.diff_id, "digest": layer.digest, "size": layer.size,
-                        "uncompressed_size": layer.tar.size, "media_type": layer.media_type,
-                        "comment": layer.comment} for layer in image.layers],
+            "layers": [
+                {
+                    "diff_id": layer.diff_id,
+                    "digest": layer.digest,
+                    "size": layer.size,
+                    "uncompressed_size": layer.tar.size,
+                    "media_type": layer.media_type,
+                    "comment": layer.comment,
+                }
+                for layer in image.layers
+            ],
         }
         if pushed is not None or result.cache_push is not None:
             from nsbuild import remote
@@ -183,49 +251,129 @@ def _build(kind: str, spec_path: Path, output: str | None, fmt: str | None, quie
 
 
 @app.command()
-def layered(spec: SpecArg, output: OutputOpt = None, format: FormatOpt = None, quiet: QuietOpt = False,
-            json_out: JsonOpt = False, isolation: IsolationOpt = "auto", network: NetworkOpt = "none",
-            cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False, jobs: JobsOpt = 0,
-            manifest_format: ManifestFormatOpt = "oci", authfile: AuthfileOpt = None, creds: CredsOpt = None,
-            tls_verify: TlsVerifyOpt = True, cert_dir: CertDirOpt = None, cache_to: CacheToOpt = None,
-            cache_from: CacheFromOpt = None) -> None:
+def layered(
+    spec: SpecArg,
+    output: OutputOpt = None,
+    format: FormatOpt = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    isolation: IsolationOpt = "auto",
+    network: NetworkOpt = "none",
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+    jobs: JobsOpt = 0,
+    manifest_format: ManifestFormatOpt = "oci",
+    authfile: AuthfileOpt = None,
+    creds: CredsOpt = None,
+    tls_verify: TlsVerifyOpt = True,
+    cert_dir: CertDirOpt = None,
+    cache_to: CacheToOpt = None,
+    cache_from: CacheFromOpt = None,
+) -> None:
     """Build a layered image (buildLayeredImage) and write or push it."""
-    _build("layered", spec, output, format, quiet, json_out, isolation, network, cache_dir, no_cache, jobs,
-           registry=RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir, cache_to, cache_from))
+    _build(
+        "layered",
+        spec,
+        output,
+        format,
+        quiet,
+        json_out,
+        isolation,
+        network,
+        cache_dir,
+        no_cache,
+        jobs,
+        registry=RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir, cache_to, cache_from),
+    )
 
 
 @app.command()
-def stream(spec: SpecArg, quiet: QuietOpt = False, isolation: IsolationOpt = "auto",
-           network: NetworkOpt = "none", cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
-           jobs: JobsOpt = 0, authfile: AuthfileOpt = None, creds: CredsOpt = None, tls_verify: TlsVerifyOpt = True,
-           cert_dir: CertDirOpt = None, cache_to: CacheToOpt = None, cache_from: CacheFromOpt = None) -> None:
+def stream(
+    spec: SpecArg,
+    quiet: QuietOpt = False,
+    isolation: IsolationOpt = "auto",
+    network: NetworkOpt = "none",
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+    jobs: JobsOpt = 0,
+    authfile: AuthfileOpt = None,
+    creds: CredsOpt = None,
+    tls_verify: TlsVerifyOpt = True,
+    cert_dir: CertDirOpt = None,
+    cache_to: CacheToOpt = None,
+    cache_from: CacheFromOpt = None,
+) -> None:
     """Write an uncompressed docker-archive to stdout (streamLayeredImage): `| podman load`."""
     if sys.stdout.isatty():
         _fail(UsageError("refusing to write an image to a terminal; pipe it (| podman load) or use layered"))
-    _build("layered", spec, None, None, quiet, False, isolation, network, cache_dir, no_cache, jobs, stream=True,
-           registry=RegistryFlags("oci", authfile, creds, tls_verify, cert_dir, cache_to, cache_from))
+    _build(
+        "layered",
+        spec,
+        None,
+        None,
+        quiet,
+        False,
+        isolation,
+        network,
+        cache_dir,
+        no_cache,
+        jobs,
+        stream=True,
+        registry=RegistryFlags("oci", authfile, creds, tls_verify, cert_dir, cache_to, cache_from),
+    )
 
 
 @app.command()
-def image(spec: SpecArg, output: OutputOpt = None, format: FormatOpt = None, quiet: QuietOpt = False,
-          json_out: JsonOpt = False, isolation: IsolationOpt = "auto", network: NetworkOpt = "none",
-          cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False, jobs: JobsOpt = 0,
-          manifest_format: ManifestFormatOpt = "oci", authfile: AuthfileOpt = None, creds: CredsOpt = None,
-          tls_verify: TlsVerifyOpt = True, cert_dir: CertDirOpt = None, cache_to: CacheToOpt = None,
-          cache_from: CacheFromOpt = None) -> None:
+def image(
+    spec: SpecArg,
+    output: OutputOpt = None,
+    format: FormatOpt = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    isolation: IsolationOpt = "auto",
+    network: NetworkOpt = "none",
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+    jobs: JobsOpt = 0,
+    manifest_format: ManifestFormatOpt = "oci",
+    authfile: AuthfileOpt = None,
+    creds: CredsOpt = None,
+    tls_verify: TlsVerifyOpt = True,
+    cert_dir: CertDirOpt = None,
+    cache_to: CacheToOpt = None,
+    cache_from: CacheFromOpt = None,
+) -> None:
     """Build a single-layer image on a base (buildImage), runAsRoot without KVM."""
-    _build("image", spec, output, format, quiet, json_out, isolation, network, cache_dir, no_cache, jobs,
-           registry=RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir, cache_to, cache_from))
+    _build(
+        "image",
+        spec,
+        output,
+        format,
+        quiet,
+        json_out,
+        isolation,
+        network,
+        cache_dir,
+        no_cache,
+        jobs,
+        registry=RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir, cache_to, cache_from),
+    )
 
 
 @app.command()
-def push(image_ref: Annotated[str, typer.Argument(metavar="IMAGE", help="docker-archive, OCI dir or OCI archive")],
-         dest: Annotated[str, typer.Argument(metavar="REF", help="docker://HOST[:PORT]/REPO[:TAG] (tag: latest)")],
-         compressor: Annotated[str, typer.Option(
-             "--compressor", help="for uncompressed layers: gz | zstd | none")] = "gz",
-         quiet: QuietOpt = False, json_out: JsonOpt = False, cache_dir: CacheDirOpt = None,
-         manifest_format: ManifestFormatOpt = "oci", authfile: AuthfileOpt = None, creds: CredsOpt = None,
-         tls_verify: TlsVerifyOpt = True, cert_dir: CertDirOpt = None) -> None:
+def push(
+    image_ref: Annotated[str, typer.Argument(metavar="IMAGE", help="docker-archive, OCI dir or OCI archive")],
+    dest: Annotated[str, typer.Argument(metavar="REF", help="docker://HOST[:PORT]/REPO[:TAG] (tag: latest)")],
+    compressor: Annotated[str, typer.Option("--compressor", help="for uncompressed layers: gz | zstd | none")] = "gz",
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    cache_dir: CacheDirOpt = None,
+    manifest_format: ManifestFormatOpt = "oci",
+    authfile: AuthfileOpt = None,
+    creds: CredsOpt = None,
+    tls_verify: TlsVerifyOpt = True,
+    cert_dir: CertDirOpt = None,
+) -> None:
     """Push an existing image (docker-archive, OCI layout or OCI archive) to a registry."""
     from nsbuild import remote
 
@@ -237,14 +385,19 @@ def push(image_ref: Annotated[str, typer.Argument(metavar="IMAGE", help="docker-
             raise UsageError(f"REF: expected docker://HOST[:PORT]/REPO[:TAG], got {dest!r}")
         target = remote.registry_reference(dest, "REF")
         if manifest_format == "docker" and compressor == "zstd":
-            raise UsageError("--manifest-format docker: Docker v2 schema 2 has no zstd layer type; "
-                             "use --compressor gz")
+            raise UsageError("--manifest-format docker: Docker v2 schema 2 has no zstd layer type; use --compressor gz")
         progress = Progress(quiet=quiet or json_out and not sys.stderr.isatty())
         from nsbuild.cache import default_cache_dir
 
-        result = remote.push_existing(image_ref, target, compressor=compressor, manifest_format=manifest_format,
-                                      options=options, progress=progress,
-                                      cache_dir=cache_dir or default_cache_dir())
+        result = remote.push_existing(
+            image_ref,
+            target,
+            compressor=compressor,
+            manifest_format=manifest_format,
+            options=options,
+            progress=progress,
+            cache_dir=cache_dir or default_cache_dir(),
+        )
     except NsbuildError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -271,8 +424,10 @@ def schema(kind: Annotated[str, typer.Option("--kind", help="layered | image")] 
 
 
 @app.command()
-def inspect(image_ref: Annotated[str, typer.Argument(metavar="IMAGE", help="archive, OCI dir or transport ref")],
-            json_out: JsonOpt = False) -> None:
+def inspect(
+    image_ref: Annotated[str, typer.Argument(metavar="IMAGE", help="archive, OCI dir or transport ref")],
+    json_out: JsonOpt = False,
+) -> None:
     """List an image's layers and, per entry, type, mode, owner, size and link target."""
     from nsbuild.inspect import inspect_image, render_text
 
@@ -317,8 +472,9 @@ def cache_du(cache_dir: CacheDirOpt = None) -> None:
 
 
 @cache_app.command("prune")
-def cache_prune(cache_dir: CacheDirOpt = None,
-                older_than: Annotated[float, typer.Option("--older-than", help="days unused")] = 0.0) -> None:
+def cache_prune(
+    cache_dir: CacheDirOpt = None, older_than: Annotated[float, typer.Option("--older-than", help="days unused")] = 0.0
+) -> None:
     """Drop layer entries unused for --older-than days (default: all) and blobs nothing refers to."""
     from nsbuild.cache import LayerCache, default_cache_dir
     from nsbuild.progress import human
@@ -340,7 +496,7 @@ def _skopeo_bools(argv: list[str]) -> list[str]:
     out = []
     for arg in argv:
         if arg == "--":
-            out.extend(argv[len(out):])
+            out.extend(argv[len(out) :])
             break
         name, eq, value = arg.partition("=")
         if eq and name == "--tls-verify":

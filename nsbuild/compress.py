@@ -95,13 +95,15 @@ class Compressor:
         self._stream: BinaryIO | None
         if kind == "gz":
             # Block-parallel igzip: same bytes for any thread count >= 1, no name, mtime 0.
-            self._stream = igzip_threaded.open(out, "wb", compresslevel=GZIP_LEVEL, threads=threads(),
-                                               block_size=BLOCK_SIZE)
+            self._stream = igzip_threaded.open(
+                out, "wb", compresslevel=GZIP_LEVEL, threads=threads(), block_size=BLOCK_SIZE
+            )
         elif kind == "zstd":
             # zstd's multi-threaded mode gives the same frame for any nbWorkers >= 1.
             params = zstandard.ZstdCompressionParameters.from_level(ZSTD_LEVEL, threads=threads())
             self._stream = zstandard.ZstdCompressor(compression_params=params).stream_writer(
-                out, closefd=False, write_return_read=True)
+                out, closefd=False, write_return_read=True
+            )
         elif kind == "none":
             self._stream = None
             self._out = out

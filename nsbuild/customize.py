@@ -18,8 +18,9 @@ from nsbuild.sandbox import MODE, USES_FAKEROOT, choose, remove_tree
 from nsbuild.sandbox.runner import run
 from nsbuild.tarwriter import Source
 
-STATIC_WARNING = ("fakeroot backend: statically linked programs bypass fakeroot; their chown/mknod are "
-                  "not recorded (or fail)")
+STATIC_WARNING = (
+    "fakeroot backend: statically linked programs bypass fakeroot; their chown/mknod are not recorded (or fail)"
+)
 
 
 @dataclass
@@ -32,14 +33,28 @@ class CustomisationResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_layer_tars: list[Path],
-                              script: str, enable_fakechroot: bool, root_owner: Owner, mtime: int,
-                              isolation: str, network: str, workdir: Path, out_tar: Path, log: Any,
-                              upper_sources: list[Source] | None = None,
-                              env: dict[str, str] | None = None, scratch_mib: int | None = None,
-                              memory_mib: int | None = None, what: str = "fakeRootCommands",
-                              after_script: str = "", after_env: dict[str, str] | None = None
-                              ) -> CustomisationResult:
+def build_customisation_layer(
+    *,
+    custom_root: Path,
+    lower: list[Source],
+    base_layer_tars: list[Path],
+    script: str,
+    enable_fakechroot: bool,
+    root_owner: Owner,
+    mtime: int,
+    isolation: str,
+    network: str,
+    workdir: Path,
+    out_tar: Path,
+    log: Any,
+    upper_sources: list[Source] | None = None,
+    env: dict[str, str] | None = None,
+    scratch_mib: int | None = None,
+    memory_mib: int | None = None,
+    what: str = "fakeRootCommands",
+    after_script: str = "",
+    after_env: dict[str, str] | None = None,
+) -> CustomisationResult:
     """Run fakeRootCommands as namespace root over the image being built; write the customisation layer.
 
     custom_root      the customisation layer's tree so far (after extraCommands); read, never modified.
@@ -74,11 +89,15 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
     """
     backend = choose(isolation)
     if backend == "fakeroot" and enable_fakechroot and what == "runAsRoot":
-        raise BuildError("runAsRoot needs a user namespace to chroot into the image (backends userns or "
-                         "userns-fakeroot); the fakeroot backend cannot (see `nsbuild doctor`)")
+        raise BuildError(
+            "runAsRoot needs a user namespace to chroot into the image (backends userns or "
+            "userns-fakeroot); the fakeroot backend cannot (see `nsbuild doctor`)"
+        )
     if backend == "fakeroot" and enable_fakechroot:
-        raise BuildError("enableFakechroot needs a user namespace (backends userns or userns-fakeroot); "
-                         "the fakeroot backend cannot chroot")
+        raise BuildError(
+            "enableFakechroot needs a user namespace (backends userns or userns-fakeroot); "
+            "the fakeroot backend cannot chroot"
+        )
     if scratch_mib and backend == "fakeroot":
         log.warn("fakeroot backend: the disk space limit (diskSize) is not enforced without namespaces")
     if USES_FAKEROOT[backend]:
@@ -90,24 +109,37 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
     result_path = work / "result.json"
     tmp_out = out_tar.with_name(out_tar.name + ".part")
     plan = {
-        "work": str(work), "custom_root": str(custom),
+        "work": str(work),
+        "custom_root": str(custom),
         "lower": [[str(s.host), s.target] for s in lower],
-        "base_layers": [str(p) for p in base_layer_tars], "script": script, "chroot": enable_fakechroot,
+        "base_layers": [str(p) for p in base_layer_tars],
+        "script": script,
+        "chroot": enable_fakechroot,
         # NSBUILD_SANDBOX_ENGINE=copy forces copy-and-diff (what userns falls back to without overlayfs).
-        "engine": "overlay" if backend == "userns" and os.environ.get("NSBUILD_SANDBOX_ENGINE") != "copy"
-        else "copy", "network": network, "out": str(tmp_out),
-        "mtime": int(mtime), "result": str(result_path),
-        "root_owner": {"uid": root_owner.uid, "gid": root_owner.gid, "uname": root_owner.uname,
-                       "gname": root_owner.gname},
+        "engine": "overlay" if backend == "userns" and os.environ.get("NSBUILD_SANDBOX_ENGINE") != "copy" else "copy",
+        "network": network,
+        "out": str(tmp_out),
+        "mtime": int(mtime),
+        "result": str(result_path),
+        "root_owner": {
+            "uid": root_owner.uid,
+            "gid": root_owner.gid,
+            "uname": root_owner.uname,
+            "gname": root_owner.gname,
+        },
         "env": dict(env) if env is not None else None,
-        "in_ns": backend != "fakeroot", "scratch_mib": scratch_mib, "memory_mib": memory_mib,
-        "tmp": what == "runAsRoot", "strict": what == "runAsRoot", "tail": what == "runAsRoot",
-        "after_script": after_script, "after_env": dict(after_env) if after_env is not None else None,
+        "in_ns": backend != "fakeroot",
+        "scratch_mib": scratch_mib,
+        "memory_mib": memory_mib,
+        "tmp": what == "runAsRoot",
+        "strict": what == "runAsRoot",
+        "tail": what == "runAsRoot",
+        "after_script": after_script,
+        "after_env": dict(after_env) if after_env is not None else None,
         # Without a namespace the caller's real ids can show through fakeroot: they become root.
         "caller_ids": [os.getuid(), os.getgid()] if backend == "fakeroot" and os.getuid() != 0 else None,
     }
-    log.info(f"{what} backend: {backend} "
-             f"({'overlayfs' if plan['engine'] == 'overlay' else 'copy-and-diff'})")
+    log.info(f"{what} backend: {backend} ({'overlayfs' if plan['engine'] == 'overlay' else 'copy-and-diff'})")
     plan_path = work / "plan.json"
     plan_path.write_text(json.dumps(plan))
     argv = [sys.executable, "-m", "nsbuild.sandbox.inner", str(plan_path)]
@@ -130,36 +162,60 @@ def build_customisation_layer(*, custom_root: Path, lower: list[Source], base_la
         status = outcome.get("status")
         tail = "\n".join(outcome.get("tail") or [])
         if status == "script" and outcome.get("full") and scratch_mib:
-            raise BuildError(f"{what} ran out of disk space: diskSize is {scratch_mib} MiB (raise diskSize)"
-                             + (f"; its output:\n{tail}" if tail else ""))
+            raise BuildError(
+                f"{what} ran out of disk space: diskSize is {scratch_mib} MiB (raise diskSize)"
+                + (f"; its output:\n{tail}" if tail else "")
+            )
         if status == "script" and memory_mib and _out_of_memory(outcome):
-            raise BuildError(f"{what} ran out of memory: buildVMMemorySize is {memory_mib} MiB per process "
-                             "(raise buildVMMemorySize)" + (f"; its output:\n{tail}" if tail else ""))
+            raise BuildError(
+                f"{what} ran out of memory: buildVMMemorySize is {memory_mib} MiB per process "
+                "(raise buildVMMemorySize)" + (f"; its output:\n{tail}" if tail else "")
+            )
         if status == "script":
-            raise BuildError(f"{what} failed with exit status {outcome['code']} (backend {backend}"
-                             + (f"); its output:\n{tail}" if tail else "; its output is above)"))
+            raise BuildError(
+                f"{what} failed with exit status {outcome['code']} (backend {backend}"
+                + (f"); its output:\n{tail}" if tail else "; its output is above)")
+            )
         if status == "after":
-            raise BuildError(f"extraCommands failed with exit status {outcome['code']}"
-                             + (f"; its output:\n{tail}" if tail else " (no output)"))
+            raise BuildError(
+                f"extraCommands failed with exit status {outcome['code']}"
+                + (f"; its output:\n{tail}" if tail else " (no output)")
+            )
         if status == "hostile":
             raise BuildError(f"refusing the base image: {outcome.get('message')}")
         if status == "error" and outcome.get("full") and scratch_mib:
-            raise BuildError(f"{what}: the image does not fit in diskSize ({scratch_mib} MiB): "
-                             f"{outcome.get('message')}")
+            raise BuildError(
+                f"{what}: the image does not fit in diskSize ({scratch_mib} MiB): {outcome.get('message')}"
+            )
         if status != "ok":
             raise BuildError(f"{what} ({backend}): {outcome.get('message', 'failed')}")
         os.replace(tmp_out, out_tar)
         stats = outcome["stats"]
-        return CustomisationResult(stats["diff_id"], int(stats["size"]), int(stats.get("entries", 0)),
-                                   backend, outcome.get("engine", ""), outcome.get("timings", {}))
+        return CustomisationResult(
+            stats["diff_id"],
+            int(stats["size"]),
+            int(stats.get("entries", 0)),
+            backend,
+            outcome.get("engine", ""),
+            outcome.get("timings", {}),
+        )
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_out.unlink()
         cleanup(work, backend)
 
 
-OOM_SIGNS = ("cannot allocate memory", "out of memory", "memory exhausted", "memoryerror", "bad_alloc",
-             "failed to allocate", "memory allocation failed", "memory allocation of", "outofmemory")
+OOM_SIGNS = (
+    "cannot allocate memory",
+    "out of memory",
+    "memory exhausted",
+    "memoryerror",
+    "bad_alloc",
+    "failed to allocate",
+    "memory allocation failed",
+    "memory allocation of",
+    "outofmemory",
+)
 
 
 def _out_of_memory(outcome: dict) -> bool:

@@ -44,8 +44,9 @@ def render(probes: list[Probe], chosen: str | None) -> str:
     if chosen:
         lines.append(f"--isolation auto uses: {chosen}")
     else:
-        lines.append("no backend works here: fakeRootCommands and enableFakechroot cannot run "
-                     "(builds without them still work)")
+        lines.append(
+            "no backend works here: fakeRootCommands and enableFakechroot cannot run (builds without them still work)"
+        )
     lines.append("")
     lines.extend(_facts())
     return "\n".join(lines)

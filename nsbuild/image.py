@@ -61,9 +61,7 @@ def oci_manifest(config: bytes, layers: list[Layer], annotations: dict[str, str]
         "schemaVersion": 2,
         "mediaType": MEDIA_OCI_MANIFEST,
         "config": {"mediaType": MEDIA_OCI_CONFIG, "digest": sha256_digest(config), "size": len(config)},
-        "layers": [
-            {"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size} for layer in layers
-        ],
+        "layers": [{"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size} for layer in layers],
     }
     if annotations:
         manifest["annotations"] = dict(sorted(annotations.items()))
@@ -117,8 +115,9 @@ def merge_config(base: dict[str, Any], child: dict[str, Any], env_mode: str = "m
     out = dict(base)
     for key, value in child.items():
         if key == "Env":
-            out[key] = merge_env(base.get("Env") or [], value) if env_mode == "merge" else (
-                (base.get("Env") or []) + value)
+            out[key] = (
+                merge_env(base.get("Env") or [], value) if env_mode == "merge" else ((base.get("Env") or []) + value)
+            )
         elif key in ("Labels", "ExposedPorts", "Volumes") and isinstance(base.get(key), dict):
             out[key] = {**base[key], **value}
         else:
@@ -126,10 +125,17 @@ def merge_config(base: dict[str, Any], child: dict[str, Any], env_mode: str = "m
     return out
 
 
-def make_config(*, architecture: str, created: int, config: dict[str, Any],
-                base_config: dict[str, Any] | None, base_history: list[dict[str, Any]],
-                layers: list[Layer], new_from: int,
-                env_mode: str = "merge") -> bytes:
+def make_config(
+    *,
+    architecture: str,
+    created: int,
+    config: dict[str, Any],
+    base_config: dict[str, Any] | None,
+    base_history: list[dict[str, Any]],
+    layers: list[Layer],
+    new_from: int,
+    env_mode: str = "merge",
+) -> bytes:
     """The image config: `layers[:new_from]` come from the base, the rest are new."""
     base_inner = (base_config or {}).get("config") or {}
     history = [h for h in base_history if isinstance(h, dict)]

@@ -14,9 +14,16 @@ from nsbuild.errors import BuildError
 from nsbuild.progress import human
 from nsbuild.spec import host_architecture
 
-TYPES = {tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.LNKTYPE: "hardlink",
-         tarfile.SYMTYPE: "symlink", tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block",
-         tarfile.DIRTYPE: "dir", tarfile.FIFOTYPE: "fifo"}
+TYPES = {
+    tarfile.REGTYPE: "file",
+    tarfile.AREGTYPE: "file",
+    tarfile.LNKTYPE: "hardlink",
+    tarfile.SYMTYPE: "symlink",
+    tarfile.CHRTYPE: "char",
+    tarfile.BLKTYPE: "block",
+    tarfile.DIRTYPE: "dir",
+    tarfile.FIFOTYPE: "fifo",
+}
 
 
 def inspect_image(ref: str) -> dict[str, Any]:
@@ -31,23 +38,38 @@ def inspect_image(ref: str) -> dict[str, Any]:
                 with tarfile.open(layer.tar.path, "r:") as tar:
                     for m in tar:
                         entry: dict[str, Any] = {
-                            "path": m.name, "type": TYPES.get(m.type, m.type.decode(errors="replace")),
-                            "mode": f"{stat.S_IMODE(m.mode):04o}", "uid": m.uid, "gid": m.gid,
-                            "uname": m.uname, "gname": m.gname, "size": m.size,
+                            "path": m.name,
+                            "type": TYPES.get(m.type, m.type.decode(errors="replace")),
+                            "mode": f"{stat.S_IMODE(m.mode):04o}",
+                            "uid": m.uid,
+                            "gid": m.gid,
+                            "uname": m.uname,
+                            "gname": m.gname,
+                            "size": m.size,
                         }
                         if m.linkname:
                             entry["link"] = m.linkname
                         if m.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
                             entry["device"] = f"{m.devmajor},{m.devminor}"
-                        xattrs = {k[len("SCHILY.xattr."):]: v for k, v in m.pax_headers.items()
-                                  if k.startswith("SCHILY.xattr.")}
+                        xattrs = {
+                            k[len("SCHILY.xattr.") :]: v
+                            for k, v in m.pax_headers.items()
+                            if k.startswith("SCHILY.xattr.")
+                        }
                         if xattrs:
                             entry["xattrs"] = sorted(xattrs)
                         entries.append(entry)
             except tarfile.TarError as exc:
                 raise BuildError(f"layer {layer.diff_id}: unreadable tar: {exc}") from None
-            layers.append({"diff_id": layer.diff_id, "digest": layer.digest, "size": layer.size,
-                           "media_type": layer.media_type, "entries": entries})
+            layers.append(
+                {
+                    "diff_id": layer.diff_id,
+                    "digest": layer.digest,
+                    "size": layer.size,
+                    "media_type": layer.media_type,
+                    "entries": entries,
+                }
+            )
         return {"config": base.config, "layers": layers}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -67,6 +89,8 @@ def render_text(report: dict[str, Any]) -> str:
             if e["type"] == "hardlink":
                 link = f" => {e['link']}"
             xa = f" xattrs={','.join(e['xattrs'])}" if "xattrs" in e else ""
-            lines.append(f"  {e['type']:<8} {e['mode']} {e['uid']}:{e['gid']} {e['uname']}:{e['gname']} "
-                         f"{e['size']:>10} {e['path']}{link}{xa}")
+            lines.append(
+                f"  {e['type']:<8} {e['mode']} {e['uid']}:{e['gid']} {e['uname']}:{e['gname']} "
+                f"{e['size']:>10} {e['path']}{link}{xa}"
+            )
     return "\n".join(lines) + "\n"

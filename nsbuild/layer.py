@@ -76,8 +76,9 @@ def copy_verified(src: IO[bytes], dest_dir: Path, expected: str | None, what: st
                 h.write(chunk)
                 out.write(chunk)
         if expected is not None and h.digest != expected:
-            raise BuildError(f"{what}: digest mismatch: expected {expected}, the data has {h.digest} "
-                             "(corrupted or truncated)")
+            raise BuildError(
+                f"{what}: digest mismatch: expected {expected}, the data has {h.digest} (corrupted or truncated)"
+            )
         final = dest_dir / h.digest.split(":", 1)[1]
         os.replace(tmp, final)
     except BaseException:
@@ -117,11 +118,21 @@ def _store_blob(tmp: Path, digest: str, size: int, blob_dir: Path) -> Blob:
     return Blob(digest, size, final)
 
 
-def build_layer(sources: list[Source], blob_dir: Path, *, mtime: int, owner: OwnerPolicy,
-                compression: str, keep_tar: bool, comment: str,
-                overlay_whiteouts: bool = False, watch: Callable[[HashingWriter], None] | None = None,
-                cancel: threading.Event | None = None, blob_out: Sink | None = None,
-                keep_blob: bool = True) -> Layer:
+def build_layer(
+    sources: list[Source],
+    blob_dir: Path,
+    *,
+    mtime: int,
+    owner: OwnerPolicy,
+    compression: str,
+    keep_tar: bool,
+    comment: str,
+    overlay_whiteouts: bool = False,
+    watch: Callable[[HashingWriter], None] | None = None,
+    cancel: threading.Event | None = None,
+    blob_out: Sink | None = None,
+    keep_blob: bool = True,
+) -> Layer:
     """Write one layer in one pass: tar → (diff_id hash, optional tar file, optional compressed blob).
 
     `blob_out` also gets the layer's blob as it is made (the compressed stream; the tar itself when
@@ -161,18 +172,30 @@ def build_layer(sources: list[Source], blob_dir: Path, *, mtime: int, owner: Own
     for f in (tar_file, blob_file):
         if f is not None:
             f.close()
-    tar_blob = (_store_blob(tmp_tar, tar_hash.digest, tar_hash.size, blob_dir) if keep_tar
-                else Blob(tar_hash.digest, tar_hash.size, None))
+    tar_blob = (
+        _store_blob(tmp_tar, tar_hash.digest, tar_hash.size, blob_dir)
+        if keep_tar
+        else Blob(tar_hash.digest, tar_hash.size, None)
+    )
     compressed = tar_blob
     if blob_hash is not None:
-        compressed = (_store_blob(tmp_blob, blob_hash.digest, blob_hash.size, blob_dir) if compressed_kept
-                      else Blob(blob_hash.digest, blob_hash.size, None))
-    return Layer(diff_id=tar_hash.digest, tar=tar_blob, compressed=compressed,
-                 media_type=MEDIA_BY_COMPRESSOR[compression], comment=comment)
+        compressed = (
+            _store_blob(tmp_blob, blob_hash.digest, blob_hash.size, blob_dir)
+            if compressed_kept
+            else Blob(blob_hash.digest, blob_hash.size, None)
+        )
+    return Layer(
+        diff_id=tar_hash.digest,
+        tar=tar_blob,
+        compressed=compressed,
+        media_type=MEDIA_BY_COMPRESSOR[compression],
+        comment=comment,
+    )
 
 
-def layer_from_tar(tar_path: Path, blob_dir: Path, *, compression: str, comment: str,
-                   expected_diff_id: str | None = None) -> Layer:
+def layer_from_tar(
+    tar_path: Path, blob_dir: Path, *, compression: str, comment: str, expected_diff_id: str | None = None
+) -> Layer:
     """A layer from an uncompressed tar already on disk (a script's layer, a base image's layer)."""
     blob_dir.mkdir(parents=True, exist_ok=True)
     tmp_blob = blob_dir / f".tmp-{uuid.uuid4().hex}.blob"
@@ -212,5 +235,10 @@ def layer_from_tar(tar_path: Path, blob_dir: Path, *, compression: str, comment:
     compressed = tar_blob
     if blob_hash is not None:
         compressed = _store_blob(tmp_blob, blob_hash.digest, blob_hash.size, blob_dir)
-    return Layer(diff_id=tar_hash.digest, tar=tar_blob, compressed=compressed,
-                 media_type=MEDIA_BY_COMPRESSOR[compression], comment=comment)
+    return Layer(
+        diff_id=tar_hash.digest,
+        tar=tar_blob,
+        compressed=compressed,
+        media_type=MEDIA_BY_COMPRESSOR[compression],
+        comment=comment,
+    )

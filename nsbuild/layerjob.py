@@ -28,12 +28,20 @@ def policy_from_job(owner: dict) -> OwnerPolicy:
 
 def run_job(job: dict) -> dict:
     sources = [Source(Path(host), target) for host, target in job["sources"]]
-    devices = {name.encode("utf-8", "surrogateescape"): (kind, int(major), int(minor))
-               for name, (kind, major, minor) in job.get("devices", {}).items()}
+    devices = {
+        name.encode("utf-8", "surrogateescape"): (kind, int(major), int(minor))
+        for name, (kind, major, minor) in job.get("devices", {}).items()
+    }
     with open(job["out"], "wb", buffering=0) as f:
         hashed = HashingWriter(f)
-        stats = write_tar(sources, hashed, mtime=int(job["mtime"]), owner=policy_from_job(job["owner"]),
-                          overlay_whiteouts=bool(job.get("overlay_whiteouts", False)), devices=devices)
+        stats = write_tar(
+            sources,
+            hashed,
+            mtime=int(job["mtime"]),
+            owner=policy_from_job(job["owner"]),
+            overlay_whiteouts=bool(job.get("overlay_whiteouts", False)),
+            devices=devices,
+        )
     return {"diff_id": hashed.digest, "size": hashed.size, "entries": stats.entries}
 
 

@@ -80,6 +80,7 @@ create index if not exists IndexDerivationOutputs on DerivationOutputs(path);
 
 # --- NAR serialisation -------------------------------------------------------------------------
 
+
 class _Sink(Protocol):
     def write(self, data: bytes, /) -> object: ...
 
@@ -113,7 +114,7 @@ class _HashSink:
             window = self._tail + data
             if self.needle in window:
                 self.found = True
-            self._tail = window[-(len(self.needle) - 1):]
+            self._tail = window[-(len(self.needle) - 1) :]
 
 
 def _pad(n: int) -> bytes:
@@ -150,8 +151,7 @@ def _dump(path: bytes, sink: _Sink) -> None:
                 raise BuildError(f"{os.fsdecode(path)}: changed size while its NAR hash was computed")
         sink.write(_pad(st.st_size) + _CLOSE)
     elif stat.S_ISLNK(mode):
-        sink.write(_OPEN + _str(b"type") + _str(b"symlink") + _str(b"target") + _str(os.readlink(path))
-                   + _CLOSE)
+        sink.write(_OPEN + _str(b"type") + _str(b"symlink") + _str(b"target") + _str(os.readlink(path)) + _CLOSE)
     elif stat.S_ISDIR(mode):
         sink.write(_OPEN + _str(b"type") + _str(b"directory"))
         for name in sorted(os.listdir(path)):  # bytes order, as Nix's std::map<std::string>
@@ -160,13 +160,19 @@ def _dump(path: bytes, sink: _Sink) -> None:
             sink.write(_CLOSE)
         sink.write(_CLOSE)
     else:
-        raise BuildError(f"{os.fsdecode(path)}: a store path may hold only regular files, directories and "
-                         f"symlinks (Nix cannot archive this {_kind(mode)})")
+        raise BuildError(
+            f"{os.fsdecode(path)}: a store path may hold only regular files, directories and "
+            f"symlinks (Nix cannot archive this {_kind(mode)})"
+        )
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device")):
+    for test, name in (
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
         if test(mode):
             return name
     return "file type"
@@ -191,6 +197,7 @@ def nar_info(path: Path, self_hash: str | None = None) -> NarInfo:
 
 
 # --- database ----------------------------------------------------------------------------------
+
 
 @dataclass
 class Registration:
@@ -241,9 +248,11 @@ def write_db_file(db_path: Path, regs: Iterable[Registration], registration_time
         _exec_script(con, SCHEMA_SQL)
         ids: dict[str, int] = {}
         for i, r in enumerate(regs, 1):
-            con.execute("insert into ValidPaths (id, path, hash, registrationTime, deriver, narSize, ultimate, "
-                        "sigs, ca) values (?, ?, ?, ?, null, ?, null, null, null)",
-                        (i, r.path, r.nar.nix_hash, registration_time, r.nar.size or None))
+            con.execute(
+                "insert into ValidPaths (id, path, hash, registrationTime, deriver, narSize, ultimate, "
+                "sigs, ca) values (?, ?, ?, ?, null, ?, null, null, null)",
+                (i, r.path, r.nar.nix_hash, registration_time, r.nar.size or None),
+            )
             ids[r.path] = i
         refs = sorted((ids[r.path], ids[ref]) for r in regs for ref in r.references)
         con.executemany("insert into Refs (referrer, reference) values (?, ?)", refs)
@@ -270,14 +279,17 @@ def _exec_script(con: sqlite3.Connection, script: str) -> None:
 
 # --- the state directory -----------------------------------------------------------------------
 
+
 def _safe_dir(root: Path, rel: str) -> Path:
     """root/rel as a real directory (mode 0755), refusing symlinks that would lead outside root."""
     cur = root
     for part in Path(rel).parts:
         cur = cur / part
         if cur.is_symlink():
-            raise BuildError(f"includeNixDB: /{cur.relative_to(root)} is a symlink in the image tree; "
-                             f"cannot write the Nix database there")
+            raise BuildError(
+                f"includeNixDB: /{cur.relative_to(root)} is a symlink in the image tree; "
+                f"cannot write the Nix database there"
+            )
         if not cur.exists():
             cur.mkdir()
             os.chmod(cur, 0o755)
@@ -300,8 +312,9 @@ def _symlink(target: str, link: Path) -> None:
     os.symlink(target, link)
 
 
-def write_nix_db(root: Path, closure: dict[str, StorePath], roots: list[Path], store_dir: str,
-                 registration_time: int) -> None:
+def write_nix_db(
+    root: Path, closure: dict[str, StorePath], roots: list[Path], store_dir: str, registration_time: int
+) -> None:
     """Register every path of `closure` (with its references) in `root`/nix/var/nix/db/db.sqlite as
     `nix-store --load-db` would, and make each of `roots` a gcroot as dockerTools does.
 

@@ -62,6 +62,12 @@ class OwnerPolicy:
         return owner
 
     def to_json(self) -> dict[str, object]:
-        return {"fixed": self.fixed, "uid": self.root.uid, "gid": self.root.gid, "uname": self.root.uname,
-                "gname": self.root.gname, "users": {str(k): v for k, v in self.users.items()},
-                "groups": {str(k): v for k, v in self.groups.items()}}
+        return {
+            "fixed": self.fixed,
+            "uid": self.root.uid,
+            "gid": self.root.gid,
+            "uname": self.root.uname,
+            "gname": self.root.gname,
+            "users": {str(k): v for k, v in self.users.items()},
+            "groups": {str(k): v for k, v in self.groups.items()},
+        }

@@ -47,9 +47,12 @@ def tree_size(path: Path) -> int:
 def make_plan(spec: Spec, base_layer_count: int) -> Plan:
     budget = spec.max_layers - base_layer_count - 1
     if budget < 0:
-        raise SpecError("maxLayers", f"{spec.max_layers} is too few: the base image already has "
-                                     f"{base_layer_count} layers and the customisation layer needs one "
-                                     f"more (at least {base_layer_count + 1})")
+        raise SpecError(
+            "maxLayers",
+            f"{spec.max_layers} is too few: the base image already has "
+            f"{base_layer_count} layers and the customisation layer needs one "
+            f"more (at least {base_layer_count + 1})",
+        )
     store = Store(spec.store_dir)
     roots: list[Path] = []
     trees: list[tuple[Source, str, str]] = []
@@ -76,8 +79,7 @@ def make_plan(spec: Spec, base_layer_count: int) -> Plan:
     plan = Plan(layers=[], store_links=links, closure=closure)
     if budget == 0:
         # Nothing may get a layer of its own: everything joins the customisation layer, nothing is lost.
-        plan.custom_sources = _store_sources(closure, sorted(closure)) + [s for t in tree_layers
-                                                                          for s in t.sources]
+        plan.custom_sources = _store_sources(closure, sorted(closure)) + [s for t in tree_layers for s in t.sources]
         return plan
     store_budget = max(budget - len(tree_layers), 1 if closure else 0)
     tree_budget = budget - store_budget
@@ -113,5 +115,5 @@ def _merge_smallest(layers: list[PlannedLayer], budget: int) -> list[PlannedLaye
     while len(items) > max(budget, 1):
         i = min(range(len(items) - 1), key=lambda k: (items[k].size + items[k + 1].size, k))
         a, b = items[i], items[i + 1]
-        items[i:i + 2] = [PlannedLayer(a.sources + b.sources, f"{a.comment} + {b.comment}", a.size + b.size)]
+        items[i : i + 2] = [PlannedLayer(a.sources + b.sources, f"{a.comment} + {b.comment}", a.size + b.size)]
     return items

@@ -50,7 +50,7 @@ class Progress:
         if self.quiet or not self.tty:
             return
         self._clear()
-        self.stream.write(message[: 200])
+        self.stream.write(message[:200])
         self.stream.flush()
         self._live = True
 
@@ -65,6 +65,7 @@ class Progress:
         def stop() -> None:
             with self._lock:
                 self._watched.pop(label, None)
+
         return stop
 
     def _tick(self) -> None:
@@ -77,8 +78,7 @@ class Progress:
                 line = "  ".join(f"{label}: {human(c())}" for label, c in self._watched.items())
             self.live(f"{line}  [{self.elapsed():.0f}s]")
 
-    def layer_done(self, index: int, total: int, what: str, size: int, seconds: float,
-                   cached: bool = False) -> None:
+    def layer_done(self, index: int, total: int, what: str, size: int, seconds: float, cached: bool = False) -> None:
         state = "cached" if cached else f"{seconds:.2f}s"
         self.info(f"[{index}/{total}] {what}: {human(size)} ({state})")
 

@@ -26,7 +26,7 @@ class ImageRef:
 def parse_ref(text: str, default_format: str | None = None) -> ImageRef:
     """Parse `-o`/`fromImage`: a transport reference or a bare path (format from the caller)."""
     if text.startswith("docker://"):
-        return ImageRef("registry", text[len("docker://"):])
+        return ImageRef("registry", text[len("docker://") :])
     transport, sep, body = text.partition(":")
     if sep and transport in TRANSPORT_FORMAT:
         if not body:
@@ -40,8 +40,10 @@ def parse_ref(text: str, default_format: str | None = None) -> ImageRef:
             return ImageRef(fmt, path, name or None, tag or None)
         return ImageRef(fmt, path, None, rest or None)
     if sep and transport in ("docker", "containers-storage", "dir", "docker-daemon"):
-        raise UsageError(f"{text!r}: the {transport}: transport is not supported (use docker-archive:, "
-                         "oci:, oci-archive: or docker://)")
+        raise UsageError(
+            f"{text!r}: the {transport}: transport is not supported (use docker-archive:, "
+            "oci:, oci-archive: or docker://)"
+        )
     return ImageRef(default_format or "auto", text)
 
 

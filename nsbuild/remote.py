@@ -77,8 +77,6 @@ BASE_NAME = "org.opencontainers.image.base.name"
 COMPRESSION_OF_MEDIA = {MEDIA_TAR: "none", MEDIA_TAR_GZIP: "gz", MEDIA_TAR_ZSTD: "zstd"}
 
 
-
-
 def registry_reference(text: str, what: str) -> Reference:
     """A docker:// reference for an option; a bad one is a usage error naming the option."""
     try:
@@ -88,7 +86,7 @@ def registry_reference(text: str, what: str) -> Reference:
 
 
 def has_explicit_tag(text: str) -> bool:
-    body = text[len("docker://"):] if text.startswith("docker://") else text
+    body = text[len("docker://") :] if text.startswith("docker://") else text
     last = body.rsplit("/", 1)[-1]
     return ":" in last or "@" in body
 
@@ -143,22 +141,42 @@ def preflight(text: str, what: str, options: RegistryOptions | None) -> None:
         client.request("GET", f"/v2/{ref.repository}/tags/list").close()
 
 
-def push(image: Image, target: Reference, *, manifest_format: str, options: RegistryOptions | None,
-         progress: Progress, cache_dir: Path | None) -> PushResult:
+def push(
+    image: Image,
+    target: Reference,
+    *,
+    manifest_format: str,
+    options: RegistryOptions | None,
+    progress: Progress,
+    cache_dir: Path | None,
+) -> PushResult:
     progress.info(f"pushing {target} ({manifest_format} manifest, {len(image.layers)} layers)")
-    result = push_image(image, target, manifest_format=manifest_format, options=options,
-                        progress=TransferReporter(progress, "push"), blob_record=blob_record(cache_dir))
-    progress.info(f"pushed {result.reference}@{result.digest}: {len(result.uploaded_blobs)} blobs uploaded "
-                  f"({human(result.uploaded_bytes)}), {len(result.skipped_blobs)} already there, "
-                  f"{len(result.mounted_blobs)} mounted")
+    result = push_image(
+        image,
+        target,
+        manifest_format=manifest_format,
+        options=options,
+        progress=TransferReporter(progress, "push"),
+        blob_record=blob_record(cache_dir),
+    )
+    progress.info(
+        f"pushed {result.reference}@{result.digest}: {len(result.uploaded_blobs)} blobs uploaded "
+        f"({human(result.uploaded_bytes)}), {len(result.skipped_blobs)} already there, "
+        f"{len(result.mounted_blobs)} mounted"
+    )
     return result
 
 
 def push_json(result: PushResult) -> dict[str, Any]:
     """What --json shows of a push: the library's secret-free record plus counts."""
     out = result.to_json()
-    out.update({"uploaded": len(result.uploaded_blobs), "skipped": len(result.skipped_blobs),
-                "mounted": len(result.mounted_blobs)})
+    out.update(
+        {
+            "uploaded": len(result.uploaded_blobs),
+            "skipped": len(result.skipped_blobs),
+            "mounted": len(result.mounted_blobs),
+        }
+    )
     return out
 
 
@@ -172,10 +190,15 @@ class PulledBase:
     annotations: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"reference": str(self.pulled.reference), "digest": self.pulled.resolved_digest,
-                "manifest_digest": self.pulled.digest, "pinned": self.pulled.pinned,
-                "downloaded": len(self.pulled.downloaded_blobs), "cached": len(self.pulled.cached_blobs),
-                "downloaded_bytes": self.pulled.downloaded_bytes}
+        return {
+            "reference": str(self.pulled.reference),
+            "digest": self.pulled.resolved_digest,
+            "manifest_digest": self.pulled.digest,
+            "pinned": self.pulled.pinned,
+            "downloaded": len(self.pulled.downloaded_blobs),
+            "cached": len(self.pulled.cached_blobs),
+            "downloaded_bytes": self.pulled.downloaded_bytes,
+        }
 
 
 def _verify_cached(pulled: PulledImage, store_dir: Path) -> list[str]:
@@ -203,8 +226,15 @@ def _decompress_verified(src: Path, blob_dir: Path, diff_id: str, what: str) -> 
     return blob
 
 
-def pull_base(text: str, *, store_root: Path, architecture: str, options: RegistryOptions | None,
-              progress: Progress, need_tar: bool) -> PulledBase:
+def pull_base(
+    text: str,
+    *,
+    store_root: Path,
+    architecture: str,
+    options: RegistryOptions | None,
+    progress: Progress,
+    need_tar: bool,
+) -> PulledBase:
     """Pull a `docker://` base into `store_root/blobs/sha256` (the layer cache, or the workspace)."""
     ref = registry_reference(text, "fromImage")
     progress.info(f"pulling base image {ref} ({architecture})")
@@ -213,19 +243,22 @@ def pull_base(text: str, *, store_root: Path, architecture: str, options: Regist
     pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options, progress=reporter)
     if _verify_cached(pulled, store_dir):
         progress.warn("cached base image blobs were corrupted; downloading them again")
-        pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options,
-                            progress=reporter)
-    progress.info(f"base image {ref} resolved to {pulled.resolved_digest} "
-                  f"({len(pulled.downloaded_blobs)} blobs downloaded, {human(pulled.downloaded_bytes)}; "
-                  f"{len(pulled.cached_blobs)} already cached)")
+        pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options, progress=reporter)
+    progress.info(
+        f"base image {ref} resolved to {pulled.resolved_digest} "
+        f"({len(pulled.downloaded_blobs)} blobs downloaded, {human(pulled.downloaded_bytes)}; "
+        f"{len(pulled.cached_blobs)} already cached)"
+    )
     try:
         config = json.loads(pulled.config)
         diff_ids = config["rootfs"]["diff_ids"]
     except (ValueError, KeyError, TypeError):
         raise BuildError(f"fromImage {ref}: the image config has no rootfs.diff_ids") from None
     if not isinstance(diff_ids, list) or len(diff_ids) != len(pulled.layers):
-        raise BuildError(f"fromImage {ref}: the manifest lists {len(pulled.layers)} layers but the config "
-                         f"has {len(diff_ids) if isinstance(diff_ids, list) else 'no'} diff_ids")
+        raise BuildError(
+            f"fromImage {ref}: the manifest lists {len(pulled.layers)} layers but the config "
+            f"has {len(diff_ids) if isinstance(diff_ids, list) else 'no'} diff_ids"
+        )
     pinned = pulled.pinned
     layers = []
     for i, (blob, diff_id) in enumerate(zip(pulled.layers, diff_ids, strict=True)):
@@ -242,8 +275,15 @@ def pull_base(text: str, *, store_root: Path, architecture: str, options: Regist
             tar = _decompress_verified(blob.path, store_dir, diff_id, what)
         else:
             tar = Blob(diff_id, 0, None)  # never needed: sinks use the compressed blob
-        layers.append(Layer(diff_id=diff_id, tar=tar, compressed=compressed, media_type=media,
-                            comment=f"base layer {i} from {pinned}"))
+        layers.append(
+            Layer(
+                diff_id=diff_id,
+                tar=tar,
+                compressed=compressed,
+                media_type=media,
+                comment=f"base layer {i} from {pinned}",
+            )
+        )
     # Provenance in the config too (the docker-archive has no manifest annotations): every base
     # history entry with a layer names the pinned base it came from.
     history = [dict(h) for h in config.get("history", []) if isinstance(h, dict)]
@@ -258,14 +298,18 @@ def pull_base(text: str, *, store_root: Path, architecture: str, options: Regist
 # --- content fingerprints ------------------------------------------------------------------------------
 
 
-def content_fingerprint(sources: list[Source], *, mtime: int, owner: OwnerPolicy,
-                        overlay_whiteouts: bool = False) -> str:
+def content_fingerprint(
+    sources: list[Source], *, mtime: int, owner: OwnerPolicy, overlay_whiteouts: bool = False
+) -> str:
     """See the module docstring: the tar's headers in order, each file's data by its sha256."""
     h = hashlib.sha256()
     from nsbuild.cache import FORMAT_VERSION  # the writer's version: its bytes for these inputs
 
-    h.update(json.dumps([CONTENT_VERSION, FORMAT_VERSION, mtime, owner.to_json(), overlay_whiteouts],
-                        sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            [CONTENT_VERSION, FORMAT_VERSION, mtime, owner.to_json(), overlay_whiteouts], sort_keys=True
+        ).encode()
+    )
     for entry in iter_entries(sources, overlay_whiteouts=overlay_whiteouts):
         h.update(encode_header(entry, owner.resolve(entry.uid, entry.gid), mtime))
         if entry.kind == "file" and entry.size and entry.host is not None:
@@ -273,8 +317,9 @@ def content_fingerprint(sources: list[Source], *, mtime: int, owner: OwnerPolicy
     return h.hexdigest()
 
 
-def remembered_content_fingerprint(cache_root: Path | None, local_key: str | None, sources: list[Source], *,
-                                   mtime: int, owner: OwnerPolicy) -> str:
+def remembered_content_fingerprint(
+    cache_root: Path | None, local_key: str | None, sources: list[Source], *, mtime: int, owner: OwnerPolicy
+) -> str:
     """content_fingerprint, remembered per local fingerprint in `<cache>/content/`: the local key
     covers every entry's stat data (ctime included), so while it matches, the content does too and an
     unchanged layer costs no reading."""
@@ -335,14 +380,16 @@ class RemoteCache:
         doc = json.loads(body)
         config = doc.get("config") or {}
         if config.get("mediaType") != CACHE_CONFIG_MEDIA:
-            raise BuildError(f"--cache-from {self.ref}: not an nsbuild cache (config media type "
-                             f"{config.get('mediaType')!r})")
+            raise BuildError(
+                f"--cache-from {self.ref}: not an nsbuild cache (config media type {config.get('mediaType')!r})"
+            )
         assert self.client is not None
         blob = fetch_blob(self.client, self._scratch, str(config["digest"]), int(config["size"]), CACHE_CONFIG_MEDIA)
         record = json.loads(blob.path.read_bytes())
         if record.get("format") != CACHE_FORMAT:
-            self.progress.warn(f"--cache-from {self.ref}: cache format {record.get('format')!r} is not "
-                               f"{CACHE_FORMAT}; ignoring it")
+            self.progress.warn(
+                f"--cache-from {self.ref}: cache format {record.get('format')!r} is not {CACHE_FORMAT}; ignoring it"
+            )
             return
         self.entries = record.get("layers") or {}
         self.progress.info(f"shared cache {self.ref}: {len(self.entries)} layers recorded")
@@ -367,8 +414,7 @@ class RemoteCache:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def lookup(self, key: str, *, compression: str, need_tar: bool, store_root: Path,
-               comment: str) -> Layer | None:
+    def lookup(self, key: str, *, compression: str, need_tar: bool, store_root: Path, comment: str) -> Layer | None:
         """The layer for content fingerprint `key` from the registry, in the form this build needs
         (`compression`'s blob; the plain tar too when `need_tar`), or None."""
         entry = self.entries.get(key)
@@ -392,16 +438,24 @@ class RemoteCache:
                 if rec is None:
                     return None
                 blob = self._fetch(rec, store_root)
-                tar = blob if blob.digest == diff_id else _decompress_verified(
-                    blob.path, store_dir, diff_id, f"cache layer {diff_id[:19]}")
+                tar = (
+                    blob
+                    if blob.digest == diff_id
+                    else _decompress_verified(blob.path, store_dir, diff_id, f"cache layer {diff_id[:19]}")
+                )
                 compressed = tar
         except RegistryError as exc:
             if exc.status == 404:
                 self.progress.warn(f"shared cache {self.ref}: a recorded blob is gone ({exc}); rebuilding")
                 return None
             raise
-        return Layer(diff_id=diff_id, tar=tar, compressed=compressed,
-                     media_type=MEDIA_BY_COMPRESSOR[compression], comment=comment)
+        return Layer(
+            diff_id=diff_id,
+            tar=tar,
+            compressed=compressed,
+            media_type=MEDIA_BY_COMPRESSOR[compression],
+            comment=comment,
+        )
 
     def _fetch(self, rec: dict[str, Any], store_root: Path) -> Blob:
         assert self.client is not None
@@ -410,8 +464,14 @@ class RemoteCache:
         return Blob(digest, size, pulled.path)
 
 
-def push_cache(text: str, layers: list[tuple[str, Layer]], *, options: RegistryOptions | None,
-               progress: Progress, cache_dir: Path | None) -> PushResult:
+def push_cache(
+    text: str,
+    layers: list[tuple[str, Layer]],
+    *,
+    options: RegistryOptions | None,
+    progress: Progress,
+    cache_dir: Path | None,
+) -> PushResult:
     """`--cache-to`: the record of this build's content layers, as an artifact holding their blobs."""
     ref = registry_reference(text, "--cache-to")
     entries: dict[str, dict[str, Any]] = {}
@@ -422,26 +482,39 @@ def push_cache(text: str, layers: list[tuple[str, Layer]], *, options: RegistryO
         if blob.path is None:
             continue
         form = COMPRESSION_OF_MEDIA.get(layer.media_type, "none")
-        entries[key] = {"diff_id": layer.diff_id, "tar_size": layer.tar.size,
-                        "blobs": {form: {"digest": blob.digest, "size": blob.size, "mediaType": layer.media_type}}}
+        entries[key] = {
+            "diff_id": layer.diff_id,
+            "tar_size": layer.tar.size,
+            "blobs": {form: {"digest": blob.digest, "size": blob.size, "mediaType": layer.media_type}},
+        }
         if blob.digest not in blobs:
             blobs[blob.digest] = blob.path
             descriptors.append({"mediaType": layer.media_type, "digest": blob.digest, "size": blob.size})
     config = canonical_json({"format": CACHE_FORMAT, "layers": entries})
-    manifest = canonical_json({
-        "schemaVersion": 2,
-        "mediaType": MEDIA_OCI_MANIFEST,
-        "config": {"mediaType": CACHE_CONFIG_MEDIA, "digest": sha256_digest(config), "size": len(config)},
-        "layers": descriptors,
-        "annotations": {"org.opencontainers.image.description": "nsbuild layer cache"},
-    })
+    manifest = canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_OCI_MANIFEST,
+            "config": {"mediaType": CACHE_CONFIG_MEDIA, "digest": sha256_digest(config), "size": len(config)},
+            "layers": descriptors,
+            "annotations": {"org.opencontainers.image.description": "nsbuild layer cache"},
+        }
+    )
     progress.info(f"pushing the layer cache ({len(entries)} layers) to {ref}")
-    result = push_manifest(ref, manifest, MEDIA_OCI_MANIFEST, blobs={sha256_digest(config): config, **blobs},
-                           options=options, progress=TransferReporter(progress, "cache"),
-                           blob_record=blob_record(cache_dir))
-    progress.info(f"pushed the layer cache {result.reference}@{result.digest}: "
-                  f"{len(result.uploaded_blobs)} blobs uploaded, {len(result.skipped_blobs)} already there, "
-                  f"{len(result.mounted_blobs)} mounted")
+    result = push_manifest(
+        ref,
+        manifest,
+        MEDIA_OCI_MANIFEST,
+        blobs={sha256_digest(config): config, **blobs},
+        options=options,
+        progress=TransferReporter(progress, "cache"),
+        blob_record=blob_record(cache_dir),
+    )
+    progress.info(
+        f"pushed the layer cache {result.reference}@{result.digest}: "
+        f"{len(result.uploaded_blobs)} blobs uploaded, {len(result.skipped_blobs)} already there, "
+        f"{len(result.mounted_blobs)} mounted"
+    )
     return result
 
 
@@ -461,8 +534,16 @@ def opened_cache(text: str | None, options: RegistryOptions | None, progress: Pr
 # --- nsbuild push --------------------------------------------------------------------------------------
 
 
-def push_existing(text: str, target: Reference, *, compressor: str, manifest_format: str,
-                  options: RegistryOptions | None, progress: Progress, cache_dir: Path | None) -> PushResult:
+def push_existing(
+    text: str,
+    target: Reference,
+    *,
+    compressor: str,
+    manifest_format: str,
+    options: RegistryOptions | None,
+    progress: Progress,
+    cache_dir: Path | None,
+) -> PushResult:
     """`nsbuild push IMAGE REF`: an image on disk as it is; uncompressed layers compressed first."""
     from nsbuild.baseimage import load_base
     from nsbuild.build import Workspace
@@ -483,14 +564,27 @@ def push_existing(text: str, target: Reference, *, compressor: str, manifest_for
             if compressor == "none" or layer.media_type != MEDIA_TAR or layer.tar.path is None:
                 layers.append(layer)  # compressed blobs are pushed byte for byte
             else:
-                layers.append(layer_from_tar(layer.tar.path, ws.blobs, compression=compressor,
-                                             comment=layer.comment, expected_diff_id=layer.diff_id))
+                layers.append(
+                    layer_from_tar(
+                        layer.tar.path,
+                        ws.blobs,
+                        compression=compressor,
+                        comment=layer.comment,
+                        expected_diff_id=layer.diff_id,
+                    )
+                )
         config = base.raw_config if base.raw_config is not None else canonical_json(base.config)
-        image = Image(name=target.repository, tag=target.tag or "latest", layers=layers, config=config,
-                      manifest=oci_manifest(config, layers))
+        image = Image(
+            name=target.repository,
+            tag=target.tag or "latest",
+            layers=layers,
+            config=config,
+            manifest=oci_manifest(config, layers),
+        )
         if warning := healthcheck_warning(config, "registry", manifest_format):
             progress.warn(warning)
-        return push(image, target, manifest_format=manifest_format, options=options, progress=progress,
-                    cache_dir=cache_dir)
+        return push(
+            image, target, manifest_format=manifest_format, options=options, progress=progress, cache_dir=cache_dir
+        )
     finally:
         ws.close()

@@ -21,12 +21,22 @@ from nsbuild.errors import BuildError, UsageError
 from nsbuild.image import Image
 from nsbuild.layer import Blob
 
-__all__ = ["REF_NAME", "ArchiveOutput", "AtomicFile", "atomic_output", "check_destination", "check_ref_name",
-           "check_repo_tag", "write_docker_archive", "write_oci_dir"]
+__all__ = [
+    "REF_NAME",
+    "ArchiveOutput",
+    "AtomicFile",
+    "atomic_output",
+    "check_destination",
+    "check_ref_name",
+    "check_repo_tag",
+    "write_docker_archive",
+    "write_oci_dir",
+]
 
 
-def write_docker_archive(image: Image, out: BinaryIO, *, compressor: str, mtime: int,
-                         repo_tag: str | None = None) -> None:
+def write_docker_archive(
+    image: Image, out: BinaryIO, *, compressor: str, mtime: int, repo_tag: str | None = None
+) -> None:
     """docker-archive as `docker save` and dockerTools write it; the whole stream optionally compressed
     (the layers then carry blobs of that compression: see nsbuild.archive)."""
     repo_tag = check_repo_tag(repo_tag or image.reference)
@@ -54,8 +64,10 @@ REF_NAME_RE = re.compile(rf"^{_REF_COMPONENT}(?:/{_REF_COMPONENT})*$")
 def check_ref_name(tag: str) -> str:
     """An OCI layout's ref.name, before anything is written: readers reject or mangle other names."""
     if not REF_NAME_RE.match(tag):
-        raise UsageError(f"{tag!r} is not a valid OCI reference name (letters, digits and separators "
-                         "-._:@+ between them, '/' between components)")
+        raise UsageError(
+            f"{tag!r} is not a valid OCI reference name (letters, digits and separators "
+            "-._:@+ between them, '/' between components)"
+        )
     return tag
 
 
@@ -69,11 +81,14 @@ def check_repo_tag(repo_tag: str) -> str:
     first, slash, rest = name.partition("/")
     path = rest if slash and ("." in first or ":" in first or first == "localhost") else name
     if not NAME_RE.match(name) or path != path.lower():
-        raise UsageError(f"{name!r} is not a valid repository name (lower-case letters, digits, '.', '_', "
-                         "'-', '/', optionally after a registry host)")
+        raise UsageError(
+            f"{name!r} is not a valid repository name (lower-case letters, digits, '.', '_', "
+            "'-', '/', optionally after a registry host)"
+        )
     if not TAG_RE.match(tag):
-        raise UsageError(f"{tag!r} is not a valid tag (up to 128 of letters, digits, '_', '.', '-', "
-                         "not starting with '.' or '-')")
+        raise UsageError(
+            f"{tag!r} is not a valid tag (up to 128 of letters, digits, '_', '.', '-', not starting with '.' or '-')"
+        )
     return repo_tag
 
 
@@ -88,8 +103,10 @@ def check_destination(fmt: str, path: Path, *, name: str | None = None, tag: str
             if not path.is_dir():
                 raise UsageError(f"{path}: exists and is not a directory (an OCI layout is a directory)")
             if not (path / "oci-layout").exists() and any(path.iterdir()):
-                raise UsageError(f"{path}: a non-empty directory that is not an OCI layout (no oci-layout "
-                                 "file); refusing to write into it")
+                raise UsageError(
+                    f"{path}: a non-empty directory that is not an OCI layout (no oci-layout "
+                    "file); refusing to write into it"
+                )
         return
     path = path.absolute()
     if path.is_dir():
@@ -202,11 +219,13 @@ class ArchiveOutput:
     """An archive output file: written while the layers are built, in place when finished, or left
     alone when it already holds exactly these bytes (`stamps`: the cache's record of what it wrote)."""
 
-    def __init__(self, path: Path, *, kind: str, envelope: str, mtime: int, positions: int,
-                 stamps: OutputStamps | None) -> None:
+    def __init__(
+        self, path: Path, *, kind: str, envelope: str, mtime: int, positions: int, stamps: OutputStamps | None
+    ) -> None:
         self.file = AtomicFile(path)
-        self.archive = ImageArchive(self.file.file, kind=kind, envelope=envelope, mtime=mtime, positions=positions,
-                                    name=str(self.file.path))
+        self.archive = ImageArchive(
+            self.file.file, kind=kind, envelope=envelope, mtime=mtime, positions=positions, name=str(self.file.path)
+        )
         self.stamps = stamps
 
     def finish(self, image: Image, ref: str) -> bool:

@@ -22,8 +22,22 @@ from nsbuild.imageconfig import check_image_config, healthcheck_schema
 from nsbuild.imageconfig import field as config_field
 
 DEFAULT_DATE = "1970-01-01T00:00:01Z"
-ARCHITECTURES = ("amd64", "arm64", "386", "arm", "ppc64le", "ppc64", "s390x", "riscv64", "mips", "mipsle",
-                 "mips64", "mips64le", "loong64", "wasm")
+ARCHITECTURES = (
+    "amd64",
+    "arm64",
+    "386",
+    "arm",
+    "ppc64le",
+    "ppc64",
+    "s390x",
+    "riscv64",
+    "mips",
+    "mipsle",
+    "mips64",
+    "mips64le",
+    "loong64",
+    "wasm",
+)
 COMPRESSORS = ("none", "gz", "zstd")
 MAX_LAYERS_LIMIT = 125  # overlayfs stacks at most ~128 lower dirs; Docker refuses beyond that
 MAX_SPEC_BYTES = 8 << 20  # scripts included; a spec larger than this is a mistake (or /dev/zero)
@@ -38,13 +52,34 @@ NAME_RE = re.compile(rf"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?{NAME_COMPONENT}(?:/{NA
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 ENV_RE = re.compile(r"^[^=]+=")
 CONFIG_KEYS = {
-    "User": "string", "ExposedPorts": "object", "Env": "array", "Entrypoint": "array", "Cmd": "array",
-    "Volumes": "object", "WorkingDir": "string", "Labels": "object", "StopSignal": "string",
-    "Healthcheck": "object", "OnBuild": "array", "Shell": "array", "ArgsEscaped": "boolean",
+    "User": "string",
+    "ExposedPorts": "object",
+    "Env": "array",
+    "Entrypoint": "array",
+    "Cmd": "array",
+    "Volumes": "object",
+    "WorkingDir": "string",
+    "Labels": "object",
+    "StopSignal": "string",
+    "Healthcheck": "object",
+    "OnBuild": "array",
+    "Shell": "array",
+    "ArgsEscaped": "boolean",
 }
-GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "i386": "386",
-          "i686": "386", "armv7l": "arm", "armv6l": "arm", "ppc64le": "ppc64le", "s390x": "s390x",
-          "riscv64": "riscv64", "loongarch64": "loong64"}
+GOARCH = {
+    "x86_64": "amd64",
+    "amd64": "amd64",
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "i386": "386",
+    "i686": "386",
+    "armv7l": "arm",
+    "armv6l": "arm",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+    "loongarch64": "loong64",
+}
 
 LAYERED = "layered"
 IMAGE = "image"
@@ -110,8 +145,15 @@ class Context:
 
 
 def _type_name(value: Any) -> str:
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
-            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def _string(key: str, value: Any, ctx: Context) -> str:
@@ -133,6 +175,7 @@ def _int_range(lo: int, hi: int) -> Checker:
         if not lo <= value <= hi:
             raise SpecError(key, f"expected a number from {lo} to {hi}, got {value}")
         return value
+
     return check
 
 
@@ -144,6 +187,7 @@ def _choice(choices: tuple[str, ...]) -> Checker:
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise SpecError(key, f"expected one of {', '.join(choices)}, got {value!r}{extra}")
         return value
+
     return check
 
 
@@ -158,8 +202,10 @@ def _name(key: str, value: Any, ctx: Context) -> str:
     else:
         name = value.lower()
     if not NAME_RE.match(name):
-        raise SpecError(key, f"{value!r} is not a valid image name ([registry/]path of lower-case letters, "
-                             "digits, '.', '_', '-', '/')")
+        raise SpecError(
+            key,
+            f"{value!r} is not a valid image name ([registry/]path of lower-case letters, digits, '.', '_', '-', '/')",
+        )
     return name
 
 
@@ -168,8 +214,10 @@ def _tag(key: str, value: Any, ctx: Context) -> str | None:
         return None
     _string(key, value, ctx)
     if not TAG_RE.match(value):
-        raise SpecError(key, f"{value!r} is not a valid tag (up to 128 of letters, digits, '_', '.', '-', "
-                             "not starting with '.' or '-')")
+        raise SpecError(
+            key,
+            f"{value!r} is not a valid tag (up to 128 of letters, digits, '_', '.', '-', not starting with '.' or '-')",
+        )
     return value
 
 
@@ -183,8 +231,11 @@ def check_path_text(key: str, value: str) -> None:
         raise SpecError(key, f"a path of {len(raw)} bytes; at most {PATH_MAX}")
     longest = max(raw.split(b"/"), key=len)
     if len(longest) > NAME_MAX:
-        raise SpecError(key, f"a path component of {len(longest)} bytes ({longest[:24].decode(errors='replace')}"
-                             f"...); at most {NAME_MAX}")
+        raise SpecError(
+            key,
+            f"a path component of {len(longest)} bytes ({longest[:24].decode(errors='replace')}"
+            f"...); at most {NAME_MAX}",
+        )
 
 
 def _optional_string(key: str, value: Any, ctx: Context) -> str | None:
@@ -194,14 +245,13 @@ def _optional_string(key: str, value: Any, ctx: Context) -> str | None:
 def parse_date(key: str, value: Any) -> tuple[int, bool]:
     """ISO-8601 (UTC when no zone is given, so TZ never matters) or "now" → epoch seconds."""
     if not isinstance(value, str):
-        raise SpecError(key, f"expected an ISO-8601 date or \"now\", got {_type_name(value)}")
+        raise SpecError(key, f'expected an ISO-8601 date or "now", got {_type_name(value)}')
     if value == "now":
         return int(datetime.now(UTC).timestamp()), True
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise SpecError(key, f"expected an ISO-8601 date such as {DEFAULT_DATE} or \"now\", "
-                             f"got {value!r}") from None
+        raise SpecError(key, f'expected an ISO-8601 date such as {DEFAULT_DATE} or "now", got {value!r}') from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     seconds = int(parsed.timestamp())
@@ -235,7 +285,7 @@ def _from_image(key: str, value: Any, ctx: Context) -> str | None:
     if ref.format == "auto":
         return str(path)
     transport = value.partition(":")[0]
-    return f"{transport}:{path}{value[len(transport) + 1 + len(ref.location):]}"
+    return f"{transport}:{path}{value[len(transport) + 1 + len(ref.location) :]}"
 
 
 def _path_entry(key: str, value: Any, ctx: Context) -> ContentEntry:
@@ -243,10 +293,9 @@ def _path_entry(key: str, value: Any, ctx: Context) -> ContentEntry:
     if isinstance(value, dict):
         unknown = set(value) - {"path", "target"}
         if unknown:
-            raise SpecError(key, f"unknown key {sorted(unknown)[0]!r} (an entry takes \"path\" and "
-                                 "\"target\")")
+            raise SpecError(key, f'unknown key {sorted(unknown)[0]!r} (an entry takes "path" and "target")')
         if "path" not in value:
-            raise SpecError(key, "missing \"path\"")
+            raise SpecError(key, 'missing "path"')
         target = _string(f"{key}.target", value.get("target", "/"), ctx)
         check_path_text(f"{key}.target", target)
         if not target.startswith("/"):
@@ -302,7 +351,7 @@ def _config(key: str, value: Any, ctx: Context) -> dict[str, Any]:
         if k == "Env":
             for i, item in enumerate(v):
                 if not ENV_RE.match(item):
-                    raise SpecError(f"{sub}[{i}]", f"expected \"NAME=value\", got {item!r}")
+                    raise SpecError(f"{sub}[{i}]", f'expected "NAME=value", got {item!r}')
         if k == "Labels" and not all(isinstance(x, str) for x in v.values()):
             raise SpecError(sub, "expected string values")
         out[k] = v
@@ -322,40 +371,61 @@ BOTH = (LAYERED, IMAGE)
 ATTRS: dict[str, Attr] = {
     "name": Attr(_name, None, BOTH, {"type": "string"}, "repository name, may carry a registry prefix"),
     "tag": Attr(_tag, None, BOTH, {"type": ["string", "null"]}, "tag; default: derived from the content"),
-    "fromImage": Attr(_from_image, None, BOTH, {"type": ["string", "null"]},
-                      "base image: docker-archive (plain/gz/zstd), OCI dir/archive, or a transport ref"),
-    "fromImageName": Attr(_optional_string, None, (IMAGE,), {"type": ["string", "null"]},
-                          "image name inside a multi-image archive"),
-    "fromImageTag": Attr(_optional_string, None, (IMAGE,), {"type": ["string", "null"]},
-                         "image tag inside a multi-image archive"),
+    "fromImage": Attr(
+        _from_image,
+        None,
+        BOTH,
+        {"type": ["string", "null"]},
+        "base image: docker-archive (plain/gz/zstd), OCI dir/archive, or a transport ref",
+    ),
+    "fromImageName": Attr(
+        _optional_string, None, (IMAGE,), {"type": ["string", "null"]}, "image name inside a multi-image archive"
+    ),
+    "fromImageTag": Attr(
+        _optional_string, None, (IMAGE,), {"type": ["string", "null"]}, "image tag inside a multi-image archive"
+    ),
     "contents": Attr(_path_list, [], (LAYERED,), {"$ref": "#/$defs/paths"}, "host paths put in the image"),
     "copyToRoot": Attr(_path_list, [], (IMAGE,), {"$ref": "#/$defs/paths"}, "trees copied into /"),
-    "keepContentsDirlinks": Attr(_bool, False, (IMAGE,), {"type": "boolean"},
-                                 "keep symlinks to directories as symlinks"),
+    "keepContentsDirlinks": Attr(
+        _bool, False, (IMAGE,), {"type": "boolean"}, "keep symlinks to directories as symlinks"
+    ),
     "config": Attr(_config, {}, BOTH, {"$ref": "#/$defs/config"}, "image config"),
-    "architecture": Attr(_choice(ARCHITECTURES), None, BOTH, {"enum": list(ARCHITECTURES)},
-                         "GOARCH of the image; default: the host's"),
-    "created": Attr(_string, None, BOTH, {"type": "string"}, "ISO-8601 or \"now\""),
-    "mtime": Attr(_string, None, (LAYERED,), {"type": "string"}, "ISO-8601 or \"now\""),
+    "architecture": Attr(
+        _choice(ARCHITECTURES), None, BOTH, {"enum": list(ARCHITECTURES)}, "GOARCH of the image; default: the host's"
+    ),
+    "created": Attr(_string, None, BOTH, {"type": "string"}, 'ISO-8601 or "now"'),
+    "mtime": Attr(_string, None, (LAYERED,), {"type": "string"}, 'ISO-8601 or "now"'),
     "uid": Attr(_int_range(0, 2**32 - 2), 0, BOTH, {"type": "integer", "minimum": 0}, "owner uid"),
     "gid": Attr(_int_range(0, 2**32 - 2), 0, BOTH, {"type": "integer", "minimum": 0}, "owner gid"),
     "uname": Attr(_string, "root", (LAYERED,), {"type": "string"}, "owner user name"),
     "gname": Attr(_string, "root", (LAYERED,), {"type": "string"}, "owner group name"),
-    "maxLayers": Attr(_int_range(2, MAX_LAYERS_LIMIT), 100, (LAYERED,),
-                      {"type": "integer", "minimum": 2, "maximum": MAX_LAYERS_LIMIT},
-                      "total layers including base layers"),
+    "maxLayers": Attr(
+        _int_range(2, MAX_LAYERS_LIMIT),
+        100,
+        (LAYERED,),
+        {"type": "integer", "minimum": 2, "maximum": MAX_LAYERS_LIMIT},
+        "total layers including base layers",
+    ),
     "extraCommands": Attr(_string, "", BOTH, {"type": "string"}, "bash, as the calling user"),
     "fakeRootCommands": Attr(_string, "", (LAYERED,), {"type": "string"}, "bash, as namespace root"),
-    "enableFakechroot": Attr(_bool, False, (LAYERED,), {"type": "boolean"},
-                             "run fakeRootCommands chrooted into the image"),
+    "enableFakechroot": Attr(
+        _bool, False, (LAYERED,), {"type": "boolean"}, "run fakeRootCommands chrooted into the image"
+    ),
     "includeStorePaths": Attr(_bool, True, (LAYERED,), {"type": "boolean"}, "false: leave store paths out"),
     "includeNixDB": Attr(_bool, False, BOTH, {"type": "boolean"}, "register store paths in a Nix db"),
-    "runAsRoot": Attr(_optional_string, None, (IMAGE,), {"type": ["string", "null"]},
-                      "bash, as namespace root, chrooted into the image"),
-    "diskSize": Attr(_int_range(1, 1 << 20), 1024, (IMAGE,), {"type": "integer", "minimum": 1},
-                     "MiB runAsRoot may write"),
-    "buildVMMemorySize": Attr(_int_range(16, 1 << 20), 512, (IMAGE,), {"type": "integer", "minimum": 16},
-                              "MiB of memory runAsRoot may use"),
+    "runAsRoot": Attr(
+        _optional_string,
+        None,
+        (IMAGE,),
+        {"type": ["string", "null"]},
+        "bash, as namespace root, chrooted into the image",
+    ),
+    "diskSize": Attr(
+        _int_range(1, 1 << 20), 1024, (IMAGE,), {"type": "integer", "minimum": 1}, "MiB runAsRoot may write"
+    ),
+    "buildVMMemorySize": Attr(
+        _int_range(16, 1 << 20), 512, (IMAGE,), {"type": "integer", "minimum": 16}, "MiB of memory runAsRoot may use"
+    ),
     "compressor": Attr(_choice(COMPRESSORS), "gz", BOTH, {"enum": list(COMPRESSORS)}, "none, gz or zstd"),
     "storeDir": Attr(_string, "/nix/store", BOTH, {"type": "string"}, "store directory"),
 }
@@ -392,6 +462,7 @@ def _bad_constant(name: str) -> Any:
 def parse_json_text(text: str, where: str) -> Any:
     """The spec's JSON; syntax errors name the line and column, numbers too long to be a value and
     NaN/Infinity are refused, nesting deep enough to exhaust the parser is one line."""
+
     def number(digits: str) -> int | _BigNumber:
         return _BigNumber(digits) if len(digits) > MAX_INT_DIGITS else int(digits)
 
@@ -454,10 +525,10 @@ def parse_spec(raw: Any, spec_path: Path, kind: str, env: dict[str, str]) -> Spe
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise SpecError(key, f"unknown attribute{extra}")
         if kind not in attr.kinds:
-            other = ("nsbuild image (buildImage)" if IMAGE in attr.kinds
-                     else "nsbuild layered (buildLayeredImage)")
-            raise SpecError(key, f"not a {'buildImage' if kind == IMAGE else 'buildLayeredImage'} attribute; "
-                                 f"it belongs to {other}")
+            other = "nsbuild image (buildImage)" if IMAGE in attr.kinds else "nsbuild layered (buildLayeredImage)"
+            raise SpecError(
+                key, f"not a {'buildImage' if kind == IMAGE else 'buildLayeredImage'} attribute; it belongs to {other}"
+            )
     if "name" not in raw:
         raise SpecError("name", "required")
     values: dict[str, Any] = {}
@@ -471,8 +542,9 @@ def parse_spec(raw: Any, spec_path: Path, kind: str, env: dict[str, str]) -> Spe
     if epoch is not None:
         # ASCII digits only ("²".isdigit() is true) and a date an image config can hold.
         if not re.fullmatch(r"[0-9]{1,12}", epoch) or int(epoch) > MAX_EPOCH:
-            raise SpecError("SOURCE_DATE_EPOCH", f"expected whole seconds since 1970 (at most {MAX_EPOCH}), "
-                                                 f"got {epoch[:40]!r}")
+            raise SpecError(
+                "SOURCE_DATE_EPOCH", f"expected whole seconds since 1970 (at most {MAX_EPOCH}), got {epoch[:40]!r}"
+            )
         default_date = (int(epoch), False)
     created = parse_date("created", values["created"]) if values["created"] else default_date
     mtime = parse_date("mtime", values["mtime"]) if values["mtime"] else default_date
@@ -484,29 +556,56 @@ def parse_spec(raw: Any, spec_path: Path, kind: str, env: dict[str, str]) -> Spe
     if not store_dir.startswith("/") or store_dir.rstrip("/") == "":
         raise SpecError("storeDir", f"expected an absolute directory such as /nix/store, got {store_dir!r}")
     return Spec(
-        kind=kind, spec_path=spec_path, name=values["name"], tag=values["tag"],
-        from_image=values["fromImage"], from_image_name=values["fromImageName"],
-        from_image_tag=values["fromImageTag"], contents=values["contents"],
-        copy_to_root=values["copyToRoot"], keep_contents_dirlinks=values["keepContentsDirlinks"],
-        config=values["config"], architecture=values["architecture"] or host_architecture(),
-        created=created[0], mtime=mtime[0], uid=values["uid"],
-        gid=values["gid"], uname=values["uname"], gname=values["gname"], max_layers=values["maxLayers"],
-        extra_commands=values["extraCommands"], fake_root_commands=values["fakeRootCommands"],
-        enable_fakechroot=values["enableFakechroot"], include_store_paths=values["includeStorePaths"],
-        include_nix_db=values["includeNixDB"], run_as_root=values["runAsRoot"],
-        disk_size=values["diskSize"], build_vm_memory_size=values["buildVMMemorySize"],
-        compressor=values["compressor"], store_dir=os.path.normpath(store_dir), raw=raw,
+        kind=kind,
+        spec_path=spec_path,
+        name=values["name"],
+        tag=values["tag"],
+        from_image=values["fromImage"],
+        from_image_name=values["fromImageName"],
+        from_image_tag=values["fromImageTag"],
+        contents=values["contents"],
+        copy_to_root=values["copyToRoot"],
+        keep_contents_dirlinks=values["keepContentsDirlinks"],
+        config=values["config"],
+        architecture=values["architecture"] or host_architecture(),
+        created=created[0],
+        mtime=mtime[0],
+        uid=values["uid"],
+        gid=values["gid"],
+        uname=values["uname"],
+        gname=values["gname"],
+        max_layers=values["maxLayers"],
+        extra_commands=values["extraCommands"],
+        fake_root_commands=values["fakeRootCommands"],
+        enable_fakechroot=values["enableFakechroot"],
+        include_store_paths=values["includeStorePaths"],
+        include_nix_db=values["includeNixDB"],
+        run_as_root=values["runAsRoot"],
+        disk_size=values["diskSize"],
+        build_vm_memory_size=values["buildVMMemorySize"],
+        compressor=values["compressor"],
+        store_dir=os.path.normpath(store_dir),
+        raw=raw,
     )
 
 
 def json_schema(kind: str = LAYERED) -> dict[str, Any]:
     props = {k: {**a.schema, "description": a.doc} for k, a in ATTRS.items() if kind in a.kinds}
-    path_item = {"oneOf": [{"type": "string"}, {"type": "object", "additionalProperties": False,
-                                                 "required": ["path"],
-                                                 "properties": {"path": {"type": "string"},
-                                                                "target": {"type": "string"}}}]}
-    config_props = {k: {"type": v} if v != "array" else {"type": "array", "items": {"type": "string"}}
-                    for k, v in CONFIG_KEYS.items()}
+    path_item = {
+        "oneOf": [
+            {"type": "string"},
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["path"],
+                "properties": {"path": {"type": "string"}, "target": {"type": "string"}},
+            },
+        ]
+    }
+    config_props = {
+        k: {"type": v} if v != "array" else {"type": "array", "items": {"type": "string"}}
+        for k, v in CONFIG_KEYS.items()
+    }
     config_props["Healthcheck"] = healthcheck_schema()
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -78,7 +78,7 @@ class Store:
         def look(data: bytes) -> None:
             for run in HASH_RUN_RE.findall(data):
                 for i in range(len(run) - 31):
-                    h = run[i:i + 32].decode()
+                    h = run[i : i + 32].decode()
                     if h in known and h != own:
                         refs.add(h)
 
@@ -171,8 +171,10 @@ def _assign(paths: dict[str, StorePath], seeds: list[str], reaches: dict[str, se
     groups: dict[tuple[str, ...], list[str]] = {}
     for name, key in owners.items():
         groups.setdefault(key, []).append(name)
-    shared = sorted((k for k in groups if len(k) > 1),
-                    key=lambda k: (-len(k), -sum(paths[n].size for n in groups[k]), sorted(groups[k])))
+    shared = sorted(
+        (k for k in groups if len(k) > 1),
+        key=lambda k: (-len(k), -sum(paths[n].size for n in groups[k]), sorted(groups[k])),
+    )
     single = [(s,) for s in seeds if (s,) in groups]
     layers = [sorted(groups[k]) for k in shared] + [sorted(groups[k]) for k in single]
     if () in groups:

@@ -70,8 +70,7 @@ class Entry:
     host: bytes | None = None  # file data comes from here
 
 
-TYPEFLAGS = {"file": b"0", "hardlink": b"1", "symlink": b"2", "char": b"3", "block": b"4", "dir": b"5",
-             "fifo": b"6"}
+TYPEFLAGS = {"file": b"0", "hardlink": b"1", "symlink": b"2", "char": b"3", "block": b"4", "dir": b"5", "fifo": b"6"}
 
 
 class _Node:
@@ -153,15 +152,15 @@ def iter_entries(sources: list[Source], *, overlay_whiteouts: bool = False) -> I
             if overlay:
                 opaque = any(xattrs.get(k) == b"y" for k in OPAQUE_XATTRS)
                 xattrs = {k: v for k, v in xattrs.items() if not k.startswith(OVERLAY_XATTR_PREFIXES)}
-            yield Entry(name=rel, kind="dir", mode=stat.S_IMODE(mode), uid=st.st_uid, gid=st.st_gid,
-                        xattrs=xattrs)
+            yield Entry(name=rel, kind="dir", mode=stat.S_IMODE(mode), uid=st.st_uid, gid=st.st_gid, xattrs=xattrs)
             if opaque:
                 yield Entry(name=rel + b"/" + OPAQUE_MARKER, kind="file", mode=0o644, uid=0, gid=0)
             stack.append(_listing(child or _EMPTY, rel, dir_list))
             continue
         if child is not None and child.children:
-            raise BuildError(f"{os.fsdecode(host)}: is not a directory, but sources are placed below "
-                             f"/{os.fsdecode(rel)}")
+            raise BuildError(
+                f"{os.fsdecode(host)}: is not a directory, but sources are placed below /{os.fsdecode(rel)}"
+            )
         yield _leaf_entry(rel, host, st, seen, overlay)
 
 
@@ -182,9 +181,16 @@ def _listing(node: _Node, prefix: bytes, dir_hosts: list[bytes]) -> Iterator[tup
         listing.setdefault(name, [])
     children = node.children
     sep = prefix + b"/" if prefix else b""
-    return iter([(sep + name, children.get(name),
-                  listing[name] + children[name].hosts if name in children else listing[name])
-                 for name in sorted(listing)])
+    return iter(
+        [
+            (
+                sep + name,
+                children.get(name),
+                listing[name] + children[name].hosts if name in children else listing[name],
+            )
+            for name in sorted(listing)
+        ]
+    )
 
 
 def _stat_winner(hosts: list[bytes]) -> tuple[bytes, os.stat_result] | None:
@@ -197,8 +203,9 @@ def _stat_winner(hosts: list[bytes]) -> tuple[bytes, os.stat_result] | None:
     return None
 
 
-def _leaf_entry(rel: bytes, host: bytes, st: os.stat_result, seen: dict[tuple[int, int], bytes],
-                overlay: bool) -> Entry:
+def _leaf_entry(
+    rel: bytes, host: bytes, st: os.stat_result, seen: dict[tuple[int, int], bytes], overlay: bool
+) -> Entry:
     mode = st.st_mode
     perm = stat.S_IMODE(mode)
     if overlay and stat.S_ISCHR(mode) and st.st_rdev == 0:
@@ -220,8 +227,16 @@ def _leaf_entry(rel: bytes, host: bytes, st: os.stat_result, seen: dict[tuple[in
     if stat.S_ISLNK(mode):
         return Entry(rel, "symlink", perm, uid, gid, linkname=os.readlink(host), xattrs=xattrs)
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return Entry(rel, "char" if stat.S_ISCHR(mode) else "block", perm, uid, gid,
-                     devmajor=os.major(st.st_rdev), devminor=os.minor(st.st_rdev), xattrs=xattrs)
+        return Entry(
+            rel,
+            "char" if stat.S_ISCHR(mode) else "block",
+            perm,
+            uid,
+            gid,
+            devmajor=os.major(st.st_rdev),
+            devminor=os.minor(st.st_rdev),
+            xattrs=xattrs,
+        )
     if stat.S_ISFIFO(mode):
         return Entry(rel, "fifo", perm, uid, gid, xattrs=xattrs)
     raise BuildError(f"{os.fsdecode(host)}: sockets and other special files cannot be stored in a layer")
@@ -249,14 +264,26 @@ def _split_ustar_name(name: bytes) -> tuple[bytes, bytes] | None:
     cut = name.rfind(b"/", 0, 156)
     while cut > 0:
         if len(name) - cut - 1 <= 100:
-            return name[:cut], name[cut + 1:]
+            return name[:cut], name[cut + 1 :]
         cut = name.rfind(b"/", 0, cut)
     return None
 
 
-def _ustar_header(name: bytes, prefix: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
-                  typeflag: bytes, linkname: bytes, uname: bytes, gname: bytes, devmajor: int,
-                  devminor: int) -> bytes:
+def _ustar_header(
+    name: bytes,
+    prefix: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    typeflag: bytes,
+    linkname: bytes,
+    uname: bytes,
+    gname: bytes,
+    devmajor: int,
+    devminor: int,
+) -> bytes:
     parts = [
         name.ljust(100, b"\0"),
         _octal(mode, 8),
@@ -302,12 +329,17 @@ def _template(owner: Owner, mtime: int) -> tuple[bytes, int] | None:
     key = (owner, mtime)
     if key not in _TEMPLATES:
         uname, gname = owner.uname.encode(), owner.gname.encode()
-        fits = (owner.uid <= MAX_OCTAL_7 and owner.gid <= MAX_OCTAL_7 and not _needs_pax_text(uname, 32)
-                and not _needs_pax_text(gname, 32))
+        fits = (
+            owner.uid <= MAX_OCTAL_7
+            and owner.gid <= MAX_OCTAL_7
+            and not _needs_pax_text(uname, 32)
+            and not _needs_pax_text(gname, 32)
+        )
         template = None
         if fits:
-            header = bytearray(_ustar_header(b"", b"", 0, owner.uid, owner.gid, 0, mtime, b"0", b"", uname, gname,
-                                             0, 0))
+            header = bytearray(
+                _ustar_header(b"", b"", 0, owner.uid, owner.gid, 0, mtime, b"0", b"", uname, gname, 0, 0)
+            )
             header[100:108] = b"\0" * 8
             header[124:136] = b"\0" * 12
             header[156:157] = b"\0"
@@ -335,20 +367,20 @@ def _fast_header(entry: Entry, template: tuple[bytes, int]) -> bytes | None:
     mode = b"%07o\0" % entry.mode
     size = b"%011o\0" % (entry.size if entry.kind == "file" else 0)
     flag = TYPEFLAGS[entry.kind]
-    h[0:len(name)] = name
+    h[0 : len(name)] = name
     h[100:108] = mode
     h[124:136] = size
     h[156:157] = flag
     chk = template[1] + sum(name) + sum(mode) + sum(size) + flag[0]
     if link:
-        h[157:157 + len(link)] = link
+        h[157 : 157 + len(link)] = link
         chk += sum(link)
     if entry.devmajor or entry.devminor:
         devs = b"%07o\0%07o\0" % (entry.devmajor, entry.devminor)
         chk += sum(devs) - sum(h[329:345])
         h[329:345] = devs
     if prefix:
-        h[345:345 + len(prefix)] = prefix
+        h[345 : 345 + len(prefix)] = prefix
         chk += sum(prefix)
     h[148:156] = b"%06o\0 " % chk
     return bytes(h)
@@ -398,15 +430,23 @@ def encode_header(entry: Entry, owner: Owner, mtime: int, *, pax_size: bool = Fa
         if binary:
             pax.insert(0, _pax_record(b"hdrcharset", b"BINARY"))
         body = b"".join(pax)
-        out = _ustar_header(b"././@PaxHeader", b"", 0o644, 0, 0, len(body), mtime, b"x", b"", b"", b"",
-                            0, 0)
+        out = _ustar_header(b"././@PaxHeader", b"", 0o644, 0, 0, len(body), mtime, b"x", b"", b"", b"", 0, 0)
         out += body + b"\0" * (-len(body) % BLOCK)
     prefix, short = split
     out += _ustar_header(
-        short, prefix, entry.mode, uid, gid, min(size, MAX_OCTAL_11) if size <= MAX_OCTAL_11 else 0,
-        mtime, TYPEFLAGS[entry.kind], ustar_link,
-        uname[:32] if uname.isascii() else b"", gname[:32] if gname.isascii() else b"",
-        entry.devmajor, entry.devminor,
+        short,
+        prefix,
+        entry.mode,
+        uid,
+        gid,
+        min(size, MAX_OCTAL_11) if size <= MAX_OCTAL_11 else 0,
+        mtime,
+        TYPEFLAGS[entry.kind],
+        ustar_link,
+        uname[:32] if uname.isascii() else b"",
+        gname[:32] if gname.isascii() else b"",
+        entry.devmajor,
+        entry.devminor,
     )
     return out
 
@@ -446,14 +486,28 @@ def _with_devices(entries: Iterator[Entry], devices: dict[bytes, Device]) -> Ite
         dev = devices.get(entry.name)
         if dev is not None and entry.kind == "file" and entry.size == 0:
             kind, major, minor = dev
-            entry = Entry(name=entry.name, kind=kind, mode=entry.mode, uid=entry.uid, gid=entry.gid,
-                          devmajor=int(major), devminor=int(minor))
+            entry = Entry(
+                name=entry.name,
+                kind=kind,
+                mode=entry.mode,
+                uid=entry.uid,
+                gid=entry.gid,
+                devmajor=int(major),
+                devminor=int(minor),
+            )
         yield entry
 
 
-def write_tar(sources: list[Source], out: Writer, *, mtime: int, owner: OwnerPolicy,
-              overlay_whiteouts: bool = False,
-              devices: dict[bytes, Device] | None = None, cancel: threading.Event | None = None) -> TarStats:
+def write_tar(
+    sources: list[Source],
+    out: Writer,
+    *,
+    mtime: int,
+    owner: OwnerPolicy,
+    overlay_whiteouts: bool = False,
+    devices: dict[bytes, Device] | None = None,
+    cancel: threading.Event | None = None,
+) -> TarStats:
     """Write one layer tar for `sources` to `out`; return the entry count (the caller's writer hashes
     and counts the bytes).
 

@@ -38,8 +38,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
                 state = "MISSING (run `make test-users`)"
             lines.append(f"  account {key!r} = {name}: {state}")
     else:
-        lines.append(f"  not root: every unprivileged case runs as {me} "
-                     f"({'with' if has_subids(None) else 'without'} subordinate ids)")
+        lines.append(
+            f"  not root: every unprivileged case runs as {me} "
+            f"({'with' if has_subids(None) else 'without'} subordinate ids)"
+        )
     return lines
 
 

@@ -20,8 +20,13 @@ import pytest
 from support import describe, nsbuild_cmd, oci_manifest, plain_archive, run_nsbuild, run_tool, skopeo_copy, user_env
 from support.core import build, read_image, write_spec
 
-ARCHIVES = [("docker-archive", "none"), ("docker-archive", "gz"), ("docker-archive", "zstd"),
-            ("oci-archive", "none"), ("oci-archive", "zstd")]
+ARCHIVES = [
+    ("docker-archive", "none"),
+    ("docker-archive", "gz"),
+    ("docker-archive", "zstd"),
+    ("oci-archive", "none"),
+    ("oci-archive", "zstd"),
+]
 # The identical trees are at positions 1 and 3: with --jobs 1 the repeat is streamed, cut back out, and
 # the next layer streams over the cut.
 CONTENTS = ["base", "dup1", "big", "dup2", "tail"]
@@ -45,8 +50,14 @@ def make_spec(root: Path, compressor: str, **overrides: Any) -> Path:
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_bytes(data)
         (root / "base" / "etc" / "localhost").symlink_to("hosts")
-    spec = {"name": "archive-test", "tag": "v1", "compressor": compressor, "contents": CONTENTS,
-            "config": {"Env": ["A=1"]}, **overrides}
+    spec = {
+        "name": "archive-test",
+        "tag": "v1",
+        "compressor": compressor,
+        "contents": CONTENTS,
+        "config": {"Env": ["A=1"]},
+        **overrides,
+    }
     return write_spec(root, spec, f"spec-{compressor}.json")
 
 
@@ -90,10 +101,11 @@ def test_same_bytes_however_the_layers_arrive(tmp_path: Path, kind: str, compres
             target = tmp_path / f"stream-{mode}"
             target.write_bytes(prefix)
             with open(target, mode) as f:
-                subprocess.run([*nsbuild_cmd(), "stream", spec, "--no-cache", "-q"], stdout=f, check=True,
-                               env=user_env())
-            assert target.read_bytes()[:len(prefix)] == prefix
-            outputs[target.name] = target.read_bytes()[len(prefix):]
+                subprocess.run(
+                    [*nsbuild_cmd(), "stream", spec, "--no-cache", "-q"], stdout=f, check=True, env=user_env()
+                )
+            assert target.read_bytes()[: len(prefix)] == prefix
+            outputs[target.name] = target.read_bytes()[len(prefix) :]
     different = [name for name, data in outputs.items() if data != outputs["streamed"]]
     assert not different, f"differ from the --jobs 1 archive: {different}"
 
@@ -121,8 +133,10 @@ def test_compressed_docker_archive_frames_the_plain_one(tmp_path: Path, compress
     assert plain == (tmp_path / "img.tar").read_bytes()
     # The layer blobs sit verbatim in the archive: a second compression would have rewritten them.
     compressed = (tmp_path / "img.tar.c").read_bytes()
-    blobs = [tmp_path / "layout" / "blobs" / "sha256" / d["digest"].split(":")[1]
-             for d in oci_manifest(tmp_path / "layout", "t")["layers"]]
+    blobs = [
+        tmp_path / "layout" / "blobs" / "sha256" / d["digest"].split(":")[1]
+        for d in oci_manifest(tmp_path / "layout", "t")["layers"]
+    ]
     assert max(b.stat().st_size for b in blobs) > 100_000
     for blob in blobs:
         assert blob.read_bytes() in compressed, blob.name
@@ -162,8 +176,7 @@ def test_untouched_output_is_left_alone(tmp_path: Path, kind: str, compressor: s
     fresh = (tmp_path / "fresh.tar").read_bytes()
 
     def again(*flags: str) -> bool:
-        proc = nsbuild("layered", spec, "-o", ref_of(kind, out), "--cache-dir", tmp_path / "cache", "--json",
-                       *flags)
+        proc = nsbuild("layered", spec, "-o", ref_of(kind, out), "--cache-dir", tmp_path / "cache", "--json", *flags)
         return json.loads(proc.stdout)["written"]
 
     def rewritten(*flags: str) -> None:

@@ -32,8 +32,7 @@ from support.users import (
 from support.verifiers import image_layers, podman_load_and_run, umoci_unpack
 
 BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
-APPLETS = ("sh ls cat echo mkdir rm id whoami stat grep chown touch sleep head awk env printf test "
-           "tr sort")
+APPLETS = "sh ls cat echo mkdir rm id whoami stat grep chown touch sleep head awk env printf test tr sort"
 # Debian's busybox-static has no adduser applet: the base carries a small one, as a distribution would.
 ADDUSER = r"""#!/bin/sh
 [ "$1" = -D ] && shift
@@ -44,10 +43,12 @@ echo "$name:x:$uid:$uid::/home/$name:/bin/sh" >> /etc/passwd
 echo "$name:x:$uid:" >> /etc/group
 mkdir -p "/home/$name" && chown "$uid:$uid" "/home/$name"
 """
-BASE_EXTRA = (f"mkdir -p bin etc tmp home && for a in {APPLETS}; do ln -s busybox bin/$a; done\n"
-              "printf 'root:x:0:0:root:/root:/bin/sh\\n' > etc/passwd\nprintf 'root:x:0:\\n' > etc/group\n"
-              "echo 'Welcome' > etc/issue\n"
-              f"cat > bin/adduser <<'EOF'\n{ADDUSER}EOF\nchmod 755 bin/adduser\n")
+BASE_EXTRA = (
+    f"mkdir -p bin etc tmp home && for a in {APPLETS}; do ln -s busybox bin/$a; done\n"
+    "printf 'root:x:0:0:root:/root:/bin/sh\\n' > etc/passwd\nprintf 'root:x:0:\\n' > etc/group\n"
+    "echo 'Welcome' > etc/issue\n"
+    f"cat > bin/adduser <<'EOF'\n{ADDUSER}EOF\nchmod 755 bin/adduser\n"
+)
 SCRIPT = "adduser -D app && mkdir -p /data && chown app:app /data && echo hi > /etc/motd && rm /etc/issue"
 
 
@@ -65,8 +66,9 @@ def _own(user: str | None, *paths: Path) -> None:
                     os.lchown(n, acc.uid, acc.gid)
 
 
-def nsbuild(user: str | None, work: Path, kind: str, spec: dict, out: Path, *args: str,
-            name: str | None = None) -> subprocess.CompletedProcess:
+def nsbuild(
+    user: str | None, work: Path, kind: str, spec: dict, out: Path, *args: str, name: str | None = None
+) -> subprocess.CompletedProcess:
     spec_path = work / (name or f"{out.stem}.json")
     spec_path.write_text(json.dumps(spec))
     tmp = work / "tmp"
@@ -80,9 +82,14 @@ def busybox_base(user: str | None, work: Path, **extra: object) -> Path:
     out = work / "busybox-base.tar"
     if out.exists() and not extra:
         return out
-    spec = {"name": "busybox-base", "tag": "latest", "compressor": "none",
-            "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}], "extraCommands": BASE_EXTRA,
-            "config": {"Env": ["PATH=/bin"]}}
+    spec = {
+        "name": "busybox-base",
+        "tag": "latest",
+        "compressor": "none",
+        "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+        "extraCommands": BASE_EXTRA,
+        "config": {"Env": ["PATH=/bin"]},
+    }
     spec.update(extra)
     proc = nsbuild(user, work, "layered", spec, out)
     assert proc.returncode == 0, describe(proc)
@@ -148,10 +155,21 @@ def test_busybox_run_as_root_in_podman(user_with_subids: str | None, user_tmp: U
     work = user_tmp(user)
     base = busybox_base(user, work)
     out = work / "app.tar"
-    spec = {"name": "app", "tag": "latest", "compressor": "none", "fromImage": str(base), "runAsRoot": SCRIPT,
-            "config": {"User": "app", "Cmd": ["/bin/sh", "-c",
-                                              "stat -c %u:%g /data; cat /etc/motd; "
-                                              "test -e /etc/issue || echo issue-gone; whoami"]}}
+    spec = {
+        "name": "app",
+        "tag": "latest",
+        "compressor": "none",
+        "fromImage": str(base),
+        "runAsRoot": SCRIPT,
+        "config": {
+            "User": "app",
+            "Cmd": [
+                "/bin/sh",
+                "-c",
+                "stat -c %u:%g /data; cat /etc/motd; test -e /etc/issue || echo issue-gone; whoami",
+            ],
+        },
+    }
     proc = nsbuild(user, work, "image", spec, out, "--isolation", "userns")
     assert proc.returncode == 0, describe(proc)
     layers = image_layers(out, work / "unpacked")
@@ -167,8 +185,18 @@ def test_busybox_run_as_root_in_podman(user_with_subids: str | None, user_tmp: U
     assert shown == ["1000:1000", "hi", "issue-gone", "app"], shown
     # The same build as a gzip OCI layout: umoci checks digests, sizes, diff_ids and reads the owners back.
     layout = work / "oci"
-    proc = nsbuild(user, work, "image", {**spec, "compressor": "gz"}, layout, "--isolation", "userns",
-                   "--format", "oci-dir", name="app-oci.json")
+    proc = nsbuild(
+        user,
+        work,
+        "image",
+        {**spec, "compressor": "gz"},
+        layout,
+        "--isolation",
+        "userns",
+        "--format",
+        "oci-dir",
+        name="app-oci.json",
+    )
     assert proc.returncode == 0, describe(proc)
     tree = umoci_unpack(layout, "latest", work / "bundle", user)
     assert (tree["data"].uid, tree["data"].gid) == (1000, 1000) and "etc/motd" in tree
@@ -203,8 +231,10 @@ def _dynamic_rootfs(work: Path) -> Path:
     return r
 
 
-DYN_SCRIPT = ("echo 'app:x:1000:1000::/home/app:/bin/sh' >> /etc/passwd && echo 'app:x:1000:' >> /etc/group && "
-              "mkdir -p /data && chown app:app /data && echo hi > /etc/motd && rm /etc/issue")
+DYN_SCRIPT = (
+    "echo 'app:x:1000:1000::/home/app:/bin/sh' >> /etc/passwd && echo 'app:x:1000:' >> /etc/group && "
+    "mkdir -p /data && chown app:app /data && echo hi > /etc/motd && rm /etc/issue"
+)
 
 
 def test_ownership_on_every_backend(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
@@ -217,8 +247,9 @@ def test_ownership_on_every_backend(unprivileged_user: str | None, user_tmp: Use
     rootfs = _dynamic_rootfs(work)
     _own(user, rootfs)
     base = work / "dyn-base.tar"
-    proc = nsbuild(user, work, "layered", {"name": "dyn", "tag": "t", "compressor": "none",
-                                           "contents": ["dyn-rootfs"]}, base)
+    proc = nsbuild(
+        user, work, "layered", {"name": "dyn", "tag": "t", "compressor": "none", "contents": ["dyn-rootfs"]}, base
+    )
     assert proc.returncode == 0, describe(proc)
     spec = {"name": "dyn-app", "tag": "t", "compressor": "none", "fromImage": str(base), "runAsRoot": DYN_SCRIPT}
     backends = ["userns", "userns-fakeroot"] if has_subids(user) else ["userns-fakeroot"]
@@ -247,9 +278,11 @@ def test_nixpkgs_layers_order(unprivileged_user: str | None, user_tmp: UserTmpFa
     """Three images, each overwriting some of /tmp/layer1..3 in extraCommands: the later wins."""
     user = unprivileged_user
     work = user_tmp(user)
-    scripts = ["mkdir -p tmp\necho layer1 > tmp/layer1\necho layer1 > tmp/layer2\necho layer1 > tmp/layer3",
-               "mkdir -p tmp\necho layer2 > tmp/layer2\necho layer2 > tmp/layer3",
-               "mkdir -p tmp\necho layer3 > tmp/layer3"]
+    scripts = [
+        "mkdir -p tmp\necho layer1 > tmp/layer1\necho layer1 > tmp/layer2\necho layer1 > tmp/layer3",
+        "mkdir -p tmp\necho layer2 > tmp/layer2\necho layer2 > tmp/layer3",
+        "mkdir -p tmp\necho layer3 > tmp/layer3",
+    ]
     parent = None
     for i, script in enumerate(scripts, 1):
         out = work / f"l{i}.tar"
@@ -275,17 +308,23 @@ def test_nixpkgs_layers_unpack_order_and_env(user_with_subids: str | None, user_
     parent = busybox_base(user, work, config={"Env": ["PATH=/bin", "FROM_PARENT=true", "LAST_OVERRIDE=parent"]})
     for name in "abc":
         out = work / f"order-{name}.tar"
-        spec = {"name": f"layers-unpack-order-{name}", "tag": "latest", "compressor": "none",
-                "fromImage": str(parent), "runAsRoot": f"#!/bin/sh\necho -n \"{name}\" >> /layer-order"}
+        spec = {
+            "name": f"layers-unpack-order-{name}",
+            "tag": "latest",
+            "compressor": "none",
+            "fromImage": str(parent),
+            "runAsRoot": f'#!/bin/sh\necho -n "{name}" >> /layer-order',
+        }
         if name == "c":
-            spec["config"] = {"Env": ["FROM_CHILD=true", "LAST_OVERRIDE=child"],
-                              "Cmd": ["/bin/sh", "-c", "cat /layer-order; echo; env | sort"]}
+            spec["config"] = {
+                "Env": ["FROM_CHILD=true", "LAST_OVERRIDE=child"],
+                "Cmd": ["/bin/sh", "-c", "cat /layer-order; echo; env | sort"],
+            }
         proc = nsbuild(user, work, "image", spec, out)
         assert proc.returncode == 0, describe(proc)
         parent = out
     env = image_config(parent)["config"]["Env"]
-    assert env == ["PATH=/bin", "FROM_PARENT=true", "LAST_OVERRIDE=parent", "FROM_CHILD=true",
-                   "LAST_OVERRIDE=child"]
+    assert env == ["PATH=/bin", "FROM_PARENT=true", "LAST_OVERRIDE=parent", "FROM_CHILD=true", "LAST_OVERRIDE=child"]
     shown = podman_load_and_run(parent, user=user).splitlines()
     assert shown[0] == "abc", shown
     assert "FROM_PARENT=true" in shown and "FROM_CHILD=true" in shown and "LAST_OVERRIDE=child" in shown
@@ -303,8 +342,13 @@ def test_nixpkgs_repeated_base_layers(user_with_subids: str | None, user_tmp: Us
     _duplicate_first_layer(base, dup, work / "dup")
     _own(user, dup)
     out = work / "dup-app.tar"
-    spec = {"name": "dup-app", "tag": "latest", "compressor": "none", "fromImage": str(dup),
-            "runAsRoot": "ls /bin/busybox > /seen && cat /etc/issue >> /seen"}
+    spec = {
+        "name": "dup-app",
+        "tag": "latest",
+        "compressor": "none",
+        "fromImage": str(dup),
+        "runAsRoot": "ls /bin/busybox > /seen && cat /etc/issue >> /seen",
+    }
     proc = nsbuild(user, work, "image", spec, out)
     assert proc.returncode == 0, describe(proc)
     layers = image_layers(out, work / "dup-out")
@@ -350,9 +394,14 @@ def test_nixpkgs_parentheses_and_quotes(user_with_subids: str | None, user_tmp: 
         (tree / "bin" / a).symlink_to("busybox")
     _own(user, tree)
     out = work / "paren.tar"
-    spec = {"name": "runasrootextracommands", "tag": "latest", "compressor": "none", "copyToRoot": ["bb"],
-            "runAsRoot": "echo \"(runAsRoot)\" > runAsRoot",
-            "extraCommands": "echo \"(extraCommand)\" > extraCommands && ls > seen-by-extra"}
+    spec = {
+        "name": "runasrootextracommands",
+        "tag": "latest",
+        "compressor": "none",
+        "copyToRoot": ["bb"],
+        "runAsRoot": 'echo "(runAsRoot)" > runAsRoot',
+        "extraCommands": 'echo "(extraCommand)" > extraCommands && ls > seen-by-extra',
+    }
     proc = nsbuild(user, work, "image", spec, out)
     assert proc.returncode == 0, describe(proc)
     (layer,) = image_layers(out, work / "paren")
@@ -373,9 +422,18 @@ def test_on_top_of_layered_architecture_and_now(unprivileged_user: str | None, u
     (work / "add/etc/hello").write_text("hello\n")
     _own(user, work / "add")
     out = work / "arm.tar"
-    spec = {"name": "arm", "tag": "latest", "compressor": "none", "fromImage": str(base), "copyToRoot": ["add"],
-            "architecture": "arm64", "created": "now", "uid": 1234, "gid": 4321,
-            "extraCommands": "echo x > made-by-extra"}
+    spec = {
+        "name": "arm",
+        "tag": "latest",
+        "compressor": "none",
+        "fromImage": str(base),
+        "copyToRoot": ["add"],
+        "architecture": "arm64",
+        "created": "now",
+        "uid": 1234,
+        "gid": 4321,
+        "extraCommands": "echo x > made-by-extra",
+    }
     proc = nsbuild(user, work, "image", spec, out)
     assert proc.returncode == 0, describe(proc)
     config = image_config(out)
@@ -408,8 +466,9 @@ def test_copy_to_root_dirlinks_and_merging(unprivileged_user: str | None, user_t
     (base_tree / "home").mkdir()
     _own(user, base_tree)
     base = work / "links-base.tar"
-    proc = nsbuild(user, work, "layered", {"name": "links", "tag": "t", "compressor": "none",
-                                           "contents": ["base-tree"]}, base)
+    proc = nsbuild(
+        user, work, "layered", {"name": "links", "tag": "t", "compressor": "none", "contents": ["base-tree"]}, base
+    )
     assert proc.returncode == 0, describe(proc)
 
     src = work / "ctr"
@@ -466,8 +525,9 @@ def test_from_image_name_and_tag_and_nixdb(unprivileged_user: str | None, user_t
         (tree / name).write_text(name)
         _own(user, tree)
         out = work / f"{name}.tar"
-        proc = nsbuild(user, work, "layered", {"name": name, "tag": "v1", "compressor": "none",
-                                               "contents": [tree.name]}, out)
+        proc = nsbuild(
+            user, work, "layered", {"name": name, "tag": "v1", "compressor": "none", "contents": [tree.name]}, out
+        )
         assert proc.returncode == 0, describe(proc)
         images[name] = out
     multi = work / "multi"
@@ -484,8 +544,14 @@ def test_from_image_name_and_tag_and_nixdb(unprivileged_user: str | None, user_t
             tf.add(p, p.name)
     _own(user, archive)
     out = work / "chosen.tar"
-    spec = {"name": "chosen", "tag": "t", "compressor": "none", "fromImage": str(archive),
-            "fromImageName": "second", "fromImageTag": "v1"}
+    spec = {
+        "name": "chosen",
+        "tag": "t",
+        "compressor": "none",
+        "fromImage": str(archive),
+        "fromImageName": "second",
+        "fromImageTag": "v1",
+    }
     proc = nsbuild(user, work, "image", spec, out)
     assert proc.returncode == 0, describe(proc)
     fs = flatten(out, work)
@@ -510,8 +576,7 @@ def test_limits_and_failure(unprivileged_user: str | None, user_tmp: UserTmpFact
     cases = [
         ({"runAsRoot": "head -c 12000000 /dev/zero > /big", "diskSize": 8}, "diskSize"),
         ({"runAsRoot": "head -c 12000000 /dev/zero > /tmp/big", "diskSize": 8}, "diskSize"),
-        ({"runAsRoot": "awk 'BEGIN { s = \"x\"; while (1) s = s s }'", "buildVMMemorySize": 32},
-         "buildVMMemorySize"),
+        ({"runAsRoot": "awk 'BEGIN { s = \"x\"; while (1) s = s s }'", "buildVMMemorySize": 32}, "buildVMMemorySize"),
         ({"runAsRoot": "echo marker-$((6*7)) ; echo err-marker >&2; false"}, "marker-42"),
     ]
     for extra, needle in cases:
@@ -520,12 +585,18 @@ def test_limits_and_failure(unprivileged_user: str | None, user_tmp: UserTmpFact
         proc = nsbuild(user, work, "image", spec, out, "--isolation", backend)
         assert proc.returncode == 1, (extra, describe(proc))
         error = [ln for ln in proc.stderr.splitlines() if ln.startswith("nsbuild: error:")]
-        assert error and needle in proc.stderr[proc.stderr.index(error[0]):], (extra, describe(proc))
+        assert error and needle in proc.stderr[proc.stderr.index(error[0]) :], (extra, describe(proc))
         assert "Traceback" not in proc.stderr and not out.exists()
     assert "err-marker" in proc.stderr
     # Within the limits the same writes succeed.
-    spec = {"name": "limited", "tag": "t", "compressor": "none", "fromImage": str(base), "diskSize": 64,
-            "runAsRoot": "head -c 12000000 /dev/zero > /tmp/big && head -c 1000 /dev/zero > /small"}
+    spec = {
+        "name": "limited",
+        "tag": "t",
+        "compressor": "none",
+        "fromImage": str(base),
+        "diskSize": 64,
+        "runAsRoot": "head -c 12000000 /dev/zero > /tmp/big && head -c 1000 /dev/zero > /small",
+    }
     proc = nsbuild(user, work, "image", spec, work / "ok.tar", "--isolation", backend)
     assert proc.returncode == 0, describe(proc)
     assert os.listdir(work / "tmp") == []
@@ -537,17 +608,28 @@ def test_ctrl_c_leaves_nothing(unprivileged_user: str | None, user_tmp: UserTmpF
     work = user_tmp(user)
     base = busybox_base(user, work)
     marker = f"{3000 + uuid.uuid4().int % 100000}"
-    spec = {"name": "int", "tag": "t", "compressor": "none", "fromImage": str(base),
-            "runAsRoot": ("mkdir /owned && chown 4000:4000 /owned\n" if has_subids(user) else "")
-            + f"sleep {marker}"}
+    spec = {
+        "name": "int",
+        "tag": "t",
+        "compressor": "none",
+        "fromImage": str(base),
+        "runAsRoot": ("mkdir /owned && chown 4000:4000 /owned\n" if has_subids(user) else "") + f"sleep {marker}",
+    }
     spec_path = work / "int.json"
     spec_path.write_text(json.dumps(spec))
     _own(user, spec_path)
     out = work / "int.tar"
     argv = as_user_argv([*nsbuild_cmd(), "image", str(spec_path), "-o", str(out)], user)
     env = user_env(user, {"TMPDIR": str(work / "tmp")})
-    proc = subprocess.Popen(argv, env=env, cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        cwd=work,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300  # hang guard only
         while not _running(f"sleep {marker}"):
@@ -594,8 +676,14 @@ def test_store_paths_bring_their_closure_and_nix_db(unprivileged_user: str | Non
     (hello / "bin/hello").write_text(f"#!/bin/sh\ncat {lib}/lib/x\n")
     _own(user, store)
     out = work / "nix.tar"
-    spec = {"name": "nix", "tag": "t", "compressor": "none", "storeDir": str(store),
-            "copyToRoot": [f"store/{hello.name}"], "includeNixDB": True}
+    spec = {
+        "name": "nix",
+        "tag": "t",
+        "compressor": "none",
+        "storeDir": str(store),
+        "copyToRoot": [f"store/{hello.name}"],
+        "includeNixDB": True,
+    }
     proc = nsbuild(user, work, "image", spec, out)
     assert proc.returncode == 0, describe(proc)
     (layer,) = image_layers(out, work / "nix")
@@ -609,8 +697,9 @@ def test_store_paths_bring_their_closure_and_nix_db(unprivileged_user: str | Non
     assert paths == {str(hello), str(lib)}
 
 
-def test_unreadable_copy_to_root_entry_is_one_line_error(unprivileged_user: str | None,
-                                                          user_tmp: UserTmpFactory) -> None:
+def test_unreadable_copy_to_root_entry_is_one_line_error(
+    unprivileged_user: str | None, user_tmp: UserTmpFactory
+) -> None:
     """A file the caller cannot read fails the build with one line naming the entry (root reads
     everything, so only an unprivileged caller shows it)."""
     user = unprivileged_user
@@ -625,6 +714,8 @@ def test_unreadable_copy_to_root_entry_is_one_line_error(unprivileged_user: str 
     proc = nsbuild(user, work, "image", {"name": "u", "tag": "t", "copyToRoot": [str(src)]}, out)
     assert proc.returncode == 1, describe(proc)
     assert "Traceback" not in proc.stderr, describe(proc)
-    assert proc.stderr.strip().splitlines()[-1] == \
-        f"nsbuild: error: copyToRoot[0]: cannot copy {secret}: Permission denied", describe(proc)
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"nsbuild: error: copyToRoot[0]: cannot copy {secret}: Permission denied"
+    ), describe(proc)
     assert not out.exists()

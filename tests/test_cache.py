@@ -38,8 +38,9 @@ def layer_states(stderr: str) -> dict[str, bool]:
 
 def rebuilt(stderr: str) -> list[str]:
     """Content layers built from scratch (the customisation layer is always rebuilt)."""
-    return sorted(k.split(":")[0] for k, cached in layer_states(stderr).items()
-                  if not cached and k != "customisation layer")
+    return sorted(
+        k.split(":")[0] for k, cached in layer_states(stderr).items() if not cached and k != "customisation layer"
+    )
 
 
 class Builder:
@@ -48,8 +49,12 @@ class Builder:
         self.user = user
         self.cache = tmp / "cache"
         self.trees = make_trees(tmp / "in")
-        self.spec = {"name": "cachetest", "tag": "t", "compressor": "none",
-                     "contents": [{"path": str(t), "target": f"/{t.name}"} for t in self.trees]}
+        self.spec = {
+            "name": "cachetest",
+            "tag": "t",
+            "compressor": "none",
+            "contents": [{"path": str(t), "target": f"/{t.name}"} for t in self.trees],
+        }
         self.n = 0
 
     def build(self, *extra: str, spec: dict | None = None, fmt: str = "docker-archive") -> tuple[str, bytes]:
@@ -57,8 +62,7 @@ class Builder:
         path = write_spec(self.tmp, spec or self.spec, f"spec{self.n}.json")
         out = self.tmp / f"out{self.n}.tar"
         target = f"oci-archive:{out}" if fmt == "oci-archive" else str(out)
-        proc = run_nsbuild(["layered", str(path), "-o", target, "--cache-dir", str(self.cache), *extra],
-                           self.user)
+        proc = run_nsbuild(["layered", str(path), "-o", target, "--cache-dir", str(self.cache), *extra], self.user)
         assert proc.returncode == 0, describe(proc)
         return proc.stderr, out.read_bytes()
 
@@ -104,15 +108,19 @@ def test_owner_change_rebuilds_its_layer(builder: Builder) -> None:
     assert rebuilt(err) == ["contents[2]"]
 
 
-@pytest.mark.parametrize("field,value,expect", [
-    ("mtime", "2001-02-03T04:05:06Z", ["contents[0]", "contents[1]", "contents[2]"]),
-    ("uid", 1000, ["contents[0]", "contents[1]", "contents[2]"]),
-    ("uname", "someone", ["contents[0]", "contents[1]", "contents[2]"]),
-    ("tag", "other", []),
-    ("config", {"Cmd": ["/bin/true"]}, []),
-])
-def test_a_spec_field_invalidates_what_it_decides(builder: Builder, field: str, value: object,
-                                                   expect: list[str]) -> None:
+@pytest.mark.parametrize(
+    "field,value,expect",
+    [
+        ("mtime", "2001-02-03T04:05:06Z", ["contents[0]", "contents[1]", "contents[2]"]),
+        ("uid", 1000, ["contents[0]", "contents[1]", "contents[2]"]),
+        ("uname", "someone", ["contents[0]", "contents[1]", "contents[2]"]),
+        ("tag", "other", []),
+        ("config", {"Cmd": ["/bin/true"]}, []),
+    ],
+)
+def test_a_spec_field_invalidates_what_it_decides(
+    builder: Builder, field: str, value: object, expect: list[str]
+) -> None:
     err, _ = builder.build(spec={**builder.spec, field: value})
     assert rebuilt(err) == expect, err
 
@@ -193,11 +201,14 @@ def test_unwritable_cache_dir_is_one_line_error(unprivileged_user: str | None, u
     for d in dirs:
         d.chmod(0o555)
     try:
-        proc = run_nsbuild(["layered", str(spec), "-o", str(tmp / "o.tar"), "--cache-dir", str(cache)],
-                           unprivileged_user)
+        proc = run_nsbuild(
+            ["layered", str(spec), "-o", str(tmp / "o.tar"), "--cache-dir", str(cache)], unprivileged_user
+        )
         assert proc.returncode == 1, describe(proc)
-        assert proc.stderr.strip() == f"nsbuild: error: cache directory {cache}: not writable " \
-                                      "(use --cache-dir or --no-cache)", describe(proc)
+        assert (
+            proc.stderr.strip() == f"nsbuild: error: cache directory {cache}: not writable "
+            "(use --cache-dir or --no-cache)"
+        ), describe(proc)
         assert not (tmp / "o.tar").exists()
         du = run_nsbuild(["cache", "du", "--cache-dir", str(cache)], unprivileged_user)
         assert du.returncode == 0 and "0 layer entries" in du.stdout, describe(du)

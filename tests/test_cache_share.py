@@ -45,8 +45,7 @@ def make_inputs(d: Path, user: str | None, mtime: int) -> Path:
             os.utime(p, (mtime, mtime), follow_symlinks=False)
             if user is not None:
                 os.lchown(p, account(user).uid, account(user).gid)
-    return write_spec(d, {"name": "shared", "tag": "1",
-                          "contents": [{"path": n, "target": f"/{n}"} for n in TREES]})
+    return write_spec(d, {"name": "shared", "tag": "1", "contents": [{"path": n, "target": f"/{n}"} for n in TREES]})
 
 
 def states(stderr: str) -> dict[str, str]:
@@ -74,8 +73,11 @@ def index_digest(layout: Path) -> str:
     return json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
 
 
-def test_second_runner_downloads_and_does_not_rebuild(user_with_subids: str | None, user_tmp,  # noqa: ANN001
-                                                      registry_factory: RegistryFactory) -> None:
+def test_second_runner_downloads_and_does_not_rebuild(
+    user_with_subids: str | None,
+    user_tmp,  # noqa: ANN001
+    registry_factory: RegistryFactory,
+) -> None:
     user = user_with_subids
     reg = registry_factory()
     shared = f"docker://{reg}/ci/cache:main"
@@ -87,8 +89,9 @@ def test_second_runner_downloads_and_does_not_rebuild(user_with_subids: str | No
     assert content(states(err)) == {"contents[0]": "built", "contents[1]": "built", "contents[2]": "built"}, err
     assert "pushing the layer cache (3 layers)" in err
     # The record is an OCI artifact whose layers are the layer blobs (the registry keeps them).
-    status, _, body = reg.request("/v2/ci/cache/manifests/main",
-                                  headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    status, _, body = reg.request(
+        "/v2/ci/cache/manifests/main", headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    )
     assert status == 200
     record = json.loads(body)
     assert record["config"]["mediaType"] == CACHE_CONFIG_MEDIA
@@ -116,8 +119,11 @@ def test_second_runner_downloads_and_does_not_rebuild(user_with_subids: str | No
     assert content(states(err)) == {"contents[0]": "remote", "contents[1]": "built", "contents[2]": "remote"}, err
 
 
-def test_cache_to_after_a_local_change_records_the_new_content(user_with_subids: str | None, user_tmp,  # noqa: ANN001
-                                                               registry_factory: RegistryFactory) -> None:
+def test_cache_to_after_a_local_change_records_the_new_content(
+    user_with_subids: str | None,
+    user_tmp,  # noqa: ANN001
+    registry_factory: RegistryFactory,
+) -> None:
     """Runner A rebuilds with its local cache after an edit: unchanged layers come from the local cache
     (their content fingerprints from the memo beside it), and the record it pushes describes the
     edited inputs, not the old ones."""
@@ -145,8 +151,11 @@ def test_cache_to_after_a_local_change_records_the_new_content(user_with_subids:
     assert index_digest(c / "out") == index_digest(a / "out1")
 
 
-def test_shared_gzip_cache_feeds_a_docker_archive_without_local_cache(user_with_subids: str | None, user_tmp,  # noqa: ANN001
-                                                                       registry_factory: RegistryFactory) -> None:
+def test_shared_gzip_cache_feeds_a_docker_archive_without_local_cache(
+    user_with_subids: str | None,
+    user_tmp,  # noqa: ANN001
+    registry_factory: RegistryFactory,
+) -> None:
     user = user_with_subids
     reg = registry_factory()
     shared = f"docker://{reg}/cache:gz"
@@ -159,18 +168,33 @@ def test_shared_gzip_cache_feeds_a_docker_archive_without_local_cache(user_with_
     err = build(user, spec_b, str(b / "img.tar"), "--no-cache", "--cache-from", shared, TLS_OFF)
     assert set(content(states(err)).values()) == {"remote"}, err
     skopeo_copy(f"docker-archive:{b / 'img.tar'}", f"oci:{b / 'copy'}:t", user=user)
-    a_cfg = json.loads((a / "out/blobs/sha256" / json.loads(
-        (a / "out/blobs/sha256" / index_digest(a / "out").split(":")[1]).read_text())["config"]["digest"]
-        .split(":")[1]).read_text())
-    b_cfg = json.loads((b / "copy/blobs/sha256" / json.loads(
-        (b / "copy/blobs/sha256" / index_digest(b / "copy").split(":")[1]).read_text())["config"]["digest"]
-        .split(":")[1]).read_text())
+    a_cfg = json.loads(
+        (
+            a
+            / "out/blobs/sha256"
+            / json.loads((a / "out/blobs/sha256" / index_digest(a / "out").split(":")[1]).read_text())["config"][
+                "digest"
+            ].split(":")[1]
+        ).read_text()
+    )
+    b_cfg = json.loads(
+        (
+            b
+            / "copy/blobs/sha256"
+            / json.loads((b / "copy/blobs/sha256" / index_digest(b / "copy").split(":")[1]).read_text())["config"][
+                "digest"
+            ].split(":")[1]
+        ).read_text()
+    )
     assert b_cfg["rootfs"]["diff_ids"] == a_cfg["rootfs"]["diff_ids"]
     assert not (b / "cache").exists()
 
 
-def test_missing_shared_cache_builds(user_with_subids: str | None, user_tmp,  # noqa: ANN001
-                                     registry_factory: RegistryFactory) -> None:
+def test_missing_shared_cache_builds(
+    user_with_subids: str | None,
+    user_tmp,  # noqa: ANN001
+    registry_factory: RegistryFactory,
+) -> None:
     user = user_with_subids
     reg = registry_factory()
     a = user_tmp(user)

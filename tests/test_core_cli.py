@@ -14,11 +14,37 @@ import pytest
 from support import nsbuild_cmd, podman_store, run_as, run_nsbuild
 from support.core import BUSYBOX, EXAMPLE_SPEC, build, read_image, write_spec
 
-LAYERED_ATTRS = {"name", "tag", "fromImage", "contents", "config", "architecture", "created", "mtime", "uid",
-                 "gid", "uname", "gname", "maxLayers", "extraCommands", "fakeRootCommands", "enableFakechroot",
-                 "includeStorePaths", "includeNixDB", "compressor", "storeDir"}
-IMAGE_ONLY = {"fromImageName", "fromImageTag", "copyToRoot", "keepContentsDirlinks", "runAsRoot", "diskSize",
-              "buildVMMemorySize"}
+LAYERED_ATTRS = {
+    "name",
+    "tag",
+    "fromImage",
+    "contents",
+    "config",
+    "architecture",
+    "created",
+    "mtime",
+    "uid",
+    "gid",
+    "uname",
+    "gname",
+    "maxLayers",
+    "extraCommands",
+    "fakeRootCommands",
+    "enableFakechroot",
+    "includeStorePaths",
+    "includeNixDB",
+    "compressor",
+    "storeDir",
+}
+IMAGE_ONLY = {
+    "fromImageName",
+    "fromImageTag",
+    "copyToRoot",
+    "keepContentsDirlinks",
+    "runAsRoot",
+    "diskSize",
+    "buildVMMemorySize",
+}
 
 
 def schema(kind: str = "layered") -> dict:
@@ -45,10 +71,18 @@ def test_schema_accepts_the_example_and_rejects_bad_specs() -> None:
     validator = jsonschema.validators.validator_for(doc)(doc)
     validator.validate(json.loads(EXAMPLE_SPEC.read_text()))
     validator.validate({"name": "x", "contents": "single", "config": {"ExposedPorts": {"80/tcp": {}}}})
-    for bad in ({"name": "x", "maxLayer": 2}, {"name": "x", "compressor": "gzip"}, {"name": "x", "uid": -1},
-                {"name": "x", "maxLayers": 1}, {"name": "x", "architecture": "x86_64"}, {"contents": []},
-                {"name": "x", "config": {"cmd": []}}, {"name": "x", "contents": [{"path": "a", "dest": "/"}]},
-                {"name": "x", "includeStorePaths": "yes"}, {"name": "x", "runAsRoot": "true"}):
+    for bad in (
+        {"name": "x", "maxLayer": 2},
+        {"name": "x", "compressor": "gzip"},
+        {"name": "x", "uid": -1},
+        {"name": "x", "maxLayers": 1},
+        {"name": "x", "architecture": "x86_64"},
+        {"contents": []},
+        {"name": "x", "config": {"cmd": []}},
+        {"name": "x", "contents": [{"path": "a", "dest": "/"}]},
+        {"name": "x", "includeStorePaths": "yes"},
+        {"name": "x", "runAsRoot": "true"},
+    ):
         assert list(validator.iter_errors(bad)), f"the schema accepts {bad}"
 
 
@@ -69,9 +103,20 @@ def inspected(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.mkfifo(root / "pipe")
     (root / "x").write_text("x")
     os.setxattr(root / "x", "user.k", b"v")
-    spec = write_spec(tmp, {"name": "insp", "tag": "t", "contents": ["rootfs"], "uid": 1000, "gid": 100,
-                            "uname": "app", "gname": "users", "architecture": "arm64",
-                            "config": {"Cmd": ["/bin/tool"], "User": "app", "Env": ["A=1"]}})
+    spec = write_spec(
+        tmp,
+        {
+            "name": "insp",
+            "tag": "t",
+            "contents": ["rootfs"],
+            "uid": 1000,
+            "gid": 100,
+            "uname": "app",
+            "gname": "users",
+            "architecture": "arm64",
+            "config": {"Cmd": ["/bin/tool"], "User": "app", "Env": ["A=1"]},
+        },
+    )
     build(spec, tmp / "img.tar.gz")
     build(spec, f"oci:{tmp / 'layout'}:t")
     build(spec, f"oci-archive:{tmp / 'img.oci.tar'}:t")
@@ -84,13 +129,18 @@ def inspect_json(ref: str) -> dict:
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("which", ["archive", "docker-archive-ref", "oci-ref", "oci-dir", "oci-archive",
-                                   "oci-archive-ref"])
+@pytest.mark.parametrize(
+    "which", ["archive", "docker-archive-ref", "oci-ref", "oci-dir", "oci-archive", "oci-archive-ref"]
+)
 def test_inspect_json(inspected: Path, which: str) -> None:
-    ref = {"archive": str(inspected / "img.tar.gz"), "docker-archive-ref": f"docker-archive:{inspected / 'img.tar.gz'}",
-           "oci-ref": f"oci:{inspected / 'layout'}:t", "oci-dir": str(inspected / "layout"),
-           "oci-archive": str(inspected / "img.oci.tar"),
-           "oci-archive-ref": f"oci-archive:{inspected / 'img.oci.tar'}:t"}[which]
+    ref = {
+        "archive": str(inspected / "img.tar.gz"),
+        "docker-archive-ref": f"docker-archive:{inspected / 'img.tar.gz'}",
+        "oci-ref": f"oci:{inspected / 'layout'}:t",
+        "oci-dir": str(inspected / "layout"),
+        "oci-archive": str(inspected / "img.oci.tar"),
+        "oci-archive-ref": f"oci-archive:{inspected / 'img.oci.tar'}:t",
+    }[which]
     report = inspect_json(ref)
     view = read_image(inspected / "img.tar.gz", inspected / f"view-{which}")
     assert report["config"]["architecture"] == "arm64"
@@ -148,8 +198,10 @@ def _example(tmp_path: Path, **extra: object) -> Path:
 def test_stream_into_podman_load(tmp_path: Path) -> None:
     spec = _example(tmp_path, tag="streamed")
     with podman_store() as ps:
-        cmd = (f"{shlex.join([*nsbuild_cmd(), 'stream', str(spec), '--no-cache', '-q'])} | "
-               f"{shlex.join([*ps.prefix, 'load'])}")
+        cmd = (
+            f"{shlex.join([*nsbuild_cmd(), 'stream', str(spec), '--no-cache', '-q'])} | "
+            f"{shlex.join([*ps.prefix, 'load'])}"
+        )
         proc = run_as(["bash", "-o", "pipefail", "-c", cmd], env=ps.env, cwd=ps.dir)
         assert proc.returncode == 0, proc.stderr
         assert "nsbuild-example:streamed" in proc.stdout
@@ -159,7 +211,7 @@ def test_stream_into_podman_load(tmp_path: Path) -> None:
 def test_stream_into_a_closed_pipe(tmp_path: Path) -> None:
     spec = _example(tmp_path)
     cmd = f"{shlex.join([*nsbuild_cmd(), 'stream', str(spec), '--no-cache', '-q'])} | head -c 100 > /dev/null"
-    proc = run_as(["bash", "-c", f"{cmd}; echo \"status=${{PIPESTATUS[0]}}\""])
+    proc = run_as(["bash", "-c", f'{cmd}; echo "status=${{PIPESTATUS[0]}}"'])
     assert "Traceback" not in proc.stderr and "Exception" not in proc.stderr, proc.stderr
     assert proc.stdout.strip() in ("status=1", "status=141"), proc.stdout
     assert len(proc.stderr.splitlines()) <= 1, proc.stderr

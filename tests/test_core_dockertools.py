@@ -51,21 +51,30 @@ def store(tmp_path: Path) -> FakeStore:
 def closure_store(store: FakeStore) -> dict[str, Path]:
     """glibc <- {coreutils, bash}; bash <- hello; a lone `data` path: a small dependency graph."""
     p: dict[str, Path] = {}
-    p["glibc"] = store.add("glibc-2.37", {"lib/libc.so.6": b"\x7fELF" + b"c" * 5000,
-                                          "lib/ld-linux.so.2": b"\x7fELF" + b"l" * 3000})
-    p["coreutils"] = store.add("coreutils-9.1", {"bin/ls": b"ls" * 4000, "bin/cat": b"cat" * 100},
-                               refs=[p["glibc"]])
+    p["glibc"] = store.add(
+        "glibc-2.37", {"lib/libc.so.6": b"\x7fELF" + b"c" * 5000, "lib/ld-linux.so.2": b"\x7fELF" + b"l" * 3000}
+    )
+    p["coreutils"] = store.add("coreutils-9.1", {"bin/ls": b"ls" * 4000, "bin/cat": b"cat" * 100}, refs=[p["glibc"]])
     p["bash"] = store.add("bash-5.2", {"bin/bash": b"bash" * 3000}, refs=[p["glibc"]])
-    p["hello"] = store.add("hello-2.12", {"bin/hello": b"hello" * 100, "share/man/man1/hello.1": "man"},
-                           refs=[p["bash"]])
+    p["hello"] = store.add(
+        "hello-2.12", {"bin/hello": b"hello" * 100, "share/man/man1/hello.1": "man"}, refs=[p["bash"]]
+    )
     p["data"] = store.add("data-1", {"share/data/big": b"d" * 20000})
     return p
 
 
 def test_stable_default_date(tmp_path: Path, store: FakeStore) -> None:
     paths = closure_store(store)
-    spec = write_spec(tmp_path, {"name": "stable", "tag": "t", "contents": [str(paths["hello"])],
-                                 "storeDir": str(store.dir), "extraCommands": "mkdir -p etc && echo x > etc/x"})
+    spec = write_spec(
+        tmp_path,
+        {
+            "name": "stable",
+            "tag": "t",
+            "contents": [str(paths["hello"])],
+            "storeDir": str(store.dir),
+            "extraCommands": "mkdir -p etc && echo x > etc/x",
+        },
+    )
     out = tmp_path / "img.tar"
     build(spec, out)
     view = read_image(out, tmp_path / "view")
@@ -79,8 +88,17 @@ def test_unstable_date_now(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     (tree / "etc").mkdir(parents=True)
     (tree / "etc" / "hostname").write_text("x\n")
-    spec = write_spec(tmp_path, {"name": "now", "tag": "t", "contents": [str(tree)], "created": "now",
-                                 "mtime": "now", "extraCommands": "echo y > made"})
+    spec = write_spec(
+        tmp_path,
+        {
+            "name": "now",
+            "tag": "t",
+            "contents": [str(tree)],
+            "created": "now",
+            "mtime": "now",
+            "extraCommands": "echo y > made",
+        },
+    )
     before = int(time.time())
     build(spec, tmp_path / "img.tar")
     after = int(time.time()) + 1
@@ -106,8 +124,15 @@ def test_source_date_epoch_fills_created_and_mtime(tmp_path: Path) -> None:
 
 def test_nix_and_store_dirs_are_0755_in_store_layers(tmp_path: Path, store: FakeStore) -> None:
     paths = closure_store(store)
-    spec = write_spec(tmp_path, {"name": "modes", "tag": "t", "contents": [str(paths["hello"]), str(paths["data"])],
-                                 "storeDir": str(store.dir)})
+    spec = write_spec(
+        tmp_path,
+        {
+            "name": "modes",
+            "tag": "t",
+            "contents": [str(paths["hello"]), str(paths["data"])],
+            "storeDir": str(store.dir),
+        },
+    )
     build(spec, tmp_path / "img.tar")
     view = read_image(tmp_path / "img.tar", tmp_path / "view")
     store_rel = str(store.dir).lstrip("/")
@@ -123,12 +148,17 @@ def test_nix_and_store_dirs_are_0755_in_store_layers(tmp_path: Path, store: Fake
 
 def test_extra_commands_output_present(tmp_path: Path) -> None:
     tree = busybox_tree(tmp_path / "bb")
-    spec = write_spec(tmp_path, {
-        "name": "extra", "tag": "t", "contents": [str(tree)],
-        "extraCommands": 'mkdir -p etc tmp data && echo "hello $SOURCE_DATE_EPOCH $(pwd -P | wc -c)" > etc/extra\n'
-                         "chmod 1777 tmp\nmkdir empty-dir",
-        "config": {"Cmd": ["/bin/cat", "/etc/extra"]},
-    })
+    spec = write_spec(
+        tmp_path,
+        {
+            "name": "extra",
+            "tag": "t",
+            "contents": [str(tree)],
+            "extraCommands": 'mkdir -p etc tmp data && echo "hello $SOURCE_DATE_EPOCH $(pwd -P | wc -c)" > etc/extra\n'
+            "chmod 1777 tmp\nmkdir empty-dir",
+            "config": {"Cmd": ["/bin/cat", "/etc/extra"]},
+        },
+    )
     build(spec, tmp_path / "img.tar")
     view = read_image(tmp_path / "img.tar", tmp_path / "view")
     last = {m.name.rstrip("/"): m for m in view.layers[-1]}
@@ -142,23 +172,40 @@ def test_extra_commands_output_present(tmp_path: Path) -> None:
 
 def test_env_inherited_from_base_one_entry_per_key(tmp_path: Path) -> None:
     tree = busybox_tree(tmp_path / "bb")
-    base_spec = write_spec(tmp_path, {
-        "name": "parent", "tag": "base", "contents": [str(tree)],
-        "config": {"Env": ["FROM_PARENT=true", "LAST_LAYER=parent", "PATH=/bin", "KEEP=a=b"], "User": "0:0"},
-    }, "base.json")
+    base_spec = write_spec(
+        tmp_path,
+        {
+            "name": "parent",
+            "tag": "base",
+            "contents": [str(tree)],
+            "config": {"Env": ["FROM_PARENT=true", "LAST_LAYER=parent", "PATH=/bin", "KEEP=a=b"], "User": "0:0"},
+        },
+        "base.json",
+    )
     build(base_spec, tmp_path / "base.tar")
-    child_spec = write_spec(tmp_path, {
-        "name": "child", "tag": "t", "fromImage": str(tmp_path / "base.tar"),
-        "extraCommands": "echo child > child",
-        "config": {"Env": ["LAST_LAYER=child", "NEW=1", "PATH=/bin:/usr/bin"], "Cmd": ["/bin/env"]},
-    }, "child.json")
+    child_spec = write_spec(
+        tmp_path,
+        {
+            "name": "child",
+            "tag": "t",
+            "fromImage": str(tmp_path / "base.tar"),
+            "extraCommands": "echo child > child",
+            "config": {"Env": ["LAST_LAYER=child", "NEW=1", "PATH=/bin:/usr/bin"], "Cmd": ["/bin/env"]},
+        },
+        "child.json",
+    )
     build(child_spec, tmp_path / "child.tar")
     view = read_image(tmp_path / "child.tar", tmp_path / "view")
     env = view.config["config"]["Env"]
     keys = [e.split("=", 1)[0] for e in env]
     assert sorted(keys) == sorted(set(keys)), f"a key appears twice: {env}"
     assert dict(e.split("=", 1) for e in env) == {
-        "FROM_PARENT": "true", "LAST_LAYER": "child", "PATH": "/bin:/usr/bin", "KEEP": "a=b", "NEW": "1"}
+        "FROM_PARENT": "true",
+        "LAST_LAYER": "child",
+        "PATH": "/bin:/usr/bin",
+        "KEEP": "a=b",
+        "NEW": "1",
+    }
     assert view.config["config"]["User"] == "0:0", "other base config keys are inherited too"
     with podman_store() as ps:
         out = ps.run(ps.load(tmp_path / "child.tar"))
@@ -169,12 +216,17 @@ def test_env_inherited_from_base_one_entry_per_key(tmp_path: Path) -> None:
 
 def _store_and_busybox_spec(tmp_path: Path, store: FakeStore, paths: dict[str, Path], **extra: object) -> Path:
     tree = busybox_tree(tmp_path / "bb")
-    return write_spec(tmp_path, {
-        "name": "layers", "tag": "t", "storeDir": str(store.dir),
-        "contents": [str(tree), str(paths["hello"]), str(paths["coreutils"]), str(paths["data"])],
-        "config": {"Cmd": ["/bin/sh", "-c", f"cat {paths['hello']}/share/man/man1/hello.1; ls /bin/hello"]},
-        **extra,
-    })
+    return write_spec(
+        tmp_path,
+        {
+            "name": "layers",
+            "tag": "t",
+            "storeDir": str(store.dir),
+            "contents": [str(tree), str(paths["hello"]), str(paths["coreutils"]), str(paths["data"])],
+            "config": {"Cmd": ["/bin/sh", "-c", f"cat {paths['hello']}/share/man/man1/hello.1; ls /bin/hello"]},
+            **extra,
+        },
+    )
 
 
 def test_two_layer_image_loads(tmp_path: Path, store: FakeStore) -> None:
@@ -206,16 +258,17 @@ def test_bulk_layer_misses_nothing(tmp_path: Path, store: FakeStore, max_layers:
     deps = [store.add(f"dep{i:02d}", {f"lib/libdep{i}.so": b"x" * (100 * (i + 1))}) for i in range(14)]
     mids = [store.add(f"mid{i}", {f"bin/mid{i}": b"m" * 50}, refs=deps[i::3]) for i in range(3)]
     top = store.add("top", {"bin/top": "top"}, refs=mids)
-    spec = write_spec(tmp_path, {"name": "bulk", "tag": "t", "contents": [str(top)], "storeDir": str(store.dir),
-                                 "maxLayers": max_layers})
+    spec = write_spec(
+        tmp_path,
+        {"name": "bulk", "tag": "t", "contents": [str(top)], "storeDir": str(store.dir), "maxLayers": max_layers},
+    )
     build(spec, tmp_path / "img.tar")
     view = read_image(tmp_path / "img.tar", tmp_path / "view")
     total = 1 + len(deps) + len(mids) + 1  # each store path could have its own layer, + customisation
     assert len(view.layers) == min(max_layers, total)
     _assert_closure_complete(view, [*deps, *mids, top])
     store_rel = str(store.dir).lstrip("/")
-    files = [m.name for members in view.layers for m in members
-             if m.name.startswith(store_rel + "/") and not m.isdir()]
+    files = [m.name for members in view.layers for m in members if m.name.startswith(store_rel + "/") and not m.isdir()]
     assert len(files) == len(set(files)), "a store file is in two layers"
     # The customisation layer links the top path's contents into /.
     last = {m.name: m for m in view.layers[-1]}
@@ -232,9 +285,17 @@ def test_bulk_layer_with_base_respects_max_layers(tmp_path: Path, store: FakeSto
     build(base, tmp_path / "base.tar")
     assert len(read_image(tmp_path / "base.tar", tmp_path / "bview").layers) == 3  # 2 trees + customisation
     paths = closure_store(store)
-    spec = write_spec(tmp_path, {"name": "onbase", "tag": "t", "fromImage": str(tmp_path / "base.tar"),
-                                 "storeDir": str(store.dir), "maxLayers": max_layers,
-                                 "contents": [str(paths["hello"]), str(paths["coreutils"]), str(paths["data"])]})
+    spec = write_spec(
+        tmp_path,
+        {
+            "name": "onbase",
+            "tag": "t",
+            "fromImage": str(tmp_path / "base.tar"),
+            "storeDir": str(store.dir),
+            "maxLayers": max_layers,
+            "contents": [str(paths["hello"]), str(paths["coreutils"]), str(paths["data"])],
+        },
+    )
     build(spec, tmp_path / "img.tar")
     view = read_image(tmp_path / "img.tar", tmp_path / "view")
     assert len(view.layers) == max_layers
@@ -251,8 +312,11 @@ def test_too_few_layers_for_the_base_is_a_spec_error(tmp_path: Path) -> None:
     assert proc.stderr.count("\n") == 1 and "maxLayers" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "img.tar").exists()
     # Exactly base + customisation layer fits.
-    spec3 = write_spec(tmp_path, {"name": "x", "fromImage": str(tmp_path / "base.tar"), "maxLayers": 3,
-                                  "contents": [str(tmp_path / "bb")]}, "three.json")
+    spec3 = write_spec(
+        tmp_path,
+        {"name": "x", "fromImage": str(tmp_path / "base.tar"), "maxLayers": 3, "contents": [str(tmp_path / "bb")]},
+        "three.json",
+    )
     build(spec3, tmp_path / "img3.tar")
     view = read_image(tmp_path / "img3.tar", tmp_path / "view")
     assert len(view.layers) == 3
@@ -263,10 +327,16 @@ def test_store_symlink_is_not_dereferenced(tmp_path: Path, store: FakeStore) -> 
     target = store.add("target", {"dir/target": "Content doesn't matter.\n"})
     link = store.add_symlink("symlink", target)
     tree = busybox_tree(tmp_path / "bb")
-    spec = write_spec(tmp_path, {
-        "name": "storesymlink", "tag": "t", "storeDir": str(store.dir), "contents": [str(tree), str(link)],
-        "config": {"Cmd": ["/bin/sh", "-c", f"test -L {link} && readlink {link} && cat {link}/dir/target"]},
-    })
+    spec = write_spec(
+        tmp_path,
+        {
+            "name": "storesymlink",
+            "tag": "t",
+            "storeDir": str(store.dir),
+            "contents": [str(tree), str(link)],
+            "config": {"Cmd": ["/bin/sh", "-c", f"test -L {link} && readlink {link} && cat {link}/dir/target"]},
+        },
+    )
     build(spec, tmp_path / "img.tar")
     view = read_image(tmp_path / "img.tar", tmp_path / "view")
     [(_, member)] = view.find(str(link))
@@ -296,8 +366,15 @@ def test_symlink_inside_content_is_kept(tmp_path: Path, store: FakeStore) -> Non
 
 def test_registry_prefixed_name(tmp_path: Path) -> None:
     tree = busybox_tree(tmp_path / "bb")
-    spec = write_spec(tmp_path, {"name": "Registry.Example.com:5000/Team/App", "tag": "v1.2",
-                                 "contents": [str(tree)], "config": {"Cmd": ["/bin/id", "-u"]}})
+    spec = write_spec(
+        tmp_path,
+        {
+            "name": "Registry.Example.com:5000/Team/App",
+            "tag": "v1.2",
+            "contents": [str(tree)],
+            "config": {"Cmd": ["/bin/id", "-u"]},
+        },
+    )
     build(spec, tmp_path / "img.tar")
     view = read_image(tmp_path / "img.tar", tmp_path / "view")
     assert view.manifest[0]["RepoTags"] == ["Registry.Example.com:5000/team/app:v1.2"]
@@ -311,8 +388,9 @@ def test_architecture_arm64(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "hello").write_text("hi\n")
-    spec = write_spec(tmp_path, {"name": "arm", "tag": "t", "contents": [str(tree)], "architecture": "arm64",
-                                 "compressor": "none"})  # skopeo 1.9 cannot read compressed archives
+    spec = write_spec(
+        tmp_path, {"name": "arm", "tag": "t", "contents": [str(tree)], "architecture": "arm64", "compressor": "none"}
+    )  # skopeo 1.9 cannot read compressed archives
     build(spec, tmp_path / "img.tar")
     info = skopeo_inspect(f"docker-archive:{tmp_path / 'img.tar'}", "--override-arch", "arm64")
     assert info["Architecture"] == "arm64" and info["Os"] == "linux"
@@ -327,8 +405,10 @@ def test_bare_paths_in_contents(tmp_path: Path, store: FakeStore) -> None:
     paths = closure_store(store)
     (tmp_path / "test-dir").mkdir()
     (tmp_path / "test-dir" / "hello.txt").write_text("hello\n")
-    spec = write_spec(tmp_path, {"name": "bare", "tag": "t", "storeDir": str(store.dir),
-                                 "contents": ["./test-dir", str(paths["hello"])]})
+    spec = write_spec(
+        tmp_path,
+        {"name": "bare", "tag": "t", "storeDir": str(store.dir), "contents": ["./test-dir", str(paths["hello"])]},
+    )
     build(spec, tmp_path / "img.tar")
     view = read_image(tmp_path / "img.tar", tmp_path / "view")
     assert view.find("hello.txt") and view.find("bin/hello")
@@ -340,9 +420,17 @@ def test_bare_paths_in_contents(tmp_path: Path, store: FakeStore) -> None:
 def test_no_store_paths(tmp_path: Path, store: FakeStore) -> None:
     paths = closure_store(store)
     tree = busybox_tree(tmp_path / "bb")
-    spec = write_spec(tmp_path, {"name": "nostore", "tag": "t", "storeDir": str(store.dir),
-                                 "contents": [str(tree), str(paths["hello"])], "includeStorePaths": False,
-                                 "config": {"Cmd": ["/bin/ls", "/"]}})
+    spec = write_spec(
+        tmp_path,
+        {
+            "name": "nostore",
+            "tag": "t",
+            "storeDir": str(store.dir),
+            "contents": [str(tree), str(paths["hello"])],
+            "includeStorePaths": False,
+            "config": {"Cmd": ["/bin/ls", "/"]},
+        },
+    )
     build(spec, tmp_path / "img.tar")
     view = read_image(tmp_path / "img.tar", tmp_path / "view")
     store_rel = str(store.dir).lstrip("/")
@@ -352,9 +440,15 @@ def test_no_store_paths(tmp_path: Path, store: FakeStore) -> None:
 
 def test_store_paths_named_in_config_are_pulled_in(tmp_path: Path, store: FakeStore) -> None:
     paths = closure_store(store)
-    spec = write_spec(tmp_path, {"name": "cfg", "tag": "t", "storeDir": str(store.dir),
-                                 "config": {"Entrypoint": [f"{paths['hello']}/bin/hello"],
-                                            "Env": [f"BASH={paths['coreutils']}/bin/ls"]}})
+    spec = write_spec(
+        tmp_path,
+        {
+            "name": "cfg",
+            "tag": "t",
+            "storeDir": str(store.dir),
+            "config": {"Entrypoint": [f"{paths['hello']}/bin/hello"], "Env": [f"BASH={paths['coreutils']}/bin/ls"]},
+        },
+    )
     build(spec, tmp_path / "img.tar")
     view = read_image(tmp_path / "img.tar", tmp_path / "view")
     _assert_closure_complete(view, [paths[k] for k in ("hello", "bash", "glibc", "coreutils")])
@@ -373,18 +467,22 @@ def test_layered_image_json_result_matches_archive(tmp_path: Path, store: FakeSt
     assert result["image_digest"].startswith("sha256:") and result["config_digest"].startswith("sha256:")
 
 
-@pytest.mark.parametrize(("written", "expected"), [
-    ("2020-01-01T00:00:00+02:00", "2019-12-31T22:00:00Z"),
-    ("2020-01-01", "2020-01-01T00:00:00Z"),
-    ("2020-06-01T12:30:00.75Z", "2020-06-01T12:30:00Z"),
-    ("2020-06-01T12:30:00", "2020-06-01T12:30:00Z"),  # no zone: UTC, whatever TZ says
-])
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ("2020-01-01T00:00:00+02:00", "2019-12-31T22:00:00Z"),
+        ("2020-01-01", "2020-01-01T00:00:00Z"),
+        ("2020-06-01T12:30:00.75Z", "2020-06-01T12:30:00Z"),
+        ("2020-06-01T12:30:00", "2020-06-01T12:30:00Z"),  # no zone: UTC, whatever TZ says
+    ],
+)
 def test_date_forms_do_not_depend_on_tz(tmp_path: Path, written: str, expected: str) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "f").write_text("f")
-    spec = write_spec(tmp_path, {"name": "dates", "tag": "t", "contents": [str(tree)], "created": written,
-                                 "mtime": written})
+    spec = write_spec(
+        tmp_path, {"name": "dates", "tag": "t", "contents": [str(tree)], "created": written, "mtime": written}
+    )
     epoch = int(datetime.fromisoformat(expected.replace("Z", "+00:00")).timestamp())
     for tz in ("Asia/Tokyo", "America/Los_Angeles"):
         build(spec, tmp_path / f"{tz.replace('/', '-')}.tar", tz=tz)
@@ -398,9 +496,17 @@ def test_many_store_paths_fill_max_layers(tmp_path: Path, store: FakeStore) -> N
     of them unpacked by umoci."""
     paths = [store.add(f"pkg{i:03d}", {f"share/pkg{i}": b"p" * (i + 1)}) for i in range(140)]
     tree = busybox_tree(tmp_path / "bb")
-    spec = write_spec(tmp_path, {"name": "many", "tag": "t", "storeDir": str(store.dir), "maxLayers": 125,
-                                 "contents": [str(tree), *map(str, paths)],
-                                 "config": {"Cmd": ["/bin/sh", "-c", "ls /share | wc -l"]}})
+    spec = write_spec(
+        tmp_path,
+        {
+            "name": "many",
+            "tag": "t",
+            "storeDir": str(store.dir),
+            "maxLayers": 125,
+            "contents": [str(tree), *map(str, paths)],
+            "config": {"Cmd": ["/bin/sh", "-c", "ls /share | wc -l"]},
+        },
+    )
     build(spec, tmp_path / "img.tar")
     view = read_image(tmp_path / "img.tar", tmp_path / "view")
     assert len(view.layers) == 125
@@ -429,18 +535,31 @@ def test_extra_commands_environment(unprivileged_user: str | None, user_tmp) -> 
     from support import account
 
     work = user_tmp(unprivileged_user)
-    spec = write_spec(work, {"name": "env", "tag": "t", "mtime": "2001-02-03T04:05:06Z",
-                             "extraCommands": "mkdir -p out\nenv | sort > out/env\nid -u > out/uid\n"
-                                              "test -z \"$(ls -A | grep -v '^out$')\" && echo empty > out/cwd\n"
-                                              "echo $- > out/flags"})
-    build(spec, work / "img.tar", user=unprivileged_user,
-          env={"NSBUILD_LEAK_CHECK": "leaked", "HOME": "/nonexistent-home", "LC_ALL": "de_DE.UTF-8"})
+    spec = write_spec(
+        work,
+        {
+            "name": "env",
+            "tag": "t",
+            "mtime": "2001-02-03T04:05:06Z",
+            "extraCommands": "mkdir -p out\nenv | sort > out/env\nid -u > out/uid\n"
+            "test -z \"$(ls -A | grep -v '^out$')\" && echo empty > out/cwd\n"
+            "echo $- > out/flags",
+        },
+    )
+    build(
+        spec,
+        work / "img.tar",
+        user=unprivileged_user,
+        env={"NSBUILD_LEAK_CHECK": "leaked", "HOME": "/nonexistent-home", "LC_ALL": "de_DE.UTF-8"},
+    )
     view = read_image(work / "img.tar", work / "view")
     with tarfile.open(view.plain_paths[-1]) as tar:
+
         def text(name: str) -> str:
             f = tar.extractfile(name)
             assert f is not None
             return f.read().decode()
+
         env = dict(line.split("=", 1) for line in text("out/env").splitlines() if "=" in line)
         assert text("out/uid").strip() == str(account(unprivileged_user).uid)
         assert text("out/cwd").strip() == "empty"

@@ -111,13 +111,16 @@ def test_invalid_json(project: Path, text: str) -> None:
     assert "Traceback" not in proc.stderr and not (project / "img.tar").exists()
 
 
-@pytest.mark.parametrize(("args", "fragment"), [
-    (["--format", "tarball"], "--format"),
-    (["-o", "oci:"], "missing the path"),
-    (["-o", "containers-storage:foo"], "containers-storage"),
-    (["-o", "docker-archive:x.tar:onlyname"], "docker-archive"),
-    (["--isolation", "vm"], "--isolation"),
-])
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--format", "tarball"], "--format"),
+        (["-o", "oci:"], "missing the path"),
+        (["-o", "containers-storage:foo"], "containers-storage"),
+        (["-o", "docker-archive:x.tar:onlyname"], "docker-archive"),
+        (["--isolation", "vm"], "--isolation"),
+    ],
+)
 def test_bad_usage(project: Path, args: list[str], fragment: str) -> None:
     spec = write_spec(project, {"name": "x", "contents": ["rootfs"]})
     proc = run_nsbuild(["layered", str(spec), *BUILD_FLAGS, *args], cwd=project)
@@ -132,8 +135,14 @@ def test_missing_spec_file(tmp_path: Path) -> None:
 
 
 def test_failing_extra_commands(project: Path) -> None:
-    spec = write_spec(project, {"name": "fails", "contents": ["rootfs"],
-                                "extraCommands": "echo made-it-this-far\necho on-stderr >&2\nfalse\necho never"})
+    spec = write_spec(
+        project,
+        {
+            "name": "fails",
+            "contents": ["rootfs"],
+            "extraCommands": "echo made-it-this-far\necho on-stderr >&2\nfalse\necho never",
+        },
+    )
     out_dir = project / "out"
     out_dir.mkdir()
     (out_dir / "img.tar").write_bytes(b"previous image")  # a failed build must not clobber it
@@ -203,8 +212,11 @@ def test_full_disk_is_one_line_error(user_tmp: UserTmpFactory, full: str) -> Non
     try:
         proc = build(spec, target, user="test", env={"TMPDIR": str(tmpdir)}, check=False)
         assert proc.returncode == 1, proc.stderr
-        expected = ("nsbuild: error: No space left on device" if full == "workspace"
-                    else f"nsbuild: error: {out / 'img.tar'}: cannot write: No space left on device")
+        expected = (
+            "nsbuild: error: No space left on device"
+            if full == "workspace"
+            else f"nsbuild: error: {out / 'img.tar'}: cannot write: No space left on device"
+        )
         assert proc.stderr.strip() == expected, proc.stderr
         assert not list(out.iterdir()), list(out.iterdir())
         assert not list(tmpdir.iterdir()), list(tmpdir.iterdir())
@@ -238,8 +250,9 @@ def test_interrupt_leaves_nothing(user_tmp: UserTmpFactory, sig: signal.Signals,
     (work / "rootfs").mkdir()
     (work / "rootfs" / "file").write_bytes(os.urandom(1 << 20))
     marker = f"{31000 + os.getpid() % 1000 + sig}"
-    spec = write_spec(work, {"name": "interrupted", "contents": ["rootfs"],
-                             "extraCommands": f"sleep {marker} & sleep {marker}.5"})
+    spec = write_spec(
+        work, {"name": "interrupted", "contents": ["rootfs"], "extraCommands": f"sleep {marker} & sleep {marker}.5"}
+    )
     if user is not None:
         os.chown(spec, account(user).uid, account(user).gid)
     out = work / "out"
@@ -249,8 +262,7 @@ def test_interrupt_leaves_nothing(user_tmp: UserTmpFactory, sig: signal.Signals,
         if user is not None:
             os.chown(d, account(user).uid, account(user).gid)
     ref = f"{out}/img.tar" if fmt == "docker-archive" else f"oci:{out}/layout:t"
-    proc = popen_nsbuild(["layered", str(spec), "-o", ref, *BUILD_FLAGS], user, env={"TMPDIR": str(tmpdir)},
-                         text=True)
+    proc = popen_nsbuild(["layered", str(spec), "-o", ref, *BUILD_FLAGS], user, env={"TMPDIR": str(tmpdir)}, text=True)
 
     def sleeping() -> list[tuple[int, str]]:
         return [p for p in processes_of(user) if p[1].startswith("sleep ") and marker in p[1]]
@@ -273,13 +285,16 @@ def test_interrupt_leaves_nothing(user_tmp: UserTmpFactory, sig: signal.Signals,
     assert not list(tmpdir.iterdir()), f"temporary trees left: {list(tmpdir.iterdir())}"
 
 
-@pytest.mark.parametrize(("kind", "ref"), [
-    ("dir", "{d}/outdir"),
-    ("dir", "oci-archive:{d}/outdir"),
-    ("dir", "docker-archive:{d}/outdir"),
-    ("file", "oci:{d}/afile:t"),
-    ("nonlayout", "oci:{d}/outdir:t"),
-])
+@pytest.mark.parametrize(
+    ("kind", "ref"),
+    [
+        ("dir", "{d}/outdir"),
+        ("dir", "oci-archive:{d}/outdir"),
+        ("dir", "docker-archive:{d}/outdir"),
+        ("file", "oci:{d}/afile:t"),
+        ("nonlayout", "oci:{d}/outdir:t"),
+    ],
+)
 def test_output_of_the_wrong_kind(project: Path, kind: str, ref: str) -> None:
     """An archive onto a directory, a layout onto a file or into a directory that is not a layout: a
     clear one-line error (exit 2), and what was there is untouched."""
@@ -299,17 +314,25 @@ def test_oci_dir_into_an_empty_directory_and_a_second_tag(project: Path) -> None
     spec = write_spec(project, {"name": "x", "tag": "one", "contents": ["rootfs"]})
     (project / "layout").mkdir()
     build(spec, f"oci:{project / 'layout'}")
-    spec2 = write_spec(project, {"name": "x", "tag": "two", "contents": ["rootfs"], "extraCommands": "touch b"},
-                       "two.json")
+    spec2 = write_spec(
+        project, {"name": "x", "tag": "two", "contents": ["rootfs"], "extraCommands": "touch b"}, "two.json"
+    )
     build(spec2, f"oci:{project / 'layout'}:two")
     index = json.loads((project / "layout" / "index.json").read_text())
     names = [m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]]
     assert names == ["one", "two"]
 
 
-@pytest.mark.parametrize("ref", ["docker-archive:{d}/x.tar:Bad Name:tag", "docker-archive:{d}/x.tar:UPPER/app:tag",
-                                 "docker-archive:{d}/x.tar:app:-tag", "oci:{d}/layout:bad tag!",
-                                 "oci-archive:{d}/x.tar:-bad"])
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "docker-archive:{d}/x.tar:Bad Name:tag",
+        "docker-archive:{d}/x.tar:UPPER/app:tag",
+        "docker-archive:{d}/x.tar:app:-tag",
+        "oci:{d}/layout:bad tag!",
+        "oci-archive:{d}/x.tar:-bad",
+    ],
+)
 def test_invalid_name_or_tag_in_the_output_reference(project: Path, ref: str) -> None:
     """podman/docker would refuse the archive later; nsbuild refuses it now and writes nothing."""
     spec = write_spec(project, {"name": "x", "contents": ["rootfs"]})
@@ -354,8 +377,9 @@ def test_interrupt_while_a_layer_is_written(tmp_path: Path, ref: str) -> None:
     spec = write_spec(tmp_path, {"name": "big", "compressor": "zstd", "contents": ["rootfs"]})
     (tmp_path / "out").mkdir()
     tmpdir = fresh_tmpdir(tmp_path)
-    proc = popen_nsbuild(["layered", str(spec), "-o", ref.format(d=tmp_path), *BUILD_FLAGS],
-                         env={"TMPDIR": str(tmpdir)}, text=True)
+    proc = popen_nsbuild(
+        ["layered", str(spec), "-o", ref.format(d=tmp_path), *BUILD_FLAGS], env={"TMPDIR": str(tmpdir)}, text=True
+    )
 
     def reading_big() -> bool:
         """nsbuild has the big file open and is past its first MiB (from /proc, no timing)."""

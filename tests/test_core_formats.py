@@ -152,8 +152,9 @@ def test_name_and_tag_from_the_output_reference(tmp_path: Path) -> None:
     spec = example_spec(tmp_path, compressor="none")
     out = tmp_path / "img.tar"
     build(spec, f"docker-archive:{out}:localhost:5000/other/name:v2")
-    manifest = json.loads(subprocess.run(["tar", "-xOf", str(out), "manifest.json"], check=True,
-                                         capture_output=True, text=True).stdout)
+    manifest = json.loads(
+        subprocess.run(["tar", "-xOf", str(out), "manifest.json"], check=True, capture_output=True, text=True).stdout
+    )
     assert manifest[0]["RepoTags"] == ["localhost:5000/other/name:v2"]
     with podman_store() as store:
         assert store.load(out) == "localhost:5000/other/name:v2"

@@ -31,9 +31,18 @@ def base_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_base(tmp: Path, base_tree: Path, fmt: str, compressor: str) -> tuple[str, Path]:
     """Build the base with nsbuild; returns (fromImage reference, path)."""
-    spec = write_spec(tmp, {"name": "base", "tag": "b1", "compressor": compressor, "contents": [str(base_tree)],
-                            "extraCommands": "mkdir -p etc && echo custom > etc/base-custom",
-                            "config": {"Env": BASE_ENV, "WorkingDir": "/etc"}}, "base.json")
+    spec = write_spec(
+        tmp,
+        {
+            "name": "base",
+            "tag": "b1",
+            "compressor": compressor,
+            "contents": [str(base_tree)],
+            "extraCommands": "mkdir -p etc && echo custom > etc/base-custom",
+            "config": {"Env": BASE_ENV, "WorkingDir": "/etc"},
+        },
+        "base.json",
+    )
     if fmt == "docker-archive":
         path = tmp / {"none": "base.tar", "gz": "base.tar.gz", "zstd": "base.tar.zst"}[compressor]
         build(spec, path)
@@ -48,11 +57,18 @@ def make_base(tmp: Path, base_tree: Path, fmt: str, compressor: str) -> tuple[st
 
 
 def child_spec(tmp: Path, from_image: str, **extra: object) -> Path:
-    return write_spec(tmp, {"name": "child", "tag": "c1", "fromImage": from_image,
-                            "extraCommands": "mkdir -p etc && echo child > etc/child-release",
-                            "config": {"Env": CHILD_ENV,
-                                       "Cmd": ["/bin/sh", "-c", "cat base-release child-release; env"]},
-                            **extra}, "child.json")
+    return write_spec(
+        tmp,
+        {
+            "name": "child",
+            "tag": "c1",
+            "fromImage": from_image,
+            "extraCommands": "mkdir -p etc && echo child > etc/child-release",
+            "config": {"Env": CHILD_ENV, "Cmd": ["/bin/sh", "-c", "cat base-release child-release; env"]},
+            **extra,
+        },
+        "child.json",
+    )
 
 
 def check_child_runs(image_path: Path, tag: str | None = None) -> None:
@@ -67,8 +83,15 @@ def check_child_runs(image_path: Path, tag: str | None = None) -> None:
     assert sum(1 for line in lines if line.startswith("SHARED=")) == 1
 
 
-BASES = [("docker-archive", "none"), ("docker-archive", "gz"), ("docker-archive", "zstd"),
-         ("oci-dir", "none"), ("oci-dir", "zstd"), ("oci-archive", "none"), ("oci-archive", "zstd")]
+BASES = [
+    ("docker-archive", "none"),
+    ("docker-archive", "gz"),
+    ("docker-archive", "zstd"),
+    ("oci-dir", "none"),
+    ("oci-dir", "zstd"),
+    ("oci-archive", "none"),
+    ("oci-archive", "zstd"),
+]
 
 
 @pytest.mark.parametrize(("fmt", "compressor"), BASES, ids=[f"{f}-{c}" for f, c in BASES])
@@ -164,12 +187,17 @@ def test_base_config_digest_is_not_reused_blindly(tmp_path: Path, base_tree: Pat
     build(child_spec(tmp_path, ref), tmp_path / "child.tar")
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (layout / "blobs" / "sha256").iterdir()}
     assert before == after
-    assert json.loads((layout / "index.json").read_text())["manifests"][0]["annotations"][
-        "org.opencontainers.image.ref.name"] == "b1"
+    assert (
+        json.loads((layout / "index.json").read_text())["manifests"][0]["annotations"][
+            "org.opencontainers.image.ref.name"
+        ]
+        == "b1"
+    )
 
 
-@pytest.mark.parametrize("tool", ["skopeo-docker-archive", "podman-save-docker", "podman-save-oci-archive",
-                                  "podman-save-oci-dir"])
+@pytest.mark.parametrize(
+    "tool", ["skopeo-docker-archive", "podman-save-docker", "podman-save-oci-archive", "podman-save-oci-dir"]
+)
 def test_from_image_written_by_other_tools(tmp_path: Path, base_tree: Path, tool: str) -> None:
     """Bases as skopeo and `podman save` write them (their own member names and layouts)."""
     _, path = make_base(tmp_path, base_tree, "docker-archive", "none")
@@ -180,8 +208,11 @@ def test_from_image_written_by_other_tools(tmp_path: Path, base_tree: Path, tool
     else:
         with podman_store() as ps:
             image = ps.load(path)
-            fmt = {"podman-save-docker": "docker-archive", "podman-save-oci-archive": "oci-archive",
-                   "podman-save-oci-dir": "oci-dir"}[tool]
+            fmt = {
+                "podman-save-docker": "docker-archive",
+                "podman-save-oci-archive": "oci-archive",
+                "podman-save-oci-dir": "oci-dir",
+            }[tool]
             out = tmp_path / f"saved-{fmt}"
             ps.podman("save", "--format", fmt, "-o", str(out), image)
         ref = str(out)
@@ -200,20 +231,42 @@ def test_from_image_picks_the_architecture_from_an_index(tmp_path: Path, base_tr
         etc = tmp_path / f"etc-{arch}" / "etc"
         etc.mkdir(parents=True)
         (etc / "arch").write_text(f"{arch}\n")
-        spec = write_spec(tmp_path, {"name": "base", "tag": arch, "architecture": arch, "compressor": "none",
-                                     "contents": [str(base_tree), str(etc.parent)]}, f"{arch}.json")
+        spec = write_spec(
+            tmp_path,
+            {
+                "name": "base",
+                "tag": arch,
+                "architecture": arch,
+                "compressor": "none",
+                "contents": [str(base_tree), str(etc.parent)],
+            },
+            f"{arch}.json",
+        )
         build(spec, f"oci:{layout}:{arch}")
         digests[arch] = oci_manifest(layout, arch)
     index_doc = json.loads((layout / "index.json").read_text())
-    nested = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-              "manifests": [{**{k: v for k, v in m.items() if k != "annotations"},
-                             "platform": {"architecture": m["annotations"]["org.opencontainers.image.ref.name"],
-                                          "os": "linux"}} for m in index_doc["manifests"]]}
+    nested = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {
+                **{k: v for k, v in m.items() if k != "annotations"},
+                "platform": {"architecture": m["annotations"]["org.opencontainers.image.ref.name"], "os": "linux"},
+            }
+            for m in index_doc["manifests"]
+        ],
+    }
     data = json.dumps(nested).encode()
     digest = hashlib.sha256(data).hexdigest()
     (layout / "blobs" / "sha256" / digest).write_bytes(data)
-    index_doc["manifests"] = [{"mediaType": nested["mediaType"], "digest": f"sha256:{digest}", "size": len(data),
-                               "annotations": {"org.opencontainers.image.ref.name": "multi"}}]
+    index_doc["manifests"] = [
+        {
+            "mediaType": nested["mediaType"],
+            "digest": f"sha256:{digest}",
+            "size": len(data),
+            "annotations": {"org.opencontainers.image.ref.name": "multi"},
+        }
+    ]
     (layout / "index.json").write_text(json.dumps(index_doc))
     for arch in ("amd64", "arm64"):
         spec = child_spec(tmp_path, f"oci:{layout}:multi", architecture=arch, compressor="none")
@@ -221,7 +274,7 @@ def test_from_image_picks_the_architecture_from_an_index(tmp_path: Path, base_tr
         child = read_image(tmp_path / f"child-{arch}.tar", tmp_path / f"view-{arch}")
         assert child.config["architecture"] == arch
         base_layers = [d["digest"] for d in digests[arch]["layers"]]  # uncompressed: digest == diff_id
-        assert child.config["rootfs"]["diff_ids"][:len(base_layers)] == base_layers
+        assert child.config["rootfs"]["diff_ids"][: len(base_layers)] == base_layers
     spec = child_spec(tmp_path, f"oci:{layout}:multi", architecture="s390x")
     proc = build(spec, tmp_path / "child-s390x.tar", check=False)
     assert proc.returncode == 1 and "s390x" in proc.stderr and "amd64" in proc.stderr, proc.stderr

@@ -40,12 +40,16 @@ def make_trees(tmp: Path, sizes: list[int]) -> list[Path]:
 
 
 @pytest.mark.parametrize("max_layers", [2, 3, 4, 5, 8])
-@pytest.mark.parametrize("sizes", [[10, 100000, 20, 30], [100000, 10, 20, 30], [10, 20, 30, 100000]],
-                         ids=["big-second", "big-first", "big-last"])
+@pytest.mark.parametrize(
+    "sizes",
+    [[10, 100000, 20, 30], [100000, 10, 20, 30], [10, 20, 30, 100000]],
+    ids=["big-second", "big-first", "big-last"],
+)
 def test_later_contents_win_whatever_the_budget(tmp_path: Path, max_layers: int, sizes: list[int]) -> None:
     trees = make_trees(tmp_path, sizes)
-    spec = write_spec(tmp_path, {"name": "order", "tag": "t", "maxLayers": max_layers,
-                                 "contents": [str(t) for t in trees]})
+    spec = write_spec(
+        tmp_path, {"name": "order", "tag": "t", "maxLayers": max_layers, "contents": [str(t) for t in trees]}
+    )
     build(spec, tmp_path / "img.tar")
     view = read_image(tmp_path / "img.tar", tmp_path / "view")
     assert len(view.layers) == min(max_layers, len(trees) + 1)
@@ -61,8 +65,16 @@ def test_trees_and_store_paths_share_the_budget(tmp_path: Path, max_layers: int)
     lib = store.add("lib", {"lib/a.so": b"a" * 5000})
     apps = [store.add(f"app{i}", {f"bin/app{i}": b"b" * (1000 * (i + 1))}, refs=[lib]) for i in range(3)]
     trees = make_trees(tmp_path, [10, 20, 30])
-    spec = write_spec(tmp_path, {"name": "mix", "tag": "t", "maxLayers": max_layers, "storeDir": str(store.dir),
-                                 "contents": [*map(str, apps), *map(str, trees)]})
+    spec = write_spec(
+        tmp_path,
+        {
+            "name": "mix",
+            "tag": "t",
+            "maxLayers": max_layers,
+            "storeDir": str(store.dir),
+            "contents": [*map(str, apps), *map(str, trees)],
+        },
+    )
     build(spec, tmp_path / "img.tar")
     view = read_image(tmp_path / "img.tar", tmp_path / "view")
     assert len(view.layers) == min(max_layers, 4 + 3 + 1)
@@ -89,7 +101,7 @@ def test_references_found_like_nix(tmp_path: Path) -> None:
     ref = str(straddled).encode()
     blob = bytearray(b"\0" * (boundary + 4096))
     at = boundary - 40  # the hash part (after the store dir) crosses the boundary
-    blob[at:at + len(ref)] = ref
+    blob[at : at + len(ref)] = ref
     (top / "bin" / "big").write_bytes(bytes(blob))
     (top / "lib").mkdir()
     (top / "lib" / "libv.so").symlink_to(via_link / "lib" / "libv.so")

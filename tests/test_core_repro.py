@@ -35,9 +35,9 @@ def make_inputs(root: Path, reverse: bool = False) -> Path:
     tree = root / "tree"
     names = [f"f{i:03d}" for i in range(60)]
     dirs = ["etc", "usr/lib", "usr/share/doc", "var/empty"]
-    for d in (reversed(dirs) if reverse else dirs):
+    for d in reversed(dirs) if reverse else dirs:
         (tree / d).mkdir(parents=True, exist_ok=True)
-    for n in (reversed(names) if reverse else names):
+    for n in reversed(names) if reverse else names:
         (tree / "usr" / "lib" / n).write_text(n * 50)
     (tree / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
     os.link(tree / "etc" / "hosts", tree / "etc" / "hosts.hard")
@@ -50,13 +50,18 @@ def make_inputs(root: Path, reverse: bool = False) -> Path:
     for p in [root, *root.rglob("*")]:
         if not p.is_symlink():
             p.chmod(0o755 if p.is_dir() else 0o644)  # readable by the unprivileged builders
-    write_spec(root, {
-        "name": "repro", "compressor": "gz", "storeDir": str(store.dir),
-        "contents": ["tree", str(app), {"path": "tree/etc", "target": "/opt/etc"}],
-        "extraCommands": "mkdir -p tmp home/u && chmod 1777 tmp && date -u -d @$SOURCE_DATE_EPOCH > built-at\n"
-                         "touch -d '2020-01-01' home/u/touched && ls -l / > /dev/null",
-        "config": {"Cmd": ["/usr/bin/sh"], "Env": ["A=1"], "Labels": {"z": "1", "a": "2"}},
-    })
+    write_spec(
+        root,
+        {
+            "name": "repro",
+            "compressor": "gz",
+            "storeDir": str(store.dir),
+            "contents": ["tree", str(app), {"path": "tree/etc", "target": "/opt/etc"}],
+            "extraCommands": "mkdir -p tmp home/u && chmod 1777 tmp && date -u -d @$SOURCE_DATE_EPOCH > built-at\n"
+            "touch -d '2020-01-01' home/u/touched && ls -l / > /dev/null",
+            "config": {"Cmd": ["/usr/bin/sh"], "Env": ["A=1"], "Labels": {"z": "1", "a": "2"}},
+        },
+    )
     return root / "spec.json"
 
 
@@ -107,8 +112,9 @@ def test_same_bytes_whoever_builds(fmt: str, user_tmp: UserTmpFactory) -> None:
             make_inputs(inputs / "in", reverse=True)
             spec = spec_for(inputs / "in" / "spec.json", compressor)
         prefix = ["taskset", "-c", cpus] if cpus is not None else []
-        proc = run_as([*prefix, *nsbuild_cmd(), *argv], user, env={"LANG": lang, "LC_ALL": lang},
-                      umask=umask, tz=tz, cwd=cwd)
+        proc = run_as(
+            [*prefix, *nsbuild_cmd(), *argv], user, env={"LANG": lang, "LC_ALL": lang}, umask=umask, tz=tz, cwd=cwd
+        )
         assert proc.returncode == 0, proc.stderr
         result = json.loads(proc.stdout)
         results.append((result["image_digest"], result["tag"], digest_tree(out_dir / out_name), user))
@@ -133,8 +139,18 @@ def test_cache_gives_the_same_bytes(tmp_path: Path) -> None:
     spec = spec_for(make_inputs(tmp_path / "in"), "zstd")
     build(spec, tmp_path / "nocache.tar.zst")
     for i in range(2):  # cold, then warm cache
-        proc = run_as([*nsbuild_cmd(), "layered", str(spec), "-o", str(tmp_path / f"cache{i}.tar.zst"),
-                       "--cache-dir", str(tmp_path / "cache"), "-q"])
+        proc = run_as(
+            [
+                *nsbuild_cmd(),
+                "layered",
+                str(spec),
+                "-o",
+                str(tmp_path / f"cache{i}.tar.zst"),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "-q",
+            ]
+        )
         assert proc.returncode == 0, proc.stderr
         assert (tmp_path / f"cache{i}.tar.zst").read_bytes() == (tmp_path / "nocache.tar.zst").read_bytes()
 
@@ -193,8 +209,9 @@ def test_gzip_headers_carry_no_name_or_time(tmp_path: Path) -> None:
     spec = spec_for(make_inputs(tmp_path / "in"), "gz")
     build(spec, tmp_path / "img.tar.gz")
     build(spec, f"oci:{tmp_path / 'layout'}:t")
-    blobs = [tmp_path / "img.tar.gz"] + [p for p in (tmp_path / "layout" / "blobs" / "sha256").iterdir()
-                                          if p.read_bytes()[:2] == b"\x1f\x8b"]
+    blobs = [tmp_path / "img.tar.gz"] + [
+        p for p in (tmp_path / "layout" / "blobs" / "sha256").iterdir() if p.read_bytes()[:2] == b"\x1f\x8b"
+    ]
     assert len(blobs) >= 4
     for blob in blobs:
         head = blob.read_bytes()[:10]

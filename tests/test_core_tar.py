@@ -81,10 +81,21 @@ class Built:
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     tmp = tmp_path_factory.mktemp("tar")
     tree = make_tree(tmp / "tree")
-    spec = write_spec(tmp, {"name": "tardetails", "tag": "t", "compressor": "none", "mtime": MTIME,
-                            "uid": UID, "gid": GID, "uname": UNAME, "gname": GNAME,
-                            "contents": [str(tree), {"path": str(tree / "dir" / "a"), "target": "/opt/deep/x/a"}],
-                            "extraCommands": "mkdir -p var/empty && mkfifo var/fifo"})
+    spec = write_spec(
+        tmp,
+        {
+            "name": "tardetails",
+            "tag": "t",
+            "compressor": "none",
+            "mtime": MTIME,
+            "uid": UID,
+            "gid": GID,
+            "uname": UNAME,
+            "gname": GNAME,
+            "contents": [str(tree), {"path": str(tree / "dir" / "a"), "target": "/opt/deep/x/a"}],
+            "extraCommands": "mkdir -p var/empty && mkfifo var/fifo",
+        },
+    )
     image = tmp / "img.tar"
     build(spec, image)
     view = read_image(image, tmp / "view")
@@ -267,10 +278,10 @@ def test_file_larger_than_8_gib(tmp_path: Path) -> None:
         proc.kill()
         proc.wait()
         # The rest in C (a Python read loop over 8 GiB of pipe costs more than the build).
-        total = int(subprocess.run(f"zstd -dcq '{blob}' | wc -c", shell=True, check=True,
-                                   capture_output=True, text=True).stdout)
-        tail = subprocess.run(f"zstd -dcq '{blob}' | tail -c 4096", shell=True, check=True,
-                              capture_output=True).stdout
+        total = int(
+            subprocess.run(f"zstd -dcq '{blob}' | wc -c", shell=True, check=True, capture_output=True, text=True).stdout
+        )
+        tail = subprocess.run(f"zstd -dcq '{blob}' | tail -c 4096", shell=True, check=True, capture_output=True).stdout
         break
     else:
         raise AssertionError("no layer holds big.img")
@@ -284,7 +295,7 @@ def test_file_larger_than_8_gib(tmp_path: Path) -> None:
     data_end = first.offset + 512 + size
     assert total == data_end + (-size % 512) + 1024, "data, padding and the two end blocks"
     pad = -size % 512
-    assert tail[-(1024 + pad + 3):-(1024 + pad)] == b"END"
+    assert tail[-(1024 + pad + 3) : -(1024 + pad)] == b"END"
 
 
 def test_long_and_non_ascii_owner_names(tmp_path: Path) -> None:
@@ -293,13 +304,25 @@ def test_long_and_non_ascii_owner_names(tmp_path: Path) -> None:
     tree.mkdir()
     (tree / "f").write_text("f")
     uname, gname = "u" * 40, "grüppe"
-    spec = write_spec(tmp_path, {"name": "owners", "tag": "t", "compressor": "none", "contents": [str(tree)],
-                                 "uid": 70000, "gid": 2**31, "uname": uname, "gname": gname})
+    spec = write_spec(
+        tmp_path,
+        {
+            "name": "owners",
+            "tag": "t",
+            "compressor": "none",
+            "contents": [str(tree)],
+            "uid": 70000,
+            "gid": 2**31,
+            "uname": uname,
+            "gname": gname,
+        },
+    )
     build(spec, tmp_path / "img.tar")
     view = read_image(tmp_path / "img.tar", tmp_path / "view")
     for members in view.layers:
         for m in members:
             assert (m.uid, m.gid, m.uname, m.gname) == (70000, 2**31, uname, gname), m.name
-    listing = subprocess.run(["tar", "-tvf", str(view.plain_paths[0])], capture_output=True, text=True,
-                             check=True).stdout
+    listing = subprocess.run(
+        ["tar", "-tvf", str(view.plain_paths[0])], capture_output=True, text=True, check=True
+    ).stdout
     assert f"{uname}/{gname}" in listing, listing

@@ -73,8 +73,10 @@ def _rootfs(work: Path) -> Path:
     (r / "opt/replaced/old/f").write_text("o\n")
     (r / "opt/replaced/other").write_text("o\n")
     (r / "opt/kept/f").write_text("k\n")
-    (r / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n"
-                                  "nobody:x:65534:65534::/nonexistent:/bin/false\n")
+    (r / "etc/passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n"
+        "nobody:x:65534:65534::/nonexistent:/bin/false\n"
+    )
     (r / "etc/group").write_text("root:x:0:\nalice:x:1000:\nwheel42:x:4242:\nnogroup:x:65534:\n")
     return r
 
@@ -92,9 +94,16 @@ def _spec(work: Path, script: str, **extra: object) -> dict:
     return spec
 
 
-def build(user: str | None, work: Path, spec: dict, isolation: str, *, out_name: str | None = None,
-          extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None
-          ) -> tuple[subprocess.CompletedProcess, Path]:
+def build(
+    user: str | None,
+    work: Path,
+    spec: dict,
+    isolation: str,
+    *,
+    out_name: str | None = None,
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> tuple[subprocess.CompletedProcess, Path]:
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
     out = work / (out_name or f"image-{isolation}.tar")
@@ -104,8 +113,11 @@ def build(user: str | None, work: Path, spec: dict, isolation: str, *, out_name:
     if is_root():
         for p in (spec_path, tmp):
             os.chown(p, acc.uid, acc.gid)
-    proc = run_nsbuild(["layered", spec_path, "-o", out, "--isolation", isolation, *extra_args], user=user,
-                       env={"TMPDIR": str(tmp), **(env or {})})
+    proc = run_nsbuild(
+        ["layered", spec_path, "-o", out, "--isolation", isolation, *extra_args],
+        user=user,
+        env={"TMPDIR": str(tmp), **(env or {})},
+    )
     return proc, out
 
 
@@ -115,8 +127,18 @@ def listing(layer: Path) -> dict[str, tuple]:
     with tarfile.open(layer) as tf:
         for m in tf.getmembers():
             xattrs = tuple(sorted((k, v) for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")))
-            out[m.name.rstrip("/")] = (m.type, m.mode, m.uid, m.gid, m.uname, m.gname, m.linkname,
-                                       m.devmajor, m.devminor, xattrs)
+            out[m.name.rstrip("/")] = (
+                m.type,
+                m.mode,
+                m.uid,
+                m.gid,
+                m.uname,
+                m.gname,
+                m.linkname,
+                m.devmajor,
+                m.devminor,
+                xattrs,
+            )
     return out
 
 
@@ -204,7 +226,8 @@ def test_matrix_recorded_identically_by_every_backend(matrix_work: tuple[str | N
     assert not any(k.startswith(("dev/", "proc/", "sys/")) or k in ("dev", "proc", "sys") for k in lst)
     for backend, other in results.items():
         assert other == lst, f"{backend} differs from {first}: " + repr(
-            {k: (lst.get(k), other.get(k)) for k in set(lst) | set(other) if lst.get(k) != other.get(k)})
+            {k: (lst.get(k), other.get(k)) for k in set(lst) | set(other) if lst.get(k) != other.get(k)}
+        )
     assert len(set(digests.values())) == 1, digests
 
 
@@ -214,8 +237,14 @@ def test_nixpkgs_chown_home_alice_and_untouched_owner(matrix_work: tuple[str | N
     owner)."""
     user, work = matrix_work
     for backend in _backends_for(user):
-        spec = _spec(work, "mkdir -p home/alice && chown 1000 home/alice\ntouch rootfile",
-                     uid=1000, gid=1000, uname="user", gname="user")
+        spec = _spec(
+            work,
+            "mkdir -p home/alice && chown 1000 home/alice\ntouch rootfile",
+            uid=1000,
+            gid=1000,
+            uname="user",
+            gname="user",
+        )
         proc, out = build(user, work, spec, backend)
         assert proc.returncode == 0, describe(proc)
         layers = image_layers(out, work / f"nix-{backend}")
@@ -272,8 +301,14 @@ def test_enable_fakechroot(unprivileged_user: str | None, user_tmp: UserTmpFacto
     user = unprivileged_user
     work = user_tmp(user)
     _chroot_rootfs(work)
-    spec = {"name": "chroot-test", "tag": "latest", "compressor": "none", "contents": ["chroot-rootfs"],
-            "enableFakechroot": True, "fakeRootCommands": CHROOT_SCRIPT}
+    spec = {
+        "name": "chroot-test",
+        "tag": "latest",
+        "compressor": "none",
+        "contents": ["chroot-rootfs"],
+        "enableFakechroot": True,
+        "fakeRootCommands": CHROOT_SCRIPT,
+    }
     results = {}
     for backend in [b for b in _backends_for(user) if b != "fakeroot"]:
         proc, out = build(user, work, spec, backend)
@@ -292,8 +327,9 @@ def test_enable_fakechroot(unprivileged_user: str | None, user_tmp: UserTmpFacto
     assert not out.exists()
 
 
-def test_failing_script_exit_1_output_shown_nothing_written(unprivileged_user: str | None,
-                                                             user_tmp: UserTmpFactory) -> None:
+def test_failing_script_exit_1_output_shown_nothing_written(
+    unprivileged_user: str | None, user_tmp: UserTmpFactory
+) -> None:
     _require_tools()
     user = unprivileged_user
     work = user_tmp(user)
@@ -308,8 +344,7 @@ def test_failing_script_exit_1_output_shown_nothing_written(unprivileged_user: s
         assert os.listdir(work / "tmp") == [], f"{backend} left temporary files behind"
 
 
-def test_podman_runs_image_owners_setuid_and_capability(user_with_subids: str | None,
-                                                        user_tmp: UserTmpFactory) -> None:
+def test_podman_runs_image_owners_setuid_and_capability(user_with_subids: str | None, user_tmp: UserTmpFactory) -> None:
     """The built image, run by podman: ids, the setuid bit and the file capability are in effect, and
     a file the script deleted from an earlier layer is gone."""
     _require_tools()
@@ -321,13 +356,14 @@ def test_podman_runs_image_owners_setuid_and_capability(user_with_subids: str | 
         for dirpath, dirnames, filenames in os.walk(rootfs):
             for n in [dirpath, *[os.path.join(dirpath, x) for x in dirnames + filenames]]:
                 os.lchown(n, acc.uid, acc.gid)
-    check = ("stat -c '%u:%g %a %n' /home/alice /bin/suidtool /owned; "
-             "test -e /etc/motd && echo motd-present || echo motd-gone; "
-             "grep CapEff /proc/self/status; "
-             "id -u 1>&2")
+    check = (
+        "stat -c '%u:%g %a %n' /home/alice /bin/suidtool /owned; "
+        "test -e /etc/motd && echo motd-present || echo motd-gone; "
+        "grep CapEff /proc/self/status; "
+        "id -u 1>&2"
+    )
     for backend in _backends_for(user):
-        spec = _spec(work, MATRIX_SCRIPT.replace("mknod", ": mknod"),
-                     config={"Cmd": ["/bin/sh", "-c", check]})
+        spec = _spec(work, MATRIX_SCRIPT.replace("mknod", ": mknod"), config={"Cmd": ["/bin/sh", "-c", check]})
         spec["extraCommands"] += " && ln -s busybox bin/grep && ln -s busybox bin/test"
         proc, out = build(user, work, spec, backend)
         assert proc.returncode == 0, describe(proc)
@@ -338,8 +374,7 @@ def test_podman_runs_image_owners_setuid_and_capability(user_with_subids: str | 
         assert "12345:23456 644 /owned" in shown, shown
         assert "motd-gone" in shown, shown
         # As uid 1000, the binary with cap_net_bind_service+ep gets exactly that capability.
-        capeff = podman_load_and_run(out, ["/capbin/cat", "/proc/self/status"], user=user,
-                                     run_args=["--user", "1000"])
+        capeff = podman_load_and_run(out, ["/capbin/cat", "/proc/self/status"], user=user, run_args=["--user", "1000"])
         line = next(ln for ln in capeff.splitlines() if ln.startswith("CapEff"))
         assert int(line.split()[1], 16) == 1 << 10, line
 
@@ -350,20 +385,25 @@ def test_from_image_layers_below_the_script(unprivileged_user: str | None, user_
     _require_tools()
     user = unprivileged_user
     work = user_tmp(user)
-    base = {"name": "base", "tag": "1", "compressor": "none",
-            "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
-            "extraCommands": "mkdir -p bin etc opt/dir && ln -s busybox bin/sh && echo m > etc/motd && "
-                             "echo x > opt/dir/f && echo 'alice:x:1000:1000::/:/bin/sh' > etc/passwd",
-            "fakeRootCommands": "mkdir srv && chown 1000:1000 srv && echo s > srv/data && chown 1000 srv/data\n"
-                                "mknod cdev c 1 3 && mknod keepdev c 1 5"}
+    base = {
+        "name": "base",
+        "tag": "1",
+        "compressor": "none",
+        "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+        "extraCommands": "mkdir -p bin etc opt/dir && ln -s busybox bin/sh && echo m > etc/motd && "
+        "echo x > opt/dir/f && echo 'alice:x:1000:1000::/:/bin/sh' > etc/passwd",
+        "fakeRootCommands": "mkdir srv && chown 1000:1000 srv && echo s > srv/data && chown 1000 srv/data\n"
+        "mknod cdev c 1 3 && mknod keepdev c 1 5",
+    }
     proc, base_tar = build(user, work, base, "userns-fakeroot", out_name="base.tar")
     assert proc.returncode == 0, describe(proc)
-    script = ("test \"$(stat -c %u:%g srv)\" = 1000:1000\n"
-              "test \"$(stat -c %u srv/data)\" = 1000\n"
-              "test -e cdev && test -e keepdev\n"
-              "rm etc/motd && rm -rf opt/dir && echo more >> srv/data && chown 2000 srv && chown 7:7 cdev")
-    child = {"name": "child", "tag": "1", "compressor": "none", "fromImage": str(base_tar),
-             "fakeRootCommands": script}
+    script = (
+        'test "$(stat -c %u:%g srv)" = 1000:1000\n'
+        'test "$(stat -c %u srv/data)" = 1000\n'
+        "test -e cdev && test -e keepdev\n"
+        "rm etc/motd && rm -rf opt/dir && echo more >> srv/data && chown 2000 srv && chown 7:7 cdev"
+    )
+    child = {"name": "child", "tag": "1", "compressor": "none", "fromImage": str(base_tar), "fakeRootCommands": script}
     results, digests = {}, {}
     for backend in _backends_for(user):
         proc, out = build(user, work, child, backend)
@@ -419,7 +459,8 @@ def test_edge_changes_identical_across_backends(matrix_work: tuple[str | None, P
         ref = next(iter(same.values()))
         for key, other in same.items():
             assert other == ref, f"{key}: " + repr(
-                {k: (ref.get(k), other.get(k)) for k in set(ref) | set(other) if ref.get(k) != other.get(k)})
+                {k: (ref.get(k), other.get(k)) for k in set(ref) | set(other) if ref.get(k) != other.get(k)}
+            )
         assert len({digests[k] for k in same}) == 1, {k: digests[k] for k in same}
     results = {k: v for k, v in results.items() if k.endswith("edge")}
     digests = {k: v for k, v in digests.items() if k.endswith("edge")}
@@ -434,7 +475,8 @@ def test_edge_changes_identical_across_backends(matrix_work: tuple[str | None, P
     assert "opt/kept/f" in lst
     for backend, other in results.items():
         assert other == lst, f"{backend}: " + repr(
-            {k: (lst.get(k), other.get(k)) for k in set(lst) | set(other) if lst.get(k) != other.get(k)})
+            {k: (lst.get(k), other.get(k)) for k in set(lst) | set(other) if lst.get(k) != other.get(k)}
+        )
     assert len(set(digests.values())) == 1, digests
 
 
@@ -445,10 +487,15 @@ def test_nixpkgs_fakechroot_with_static_busybox(unprivileged_user: str | None, u
     _require_tools()
     user = unprivileged_user
     work = user_tmp(user)
-    spec = {"name": "busybox-chroot", "tag": "latest", "compressor": "none",
-            "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
-            "extraCommands": "mkdir -p bin && for a in sh touch chown; do ln -s busybox bin/$a; done",
-            "enableFakechroot": True, "fakeRootCommands": "touch /testfile && chown 12345:12345 /testfile"}
+    spec = {
+        "name": "busybox-chroot",
+        "tag": "latest",
+        "compressor": "none",
+        "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+        "extraCommands": "mkdir -p bin && for a in sh touch chown; do ln -s busybox bin/$a; done",
+        "enableFakechroot": True,
+        "fakeRootCommands": "touch /testfile && chown 12345:12345 /testfile",
+    }
     if "userns" in _backends_for(user):
         proc, out = build(user, work, spec, "userns")
         assert proc.returncode == 0, describe(proc)
@@ -462,14 +509,17 @@ def test_contents_folded_into_the_customisation_layer(matrix_work: tuple[str | N
     """fromImage fills the layer budget (maxLayers 3 for a 2-layer base): the contents are folded into the customisation
     layer itself; what the script changes in them lands there, with no whiteout for what is not below."""
     user, work = matrix_work
-    base = {"name": "base", "tag": "1", "compressor": "none",
-            "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}]}
+    base = {"name": "base", "tag": "1", "compressor": "none", "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}]}
     proc, base_tar = build(user, work, base, "userns-fakeroot", out_name="base.tar")
     assert proc.returncode == 0, describe(proc)
     results = {}
     for backend in _backends_for(user):
-        spec = _spec(work, "chown 1000:1000 etc/lower-chown && rm etc/motd && chmod 4755 bin/busybox",
-                     maxLayers=3, fromImage=str(base_tar))
+        spec = _spec(
+            work,
+            "chown 1000:1000 etc/lower-chown && rm etc/motd && chmod 4755 bin/busybox",
+            maxLayers=3,
+            fromImage=str(base_tar),
+        )
         spec["contents"] = ["rootfs"]
         proc, out = build(user, work, spec, backend)
         assert proc.returncode == 0, describe(proc)

@@ -31,6 +31,7 @@ def _file(name: str, data: bytes = b"x\n") -> Entry:
         ti.size = len(data)
         ti.mode = 0o644
         tf.addfile(ti, io.BytesIO(data))
+
     return add
 
 
@@ -42,6 +43,7 @@ def _special(name: str, kind: bytes, link: str = "", major: int = 0, minor: int 
         ti.devmajor, ti.devminor = major, minor
         ti.mode = 0o755 if kind == tarfile.DIRTYPE else 0o777 if kind == tarfile.SYMTYPE else 0o644
         tf.addfile(ti)
+
     return add
 
 
@@ -67,9 +69,15 @@ def layer(*entries: Entry) -> bytes:
 
 def docker_archive(path: Path, layers: list[bytes], diff_ids: list[str] | None = None) -> None:
     diff_ids = diff_ids or ["sha256:" + hashlib.sha256(data).hexdigest() for data in layers]
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
-                         "rootfs": {"type": "layers", "diff_ids": diff_ids},
-                         "history": [{"created": "1970-01-01T00:00:01Z"} for _ in layers]}).encode()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "history": [{"created": "1970-01-01T00:00:01Z"} for _ in layers],
+        }
+    ).encode()
     config_name = hashlib.sha256(config).hexdigest() + ".json"
     names = [f"L{i}/layer.tar" for i in range(len(layers))]
     manifest = json.dumps([{"Config": config_name, "RepoTags": ["hostile:latest"], "Layers": names}]).encode()
@@ -85,9 +93,9 @@ def _patch_size(data: bytes, member: int, size: int) -> bytes:
     raw = bytearray(data)
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         off = tf.getmembers()[member].offset
-    raw[off + 124:off + 136] = b"%011o\0" % size
-    raw[off + 148:off + 156] = b" " * 8
-    raw[off + 148:off + 156] = b"%06o\0 " % sum(raw[off:off + 512])
+    raw[off + 124 : off + 136] = b"%011o\0" % size
+    raw[off + 148 : off + 156] = b" " * 8
+    raw[off + 148 : off + 156] = b"%06o\0 " % sum(raw[off : off + 512])
     return bytes(raw)
 
 
@@ -100,26 +108,50 @@ def _cases(canary: Path) -> dict[str, tuple[list[bytes], str, dict[str, str] | N
     return {
         "dotdot": ([layer(_file(up + "/dotdot"))], "contains '..'", None),
         "absolute": ([layer(_file(str(canary) + "/absolute"))], "absolute name", None),
-        "symlink-same-layer": ([layer(_symlink("esc", str(canary)), _file("esc/pwned"))],
-                               "writes through the symlink /esc", None),
-        "symlink-planted-earlier": ([layer(_symlink("esc", str(canary))), layer(_file("esc/pwned"))],
-                                    "planted by fromImage layer 0", None),
-        "symlink-deeper": ([layer(_dir("a"), _symlink("a/b", str(canary))), layer(_file("a/b/c/pwned"))],
-                           "writes through the symlink /a/b", None),
-        "relative-symlink-up": ([layer(_symlink("esc", up)), layer(_dir("esc/sub"))],
-                                "writes through the symlink /esc", None),
-        "whiteout-through-symlink": ([layer(_symlink("esc", str(canary))), layer(_file("esc/.wh.keep", b""))],
-                                     "writes through the symlink /esc", None),
-        "opaque-through-symlink": ([layer(_symlink("esc", str(canary))), layer(_file("esc/.wh..wh..opq", b""))],
-                                   "writes through the symlink /esc", None),
+        "symlink-same-layer": (
+            [layer(_symlink("esc", str(canary)), _file("esc/pwned"))],
+            "writes through the symlink /esc",
+            None,
+        ),
+        "symlink-planted-earlier": (
+            [layer(_symlink("esc", str(canary))), layer(_file("esc/pwned"))],
+            "planted by fromImage layer 0",
+            None,
+        ),
+        "symlink-deeper": (
+            [layer(_dir("a"), _symlink("a/b", str(canary))), layer(_file("a/b/c/pwned"))],
+            "writes through the symlink /a/b",
+            None,
+        ),
+        "relative-symlink-up": (
+            [layer(_symlink("esc", up)), layer(_dir("esc/sub"))],
+            "writes through the symlink /esc",
+            None,
+        ),
+        "whiteout-through-symlink": (
+            [layer(_symlink("esc", str(canary))), layer(_file("esc/.wh.keep", b""))],
+            "writes through the symlink /esc",
+            None,
+        ),
+        "opaque-through-symlink": (
+            [layer(_symlink("esc", str(canary))), layer(_file("esc/.wh..wh..opq", b""))],
+            "writes through the symlink /esc",
+            None,
+        ),
         "hardlink-dotdot": ([layer(_hardlink("hl", up + "/keep"))], "hard link", None),
         "hardlink-absolute": ([layer(_hardlink("hl", str(canary) + "/keep"))], "hard link", None),
-        "hardlink-via-symlink": ([layer(_symlink("esc", str(canary)), _hardlink("hl", "esc/keep"))],
-                                 "writes through the symlink /esc", None),
+        "hardlink-via-symlink": (
+            [layer(_symlink("esc", str(canary)), _hardlink("hl", "esc/keep"))],
+            "writes through the symlink /esc",
+            None,
+        ),
         "device-node": ([layer(_special("dev-null", tarfile.CHRTYPE, major=1, minor=3))], "device node", None),
         "absurd-size": ([_patch_size(layer(_file("huge", b"h" * 100)), 0, (8 << 30) - 1)], "absurd size", None),
-        "digest-mismatch": ([good], "does not match",
-                            {"diff_id": "sha256:" + hashlib.sha256(b"something else").hexdigest()}),
+        "digest-mismatch": (
+            [good],
+            "does not match",
+            {"diff_id": "sha256:" + hashlib.sha256(b"something else").hexdigest()},
+        ),
         "truncated": ([truncated], "truncated", None),
         "truncated-no-end": ([no_end], "truncated", None),
     }
@@ -211,17 +243,39 @@ def test_oci_blob_digest_mismatch(hostile_work: tuple[str | None, Path, Path]) -
 
     layer_digest = "sha256:" + hashlib.sha256(blob).hexdigest()
     (blobs / layer_digest.split(":")[1]).write_bytes(wrong)  # the bytes do not match the name
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
-                         "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(good).hexdigest()]}}
-                        ).encode()
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                                      "digest": put(config), "size": len(config)},
-                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                                       "digest": layer_digest, "size": len(blob)}]}).encode()
-    index = {"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                                                "digest": put(manifest), "size": len(manifest),
-                                                "annotations": {"org.opencontainers.image.ref.name": "t"}}]}
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(good).hexdigest()]},
+        }
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": put(config),
+                "size": len(config),
+            },
+            "layers": [
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": len(blob)}
+            ],
+        }
+    ).encode()
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": put(manifest),
+                "size": len(manifest),
+                "annotations": {"org.opencontainers.image.ref.name": "t"},
+            }
+        ],
+    }
     (layout / "index.json").write_text(json.dumps(index))
     (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     if is_root():
@@ -230,8 +284,11 @@ def test_oci_blob_digest_mismatch(hostile_work: tuple[str | None, Path, Path]) -
             for n in [dirpath, *[os.path.join(dirpath, x) for x in dirnames + filenames]]:
                 os.lchown(n, acc.uid, acc.gid)
     spec_path = work / "spec.json"
-    spec_path.write_text(json.dumps({"name": "victim", "tag": "t", "compressor": "none",
-                                     "fromImage": f"oci:{layout}:t", "runAsRoot": "true"}))
+    spec_path.write_text(
+        json.dumps(
+            {"name": "victim", "tag": "t", "compressor": "none", "fromImage": f"oci:{layout}:t", "runAsRoot": "true"}
+        )
+    )
     if is_root():
         os.chown(spec_path, acc.uid, acc.gid)
     out = work / "out.tar"

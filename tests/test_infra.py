@@ -78,8 +78,13 @@ def test_runs_unprivileged_with_clean_environment(unprivileged_user: str | None)
     acc = account(unprivileged_user)
     os.environ["NSBUILD_TEST_LEAK"] = "1"
     try:
-        proc = run_as(["sh", "-c", "id -u; id -g; umask; env"], unprivileged_user, umask=0o077,
-                      tz="Pacific/Kiritimati", check=True)
+        proc = run_as(
+            ["sh", "-c", "id -u; id -g; umask; env"],
+            unprivileged_user,
+            umask=0o077,
+            tz="Pacific/Kiritimati",
+            check=True,
+        )
     finally:
         del os.environ["NSBUILD_TEST_LEAK"]
     uid, gid, umask, *env_lines = proc.stdout.splitlines()
@@ -108,8 +113,12 @@ def test_unprivileged_chown_is_refused(unprivileged_user: str | None, user_tmp: 
 def test_user_namespace_maps_caller_to_root(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
     acc = account(unprivileged_user)
     work = user_tmp(unprivileged_user)
-    proc = run_as(["unshare", "--user", "--map-root-user", "sh", "-c", "id -u; touch f; stat -c %u f"],
-                  unprivileged_user, cwd=work, check=True)
+    proc = run_as(
+        ["unshare", "--user", "--map-root-user", "sh", "-c", "id -u; touch f; stat -c %u f"],
+        unprivileged_user,
+        cwd=work,
+        check=True,
+    )
     assert proc.stdout.split() == ["0", "0"]
     assert (work / "f").stat().st_uid == acc.uid  # namespace-root is the caller on disk
 
@@ -124,9 +133,20 @@ def _map_subids(user: str | None, work: Path) -> tuple[int, object]:
             starts.append(subid_range(acc.name, acc.uid, path)[0])
         except AssertionError:
             starts.append(100000)
-    proc = run_as(["unshare", "--user", "--map-root-user", f"--map-users={starts[0]},1,65536",
-                   f"--map-groups={starts[1]},1,65536", "sh", "-c",
-                   "touch f && chown 1000:1000 f && stat -c %u:%g f"], user, cwd=work)
+    proc = run_as(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            f"--map-users={starts[0]},1,65536",
+            f"--map-groups={starts[1]},1,65536",
+            "sh",
+            "-c",
+            "touch f && chown 1000:1000 f && stat -c %u:%g f",
+        ],
+        user,
+        cwd=work,
+    )
     return starts[0], proc
 
 
@@ -149,19 +169,33 @@ def test_newuidmap_refused_without_subids(user_without_subids: str | None, user_
 def test_user_tmp_removes_subordinate_owned_and_readonly_trees(user_with_subids: str | None) -> None:
     factory = UserTmpFactory()
     work = factory(user_with_subids)
-    run_as(["unshare", "--user", "--map-root-user", "--map-auto", "sh", "-c",
-            "mkdir -p a/b && touch a/b/f && chown -R 1234:1234 a && chmod 0555 a/b a"],
-           user_with_subids, cwd=work, check=True)
+    run_as(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--map-auto",
+            "sh",
+            "-c",
+            "mkdir -p a/b && touch a/b/f && chown -R 1234:1234 a && chmod 0555 a/b a",
+        ],
+        user_with_subids,
+        cwd=work,
+        check=True,
+    )
     assert (work / "a").stat().st_uid not in (0, account(user_with_subids).uid)
     factory.cleanup()
     assert not work.exists()
 
 
 def test_venv_and_project_reachable_by_unprivileged_users(unprivileged_user: str | None) -> None:
-    proc = run_as([f"{os.path.dirname(nsbuild_cmd()[0])}/python", "-c",
-                   "import nsbuild, sys; print(sys.prefix)"], unprivileged_user)
-    assert proc.returncode == 0, f"the venv or the project is not readable by {account(unprivileged_user).name}:" \
-        f"\n{proc.stderr}"
+    proc = run_as(
+        [f"{os.path.dirname(nsbuild_cmd()[0])}/python", "-c", "import nsbuild, sys; print(sys.prefix)"],
+        unprivileged_user,
+    )
+    assert proc.returncode == 0, (
+        f"the venv or the project is not readable by {account(unprivileged_user).name}:\n{proc.stderr}"
+    )
 
 
 def test_nsbuild_cli_runs_unprivileged(unprivileged_user: str | None) -> None:
@@ -173,8 +207,17 @@ def test_nsbuild_cli_runs_unprivileged(unprivileged_user: str | None) -> None:
 # --- images for the verifier tests ------------------------------------------------------------------
 
 
-def _tar_entry(t: tarfile.TarFile, name: str, typ: bytes = tarfile.REGTYPE, data: bytes = b"", uid: int = 0,
-               gid: int = 0, mode: int = 0o644, link: str = "", pax: dict[str, str] | None = None) -> None:
+def _tar_entry(
+    t: tarfile.TarFile,
+    name: str,
+    typ: bytes = tarfile.REGTYPE,
+    data: bytes = b"",
+    uid: int = 0,
+    gid: int = 0,
+    mode: int = 0o644,
+    link: str = "",
+    pax: dict[str, str] | None = None,
+) -> None:
     ti = tarfile.TarInfo(name)
     ti.type, ti.uid, ti.gid, ti.mode, ti.size, ti.linkname, ti.mtime = typ, uid, gid, mode, len(data), link, 1
     if pax:
@@ -205,8 +248,20 @@ def make_oci(d: Path, tag: str = "t", unsafe: str | None = None) -> Path:
     run_tool(["umoci", "init", "--layout", layout])
     run_tool(["umoci", "new", "--image", f"{layout}:{tag}"])
     run_tool(["umoci", "raw", "add-layer", "--image", f"{layout}:{tag}", write_layer(d / "layer.tar", unsafe)])
-    run_tool(["umoci", "config", "--image", f"{layout}:{tag}", "--config.cmd", "/bin/busybox",
-              "--config.cmd", "echo", "--config.cmd", "hello from the tiny image"])
+    run_tool(
+        [
+            "umoci",
+            "config",
+            "--image",
+            f"{layout}:{tag}",
+            "--config.cmd",
+            "/bin/busybox",
+            "--config.cmd",
+            "echo",
+            "--config.cmd",
+            "hello from the tiny image",
+        ]
+    )
     run_tool(["chmod", "-R", "a+rX", d])
     return layout
 
@@ -232,8 +287,9 @@ def tiny_archive(tiny_oci: Path) -> Path:
 
 
 @pytest.mark.parametrize("who", ["root", "unprivileged"])
-def test_umoci_unpack_reports_image_owners(tiny_oci: Path, user_tmp: UserTmpFactory, who: str,
-                                           user_with_subids: str | None) -> None:
+def test_umoci_unpack_reports_image_owners(
+    tiny_oci: Path, user_tmp: UserTmpFactory, who: str, user_with_subids: str | None
+) -> None:
     user = None if who == "root" else user_with_subids
     if who == "root" and not is_root():
         pytest.skip("the root variant needs root")
@@ -299,17 +355,20 @@ def test_tar_readers_reject_unsafe_names(tmp_path: Path, unsafe: str) -> None:
     assert not (tmp_path / "escape").exists()
 
 
-def test_podman_runs_image_as_root_and_unprivileged(tiny_archive: Path, tiny_oci: Path,
-                                                    user_with_subids: str | None, require_podman: None) -> None:
-    out = podman_load_and_run(tiny_archive, ["/bin/busybox", "stat", "-c", "%u:%g %a", "/home/alice/suid"],
-                              user=user_with_subids)
+def test_podman_runs_image_as_root_and_unprivileged(
+    tiny_archive: Path, tiny_oci: Path, user_with_subids: str | None, require_podman: None
+) -> None:
+    out = podman_load_and_run(
+        tiny_archive, ["/bin/busybox", "stat", "-c", "%u:%g %a", "/home/alice/suid"], user=user_with_subids
+    )
     assert out.strip() == "1000:100 4755"
     if is_root():
         assert podman_load_and_run(f"{tiny_oci}:t").strip() == "hello from the tiny image"
 
 
-def test_podman_runs_oci_layout_whatever_its_path(tiny_oci: Path, tmp_path: Path, require_podman: None,
-                                                  user_with_subids: str | None, user_tmp: UserTmpFactory) -> None:
+def test_podman_runs_oci_layout_whatever_its_path(
+    tiny_oci: Path, tmp_path: Path, require_podman: None, user_with_subids: str | None, user_tmp: UserTmpFactory
+) -> None:
     # podman names an image pulled from oci:DIR after DIR; "odd_" is not a valid reference component.
     odd = user_tmp(user_with_subids) / "Odd_" / "layout_"
     shutil.copytree(tiny_oci, odd)
@@ -340,8 +399,9 @@ def test_registry_answers_v2(registry: str) -> None:
         assert resp.headers["Docker-Distribution-Api-Version"] == "registry/2.0"
 
 
-def test_skopeo_roundtrip_through_registry(registry: str, tiny_oci: Path, tmp_path: Path,
-                                           user_with_subids: str | None, user_tmp: UserTmpFactory) -> None:
+def test_skopeo_roundtrip_through_registry(
+    registry: str, tiny_oci: Path, tmp_path: Path, user_with_subids: str | None, user_tmp: UserTmpFactory
+) -> None:
     ref = f"docker://{registry}/nsbuild/tiny:t"
     skopeo_copy(f"oci:{tiny_oci}:t", ref, "--dest-tls-verify=false")
     back = tmp_path / "back"

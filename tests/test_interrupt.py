@@ -23,14 +23,16 @@ def test_interrupt_while_a_huge_layer_is_written(unprivileged_user, user_tmp, si
     (small / "f").write_text("x")
     for p in (big, big / "sparse", small, small / "f"):
         os.chmod(p, 0o755)
-    spec = write_spec(tmp, {"name": "int", "tag": "t", "compressor": "none",
-                            "contents": [str(big), str(small)]})
+    spec = write_spec(tmp, {"name": "int", "tag": "t", "compressor": "none", "contents": [str(big), str(small)]})
     scratch = tmp / "scratch"
     scratch.mkdir()
     cache = tmp / "cache"
     out = tmp / "out.tar"
-    proc = popen_nsbuild(["layered", str(spec), "-o", str(out), "--cache-dir", str(cache)], unprivileged_user,
-                         env={"TMPDIR": str(scratch)})
+    proc = popen_nsbuild(
+        ["layered", str(spec), "-o", str(out), "--cache-dir", str(cache)],
+        unprivileged_user,
+        env={"TMPDIR": str(scratch)},
+    )
     try:
         time.sleep(2)
         assert proc.poll() is None, "the build ended before it was interrupted"

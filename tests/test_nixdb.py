@@ -37,13 +37,20 @@ H_DATA = "22222222222222222222222222222222"
 H_TOOL = "3333333333333333333333333333333z"
 
 HELLO_NAR = (
-    b"\x0d\0\0\0\0\0\0\0" b"nix-archive-1\0\0\0"
-    b"\x01\0\0\0\0\0\0\0" b"(\0\0\0\0\0\0\0"
-    b"\x04\0\0\0\0\0\0\0" b"type\0\0\0\0"
-    b"\x07\0\0\0\0\0\0\0" b"regular\0"
-    b"\x08\0\0\0\0\0\0\0" b"contents"
-    b"\x06\0\0\0\0\0\0\0" b"hello\n\0\0"
-    b"\x01\0\0\0\0\0\0\0" b")\0\0\0\0\0\0\0"
+    b"\x0d\0\0\0\0\0\0\0"
+    b"nix-archive-1\0\0\0"
+    b"\x01\0\0\0\0\0\0\0"
+    b"(\0\0\0\0\0\0\0"
+    b"\x04\0\0\0\0\0\0\0"
+    b"type\0\0\0\0"
+    b"\x07\0\0\0\0\0\0\0"
+    b"regular\0"
+    b"\x08\0\0\0\0\0\0\0"
+    b"contents"
+    b"\x06\0\0\0\0\0\0\0"
+    b"hello\n\0\0"
+    b"\x01\0\0\0\0\0\0\0"
+    b")\0\0\0\0\0\0\0"
 )
 # `nix-hash --type sha256` of the trees below, printed by Nix 2.8.
 HELLO_SHA256 = "1c37d01af40be2e80691de3cc3df44377a699afbb17c68f080964b2fd071fc13"
@@ -75,6 +82,7 @@ def _nar_bytes(path: Path) -> bytes:
 
 # --- NAR ---------------------------------------------------------------------------------------
 
+
 def test_nar_of_a_file_is_the_archive_assembled_by_hand(tmp_path: Path) -> None:
     f = tmp_path / "hello"
     f.write_text("hello\n")
@@ -90,9 +98,17 @@ def test_nar_executable_symlink_directory(tmp_path: Path) -> None:
     exe = tmp_path / "exe"
     exe.write_text("hello\n")
     os.chmod(exe, 0o500)  # only the owner's x bit counts
-    expected_exe = (_nar_str(b"nix-archive-1") + _nar_str(b"(") + _nar_str(b"type") + _nar_str(b"regular")
-                    + _nar_str(b"executable") + _nar_str(b"") + _nar_str(b"contents") + _nar_str(b"hello\n")
-                    + _nar_str(b")"))
+    expected_exe = (
+        _nar_str(b"nix-archive-1")
+        + _nar_str(b"(")
+        + _nar_str(b"type")
+        + _nar_str(b"regular")
+        + _nar_str(b"executable")
+        + _nar_str(b"")
+        + _nar_str(b"contents")
+        + _nar_str(b"hello\n")
+        + _nar_str(b")")
+    )
     assert _nar_bytes(exe) == expected_exe
     os.chmod(exe, 0o655)  # group/other x without the owner's: not executable for Nix
     assert _nar_bytes(exe) == HELLO_NAR
@@ -101,11 +117,19 @@ def test_nar_executable_symlink_directory(tmp_path: Path) -> None:
     assert (info.sha256, info.size) == (TREE_SHA256, TREE_NAR_SIZE)
     nar = _nar_bytes(t)
     assert [nar.index(_nar_str(n)) for n in (b"B", b"a", b"a.d", b"e")] == sorted(
-        nar.index(_nar_str(n)) for n in (b"B", b"a", b"a.d", b"e"))
+        nar.index(_nar_str(n)) for n in (b"B", b"a", b"a.d", b"e")
+    )
     sl = tmp_path / "sl"
     os.symlink("/some/where", sl)
-    assert _nar_bytes(sl) == (_nar_str(b"nix-archive-1") + _nar_str(b"(") + _nar_str(b"type") + _nar_str(b"symlink")
-                              + _nar_str(b"target") + _nar_str(b"/some/where") + _nar_str(b")"))
+    assert _nar_bytes(sl) == (
+        _nar_str(b"nix-archive-1")
+        + _nar_str(b"(")
+        + _nar_str(b"type")
+        + _nar_str(b"symlink")
+        + _nar_str(b"target")
+        + _nar_str(b"/some/where")
+        + _nar_str(b")")
+    )
     assert (nar_info(sl).sha256, nar_info(sl).size) == (SYMLINK_SHA256, SYMLINK_NAR_SIZE)
 
 
@@ -147,6 +171,7 @@ def test_nar_self_reference_found_anywhere(tmp_path: Path) -> None:
 
 # --- the database ------------------------------------------------------------------------------
 
+
 def _fake_store(base: Path) -> tuple[Path, dict[str, Path]]:
     """app -> lib, app -> data, lib -> lib (itself), tool -> lib; data is the "hello" file."""
     store = base / "nix" / "store"
@@ -187,8 +212,9 @@ def test_database_registers_the_closure_and_its_references(tmp_path: Path) -> No
     root, p = _write(tmp_path, ["app", "tool"])
     db = root / "nix/var/nix/db/db.sqlite"
     name = {k: f"/nix/store/{v.name}" for k, v in p.items()}
-    rows = _rows(db, "select id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca "
-                     "from ValidPaths order by id")
+    rows = _rows(
+        db, "select id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca from ValidPaths order by id"
+    )
     assert [r[1] for r in rows] == sorted(name.values())  # ids follow the sorted paths
     assert [r[0] for r in rows] == [1, 2, 3, 4]
     by_path = {r[1]: r for r in rows}
@@ -198,14 +224,30 @@ def test_database_registers_the_closure_and_its_references(tmp_path: Path) -> No
         assert (h, size) == ("sha256:" + want, len(_nar_bytes(path)))
         assert (t, deriver, ultimate, sigs, ca) == (1_700_000_000, None, None, None, None)
     assert by_path[name["data"]][2] == "sha256:" + HELLO_SHA256  # a plain file "hello\n", hashed by Nix
-    refs = set(_rows(db, "select a.path, b.path from Refs join ValidPaths a on referrer = a.id "
-                         "join ValidPaths b on reference = b.id"))
-    assert refs == {(name["app"], name["lib"]), (name["app"], name["data"]), (name["lib"], name["lib"]),
-                    (name["tool"], name["lib"])}
+    refs = set(
+        _rows(
+            db,
+            "select a.path, b.path from Refs join ValidPaths a on referrer = a.id "
+            "join ValidPaths b on reference = b.id",
+        )
+    )
+    assert refs == {
+        (name["app"], name["lib"]),
+        (name["app"], name["data"]),
+        (name["lib"], name["lib"]),
+        (name["tool"], name["lib"]),
+    }
     assert _rows(db, "select count(*) from DerivationOutputs") == [(0,)]
     objects = {r[0] for r in _rows(db, "select name from sqlite_master")}
-    assert {"ValidPaths", "Refs", "DerivationOutputs", "IndexReferrer", "IndexReference",
-            "IndexDerivationOutputs", "DeleteSelfRefs"} <= objects
+    assert {
+        "ValidPaths",
+        "Refs",
+        "DerivationOutputs",
+        "IndexReferrer",
+        "IndexReference",
+        "IndexDerivationOutputs",
+        "DeleteSelfRefs",
+    } <= objects
     assert _rows(db, "pragma journal_mode") == [("delete",)]
     assert _rows(db, "pragma page_size") == [(4096,)]
     assert _rows(db, "pragma integrity_check") == [("ok",)]
@@ -226,7 +268,8 @@ def test_database_registers_the_closure_and_its_references(tmp_path: Path) -> No
 def test_registration_time_and_refusals(tmp_path: Path) -> None:
     root, p = _write(tmp_path / "a", ["data"], registration_time=0)
     assert _rows(root / "nix/var/nix/db/db.sqlite", "select registrationTime, hash from ValidPaths") == [
-        (0, "sha256:" + HELLO_SHA256)]
+        (0, "sha256:" + HELLO_SHA256)
+    ]
     store, p = _fake_store(tmp_path / "b")
     s = Store(str(store))
     closure = s.closure([p["app"]])
@@ -267,8 +310,11 @@ def _listing(root: Path) -> list[tuple[str, int, str]]:
         for n in sorted(dirnames + filenames):
             q = Path(dirpath) / n
             st = os.lstat(q)
-            what = os.readlink(q) if stat.S_ISLNK(st.st_mode) else (
-                hashlib.sha256(q.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else "")
+            what = (
+                os.readlink(q)
+                if stat.S_ISLNK(st.st_mode)
+                else (hashlib.sha256(q.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else "")
+            )
             out.append((str(q.relative_to(root)), st.st_mode, what))
     return out
 
@@ -281,8 +327,9 @@ def test_bit_identical_across_umask_and_timezone(tmp_path: Path) -> None:
         out.mkdir()
         os.chmod(out, 0o755)
         env = {**os.environ, "TZ": tz}
-        proc = subprocess.run([sys.executable, "-c", _CHILD, str(store), str(out)], env=env, umask=umask,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(store), str(out)], env=env, umask=umask, capture_output=True, text=True
+        )
         assert proc.returncode == 0, proc.stderr
         trees.append(out)
     first = _listing(trees[0])
@@ -298,14 +345,20 @@ def test_bit_identical_across_umask_and_timezone(tmp_path: Path) -> None:
 
 # --- real Nix reads it -------------------------------------------------------------------------
 
+
 def _nix(root: Path, *args: str, store: str | None = None) -> subprocess.CompletedProcess:
     # A store root owned by us: Nix would otherwise want the nixbld group and a daemon.
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root), "USER": "root",
-           "NIX_CONF_DIR": str(root / "etc-nix")}
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(root),
+        "USER": "root",
+        "NIX_CONF_DIR": str(root / "etc-nix"),
+    }
     (root / "etc-nix").mkdir(exist_ok=True)
     (root / "etc-nix" / "nix.conf").write_text("build-users-group =\nsandbox = false\n")
-    return subprocess.run([NIX_STORE, "--store", store or f"local?root={root}", *args], env=env,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [NIX_STORE, "--store", store or f"local?root={root}", *args], env=env, capture_output=True, text=True
+    )
 
 
 @needs_nix
@@ -322,7 +375,9 @@ def test_real_nix_verifies_contents_and_reads_references(tmp_path: Path) -> None
     assert _nix(root, "-q", "--references", name["lib"]).stdout.split() == [name["lib"]]
     assert sorted(_nix(root, "-qR", name["tool"]).stdout.split()) == sorted([name["tool"], name["lib"]])
     assert _nix(root, "-q", "--hash", name["data"]).stdout.strip() in (
-        "sha256:" + HELLO_SHA256, "sha256:" + _nix32(bytes.fromhex(HELLO_SHA256)))
+        "sha256:" + HELLO_SHA256,
+        "sha256:" + _nix32(bytes.fromhex(HELLO_SHA256)),
+    )
     roots = _nix(root, "--gc", "--print-roots").stdout
     assert f"gcroots/docker/{p['app'].name} -> {name['app']}" in roots
     # The check can fail: a changed file is reported.
@@ -345,6 +400,7 @@ def _nix32(digest: bytes) -> str:
 
 # --- end to end: nsbuild layered -------------------------------------------------------------------
 
+
 def _layer_members(layer: Path) -> dict[str, tuple[tarfile.TarInfo, bytes | None]]:
     out = {}
     with tarfile.open(layer) as tf:
@@ -358,13 +414,21 @@ def test_layered_image_carries_the_database(unprivileged_user: str | None, user_
     work = user_tmp(unprivileged_user)
     store, p = _fake_store(work)
     spec = work / "spec.json"
-    spec.write_text(json.dumps({
-        "name": "nixdb", "tag": "t", "storeDir": str(store), "includeNixDB": True,
-        "contents": [str(p["app"])], "config": {"Cmd": [str(p["tool"] / "bin" / "lib")]},
-        "mtime": "2024-01-02T03:04:05Z",
-        # dockerTools writes the database before extraCommands: a script may rely on it.
-        "extraCommands": "test -s nix/var/nix/db/db.sqlite && echo yes > saw-db",
-    }))
+    spec.write_text(
+        json.dumps(
+            {
+                "name": "nixdb",
+                "tag": "t",
+                "storeDir": str(store),
+                "includeNixDB": True,
+                "contents": [str(p["app"])],
+                "config": {"Cmd": [str(p["tool"] / "bin" / "lib")]},
+                "mtime": "2024-01-02T03:04:05Z",
+                # dockerTools writes the database before extraCommands: a script may rely on it.
+                "extraCommands": "test -s nix/var/nix/db/db.sqlite && echo yes > saw-db",
+            }
+        )
+    )
     proc = run_nsbuild(["layered", spec, "-o", work / "img.tar"], unprivileged_user)
     assert proc.returncode == 0, describe(proc)
     layers = image_layers(work / "img.tar", work / "x")
@@ -377,8 +441,13 @@ def test_layered_image_carries_the_database(unprivileged_user: str | None, user_
     name = {k: f"{store}/{v.name}" for k, v in p.items()}
     rows = dict(_rows(db, "select path, registrationTime from ValidPaths"))
     assert rows == {name[k]: 1704164645 for k in ("app", "lib", "data", "tool")}  # tool: named in config
-    refs = set(_rows(db, "select a.path, b.path from Refs join ValidPaths a on referrer = a.id "
-                         "join ValidPaths b on reference = b.id"))
+    refs = set(
+        _rows(
+            db,
+            "select a.path, b.path from Refs join ValidPaths a on referrer = a.id "
+            "join ValidPaths b on reference = b.id",
+        )
+    )
     assert (name["app"], name["data"]) in refs and (name["tool"], name["lib"]) in refs
     hashes = dict(_rows(db, "select path, hash from ValidPaths"))
     assert hashes[name["data"]] == "sha256:" + HELLO_SHA256
@@ -398,8 +467,7 @@ def test_layered_image_carries_the_database(unprivileged_user: str | None, user_
         rootfs.mkdir()
         for layer in layers:
             subprocess.run(["tar", "-xf", layer, "-C", rootfs], check=True)
-        uri = (f"local?store={store}&real={rootfs}{store}&state={rootfs}/nix/var/nix"
-               f"&log={rootfs}/nix/var/log/nix")
+        uri = f"local?store={store}&real={rootfs}{store}&state={rootfs}/nix/var/nix&log={rootfs}/nix/var/log/nix"
         proc = _nix(work, "--verify", "--check-contents", store=uri)
         assert proc.returncode == 0 and "checking store hashes" in proc.stderr, describe(proc)
         assert "was modified" not in proc.stderr and "invalid" not in proc.stderr, describe(proc)
@@ -407,8 +475,7 @@ def test_layered_image_carries_the_database(unprivileged_user: str | None, user_
         assert sorted(proc.stdout.split()) == sorted([name["app"], name["lib"], name["data"]]), describe(proc)
 
     # Same inputs, another umask and time zone: the same customisation layer, byte for byte.
-    proc = run_nsbuild(["layered", spec, "-o", work / "img2.tar"], unprivileged_user, umask=0o077,
-                       tz="Asia/Kathmandu")
+    proc = run_nsbuild(["layered", spec, "-o", work / "img2.tar"], unprivileged_user, umask=0o077, tz="Asia/Kathmandu")
     assert proc.returncode == 0, describe(proc)
     again = image_layers(work / "img2.tar", work / "y")
     assert again[-1].read_bytes() == layers[-1].read_bytes()
@@ -419,8 +486,9 @@ def test_layered_without_store_paths_is_a_spec_error(tmp_path: Path) -> None:
     tree.mkdir()
     (tree / "f").write_text("x")
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"name": "x", "includeNixDB": True, "contents": [str(tree)],
-                                "storeDir": str(tmp_path / "store")}))
+    spec.write_text(
+        json.dumps({"name": "x", "includeNixDB": True, "contents": [str(tree)], "storeDir": str(tmp_path / "store")})
+    )
     proc = run_nsbuild(["layered", spec, "-o", tmp_path / "img.tar"])
     assert proc.returncode == 2, describe(proc)
     assert "includeNixDB" in proc.stderr and "Traceback" not in proc.stderr

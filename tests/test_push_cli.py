@@ -93,13 +93,17 @@ def app_spec(user_with_subids: str | None, user_tmp) -> tuple[str | None, Path, 
     data = make_tree(work, "data", {"srv/data.txt": "data\n"})
     chown_tree(tree, user)
     chown_tree(data, user)
-    spec = write_spec(work, {"name": "app", "tag": "1", "contents": [str(tree), str(data)],
-                             "config": {"Cmd": ["/bin/hello"]}})
+    spec = write_spec(
+        work, {"name": "app", "tag": "1", "contents": [str(tree), str(data)], "config": {"Cmd": ["/bin/hello"]}}
+    )
     return user, work, spec
 
 
-def test_push_output_as_unprivileged_user(unprivileged_user: str | None, user_tmp,  # noqa: ANN001
-                                          registry_factory: RegistryFactory) -> None:
+def test_push_output_as_unprivileged_user(
+    unprivileged_user: str | None,
+    user_tmp,  # noqa: ANN001
+    registry_factory: RegistryFactory,
+) -> None:
     reg = registry_factory()
     user = unprivileged_user
     work = user_tmp(user)
@@ -144,8 +148,9 @@ def test_push_docker_manifest_format(app_spec, registry_factory: RegistryFactory
     user, work, spec = app_spec
     reg = registry_factory()
     ref = f"docker://{reg}/app:docker"
-    out, _ = nsbuild_ok(["layered", str(spec), "-o", ref, TLS_OFF, "--no-cache", "--manifest-format", "docker",
-                         "--json"], user)
+    out, _ = nsbuild_ok(
+        ["layered", str(spec), "-o", ref, TLS_OFF, "--no-cache", "--manifest-format", "docker", "--json"], user
+    )
     pushed = json.loads(out)["push"]
     ctype, manifest, digest = registry_manifest(reg, "app", "docker")
     assert ctype == DOCKER_MANIFEST and manifest["mediaType"] == DOCKER_MANIFEST
@@ -161,8 +166,10 @@ def test_docker_format_with_zstd_is_a_usage_error(app_spec, registry_factory: Re
     user, work, spec = app_spec
     reg = registry_factory()
     zspec = write_spec(work, {**json.loads(spec.read_text()), "compressor": "zstd"}, "zstd.json")
-    proc = run_nsbuild(["layered", str(zspec), "-o", f"docker://{reg}/app:z", TLS_OFF, "--no-cache",
-                        "--manifest-format", "docker"], user)
+    proc = run_nsbuild(
+        ["layered", str(zspec), "-o", f"docker://{reg}/app:z", TLS_OFF, "--no-cache", "--manifest-format", "docker"],
+        user,
+    )
     assert proc.returncode == 2, describe(proc)
     assert proc.stderr.count("\n") == 1 and "zstd" in proc.stderr and "Traceback" not in proc.stderr
     assert reg.catalog() == []
@@ -208,14 +215,17 @@ def test_push_command_existing_images(app_spec, registry_factory: RegistryFactor
     skopeo_copy(f"docker://{reg}/pushed:zstd", f"oci:{work / 'zstd-back'}:t", *reg.skopeo_args("src"), user=user)
 
 
-def test_wrong_password_is_one_clear_line_without_the_secret(app_spec, registry_factory: RegistryFactory,  # noqa: ANN001
-                                                             ) -> None:
+def test_wrong_password_is_one_clear_line_without_the_secret(
+    app_spec,
+    registry_factory: RegistryFactory,  # noqa: ANN001
+) -> None:
     user, work, spec = app_spec
     reg = registry_factory(auth=("alice", "right-Passw0rd-917"))
     secret = "wrong-S3cret-4471"
     target = f"docker://{reg}/app:1"
-    proc = run_nsbuild(["layered", str(spec), "-o", target, TLS_OFF, "--no-cache", "--creds", f"alice:{secret}",
-                        "--json"], user)
+    proc = run_nsbuild(
+        ["layered", str(spec), "-o", target, TLS_OFF, "--no-cache", "--creds", f"alice:{secret}", "--json"], user
+    )
     assert proc.returncode == 1, describe(proc)
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()
@@ -229,8 +239,7 @@ def test_wrong_password_is_one_clear_line_without_the_secret(app_spec, registry_
     encoded = base64.b64encode(f"alice:{secret}".encode()).decode()
     authfile.write_text(json.dumps({"auths": {str(reg): {"auth": encoded}}}))
     authfile.chmod(0o644)
-    proc = run_nsbuild(["layered", str(spec), "-o", target, TLS_OFF, "--no-cache", "--authfile", str(authfile)],
-                       user)
+    proc = run_nsbuild(["layered", str(spec), "-o", target, TLS_OFF, "--no-cache", "--authfile", str(authfile)], user)
     assert proc.returncode == 1, describe(proc)
     assert secret not in proc.stdout + proc.stderr
     assert base64.b64encode(f"alice:{secret}".encode()).decode() not in proc.stdout + proc.stderr
@@ -238,12 +247,10 @@ def test_wrong_password_is_one_clear_line_without_the_secret(app_spec, registry_
 
     # The right password works, from --creds and from REGISTRY_AUTH_FILE.
     good = "right-Passw0rd-917"
-    out, err = nsbuild_ok(["layered", str(spec), "-o", target, TLS_OFF, "--no-cache", "--creds", f"alice:{good}"],
-                          user)
+    out, err = nsbuild_ok(["layered", str(spec), "-o", target, TLS_OFF, "--no-cache", "--creds", f"alice:{good}"], user)
     assert good not in out + err
     proc = run_nsbuild(["push", str(spec), target, TLS_OFF], user)  # not an image: a clear error
-    assert proc.returncode == 1 and proc.stderr.splitlines()[-1].startswith(f"nsbuild: error: {spec}: "), \
-        describe(proc)
+    assert proc.returncode == 1 and proc.stderr.splitlines()[-1].startswith(f"nsbuild: error: {spec}: "), describe(proc)
     assert reg.tags("app") == ["1"]
 
 
@@ -273,8 +280,17 @@ def test_from_image_registry_pull_is_cached(app_spec, registry_factory: Registry
 
     child_tree = make_tree(work, "child", {"usr/share/child.txt": "child\n"})
     chown_tree(child_tree, user)
-    child = write_spec(work, {"name": "child", "tag": "1", "fromImage": f"docker://{reg}/base:1",
-                              "contents": [str(child_tree)], "config": {"Env": ["CHILD=1"]}}, "child.json")
+    child = write_spec(
+        work,
+        {
+            "name": "child",
+            "tag": "1",
+            "fromImage": f"docker://{reg}/base:1",
+            "contents": [str(child_tree)],
+            "config": {"Env": ["CHILD=1"]},
+        },
+        "child.json",
+    )
     cache = work / "cache"
     out_dir = work / "child-layout"
     args = ["layered", str(child), "-o", f"oci:{out_dir}:1", "--no-tls-verify", "--cache-dir", str(cache)]
@@ -301,11 +317,13 @@ def test_from_image_registry_pull_is_cached(app_spec, registry_factory: Registry
     assert (bundle / "rootfs/usr/share/child.txt").read_text() == "child\n"
 
     # By digest, into a docker-archive (the base layers decompressed, checked against diff_ids), no cache.
-    pinned = write_spec(work, {**json.loads(child.read_text()), "fromImage": f"docker://{reg}/base@{base_digest}"},
-                        "pinned.json")
+    pinned = write_spec(
+        work, {**json.loads(child.read_text()), "fromImage": f"docker://{reg}/base@{base_digest}"}, "pinned.json"
+    )
     archive = work / "child.tar"
-    out = json.loads(nsbuild_ok(["layered", str(pinned), "-o", str(archive), "--no-tls-verify", "--no-cache",
-                                 "--json"], user)[0])
+    out = json.loads(
+        nsbuild_ok(["layered", str(pinned), "-o", str(archive), "--no-tls-verify", "--no-cache", "--json"], user)[0]
+    )
     assert out["base"]["downloaded"] == 4 and out["base"]["digest"] == base_digest
     skopeo_copy(f"docker-archive:{archive}", f"oci:{work / 'child-from-archive'}:t", user=user)
 
@@ -316,27 +334,48 @@ def test_from_image_multi_arch_index(app_spec, registry_factory: RegistryFactory
     digests = {}
     for arch in ("amd64", "arm64"):
         s = write_spec(work, {**json.loads(spec.read_text()), "architecture": arch, "tag": arch}, f"{arch}.json")
-        out = json.loads(nsbuild_ok(["layered", str(s), "-o", f"docker://{reg}/multi:{arch}", TLS_OFF,
-                                     "--no-cache", "--json"], user)[0])
+        out = json.loads(
+            nsbuild_ok(
+                ["layered", str(s), "-o", f"docker://{reg}/multi:{arch}", TLS_OFF, "--no-cache", "--json"], user
+            )[0]
+        )
         digests[arch] = (out["push"]["digest"], registry_manifest(reg, "multi", arch)[1])
-    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
-        {"mediaType": OCI_MANIFEST, "digest": d, "size": len(json.dumps(m, separators=(",", ":"), sort_keys=True)),
-         "platform": {"os": "linux", "architecture": arch}} for arch, (d, m) in digests.items()]}
+    index = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": d,
+                "size": len(json.dumps(m, separators=(",", ":"), sort_keys=True)),
+                "platform": {"os": "linux", "architecture": arch},
+            }
+            for arch, (d, m) in digests.items()
+        ],
+    }
     body = json.dumps(index).encode()
     from nsbuild.registry import RegistryOptions
 
-    push_manifest(f"{reg}/multi:all", body, "application/vnd.oci.image.index.v1+json",
-                  options=RegistryOptions(tls_verify=False))
+    push_manifest(
+        f"{reg}/multi:all", body, "application/vnd.oci.image.index.v1+json", options=RegistryOptions(tls_verify=False)
+    )
 
     for arch in ("arm64", "amd64"):
-        child = write_spec(work, {"name": "child", "fromImage": f"docker://{reg}/multi:all", "architecture": arch},
-                           f"child-{arch}.json")
-        out = json.loads(nsbuild_ok(["layered", str(child), "-o", f"oci:{work / ('c-' + arch)}", TLS_OFF,
-                                     "--no-cache", "--json"], user)[0])
+        child = write_spec(
+            work,
+            {"name": "child", "fromImage": f"docker://{reg}/multi:all", "architecture": arch},
+            f"child-{arch}.json",
+        )
+        out = json.loads(
+            nsbuild_ok(
+                ["layered", str(child), "-o", f"oci:{work / ('c-' + arch)}", TLS_OFF, "--no-cache", "--json"], user
+            )[0]
+        )
         assert out["base"]["manifest_digest"] == digests[arch][0]
         assert out["base"]["digest"] == "sha256:" + hashlib.sha256(body).hexdigest()
-    child = write_spec(work, {"name": "child", "fromImage": f"docker://{reg}/multi:all", "architecture": "s390x"},
-                       "child-s390x.json")
+    child = write_spec(
+        work, {"name": "child", "fromImage": f"docker://{reg}/multi:all", "architecture": "s390x"}, "child-s390x.json"
+    )
     proc = run_nsbuild(["layered", str(child), "-o", f"oci:{work / 'c-s390x'}", TLS_OFF, "--no-cache"], user)
     assert proc.returncode == 1, describe(proc)
     last = proc.stderr.splitlines()[-1]
@@ -359,8 +398,9 @@ def test_token_auth_from_registry_auth_file_and_stream(app_spec, registry_factor
     user, work, spec = app_spec
     reg = registry_factory(auth=("bob", "t0ken-Pass-5521"), token=True)
     env = {"REGISTRY_AUTH_FILE": str(reg.auth_file)}
-    proc = run_nsbuild(["layered", str(spec), "-o", f"docker://{reg}/base:1", TLS_OFF, "--no-cache", "-q"], user,
-                       env=env)
+    proc = run_nsbuild(
+        ["layered", str(spec), "-o", f"docker://{reg}/base:1", TLS_OFF, "--no-cache", "-q"], user, env=env
+    )
     assert proc.returncode == 0, describe(proc)
     assert "t0ken-Pass-5521" not in proc.stdout + proc.stderr
     child = write_spec(work, {"name": "child", "tag": "1", "fromImage": f"docker://{reg}/base:1"}, "child.json")

@@ -60,8 +60,9 @@ def _tar(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def make_image(d: Path, layers: list[dict[str, bytes]], *, name: str = "test", tag: str = "1",
-               architecture: str = "amd64") -> Image:
+def make_image(
+    d: Path, layers: list[dict[str, bytes]], *, name: str = "test", tag: str = "1", architecture: str = "amd64"
+) -> Image:
     """An Image of gzip'd tar layers written to `d`, config and OCI manifest from nsbuild.image."""
     d.mkdir(parents=True, exist_ok=True)
     made = []
@@ -71,25 +72,36 @@ def make_image(d: Path, layers: list[dict[str, bytes]], *, name: str = "test", t
         digest = sha256_digest(gz)
         path = d / digest.split(":")[1]
         path.write_bytes(gz)
-        made.append(Layer(diff_id=sha256_digest(tar), tar=Blob(sha256_digest(tar), len(tar), None),
-                          compressed=Blob(digest, len(gz), path), media_type=MEDIA_TAR_GZIP,
-                          comment="test layer"))
-    config = canonical_json({
-        "architecture": architecture,
-        "os": "linux",
-        "created": "1970-01-01T00:00:01Z",
-        "config": {"Cmd": ["/hello"], "Env": ["PATH=/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in made]},
-        "history": [{"created": "1970-01-01T00:00:01Z", "comment": "test layer"} for _ in made],
-    })
+        made.append(
+            Layer(
+                diff_id=sha256_digest(tar),
+                tar=Blob(sha256_digest(tar), len(tar), None),
+                compressed=Blob(digest, len(gz), path),
+                media_type=MEDIA_TAR_GZIP,
+                comment="test layer",
+            )
+        )
+    config = canonical_json(
+        {
+            "architecture": architecture,
+            "os": "linux",
+            "created": "1970-01-01T00:00:01Z",
+            "config": {"Cmd": ["/hello"], "Env": ["PATH=/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in made]},
+            "history": [{"created": "1970-01-01T00:00:01Z", "comment": "test layer"} for _ in made],
+        }
+    )
     return Image(name=name, tag=tag, layers=made, config=config, manifest=oci_manifest(config, made))
 
 
 def small_image(d: Path, salt: str = "") -> Image:
-    return make_image(d, [
-        {"etc/hello.txt": f"hello {salt}\n".encode()},
-        {"bin/tool": b"#!/bin/sh\necho tool\n" + salt.encode(), "usr/share/doc/x": b"doc"},
-    ])
+    return make_image(
+        d,
+        [
+            {"etc/hello.txt": f"hello {salt}\n".encode()},
+            {"bin/tool": b"#!/bin/sh\necho tool\n" + salt.encode(), "usr/share/doc/x": b"doc"},
+        ],
+    )
 
 
 def big_image(d: Path, size: int = 3 * 1024 * 1024) -> Image:
@@ -115,8 +127,13 @@ def pull_back_and_verify(reg: Registry, repo_tag: str, work: Path, *skopeo_extra
     """skopeo copy docker://… oci:…, then umoci unpack --rootless and oci-image-tool validate.
     Returns the OCI index skopeo wrote."""
     oci = work / f"oci-{repo_tag.replace('/', '_').replace(':', '_')}"
-    skopeo_copy(f"docker://{reg.host}/{repo_tag}", f"oci:{oci}:t", *reg.skopeo_args("src"), *skopeo_extra,
-                authfile=reg.auth_file)
+    skopeo_copy(
+        f"docker://{reg.host}/{repo_tag}",
+        f"oci:{oci}:t",
+        *reg.skopeo_args("src"),
+        *skopeo_extra,
+        authfile=reg.auth_file,
+    )
     umoci_unpack(oci, "t", work / f"bundle-{oci.name}")
     oci_validate(oci)
     return json.loads((oci / "index.json").read_text())
@@ -135,9 +152,17 @@ def write_oci_layout(image: Image, d: Path) -> Path:
         (blobs / digest.split(":")[1]).write_bytes(data)
     for layer in image.layers:
         (blobs / layer.digest.split(":")[1]).write_bytes(layer.compressed.path.read_bytes())
-    index = {"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": image.manifest_digest,
-        "size": len(image.manifest), "annotations": {"org.opencontainers.image.ref.name": image.tag}}]}
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": image.manifest_digest,
+                "size": len(image.manifest),
+                "annotations": {"org.opencontainers.image.ref.name": image.tag},
+            }
+        ],
+    }
     (d / "index.json").write_text(json.dumps(index))
     return d
 
@@ -158,9 +183,16 @@ class DroppingProxy:
       in front of the registry).
     """
 
-    def __init__(self, target: str, drop_after: int | None = None, upward: bool = True,
-                 cut_request: tuple[bytes, int] | None = None, cut_response: tuple[bytes, int] | None = None,
-                 answer: tuple[bytes, int, bytes] | None = None, times: int = 1) -> None:
+    def __init__(
+        self,
+        target: str,
+        drop_after: int | None = None,
+        upward: bool = True,
+        cut_request: tuple[bytes, int] | None = None,
+        cut_response: tuple[bytes, int] | None = None,
+        answer: tuple[bytes, int, bytes] | None = None,
+        times: int = 1,
+    ) -> None:
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
         self.drop_after = drop_after
@@ -190,7 +222,7 @@ class DroppingProxy:
             threading.Thread(target=self._pump, args=(upstream, client, False, conn), daemon=True).start()
 
     def _decide(self, data: bytes, upward: bool, conn: dict) -> str:
-        """"forward", "half" (forward half, then cut) or "cut" (forward nothing, cut)."""
+        """ "forward", "half" (forward half, then cut) or "cut" (forward nothing, cut)."""
         with self.lock:
             self.seen[upward] += len(data)
             if self.answer is not None:
@@ -269,8 +301,7 @@ def test_push_plain_http_pulls_back_valid_and_second_push_uploads_nothing(regist
     require_tool("skopeo")
     image = small_image(tmp_path / "img")
     events = []
-    result = push_image(image, f"docker://{registry.host}/app/one:1.0", options=plain_options(),
-                        progress=events.append)
+    result = push_image(image, f"docker://{registry.host}/app/one:1.0", options=plain_options(), progress=events.append)
 
     assert result.digest == image.manifest_digest
     assert set(result.uploaded_blobs) == image_blobs(image)
@@ -291,11 +322,11 @@ def test_push_plain_http_pulls_back_valid_and_second_push_uploads_nothing(regist
 def test_push_docker_manifest_format(registry, tmp_path):
     image = small_image(tmp_path / "img")
     result = push_image(image, f"{registry.host}/app/docker:2", manifest_format="docker", options=plain_options())
-    raw = skopeo_inspect(f"docker://{registry.host}/app/docker:2", "--tls-verify=false", raw=True,
-                         authfile=registry.auth_file)
+    raw = skopeo_inspect(
+        f"docker://{registry.host}/app/docker:2", "--tls-verify=false", raw=True, authfile=registry.auth_file
+    )
     assert raw["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
-    assert [layer["mediaType"] for layer in raw["layers"]] == [
-        "application/vnd.docker.image.rootfs.diff.tar.gzip"] * 2
+    assert [layer["mediaType"] for layer in raw["layers"]] == ["application/vnd.docker.image.rootfs.diff.tar.gzip"] * 2
     assert result.digest == sha256_digest(canonical_json(raw))
     pull_back_and_verify(registry, "app/docker:2", tmp_path)
 
@@ -307,8 +338,9 @@ def test_push_mounts_blobs_known_in_another_repository(registry, tmp_path):
     assert set(first.uploaded_blobs) == image_blobs(image)
 
     # A fresh record read back from disk, as the next build would.
-    second = push_image(image, f"{registry.host}/team/other:1", options=plain_options(),
-                        blob_record=BlobRecord(tmp_path / "blobs.json"))
+    second = push_image(
+        image, f"{registry.host}/team/other:1", options=plain_options(), blob_record=BlobRecord(tmp_path / "blobs.json")
+    )
     assert set(second.mounted_blobs) == image_blobs(image)
     assert second.uploaded_blobs == [] and second.skipped_blobs == []
     pull_back_and_verify(registry, "team/other:1", tmp_path)
@@ -333,7 +365,7 @@ def test_push_survives_a_connection_reset_mid_upload(registry, tmp_path, chunked
     assert index["manifests"][0]["digest"] == image.manifest_digest
     # What the registry holds is the exact blob, not a truncated or doubled one.
     big = image.layers[1]
-    data = (registry.storage / "docker/registry/v2/blobs/sha256" / big.digest[7:9] / big.digest[7:] / "data")
+    data = registry.storage / "docker/registry/v2/blobs/sha256" / big.digest[7:9] / big.digest[7:] / "data"
     assert hashlib.sha256(data.read_bytes()).hexdigest() == big.digest[7:]
 
 
@@ -389,10 +421,14 @@ def test_chunked_upload_restarts_when_the_registry_dropped_the_upload(registry, 
 @pytest.mark.parametrize(
     ("marker", "response"),
     [
-        (b"HEAD ", b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nContent-Length: 0\r\n"
-                   b"Connection: close\r\n\r\n"),
-        (b"PUT /v2/retry/app/manifests/", b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                                           b"Connection: close\r\n\r\n"),
+        (
+            b"HEAD ",
+            b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        ),
+        (
+            b"PUT /v2/retry/app/manifests/",
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        ),
         (b"POST ", b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
     ],
     ids=["429-on-HEAD", "503-on-manifest", "502-on-upload-start"],
@@ -433,8 +469,9 @@ def test_push_over_tls_with_cert_dir(registry_factory, tmp_path):
     assert f"registry {reg.host}: TLS failed" in message and "certificate verification failed" in message
     assert "--cert-dir" in message and "\n" not in message
 
-    result = push_image(image, f"{reg.host}/tls/app:1",
-                        options=RegistryOptions(auth=auth, cert_dir=reg.cert_dir, retry=FAST_RETRY))
+    result = push_image(
+        image, f"{reg.host}/tls/app:1", options=RegistryOptions(auth=auth, cert_dir=reg.cert_dir, retry=FAST_RETRY)
+    )
     assert result.digest == image.manifest_digest
     pull_back_and_verify(reg, "tls/app:1", tmp_path)
     # --tls-verify=false against an https registry: https without verification, not plain http.
@@ -442,28 +479,41 @@ def test_push_over_tls_with_cert_dir(registry_factory, tmp_path):
         warnings.simplefilter("error")
         again = push_image(image, f"{reg.host}/tls/app:1", options=RegistryOptions(auth=auth, tls_verify=False))
     assert again.uploaded_blobs == [] and again.digest == image.manifest_digest
-    pulled = pull_image(f"{reg.host}/tls/app:1", dest_dir=tmp_path / "cache", architecture="amd64",
-                        options=RegistryOptions(auth=auth, cert_dir=reg.cert_dir))
+    pulled = pull_image(
+        f"{reg.host}/tls/app:1",
+        dest_dir=tmp_path / "cache",
+        architecture="amd64",
+        options=RegistryOptions(auth=auth, cert_dir=reg.cert_dir),
+    )
     assert pulled.digest == image.manifest_digest
 
 
 def test_push_with_htpasswd_basic_auth_from_authfile(registry_factory, tmp_path, capsys):
     reg = registry_factory(auth=("builder", "s3cret-pw-123"))
     image = small_image(tmp_path / "img")
-    result = push_image(image, f"{reg.host}/private/app:1",
-                        options=RegistryOptions(auth=AuthOptions(authfile=reg.auth_file), tls_verify=False,
-                                                retry=FAST_RETRY))
+    result = push_image(
+        image,
+        f"{reg.host}/private/app:1",
+        options=RegistryOptions(auth=AuthOptions(authfile=reg.auth_file), tls_verify=False, retry=FAST_RETRY),
+    )
     assert result.digest == image.manifest_digest
     pull_back_and_verify(reg, "private/app:1", tmp_path, "--src-creds", "builder:s3cret-pw-123")
-    pulled = pull_image(f"{reg.host}/private/app:1", dest_dir=tmp_path / "cache", architecture="amd64",
-                        options=RegistryOptions(auth=AuthOptions(authfile=reg.auth_file), tls_verify=False))
+    pulled = pull_image(
+        f"{reg.host}/private/app:1",
+        dest_dir=tmp_path / "cache",
+        architecture="amd64",
+        options=RegistryOptions(auth=AuthOptions(authfile=reg.auth_file), tls_verify=False),
+    )
     assert pulled.digest == image.manifest_digest
 
     # No credentials at all: the message says where we looked.
     env = {"HOME": str(tmp_path / "home"), "XDG_RUNTIME_DIR": str(tmp_path / "run")}
     with pytest.raises(BuildError) as err:
-        push_image(image, f"{reg.host}/private/app:2",
-                   options=RegistryOptions(auth=AuthOptions(env=env), tls_verify=False, retry=FAST_RETRY))
+        push_image(
+            image,
+            f"{reg.host}/private/app:2",
+            options=RegistryOptions(auth=AuthOptions(env=env), tls_verify=False, retry=FAST_RETRY),
+        )
     message = str(err.value)
     assert message.startswith(f"registry {reg.host}: authentication required (HTTP 401)")
     assert str(tmp_path / "run" / "containers" / "auth.json") in message
@@ -474,15 +524,18 @@ def test_wrong_password_is_a_clear_error_without_the_secret(registry_factory, tm
     reg = registry_factory(auth=("builder", "right-password-1"))
     wrong = "Wr0ng-Secret-Value-42"
     authfile = tmp_path / "auth.json"
-    authfile.write_text(json.dumps({"auths": {reg.host: {"auth": base64.b64encode(f"builder:{wrong}".encode())
-                                                          .decode()}}}))
+    authfile.write_text(
+        json.dumps({"auths": {reg.host: {"auth": base64.b64encode(f"builder:{wrong}".encode()).decode()}}})
+    )
     image = small_image(tmp_path / "img")
     options = RegistryOptions(auth=AuthOptions(authfile=authfile), tls_verify=False, retry=FAST_RETRY)
     with pytest.raises(BuildError) as err:
         push_image(image, f"{reg.host}/private/app:1", options=options)
     message = str(err.value)
-    assert message == (f"registry {reg.host}: authentication failed (HTTP 401) for user 'builder' with "
-                       f"credentials from --authfile {authfile}")
+    assert message == (
+        f"registry {reg.host}: authentication failed (HTTP 401) for user 'builder' with "
+        f"credentials from --authfile {authfile}"
+    )
     for text in (message, repr(err.value), repr(options), capsys.readouterr().out):
         assert wrong not in text
         assert base64.b64encode(f"builder:{wrong}".encode()).decode() not in text
@@ -509,16 +562,18 @@ def test_push_and_mount_with_bearer_token_auth(registry_factory, tmp_path):
     scopes = [{(s["name"], tuple(s["actions"])) for s in r.scopes} for r in reg.token_server.requests if r.granted]
     assert {("org/app", ("pull", "push")), ("org/base", ("pull",))} in scopes
     pull_back_and_verify(reg, "org/app:1", tmp_path, "--src-creds", "ci:token-pw-9")
-    pulled = pull_image(f"{reg.host}/org/app:1", dest_dir=tmp_path / "cache", architecture="amd64",
-                        options=options)
+    pulled = pull_image(f"{reg.host}/org/app:1", dest_dir=tmp_path / "cache", architecture="amd64", options=options)
     assert pulled.digest == image.manifest_digest and set(pulled.downloaded_blobs) == image_blobs(image)
 
     # Wrong password through the token server: the same clear error.
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"auths": {reg.host: {"username": "ci", "password": "nope-nope"}}}))
     with pytest.raises(BuildError) as err:
-        push_image(image, f"{reg.host}/org/app:2",
-                   options=RegistryOptions(auth=AuthOptions(authfile=bad), tls_verify=False, retry=FAST_RETRY))
+        push_image(
+            image,
+            f"{reg.host}/org/app:2",
+            options=RegistryOptions(auth=AuthOptions(authfile=bad), tls_verify=False, retry=FAST_RETRY),
+        )
     expected = f"registry {reg.host}: authentication failed (HTTP 401 from the token server) for user 'ci'"
     assert str(err.value).startswith(expected)
     assert "nope-nope" not in str(err.value)
@@ -538,11 +593,17 @@ def test_manifest_rejected_names_the_registry_error(registry, tmp_path):
     image = small_image(tmp_path / "img")
     # A manifest naming blobs the registry does not have: distribution refuses it.
     with pytest.raises(BuildError) as err:
-        push_manifest(f"{registry.host}/bad/app:1", image.manifest, "application/vnd.oci.image.manifest.v1+json",
-                      options=plain_options())
+        push_manifest(
+            f"{registry.host}/bad/app:1",
+            image.manifest,
+            "application/vnd.oci.image.manifest.v1+json",
+            options=plain_options(),
+        )
     message = str(err.value)
-    assert message.startswith(f"registry {registry.host} rejected the manifest for bad/app:1: "
-                              "MANIFEST_BLOB_UNKNOWN: blob unknown to registry (sha256:")
+    assert message.startswith(
+        f"registry {registry.host} rejected the manifest for bad/app:1: "
+        "MANIFEST_BLOB_UNKNOWN: blob unknown to registry (sha256:"
+    )
     assert message.endswith(" (and 2 more)") and "\n" not in message
 
 
@@ -552,14 +613,18 @@ def test_manifest_rejected_names_the_registry_error(registry, tmp_path):
 def test_pull_what_skopeo_pushed_and_second_pull_downloads_nothing(registry, tmp_path):
     image = small_image(tmp_path / "img", salt="pull")
     layout = write_oci_layout(image, tmp_path / "layout")
-    skopeo_copy(f"oci:{layout}:{image.tag}", f"docker://{registry.host}/lib/base:3", "--dest-tls-verify=false",
-                authfile=registry.auth_file)
-    remote = skopeo_inspect(f"docker://{registry.host}/lib/base:3", "--tls-verify=false",
-                            authfile=registry.auth_file)
+    skopeo_copy(
+        f"oci:{layout}:{image.tag}",
+        f"docker://{registry.host}/lib/base:3",
+        "--dest-tls-verify=false",
+        authfile=registry.auth_file,
+    )
+    remote = skopeo_inspect(f"docker://{registry.host}/lib/base:3", "--tls-verify=false", authfile=registry.auth_file)
 
     cache = tmp_path / "cache"
-    pulled = pull_image(f"docker://{registry.host}/lib/base:3", dest_dir=cache, architecture="amd64",
-                        options=plain_options())
+    pulled = pull_image(
+        f"docker://{registry.host}/lib/base:3", dest_dir=cache, architecture="amd64", options=plain_options()
+    )
     assert pulled.digest == remote["Digest"] == image.manifest_digest
     assert pulled.index_digest is None and pulled.resolved_digest == pulled.digest
     assert pulled.config == image.config and pulled.config_digest == image.config_digest
@@ -570,8 +635,9 @@ def test_pull_what_skopeo_pushed_and_second_pull_downloads_nothing(registry, tmp
     assert pulled.manifest == image.manifest
     assert set(pulled.downloaded_blobs) == image_blobs(image) and pulled.cached_blobs == []
 
-    again = pull_image(f"{registry.host}/lib/base@{pulled.digest}", dest_dir=cache, architecture="amd64",
-                       options=plain_options())
+    again = pull_image(
+        f"{registry.host}/lib/base@{pulled.digest}", dest_dir=cache, architecture="amd64", options=plain_options()
+    )
     assert again.downloaded_blobs == [] and again.downloaded_bytes == 0
     assert set(again.cached_blobs) == image_blobs(image)
     assert again.digest == pulled.digest
@@ -584,45 +650,68 @@ def _push_index(registry: Registry, tmp_path: Path) -> tuple[str, dict[str, Imag
         img = make_image(tmp_path / arch, [{"arch": arch.encode()}], architecture=arch)
         push_image(img, f"{registry.host}/multi/app:{arch}", options=plain_options())
         platform = {"os": "linux", "architecture": arch, **({"variant": variant} if variant else {})}
-        manifests.append({"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                          "digest": img.manifest_digest, "size": len(img.manifest), "platform": platform})
+        manifests.append(
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": img.manifest_digest,
+                "size": len(img.manifest),
+                "platform": platform,
+            }
+        )
         images[arch] = img
-    index = canonical_json({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                            "manifests": manifests})
-    digest = push_manifest(f"{registry.host}/multi/app:latest", index,
-                           "application/vnd.oci.image.index.v1+json", options=plain_options()).digest
+    index = canonical_json(
+        {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests}
+    )
+    digest = push_manifest(
+        f"{registry.host}/multi/app:latest", index, "application/vnd.oci.image.index.v1+json", options=plain_options()
+    ).digest
     return digest, images
 
 
 def test_pull_picks_architecture_from_an_index(registry, tmp_path):
     index_digest, images = _push_index(registry, tmp_path)
-    pulled = pull_image(f"{registry.host}/multi/app", dest_dir=tmp_path / "c", architecture="arm64",
-                        options=plain_options())
+    pulled = pull_image(
+        f"{registry.host}/multi/app", dest_dir=tmp_path / "c", architecture="arm64", options=plain_options()
+    )
     assert pulled.index_digest == index_digest
     assert pulled.digest == images["arm64"].manifest_digest
     assert json.loads(pulled.config)["architecture"] == "arm64"
 
-    pulled = pull_image(f"{registry.host}/multi/app:latest", dest_dir=tmp_path / "c", architecture="arm",
-                        variant="v7", options=plain_options())
+    pulled = pull_image(
+        f"{registry.host}/multi/app:latest",
+        dest_dir=tmp_path / "c",
+        architecture="arm",
+        variant="v7",
+        options=plain_options(),
+    )
     assert pulled.digest == images["arm"].manifest_digest
 
     with pytest.raises(BuildError) as err:
-        pull_image(f"{registry.host}/multi/app:latest", dest_dir=tmp_path / "c", architecture="s390x",
-                   options=plain_options())
-    assert str(err.value) == (f"image {registry.host}/multi/app:latest has no linux/s390x manifest "
-                              "(available: linux/amd64, linux/arm/v7, linux/arm64/v8); "
-                              "set architecture (and variant) in the spec")
+        pull_image(
+            f"{registry.host}/multi/app:latest", dest_dir=tmp_path / "c", architecture="s390x", options=plain_options()
+        )
+    assert str(err.value) == (
+        f"image {registry.host}/multi/app:latest has no linux/s390x manifest "
+        "(available: linux/amd64, linux/arm/v7, linux/arm64/v8); "
+        "set architecture (and variant) in the spec"
+    )
     with pytest.raises(BuildError, match="has no linux/arm/v6 manifest"):
-        pull_image(f"{registry.host}/multi/app:latest", dest_dir=tmp_path / "c", architecture="arm",
-                   variant="v6", options=plain_options())
+        pull_image(
+            f"{registry.host}/multi/app:latest",
+            dest_dir=tmp_path / "c",
+            architecture="arm",
+            variant="v6",
+            options=plain_options(),
+        )
 
 
 def test_pull_single_manifest_of_another_architecture_is_refused(registry, tmp_path):
     img = make_image(tmp_path / "i", [{"a": b"a"}], architecture="arm64")
     push_image(img, f"{registry.host}/one/arch:1", options=plain_options())
     with pytest.raises(BuildError, match=r"is for arm64, not amd64"):
-        pull_image(f"{registry.host}/one/arch:1", dest_dir=tmp_path / "c", architecture="amd64",
-                   options=plain_options())
+        pull_image(
+            f"{registry.host}/one/arch:1", dest_dir=tmp_path / "c", architecture="amd64", options=plain_options()
+        )
 
 
 def test_pull_unknown_repository_and_tag(registry, tmp_path):
@@ -642,8 +731,9 @@ def test_pull_resumes_a_download_cut_by_a_reset(registry, tmp_path):
     # Cut the registry's answer once, a megabyte into the big layer: the puller asks for the rest.
     proxy = DroppingProxy(registry.host, drop_after=1024 * 1024, upward=False)
     try:
-        pulled = pull_image(f"{proxy.host}/dl/big:1", dest_dir=tmp_path / "c", architecture="amd64",
-                            options=plain_options())
+        pulled = pull_image(
+            f"{proxy.host}/dl/big:1", dest_dir=tmp_path / "c", architecture="amd64", options=plain_options()
+        )
     finally:
         proxy.close()
     assert proxy.dropped == 1
@@ -658,20 +748,32 @@ def test_artifact_round_trip_for_a_layer_cache_record(registry, tmp_path):
     push_manifest, fetch it with pull_image; a missing one is a RegistryError with status 404."""
     record = canonical_json({"fingerprint-a": ["sha256:" + "1" * 64]})
     empty = b"{}"
-    manifest = canonical_json({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "artifactType": "application/vnd.nsbuild.cache.v1+json",
-        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha256_digest(empty), "size": 2},
-        "layers": [{"mediaType": "application/vnd.nsbuild.cache.v1+json", "digest": sha256_digest(record),
-                    "size": len(record)}],
-    })
+    manifest = canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": "application/vnd.nsbuild.cache.v1+json",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha256_digest(empty), "size": 2},
+            "layers": [
+                {
+                    "mediaType": "application/vnd.nsbuild.cache.v1+json",
+                    "digest": sha256_digest(record),
+                    "size": len(record),
+                }
+            ],
+        }
+    )
     ref = f"{registry.host}/cache/app:buildcache"
     with pytest.raises(RegistryError) as err:
         pull_image(ref, dest_dir=tmp_path / "c", options=plain_options())
     assert err.value.status == 404
-    pushed = push_manifest(ref, manifest, "application/vnd.oci.image.manifest.v1+json",
-                           blobs={sha256_digest(empty): empty, sha256_digest(record): record},
-                           options=plain_options())
+    pushed = push_manifest(
+        ref,
+        manifest,
+        "application/vnd.oci.image.manifest.v1+json",
+        blobs={sha256_digest(empty): empty, sha256_digest(record): record},
+        options=plain_options(),
+    )
     fetched = pull_image(ref, dest_dir=tmp_path / "c", options=plain_options())
     assert fetched.digest == pushed.digest == sha256_digest(manifest)
     assert fetched.layers[0].path.read_bytes() == record
@@ -697,8 +799,9 @@ print(json.dumps({"pushed": pushed.digest, "uploaded": pushed.uploaded_blobs, "p
 """
 
 
-def test_push_and_pull_as_an_unprivileged_user_with_docker_config(registry_factory, user_tmp, unprivileged_user,
-                                                                   tmp_path):
+def test_push_and_pull_as_an_unprivileged_user_with_docker_config(
+    registry_factory, user_tmp, unprivileged_user, tmp_path
+):
     """What a CI job does: an ordinary account, credentials in ~/.docker/config.json, no
     XDG_RUNTIME_DIR, no REGISTRY_AUTH_FILE."""
     reg = registry_factory(auth=("runner", "ci-pw-77"))
@@ -708,16 +811,31 @@ def test_push_and_pull_as_an_unprivileged_user_with_docker_config(registry_facto
         path.chmod(0o755 if path.is_dir() else 0o644)
     home = user_tmp(unprivileged_user)
     run_as(["mkdir", "-p", str(home / ".docker")], unprivileged_user, check=True)
-    run_as(["sh", "-c", f"cat > {home}/.docker/config.json"], unprivileged_user, check=True,
-           input=json.dumps({"auths": {reg.host: {"auth": base64.b64encode(b"runner:ci-pw-77").decode()}}}))
+    run_as(
+        ["sh", "-c", f"cat > {home}/.docker/config.json"],
+        unprivileged_user,
+        check=True,
+        input=json.dumps({"auths": {reg.host: {"auth": base64.b64encode(b"runner:ci-pw-77").decode()}}}),
+    )
     spec = {
-        "layers": [{"diff_id": layer.diff_id, "digest": layer.digest, "size": layer.size,
-                    "path": str(layer.compressed.path), "media_type": layer.media_type} for layer in image.layers],
-        "config": image.config.hex(), "manifest": image.manifest.hex(),
-        "ref": f"docker://{reg.host}/ci/app:1", "cache": str(work / "cache"),
+        "layers": [
+            {
+                "diff_id": layer.diff_id,
+                "digest": layer.digest,
+                "size": layer.size,
+                "path": str(layer.compressed.path),
+                "media_type": layer.media_type,
+            }
+            for layer in image.layers
+        ],
+        "config": image.config.hex(),
+        "manifest": image.manifest.hex(),
+        "ref": f"docker://{reg.host}/ci/app:1",
+        "cache": str(work / "cache"),
     }
-    proc = run_as([sys.executable, "-c", _USER_SCRIPT, json.dumps(spec)], unprivileged_user,
-                  env={"HOME": str(home)}, check=True)
+    proc = run_as(
+        [sys.executable, "-c", _USER_SCRIPT, json.dumps(spec)], unprivileged_user, env={"HOME": str(home)}, check=True
+    )
     out = json.loads(proc.stdout)
     assert out["pushed"] == out["pulled"] == image.manifest_digest
     assert set(out["uploaded"]) == image_blobs(image)

@@ -47,8 +47,17 @@ def test_reference_properties():
 
 @pytest.mark.parametrize(
     "text",
-    ["", "docker://", "Upper/Case", "host:5000/app:bad:tag", "app@sha256:short", "app:" + "t" * 129,
-     "host:5000/", "a//b", " app"],
+    [
+        "",
+        "docker://",
+        "Upper/Case",
+        "host:5000/app:bad:tag",
+        "app@sha256:short",
+        "app:" + "t" * 129,
+        "host:5000/",
+        "a//b",
+        " app",
+    ],
 )
 def test_parse_reference_rejects(text):
     with pytest.raises(UsageError) as err:
@@ -62,8 +71,11 @@ def test_parse_challenge():
         'scope="repository:a/b:pull,push repository:c:pull"'
     )
     assert scheme == "bearer"
-    assert params == {"realm": "https://auth.example/token", "service": "registry.example",
-                      "scope": "repository:a/b:pull,push repository:c:pull"}
+    assert params == {
+        "realm": "https://auth.example/token",
+        "service": "registry.example",
+        "scope": "repository:a/b:pull,push repository:c:pull",
+    }
     assert parse_challenge('Basic realm="x"') == ("basic", {"realm": "x"})
 
 
@@ -85,8 +97,11 @@ def home(tmp_path) -> dict[str, str]:
     """An environment with its own HOME and XDG_RUNTIME_DIR (never the machine's credentials)."""
     (tmp_path / "home").mkdir()
     (tmp_path / "run").mkdir()
-    return {"HOME": str(tmp_path / "home"), "XDG_RUNTIME_DIR": str(tmp_path / "run"),
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    return {
+        "HOME": str(tmp_path / "home"),
+        "XDG_RUNTIME_DIR": str(tmp_path / "run"),
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    }
 
 
 def test_lookup_order_runtime_then_config_then_docker(tmp_path, home):
@@ -124,13 +139,18 @@ def test_authfile_and_registry_auth_file_are_exclusive(tmp_path, home):
 
 
 def test_docker_hub_legacy_key_and_namespaced_keys(tmp_path, home):
-    _write(tmp_path / "home/.docker/config.json", {"auths": {
-        "https://index.docker.io/v1/": _auth("hub", "ph"),
-        "reg.example": _auth("all", "pa"),
-        "reg.example/team": _auth("team", "pt"),
-        "reg.example/team/app": _auth("app", "pp"),
-        "http://plain.example:5000/": {"username": "u", "password": "p"},
-    }})
+    _write(
+        tmp_path / "home/.docker/config.json",
+        {
+            "auths": {
+                "https://index.docker.io/v1/": _auth("hub", "ph"),
+                "reg.example": _auth("all", "pa"),
+                "reg.example/team": _auth("team", "pt"),
+                "reg.example/team/app": _auth("app", "pp"),
+                "http://plain.example:5000/": {"username": "u", "password": "p"},
+            }
+        },
+    )
     opts = AuthOptions(env=home)
     assert find_credential("docker.io", "library/alpine", opts).credential.username == "hub"
     assert find_credential("reg.example", "team/app", opts).credential.username == "app"
@@ -149,7 +169,10 @@ def _helper(bindir: Path, name: str, script: str) -> None:
 def test_cred_helpers_and_creds_store(tmp_path, home):
     bindir = tmp_path / "bin"
     # A helper that answers for one server and says "not found" for the rest, as real helpers do.
-    _helper(bindir, "nsbtest", """
+    _helper(
+        bindir,
+        "nsbtest",
+        """
 test "$1" = get || exit 2
 read server
 echo "$server" >> "$(dirname "$0")/asked"
@@ -158,12 +181,16 @@ case "$server" in
   https://index.docker.io/v1/) echo '{"ServerURL":"hub","Username":"<token>","Secret":"refresh-tok"}';;
   *) echo "credentials not found in native keychain" >&2; exit 1;;
 esac
-""")
+""",
+    )
     env = {**home, "PATH": f"{bindir}:{home['PATH']}"}
-    config = _write(tmp_path / "home/.docker/config.json", {
-        "auths": {"reg.example": _auth("ignored", "x"), "other.example": _auth("o", "po")},
-        "credHelpers": {"reg.example": "nsbtest"},
-    })
+    config = _write(
+        tmp_path / "home/.docker/config.json",
+        {
+            "auths": {"reg.example": _auth("ignored", "x"), "other.example": _auth("o", "po")},
+            "credHelpers": {"reg.example": "nsbtest"},
+        },
+    )
     cred = find_credential("reg.example", "app", AuthOptions(env=env)).credential
     assert (cred.username, cred.password) == ("helped", "h-secret")
     assert cred.source == f"{config} (credential helper docker-credential-nsbtest)"
@@ -175,7 +202,10 @@ esac
     assert cred.identity_token and cred.password == "refresh-tok"
     assert find_credential("nowhere.example", "x", AuthOptions(env=env)).credential is None
     assert (bindir / "asked").read_text().splitlines() == [
-        "reg.example", "https://index.docker.io/v1/", "nowhere.example"]
+        "reg.example",
+        "https://index.docker.io/v1/",
+        "nowhere.example",
+    ]
 
 
 def test_missing_or_failing_helper_is_a_clear_error(tmp_path, home):

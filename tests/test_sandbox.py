@@ -56,9 +56,14 @@ def _processes_with(marker: str) -> list[str]:
 def _write_spec(user: str | None, work: Path, script: str, **extra: object) -> Path:
     if shutil.which("fakeroot") is None:
         pytest.skip("fakeroot is not installed (`make deps`)")
-    spec = {"name": "sandbox-test", "tag": "latest", "compressor": "none",
-            "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
-            "extraCommands": "mkdir -p bin && ln -s busybox bin/sh", "fakeRootCommands": script}
+    spec = {
+        "name": "sandbox-test",
+        "tag": "latest",
+        "compressor": "none",
+        "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+        "extraCommands": "mkdir -p bin && ln -s busybox bin/sh",
+        "fakeRootCommands": script,
+    }
     spec.update(extra)
     path = work / "spec.json"
     path.write_text(json.dumps(spec))
@@ -82,19 +87,21 @@ def _layer_files(image: Path, work: Path) -> dict[str, bytes]:
     return out
 
 
-def test_background_processes_die_with_the_build(unprivileged_user: str | None,
-                                                 user_tmp: UserTmpFactory) -> None:
+def test_background_processes_die_with_the_build(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
     """`sleep 1000 &`, a setsid'd daemon and a double fork: none of them survives the build."""
     user = unprivileged_user
     work = user_tmp(user)
     for backend in _backends_for(user):
         marker = f"{1000 + uuid.uuid4().int % 100000}.{os.getpid()}"
-        script = (f"sleep {marker} &\nsetsid sleep {marker} &\n(sleep {marker} & ) \n"
-                  f"nohup sleep {marker} > /dev/null 2>&1 &\ntouch done")
+        script = (
+            f"sleep {marker} &\nsetsid sleep {marker} &\n(sleep {marker} & ) \n"
+            f"nohup sleep {marker} > /dev/null 2>&1 &\ntouch done"
+        )
         spec = _write_spec(user, work, script)
         out = work / f"img-{backend}.tar"
-        proc = run_nsbuild(["layered", spec, "-o", out, "--isolation", backend], user=user,
-                           env={"TMPDIR": str(work / "tmp")})
+        proc = run_nsbuild(
+            ["layered", spec, "-o", out, "--isolation", backend], user=user, env={"TMPDIR": str(work / "tmp")}
+        )
         assert proc.returncode == 0, describe(proc)
         assert _processes_with(f"sleep {marker}") == [], backend
         assert os.listdir(work / "tmp") == [], f"{backend} left temporary files behind"
@@ -108,15 +115,23 @@ def test_ctrl_c_during_script(unprivileged_user: str | None, user_tmp: UserTmpFa
     for backend in _backends_for(user):
         marker = f"{2000 + uuid.uuid4().int % 100000}.{os.getpid()}"
         started = work / f"started-{backend}"
-        script = (f"mkdir -p owned/deep && chown -R 4000:4000 owned && chmod 500 owned\n"
-                  f"sleep {marker} &\ntouch {started}\nsleep {marker}\n")
+        script = (
+            f"mkdir -p owned/deep && chown -R 4000:4000 owned && chmod 500 owned\n"
+            f"sleep {marker} &\ntouch {started}\nsleep {marker}\n"
+        )
         spec = _write_spec(user, work, script)
         out = work / f"img-{backend}.tar"
-        argv = as_user_argv([*nsbuild_cmd(), "layered", str(spec), "-o", str(out), "--isolation", backend],
-                            user)
+        argv = as_user_argv([*nsbuild_cmd(), "layered", str(spec), "-o", str(out), "--isolation", backend], user)
         env = user_env(user, {"TMPDIR": str(work / "tmp")})
-        proc = subprocess.Popen(argv, env=env, cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=work,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + 300  # hang guard only
             while not started.exists():
@@ -142,16 +157,19 @@ def test_network_only_loopback(unprivileged_user: str | None, user_tmp: UserTmpF
     (the fakeroot backend has no namespaces, hence no network isolation)."""
     user = unprivileged_user
     work = user_tmp(user)
-    script = ("cat /proc/net/dev > netdev\n"
-              "cat /sys/class/net/lo/operstate > lo-state 2>/dev/null || true\n"
-              "cat /proc/net/if_inet6 > inet6 2>/dev/null || true\n"
-              "ls /proc > procs")
+    script = (
+        "cat /proc/net/dev > netdev\n"
+        "cat /sys/class/net/lo/operstate > lo-state 2>/dev/null || true\n"
+        "cat /proc/net/if_inet6 > inet6 2>/dev/null || true\n"
+        "ls /proc > procs"
+    )
     host_ifaces = {ln.split(":")[0].strip() for ln in Path("/proc/net/dev").read_text().splitlines()[2:]}
     for backend in [b for b in _backends_for(user) if b != "fakeroot"]:
         spec = _write_spec(user, work, script)
         out = work / f"img-{backend}.tar"
-        proc = run_nsbuild(["layered", spec, "-o", out, "--isolation", backend], user=user,
-                           env={"TMPDIR": str(work / "tmp")})
+        proc = run_nsbuild(
+            ["layered", spec, "-o", out, "--isolation", backend], user=user, env={"TMPDIR": str(work / "tmp")}
+        )
         assert proc.returncode == 0, describe(proc)
         files = _layer_files(out, work)
         ifaces = {ln.split(":")[0].strip() for ln in files["netdev"].decode().splitlines()[2:]}
@@ -163,16 +181,20 @@ def test_network_only_loopback(unprivileged_user: str | None, user_tmp: UserTmpF
         assert len(pids) < 20, (backend, pids)
         # --network host: the host's interfaces are visible.
         out2 = work / f"img-{backend}-host.tar"
-        proc = run_nsbuild(["layered", spec, "-o", out2, "--isolation", backend, "--network", "host"],
-                           user=user, env={"TMPDIR": str(work / "tmp")})
+        proc = run_nsbuild(
+            ["layered", spec, "-o", out2, "--isolation", backend, "--network", "host"],
+            user=user,
+            env={"TMPDIR": str(work / "tmp")},
+        )
         assert proc.returncode == 0, describe(proc)
         files = _layer_files(out2, work)
         ifaces = {ln.split(":")[0].strip() for ln in files["netdev"].decode().splitlines()[2:]}
         assert ifaces == host_ifaces, (backend, ifaces)
 
 
-def test_deleted_lower_file_gone_in_container(user_with_subids: str | None, user_tmp: UserTmpFactory,
-                                              require_podman: None) -> None:
+def test_deleted_lower_file_gone_in_container(
+    user_with_subids: str | None, user_tmp: UserTmpFactory, require_podman: None
+) -> None:
     from support.verifiers import podman_load_and_run
 
     user = user_with_subids
@@ -185,13 +207,18 @@ def test_deleted_lower_file_gone_in_container(user_with_subids: str | None, user
         acc = account(user)
         for p in (rootfs, rootfs / "etc", rootfs / "etc/doomed", rootfs / "etc/kept"):
             os.chown(p, acc.uid, acc.gid)
-    spec = _write_spec(user, work, "rm etc/doomed",
-                       contents=["rootfs", {"path": BUSYBOX, "target": "/bin/busybox"}],
-                       config={"Cmd": ["/bin/busybox", "ls", "/etc"]})
+    spec = _write_spec(
+        user,
+        work,
+        "rm etc/doomed",
+        contents=["rootfs", {"path": BUSYBOX, "target": "/bin/busybox"}],
+        config={"Cmd": ["/bin/busybox", "ls", "/etc"]},
+    )
     for backend in _backends_for(user):
         out = work / f"img-{backend}.tar"
-        proc = run_nsbuild(["layered", spec, "-o", out, "--isolation", backend], user=user,
-                           env={"TMPDIR": str(work / "tmp")})
+        proc = run_nsbuild(
+            ["layered", spec, "-o", out, "--isolation", backend], user=user, env={"TMPDIR": str(work / "tmp")}
+        )
         assert proc.returncode == 0, describe(proc)
         shown = podman_load_and_run(out, user=user).split()
         assert "kept" in shown and "doomed" not in shown, (backend, shown)
@@ -240,8 +267,9 @@ def test_doctor_without_user_namespaces(unprivileged_user: str | None, user_tmp:
         m = tf.getmember("f")
     assert (m.uid, m.gid) == (1234, 5678)
     # Forcing a namespace backend there: exit 1, one line saying why and what to change.
-    proc = _without_userns(user, [*nsbuild_cmd(), "layered", str(spec), "-o", str(work / "no.tar"),
-                                  "--isolation", "userns-fakeroot"])
+    proc = _without_userns(
+        user, [*nsbuild_cmd(), "layered", str(spec), "-o", str(work / "no.tar"), "--isolation", "userns-fakeroot"]
+    )
     assert proc.returncode == 1, describe(proc)
     assert "max_user_namespaces" in proc.stderr and "Traceback" not in proc.stderr
     assert not (work / "no.tar").exists()
@@ -279,8 +307,9 @@ def test_script_is_root_with_no_new_privs(unprivileged_user: str | None, user_tm
     for backend in _backends_for(user):
         spec = _write_spec(user, work, script)
         out = work / f"img-{backend}.tar"
-        proc = run_nsbuild(["layered", spec, "-o", out, "--isolation", backend], user=user,
-                           env={"TMPDIR": str(work / "tmp")})
+        proc = run_nsbuild(
+            ["layered", spec, "-o", out, "--isolation", backend], user=user, env={"TMPDIR": str(work / "tmp")}
+        )
         assert proc.returncode == 0, describe(proc)
         files = _layer_files(out, work)
         assert files["uid"].strip() == b"0", (backend, files["uid"])

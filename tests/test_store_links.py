@@ -18,8 +18,10 @@ def test_links_never_go_through_a_symlink_from_an_earlier_content_path(unprivile
     a = store.add("a", {"bin/a": "a\n"})
     (a / "tmp").symlink_to(outside)
     b = store.add("b", {"tmp/planted": "b\n", "bin/b": "b\n"})
-    spec = write_spec(tmp, {"name": "links", "tag": "t", "compressor": "none", "storeDir": str(store.dir),
-                            "contents": [str(a), str(b)]})
+    spec = write_spec(
+        tmp,
+        {"name": "links", "tag": "t", "compressor": "none", "storeDir": str(store.dir), "contents": [str(a), str(b)]},
+    )
     proc = run_nsbuild(["layered", str(spec), "-o", str(tmp / "out.tar"), "--no-cache"], unprivileged_user)
     assert proc.returncode == 0, describe(proc)
     assert "/tmp is provided by several contents" in proc.stderr

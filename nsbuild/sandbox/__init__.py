@@ -55,8 +55,9 @@ def _last_line(text: str | bytes | None) -> str:
 
 def _fakeroot_works() -> tuple[bool, str]:
     try:
-        res = subprocess.run(["fakeroot", "--", "id", "-u"], capture_output=True, text=True,
-                             stdin=subprocess.DEVNULL, timeout=60)
+        res = subprocess.run(
+            ["fakeroot", "--", "id", "-u"], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, str(exc)
     if res.returncode != 0:
@@ -67,8 +68,12 @@ def _fakeroot_works() -> tuple[bool, str]:
 def _userns_blocked(why: str) -> Probe | None:
     n = _max_user_namespaces()
     if n == 0:
-        return Probe("", False, "user namespaces are disabled (user.max_user_namespaces = 0)",
-                     "ask an administrator: sysctl -w user.max_user_namespaces=15000")
+        return Probe(
+            "",
+            False,
+            "user namespaces are disabled (user.max_user_namespaces = 0)",
+            "ask an administrator: sysctl -w user.max_user_namespaces=15000",
+        )
     return None
 
 
@@ -100,14 +105,21 @@ def _probe_userns() -> Probe:
         if bad:
             return Probe(b, False, bad, "install the uidmap package (apt-get install uidmap)")
     if full_map() is None:
-        return Probe(b, False, f"user {name} has no subordinate id range in /etc/subuid and /etc/subgid",
-                     f"ask an administrator: usermod --add-subuids 100000-165535 --add-subgids "
-                     f"100000-165535 {name}")
+        return Probe(
+            b,
+            False,
+            f"user {name} has no subordinate id range in /etc/subuid and /etc/subgid",
+            f"ask an administrator: usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {name}",
+        )
     why = try_enter("userns")
     if why:
-        return Probe(b, False, f"cannot create the namespace: {why}",
-                     "user namespaces may be restricted by seccomp, AppArmor "
-                     "(kernel.apparmor_restrict_unprivileged_userns) or a container runtime")
+        return Probe(
+            b,
+            False,
+            f"cannot create the namespace: {why}",
+            "user namespaces may be restricted by seccomp, AppArmor "
+            "(kernel.apparmor_restrict_unprivileged_userns) or a container runtime",
+        )
     return Probe(b, True)
 
 
@@ -120,13 +132,21 @@ def _probe_userns_fakeroot() -> Probe:
         return Probe(b, False, "fakeroot is not installed", "install fakeroot (apt-get install fakeroot)")
     why = try_enter("single")
     if why:
-        return Probe(b, False, f"cannot create the namespace: {why}",
-                     "user namespaces may be restricted by seccomp, AppArmor "
-                     "(kernel.apparmor_restrict_unprivileged_userns) or a container runtime")
+        return Probe(
+            b,
+            False,
+            f"cannot create the namespace: {why}",
+            "user namespaces may be restricted by seccomp, AppArmor "
+            "(kernel.apparmor_restrict_unprivileged_userns) or a container runtime",
+        )
     ok, out = _fakeroot_works()
     if not ok or out != "0":
-        return Probe(b, False, f"fakeroot does not work here: {out or 'no output'}",
-                     "check that fakeroot's faked daemon can run (SysV IPC)")
+        return Probe(
+            b,
+            False,
+            f"fakeroot does not work here: {out or 'no output'}",
+            "check that fakeroot's faked daemon can run (SysV IPC)",
+        )
     return Probe(b, True)
 
 
@@ -136,8 +156,12 @@ def _probe_fakeroot() -> Probe:
         return Probe(b, False, "fakeroot is not installed", "install fakeroot (apt-get install fakeroot)")
     ok, out = _fakeroot_works()
     if not ok or out != "0":
-        return Probe(b, False, f"fakeroot does not work here: {out or 'no output'}",
-                     "check that fakeroot's faked daemon can run (SysV IPC) and LD_PRELOAD is allowed")
+        return Probe(
+            b,
+            False,
+            f"fakeroot does not work here: {out or 'no output'}",
+            "check that fakeroot's faked daemon can run (SysV IPC) and LD_PRELOAD is allowed",
+        )
     return Probe(b, True)
 
 
@@ -182,5 +206,10 @@ def remove_tree(path: Path) -> None:
         remove(path)
     if os.path.lexists(path) and os.getuid() != 0 and full_map() is not None:
         with contextlib.suppress(BuildError):
-            run("userns", ["rm", "-rf", "--", str(path)], env={"PATH": "/usr/bin:/bin"},
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            run(
+                "userns",
+                ["rm", "-rf", "--", str(path)],
+                env={"PATH": "/usr/bin:/bin"},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )

@@ -84,11 +84,18 @@ def _assemble(plan: dict, root: Path, link: bool, devices: dict[str, list]) -> N
 
 def _mount_overlay(work: Path, lower: Path, upper: Path, ovlwork: Path, merged: Path) -> bool:
     os.chdir(work)  # relative option paths: no escaping of ',' or ':' in the caller's directory names
-    rel = {k: os.path.relpath(v, work) for k, v in
-           (("lower", lower), ("upper", upper), ("work", ovlwork), ("merged", merged))}
+    rel = {
+        k: os.path.relpath(v, work)
+        for k, v in (("lower", lower), ("upper", upper), ("work", ovlwork), ("merged", merged))
+    }
     try:
-        mounts.mount("overlay", rel["merged"], "overlay", 0,
-                     f"lowerdir={rel['lower']},upperdir={rel['upper']},workdir={rel['work']},userxattr")
+        mounts.mount(
+            "overlay",
+            rel["merged"],
+            "overlay",
+            0,
+            f"lowerdir={rel['lower']},upperdir={rel['upper']},workdir={rel['work']},userxattr",
+        )
     except OSError as exc:
         _log(f"overlayfs unavailable here ({exc.strerror}); using copy-and-diff")
         return False
@@ -117,8 +124,12 @@ def _setup_chroot(merged: Path, network: str, tmp_mib: int | None = None) -> lis
             done.append(target)
         except OSError:
             target.unlink()  # e.g. no /dev/tty without a terminal
-    for name, to in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                     ("stderr", "/proc/self/fd/2")):
+    for name, to in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(to, dev / name)
     (dev / "shm").mkdir()
     (dev / "pts").mkdir()
@@ -137,8 +148,9 @@ def _setup_chroot(merged: Path, network: str, tmp_mib: int | None = None) -> lis
     if tmp_mib and tmp.is_dir() and not tmp.is_symlink():
         # runAsRoot's /tmp: scratch space that is never part of the layer (an image whose /tmp is a
         # symlink, e.g. to /var/tmp, keeps it: writes there are the script's own business).
-        mounts.mount("tmpfs", merged / "tmp", "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
-                     f"size={int(tmp_mib)}m,mode=1777")
+        mounts.mount(
+            "tmpfs", merged / "tmp", "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, f"size={int(tmp_mib)}m,mode=1777"
+        )
         done.append(merged / "tmp")
     proc = merged / "proc"
     mounts.mount("proc", proc, "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
@@ -147,8 +159,7 @@ def _setup_chroot(merged: Path, network: str, tmp_mib: int | None = None) -> lis
     try:
         if network == "host":
             raise OSError  # a new sysfs needs our own network namespace
-        mounts.mount("sysfs", sysfs, "sysfs", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC |
-                     mounts.MS_RDONLY)
+        mounts.mount("sysfs", sysfs, "sysfs", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC | mounts.MS_RDONLY)
     except OSError:
         mounts.mount("/sys", sysfs, None, mounts.MS_BIND | mounts.MS_REC)
     done.append(sysfs)
@@ -168,7 +179,7 @@ def _devices(registry: str, root_prefix: str, upper: Path) -> dict[str, list]:
         parts = line.split("\t")
         if len(parts) != 4 or not parts[0].startswith(root_prefix):
             continue
-        rel = parts[0][len(root_prefix):].strip("/")
+        rel = parts[0][len(root_prefix) :].strip("/")
         p = upper / rel
         if p.is_file() and not p.is_symlink() and p.stat().st_size == 0:
             out[rel] = [parts[1], int(parts[2]), int(parts[3])]
@@ -225,18 +236,23 @@ def _is_static_elf(path: Path) -> bool:
             is64, little = head[4] == 2, head[5] == 1
             order = "little" if little else "big"
             if is64:
-                phoff, phentsize, phnum = (int.from_bytes(head[32:40], order),
-                                           int.from_bytes(head[54:56], order), int.from_bytes(head[56:58], order))
+                phoff, phentsize, phnum = (
+                    int.from_bytes(head[32:40], order),
+                    int.from_bytes(head[54:56], order),
+                    int.from_bytes(head[56:58], order),
+                )
             else:
-                phoff, phentsize, phnum = (int.from_bytes(head[28:32], order),
-                                           int.from_bytes(head[42:44], order), int.from_bytes(head[44:46], order))
+                phoff, phentsize, phnum = (
+                    int.from_bytes(head[28:32], order),
+                    int.from_bytes(head[42:44], order),
+                    int.from_bytes(head[44:46], order),
+                )
             f.seek(phoff)
             table = f.read(phentsize * phnum)
     except OSError:
         return False
     pt_interp = 3
-    return all(int.from_bytes(table[i * phentsize:i * phentsize + 4], order) != pt_interp
-               for i in range(phnum))
+    return all(int.from_bytes(table[i * phentsize : i * phentsize + 4], order) != pt_interp for i in range(phnum))
 
 
 def _shell(merged: Path, chroot: bool) -> list[str]:
@@ -247,9 +263,11 @@ def _shell(merged: Path, chroot: bool) -> list[str]:
         if os.path.lexists(p):
             real = _resolve_in(merged, sh)
             if "FAKEROOTKEY" in os.environ and real is not None and _is_static_elf(real):
-                _log(f"warning: the image's /{sh} is statically linked: fakeroot cannot record what it "
-                     "(or other static tools) do, e.g. chown to other ids fails; a user namespace with "
-                     "subordinate ids (--isolation userns) or dynamically linked tools avoid this")
+                _log(
+                    f"warning: the image's /{sh} is statically linked: fakeroot cannot record what it "
+                    "(or other static tools) do, e.g. chown to other ids fails; a user namespace with "
+                    "subordinate ids (--isolation userns) or dynamically linked tools avoid this"
+                )
             return ["/" + sh, "-e", "-c"]
     raise RuntimeError("enableFakechroot: the image has no /bin/bash or /bin/sh to run fakeRootCommands")
 
@@ -275,8 +293,11 @@ def _run_script(plan: dict, merged: Path, tail: list[str] | None = None) -> int:
     argv = [*_shell(merged, chroot), plan["script"]]
     if chroot:
         # Host paths mean nothing inside the image: keep locale/terminal and fakeroot's session only.
-        env = {k: v for k, v in env.items() if k.startswith((*FAKEROOT_VARS, "TERM", "LANG", "LC_", "TZ",
-                                                             "SOURCE_DATE_EPOCH"))}
+        env = {
+            k: v
+            for k, v in env.items()
+            if k.startswith((*FAKEROOT_VARS, "TERM", "LANG", "LC_", "TZ", "SOURCE_DATE_EPOCH"))
+        }
         env.update(PATH=CHROOT_PATH, HOME="/root", PWD="/", USER="root", LOGNAME="root")
         if "FAKEROOTKEY" in env:
             env["LD_LIBRARY_PATH"] = "/dev/.fakeroot"
@@ -304,13 +325,11 @@ def _spawn(argv: list[str], env: dict[str, str], enter: Any, tail: list[str] | N
     """Run argv; its output goes to stderr as it comes. With `tail`, the output also passes through
     a pipe and its last lines are kept there (for the error message)."""
     if tail is None:
-        proc = subprocess.Popen(argv, env=env, preexec_fn=enter, stdin=subprocess.DEVNULL,
-                                stdout=sys.stderr.fileno())
+        proc = subprocess.Popen(argv, env=env, preexec_fn=enter, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno())
         reader = None
     else:
         r, w = os.pipe()
-        proc = subprocess.Popen(argv, env=env, preexec_fn=enter, stdin=subprocess.DEVNULL, stdout=w,
-                                stderr=w)
+        proc = subprocess.Popen(argv, env=env, preexec_fn=enter, stdin=subprocess.DEVNULL, stdout=w, stderr=w)
         os.close(w)
         reader = threading.Thread(target=_tee, args=(r, tail), daemon=True)
         reader.start()
@@ -369,9 +388,12 @@ def _write_layer(plan: dict, upper: Path, names_root: Path, devices: dict[str, l
         "sources": [[str(upper), "/"]],
         "out": plan["out"],
         "mtime": plan["mtime"],
-        "owner": {"mode": "mapped", **owner,
-                  "passwd": _image_file(names_root, "etc/passwd"),
-                  "group": _image_file(names_root, "etc/group")},
+        "owner": {
+            "mode": "mapped",
+            **owner,
+            "passwd": _image_file(names_root, "etc/passwd"),
+            "group": _image_file(names_root, "etc/group"),
+        },
         "overlay_whiteouts": True,
         "devices": devices,
     }
@@ -403,8 +425,13 @@ def main() -> None:
             # diskSize: everything the script can write lives on a tmpfs of that size.
             scratch = work / "scratch"
             scratch.mkdir()
-            mounts.mount("tmpfs", scratch, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
-                         f"size={int(plan['scratch_mib'])}m,mode=0755")
+            mounts.mount(
+                "tmpfs",
+                scratch,
+                "tmpfs",
+                mounts.MS_NOSUID | mounts.MS_NODEV,
+                f"size={int(plan['scratch_mib'])}m,mode=0755",
+            )
             upper, ovlwork, merged = scratch / "upper", scratch / "ovlwork", scratch / "merged"
         for d in (upper, merged):
             d.mkdir()
@@ -448,8 +475,9 @@ def main() -> None:
         full = code != 0 and (_full(scratch) or _full(merged / "tmp" if _tmp_mib(plan) else None))
         timings["script"] = time.monotonic() - t1
         # Read the shim's registry now: in a chroot it lives in the /dev tmpfs, unmounted next.
-        reg_file, reg_prefix = ((merged / "dev/.nsbuild/devices", "/") if plan["chroot"]
-                                else (registry, str(merged) + "/"))
+        reg_file, reg_prefix = (
+            (merged / "dev/.nsbuild/devices", "/") if plan["chroot"] else (registry, str(merged) + "/")
+        )
         try:
             reg_lines = reg_file.read_text()
         except FileNotFoundError:
@@ -457,8 +485,7 @@ def main() -> None:
         _undo_mounts(chroot_mounts)
         chroot_mounts = []
         if code != 0:
-            result = {"status": "script", "code": code, "tail": tail or [],
-                      "full": full}
+            result = {"status": "script", "code": code, "tail": tail or [], "full": full}
         else:
             t2 = time.monotonic()
             if not overlay:
@@ -469,9 +496,11 @@ def main() -> None:
                 code = _run_after(plan, upper, after_tail)
                 if code != 0:
                     raise _AfterFailed(code, after_tail)
-            devices = {rel: dev for rel, dev in lower_devices.items()
-                       if (upper / rel).is_file() and not (upper / rel).is_symlink()
-                       and (upper / rel).stat().st_size == 0}
+            devices = {
+                rel: dev
+                for rel, dev in lower_devices.items()
+                if (upper / rel).is_file() and not (upper / rel).is_symlink() and (upper / rel).stat().st_size == 0
+            }
             devices.update(_devices(reg_lines, reg_prefix, upper))
             if plan.get("caller_ids"):
                 tree.hide_ids(upper, *plan["caller_ids"])
@@ -483,8 +512,11 @@ def main() -> None:
     except tree.HostileLayer as exc:
         result = {"status": "hostile", "message": str(exc)}
     except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
-        result = {"status": "error", "message": str(exc) or type(exc).__name__,
-                  "full": isinstance(exc, OSError) and exc.errno == errno.ENOSPC}
+        result = {
+            "status": "error",
+            "message": str(exc) or type(exc).__name__,
+            "full": isinstance(exc, OSError) and exc.errno == errno.ENOSPC,
+        }
     finally:
         kill_descendants()
         _undo_mounts(chroot_mounts)

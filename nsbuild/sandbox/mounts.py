@@ -33,8 +33,9 @@ def _b(value: str | os.PathLike[str] | bytes | None) -> bytes | None:
     return os.fsencode(value)
 
 
-def mount(source: str | None, target: str | os.PathLike[str], fstype: str | None, flags: int = 0,
-          data: str | None = None) -> None:
+def mount(
+    source: str | None, target: str | os.PathLike[str], fstype: str | None, flags: int = 0, data: str | None = None
+) -> None:
     buf = _b(data)
     rc = _libc.mount(_b(source), _b(target), _b(fstype), flags, ctypes.c_char_p(buf) if buf else None)
     if rc != 0:

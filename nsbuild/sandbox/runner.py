@@ -40,8 +40,9 @@ def _write_map(pid: int, idmap: IdMap) -> None:
         return
     for tool, lines in (("newuidmap", idmap.uids), ("newgidmap", idmap.gids)):
         try:
-            res = subprocess.run([tool, str(pid), *_map_args(lines)], capture_output=True, text=True,
-                                 stdin=subprocess.DEVNULL)
+            res = subprocess.run(
+                [tool, str(pid), *_map_args(lines)], capture_output=True, text=True, stdin=subprocess.DEVNULL
+            )
         except FileNotFoundError as exc:
             raise SandboxSetupError(f"{tool} not found (install the uidmap package)") from exc
         if res.returncode != 0:
@@ -49,9 +50,18 @@ def _write_map(pid: int, idmap: IdMap) -> None:
             raise SandboxSetupError(f"{tool} failed: {msg[-1] if msg else f'exit {res.returncode}'}")
 
 
-def run(mode: str, argv: Sequence[str], *, network: str = "none", env: Mapping[str, str] | None = None,
-        cwd: str | None = None, stdout: int | None = None, stderr: int | None = None,
-        idmap: IdMap | None = None, lo: bool = True) -> subprocess.CompletedProcess:
+def run(
+    mode: str,
+    argv: Sequence[str],
+    *,
+    network: str = "none",
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    stdout: int | None = None,
+    stderr: int | None = None,
+    idmap: IdMap | None = None,
+    lo: bool = True,
+) -> subprocess.CompletedProcess:
     """Run argv as the init's child inside a sandbox; returns its status (and output if captured).
 
     mode: "userns" (full map), "single" (one id), "none" (no namespaces; subreaper only).
@@ -65,12 +75,26 @@ def run(mode: str, argv: Sequence[str], *, network: str = "none", env: Mapping[s
             raise SandboxSetupError("no subordinate id range for this user in /etc/subuid and /etc/subgid")
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
-    cfg = {"mode": mode, "network": network, "ready_fd": ready_w, "go_fd": go_r, "argv": list(argv),
-           "env": dict(env) if env is not None else None, "cwd": cwd, "parent": os.getpid(), "lo": lo}
+    cfg = {
+        "mode": mode,
+        "network": network,
+        "ready_fd": ready_w,
+        "go_fd": go_r,
+        "argv": list(argv),
+        "env": dict(env) if env is not None else None,
+        "cwd": cwd,
+        "parent": os.getpid(),
+        "lo": lo,
+    }
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "nsbuild.sandbox.stage1", json.dumps(cfg)],
-                                pass_fds=(ready_w, go_r), stdin=subprocess.DEVNULL, stdout=stdout,
-                                stderr=stderr, env=dict(env) if env is not None else None)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nsbuild.sandbox.stage1", json.dumps(cfg)],
+            pass_fds=(ready_w, go_r),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=dict(env) if env is not None else None,
+        )
     finally:
         os.close(ready_w)
         os.close(go_r)
@@ -132,12 +156,14 @@ def try_enter(mode: str, *, network: str = "none") -> str | None:
                 mounts.unshare(flags)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
-                    raise OSError(exc.errno, "the limit of user namespaces is reached "
-                                  "(user.max_user_namespaces here or in a parent namespace)") from None
+                    raise OSError(
+                        exc.errno,
+                        "the limit of user namespaces is reached "
+                        "(user.max_user_namespaces here or in a parent namespace)",
+                    ) from None
                 raise
             if mode == "single":
-                for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1\n"),
-                                   ("gid_map", f"0 {gid} 1\n")):
+                for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1\n"), ("gid_map", f"0 {gid} 1\n")):
                     with open(f"/proc/self/{name}", "w") as f:
                         f.write(text)
             else:

@@ -51,8 +51,10 @@ def _enter(cfg: dict) -> None:
         mounts.unshare(flags)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            _die("unshare: the limit of user namespaces is reached (user.max_user_namespaces here or in "
-                 "a parent namespace is 0 or used up)")
+            _die(
+                "unshare: the limit of user namespaces is reached (user.max_user_namespaces here or in "
+                "a parent namespace is 0 or used up)"
+            )
         if exc.errno == errno.EPERM:
             _die("unshare: not permitted (seccomp, AppArmor or a container runtime blocks user namespaces)")
         _die(f"unshare: {exc.strerror}")

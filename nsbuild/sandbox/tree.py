@@ -132,8 +132,9 @@ class ImageModel:
             node = node.children[p]
         return node
 
-    def resolve(self, parts: list[str], extra: Callable[[list[str]], tuple[str, str] | None] | None = None
-                ) -> list[str] | None:
+    def resolve(
+        self, parts: list[str], extra: Callable[[list[str]], tuple[str, str] | None] | None = None
+    ) -> list[str] | None:
         """parts with symlinks resolved inside the image (as a chroot sees them); None when it does not
         end at a directory (dangling, a file, a loop). `extra` overrides the model for a prefix (the new
         layer's own entries): it returns (kind, link) or None."""
@@ -160,8 +161,9 @@ class ImageModel:
             cur.append(part)
         return None
 
-    def _kind(self, parts: list[str], extra: Callable[[list[str]], tuple[str, str] | None] | None
-              ) -> tuple[str, str] | None:
+    def _kind(
+        self, parts: list[str], extra: Callable[[list[str]], tuple[str, str] | None] | None
+    ) -> tuple[str, str] | None:
         if not parts:
             return ("dir", "")
         if extra is not None:
@@ -181,13 +183,15 @@ class ImageModel:
                     return None
                 child = node.children[p] = _Node("dir", children={})
             if child.kind == "link":
-                where = "/" + "/".join(parts[:i + 1])
-                raise HostileLayer(f"{what}: writes through the symlink {where} -> {child.link}"
-                                   + (f" (planted by {child.layer})" if child.layer else ""))
+                where = "/" + "/".join(parts[: i + 1])
+                raise HostileLayer(
+                    f"{what}: writes through the symlink {where} -> {child.link}"
+                    + (f" (planted by {child.layer})" if child.layer else "")
+                )
             if child.kind != "dir":
                 if not create:
                     return None
-                raise HostileLayer(f"{what}: /{'/'.join(parts[:i + 1])} is not a directory")
+                raise HostileLayer(f"{what}: /{'/'.join(parts[: i + 1])} is not a directory")
             node = child
         return node
 
@@ -213,7 +217,7 @@ class ImageModel:
             elif base.startswith(WH):
                 d = self._parent(parts[:-1], f"{label}: {m.name!r}", create=False)
                 if d is not None and d.children is not None:
-                    d.children.pop(base[len(WH):], None)
+                    d.children.pop(base[len(WH) :], None)
         for m in members:
             parts = _parts(m.name)
             if not parts or parts[-1].startswith(WH):
@@ -242,11 +246,12 @@ class ImageModel:
 
     def _check_name(self, m: Member, label: str) -> None:
         base = m.name.rstrip("/").rpartition("/")[2]
-        if base.startswith(WH) and base != OPQ and base[len(WH):] in ("", ".", ".."):
+        if base.startswith(WH) and base != OPQ and base[len(WH) :] in ("", ".", ".."):
             # Whiting out "..", "." or "" would delete the parent of the tree, or the directory itself.
-            raise HostileLayer(f"{label}: {m.name!r} is a whiteout of {base[len(WH):]!r}, not of a name")
-        bad_xattr = [k for k in m.pax or {} if k.startswith(("SCHILY.xattr.trusted.overlay.",
-                                                                "SCHILY.xattr.user.overlay."))]
+            raise HostileLayer(f"{label}: {m.name!r} is a whiteout of {base[len(WH) :]!r}, not of a name")
+        bad_xattr = [
+            k for k in m.pax or {} if k.startswith(("SCHILY.xattr.trusted.overlay.", "SCHILY.xattr.user.overlay."))
+        ]
         if bad_xattr:
             # overlayfs reads these from the lower layers: a base layer must not steer the script's mount.
             raise HostileLayer(f"{label}: {m.name!r} carries the overlayfs attribute {bad_xattr[0][13:]!r}")
@@ -260,14 +265,17 @@ class ImageModel:
         if m.islnk() and (m.linkname.startswith("/") or ".." in m.linkname.split("/") or not _parts(m.linkname)):
             raise HostileLayer(f"{label}: {m.name!r} is a hard link to {m.linkname!r}, outside the layer's tree")
         if self.refuse_devices and (m.ischr() or m.isblk()):
-            raise HostileLayer(f"{label}: {m.name!r} is a device node ({m.devmajor}:{m.devminor}); "
-                               "base images used with runAsRoot may not hold any")
+            raise HostileLayer(
+                f"{label}: {m.name!r} is a device node ({m.devmajor}:{m.devminor}); "
+                "base images used with runAsRoot may not hold any"
+            )
         if not (m.isreg() or m.isdir() or m.issym() or m.islnk() or m.ischr() or m.isblk() or m.isfifo()):
             raise HostileLayer(f"{label}: {m.name!r} has an unsupported tar entry type {m.type!r}")
 
 
-def unpack_layer(tar_path: Path, root: Path, devices: dict[str, list] | None = None,
-                 model: ImageModel | None = None, label: str = "") -> None:
+def unpack_layer(
+    tar_path: Path, root: Path, devices: dict[str, list] | None = None, model: ImageModel | None = None, label: str = ""
+) -> None:
     """Apply one image layer to root: whiteouts first, then the entries (as a container runtime does).
 
     With a model, the layer is validated against it first (HostileLayer on anything that could write
@@ -294,11 +302,11 @@ def unpack_layer(tar_path: Path, root: Path, devices: dict[str, list] | None = N
                     for child in os.listdir(d):
                         remove(d / child)
             elif base.startswith(WH):
-                if base[len(WH):] in ("", ".", ".."):
-                    raise HostileLayer(f"{label}: {m.name!r} is a whiteout of {base[len(WH):]!r}, not of a name")
+                if base[len(WH) :] in ("", ".", ".."):
+                    raise HostileLayer(f"{label}: {m.name!r} is a whiteout of {base[len(WH) :]!r}, not of a name")
                 d = _safe_dir(root, parts[:-1], create=False)
                 if d is not None:
-                    remove(d / base[len(WH):])
+                    remove(d / base[len(WH) :])
         for m in members:
             parts = _parts(m.name)
             if not parts or parts[-1].startswith(WH):
@@ -315,8 +323,11 @@ def unpack_layer(tar_path: Path, root: Path, devices: dict[str, list] | None = N
 
 
 def _extract(tf: tarfile.TarFile, m: tarfile.TarInfo, dest: Path, root: Path) -> str | None:
-    xattrs = {k[len("SCHILY.xattr."):]: v.encode("utf-8", "surrogateescape")
-              for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}
+    xattrs = {
+        k[len("SCHILY.xattr.") :]: v.encode("utf-8", "surrogateescape")
+        for k, v in m.pax_headers.items()
+        if k.startswith("SCHILY.xattr.")
+    }
     existing = None
     with contextlib.suppress(FileNotFoundError):
         existing = os.lstat(dest)
@@ -546,8 +557,21 @@ def _seen(path: Path, st: os.stat_result, in_lower: bool, in_upper: bool) -> See
     link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
     xattrs = () if stat.S_ISLNK(st.st_mode) else tuple(sorted(_xattrs(path).items()))
     ident = (st.st_ino, _generation(path)) if stat.S_ISDIR(st.st_mode) else (st.st_ino, 0)
-    return Seen(ident, stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                st.st_rdev, st.st_size, st.st_mtime_ns, st.st_ctime_ns, link, xattrs, in_lower, in_upper)
+    return Seen(
+        ident,
+        stat.S_IFMT(st.st_mode),
+        stat.S_IMODE(st.st_mode),
+        st.st_uid,
+        st.st_gid,
+        st.st_rdev,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        link,
+        xattrs,
+        in_lower,
+        in_upper,
+    )
 
 
 def _walk_rel(root: Path) -> list[str]:
@@ -619,8 +643,12 @@ def diff_to_upper(merged: Path, snap: dict[str, Seen], upper: Path, skip: set[st
         if rel in now_set or not before.in_lower or rel.split("/", 1)[0] in skip:
             continue
         parent = rel.rpartition("/")[0]
-        if parent and (parent not in now_set or parent in opaque or not (merged / parent).is_dir()
-                       or (merged / parent).is_symlink()):
+        if parent and (
+            parent not in now_set
+            or parent in opaque
+            or not (merged / parent).is_dir()
+            or (merged / parent).is_symlink()
+        ):
             continue  # the parent went (or was replaced) too: one whiteout/opaque there covers it
         whiteouts.append(rel)
     for rel in list(include) + whiteouts:
@@ -641,8 +669,9 @@ def diff_to_upper(merged: Path, snap: dict[str, Seen], upper: Path, skip: set[st
     for rel in whiteouts:
         os.mknod(upper / rel, stat.S_IFCHR | 0o600, os.makedev(0, 0))
     # Directory modes last: a 0555 directory must not stop us filling it.
-    for rel in sorted((r for r in include if (upper / r).is_dir() and not (upper / r).is_symlink()),
-                      key=lambda r: -r.count("/")):
+    for rel in sorted(
+        (r for r in include if (upper / r).is_dir() and not (upper / r).is_symlink()), key=lambda r: -r.count("/")
+    ):
         os.chmod(upper / rel, stat.S_IMODE(os.lstat(merged / rel).st_mode))
 
 

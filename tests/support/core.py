@@ -38,9 +38,9 @@ def nix_hash(seed: str) -> str:
 class FakeStore:
     """A directory shaped like a Nix store: `<hash>-<name>` entries whose files mention each other.
 
-        store = FakeStore(tmp / "store")
-        lib = store.add("libfoo", {"lib/libfoo.so": b"\\x7fELF..."})
-        app = store.add("app", {"bin/app": "#!/bin/sh\\n"}, refs=[lib])
+    store = FakeStore(tmp / "store")
+    lib = store.add("libfoo", {"lib/libfoo.so": b"\\x7fELF..."})
+    app = store.add("app", {"bin/app": "#!/bin/sh\\n"}, refs=[lib])
     """
 
     def __init__(self, root: Path) -> None:
@@ -51,8 +51,14 @@ class FakeStore:
     def path_of(self, name: str) -> Path:
         return self.dir / f"{nix_hash(name)}-{name}"
 
-    def add(self, name: str, files: Mapping[str, bytes | str] | None = None,
-            refs: Sequence[Path] = (), *, file_mode: int = 0o644) -> Path:
+    def add(
+        self,
+        name: str,
+        files: Mapping[str, bytes | str] | None = None,
+        refs: Sequence[Path] = (),
+        *,
+        file_mode: int = 0o644,
+    ) -> Path:
         """A store directory; the first file (or `nix-support/refs`) names every path in `refs`."""
         top = self.path_of(name)
         top.mkdir()
@@ -91,10 +97,18 @@ def write_spec(directory: Path, spec: Mapping[str, Any], name: str = "spec.json"
     return path
 
 
-def build(spec: Path, output: str | os.PathLike[str], *extra: str, user: UserKey = None,
-          env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
-          umask: int | None = None, tz: str | None = None, check: bool = True,
-          json_result: bool = False) -> subprocess.CompletedProcess:
+def build(
+    spec: Path,
+    output: str | os.PathLike[str],
+    *extra: str,
+    user: UserKey = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    umask: int | None = None,
+    tz: str | None = None,
+    check: bool = True,
+    json_result: bool = False,
+) -> subprocess.CompletedProcess:
     """`nsbuild layered SPEC -o OUTPUT --no-cache -q [EXTRA]`; fails the test unless it exits 0 when
     `check`. With json_result, `--json` is added and proc.result holds the parsed result."""
     args = ["layered", str(spec), "-o", os.fspath(output), *BUILD_FLAGS, *extra]
@@ -191,12 +205,12 @@ def _num(field_bytes: bytes) -> int:
 def _pax_records(body: bytes) -> dict[bytes, bytes]:
     out: dict[bytes, bytes] = {}
     i = 0
-    while i < len(body) and body[i:i + 1] != b"\0":
+    while i < len(body) and body[i : i + 1] != b"\0":
         space = body.index(b" ", i)
         length = int(body[i:space])
-        record = body[space + 1:i + length - 1]  # without the trailing newline
-        if body[i + length - 1:i + length] != b"\n":
-            raise AssertionError(f"malformed PAX record at {i}: {body[i:i + length]!r}")
+        record = body[space + 1 : i + length - 1]  # without the trailing newline
+        if body[i + length - 1 : i + length] != b"\n":
+            raise AssertionError(f"malformed PAX record at {i}: {body[i : i + length]!r}")
         key, _, value = record.partition(b"=")
         out[key] = value
         i += length
@@ -240,14 +254,18 @@ def raw_members(path: str | os.PathLike[str], *, limit_bytes: int | None = None)
             if b"size" in pax:
                 size = int(pax[b"size"])
             member = RawMember(
-                name=pax.get(b"path", name), typeflag=typeflag, mode=_num(block[100:108]),
+                name=pax.get(b"path", name),
+                typeflag=typeflag,
+                mode=_num(block[100:108]),
                 uid=int(pax[b"uid"]) if b"uid" in pax else _num(block[108:116]),
                 gid=int(pax[b"gid"]) if b"gid" in pax else _num(block[116:124]),
-                size=size, mtime=_num(block[136:148]),
+                size=size,
+                mtime=_num(block[136:148]),
                 linkname=pax.get(b"linkpath", block[157:257].split(b"\0", 1)[0]),
                 uname=pax.get(b"uname", block[265:297].split(b"\0", 1)[0]),
                 gname=pax.get(b"gname", block[297:329].split(b"\0", 1)[0]),
-                pax=pax, offset=offset,
+                pax=pax,
+                offset=offset,
             )
             yield member
             pax = {}

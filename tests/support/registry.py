@@ -62,18 +62,46 @@ def make_ca_and_cert(d: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
         if proc.returncode != 0:
             raise AssertionError(f"openssl {' '.join(args)} failed:\n{proc.stderr}")
 
-    openssl("req", "-x509", *key_opts, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-            "-subj", "/CN=nsbuild test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    openssl(
+        "req",
+        "-x509",
+        *key_opts,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=nsbuild test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
     openssl("req", *key_opts, "-keyout", "server.key", "-out", "server.csr", "-subj", f"/CN={hosts[0]}")
     sans = ",".join(("IP:" if h.replace(".", "").isdigit() else "DNS:") + h for h in hosts)
     (d / "server.ext").write_text(
         f"subjectAltName={sans}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
         "extendedKeyUsage=serverAuth\n"
     )
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "server.crt", "-days", "2", "-extfile", "server.ext")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    )
     for name in ("ca.crt", "server.crt"):
         (d / name).chmod(0o644)
     return d / "ca.crt", d / "server.crt", d / "server.key"
@@ -122,8 +150,9 @@ class Registry:
             return [f"{pre}cert-dir={self.cert_dir}"]
         return [f"{pre}tls-verify=false"]
 
-    def request(self, path: str, method: str = "GET", auth: bool = True,
-                headers: dict[str, str] | None = None) -> tuple[int, Message, bytes]:
+    def request(
+        self, path: str, method: str = "GET", auth: bool = True, headers: dict[str, str] | None = None
+    ) -> tuple[int, Message, bytes]:
         """An HTTP request to the registry (CA trusted; basic credentials, or the bearer-token
         challenge flow, when auth is on); returns (status, headers, body) for any status. headers
         is case-insensitive (`headers["WWW-Authenticate"]`)."""
@@ -137,8 +166,7 @@ class Registry:
             params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
             query = urllib.parse.urlencode({k: params[k] for k in ("service", "scope") if k in params})
             cred = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
-            t_status, _, t_body = self._http(f"{params['realm']}?{query}", "GET",
-                                             {"Authorization": f"Basic {cred}"})
+            t_status, _, t_body = self._http(f"{params['realm']}?{query}", "GET", {"Authorization": f"Basic {cred}"})
             if t_status != 200:
                 return t_status, resp_headers, t_body
             hdrs["Authorization"] = f"Bearer {json.loads(t_body)['token']}"
@@ -207,8 +235,14 @@ def _config(reg: Registry, port: int, server_cert: Path | None, server_key: Path
         lines += ["  tls:", f"    certificate: {server_cert}", f"    key: {server_key}"]
     if reg.token_server is not None:
         ts = reg.token_server
-        lines += ["auth:", "  token:", f"    realm: {ts.realm}", f"    service: {ts.service}",
-                  f"    issuer: {ts.issuer}", f"    rootcertbundle: {ts.cert}"]
+        lines += [
+            "auth:",
+            "  token:",
+            f"    realm: {ts.realm}",
+            f"    service: {ts.service}",
+            f"    issuer: {ts.issuer}",
+            f"    rootcertbundle: {ts.cert}",
+        ]
     elif reg.username is not None:
         lines += ["auth:", "  htpasswd:", "    realm: nsbuild-test", f"    path: {reg.dir / 'htpasswd'}"]
     return "\n".join(lines) + "\n"
@@ -257,8 +291,15 @@ def start_registry(
         log = open(d / "registry.log", "ab")  # noqa: SIM115 - the child keeps it; closed below
         # Never REGISTRY_* variables: distribution reads every one of them as its own configuration.
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(d), "LANG": "C.UTF-8"}
-        reg.proc = subprocess.Popen([exe, "serve", str(d / "config.yml")], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, cwd=d, preexec_fn=die_with_parent)
+        reg.proc = subprocess.Popen(
+            [exe, "serve", str(d / "config.yml")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=d,
+            preexec_fn=die_with_parent,
+        )
         log.close()
         if _wait_ready(reg):
             break

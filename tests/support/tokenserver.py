@@ -27,7 +27,7 @@ def _b64url(data: bytes) -> str:
 
 
 def parse_scopes(scopes: list[str]) -> list[dict]:
-    """"repository:name/sub:pull,push" -> {"type": "repository", "name": "name/sub", "actions": [...]}.
+    """ "repository:name/sub:pull,push" -> {"type": "repository", "name": "name/sub", "actions": [...]}.
     Names may hold ':' only before the last field (a registry host with a port never appears here)."""
     out = []
     for scope in scopes:
@@ -48,8 +48,13 @@ class TokenRequest:
 
 
 class TokenServer:
-    def __init__(self, d: Path, users: dict[str, str], service: str = "nsbuild-test-registry",
-                 issuer: str = "nsbuild-test-token-issuer") -> None:
+    def __init__(
+        self,
+        d: Path,
+        users: dict[str, str],
+        service: str = "nsbuild-test-registry",
+        issuer: str = "nsbuild-test-token-issuer",
+    ) -> None:
         self.dir = d
         self.users = users
         self.service = service
@@ -59,9 +64,24 @@ class TokenServer:
         self.key = d / "token.key"
         self.cert = d / "token.crt"
         proc = subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(self.key),
-             "-out", str(self.cert), "-days", "2", "-subj", "/CN=nsbuild test token issuer"],
-            capture_output=True, text=True,
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                str(self.key),
+                "-out",
+                str(self.cert),
+                "-days",
+                "2",
+                "-subj",
+                "/CN=nsbuild test token issuer",
+            ],
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0:
             raise AssertionError(f"openssl could not make the token signing key:\n{proc.stderr}")
@@ -77,11 +97,20 @@ class TokenServer:
 
     def make_token(self, user: str, access: list[dict], lifetime: int = 600) -> str:
         now = int(time.time())
-        claims = {"iss": self.issuer, "sub": user, "aud": self.service, "exp": now + lifetime,
-                  "nbf": now - 60, "iat": now, "jti": secrets.token_hex(8), "access": access}
+        claims = {
+            "iss": self.issuer,
+            "sub": user,
+            "aud": self.service,
+            "exp": now + lifetime,
+            "nbf": now - 60,
+            "iat": now,
+            "jti": secrets.token_hex(8),
+            "access": access,
+        }
         signing_input = f"{self._header}.{_b64url(json.dumps(claims).encode())}"
-        proc = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)],
-                              input=signing_input.encode(), capture_output=True)
+        proc = subprocess.run(
+            ["openssl", "dgst", "-sha256", "-sign", str(self.key)], input=signing_input.encode(), capture_output=True
+        )
         if proc.returncode != 0:
             raise AssertionError(f"openssl could not sign a token: {proc.stderr.decode()}")
         return f"{signing_input}.{_b64url(proc.stdout)}"
@@ -99,8 +128,12 @@ class TokenServer:
 
     @staticmethod
     def _response(token: str) -> dict:
-        return {"token": token, "access_token": token, "expires_in": 600,
-                "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        return {
+            "token": token,
+            "access_token": token,
+            "expires_in": 600,
+            "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
 
     # --- the HTTP side ---
 
@@ -140,8 +173,9 @@ class TokenServer:
                 if form.get("grant_type", [""])[0] != "password":
                     self._send(400, {"error": "unsupported_grant_type"})
                     return
-                status, body = server.token_for(form.get("username", [None])[0],
-                                                form.get("password", [None])[0], form.get("scope", []))
+                status, body = server.token_for(
+                    form.get("username", [None])[0], form.get("password", [None])[0], form.get("scope", [])
+                )
                 self._send(status, body)
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

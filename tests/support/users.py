@@ -107,9 +107,7 @@ def nsbuild_cmd() -> list[str]:
     return [str(exe)]
 
 
-def user_env(
-    user: UserKey = None, env: Mapping[str, str] | None = None, tz: str | None = None
-) -> dict[str, str]:
+def user_env(user: UserKey = None, env: Mapping[str, str] | None = None, tz: str | None = None) -> dict[str, str]:
     """A clean environment for the account: nothing of pytest's environment leaks into a build."""
     acc = account(user)
     out = {
@@ -301,10 +299,20 @@ def remove_tree(path: Path, user: UserKey = None) -> None:
         gids = first_subid_range(me.pw_name, me.pw_uid, "/etc/subgid")
         if uids and gids:
             subprocess.run(
-                ["unshare", "--user", "--map-root-user", f"--map-users={uids[0]},1,{uids[1]}",
-                 f"--map-groups={gids[0]},1,{gids[1]}", "sh", "-c", 'chmod -R u+rwX "$1"; rm -rf "$1"', "sh",
-                 str(path)],
-                capture_output=True, check=False,
+                [
+                    "unshare",
+                    "--user",
+                    "--map-root-user",
+                    f"--map-users={uids[0]},1,{uids[1]}",
+                    f"--map-groups={gids[0]},1,{gids[1]}",
+                    "sh",
+                    "-c",
+                    'chmod -R u+rwX "$1"; rm -rf "$1"',
+                    "sh",
+                    str(path),
+                ],
+                capture_output=True,
+                check=False,
             )
         if os.path.lexists(path) and shutil.which("podman"):
             subprocess.run(["podman", "unshare", "rm", "-rf", str(path)], capture_output=True, check=False)
@@ -352,7 +360,9 @@ def unprivileged_user_params() -> list:
         pytest.param(
             None,
             id="test",
-            marks=[] if mine else pytest.mark.skip(
+            marks=[]
+            if mine
+            else pytest.mark.skip(
                 reason=f"not root and {me} has no /etc/subuid+/etc/subgid range: the with-subids case "
                 "needs root (to switch to nsbuild-test) or a range for this user"
             ),
@@ -360,7 +370,9 @@ def unprivileged_user_params() -> list:
         pytest.param(
             None,
             id="nosub",
-            marks=[] if not mine else pytest.mark.skip(
+            marks=[]
+            if not mine
+            else pytest.mark.skip(
                 reason=f"not root and {me} has subordinate ids: the no-subids case needs root "
                 "(to switch to nsbuild-nosub)"
             ),

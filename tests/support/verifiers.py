@@ -48,8 +48,9 @@ def require_tool(name: str) -> str:
     path = shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin:/sbin:/bin")
     if path is None:
         if name in OPTIONAL_TOOLS:
-            pytest.skip(f"{name} is not installed (optional: apt-get install --no-install-recommends "
-                        f"{OPTIONAL_TOOLS[name]})")
+            pytest.skip(
+                f"{name} is not installed (optional: apt-get install --no-install-recommends {OPTIONAL_TOOLS[name]})"
+            )
         message = f"{name} is not installed (`make deps` installs the Debian packages the tests use)"
         if os.environ.get("CI", "").lower() in ("true", "1"):
             # In CI `make test` has installed every verifier: a missing one must not turn into a skip.
@@ -102,7 +103,7 @@ def cleanup_module_files() -> None:
 
 
 def compression_of(path: str | os.PathLike[str]) -> str | None:
-    """"gz", "zstd" or None, from the file's magic bytes."""
+    """ "gz", "zstd" or None, from the file's magic bytes."""
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic[:2] == b"\x1f\x8b":
@@ -146,24 +147,25 @@ def skopeo_copy(
     with tempfile.TemporaryDirectory(prefix="nsbuild-skopeo-", dir="/var/tmp") as tmp:
         os.chmod(tmp, 0o755)
         if src_ref.startswith("docker-archive:"):
-            path, sep, rest = src_ref[len("docker-archive:"):].partition(":")
+            path, sep, rest = src_ref[len("docker-archive:") :].partition(":")
             if os.path.isfile(path) and compression_of(path):
                 src_ref = f"docker-archive:{plain_archive(path, tmp)}{sep}{rest}"
         return run_tool(["skopeo", "copy", "--insecure-policy", *extra, src_ref, dst_ref], user, env=env)
 
 
-def skopeo_inspect(ref: str, *extra: str, user: UserKey = None, raw: bool = False,
-                   authfile: str | os.PathLike[str] | None = None) -> dict:
+def skopeo_inspect(
+    ref: str, *extra: str, user: UserKey = None, raw: bool = False, authfile: str | os.PathLike[str] | None = None
+) -> dict:
     env = {"REGISTRY_AUTH_FILE": os.fspath(authfile or empty_auth_file())}
     args = ["skopeo", "inspect", *extra, *(["--raw"] if raw else []), ref]
     return json.loads(run_tool(args, user, env=env).stdout)
 
 
-def to_gzip_oci(src_ref: str, oci_dir: str | os.PathLike[str], tag: str = "latest",
-                user: UserKey = None) -> Path:
+def to_gzip_oci(src_ref: str, oci_dir: str | os.PathLike[str], tag: str = "latest", user: UserKey = None) -> Path:
     """Copy any image into an OCI layout with gzip layers (umoci and oci-image-tool know no zstd)."""
-    skopeo_copy(src_ref, f"oci:{os.fspath(oci_dir)}:{tag}", "--dest-compress-format", "gzip",
-                "--dest-compress", user=user)
+    skopeo_copy(
+        src_ref, f"oci:{os.fspath(oci_dir)}:{tag}", "--dest-compress-format", "gzip", "--dest-compress", user=user
+    )
     return Path(oci_dir)
 
 
@@ -270,7 +272,7 @@ def parse_mtree(text: str) -> dict[str, MtreeEntry]:
         typ = kw.get("type", "file")
         if typ == "dir" and "/" not in name:
             stack.append(path)
-        xattrs = {k[len("xattr."):]: base64.b64decode(v) for k, v in kw.items() if k.startswith("xattr.")}
+        xattrs = {k[len("xattr.") :]: base64.b64decode(v) for k, v in kw.items() if k.startswith("xattr.")}
         owner = xattrs.pop(ROOTLESS_XATTR, None)
         uid: int | None
         gid: int | None
@@ -346,8 +348,7 @@ def bsdtar_list(layer_tar: str | os.PathLike[str], user: UserKey = None) -> list
     return names
 
 
-def bsdtar_extract(layer_tar: str | os.PathLike[str], dest: str | os.PathLike[str],
-                   user: UserKey = None) -> Path:
+def bsdtar_extract(layer_tar: str | os.PathLike[str], dest: str | os.PathLike[str], user: UserKey = None) -> Path:
     """Extract with bsdtar (refuses `..` and writing through symlinks); as root owners are restored."""
     bsdtar_list(layer_tar, user)
     Path(dest).mkdir(parents=True, exist_ok=True)
@@ -355,12 +356,15 @@ def bsdtar_extract(layer_tar: str | os.PathLike[str], dest: str | os.PathLike[st
     return Path(dest)
 
 
-_GNU_TAR_WARNINGS = re.compile(r"Removing leading|Member name contains|contains '\.\.'|Skipping to next header|"
-                               r"Cannot (open|create|mkdir|hard link)|Unexpected EOF")
+_GNU_TAR_WARNINGS = re.compile(
+    r"Removing leading|Member name contains|contains '\.\.'|Skipping to next header|"
+    r"Cannot (open|create|mkdir|hard link)|Unexpected EOF"
+)
 
 
-def gnutar_extract(layer_tar: str | os.PathLike[str], dest: str | os.PathLike[str],
-                   user: UserKey = None, xattrs: bool = False) -> Path:
+def gnutar_extract(
+    layer_tar: str | os.PathLike[str], dest: str | os.PathLike[str], user: UserKey = None, xattrs: bool = False
+) -> Path:
     """Extract with GNU tar (compression detected from the data). GNU tar only warns about absolute
     and `..` names, so the listing is checked and any such warning is a failure too."""
     listing = run_tool(["tar", "-tf", layer_tar], user).stdout.splitlines()
@@ -376,8 +380,7 @@ def gnutar_extract(layer_tar: str | os.PathLike[str], dest: str | os.PathLike[st
 # --- image structure (enough to find the layer blobs; no nsbuild code) ----------------------------------
 
 
-def image_layers(image: str | os.PathLike[str], work: str | os.PathLike[str],
-                 tag: str | None = None) -> list[Path]:
+def image_layers(image: str | os.PathLike[str], work: str | os.PathLike[str], tag: str | None = None) -> list[Path]:
     """The layer blobs of a docker-archive (plain, gz or zstd), an OCI archive or an OCI layout,
     in manifest order. Archives are unpacked with GNU tar into `work`."""
     image, work = Path(image), Path(work)
@@ -392,8 +395,11 @@ def image_layers(image: str | os.PathLike[str], work: str | os.PathLike[str],
         manifest = json.loads((root / "manifest.json").read_text())
         if len(manifest) != 1 and tag is None:
             raise AssertionError(f"{image}: {len(manifest)} images in manifest.json; pass tag=")
-        entry = manifest[0] if tag is None else next(
-            m for m in manifest if any(t.endswith(f":{tag}") for t in m.get("RepoTags") or []))
+        entry = (
+            manifest[0]
+            if tag is None
+            else next(m for m in manifest if any(t.endswith(f":{tag}") for t in m.get("RepoTags") or []))
+        )
         return [root / p for p in entry["Layers"]]
     if (root / "oci-layout").exists():
         return _oci_layers(root, tag)
@@ -411,8 +417,7 @@ def oci_manifest(layout: str | os.PathLike[str], tag: str | None = None) -> dict
     index = json.loads((layout / "index.json").read_text())
     manifests = index["manifests"]
     if tag is not None:
-        manifests = [m for m in manifests
-                     if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag]
+        manifests = [m for m in manifests if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag]
     if len(manifests) != 1:
         raise AssertionError(f"{layout}: {len(manifests)} manifests match tag {tag!r}")
     return json.loads(_blob(layout, manifests[0]["digest"]).read_text())
@@ -422,8 +427,9 @@ def _oci_layers(layout: Path, tag: str | None) -> list[Path]:
     return [_blob(layout, layer["digest"]) for layer in oci_manifest(layout, tag)["layers"]]
 
 
-def check_all_layers(image: str | os.PathLike[str], work: str | os.PathLike[str],
-                     tag: str | None = None) -> list[list[str]]:
+def check_all_layers(
+    image: str | os.PathLike[str], work: str | os.PathLike[str], tag: str | None = None
+) -> list[list[str]]:
     """Every layer listed and extracted by bsdtar and by GNU tar; returns bsdtar's names per layer."""
     work = Path(work)
     names = []
@@ -448,8 +454,17 @@ class PodmanStore:
     @property
     def prefix(self) -> list[str]:
         d = self.dir
-        return ["podman", "--root", f"{d}/root", "--runroot", f"{d}/run", "--tmpdir", f"{d}/tmp",
-                "--storage-driver", "vfs"]
+        return [
+            "podman",
+            "--root",
+            f"{d}/root",
+            "--runroot",
+            f"{d}/run",
+            "--tmpdir",
+            f"{d}/tmp",
+            "--storage-driver",
+            "vfs",
+        ]
 
     def podman(self, *args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess:
         proc = run_as([*self.prefix, *args], self.user, env=self.env, cwd=self.dir)
@@ -495,8 +510,11 @@ def podman_store(user: UserKey = None) -> Iterator[PodmanStore]:
     (d / "xdg").mkdir(mode=0o700)
     if not acc.is_current:
         os.chown(d / "xdg", acc.uid, acc.gid)
-    env = {"CONTAINERS_CONF": str(d / "containers.conf"), "REGISTRY_AUTH_FILE": str(d / "auth.json"),
-           "XDG_RUNTIME_DIR": str(d / "xdg")}
+    env = {
+        "CONTAINERS_CONF": str(d / "containers.conf"),
+        "REGISTRY_AUTH_FILE": str(d / "auth.json"),
+        "XDG_RUNTIME_DIR": str(d / "xdg"),
+    }
     store = PodmanStore(d, user, env)
     try:
         yield store
@@ -564,11 +582,31 @@ def docker_daemon() -> Iterator[DockerDaemon]:
     sock = f"{d}/sock"
     log = open(d / "log", "wb")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
-        [dockerd, "--data-root", f"{d}/data", "--exec-root", f"{d}/exec", "--pidfile", f"{d}/pid",
-         "-H", f"unix://{sock}", "--iptables=false", "--ip6tables=false", "--bridge=none",
-         "--ip-masq=false", "--storage-driver", "vfs",
-         "--default-ulimit", "nofile=1024:1024", "--default-ulimit", "nproc=1024:1024"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+        [
+            dockerd,
+            "--data-root",
+            f"{d}/data",
+            "--exec-root",
+            f"{d}/exec",
+            "--pidfile",
+            f"{d}/pid",
+            "-H",
+            f"unix://{sock}",
+            "--iptables=false",
+            "--ip6tables=false",
+            "--bridge=none",
+            "--ip-masq=false",
+            "--storage-driver",
+            "vfs",
+            "--default-ulimit",
+            "nofile=1024:1024",
+            "--default-ulimit",
+            "nproc=1024:1024",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
         env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"},
     )
     daemon = DockerDaemon(d, sock)
