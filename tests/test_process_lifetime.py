@@ -66,6 +66,11 @@ def _processes_with(marker: str) -> list[str]:
     return found
 
 
+def _running_sleep(marker: str) -> bool:
+    """A `sleep MARKER` is running (not merely bash, whose command line holds the script's text)."""
+    return any(p.split(": ", 1)[1].startswith(f"sleep {marker}") for p in _processes_with(marker))
+
+
 def _wait_gone(marker: str) -> list[str]:
     """The processes still alive after the hang guard (the kernel ends a pid namespace asynchronously)."""
     deadline = time.monotonic() + HANG_GUARD
@@ -158,7 +163,7 @@ def _start_and_kill(user: str | None, argv: list[str], work: Path, started: str,
     )
     try:
         deadline = time.monotonic() + HANG_GUARD
-        while not _processes_with(started):
+        while not _running_sleep(started):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the script never started"
             time.sleep(0.05)
@@ -375,7 +380,7 @@ def test_a_live_build_is_never_swept(unprivileged_user: str | None, user_tmp: Us
     a = popen_nsbuild(["layered", slow, "-o", out, "--no-cache"], user, env=env, cwd=work)
     try:
         deadline = time.monotonic() + HANG_GUARD
-        while not _processes_with(started):
+        while not _running_sleep(started):
             assert a.poll() is None, a.communicate()
             assert time.monotonic() < deadline, "the script never started"
             time.sleep(0.05)
