@@ -116,7 +116,7 @@ class RegistryFlags:
         self.cache_to = cache_to
         self.cache_from = cache_from
 
-    def options(self):  # type: ignore[no-untyped-def]
+    def options(self):
         from nsbuild.registry import options_from_cli
 
         _check_choice("--manifest-format", self.manifest_format, ("oci", "docker"))

@@ -128,9 +128,9 @@ def open_decompressed(path: str | os.PathLike[str]) -> BinaryIO:
     magic = f.read(4)
     f.seek(0)
     if magic[:2] == b"\x1f\x8b":
-        return igzip_threaded.open(f, "rb")  # type: ignore[return-value]
+        return igzip_threaded.open(f, "rb")
     if magic == b"\x28\xb5\x2f\xfd":
-        return zstandard.ZstdDecompressor().stream_reader(f, closefd=True, read_across_frames=True)  # type: ignore[return-value]
+        return zstandard.ZstdDecompressor().stream_reader(f, closefd=True, read_across_frames=True)
     return f
 
 

@@ -603,7 +603,7 @@ def push_cache(
 
 
 @contextlib.contextmanager
-def opened_cache(text: str | None, options: RegistryOptions | None, progress: Progress):  # type: ignore[no-untyped-def]
+def opened_cache(text: str | None, options: RegistryOptions | None, progress: Progress):
     if not text:
         yield None
         return

@@ -166,9 +166,9 @@ def _pax_records(data: bytes) -> dict[str, str]:
         pos = end
     if any(data[pos:]):
         raise TarFormatError("malformed PAX header (data after the NUL padding)")
-    for key in ("size", "uid", "gid"):
-        if key in out and not DECIMAL.fullmatch(out[key]):
-            raise TarFormatError(f"PAX {key} {out[key][:40]!r} is not a non-negative decimal number")
+    for number in ("size", "uid", "gid"):
+        if number in out and not DECIMAL.fullmatch(out[number]):
+            raise TarFormatError(f"PAX {number} {out[number][:40]!r} is not a non-negative decimal number")
     return out
 
 

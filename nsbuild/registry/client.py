@@ -278,7 +278,7 @@ class _ContextAdapter(HTTPAdapter):
         self._ctx = ctx
         super().__init__(max_retries=0)
 
-    def build_connection_pool_key_attributes(self, request, verify, cert=None):  # type: ignore[no-untyped-def]
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):
         host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
         if verify is not False:
             pool_kwargs.pop("ca_certs", None)
@@ -559,14 +559,14 @@ class RegistryClient:
                 }
                 if params.get("service"):
                     form["service"] = params["service"]
-                resp = self._send("POST", realm, data=form, retry=True)  # type: ignore[arg-type]
+                resp = self._send("POST", realm, data=form, retry=True)
             else:
                 headers = {}
                 if cred is not None:
                     headers["Authorization"] = _basic(cred)
                 if cred is not None and cred.username:
                     query.append(("account", cred.username))
-                resp = self._send("GET", realm, params=query, headers=headers, retry=True)  # type: ignore[arg-type]
+                resp = self._send("GET", realm, params=query, headers=headers, retry=True)
         except requests.RequestException as e:
             raise BuildError(
                 f"registry {self.registry}: token server {urlparse(realm).netloc} is unreachable: {self.describe(e)}"
