@@ -29,7 +29,7 @@ from typing import Any
 
 import prctl
 
-from nsbuild.sandbox import mounts, tree
+from nsbuild.sandbox import hostview, mounts, tree
 from nsbuild.sandbox.proc import kill_descendants, status_code
 
 FAKEROOT_VARS = ("FAKEROOT", "FAKED_", "LD_PRELOAD", "LD_LIBRARY_PATH")
@@ -255,7 +255,10 @@ def _is_static_elf(path: Path) -> bool:
     return all(int.from_bytes(table[i * phentsize : i * phentsize + 4], order) != pt_interp for i in range(phnum))
 
 
-def _shell(merged: Path, chroot: bool) -> list[str]:
+def _shell(merged: Path, chroot: bool, view: hostview.View | None = None, what: str = "fakeRootCommands") -> list[str]:
+    """The script's interpreter. The image's own bash or sh comes first (the script runs in the image's
+    world); an image without one gets the host's bash from the host view (dockerTools always uses
+    the builder's bash)."""
     if not chroot:
         return ["bash", "-e", "-c"]
     for sh in ("bin/bash", "usr/bin/bash", "bin/sh", "usr/bin/sh"):
@@ -269,7 +272,10 @@ def _shell(merged: Path, chroot: bool) -> list[str]:
                     "subordinate ids (--isolation userns) or dynamically linked tools avoid this"
                 )
             return ["/" + sh, "-e", "-c"]
-    raise RuntimeError("enableFakechroot: the image has no /bin/bash or /bin/sh to run fakeRootCommands")
+    host = hostview.shell_argv(view, ["/dev/.fakeroot"] if "FAKEROOTKEY" in os.environ else []) if view else None
+    if host is None:
+        raise RuntimeError(f"{what}: the image has no /bin/bash or /bin/sh, and no host bash was found to run it")
+    return host
 
 
 def _wait_for_network() -> None:
@@ -285,12 +291,12 @@ def _wait_for_network() -> None:
         raise RuntimeError("the sandbox's network (lo) could not be set up")
 
 
-def _run_script(plan: dict, merged: Path, tail: list[str] | None = None) -> int:
+def _run_script(plan: dict, merged: Path, tail: list[str] | None = None, view: hostview.View | None = None) -> int:
     chroot = plan["chroot"]
     env = dict(plan["env"]) if plan.get("env") is not None else dict(os.environ)
     # fakeroot's session (preload library, daemon key) must reach the script whatever env it was given.
     env.update({k: v for k, v in os.environ.items() if k.startswith(FAKEROOT_VARS)})
-    argv = [*_shell(merged, chroot), plan["script"]]
+    argv = [*_shell(merged, chroot, view, plan.get("what", "fakeRootCommands")), plan["script"]]
     if chroot:
         # Host paths mean nothing inside the image: keep locale/terminal and fakeroot's session only.
         env = {
@@ -301,6 +307,8 @@ def _run_script(plan: dict, merged: Path, tail: list[str] | None = None) -> int:
         env.update(PATH=CHROOT_PATH, HOME="/root", PWD="/", USER="root", LOGNAME="root")
         if "FAKEROOTKEY" in env:
             env["LD_LIBRARY_PATH"] = "/dev/.fakeroot"
+        if view is not None:
+            _host_env(env, view)
 
     memory = plan.get("memory_mib")
 
@@ -319,6 +327,15 @@ def _run_script(plan: dict, merged: Path, tail: list[str] | None = None) -> int:
         shim_dir = "/dev/.nsbuild" if chroot else str(Path(plan["work"]) / "shim")
         env["PATH"] = shim_dir + ":" + env.get("PATH", CHROOT_PATH)
     return _spawn(argv, env, enter, tail)
+
+
+def _host_env(env: dict[str, str], view: hostview.View) -> None:
+    """The host's tools after the image's own on PATH; their libraries where the image has no loader
+    of its own at the host's loader path (an image with a C library keeps its own search path)."""
+    env["PATH"] = CHROOT_PATH + ":" + hostview.HOST_PATH
+    if view.bind_loader:
+        libs = [*([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []), *hostview.library_path(view)]
+        env["LD_LIBRARY_PATH"] = ":".join(libs)
 
 
 def _spawn(argv: list[str], env: dict[str, str], enter: Any, tail: list[str] | None) -> int:
@@ -417,6 +434,7 @@ def main() -> None:
     result: dict = {"status": "error"}
     chroot_mounts: list[Path] = []
     overlay = False
+    view: hostview.View | None = None
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     scratch: Path | None = None
@@ -441,6 +459,7 @@ def main() -> None:
             lower.mkdir()
             ovlwork.mkdir()
             _assemble(plan, lower, link=True, devices=lower_devices)
+            view = _prepare_view(plan, lower)
             if plan["chroot"]:
                 # Mount points for the chroot, below everything (they never reach the upper layer).
                 for name in tree_system_dirs(lower, plan):
@@ -452,6 +471,7 @@ def main() -> None:
                 upper.mkdir()
         if not overlay:
             _assemble(plan, merged, link=False, devices=lower_devices)
+            view = _prepare_view(plan, merged)
             lower_paths = tree.paths_of(merged)
             upper_paths = tree.paths_of(Path(plan["custom_root"]))
             tree.copy_tree(Path(plan["custom_root"]), merged)
@@ -466,13 +486,14 @@ def main() -> None:
             (work / "shim").mkdir()
             _write_shim(work / "shim", str(registry))
         if plan["chroot"]:
-            chroot_mounts = _setup_chroot(merged, plan["network"], _tmp_mib(plan))
+            chroot_mounts = _setup_chroot(merged, plan["network"])
+            chroot_mounts += hostview.mount(merged, view) if view is not None else []
         _wait_for_network()
         t1 = time.monotonic()
         tail: list[str] | None = [] if plan.get("tail") else None
-        code = _run_script(plan, merged, tail)
-        # Before the mounts go: did the script fill its diskSize-limited space (or /tmp)?
-        full = code != 0 and (_full(scratch) or _full(merged / "tmp" if _tmp_mib(plan) else None))
+        code = _run_script(plan, merged, tail, view)
+        # Before the mounts go: did the script fill its diskSize-limited space?
+        full = code != 0 and _full(scratch)
         timings["script"] = time.monotonic() - t1
         # Read the shim's registry now: in a chroot it lives in the /dev tmpfs, unmounted next.
         reg_file, reg_prefix = (
@@ -537,15 +558,19 @@ def main() -> None:
 
 
 def tree_system_dirs(root: Path, plan: dict | None = None) -> list[str]:
-    names = (*SYSTEM_DIRS, "tmp") if plan is not None and _tmp_mib(plan) else SYSTEM_DIRS
-    return [n for n in names if not os.path.lexists(root / n)]
+    return [n for n in SYSTEM_DIRS if not os.path.lexists(root / n)]
 
 
-def _tmp_mib(plan: dict) -> int | None:
-    """runAsRoot gets a /tmp tmpfs (diskSize, else 1 GiB); fakeRootCommands keeps the image's /tmp."""
-    if not plan.get("tmp") or not plan["chroot"]:
+def _prepare_view(plan: dict, root: Path) -> hostview.View | None:
+    """Before the layer's reference state is taken: the chroot's mount points for the host view and,
+    for runAsRoot, a /tmp where the image has none (the image's own /tmp is used as it is: its files
+    are visible and what the script leaves there is in the layer, as in dockerTools' VM)."""
+    if not plan["chroot"]:
         return None
-    return int(plan.get("scratch_mib") or 1024)
+    if plan.get("tmp") and not os.path.lexists(root / "tmp"):
+        (root / "tmp").mkdir(mode=0o755)
+        (root / "tmp").chmod(0o1777)
+    return hostview.prepare(root, plan.get("store_dir"))
 
 
 if __name__ == "__main__":

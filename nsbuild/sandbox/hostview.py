@@ -1,0 +1,229 @@
+"""What a chrooted script (runAsRoot, enableFakechroot) sees of the host: the store and the host's tools.
+
+dockerTools' scripts see the Nix store (runAsRoot's VM mounts it; fakechroot leaves it visible) and
+run with the builder's bash and tools on PATH. Here, read-only mounts inside the image's tree stand in
+for that, and none of them reaches the layer:
+
+  storeDir         at its own path. Absent from the image: a read-only bind of the host's store.
+                   Present (store paths among the image's layers): a read-only overlay of the image's
+                   store over the host's, so the image's own entries win and the others are visible.
+  /.nsbuild-host   a read-only tmpfs holding the host's /usr, /bin, /sbin, /lib* (read-only binds;
+                   the host's symlinks, as on a merged-/usr system, are kept): the host's shell runs
+                   the script when the image has none, and its tools come after the image's own on
+                   PATH.
+  the host's ELF interpreter (e.g. /lib64/ld-linux-x86-64.so.2), where the image has none at that
+                   path: a read-only bind, so the host's tools can start; they find their libraries
+                   through LD_LIBRARY_PATH (set only in that case).
+
+The mount points that did not exist in the image are created before the layer's reference state is
+taken (in the overlay's lower tree, or before the copy engine's snapshot), so they are never part of
+the layer; what a script writes through them fails (read-only).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nsbuild.sandbox import mounts
+
+HOST_DIR = ".nsbuild-host"
+HOST_PARTS = ("usr", "bin", "sbin", "lib", "lib64", "lib32", "libx32")
+HOST_PATH = ":".join(f"/{HOST_DIR}/{d}" for d in ("usr/local/bin", "usr/sbin", "usr/bin", "sbin", "bin"))
+_KEPT_FLAGS = 2 | 4 | 8 | 1024 | 2048 | 4096  # ST_NOSUID NODEV NOEXEC NOATIME NODIRATIME RELATIME (= MS_*)
+
+
+@dataclass
+class View:
+    """What prepare() found and created: the plan for mount()."""
+
+    store: str | None = None  # storeDir, absolute
+    store_in_image: bool = False  # the image has that directory already (its own store paths)
+    loader: str | None = None  # the host shell's ELF interpreter, absolute
+    bind_loader: bool = False  # the image has none at that path: the host's is bound there
+    created: list[str] = field(default_factory=list)  # mount points made in the image's tree
+
+
+def _plain_path(root: Path, rel: str) -> bool:
+    """Whether every existing component of root/rel is a real directory (no symlink on the way):
+    a mount point is only made where the path means the same inside the chroot as here."""
+    cur = root
+    for part in [p for p in rel.split("/") if p][:-1]:
+        cur = cur / part
+        if os.path.islink(cur) or (os.path.lexists(cur) and not cur.is_dir()):
+            return False
+    last = root / rel
+    return not os.path.islink(last)
+
+
+def _make(root: Path, rel: str, created: list[str], is_file: bool = False) -> None:
+    parts = [p for p in rel.split("/") if p]
+    for i in range(1, len(parts) + 1):
+        sub = "/".join(parts[:i])
+        p = root / sub
+        if os.path.lexists(p):
+            continue
+        if is_file and i == len(parts):
+            p.touch(mode=0o755)
+        else:
+            p.mkdir(mode=0o755)
+        created.append(sub)
+
+
+def host_shell() -> str | None:
+    found = shutil.which("bash", path="/usr/bin:/bin")
+    return os.path.realpath(found) if found else None
+
+
+def prepare(root: Path, store_dir: str | None) -> View:
+    """Make the mount points the host view needs in `root` (the tree whose state is the layer's
+    reference: the overlay's lower tree or the copy engine's tree before its snapshot)."""
+    view = View()
+    _make(root, HOST_DIR, view.created)
+    if store_dir and _plain_path(root, store_dir.lstrip("/")) and os.path.isdir(store_dir):
+        view.store = store_dir
+        target = root / store_dir.lstrip("/")
+        view.store_in_image = target.is_dir() and any(target.iterdir())
+        _make(root, store_dir.lstrip("/"), view.created)
+    shell = host_shell()
+    view.loader = elf_interp(Path(shell)) if shell else None
+    if view.loader and not os.path.lexists(root / view.loader.lstrip("/")):
+        if _plain_path(root, view.loader.lstrip("/")):
+            _make(root, view.loader.lstrip("/"), view.created, is_file=True)
+            view.bind_loader = True
+    return view
+
+
+def _bind_ro(source: str, target: Path) -> None:
+    try:
+        mounts.mount(source, target, None, mounts.MS_BIND)
+    except OSError:
+        # A non-recursive bind is refused where it would uncover what locked sub-mounts hide.
+        mounts.mount(source, target, None, mounts.MS_BIND | mounts.MS_REC)
+    # The flags the kernel keeps locked must be repeated, else the read-only remount is refused.
+    kept = os.statvfs(target).f_flag & _KEPT_FLAGS
+    mounts.mount(None, target, None, mounts.MS_REMOUNT | mounts.MS_BIND | mounts.MS_RDONLY | kept)
+
+
+def _host_tree(merged: Path, done: list[Path]) -> None:
+    top = merged / HOST_DIR
+    mounts.mount("tmpfs", top, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "size=64k,mode=0755")
+    done.append(top)
+    for name in HOST_PARTS:
+        host = Path("/") / name
+        if host.is_symlink():
+            target = os.readlink(host)
+            # An absolute target would lead into the image's own tree: keep it inside the host view.
+            os.symlink(f"/{HOST_DIR}{target}" if target.startswith("/") else target, top / name)
+        elif host.is_dir():
+            (top / name).mkdir()
+            _bind_ro(str(host), top / name)
+            done.append(top / name)
+    kept = os.statvfs(top).f_flag & _KEPT_FLAGS
+    mounts.mount(None, top, None, mounts.MS_REMOUNT | mounts.MS_RDONLY | kept, "size=64k,mode=0755")
+
+
+def _store(merged: Path, view: View, log: object) -> Path | None:
+    assert view.store is not None
+    target = merged / view.store.lstrip("/")
+    if not view.store_in_image:
+        _bind_ro(view.store, target)
+        return target
+    # Both stores, the image's on top; no upper directory, so the overlay is read-only as a whole.
+    # Relative option paths: no escaping of ',' or ':' in either directory's name.
+    here = os.getcwd()
+    os.chdir(target)
+    try:
+        data = f"lowerdir=.:{os.path.relpath(view.store, target)}"
+        mounts.mount("overlay", ".", "overlay", mounts.MS_RDONLY, data)
+    except OSError as exc:
+        _log(f"warning: the store paths that are not in the image are not visible to the script ({exc.strerror})")
+        return None
+    finally:
+        os.chdir(here)
+    return target
+
+
+def mount(merged: Path, view: View) -> list[Path]:
+    """The host view's mounts in `merged` (the tree the script's chroot is); the mount points to
+    undo, deepest last."""
+    done: list[Path] = []
+    _host_tree(merged, done)
+    if view.store:
+        got = _store(merged, view, None)
+        if got is not None:
+            done.append(got)
+    if view.bind_loader and view.loader:
+        _bind_ro(view.loader, merged / view.loader.lstrip("/"))
+        done.append(merged / view.loader.lstrip("/"))
+    return done
+
+
+def library_path(view: View) -> list[str]:
+    """The host's library directories as the chroot sees them (for the host shell and, where the
+    image has no loader of its own, for every host tool)."""
+    arch = getattr(sys.implementation, "_multiarch", "") or ""
+    names = [f"lib/{arch}", f"usr/lib/{arch}"] if arch else []
+    names += ["lib64", "usr/lib64", "lib", "usr/lib"]
+    out: list[str] = []
+    for n in names:
+        if os.path.isdir(f"/{n}"):
+            inside = inside_path(f"/{n}")
+            if inside not in out:
+                out.append(inside)
+    return out
+
+
+def inside_path(host: str) -> str:
+    """Where a host path is in the host view. Its real path: the host's own absolute symlinks (e.g.
+    /lib64/ld-linux-x86-64.so.2 -> /lib/...) would resolve inside the image."""
+    return f"/{HOST_DIR}{os.path.realpath(host)}"
+
+
+def shell_argv(view: View, extra_libs: list[str]) -> list[str] | None:
+    """The host's bash, as the chroot sees it, started through the host's loader (whatever loader
+    and C library the image has, or none)."""
+    shell = host_shell()
+    if not shell or not view.loader:
+        return None
+    libs = ":".join([*extra_libs, *library_path(view)])
+    return [inside_path(view.loader), "--library-path", libs, inside_path(shell), "-e", "-c"]
+
+
+def elf_interp(path: Path) -> str | None:
+    """The PT_INTERP of an ELF executable (its loader's path), None for a static one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF":
+                return None
+            is64, order = head[4] == 2, "little" if head[5] == 1 else "big"
+            phoff, entsize, num = (
+                (int.from_bytes(head[32:40], order), int.from_bytes(head[54:56], order), int.from_bytes(head[56:58], order))
+                if is64
+                else (int.from_bytes(head[28:32], order), int.from_bytes(head[42:44], order), int.from_bytes(head[44:46], order))
+            )
+            f.seek(phoff)
+            table = f.read(entsize * num)
+            for i in range(num):
+                e = table[i * entsize : (i + 1) * entsize]
+                if int.from_bytes(e[:4], order) != 3:  # PT_INTERP
+                    continue
+                off, size = (
+                    (int.from_bytes(e[8:16], order), int.from_bytes(e[32:40], order))
+                    if is64
+                    else (int.from_bytes(e[4:8], order), int.from_bytes(e[16:20], order))
+                )
+                f.seek(off)
+                return f.read(size).rstrip(b"\0").decode()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def _log(msg: str) -> None:
+    sys.stderr.write(f"nsbuild: {msg}\n")
+    sys.stderr.flush()
