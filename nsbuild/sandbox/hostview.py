@@ -90,10 +90,11 @@ def prepare(root: Path, store_dir: str | None) -> View:
         _make(root, store_dir.lstrip("/"), view.created)
     shell = host_shell()
     view.loader = elf_interp(Path(shell)) if shell else None
-    if view.loader and not os.path.lexists(root / view.loader.lstrip("/")):
-        if _plain_path(root, view.loader.lstrip("/")):
-            _make(root, view.loader.lstrip("/"), view.created, is_file=True)
-            view.bind_loader = True
+    rel = view.loader.lstrip("/") if view.loader else ""
+    # (An image whose path to it holds a symlink, e.g. /lib64 -> usr/lib64, gets no loader bound.)
+    if rel and not os.path.lexists(root / rel) and _plain_path(root, rel):
+        _make(root, rel, view.created, is_file=True)
+        view.bind_loader = True
     return view
 
 
@@ -126,7 +127,7 @@ def _host_tree(merged: Path, done: list[Path]) -> None:
     mounts.mount(None, top, None, mounts.MS_REMOUNT | mounts.MS_RDONLY | kept, "size=64k,mode=0755")
 
 
-def _store(merged: Path, view: View, log: object) -> Path | None:
+def _store(merged: Path, view: View) -> Path | None:
     assert view.store is not None
     target = merged / view.store.lstrip("/")
     if not view.store_in_image:
@@ -153,7 +154,7 @@ def mount(merged: Path, view: View) -> list[Path]:
     done: list[Path] = []
     _host_tree(merged, done)
     if view.store:
-        got = _store(merged, view, None)
+        got = _store(merged, view)
         if got is not None:
             done.append(got)
     if view.bind_loader and view.loader:
@@ -201,22 +202,22 @@ def elf_interp(path: Path) -> str | None:
             if head[:4] != b"\x7fELF":
                 return None
             is64, order = head[4] == 2, "little" if head[5] == 1 else "big"
-            phoff, entsize, num = (
-                (int.from_bytes(head[32:40], order), int.from_bytes(head[54:56], order), int.from_bytes(head[56:58], order))
+
+            def num(buf: bytes, lo: int, hi: int) -> int:
+                return int.from_bytes(buf[lo:hi], order)
+
+            phoff, entsize, count = (
+                (num(head, 32, 40), num(head, 54, 56), num(head, 56, 58))
                 if is64
-                else (int.from_bytes(head[28:32], order), int.from_bytes(head[42:44], order), int.from_bytes(head[44:46], order))
+                else (num(head, 28, 32), num(head, 42, 44), num(head, 44, 46))
             )
             f.seek(phoff)
-            table = f.read(entsize * num)
-            for i in range(num):
+            table = f.read(entsize * count)
+            for i in range(count):
                 e = table[i * entsize : (i + 1) * entsize]
-                if int.from_bytes(e[:4], order) != 3:  # PT_INTERP
+                if num(e, 0, 4) != 3:  # PT_INTERP
                     continue
-                off, size = (
-                    (int.from_bytes(e[8:16], order), int.from_bytes(e[32:40], order))
-                    if is64
-                    else (int.from_bytes(e[4:8], order), int.from_bytes(e[16:20], order))
-                )
+                off, size = (num(e, 8, 16), num(e, 32, 40)) if is64 else (num(e, 4, 8), num(e, 16, 20))
                 f.seek(off)
                 return f.read(size).rstrip(b"\0").decode()
     except (OSError, UnicodeDecodeError):
