@@ -14,10 +14,12 @@ import json
 import os
 import shutil
 import tarfile
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.users import UserTmpFactory, account, describe, is_root, run_nsbuild
+from support.users import UserTmpFactory, account, describe, is_root, remove_tree, run_nsbuild
 from support.verifiers import image_layers
 
 BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
@@ -53,18 +55,23 @@ class Store:
 
 
 @pytest.fixture
-def setup(request: pytest.FixtureRequest, user_tmp: UserTmpFactory) -> tuple[str, str, Path, Store]:
+def setup(request: pytest.FixtureRequest, user_tmp: UserTmpFactory) -> Iterator[tuple[str, str, Path, Store]]:
     backend, user = request.param
     if not os.path.exists(BUSYBOX):
         pytest.skip("busybox is not installed (busybox-static)")
     work = user_tmp(user)
-    store = Store(work)
+    # The store below /tmp (runAsRoot's /tmp used to hide it); the rest of the test's files elsewhere.
+    store_root = Path(tempfile.mkdtemp(prefix="nsbuild-store-", dir="/tmp"))
+    store_root.chmod(0o755)
+    store = Store(store_root)
     if is_root():
         acc = account(user)
-        for dirpath, dirs, files in os.walk(work):
-            for n in [dirpath, *[os.path.join(dirpath, x) for x in dirs + files]]:
-                os.lchown(n, acc.uid, acc.gid)
-    return backend, user, work, store
+        for top in (work, store_root):
+            for dirpath, dirs, files in os.walk(top):
+                for n in [dirpath, *[os.path.join(dirpath, x) for x in dirs + files]]:
+                    os.lchown(n, acc.uid, acc.gid)
+    yield backend, user, work, store
+    remove_tree(store_root, user)
 
 
 def _build(setup: tuple, kind: str, spec: dict, name: str) -> tuple[object, Path]:
@@ -90,10 +97,11 @@ def _last_layer(setup: tuple, image: Path) -> dict[str, tuple[tarfile.TarInfo, b
 
 
 def _assert_no_host_view(layer: dict, store: Store) -> None:
-    store_rel = str(store.dir).lstrip("/")
+    # The store's mount point and the directories made for it (below the image's own /tmp here).
+    store_top = str(store.dir.parent).lstrip("/")
     for name in layer:
         assert not name.startswith(".nsbuild-host"), name
-        assert name != store_rel and not name.startswith(store_rel + "/"), name
+        assert name != store_top and not name.startswith(store_top + "/"), name
         assert not name.startswith("lib64"), name  # the host's loader, bound where the image has none
 
 
@@ -111,6 +119,8 @@ def test_run_as_root_in_an_image_without_a_shell(setup: tuple) -> None:
         "echo left > /tmp/left\n"
         'echo "$BASH" > /data/shell\n'
         "chown 12:34 /data/tool-out\n"
+        # Namespace root may try to make the store writable again: the host's own files must stay as they are.
+        f"mount -o remount,rw {store.dir} 2>/dev/null || mount -o remount,bind,rw {store.dir} 2>/dev/null || :\n"
         f"if touch {store.dir}/new 2>/dev/null; then echo ESCAPE store; fi\n"
         "if touch /.nsbuild-host/usr/new 2>/dev/null; then echo ESCAPE host; fi\n"
         f"if mkdir {store.tool}/x 2>/dev/null; then echo ESCAPE entry; fi\n"
@@ -118,6 +128,7 @@ def test_run_as_root_in_an_image_without_a_shell(setup: tuple) -> None:
     proc, out = _build(setup, "image", {"fromImage": str(base), "storeDir": str(store.dir), "runAsRoot": script}, "ras")
     assert proc.returncode == 0, describe(proc)
     assert "ESCAPE" not in proc.stdout + proc.stderr, describe(proc)
+    assert "setlocale" not in proc.stderr, describe(proc)  # the host shell finds the host's locales
     layer = _last_layer(setup, out)
     assert layer["data/tool-out"][1] == b"tool-ran\n"
     assert (layer["data/tool-out"][0].uid, layer["data/tool-out"][0].gid) == (12, 34)

@@ -2,13 +2,13 @@
 
 dockerTools' scripts see the Nix store (runAsRoot's VM mounts it; fakechroot leaves it visible) and
 run with the builder's bash and tools on PATH. Here, read-only mounts inside the image's tree stand in
-for that, and none of them reaches the layer:
+for that, and none of them reaches the layer. Every view of a host directory is an overlayfs without
+an upper directory: read-only for good (namespace root cannot remount it writable):
 
-  storeDir         at its own path. Absent from the image: a read-only bind of the host's store.
-                   Present (store paths among the image's layers): a read-only overlay of the image's
-                   store over the host's, so the image's own entries win and the others are visible.
-  /.nsbuild-host   a read-only tmpfs holding the host's /usr, /bin, /sbin, /lib* (read-only binds;
-                   the host's symlinks, as on a merged-/usr system, are kept): the host's shell runs
+  storeDir         at its own path: the host's store; where the image has store paths of its own (in
+                   its layers), the image's store over the host's, so its own entries win.
+  /.nsbuild-host   a read-only tmpfs holding the host's /usr, /bin, /sbin, /lib* (the host's symlinks,
+                   as on a merged-/usr system, are kept): the host's shell runs
                    the script when the image has none, and its tools come after the image's own on
                    PATH.
   the host's ELF interpreter (e.g. /lib64/ld-linux-x86-64.so.2), where the image has none at that
@@ -98,18 +98,30 @@ def prepare(root: Path, store_dir: str | None) -> View:
     return view
 
 
+def _escape(path: str) -> str:
+    """A path as an overlayfs lowerdir entry: ':' separates entries and ',' options."""
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+def _ro_overlay(lowers: list[str], target: Path, empty: Path) -> None:
+    """`lowers` (first on top) as one read-only file system at target. An overlay without an upper
+    directory cannot be remounted writable, not even by namespace root (a read-only bind could be:
+    the script must never write the host's files, the caller's own store included). The empty
+    directory is a second layer where there is one lower only (the kernel wants two then)."""
+    layers = [*lowers, str(empty)] if len(lowers) == 1 else lowers
+    data = "lowerdir=" + ":".join(_escape(os.path.abspath(p)) for p in layers)
+    mounts.mount("overlay", target, "overlay", mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV, data)
+
+
 def _bind_ro(source: str, target: Path) -> None:
-    try:
-        mounts.mount(source, target, None, mounts.MS_BIND)
-    except OSError:
-        # A non-recursive bind is refused where it would uncover what locked sub-mounts hide.
-        mounts.mount(source, target, None, mounts.MS_BIND | mounts.MS_REC)
+    """A read-only bind (the loader file, whose source lies in a read-only overlay already)."""
+    mounts.mount(source, target, None, mounts.MS_BIND)
     # The flags the kernel keeps locked must be repeated, else the read-only remount is refused.
     kept = os.statvfs(target).f_flag & _KEPT_FLAGS
     mounts.mount(None, target, None, mounts.MS_REMOUNT | mounts.MS_BIND | mounts.MS_RDONLY | kept)
 
 
-def _host_tree(merged: Path, done: list[Path]) -> None:
+def _host_tree(merged: Path, empty: Path, done: list[Path]) -> None:
     top = merged / HOST_DIR
     mounts.mount("tmpfs", top, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "size=64k,mode=0755")
     done.append(top)
@@ -121,44 +133,38 @@ def _host_tree(merged: Path, done: list[Path]) -> None:
             os.symlink(f"/{HOST_DIR}{target}" if target.startswith("/") else target, top / name)
         elif host.is_dir():
             (top / name).mkdir()
-            _bind_ro(str(host), top / name)
+            _ro_overlay([str(host)], top / name, empty)
             done.append(top / name)
     kept = os.statvfs(top).f_flag & _KEPT_FLAGS
     mounts.mount(None, top, None, mounts.MS_REMOUNT | mounts.MS_RDONLY | kept, "size=64k,mode=0755")
 
 
-def _store(merged: Path, view: View) -> Path | None:
+def _store(merged: Path, view: View, empty: Path) -> Path | None:
     assert view.store is not None
     target = merged / view.store.lstrip("/")
-    if not view.store_in_image:
-        _bind_ro(view.store, target)
-        return target
-    # Both stores, the image's on top; no upper directory, so the overlay is read-only as a whole.
-    # Relative option paths: no escaping of ',' or ':' in either directory's name.
-    here = os.getcwd()
-    os.chdir(target)
+    # The image's own store paths (in its layers) on top of the host's.
+    lowers = [str(target), view.store] if view.store_in_image else [view.store]
     try:
-        data = f"lowerdir=.:{os.path.relpath(view.store, target)}"
-        mounts.mount("overlay", ".", "overlay", mounts.MS_RDONLY, data)
+        _ro_overlay(lowers, target, empty)
     except OSError as exc:
-        _log(f"warning: the store paths that are not in the image are not visible to the script ({exc.strerror})")
+        _log(f"warning: the store ({view.store}) is not visible to the script: {exc.strerror}")
         return None
-    finally:
-        os.chdir(here)
     return target
 
 
-def mount(merged: Path, view: View) -> list[Path]:
-    """The host view's mounts in `merged` (the tree the script's chroot is); the mount points to
-    undo, deepest last."""
+def mount(merged: Path, view: View, empty: Path) -> list[Path]:
+    """The host view's mounts in `merged` (the tree the script's chroot is); `empty` is an empty
+    directory outside it. Returns the mount points to undo (deepest last)."""
     done: list[Path] = []
-    _host_tree(merged, done)
+    _host_tree(merged, empty, done)
     if view.store:
-        got = _store(merged, view)
+        got = _store(merged, view, empty)
         if got is not None:
             done.append(got)
     if view.bind_loader and view.loader:
-        _bind_ro(view.loader, merged / view.loader.lstrip("/"))
+        # From inside the host view: the read-only overlay stands behind the bind.
+        source = merged / inside_path(view.loader).lstrip("/")
+        _bind_ro(str(source), merged / view.loader.lstrip("/"))
         done.append(merged / view.loader.lstrip("/"))
     return done
 

@@ -336,6 +336,8 @@ def _host_env(env: dict[str, str], view: hostview.View) -> None:
     if view.bind_loader:
         libs = [*([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []), *hostview.library_path(view)]
         env["LD_LIBRARY_PATH"] = ":".join(libs)
+        if os.path.isdir("/usr/lib/locale"):
+            env["LOCPATH"] = hostview.inside_path("/usr/lib/locale")  # the host C library's locales
 
 
 def _spawn(argv: list[str], env: dict[str, str], enter: Any, tail: list[str] | None) -> int:
@@ -487,7 +489,9 @@ def main() -> None:
             _write_shim(work / "shim", str(registry))
         if plan["chroot"]:
             chroot_mounts = _setup_chroot(merged, plan["network"])
-            chroot_mounts += hostview.mount(merged, view) if view is not None else []
+            if view is not None:
+                (work / "empty").mkdir()
+                chroot_mounts += hostview.mount(merged, view, work / "empty")
         _wait_for_network()
         t1 = time.monotonic()
         tail: list[str] | None = [] if plan.get("tail") else None
