@@ -88,10 +88,15 @@ def resolve_output(ref: ImageRef | None, fmt: str | None, spec: Spec) -> ImageRe
 
 
 class Workspace:
-    """The build's private temporary tree; removed whatever happens."""
+    """The build's private temporary tree; removed whatever happens. It holds a lock while the build
+    lives: a build killed outright leaves its tree, and the next build removes it (nsbuild.sweep)."""
 
     def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="nsbuild-"))
+        from nsbuild import sweep
+
+        parent = Path(tempfile.gettempdir())
+        sweep.sweep_workspaces(parent)
+        self.root, self._lock = sweep.new_workspace(parent)
         os.chmod(self.root, 0o700)
         self.blobs = self.root / "blobs"
         self.blobs.mkdir()
@@ -102,14 +107,12 @@ class Workspace:
         return p
 
     def close(self) -> None:
-        try:
-            from nsbuild.sandbox import remove_tree  # subordinate-id files need the namespace to delete
-        except ImportError:
-            remove_tree = None
-        if remove_tree is not None:
-            with contextlib.suppress(Exception):  # a plain removal follows anyway
-                remove_tree(self.root)
-        shutil.rmtree(self.root, ignore_errors=True)
+        from nsbuild import sweep
+
+        # Whatever cannot be removed now stays with its lock file: the next build's sweep retries.
+        sweep.remove_workspace(self.root)
+        with contextlib.suppress(OSError):
+            os.close(self._lock)
 
 
 def link_store_contents(

@@ -29,7 +29,19 @@ def _facts() -> list[str]:
         out.append(f"{label} ranges ({path}): {shown}")
     for tool in ("newuidmap", "newgidmap", "fakeroot"):
         out.append(f"{tool}: {shutil.which(tool) or 'not found'}")
+    out.append(_process_guarantee())
     return out
+
+
+def _process_guarantee() -> str:
+    from nsbuild.sandbox.lifetime import pid_namespace_available
+
+    if pid_namespace_available():
+        return "script processes: end with the build (pid namespace; setsid and double forks included)"
+    return (
+        "script processes: end with the build through child subreapers only (no user namespace here); "
+        "a process another daemon starts for a script (systemd-run, at) can outlive it"
+    )
 
 
 def render(probes: list[Probe], chosen: str | None) -> str:

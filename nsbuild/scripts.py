@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -40,33 +38,30 @@ def script_env(*, work: Path, spec_dir: Path, mtime: int, extra: dict[str, str] 
 
 
 def run_bash(script: str, *, cwd: Path, env: dict[str, str], what: str, log_dir: Path) -> None:
-    """Run a script with `bash -e`; its output is kept and shown if it fails."""
+    """Run a script with `bash -e`; its output is kept and shown if it fails.
+
+    It runs as the caller, in a pid namespace of the caller's own ids where one can be made (mode
+    "self", nsbuild.sandbox.lifetime), so every process it starts, `setsid -f` and double forks
+    included, ends with it or with nsbuild, however nsbuild ends."""
     if not script.strip():
         return
+    from nsbuild.sandbox.runner import run
+
     with tempfile.NamedTemporaryFile("w+b", dir=log_dir, prefix="script-", suffix=".log") as log:
-        # A session of its own, so every process the script leaves behind can be killed with it.
-        proc = subprocess.Popen(
+        res = run(
+            "self",
             ["bash", "--noprofile", "--norc", "-e", "-c", script],
-            cwd=cwd,
+            network="host",
             env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
+            cwd=str(cwd),
+            stdout=log.fileno(),
             stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=lambda: os.umask(0o022),
+            umask=0o022,
         )
-        try:
-            status = proc.wait()
-        finally:
-            _kill_group(proc.pid)
+        status = res.returncode
         if status != 0:
             log.seek(0)
             output = log.read().decode("utf-8", "replace")
             tail = "\n".join(output.splitlines()[-40:])
-            how = f"signal {-status}" if status < 0 else f"status {status}"
-            raise BuildError(f"{what} failed with exit {how}" + (f"; its output:\n{tail}" if tail else " (no output)"))
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
+            shown = f"; its output:\n{tail}" if tail else " (no output)"
+            raise BuildError(f"{what} failed with exit status {status}{shown}")

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -21,6 +20,7 @@ from nsbuild.archive import OCI_LAYOUT, REF_NAME, ImageArchive, OutputStamps, oc
 from nsbuild.errors import BuildError, UsageError
 from nsbuild.image import Image
 from nsbuild.layer import Blob
+from nsbuild.sweep import locked_temp_file, sweep_temp_files
 
 __all__ = [
     "REF_NAME",
@@ -219,8 +219,11 @@ class AtomicFile:
     def __init__(self, path: Path) -> None:
         self.path = path.absolute()
         check_destination("archive", self.path)
+        prefix = f".{self.path.name}."
+        # Temporary files of builds of this output that were killed outright (nsbuild.sweep).
+        sweep_temp_files(self.path.parent, prefix, ".tmp")
         try:
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            fd, self.tmp, self._lock = locked_temp_file(self.path.parent, prefix, ".tmp")
         except FileNotFoundError:
             raise BuildError(f"{self.path.parent}: output directory does not exist") from None
         except PermissionError:
@@ -239,6 +242,7 @@ class AtomicFile:
         except OSError as exc:
             self.discard()
             raise BuildError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
+        self._unlock()
 
     def discard(self) -> None:
         self.ended = True
@@ -246,6 +250,13 @@ class AtomicFile:
             self.file.close()
         with suppress(OSError):
             os.unlink(self.tmp)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock >= 0:
+            with suppress(OSError):
+                os.close(self._lock)
+            self._lock = -1
 
     def __enter__(self) -> AtomicFile:
         return self

@@ -24,7 +24,8 @@ from nsbuild.sandbox.runner import run, try_enter
 
 BACKENDS = ("userns", "userns-fakeroot", "fakeroot")
 # Stage1 mode per backend, and whether the script runs under fakeroot.
-MODE = {"userns": "userns", "userns-fakeroot": "single", "fakeroot": "none"}
+# The fakeroot backend runs as the caller: in a pid namespace of its own ids where one can be made.
+MODE = {"userns": "userns", "userns-fakeroot": "single", "fakeroot": "self"}
 USES_FAKEROOT = {"userns": False, "userns-fakeroot": True, "fakeroot": True}
 
 

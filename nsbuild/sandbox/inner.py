@@ -29,7 +29,7 @@ from typing import Any
 
 import prctl
 
-from nsbuild.sandbox import hostview, mounts, tree
+from nsbuild.sandbox import fakeshims, hostview, mounts, tree
 from nsbuild.sandbox.proc import kill_descendants, status_code
 
 FAKEROOT_VARS = ("FAKEROOT", "FAKED_", "LD_PRELOAD", "LD_LIBRARY_PATH")
@@ -326,6 +326,8 @@ def _run_script(plan: dict, merged: Path, tail: list[str] | None = None, view: h
     if "FAKEROOTKEY" not in os.environ:
         shim_dir = "/dev/.nsbuild" if chroot else str(Path(plan["work"]) / "shim")
         env["PATH"] = shim_dir + ":" + env.get("PATH", CHROOT_PATH)
+    elif not chroot:
+        env["PATH"] = fakeshims.install(Path(plan["work"]) / "fakeroot-shim") + ":" + env.get("PATH", CHROOT_PATH)
     return _spawn(argv, env, enter, tail)
 
 
@@ -528,12 +530,14 @@ def main() -> None:
             }
             devices.update(_devices(reg_lines, reg_prefix, upper))
             if plan.get("caller_ids"):
-                tree.hide_ids(upper, *plan["caller_ids"])
+                fakeshims.refuse_ambiguous_caller_ids(upper, *plan["caller_ids"], work / "fakeroot-shim")
             stats = _write_layer(plan, upper, merged, devices)
             timings["write"] = time.monotonic() - t2
             result = {"status": "ok", "stats": stats, "engine": "overlay" if overlay else "copy"}
     except _AfterFailed as exc:
         result = {"status": "after", "code": exc.code, "tail": exc.tail}
+    except fakeshims.Unrecordable as exc:
+        result = {"status": "error", "message": str(exc)}
     except tree.HostileLayer as exc:
         result = {"status": "hostile", "message": str(exc)}
     except Exception as exc:  # noqa: BLE001 - reported to the parent as one line

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from nsbuild.errors import BuildError
 from nsbuild.sandbox.ids import IdMap, full_map
 
-MODES = ("userns", "single", "none")
+MODES = ("userns", "single", "self", "none")
 
 
 class SandboxSetupError(BuildError):
@@ -61,10 +61,12 @@ def run(
     stderr: int | None = None,
     idmap: IdMap | None = None,
     lo: bool = True,
+    umask: int | None = None,
 ) -> subprocess.CompletedProcess:
     """Run argv as the init's child inside a sandbox; returns its status (and output if captured).
 
-    mode: "userns" (full map), "single" (one id), "none" (no namespaces; subreaper only).
+    mode: "userns" (full map), "single" (one id), "self" (the caller's own ids, pid namespace; no
+    namespaces where none can be made), "none" (no namespaces; subreapers only).
     lo: bring the loopback interface up (network "none"); probes skip it, pyroute2 takes ~0.1 s to load.
     """
     if mode not in MODES:
@@ -85,6 +87,7 @@ def run(
         "cwd": cwd,
         "parent": os.getpid(),
         "lo": lo,
+        "umask": umask,
     }
     try:
         proc = subprocess.Popen(
@@ -94,6 +97,9 @@ def run(
             stdout=stdout,
             stderr=stderr,
             env=dict(env) if env is not None else None,
+            # Its own process group: a kill of nsbuild's group leaves stage1 alive
+            # long enough to take the sandbox down (its death signal).
+            process_group=0,
         )
     finally:
         os.close(ready_w)

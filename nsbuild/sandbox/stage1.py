@@ -2,14 +2,18 @@
 
 `python -m nsbuild.sandbox.stage1 CONFIG_JSON`, started by nsbuild.sandbox.runner. CONFIG holds:
   mode     "userns" (full id map written by the parent through newuidmap/newgidmap),
-           "single" (one id: this process maps itself), "none" (no namespaces; fakeroot backend)
+           "single" (one id: this process maps itself), "self" (the caller's own ids mapped onto
+           themselves + pid and mount namespaces: extraCommands, the fakeroot backend; "none" where
+           no user namespace can be made), "none" (no namespaces)
+  umask    (optional) the command's umask
   network  "none" (own network namespace, lo up) or "host"
   ready_fd, go_fd   pipe ends for the id-map handshake (mode "userns")
   argv     the command to run
 
 Process tree: stage1 (unshared user/mount/net namespaces; child subreaper) forks the init, which is
 pid 1 of a new pid namespace: when it exits the kernel kills everything left in there. In mode
-"none" there is no pid namespace: the init is a child subreaper and kills its descendants itself.
+"none" there is no pid namespace: the init is a child subreaper and kills its descendants itself,
+also when stage1 dies (nsbuild.sandbox.lifetime).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import sys
 import prctl
 
 from nsbuild.sandbox import mounts
+from nsbuild.sandbox.lifetime import enter_self_namespace, on_parent_death
 from nsbuild.sandbox.proc import kill_descendants, status_code
 
 EXIT_SETUP = 125  # the sandbox itself could not be set up (distinct from the command's status)
@@ -43,7 +48,8 @@ def _write(path: str, data: str) -> None:
 
 def _enter(cfg: dict) -> None:
     mode = cfg["mode"]
-    flags = mounts.CLONE_NEWUSER | mounts.CLONE_NEWNS | mounts.CLONE_NEWPID
+    # IPC: fakeroot's SysV queues and semaphores end with the namespace, even when faked is killed.
+    flags = mounts.CLONE_NEWUSER | mounts.CLONE_NEWNS | mounts.CLONE_NEWPID | mounts.CLONE_NEWIPC
     if cfg.get("network", "none") == "none":
         flags |= mounts.CLONE_NEWNET
     uid, gid = os.getuid(), os.getgid()
@@ -89,10 +95,31 @@ def _lo_up() -> None:
             ipr.link("set", index=idx[0], state="up")
 
 
-def _init(cfg: dict) -> None:
+def _tie_to_stage1(cfg: dict, alive_fd: int) -> None:
+    """The init dies with stage1: in a pid namespace its death (SIGKILL) takes the namespace along;
+    without one it kills its descendants first. stage1 dying before the death signal was set shows
+    as a hang-up on the pipe whose other end only stage1 holds."""
+    import select
+
+    if cfg["mode"] == "none":
+        on_parent_death(kill_descendants)
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        prctl.set_pdeathsig(signal.SIGKILL)
+    poller = select.poll()
+    poller.register(alive_fd, select.POLLIN)
+    if poller.poll(0):
+        os._exit(EXIT_SETUP)
+    os.close(alive_fd)
+
+
+def _init(cfg: dict, alive_fd: int) -> None:
     """pid 1 of the sandbox (or a subreaper child in mode "none"); never returns."""
-    prctl.set_pdeathsig(signal.SIGKILL)
+    _tie_to_stage1(cfg, alive_fd)
     prctl.set_child_subreaper(True)
+    if cfg.get("umask") is not None:
+        os.umask(int(cfg["umask"]))
     # Own session: a terminal's Ctrl-C reaches nsbuild, which tears the sandbox down in order.
     with contextlib.suppress(OSError):
         os.setsid()
@@ -106,7 +133,7 @@ def _init(cfg: dict) -> None:
         # A /proc for the new pid namespace: `ps` and /proc/PID show the sandbox only.
         with contextlib.suppress(OSError):
             mounts.mount("proc", "/proc", "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
-    want_lo = cfg["mode"] != "none" and cfg.get("network", "none") == "none" and cfg.get("lo", True)
+    want_lo = cfg["mode"] in ("userns", "single") and cfg.get("network", "none") == "none" and cfg.get("lo", True)
     # Only now: newuidmap (setuid) has run; nothing inside may gain privileges through exec.
     prctl.set_no_new_privs(True)
     env = dict(cfg["env"]) if cfg.get("env") is not None else dict(os.environ)
@@ -148,31 +175,45 @@ def _init(cfg: dict) -> None:
     os._exit(code)
 
 
+_init_pid = 0
+
+
+def _take_down() -> None:
+    # The init is pid 1 of its namespace: SIGKILL takes the whole namespace down with it. Without a
+    # pid namespace its orphans come to us (a subreaper): kill them all.
+    if _init_pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(_init_pid, signal.SIGKILL)
+    kill_descendants()
+
+
 def main() -> None:
+    global _init_pid
     cfg = json.loads(sys.argv[1])
-    prctl.set_pdeathsig(signal.SIGKILL)
+    # nsbuild's death (even kill -9) or its SIGTERM: take the sandbox down, then exit.
+    on_parent_death(_take_down)
     if os.getppid() != cfg["parent"]:
         os._exit(EXIT_SETUP)  # nsbuild died before we set the death signal
     prctl.set_child_subreaper(True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if cfg["mode"] != "none":
+    if cfg["mode"] == "self":
+        try:
+            if not enter_self_namespace():
+                cfg["mode"] = "none"  # no user namespace here: subreapers only (lifetime.py)
+        except OSError as exc:
+            _die(f"mapping the caller's own ids in a user namespace: {exc.strerror or exc}")
+    elif cfg["mode"] != "none":
         _enter(cfg)
+    alive_r, alive_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
-            _init(cfg)
+            os.close(alive_w)
+            _init(cfg, alive_r)
         finally:
             os._exit(EXIT_SETUP)
-
-    def on_term(signum: int, frame: object) -> None:
-        # The init is pid 1 of its namespace: SIGKILL takes the whole namespace down with it.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        kill_descendants()
-        os._exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
+    os.close(alive_r)
+    _init_pid = pid
     while True:
         try:
             got, status = os.waitpid(pid, 0)

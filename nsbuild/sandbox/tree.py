@@ -674,13 +674,3 @@ def diff_to_upper(merged: Path, snap: dict[str, Seen], upper: Path, skip: set[st
 def _was_lower(rel: str, snap: dict[str, Seen]) -> bool:
     before = snap.get(rel)
     return before is not None and before.in_lower
-
-
-def hide_ids(root: Path, uid: int, gid: int) -> None:
-    """Give the caller's real ids to namespace root: plain fakeroot lets them show through (setxattr
-    records a file's real owner), and the caller's uid must never reach an image."""
-    for rel in [""] + _walk_rel(root):
-        p = root / rel if rel else root
-        st = os.lstat(p)
-        if st.st_uid == uid or st.st_gid == gid:
-            os.lchown(p, 0 if st.st_uid == uid else -1, 0 if st.st_gid == gid else -1)
