@@ -174,3 +174,27 @@ def test_a_run_as_root_failure_names_run_as_root(setup: tuple) -> None:
     assert "enableFakechroot" not in proc.stderr and "fakeRootCommands" not in proc.stderr, describe(proc)
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("setup", CASES, indirect=True)
+def test_the_images_own_shell_comes_first(setup: tuple) -> None:
+    """An image with a /bin/sh of its own (static busybox) runs the script with it; the host's tools
+    only come after its own on PATH, and its programs get no host library path."""
+    _, _, _, store = setup
+    script = (
+        'echo "${BASH:-no-bash}" > /shell\n'
+        'echo "$PATH" > /path\n'
+        'echo "${LD_LIBRARY_PATH:-}" > /libs\n'
+        f"{store.tool}/bin/tool > /out\n"
+    )
+    spec = {"storeDir": str(store.dir), "contents": [str(store.busybox)], "enableFakechroot": True}
+    proc, out = _build(setup, "layered", {**spec, "fakeRootCommands": script}, "own")
+    assert proc.returncode == 0, describe(proc)
+    layer = _last_layer(setup, out)
+    assert layer["shell"][1] == b"no-bash\n"
+    path = layer["path"][1].decode().strip().split(":")
+    host = [i for i, d in enumerate(path) if d.startswith("/.nsbuild-host/")]
+    assert host and path.index("/bin") < min(host), path
+    assert "nsbuild-host" not in layer["libs"][1].decode()
+    assert layer["out"][1] == b"tool-ran\n"
+    _assert_no_host_view(layer, store)

@@ -296,7 +296,8 @@ def _run_script(plan: dict, merged: Path, tail: list[str] | None = None, view: h
     env = dict(plan["env"]) if plan.get("env") is not None else dict(os.environ)
     # fakeroot's session (preload library, daemon key) must reach the script whatever env it was given.
     env.update({k: v for k, v in os.environ.items() if k.startswith(FAKEROOT_VARS)})
-    argv = [*_shell(merged, chroot, view, plan.get("what", "fakeRootCommands")), plan["script"]]
+    shell = _shell(merged, chroot, view, plan.get("what", "fakeRootCommands"))
+    argv = [*shell, plan["script"]]
     if chroot:
         # Host paths mean nothing inside the image: keep locale/terminal and fakeroot's session only.
         env = {
@@ -308,7 +309,7 @@ def _run_script(plan: dict, merged: Path, tail: list[str] | None = None, view: h
         if "FAKEROOTKEY" in env:
             env["LD_LIBRARY_PATH"] = "/dev/.fakeroot"
         if view is not None:
-            _host_env(env, view)
+            _host_env(env, view, shell[0].startswith(f"/{hostview.HOST_DIR}/"))
 
     memory = plan.get("memory_mib")
 
@@ -331,11 +332,13 @@ def _run_script(plan: dict, merged: Path, tail: list[str] | None = None, view: h
     return _spawn(argv, env, enter, tail)
 
 
-def _host_env(env: dict[str, str], view: hostview.View) -> None:
-    """The host's tools after the image's own on PATH; their libraries where the image has no loader
-    of its own at the host's loader path (an image with a C library keeps its own search path)."""
+def _host_env(env: dict[str, str], view: hostview.View, host_shell: bool) -> None:
+    """The host's tools after the image's own on PATH. Where the host's shell runs the script and the
+    image has no loader of its own at the host's loader path, also the host's libraries and locales
+    (an image with a shell of its own keeps its search path: a musl image's programs must never
+    load the host's glibc libraries)."""
     env["PATH"] = CHROOT_PATH + ":" + hostview.HOST_PATH
-    if view.bind_loader:
+    if view.bind_loader and host_shell:
         libs = [*([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []), *hostview.library_path(view)]
         env["LD_LIBRARY_PATH"] = ":".join(libs)
         if os.path.isdir("/usr/lib/locale"):
