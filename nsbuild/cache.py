@@ -349,7 +349,10 @@ class LayerCache:
             blob = self.blobs / str(rec.get("digest", ":")).split(":", 1)[1]
             try:
                 with open_decompressed(blob) as f:
-                    got = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+                    h = hashlib.sha256()
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+                    got = "sha256:" + h.hexdigest()
             except FileNotFoundError:
                 continue  # a missing blob is a cache miss, not an error
             except (OSError, EOFError, ValueError) as exc:

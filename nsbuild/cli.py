@@ -516,7 +516,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def _skopeo_bools(argv: list[str]) -> list[str]:
     """`--tls-verify=false` as skopeo users write it (Go bool flags) → typer's `--no-tls-verify`."""
-    out = []
+    out: list[str] = []
     for arg in argv:
         if arg == "--":
             out.extend(argv[len(out) :])

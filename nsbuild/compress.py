@@ -6,7 +6,7 @@ import hashlib
 import os
 import queue
 import threading
-from typing import BinaryIO, Protocol
+from typing import IO, BinaryIO, Protocol, cast
 
 import zstandard
 from isal import igzip_threaded
@@ -102,7 +102,7 @@ class Compressor:
             # zstd's multi-threaded mode gives the same frame for any nbWorkers >= 1.
             params = zstandard.ZstdCompressionParameters.from_level(ZSTD_LEVEL, threads=threads())
             self._stream = zstandard.ZstdCompressor(compression_params=params).stream_writer(
-                out, closefd=False, write_return_read=True
+                cast("IO[bytes]", out), closefd=False, write_return_read=True
             )
         elif kind == "none":
             self._stream = None

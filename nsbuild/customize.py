@@ -15,6 +15,7 @@ from typing import Any
 from nsbuild.errors import BuildError
 from nsbuild.owners import Owner
 from nsbuild.sandbox import MODE, USES_FAKEROOT, choose, remove_tree
+from nsbuild.sandbox.boundary import hide_own_process, sandbox_env
 from nsbuild.sandbox.runner import run
 from nsbuild.tarwriter import Source
 
@@ -74,7 +75,7 @@ def build_customisation_layer(
                      the namespace).
     out_tar          the uncompressed layer tar, written atomically (absent unless the build succeeds).
     log              has .info(str) and .warn(str).
-    env              the script's environment (default: this process's).
+    env              the script's environment (default: nsbuild.sandbox.boundary.sandbox_env()).
     scratch_mib      (runAsRoot's diskSize) the script's writable space is a tmpfs of this many MiB in
                      its mount namespace (copy-and-diff: the whole image copy counts); not enforced
                      by the fakeroot backend (no namespaces), which warns.
@@ -92,6 +93,7 @@ def build_customisation_layer(
     stderr live), or the layer cannot be written. KeyboardInterrupt propagates after teardown.
     """
     backend = choose(isolation)
+    hide_own_process()  # the fakeroot backend's scripts run as the caller, beside this process
     if backend == "fakeroot" and enable_fakechroot and what == "runAsRoot":
         raise BuildError(
             "runAsRoot needs a user namespace to chroot into the image (backends userns or "
@@ -144,12 +146,15 @@ def build_customisation_layer(
         "what": what,
         # Without a namespace the caller's real ids can show through fakeroot: they become root.
         "caller_ids": [os.getuid(), os.getgid()] if backend == "fakeroot" and os.getuid() != 0 else None,
+        # Out of sight for scripts on the host's tree (namespace backends): keys, tokens, credentials.
+        "hide": _caller_homes(),
     }
     log.info(f"{what} backend: {backend} ({'overlayfs' if plan['engine'] == 'overlay' else 'copy-and-diff'})")
     plan_path = work / "plan.json"
     plan_path.write_text(json.dumps(plan))
     argv = [sys.executable, "-m", "nsbuild.sandbox.inner", str(plan_path)]
-    run_env = dict(os.environ)
+    # Not the caller's environment: every sandbox process's /proc/PID/environ is visible to the script.
+    run_env = sandbox_env()
     if USES_FAKEROOT[backend]:
         argv = ["fakeroot", "--", *argv]
         # fakeroot only forgives EPERM from the real chown; where a single id is mapped (our namespace,
@@ -209,6 +214,16 @@ def build_customisation_layer(
         with contextlib.suppress(FileNotFoundError):
             tmp_out.unlink()
         cleanup(work, backend)
+
+
+def _caller_homes() -> list[str]:
+    """The caller's home directories ($HOME and the password database's), never `/`."""
+    import pwd
+
+    homes = {os.environ.get("HOME", "")}
+    with contextlib.suppress(KeyError):
+        homes.add(pwd.getpwuid(os.getuid()).pw_dir)
+    return sorted(h for h in homes if h.startswith("/") and os.path.realpath(h) != "/")
 
 
 OOM_SIGNS = (

@@ -488,6 +488,7 @@ class RemoteCache:
             return None
         try:
             blob = self._fetch(rec, store_root)
+            assert blob.path is not None  # fetched blobs are stored
         except RegistryError as exc:
             if exc.status == 404:
                 self.progress.warn(f"shared cache {self.ref}: a recorded blob is gone ({exc}); rebuilding")

@@ -9,7 +9,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from nsbuild.errors import BuildError
 
@@ -132,7 +132,7 @@ class HashFinder:
                 if h in self.known:
                     self.found.add(h)
 
-    def read(self, f: BinaryIO) -> None:
+    def read(self, f: IO[bytes]) -> None:
         """A whole stream, in chunks overlapping by 31 bytes so that no hash is cut in two."""
         tail = b""
         while chunk := f.read(SCAN_CHUNK):

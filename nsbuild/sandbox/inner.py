@@ -29,7 +29,7 @@ from typing import Any
 
 import prctl
 
-from nsbuild.sandbox import fakeshims, hostview, mounts, tree
+from nsbuild.sandbox import boundary, fakeshims, hostview, mounts, tree
 from nsbuild.sandbox.proc import kill_descendants, status_code
 
 FAKEROOT_VARS = ("FAKEROOT", "FAKED_", "LD_PRELOAD", "LD_LIBRARY_PATH")
@@ -104,9 +104,9 @@ def _mount_overlay(work: Path, lower: Path, upper: Path, ovlwork: Path, merged: 
     return True
 
 
-def _setup_chroot(merged: Path, network: str, tmp_mib: int | None = None) -> list[Path]:
-    """/dev, /proc, /sys (and a /tmp tmpfs of tmp_mib MiB) inside the merged root; returns the mount
-    points to undo (deepest first)."""
+def _setup_chroot(merged: Path, network: str) -> list[Path]:
+    """/dev and /sys inside the merged root (/proc comes with the script's pid namespace); returns the
+    mount points to undo (deepest first)."""
     done: list[Path] = []
     for name in SYSTEM_DIRS:
         p = merged / name
@@ -144,17 +144,9 @@ def _setup_chroot(merged: Path, network: str, tmp_mib: int | None = None) -> lis
         inside.mkdir()
         mounts.mount(lib, inside, None, mounts.MS_BIND)
         done.append(inside)
-    tmp = merged / "tmp"
-    if tmp_mib and tmp.is_dir() and not tmp.is_symlink():
-        # runAsRoot's /tmp: scratch space that is never part of the layer (an image whose /tmp is a
-        # symlink, e.g. to /var/tmp, keeps it: writes there are the script's own business).
-        mounts.mount(
-            "tmpfs", merged / "tmp", "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, f"size={int(tmp_mib)}m,mode=1777"
-        )
-        done.append(merged / "tmp")
-    proc = merged / "proc"
-    mounts.mount("proc", proc, "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
-    done.append(proc)
+        boundary.set_readonly(inside, True, recursive=False)
+    # /tmp: the image's own (runAsRoot's as in dockerTools' VM; what a script leaves there is in the layer).
+    # /proc: the script's own, mounted by nsbuild.sandbox.boundary in the script's pid namespace.
     sysfs = merged / "sys"
     try:
         if network == "host":
@@ -162,6 +154,7 @@ def _setup_chroot(merged: Path, network: str, tmp_mib: int | None = None) -> lis
         mounts.mount("sysfs", sysfs, "sysfs", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC | mounts.MS_RDONLY)
     except OSError:
         mounts.mount("/sys", sysfs, None, mounts.MS_BIND | mounts.MS_REC)
+        boundary.set_readonly(sysfs, True, recursive=True)
     done.append(sysfs)
     return done
 
@@ -318,9 +311,6 @@ def _run_script(plan: dict, merged: Path, tail: list[str] | None = None, view: h
             # buildVMMemorySize: a hard limit on each of the script's processes.
             limit = int(memory) << 20
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        if chroot:
-            os.chroot(merged)
-        os.chdir("/" if chroot else merged)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -329,7 +319,38 @@ def _run_script(plan: dict, merged: Path, tail: list[str] | None = None, view: h
         env["PATH"] = shim_dir + ":" + env.get("PATH", CHROOT_PATH)
     elif not chroot:
         env["PATH"] = fakeshims.install(Path(plan["work"]) / "fakeroot-shim") + ":" + env.get("PATH", CHROOT_PATH)
-    return _spawn(argv, env, enter, tail)
+    writable = [merged, Path(plan["work"]) / "reg", *_script_dirs(env)]
+    return _spawn(argv, env, _behind_boundary(plan, merged if chroot else None, writable, merged, enter, env), tail)
+
+
+def _script_dirs(env: dict[str, str]) -> list[Path]:
+    """The script's $HOME and $TMPDIR (host directories in the build's scratch tree), kept writable."""
+    out = []
+    for var in ("HOME", "TMPDIR"):
+        p = Path(env.get(var, ""))
+        if p.is_absolute() and p.is_dir() and not p.is_symlink() and p != Path("/"):
+            out.append(p)
+    return out
+
+
+def _behind_boundary(
+    plan: dict, root: Path | None, writable: list[Path], cwd: Path, enter: Any, env: dict[str, str]
+) -> Any:
+    """preexec_fn for a script: behind nsbuild.sandbox.boundary where there are namespaces (the
+    caller's home hidden, the spec's directory readable); the fakeroot backend has none (its scripts
+    run as the caller, with the caller's view)."""
+    if plan.get("in_ns"):
+        hidden = [Path(h) for h in plan.get("hide") or [] if Path(h).is_dir() and Path(h) != Path("/")]
+        # Still readable below a hidden home: the spec's directory and PATH (a ~/.nix-profile/bin).
+        names = [env.get("NSBUILD_SPEC_DIR") or "", *env.get("PATH", "").split(":")]
+        readable = [Path(n) for n in names if n.startswith("/") and os.path.realpath(n) != "/"]
+        return boundary.launcher(root, writable, cwd, enter, hidden, readable)
+
+    def plain() -> None:
+        enter()
+        os.chdir(cwd)
+
+    return plain
 
 
 def _host_env(env: dict[str, str], view: hostview.View, host_shell: bool) -> None:
@@ -397,11 +418,11 @@ def _run_after(plan: dict, upper: Path, tail: list[str]) -> int:
     env.update({k: v for k, v in os.environ.items() if k.startswith(FAKEROOT_VARS)})
 
     def enter() -> None:
-        os.chdir(upper)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    return _spawn(["bash", "--noprofile", "--norc", "-e", "-c", plan["after_script"]], env, enter, tail)
+    preexec = _behind_boundary(plan, None, [upper, *_script_dirs(env)], upper, enter, env)
+    return _spawn(["bash", "--noprofile", "--norc", "-e", "-c", plan["after_script"]], env, preexec, tail)
 
 
 def _write_layer(plan: dict, upper: Path, names_root: Path, devices: dict[str, list]) -> dict:
@@ -465,7 +486,9 @@ def main() -> None:
         if plan["engine"] == "overlay":
             lower.mkdir()
             ovlwork.mkdir()
-            _assemble(plan, lower, link=True, devices=lower_devices)
+            # Copies, never hard links: a link changes the input's ctime (and its owner, should the
+            # script chown it through ../lower); a build never modifies its inputs.
+            _assemble(plan, lower, link=False, devices=lower_devices)
             view = _prepare_view(plan, lower)
             if plan["chroot"]:
                 # Mount points for the chroot, below everything (they never reach the upper layer).
@@ -488,7 +511,10 @@ def main() -> None:
                     skip.add(name)
             snap = tree.snapshot(merged, lower_paths, upper_paths)
         timings["prepare"] = time.monotonic() - t0
-        registry = work / "devices.tsv"
+        # The shim's registry: in a directory of its own, writable for the script (the rest of the
+        # scratch tree is read-only to it).
+        (work / "reg").mkdir()
+        registry = work / "reg" / "devices.tsv"
         if "FAKEROOTKEY" not in os.environ:
             (work / "shim").mkdir()
             _write_shim(work / "shim", str(registry))

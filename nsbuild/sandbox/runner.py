@@ -16,6 +16,8 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
+import prctl
+
 from nsbuild.errors import BuildError
 from nsbuild.sandbox.ids import IdMap, full_map
 
@@ -77,6 +79,7 @@ def run(
             raise SandboxSetupError("no subordinate id range for this user in /etc/subuid and /etc/subgid")
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
+    cfg_r, cfg_w = os.pipe()
     cfg = {
         "mode": mode,
         "network": network,
@@ -90,9 +93,11 @@ def run(
         "umask": umask,
     }
     try:
+        # The configuration (the command's environment among it) goes over a pipe: a command line
+        # is world-readable in /proc/PID/cmdline.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nsbuild.sandbox.stage1", json.dumps(cfg)],
-            pass_fds=(ready_w, go_r),
+            [sys.executable, "-m", "nsbuild.sandbox.stage1", "--config-fd", str(cfg_r)],
+            pass_fds=(ready_w, go_r, cfg_r),
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
@@ -104,7 +109,9 @@ def run(
     finally:
         os.close(ready_w)
         os.close(go_r)
+        os.close(cfg_r)
     try:
+        _send_config(cfg_w, cfg)
         try:
             if mode == "userns" and os.read(ready_r, 1) == b"u":
                 assert idmap is not None
@@ -118,6 +125,15 @@ def run(
         _stop(proc)
         raise
     return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
+
+
+def _send_config(fd: int, cfg: dict) -> None:
+    """Write stage1's configuration and close the pipe (stage1 reads it to EOF before anything else)."""
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps(cfg).encode())
+    except BrokenPipeError:
+        pass  # stage1 died at once (its status says why)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -155,6 +171,8 @@ def try_enter(mode: str, *, network: str = "none") -> str | None:
     if pid == 0:  # pragma: no cover - the child only makes syscalls and exits
         code = 1
         try:
+            # newuidmap checks who owns /proc/PID: a non-dumpable process's is root's (hide_own_process).
+            prctl.set_dumpable(True)
             os.close(ready_r)
             os.close(go_w)
             os.close(err_r)

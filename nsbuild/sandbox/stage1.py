@@ -1,6 +1,7 @@
 """First process of a sandbox: enters the namespaces and runs the command as their init.
 
-`python -m nsbuild.sandbox.stage1 CONFIG_JSON`, started by nsbuild.sandbox.runner. CONFIG holds:
+`python -m nsbuild.sandbox.stage1 --config-fd FD`, started by nsbuild.sandbox.runner, which writes
+CONFIG as JSON to that pipe (a command line is readable by everyone in /proc). CONFIG holds:
   mode     "userns" (full id map written by the parent through newuidmap/newgidmap),
            "single" (one id: this process maps itself), "self" (the caller's own ids mapped onto
            themselves + pid and mount namespaces: extraCommands, the fakeroot backend; "none" where
@@ -187,9 +188,18 @@ def _take_down() -> None:
     kill_descendants()
 
 
+def _read_config(argv: list[str]) -> dict:
+    """`--config-fd N`: the configuration as JSON on that pipe (never on the command line)."""
+    if len(argv) != 3 or argv[1] != "--config-fd":
+        _die("usage: python -m nsbuild.sandbox.stage1 --config-fd FD")
+    fd = int(argv[2])
+    with os.fdopen(fd, "rb") as f:
+        return json.loads(f.read())
+
+
 def main() -> None:
     global _init_pid
-    cfg = json.loads(sys.argv[1])
+    cfg = _read_config(sys.argv)
     # nsbuild's death (even kill -9) or its SIGTERM: take the sandbox down, then exit.
     on_parent_death(_take_down)
     if os.getppid() != cfg["parent"]:
