@@ -152,10 +152,15 @@ def test_fakechroot_sees_the_whole_store_beside_the_images_own(setup: tuple) -> 
         f"ls {store.dir} > /store-list\n"
         "cat /share/greeting > /greeting\n"
         "chown 12345:12345 /out\n"
+        f"mount -o remount,rw {store.dir} 2>/dev/null || :\n"
+        f"for p in {store.data}/x {store.tool}/x {store.dir}/x; do\n"
+        "  if touch $p 2>/dev/null; then echo ESCAPE $p; fi\n"
+        "done\n"
     )
     spec = {"storeDir": str(store.dir), "contents": [str(store.data)], "enableFakechroot": True}
     proc, out = _build(setup, "layered", {**spec, "fakeRootCommands": script}, "fc")
     assert proc.returncode == 0, describe(proc)
+    assert "ESCAPE" not in proc.stdout + proc.stderr, describe(proc)
     layer = _last_layer(setup, out)
     assert layer["out"][1] == b"tool-ran\n"
     assert (layer["out"][0].uid, layer["out"][0].gid) == (12345, 12345)
@@ -163,6 +168,7 @@ def test_fakechroot_sees_the_whole_store_beside_the_images_own(setup: tuple) -> 
     assert layer["greeting"][1] == b"hello\n"
     assert layer["bin/sh"][0].linkname == f"{store.busybox}/bin/busybox"
     _assert_no_host_view(layer, store)
+    assert not any(os.path.lexists(p / "x") for p in (store.dir, store.data, store.tool))
 
 
 @pytest.mark.parametrize("setup", CASES, indirect=True)
