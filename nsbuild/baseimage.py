@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from nsbuild.compress import compression_of, open_decompressed
 from nsbuild.errors import BuildError
 from nsbuild.layer import MEDIA_TAR, MEDIA_TAR_GZIP, MEDIA_TAR_ZSTD, Blob, Layer, copy_verified, decompress_verified
 from nsbuild.refs import ImageRef, parse_ref
+from nsbuild.tarscan import Member, TarFormatError, check_file, scan_file
 
 REF_NAME = "org.opencontainers.image.ref.name"
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -43,32 +43,49 @@ class BaseImage:
     raw_config: bytes | None = None  # the config's bytes as stored (`nsbuild push` keeps its digest)
 
 
-class _Reader:
-    """Named files of an image: a directory, or the members of a (decompressed) tar archive."""
+class _Slice:
+    """The data of one member of an archive file, read as a file."""
 
-    def __init__(self, root: Path | None = None, tar: tarfile.TarFile | None = None) -> None:
+    def __init__(self, f: IO[bytes], size: int) -> None:
+        self.f = f
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.f.read(n)
+        if len(data) != n:
+            raise BuildError("the archive changed while it was read")
+        self.left -= n
+        return data
+
+
+class _Reader:
+    """Named files of an image: a directory, or the members of a (decompressed) tar archive, indexed
+    by nsbuild.tarscan (strict headers; a malformed archive is refused before anything is read)."""
+
+    def __init__(self, root: Path | None = None, archive: Path | None = None) -> None:
         self.root = root
-        self.tar = tar
-        self.members: dict[str, tarfile.TarInfo] = {}
-        if tar is not None:
-            for m in tar.getmembers():
+        self.archive = archive
+        self.members: dict[str, Member] = {}
+        if archive is not None:
+            for m in scan_file(archive):
                 self.members[os.path.normpath(m.name).lstrip("/")] = m
 
     def exists(self, name: str) -> bool:
-        if self.tar is not None:
+        if self.archive is not None:
             return name in self.members
         assert self.root is not None
         return (self.root / name).is_file()
 
     @contextmanager
     def open(self, name: str) -> Iterator[IO[bytes]]:
-        if self.tar is not None:
+        if self.archive is not None:
             member = self.members.get(name)
-            if member is None or not member.isfile():
+            if member is None or not member.isreg():
                 raise BuildError(f"{name}: missing from the archive (or not a regular file)")
-            f = self.tar.extractfile(member)
-            assert f is not None
-            yield f
+            with open(self.archive, "rb") as f:
+                f.seek(member.data_offset)
+                yield _Slice(f, member.size)  # type: ignore[misc]
             return
         assert self.root is not None
         path = self.root / name
@@ -82,10 +99,22 @@ class _Reader:
             data = f.read(MAX_JSON + 1)
         if len(data) > MAX_JSON:
             raise BuildError(f"{name}: larger than {MAX_JSON >> 20} MiB, not an image file")
-        try:
-            return json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BuildError(f"{name}: invalid JSON: {exc}") from None
+        return parse_json(data, name)
+
+
+def parse_json(data: bytes, what: str, kind: type = object) -> Any:
+    """JSON from a base image: a syntax error, nesting that exhausts the recursion limit, a number of
+    thousands of digits or a value of the wrong type is one line, never a traceback."""
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise BuildError(f"{what}: invalid JSON: {reason}") from None
+    if not isinstance(value, kind):
+        raise BuildError(
+            f"{what}: expected a JSON {'object' if kind is dict else kind.__name__}, got {type(value).__name__}"
+        )
+    return value
 
 
 def _decompressed_blob(blob: Blob, dest_dir: Path, expected_diff_id: str | None, what: str) -> Blob:
@@ -93,8 +122,40 @@ def _decompressed_blob(blob: Blob, dest_dir: Path, expected_diff_id: str | None,
     if compression_of(blob.path) == "none":
         if expected_diff_id is not None and blob.digest != expected_diff_id:
             raise BuildError(f"{what}: digest {blob.digest} does not match the config's diff_id {expected_diff_id}")
+        check_layer_tar(blob, what)
         return blob
-    return decompress_verified(blob.path, dest_dir, expected_diff_id, what)
+    tar = decompress_verified(blob.path, dest_dir, expected_diff_id, what)
+    check_layer_tar(tar, what)
+    return tar
+
+
+# What the image config's runtime part holds, as far as nsbuild merges it into the new image.
+BASE_CONFIG_LISTS = ("Env", "Cmd", "Entrypoint", "Shell", "OnBuild")
+BASE_CONFIG_OBJECTS = ("Labels", "ExposedPorts", "Volumes", "Healthcheck")
+BASE_CONFIG_STRINGS = ("User", "WorkingDir", "StopSignal")
+
+
+def _check_base_config(config: dict[str, Any], what: str) -> None:
+    """The base config's values nsbuild reads have the types the image spec gives them (a number for
+    Env must be one line here, not a TypeError where the configs are merged)."""
+    runtime = config.get("config")
+    if runtime is not None and not isinstance(runtime, dict):
+        raise BuildError(f"{what}: config: expected an object, got {type(runtime).__name__}")
+    history = config.get("history")
+    if history is not None and not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
+        raise BuildError(f"{what}: history: expected a list of objects")
+    for key, value in (runtime or {}).items():
+        if value is None:
+            continue
+        if key in BASE_CONFIG_LISTS and not (isinstance(value, list) and all(isinstance(x, str) for x in value)):
+            raise BuildError(f"{what}: config.{key}: expected a list of strings")
+        if key in BASE_CONFIG_OBJECTS and not isinstance(value, dict):
+            raise BuildError(f"{what}: config.{key}: expected an object")
+        if key in BASE_CONFIG_STRINGS and not isinstance(value, str):
+            raise BuildError(f"{what}: config.{key}: expected a string")
+    labels = (runtime or {}).get("Labels") or {}
+    if not all(isinstance(v, str) for v in labels.values()):
+        raise BuildError(f"{what}: config.Labels: expected string values")
 
 
 def _check_digest(value: Any, what: str) -> str:
@@ -128,9 +189,9 @@ def load_base(
     if fmt == "oci-dir":
         if not (path / "oci-layout").is_file():
             raise BuildError(f"{p}{path} is a directory but not an OCI layout (no oci-layout file)")
-        return _load_oci(_Reader(root=path), ref, blob_dir, architecture, image_tag or ref.tag, text, p)
-    with _open_archive(path, work_dir, p) as tar:
-        reader = _Reader(tar=tar)
+        with _malformed(path, p):
+            return _load_oci(_Reader(root=path), ref, blob_dir, architecture, image_tag or ref.tag, text, p)
+    with _open_archive(path, work_dir, p) as reader, _malformed(path, p):
         if reader.exists("manifest.json"):
             return _load_docker(reader, blob_dir, work_dir, image_name or ref.name, image_tag or ref.tag, text, p)
         if reader.exists("index.json") and reader.exists("oci-layout"):
@@ -139,7 +200,17 @@ def load_base(
 
 
 @contextmanager
-def _open_archive(path: Path, work_dir: Path, p: str) -> Iterator[tarfile.TarFile]:
+def _malformed(path: Path, p: str) -> Iterator[None]:
+    """A manifest, index or config whose values have the wrong types (a list where an object belongs, a
+    number for a name): one line naming the image, whatever line of the loader tripped over it."""
+    try:
+        yield
+    except (AttributeError, TypeError, KeyError, IndexError) as exc:
+        raise BuildError(f"{p}{path}: malformed manifest, index or config ({exc})") from None
+
+
+@contextmanager
+def _open_archive(path: Path, work_dir: Path, p: str) -> Iterator[_Reader]:
     plain = path
     if compression_of(path) != "none":
         # Random access to members needs the plain tar; decompress once into our work dir.
@@ -148,15 +219,27 @@ def _open_archive(path: Path, work_dir: Path, p: str) -> Iterator[tarfile.TarFil
             with open_decompressed(path) as src, open(plain, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
         except (OSError, EOFError) as exc:
+            plain.unlink(missing_ok=True)
             raise BuildError(f"{p}{path}: cannot decompress: {exc}") from None
     try:
-        with tarfile.open(plain, "r:") as tar:
-            yield tar
-    except tarfile.TarError as exc:
-        raise BuildError(f"{p}{path}: not a readable tar archive: {exc}") from None
+        try:
+            reader = _Reader(archive=plain)
+        except TarFormatError as exc:
+            raise BuildError(f"{p}{path}: not a readable tar archive: {exc}") from None
+        yield reader
     finally:
         if plain != path:
             plain.unlink(missing_ok=True)
+
+
+def check_layer_tar(blob: Blob, what: str) -> None:
+    """Every header of a base layer, before anything uses it (a layer reused byte for byte too: an
+    image must not pass on a tar that readers disagree about)."""
+    assert blob.path is not None
+    try:
+        check_file(blob.path)
+    except TarFormatError as exc:
+        raise BuildError(f"{what}: not a sound tar archive: {exc}") from None
 
 
 def _load_docker(
@@ -170,11 +253,11 @@ def _load_docker(
     if not isinstance(config_name, str):
         raise BuildError(f"{p}manifest.json: Config missing")
     with reader.open(os.path.normpath(config_name)) as f:
-        config_bytes = f.read(MAX_JSON)
-    try:
-        config = json.loads(config_bytes)
-    except json.JSONDecodeError as exc:
-        raise BuildError(f"{p}{config_name}: invalid JSON: {exc}") from None
+        config_bytes = f.read(MAX_JSON + 1)
+    if len(config_bytes) > MAX_JSON:
+        raise BuildError(f"{p}{config_name}: larger than {MAX_JSON >> 20} MiB, not an image config")
+    config = parse_json(config_bytes, f"{p}{config_name}", dict)
+    _check_base_config(config, f"{p}{config_name}")
     diff_ids = config.get("rootfs", {}).get("diff_ids", [])
     layer_names = entry.get("Layers", [])
     if not isinstance(layer_names, list) or len(layer_names) != len(diff_ids):
@@ -238,8 +321,10 @@ def _load_oci(
         with reader.open("blobs/sha256/" + digest.split(":", 1)[1]) as f:
             blob = copy_verified(f, blob_dir, digest, what)
         assert blob.path is not None
+        if blob.size > MAX_JSON:
+            raise BuildError(f"{what}: larger than {MAX_JSON >> 20} MiB, not an image file")
         raw[what] = blob.path.read_bytes()
-        return json.loads(raw[what])
+        return parse_json(raw[what], what, dict)
 
     manifest = blob_json(desc, f"{p}manifest")
     for _ in range(4):
@@ -251,6 +336,7 @@ def _load_oci(
             raise BuildError(f"{p}no {architecture} image in the index (it has: {', '.join(archs)})")
         manifest = blob_json(platform[0], f"{p}manifest")
     config = blob_json(manifest.get("config", {}), f"{p}config")
+    _check_base_config(config, f"{p}config")
     diff_ids = config.get("rootfs", {}).get("diff_ids", [])
     descs = manifest.get("layers", [])
     if len(descs) != len(diff_ids):

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nsbuild.baseimage import DOCKER_TO_OCI, BaseImage
+from nsbuild.baseimage import DOCKER_TO_OCI, BaseImage, check_layer_tar
 from nsbuild.compress import compression_of
 from nsbuild.contentkey import TarMismatch, content_hasher, file_record, verified_tar
 from nsbuild.errors import BuildError, UsageError
@@ -321,6 +321,8 @@ def pull_base(
             tar = _decompress_verified(blob.path, store_dir, diff_id, what)
         else:
             tar = Blob(diff_id, 0, None)  # never needed: sinks use the compressed blob
+        if need_tar or media == MEDIA_TAR:
+            check_layer_tar(tar, what)  # every header, before the sandbox or a sink reads it
         layers.append(
             Layer(
                 diff_id=diff_id,

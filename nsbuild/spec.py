@@ -40,6 +40,13 @@ ARCHITECTURES = (
 )
 COMPRESSORS = ("none", "gz", "zstd")
 MAX_LAYERS_LIMIT = 125  # overlayfs stacks at most ~128 lower dirs; Docker refuses beyond that
+MAX_SPEC_BYTES = 8 << 20  # scripts included; a spec larger than this is a mistake (or /dev/zero)
+MAX_DEPTH = 32  # nothing in a spec nests deeper than a few levels
+MAX_INT_DIGITS = 20  # every number in a spec fits 64 bits
+MAX_NAME = 255  # Docker's limit for a whole repository name
+PATH_MAX = 4095  # bytes, as the kernel counts them (the terminating NUL excluded)
+NAME_MAX = 255  # bytes of one path component
+MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z: the last second an image config's "created" can hold
 NAME_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?{NAME_COMPONENT}(?:/{NAME_COMPONENT})*$")
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -186,6 +193,8 @@ def _choice(choices: tuple[str, ...]) -> Checker:
 
 def _name(key: str, value: Any, ctx: Context) -> str:
     _string(key, value, ctx)
+    if len(value) > MAX_NAME:
+        raise SpecError(key, f"{len(value)} characters; an image name has at most {MAX_NAME}")
     # A registry host keeps its case; the repository path is lower-cased as Docker requires.
     first, slash, rest = value.partition("/")
     if slash and ("." in first or ":" in first or first == "localhost"):
@@ -212,6 +221,23 @@ def _tag(key: str, value: Any, ctx: Context) -> str | None:
     return value
 
 
+def check_path_text(key: str, value: str) -> None:
+    """A path the kernel can take: no NUL, at most PATH_MAX bytes, no component beyond NAME_MAX (refused
+    here, naming the field, rather than as "File name too long" half-way through a build)."""
+    if "\0" in value:
+        raise SpecError(key, "contains a NUL byte")
+    raw = os.fsencode(value)
+    if len(raw) > PATH_MAX:
+        raise SpecError(key, f"a path of {len(raw)} bytes; at most {PATH_MAX}")
+    longest = max(raw.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        raise SpecError(
+            key,
+            f"a path component of {len(longest)} bytes ({longest[:24].decode(errors='replace')}"
+            f"...); at most {NAME_MAX}",
+        )
+
+
 def _optional_string(key: str, value: Any, ctx: Context) -> str | None:
     return None if value is None else _string(key, value, ctx)
 
@@ -231,6 +257,8 @@ def parse_date(key: str, value: Any) -> tuple[int, bool]:
     seconds = int(parsed.timestamp())
     if seconds < 0:
         raise SpecError(key, f"dates before 1970 cannot be stored in a layer, got {value!r}")
+    if seconds > MAX_EPOCH:
+        raise SpecError(key, f"dates after 9999 cannot be stored in an image config, got {value!r}")
     return seconds, False
 
 
@@ -242,6 +270,7 @@ def _from_image(key: str, value: Any, ctx: Context) -> str | None:
     if value is None:
         return None
     _string(key, value, ctx)
+    check_path_text(key, value)
     try:
         ref = parse_ref(value)
     except UsageError as exc:
@@ -268,6 +297,7 @@ def _path_entry(key: str, value: Any, ctx: Context) -> ContentEntry:
         if "path" not in value:
             raise SpecError(key, 'missing "path"')
         target = _string(f"{key}.target", value.get("target", "/"), ctx)
+        check_path_text(f"{key}.target", target)
         if not target.startswith("/"):
             raise SpecError(f"{key}.target", f"expected an absolute path in the image, got {target!r}")
         if any(part == ".." for part in target.split("/")):
@@ -276,6 +306,7 @@ def _path_entry(key: str, value: Any, ctx: Context) -> ContentEntry:
         key = f"{key}.path"
     if not isinstance(value, str) or not value:
         raise SpecError(key, f"expected a path, got {_type_name(value)}")
+    check_path_text(key, value)
     written = value
     path = Path(os.path.expanduser(value))
     if not path.is_absolute():
@@ -407,21 +438,85 @@ def host_architecture() -> str:
 def load_spec(path: Path, kind: str = LAYERED, env: dict[str, str] | None = None) -> Spec:
     env = dict(os.environ) if env is None else env
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)  # bounded: /dev/zero is a file too
+        if len(data) > MAX_SPEC_BYTES:
+            raise SpecError("", f"{path}: larger than {MAX_SPEC_BYTES >> 20} MiB, not a spec")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise SpecError("", f"{path}: no such spec file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError("", f"{path}: cannot read: {exc}") from None
+    return parse_spec(parse_json_text(text, str(path)), path.resolve(), kind, env)
+
+
+class _BigNumber(str):
+    """A JSON number with more digits than any spec value can have (kept as text: int() of thousands
+    of digits is refused by Python, and slow)."""
+
+
+def _bad_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json_text(text: str, where: str) -> Any:
+    """The spec's JSON; syntax errors name the line and column, numbers too long to be a value and
+    NaN/Infinity are refused, nesting deep enough to exhaust the parser is one line."""
+
+    def number(digits: str) -> int | _BigNumber:
+        return _BigNumber(digits) if len(digits) > MAX_INT_DIGITS else int(digits)
+
     try:
-        raw = json.loads(text)
+        return json.loads(text, parse_int=number, parse_constant=_bad_constant)
     except json.JSONDecodeError as exc:
-        raise SpecError("", f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
-    return parse_spec(raw, path.resolve(), kind, env)
+        raise SpecError("", f"{where}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise SpecError("", f"{where}: invalid JSON: nested too deeply (at most {MAX_DEPTH} levels)") from None
+    except ValueError as exc:
+        raise SpecError("", f"{where}: invalid JSON: {exc}") from None
+
+
+def _field_path(parent: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    return config_field(parent, key) if parent else key  # config.Labels["org.example.a"], as imageconfig
+
+
+def check_values(raw: Any) -> None:
+    """Every value of the spec, whatever its attribute: not nested deeper than MAX_DEPTH, numbers that
+    fit, strings without NUL bytes (no path, script or argument can carry one) or lone surrogates
+    (they cannot be written out). Iterative: depth is what is being checked."""
+    todo: list[tuple[str, Any, int]] = [("", raw, 0)]
+    while todo:
+        where, value, depth = todo.pop()
+        field = where or "spec"
+        if depth > MAX_DEPTH:
+            raise SpecError(field, f"nested more than {MAX_DEPTH} levels deep")
+        if isinstance(value, _BigNumber):
+            raise SpecError(field, f"a number of {len(value.lstrip('-'))} digits is out of range")
+        if isinstance(value, str):
+            _check_text(field, value)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                _check_text(_field_path(where, "<key>"), k)
+                todo.append((_field_path(where, k), v, depth + 1))
+        elif isinstance(value, list):
+            todo.extend((_field_path(where, i), v, depth + 1) for i, v in enumerate(value))
+
+
+def _check_text(field: str, value: str) -> None:
+    if "\0" in value:
+        raise SpecError(field, "contains a NUL byte")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SpecError(field, "contains a lone UTF-16 surrogate (not a character)") from None
 
 
 def parse_spec(raw: Any, spec_path: Path, kind: str, env: dict[str, str]) -> Spec:
     if not isinstance(raw, dict):
         raise SpecError("", f"the spec must be a JSON object, got {_type_name(raw)}")
+    check_values(raw)
     ctx = Context(spec_path.parent, env)
     for key in raw:
         attr = ATTRS.get(key)
@@ -445,8 +540,11 @@ def parse_spec(raw: Any, spec_path: Path, kind: str, env: dict[str, str]) -> Spe
     epoch = env.get("SOURCE_DATE_EPOCH")
     default_date: tuple[int, bool] = parse_date("created", DEFAULT_DATE)
     if epoch is not None:
-        if not epoch.isdigit():
-            raise SpecError("SOURCE_DATE_EPOCH", f"expected whole seconds since 1970, got {epoch!r}")
+        # ASCII digits only ("²".isdigit() is true) and a date an image config can hold.
+        if not re.fullmatch(r"[0-9]{1,12}", epoch) or int(epoch) > MAX_EPOCH:
+            raise SpecError(
+                "SOURCE_DATE_EPOCH", f"expected whole seconds since 1970 (at most {MAX_EPOCH}), got {epoch[:40]!r}"
+            )
         default_date = (int(epoch), False)
     created = parse_date("created", values["created"]) if values["created"] else default_date
     mtime = parse_date("mtime", values["mtime"]) if values["mtime"] else default_date
@@ -454,6 +552,7 @@ def parse_spec(raw: Any, spec_path: Path, kind: str, env: dict[str, str]) -> Spe
         if any(c in values[key] for c in ":\n\0") or not values[key]:
             raise SpecError(key, f"expected a user/group name without ':' or newlines, got {values[key]!r}")
     store_dir = values["storeDir"]
+    check_path_text("storeDir", store_dir)
     if not store_dir.startswith("/") or store_dir.rstrip("/") == "":
         raise SpecError("storeDir", f"expected an absolute directory such as /nix/store, got {store_dir!r}")
     return Spec(

@@ -319,7 +319,9 @@ def _run_script(plan: dict, merged: Path, tail: list[str] | None = None, view: h
         env["PATH"] = shim_dir + ":" + env.get("PATH", CHROOT_PATH)
     elif not chroot:
         env["PATH"] = fakeshims.install(Path(plan["work"]) / "fakeroot-shim") + ":" + env.get("PATH", CHROOT_PATH)
-    writable = [merged, Path(plan["work"]) / "reg", *_script_dirs(env)]
+    # The fakeroot shims keep their notes (which inodes a chown went through) beside them.
+    shims = Path(plan["work"]) / "fakeroot-shim"
+    writable = [merged, Path(plan["work"]) / "reg", *_script_dirs(env), *([shims] if shims.is_dir() else [])]
     return _spawn(argv, env, _behind_boundary(plan, merged if chroot else None, writable, merged, enter, env), tail)
 
 

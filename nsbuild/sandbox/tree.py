@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from nsbuild.tarscan import Member, TarFormatError, scan_file
+
 WH = ".wh."
 OPQ = ".wh..wh..opq"
 OPAQUE_XATTR = "user.overlay.opaque"
@@ -102,7 +104,7 @@ class HostileLayer(Exception):
     """A base layer entry that could write outside the image's tree (or is not a sound tar)."""
 
 
-@dataclass
+@dataclass(slots=True)  # one per entry of the base image: a million entries must stay small
 class _Node:
     kind: str  # "dir", "link", "file" (anything else that is not a directory)
     link: str = ""
@@ -193,29 +195,16 @@ class ImageModel:
             node = child
         return node
 
-    def check_layer(self, tar_path: Path, label: str) -> list[tarfile.TarInfo]:
+    def check_layer(self, tar_path: Path, label: str) -> list[Member]:
         """Validate one layer against the tree so far and apply it; returns its members."""
-        total = os.path.getsize(tar_path)
-        members: list[tarfile.TarInfo] = []
+        # nsbuild.tarscan, not tarfile: strict headers (a negative size must not loop), and for what it
+        # accepts it reads the same entries as tarfile, which unpack_layer uses.
         try:
-            with tarfile.open(tar_path, "r:") as tf:
-                while True:
-                    m = tf.next()
-                    if m is None:
-                        break
-                    if m.isreg() and not m.issparse() and m.offset_data + m.size > total:
-                        raise HostileLayer(
-                            f"{label}: {m.name!r} declares {m.size} bytes but the layer ends "
-                            f"{total - m.offset_data} bytes later (absurd size or truncated)"
-                        )
-                    members.append(m)
-                end = tf.offset  # where tarfile looked for the next header
-            with open(tar_path, "rb") as f:
-                f.seek(end)
-                if members and f.read(512) != bytes(512):
-                    raise HostileLayer(f"{label}: truncated (no end-of-archive marker)")
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise HostileLayer(f"{label}: truncated or not a tar archive ({exc})") from None
+            members = list(scan_file(tar_path))
+        except TarFormatError as exc:
+            raise HostileLayer(f"{label}: not a sound tar archive: {exc}") from None
+        except OSError as exc:
+            raise HostileLayer(f"{label}: cannot read: {exc.strerror or exc}") from None
         for m in members:
             self._check_name(m, label)
         for m in members:
@@ -255,7 +244,20 @@ class ImageModel:
                 parent.children[parts[-1]] = _Node("file", layer=label)
         return members
 
-    def _check_name(self, m: tarfile.TarInfo, label: str) -> None:
+    def _check_name(self, m: Member, label: str) -> None:
+        base = m.name.rstrip("/").rpartition("/")[2]
+        if base.startswith(WH) and base != OPQ and base[len(WH) :] in ("", ".", ".."):
+            # Whiting out "..", "." or "" would delete the parent of the tree, or the directory itself.
+            raise HostileLayer(f"{label}: {m.name!r} is a whiteout of {base[len(WH) :]!r}, not of a name")
+        bad_xattr = [
+            k for k in m.pax or {} if k.startswith(("SCHILY.xattr.trusted.overlay.", "SCHILY.xattr.user.overlay."))
+        ]
+        if bad_xattr:
+            # overlayfs reads these from the lower layers: a base layer must not steer the script's mount.
+            raise HostileLayer(f"{label}: {m.name!r} carries the overlayfs attribute {bad_xattr[0][13:]!r}")
+        raw = os.fsencode(m.name)
+        if len(raw) > 4095 or len(os.fsencode(m.linkname)) > 4095 or max(map(len, raw.split(b"/"))) > 255:
+            raise HostileLayer(f"{label}: {m.name[:80]!r}...: a name or link target longer than the kernel takes")
         if m.name.startswith("/"):
             raise HostileLayer(f"{label}: {m.name!r} is an absolute name")
         if ".." in m.name.split("/"):
@@ -300,6 +302,8 @@ def unpack_layer(
                     for child in os.listdir(d):
                         remove(d / child)
             elif base.startswith(WH):
+                if base[len(WH) :] in ("", ".", ".."):
+                    raise HostileLayer(f"{label}: {m.name!r} is a whiteout of {base[len(WH) :]!r}, not of a name")
                 d = _safe_dir(root, parts[:-1], create=False)
                 if d is not None:
                     remove(d / base[len(WH) :])
