@@ -133,7 +133,12 @@ def _host_tree(merged: Path, empty: Path, done: list[Path]) -> None:
             os.symlink(f"/{HOST_DIR}{target}" if target.startswith("/") else target, top / name)
         elif host.is_dir():
             (top / name).mkdir()
-            _ro_overlay([str(host)], top / name, empty)
+            try:
+                _ro_overlay([str(host)], top / name, empty)
+            except OSError as exc:
+                # Never a plain bind instead: namespace root could remount that writable.
+                _log(f"warning: the host's /{name} is not visible to the script: {exc.strerror}")
+                continue
             done.append(top / name)
     kept = os.statvfs(top).f_flag & _KEPT_FLAGS
     mounts.mount(None, top, None, mounts.MS_REMOUNT | mounts.MS_RDONLY | kept, "size=64k,mode=0755")
@@ -194,8 +199,10 @@ def shell_argv(view: View, extra_libs: list[str]) -> list[str] | None:
     """The host's bash, as the chroot sees it, started through the host's loader (whatever loader
     and C library the image has, or none)."""
     shell = host_shell()
-    if not shell or not view.loader:
+    if not shell:
         return None
+    if not view.loader:
+        return [inside_path(shell), "-e", "-c"]  # a static bash
     libs = ":".join([*extra_libs, *library_path(view)])
     return [inside_path(view.loader), "--library-path", libs, inside_path(shell), "-e", "-c"]
 

@@ -266,7 +266,8 @@ def _shell(merged: Path, chroot: bool, view: hostview.View | None = None, what: 
                 )
             return ["/" + sh, "-e", "-c"]
     host = hostview.shell_argv(view, ["/dev/.fakeroot"] if "FAKEROOTKEY" in os.environ else []) if view else None
-    if host is None:
+    # The loader (or a static bash) and the shell, as the chroot will see them.
+    if host is None or not all(os.path.exists(merged / p.lstrip("/")) for p in (host[0], host[host.index("-e") - 1])):
         raise RuntimeError(f"{what}: the image has no /bin/bash or /bin/sh, and no host bash was found to run it")
     return host
 
