@@ -9,7 +9,8 @@ modes the script set, real or faked), remove the trees. The outcome goes to PLAN
 PLAN keys: work, custom_root, lower ([[host, target], ...]), base_layers, script, chroot, engine
 ("overlay"|"copy"), in_ns, network, out, mtime, root_owner {uid,gid,uname,gname}, result, env,
 scratch_mib (writable space on a tmpfs of that size; namespaces only), memory_mib (RLIMIT_AS of each
-script process).
+script process), store_dir and what ("fakeRootCommands" | "runAsRoot", as messages name the script).
+A chroot also gets the host view of nsbuild.sandbox.hostview (the store, the host's shell and tools).
 """
 
 from __future__ import annotations
