@@ -66,6 +66,11 @@ def _processes_with(marker: str) -> list[str]:
     return found
 
 
+def _running_sleep(marker: str) -> bool:
+    """A `sleep MARKER` is running (not merely bash, whose command line holds the script's text)."""
+    return any(p.split(": ", 1)[1].startswith(f"sleep {marker}") for p in _processes_with(marker))
+
+
 def _wait_gone(marker: str) -> list[str]:
     """The processes still alive after the hang guard (the kernel ends a pid namespace asynchronously)."""
     deadline = time.monotonic() + HANG_GUARD
@@ -143,9 +148,10 @@ def test_no_script_process_outlives_a_build(
         assert _leftovers(work, out) == [], (kind, backend)
 
 
-def _start_and_kill(user: str | None, argv: list[str], work: Path, started: Path, group: bool) -> None:
+def _start_and_kill(user: str | None, argv: list[str], work: Path, started: str, group: bool) -> list[str]:
     """Start a build, wait until its script runs, kill -9 nsbuild: its pid only, or (group) its whole
-    process group, as a terminal or a job runner might."""
+    process group, as a terminal or a job runner might. `started`: a marker in the command line of the
+    script's last process (a file would do, but the host is read-only to a sandboxed script)."""
     proc = subprocess.Popen(
         as_user_argv(argv, user),
         env=user_env(user, {"TMPDIR": str(work / "tmp")}),
@@ -157,10 +163,11 @@ def _start_and_kill(user: str | None, argv: list[str], work: Path, started: Path
     )
     try:
         deadline = time.monotonic() + HANG_GUARD
-        while not started.exists():
+        while not _running_sleep(started):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the script never started"
             time.sleep(0.05)
+        seen = _processes_with(started.removesuffix("5"))
         if group:
             os.killpg(proc.pid, signal.SIGKILL)
         else:
@@ -171,6 +178,7 @@ def _start_and_kill(user: str | None, argv: list[str], work: Path, started: Path
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    return seen
 
 
 @pytest.mark.parametrize("group", [False, True], ids=["pid", "group"])
@@ -185,23 +193,26 @@ def test_kill_9_of_nsbuild_ends_every_script_process(
     kinds = [("extraCommands", "auto"), ("fakeRootCommands", "fakeroot")] if fallback else _kinds(user)
     for kind, backend in kinds:
         marker = _marker()
-        started = work / f"started-{kind}-{backend}"
+        started = f"{marker}5"  # still contains the marker: it must end too
         script = (
             "mkdir -p owned/deep && chown -R 4000:4000 owned && chmod 500 owned\n" if kind == "fakeRootCommands" else ""
         )
-        keyfile = work / f"fakerootkey-{kind}-{backend}"
         if backend in ("fakeroot", "userns-fakeroot") and kind == "fakeRootCommands":
-            script += f'echo "$FAKEROOTKEY" > {keyfile}\n'
-        script += _escapes(marker) + f"touch {started}\nsleep {marker}\n"
+            # The key of faked's SysV objects, shown in a process's argv[0] (the host is read-only here).
+            script += f'(exec -a "fakerootkey=$FAKEROOTKEY" sleep {marker}) &\n'
+        script += _escapes(marker) + f"sleep {started}\n"
         spec = _write_spec(user, work, kind, script)
         out = work / f"img-{kind}-{backend}.tar"
         argv = [*nsbuild_cmd(), "layered", str(spec), "-o", str(out), "--isolation", backend, "--no-cache"]
-        _start_and_kill(user, _without_userns(argv) if fallback else argv, work, started, group)
+        seen = _start_and_kill(user, _without_userns(argv) if fallback else argv, work, started, group)
+        shown = [c.split("fakerootkey=", 1)[1].split()[0] for c in seen if "fakerootkey=" in c]
+        keys = [k for k in shown if k.isdigit()]  # not the script's own text in bash's command line
         assert _wait_gone(marker) == [], (kind, backend)
-        if keyfile.exists() and not fallback:
+        if backend in ("fakeroot", "userns-fakeroot") and kind == "fakeRootCommands" and not fallback:
+            assert keys, seen
             # faked was killed before it could remove its SysV queue and semaphore: they end with the
             # build's IPC namespace, never in the host's (where nothing would ever remove them).
-            assert _sysv_keys_in_use(int(keyfile.read_text())) == [], backend
+            assert _sysv_keys_in_use(int(keys[0])) == [], backend
         assert not out.exists()
         # The dead build's workspace (and the archive it was writing) stay until the next build.
         assert _leftovers(work, out), "the killed build should have left its workspace"
@@ -360,8 +371,8 @@ def test_a_live_build_is_never_swept(unprivileged_user: str | None, user_tmp: Us
     its script (same TMPDIR, same output) leaves the other's workspace and temporary output alone."""
     user = unprivileged_user
     work = user_tmp(user)
-    started, go = work / "started", work / "go"
-    script = f"mkdir -p owned && chown 4000:4000 owned\ntouch {started}\nwhile [ ! -e {go} ]; do sleep 0.1; done\n"
+    started, go = _marker(), work / "go"  # the host is read-only to the script: it signals by a process
+    script = f"mkdir -p owned && chown 4000:4000 owned\nsleep {started} &\nwhile [ ! -e {go} ]; do sleep 0.1; done\n"
     slow = _write_spec(user, work, "fakeRootCommands", script, name="slow.json")
     quick = _write_spec(user, work, "fakeRootCommands", "true", name="quick.json")
     out = work / "img.tar"
@@ -369,7 +380,7 @@ def test_a_live_build_is_never_swept(unprivileged_user: str | None, user_tmp: Us
     a = popen_nsbuild(["layered", slow, "-o", out, "--no-cache"], user, env=env, cwd=work)
     try:
         deadline = time.monotonic() + HANG_GUARD
-        while not started.exists():
+        while not _running_sleep(started):
             assert a.poll() is None, a.communicate()
             assert time.monotonic() < deadline, "the script never started"
             time.sleep(0.05)
