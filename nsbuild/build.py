@@ -580,6 +580,7 @@ def _fake_root_layer(
         workdir=ws.path("sandbox"),
         out_tar=out_tar,
         log=progress,
+        store_dir=spec.store_dir,
     )
     # The tar's bytes hold every name, link target and file of the layer: scanned as they are.
     found = script_references(spec, plan, out_tar, before)

@@ -176,6 +176,7 @@ def _run_as_root_layer(
             scratch_mib=spec.disk_size,
             memory_mib=spec.build_vm_memory_size,
             what="runAsRoot",
+            store_dir=spec.store_dir,
             after_script=spec.extra_commands,
             after_env=env,
         )

@@ -55,6 +55,7 @@ def build_customisation_layer(
     what: str = "fakeRootCommands",
     after_script: str = "",
     after_env: dict[str, str] | None = None,
+    store_dir: str | None = None,
 ) -> CustomisationResult:
     """Run fakeRootCommands as namespace root over the image being built; write the customisation layer.
 
@@ -79,11 +80,14 @@ def build_customisation_layer(
                      its mount namespace (copy-and-diff: the whole image copy counts); not enforced
                      by the fakeroot backend (no namespaces), which warns.
     memory_mib       (runAsRoot's buildVMMemorySize) RLIMIT_AS of every script process, in MiB.
-    what             "fakeRootCommands" or "runAsRoot" (buildImage): runAsRoot also gets a /tmp tmpfs
-                     in its chroot (never in the layer), base layers holding device nodes are refused,
-                     and a failure shows the script's last output lines.
+    what             "fakeRootCommands" or "runAsRoot" (buildImage), as messages name it: runAsRoot
+                     uses the image's own /tmp (created if missing; what it leaves there is in the layer),
+                     base layers holding device nodes are refused, and a failure shows the script's last
+                     output lines.
     after_script     (buildImage's extraCommands with runAsRoot) bash run after the script, not chrooted,
                      cwd = the new layer's own tree (its files only), with after_env.
+    store_dir        (chroot only) the host's store, visible read-only at its own path inside the chroot
+                     beside the host's tools (nsbuild.sandbox.hostview); never part of the layer.
 
     Raises BuildError (exit 1) when no backend works, the script fails (its status; its output went to
     stderr live), or the layer cannot be written. KeyboardInterrupt propagates after teardown.
@@ -138,6 +142,8 @@ def build_customisation_layer(
         "tail": what == "runAsRoot",
         "after_script": after_script,
         "after_env": dict(after_env) if after_env is not None else None,
+        "store_dir": store_dir,
+        "what": what,
         # Without a namespace the caller's real ids can show through fakeroot: they become root.
         "caller_ids": [os.getuid(), os.getgid()] if backend == "fakeroot" and os.getuid() != 0 else None,
         # Out of sight for scripts on the host's tree (namespace backends): keys, tokens, credentials.
@@ -163,7 +169,7 @@ def build_customisation_layer(
         res = run(MODE[backend], argv, network=network, env=run_env)
         outcome = _read_result(result_path)
         if outcome is None:
-            raise BuildError(f"fakeRootCommands: the {backend} sandbox failed (exit {res.returncode})")
+            raise BuildError(f"{what}: the {backend} sandbox failed (exit {res.returncode})")
         status = outcome.get("status")
         tail = "\n".join(outcome.get("tail") or [])
         if status == "script" and outcome.get("full") and scratch_mib:

@@ -32,20 +32,6 @@ USER = "test"  # nsbuild-test: has subordinate ids, so rootless podman can hold 
 RUN_QUIRKS = ("--pull=never", "--network=none", "--runtime", "runc")
 FOREIGN_ARCH = "arm64"  # the suite runs on amd64 (the NixOS test picks the other architecture too)
 
-# nsbuild defects these subtests show (issue 12); strict, so that each test flips when its defect is fixed.
-NO_HOST_SHELL_RUN_AS_ROOT = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="runAsRoot in an image without /bin/sh fails ('the image has no /bin/bash or /bin/sh', naming "
-    "enableFakechroot/fakeRootCommands); dockerTools runs it with the builder's shell",
-)
-NO_HOST_SHELL_FAKECHROOT = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="enableFakechroot: fakeRootCommands cannot run in an image without /bin/sh (no host shell or tools, "
-    "storeDir not visible in the chroot), as dockerTools' fakechroot allows",
-)
-
 
 @dataclass
 class Built:
@@ -758,7 +744,6 @@ def test_runAsRoot_and_entry_point_work(ex: Examples) -> None:
         ex.podman.podman("rm", "-f", ctr, check=False)
 
 
-@NO_HOST_SHELL_RUN_AS_ROOT
 def test_regression_test_for_issue_34779(ex: Examples) -> None:
     """Scripts with quotes and parentheses run as written, runAsRoot's and extraCommands' alike."""
     assert ex.run("run-as-root-extra-commands", ["cat", "extraCommands"]).stdout == "(extraCommand)\n"
@@ -774,17 +759,14 @@ def test_the_image_contains_store_paths_referenced_by_the_fakeRootCommands_outpu
     assert HELLO_OUTPUT in out
 
 
-@NO_HOST_SHELL_FAKECHROOT
 def test_layered_image_fakeRootCommands_with_fakechroot_works(ex: Examples) -> None:
     assert HELLO_OUTPUT in ex.run("image-via-fake-chroot").stdout
 
 
-@NO_HOST_SHELL_FAKECHROOT
 def test_etc(ex: Examples) -> None:
     assert "localhost" in ex.run("etc").stdout
 
 
-@NO_HOST_SHELL_FAKECHROOT
 def test_streamLayeredImage_chown_is_persistent_in_fakeRootCommands(ex: Examples) -> None:
     assert ex.run("chown-test").stdout == "12345:12345\n"
 
@@ -822,7 +804,6 @@ def test_ensure_order_of_layers_is_correct(ex: Examples) -> None:
         assert ex.run("layers-order-3", ["cat", f"/tmp/layer{i}"]).stdout == f"layer{i}\n"
 
 
-@NO_HOST_SHELL_RUN_AS_ROOT
 def test_ensure_layers_unpacked_in_correct_order_before_runAsRoot_runs(ex: Examples) -> None:
     assert ex.run("layers-unpack-order-c", ["cat", "/layer-order"]).stdout == "abc"
 

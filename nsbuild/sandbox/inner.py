@@ -9,7 +9,8 @@ modes the script set, real or faked), remove the trees. The outcome goes to PLAN
 PLAN keys: work, custom_root, lower ([[host, target], ...]), base_layers, script, chroot, engine
 ("overlay"|"copy"), in_ns, network, out, mtime, root_owner {uid,gid,uname,gname}, result, env,
 scratch_mib (writable space on a tmpfs of that size; namespaces only), memory_mib (RLIMIT_AS of each
-script process).
+script process), store_dir and what ("fakeRootCommands" | "runAsRoot", as messages name the script).
+A chroot also gets the host view of nsbuild.sandbox.hostview (the store, the host's shell and tools).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 
 import prctl
 
-from nsbuild.sandbox import boundary, fakeshims, mounts, tree
+from nsbuild.sandbox import boundary, fakeshims, hostview, mounts, tree
 from nsbuild.sandbox.proc import kill_descendants, status_code
 
 FAKEROOT_VARS = ("FAKEROOT", "FAKED_", "LD_PRELOAD", "LD_LIBRARY_PATH")
@@ -104,9 +105,9 @@ def _mount_overlay(work: Path, lower: Path, upper: Path, ovlwork: Path, merged: 
     return True
 
 
-def _setup_chroot(merged: Path, network: str, tmp_mib: int | None = None) -> list[Path]:
-    """/dev, /proc, /sys (and a /tmp tmpfs of tmp_mib MiB) inside the merged root; returns the mount
-    points to undo (deepest first)."""
+def _setup_chroot(merged: Path, network: str) -> list[Path]:
+    """/dev and /sys inside the merged root (/proc comes with the script's pid namespace); returns the
+    mount points to undo (deepest first)."""
     done: list[Path] = []
     for name in SYSTEM_DIRS:
         p = merged / name
@@ -145,14 +146,7 @@ def _setup_chroot(merged: Path, network: str, tmp_mib: int | None = None) -> lis
         mounts.mount(lib, inside, None, mounts.MS_BIND)
         done.append(inside)
         boundary.set_readonly(inside, True, recursive=False)
-    tmp = merged / "tmp"
-    if tmp_mib and tmp.is_dir() and not tmp.is_symlink():
-        # runAsRoot's /tmp: scratch space that is never part of the layer (an image whose /tmp is a
-        # symlink, e.g. to /var/tmp, keeps it: writes there are the script's own business).
-        mounts.mount(
-            "tmpfs", merged / "tmp", "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, f"size={int(tmp_mib)}m,mode=1777"
-        )
-        done.append(merged / "tmp")
+    # /tmp: the image's own (runAsRoot's as in dockerTools' VM; what a script leaves there is in the layer).
     # /proc: the script's own, mounted by nsbuild.sandbox.boundary in the script's pid namespace.
     sysfs = merged / "sys"
     try:
@@ -255,7 +249,10 @@ def _is_static_elf(path: Path) -> bool:
     return all(int.from_bytes(table[i * phentsize : i * phentsize + 4], order) != pt_interp for i in range(phnum))
 
 
-def _shell(merged: Path, chroot: bool) -> list[str]:
+def _shell(merged: Path, chroot: bool, view: hostview.View | None = None, what: str = "fakeRootCommands") -> list[str]:
+    """The script's interpreter. The image's own bash or sh comes first (the script runs in the image's
+    world); an image without one gets the host's bash from the host view (dockerTools always uses
+    the builder's bash)."""
     if not chroot:
         return ["bash", "-e", "-c"]
     for sh in ("bin/bash", "usr/bin/bash", "bin/sh", "usr/bin/sh"):
@@ -269,7 +266,11 @@ def _shell(merged: Path, chroot: bool) -> list[str]:
                     "subordinate ids (--isolation userns) or dynamically linked tools avoid this"
                 )
             return ["/" + sh, "-e", "-c"]
-    raise RuntimeError("enableFakechroot: the image has no /bin/bash or /bin/sh to run fakeRootCommands")
+    host = hostview.shell_argv(view, ["/dev/.fakeroot"] if "FAKEROOTKEY" in os.environ else []) if view else None
+    # The loader (or a static bash) and the shell, as the chroot will see them.
+    if host is None or not all(os.path.exists(merged / p.lstrip("/")) for p in (host[0], host[host.index("-e") - 1])):
+        raise RuntimeError(f"{what}: the image has no /bin/bash or /bin/sh, and no host bash was found to run it")
+    return host
 
 
 def _wait_for_network() -> None:
@@ -285,12 +286,13 @@ def _wait_for_network() -> None:
         raise RuntimeError("the sandbox's network (lo) could not be set up")
 
 
-def _run_script(plan: dict, merged: Path, tail: list[str] | None = None) -> int:
+def _run_script(plan: dict, merged: Path, tail: list[str] | None = None, view: hostview.View | None = None) -> int:
     chroot = plan["chroot"]
     env = dict(plan["env"]) if plan.get("env") is not None else dict(os.environ)
     # fakeroot's session (preload library, daemon key) must reach the script whatever env it was given.
     env.update({k: v for k, v in os.environ.items() if k.startswith(FAKEROOT_VARS)})
-    argv = [*_shell(merged, chroot), plan["script"]]
+    shell = _shell(merged, chroot, view, plan.get("what", "fakeRootCommands"))
+    argv = [*shell, plan["script"]]
     if chroot:
         # Host paths mean nothing inside the image: keep locale/terminal and fakeroot's session only.
         env = {
@@ -301,6 +303,8 @@ def _run_script(plan: dict, merged: Path, tail: list[str] | None = None) -> int:
         env.update(PATH=CHROOT_PATH, HOME="/root", PWD="/", USER="root", LOGNAME="root")
         if "FAKEROOTKEY" in env:
             env["LD_LIBRARY_PATH"] = "/dev/.fakeroot"
+        if view is not None:
+            _host_env(env, view, shell[0].startswith(f"/{hostview.HOST_DIR}/"))
 
     memory = plan.get("memory_mib")
 
@@ -351,6 +355,19 @@ def _behind_boundary(
         os.chdir(cwd)
 
     return plain
+
+
+def _host_env(env: dict[str, str], view: hostview.View, host_shell: bool) -> None:
+    """The host's tools after the image's own on PATH. Where the host's shell runs the script and the
+    image has no loader of its own at the host's loader path, also the host's libraries and locales
+    (an image with a shell of its own keeps its search path: a musl image's programs must never
+    load the host's glibc libraries)."""
+    env["PATH"] = CHROOT_PATH + ":" + hostview.HOST_PATH
+    if view.bind_loader and host_shell:
+        libs = [*([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []), *hostview.library_path(view)]
+        env["LD_LIBRARY_PATH"] = ":".join(libs)
+        if os.path.isdir("/usr/lib/locale"):
+            env["LOCPATH"] = hostview.inside_path("/usr/lib/locale")  # the host C library's locales
 
 
 def _spawn(argv: list[str], env: dict[str, str], enter: Any, tail: list[str] | None) -> int:
@@ -449,6 +466,7 @@ def main() -> None:
     result: dict = {"status": "error"}
     chroot_mounts: list[Path] = []
     overlay = False
+    view: hostview.View | None = None
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     scratch: Path | None = None
@@ -475,6 +493,7 @@ def main() -> None:
             # Copies, never hard links: a link changes the input's ctime (and its owner, should the
             # script chown it through ../lower); a build never modifies its inputs.
             _assemble(plan, lower, link=False, devices=lower_devices)
+            view = _prepare_view(plan, lower)
             if plan["chroot"]:
                 # Mount points for the chroot, below everything (they never reach the upper layer).
                 for name in tree_system_dirs(lower, plan):
@@ -486,6 +505,7 @@ def main() -> None:
                 upper.mkdir()
         if not overlay:
             _assemble(plan, merged, link=False, devices=lower_devices)
+            view = _prepare_view(plan, merged)
             lower_paths = tree.paths_of(merged)
             upper_paths = tree.paths_of(Path(plan["custom_root"]))
             tree.copy_tree(Path(plan["custom_root"]), merged)
@@ -503,13 +523,16 @@ def main() -> None:
             (work / "shim").mkdir()
             _write_shim(work / "shim", str(registry))
         if plan["chroot"]:
-            chroot_mounts = _setup_chroot(merged, plan["network"], _tmp_mib(plan))
+            chroot_mounts = _setup_chroot(merged, plan["network"])
+            if view is not None:
+                (work / "empty").mkdir()
+                chroot_mounts += hostview.mount(merged, view, work / "empty")
         _wait_for_network()
         t1 = time.monotonic()
         tail: list[str] | None = [] if plan.get("tail") else None
-        code = _run_script(plan, merged, tail)
-        # Before the mounts go: did the script fill its diskSize-limited space (or /tmp)?
-        full = code != 0 and (_full(scratch) or _full(merged / "tmp" if _tmp_mib(plan) else None))
+        code = _run_script(plan, merged, tail, view)
+        # Before the mounts go: did the script fill its diskSize-limited space?
+        full = code != 0 and _full(scratch)
         timings["script"] = time.monotonic() - t1
         # Read the shim's registry now: in a chroot it lives in the /dev tmpfs, unmounted next.
         reg_file, reg_prefix = (
@@ -576,15 +599,19 @@ def main() -> None:
 
 
 def tree_system_dirs(root: Path, plan: dict | None = None) -> list[str]:
-    names = (*SYSTEM_DIRS, "tmp") if plan is not None and _tmp_mib(plan) else SYSTEM_DIRS
-    return [n for n in names if not os.path.lexists(root / n)]
+    return [n for n in SYSTEM_DIRS if not os.path.lexists(root / n)]
 
 
-def _tmp_mib(plan: dict) -> int | None:
-    """runAsRoot gets a /tmp tmpfs (diskSize, else 1 GiB); fakeRootCommands keeps the image's /tmp."""
-    if not plan.get("tmp") or not plan["chroot"]:
+def _prepare_view(plan: dict, root: Path) -> hostview.View | None:
+    """Before the layer's reference state is taken: the chroot's mount points for the host view and,
+    for runAsRoot, a /tmp where the image has none (the image's own /tmp is used as it is: its files
+    are visible and what the script leaves there is in the layer, as in dockerTools' VM)."""
+    if not plan["chroot"]:
         return None
-    return int(plan.get("scratch_mib") or 1024)
+    if plan.get("tmp") and not os.path.lexists(root / "tmp"):
+        (root / "tmp").mkdir(mode=0o755)
+        (root / "tmp").chmod(0o1777)
+    return hostview.prepare(root, plan.get("store_dir"))
 
 
 if __name__ == "__main__":
