@@ -173,8 +173,9 @@ test: deps venv test-users
 	@lint=0; tests=0; \
 	echo "+ $(VENV)/bin/ruff check $(LINT_PATHS)"; '$(VENV)/bin/ruff' check $(LINT_PATHS) || lint=$$?; \
 	echo "+ $(VENV)/bin/ruff format --check $(LINT_PATHS)"; '$(VENV)/bin/ruff' format --check $(LINT_PATHS) || lint=$$?; \
+	echo "+ $(VENV)/bin/mypy"; '$(VENV)/bin/mypy' || lint=$$?; \
 	echo "+ $(VENV)/bin/pytest $(PYTEST_ARGS)"; '$(VENV)/bin/pytest' $(PYTEST_ARGS) || tests=$$?; \
-	if [ $$lint != 0 ]; then echo "test: ruff check failed (exit $$lint)" >&2; fi; \
+	if [ $$lint != 0 ]; then echo "test: ruff or mypy failed (exit $$lint)" >&2; fi; \
 	if [ $$tests != 0 ]; then echo "test: pytest failed (exit $$tests)" >&2; fi; \
 	[ $$lint = 0 ] && [ $$tests = 0 ]
 

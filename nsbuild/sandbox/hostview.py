@@ -27,6 +27,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from nsbuild.sandbox import mounts
 
@@ -214,7 +215,8 @@ def elf_interp(path: Path) -> str | None:
             head = f.read(64)
             if head[:4] != b"\x7fELF":
                 return None
-            is64, order = head[4] == 2, "little" if head[5] == 1 else "big"
+            is64 = head[4] == 2
+            order: Literal["little", "big"] = "little" if head[5] == 1 else "big"
 
             def num(buf: bytes, lo: int, hi: int) -> int:
                 return int.from_bytes(buf[lo:hi], order)

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import prctl
 
@@ -228,7 +228,7 @@ def _is_static_elf(path: Path) -> bool:
             if head[:4] != b"\x7fELF":
                 return False
             is64, little = head[4] == 2, head[5] == 1
-            order = "little" if little else "big"
+            order: Literal["little", "big"] = "little" if little else "big"
             if is64:
                 phoff, phentsize, phnum = (
                     int.from_bytes(head[32:40], order),
@@ -563,7 +563,8 @@ def main() -> None:
             }
             devices.update(_devices(reg_lines, reg_prefix, upper))
             if plan.get("caller_ids"):
-                fakeshims.refuse_ambiguous_caller_ids(upper, *plan["caller_ids"], work / "fakeroot-shim")
+                uid, gid = plan["caller_ids"]
+                fakeshims.refuse_ambiguous_caller_ids(upper, uid, gid, work / "fakeroot-shim")
             stats = _write_layer(plan, upper, merged, devices)
             timings["write"] = time.monotonic() - t2
             result = {"status": "ok", "stats": stats, "engine": "overlay" if overlay else "copy"}
@@ -589,10 +590,10 @@ def main() -> None:
         if scratch is not None:
             with contextlib.suppress(OSError):
                 mounts.umount(scratch)
-        for d in (merged, upper, ovlwork, lower, scratch):
-            if d is not None:
+        for left in (merged, upper, ovlwork, lower, scratch):
+            if left is not None:
                 with contextlib.suppress(OSError):
-                    tree.remove(d)
+                    tree.remove(left)
         result["timings"] = timings
         Path(plan["result"]).write_text(json.dumps(result))
     sys.exit(0)

@@ -18,6 +18,7 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nsbuild.tarscan import Member, TarFormatError, scan_file
 
@@ -61,7 +62,7 @@ def remove(path: Path) -> None:
         os.unlink(path)
         return
 
-    def onerror(func: object, p: str, exc: BaseException) -> None:
+    def onerror(func: Any, p: str, exc: Any) -> None:
         # chmod follows symlinks: never touch one (it may point out of the tree).
         for q in (os.path.dirname(p), p):
             if not os.path.islink(q):
@@ -348,12 +349,12 @@ def _extract(tf: tarfile.TarFile, m: tarfile.TarInfo, dest: Path, root: Path) ->
         target = _parts(m.linkname)
         tdir = _safe_dir(root, target[:-1], create=False) if target else None
         if tdir is None:
-            return
+            return None
         try:
             os.link(tdir / target[-1], dest, follow_symlinks=False)
         except OSError:
-            return
-        return  # a hard link shares the target's metadata
+            return None
+        return None  # a hard link shares the target's metadata
     elif m.ischr() or m.isblk() or m.isfifo():
         kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
         made = None
