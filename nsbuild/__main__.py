@@ -1,3 +1,3 @@
-from nsbuild.cli import main
+from nsbuild.cli.cli import main
 
 main()

@@ -1,4 +1,4 @@
-"""Archive outputs written while the layers are built (nsbuild.archive, sinks.ArchiveOutput).
+"""Archive outputs written while the layers are built (nsbuild.sinks.archive, sinks.ArchiveOutput).
 
 The layer next in line streams into the output file, the others are copied from blob files, a repeated
 layer is written once; a compressed docker-archive is framed, not compressed twice; an output the cache

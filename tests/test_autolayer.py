@@ -1,4 +1,4 @@
-"""Store layers chosen as nixpkgs' auto-layer chooses them (nsbuild.autolayer, DESIGN.md §3).
+"""Store layers chosen as nixpkgs' auto-layer chooses them (nsbuild.plan.autolayer, DESIGN.md §3).
 
 The expected partitions below are derived by hand from the rule, step by step, in the comments:
 seeds are taken largest NAR size first (ties: the later full path first); when seed S is taken, each
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from support.core import FakeStore, build, read_image, write_spec
 
-from nsbuild.autolayer import (
+from nsbuild.plan.autolayer import (
     Node,
     customisation_tar_size,
     nar_size,
@@ -447,7 +447,7 @@ def real_nix_graph(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def test_sizes_are_nix_narsizes(real_nix_graph: dict[str, str]) -> None:
-    from nsbuild.autolayer import base_json_text, customisation_layer_nar_size, nar_size_of_file, nar_size_of_tree
+    from nsbuild.plan.autolayer import base_json_text, customisation_layer_nar_size, nar_size_of_file, nar_size_of_tree
 
     graph = json.loads(Path(real_nix_graph["graph"]).read_text())["graph"]
     sizes = {x["path"].split("-", 1)[1]: x["narSize"] for x in graph}

@@ -19,11 +19,11 @@ from support.core import write_spec
 from support.registry import Registry, RegistryFactory
 from support.users import account, describe, popen_nsbuild, run_nsbuild
 
-from nsbuild.contentkey import TarMismatch, check_tar
-from nsbuild.layer import build_layer
-from nsbuild.owners import Owner, OwnerPolicy
-from nsbuild.remote import CACHE_CONFIG_MEDIA, content_fingerprint
-from nsbuild.tarwriter import Source
+from nsbuild.build.remote import CACHE_CONFIG_MEDIA, content_fingerprint
+from nsbuild.layer.contentkey import TarMismatch, check_tar
+from nsbuild.layer.layer import build_layer
+from nsbuild.tar.owners import Owner, OwnerPolicy
+from nsbuild.tar.tarwriter import Source
 
 TLS_OFF = "--tls-verify=false"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

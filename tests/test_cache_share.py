@@ -19,9 +19,9 @@ from support.registry import RegistryFactory
 from support.users import account, describe, run_nsbuild
 from support.verifiers import oci_validate, skopeo_copy, umoci_unpack
 
-from nsbuild.owners import Owner, OwnerPolicy
-from nsbuild.remote import CACHE_CONFIG_MEDIA, content_fingerprint
-from nsbuild.tarwriter import Source
+from nsbuild.build.remote import CACHE_CONFIG_MEDIA, content_fingerprint
+from nsbuild.tar.owners import Owner, OwnerPolicy
+from nsbuild.tar.tarwriter import Source
 
 TLS_OFF = "--tls-verify=false"
 LAYER_LINE = re.compile(r"^nsbuild: \[(\d+)/(\d+)\] (.*?): .* \((cached|from cache .*|[0-9.]+s)\)$")

@@ -26,7 +26,7 @@ from support.users import describe, run_nsbuild
 from support.verifiers import image_layers, podman_store
 
 from nsbuild.errors import BuildError
-from nsbuild.store import Store
+from nsbuild.plan.store import Store
 
 NIX_STORE = shutil.which("nix-store")
 pytestmark = pytest.mark.skipif(
@@ -482,7 +482,7 @@ def test_default_store_uses_the_real_nix_database(unprivileged_user, user_tmp) -
 #   with it: seed custom → {custom}: custom, app, tool; {}: json (2); seed json → 3: undone.
 #     One layer [app, tool] (json's set holds a hidden node only and is dropped).
 def test_script_paths_are_references_of_the_customisation_layer_node() -> None:
-    from nsbuild.autolayer import ImageGraph, image_store_layers
+    from nsbuild.plan.autolayer import ImageGraph, image_store_layers
 
     app, tool = "a" * 32 + "-app", "b" * 32 + "-tool"
     common = {

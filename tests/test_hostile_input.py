@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from support.users import UserTmpFactory, account, describe, is_root, run_nsbuild
 
-from nsbuild.tarscan import TarFormatError, iter_members
+from nsbuild.tar.tarscan import TarFormatError, iter_members
 
 BLOCK = 512
 

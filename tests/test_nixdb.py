@@ -24,8 +24,8 @@ from support.users import describe, run_nsbuild
 from support.verifiers import image_layers
 
 from nsbuild.errors import BuildError
-from nsbuild.nixdb import nar_info, write_nar, write_nix_db
-from nsbuild.store import Store
+from nsbuild.plan.store import Store
+from nsbuild.rootfs.nixdb import nar_info, write_nar, write_nix_db
 
 NIX_STORE = shutil.which("nix-store")
 needs_nix = pytest.mark.skipif(NIX_STORE is None, reason="nix-store is not installed (Debian package nix-bin)")
@@ -294,8 +294,8 @@ def test_registration_time_and_refusals(tmp_path: Path) -> None:
 _CHILD = """
 import sys
 from pathlib import Path
-from nsbuild.nixdb import write_nix_db
-from nsbuild.store import Store
+from nsbuild.rootfs.nixdb import write_nix_db
+from nsbuild.plan.store import Store
 store, out = sys.argv[1], Path(sys.argv[2])
 s = Store(store)
 roots = [s.dir / n for n in sorted(s.entries.values()) if n.endswith(("-app", "-tool"))]

@@ -28,8 +28,8 @@ from support.users import run_as
 from support.verifiers import oci_validate, require_tool, skopeo_copy, skopeo_inspect, umoci_unpack
 
 from nsbuild.errors import BuildError
-from nsbuild.image import Image, canonical_json, oci_manifest, sha256_digest
-from nsbuild.layer import MEDIA_TAR_GZIP, Blob, Layer
+from nsbuild.image.image import Image, canonical_json, oci_manifest, sha256_digest
+from nsbuild.layer.layer import MEDIA_TAR_GZIP, Blob, Layer
 from nsbuild.registry import (
     AuthOptions,
     BlobRecord,
@@ -63,7 +63,7 @@ def _tar(files: dict[str, bytes]) -> bytes:
 def make_image(
     d: Path, layers: list[dict[str, bytes]], *, name: str = "test", tag: str = "1", architecture: str = "amd64"
 ) -> Image:
-    """An Image of gzip'd tar layers written to `d`, config and OCI manifest from nsbuild.image."""
+    """An Image of gzip'd tar layers written to `d`, config and OCI manifest from nsbuild.image.image."""
     d.mkdir(parents=True, exist_ok=True)
     made = []
     for files in layers:
@@ -784,8 +784,8 @@ def test_artifact_round_trip_for_a_layer_cache_record(registry, tmp_path):
 _USER_SCRIPT = """
 import json, sys
 from pathlib import Path
-from nsbuild.image import Image
-from nsbuild.layer import Blob, Layer
+from nsbuild.image.image import Image
+from nsbuild.layer.layer import Blob, Layer
 from nsbuild.registry import RegistryOptions, pull_image, push_image
 spec = json.loads(sys.argv[1])
 layers = [Layer(l["diff_id"], Blob(l["diff_id"], 0, None), Blob(l["digest"], l["size"], Path(l["path"])),

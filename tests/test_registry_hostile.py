@@ -24,7 +24,7 @@ from support.core import write_spec
 from support.hostile_registry import OCI_INDEX, OCI_MANIFEST, HostileRegistry, SilentPort, digest_of, layer_tar
 from support.users import account, run_nsbuild
 
-from nsbuild.spec import host_architecture
+from nsbuild.spec.spec import host_architecture
 
 ARCH = host_architecture()
 RETRIES = 3

@@ -333,9 +333,9 @@ def test_stream_stdout_holds_only_the_image(unprivileged_user: str | None, user_
 DRIVER = r"""
 import json, sys
 from pathlib import Path
-from nsbuild.customize import build_customisation_layer
+from nsbuild.rootfs.customize import build_customisation_layer
 from nsbuild.errors import BuildError
-from nsbuild.owners import Owner
+from nsbuild.tar.owners import Owner
 
 class Log:
     def info(self, m): print(m, file=sys.stderr)

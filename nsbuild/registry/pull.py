@@ -29,8 +29,8 @@ from typing import Any
 import requests
 
 from nsbuild.errors import BuildError
-from nsbuild.image import MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, sha256_digest
-from nsbuild.layer import file_digest
+from nsbuild.image.image import MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, sha256_digest
+from nsbuild.layer.layer import file_digest
 from nsbuild.registry.client import (
     RegistryClient,
     RegistryError,

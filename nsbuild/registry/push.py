@@ -23,7 +23,7 @@ from urllib.parse import urljoin
 import requests
 
 from nsbuild.errors import BuildError, UsageError
-from nsbuild.image import Image, docker_manifest, sha256_digest
+from nsbuild.image.image import Image, docker_manifest, sha256_digest
 from nsbuild.registry.client import (
     RETRY_STATUSES,
     RegistryClient,

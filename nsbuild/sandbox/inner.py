@@ -3,7 +3,7 @@
 Runs as namespace root (backend userns / userns-fakeroot) or under fakeroot (userns-fakeroot, fakeroot).
 Steps: assemble the earlier layers (lower), prepare the customisation layer's tree (upper), show the
 script the merged image (overlayfs, or a copy that is diffed afterwards), run the script, kill whatever
-it left running, write the layer with nsbuild.layerjob in this same context (so lstat shows the ids and
+it left running, write the layer with nsbuild.sandbox.layerjob in this same context (so lstat shows the ids and
 modes the script set, real or faked), remove the trees. The outcome goes to PLAN["result"] as JSON.
 
 PLAN keys: work, custom_root, lower ([[host, target], ...]), base_layers, script, chroot, engine
@@ -430,7 +430,7 @@ def _run_after(plan: dict, upper: Path, tail: list[str]) -> int:
 
 
 def _write_layer(plan: dict, upper: Path, names_root: Path, devices: dict[str, list]) -> dict:
-    """nsbuild.layerjob's job, run in this process: we are already inside the namespace / fakeroot
+    """nsbuild.sandbox.layerjob's job, run in this process: we are already inside the namespace / fakeroot
     session, so lstat shows the ids and modes the script set (and one interpreter start is saved)."""
     owner = plan["root_owner"]
     job = {
@@ -446,7 +446,7 @@ def _write_layer(plan: dict, upper: Path, names_root: Path, devices: dict[str, l
         "overlay_whiteouts": True,
         "devices": devices,
     }
-    from nsbuild import layerjob
+    from nsbuild.sandbox import layerjob
 
     return layerjob.run_job(job)
 

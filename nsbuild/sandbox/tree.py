@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nsbuild.tarscan import Member, TarFormatError, scan_file
+from nsbuild.tar.tarscan import Member, TarFormatError, scan_file
 
 WH = ".wh."
 OPQ = ".wh..wh..opq"
@@ -198,7 +198,7 @@ class ImageModel:
 
     def check_layer(self, tar_path: Path, label: str) -> list[Member]:
         """Validate one layer against the tree so far and apply it; returns its members."""
-        # nsbuild.tarscan, not tarfile: strict headers (a negative size must not loop), and for what it
+        # nsbuild.tar.tarscan, not tarfile: strict headers (a negative size must not loop), and for what it
         # accepts it reads the same entries as tarfile, which unpack_layer uses.
         try:
             members = list(scan_file(tar_path))

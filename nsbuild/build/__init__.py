@@ -1,0 +1,1 @@
+"""Orchestration, the only package importing every stage: layered and single-layer builds, remote images."""

@@ -1,0 +1,674 @@
+"""Glue between a build and registries (issue 6): push outputs, pull `docker://` bases, share the
+layer cache as an OCI artifact.
+
+The distribution protocol itself lives in nsbuild.registry; this module decides what to push and
+where pulled blobs go (the layer cache's `blobs/sha256`, so a second build downloads nothing).
+
+Shared layer cache
+------------------
+The local cache's fingerprints hold host paths, inodes and ctimes: worthless on another runner.  For
+sharing, a layer is named by a *content fingerprint*: the sha256 over, per tar entry in the order the
+writer emits them, the exact tar header the writer would write (name, type, mode, owner after the
+ownership policy, fixed mtime, link target, device numbers, xattrs) followed by the sha256 of the
+file's bytes.  Two inputs with the same content fingerprint produce the same layer tar byte for byte
+(the tar is those headers, that data and padding), whatever their host paths, inodes or file mtimes
+(a fresh git checkout gives every file a new mtime, so stat data alone could never match across
+runners).  It costs reading every file once; tar + compress + upload read them too and do much more.
+
+The artifact is an OCI image manifest whose config (media type CACHE_CONFIG_MEDIA) maps content
+fingerprints to diff_ids and blobs, and whose layers are those blobs, so the registry stores them
+(and keeps them from garbage collection) next to the record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nsbuild.core.compress import compression_of
+from nsbuild.core.progress import Progress, human
+from nsbuild.core.refs import is_registry
+from nsbuild.errors import BuildError, UsageError
+from nsbuild.image.image import MEDIA_OCI_MANIFEST, Image, canonical_json, sha256_digest
+from nsbuild.layer.contentkey import TarMismatch, content_hasher, file_record, verified_tar
+from nsbuild.layer.layer import (
+    MEDIA_BY_COMPRESSOR,
+    MEDIA_TAR,
+    MEDIA_TAR_GZIP,
+    MEDIA_TAR_ZSTD,
+    Blob,
+    Layer,
+    decompress_verified,
+    file_digest,
+)
+from nsbuild.registry import (
+    BlobRecord,
+    ProgressEvent,
+    PulledImage,
+    PushResult,
+    RegistryError,
+    RegistryOptions,
+    fetch_blob,
+    fetch_manifest,
+    parse_reference,
+    pull_image,
+    push_image,
+    push_manifest,
+)
+from nsbuild.registry.client import RegistryClient
+from nsbuild.registry.pull import descriptor, is_sha256, parse_document
+from nsbuild.registry.reference import Reference
+from nsbuild.sources.baseimage import DOCKER_TO_OCI, BaseImage, check_layer_tar
+from nsbuild.tar.owners import OwnerPolicy
+from nsbuild.tar.tarwriter import Source, encode_header, iter_entries
+
+CACHE_CONFIG_MEDIA = "application/vnd.nsbuild.cache.config.v1+json"
+CACHE_FORMAT = "nsbuild-cache-v1"
+BASE_DIGEST = "org.opencontainers.image.base.digest"
+BASE_NAME = "org.opencontainers.image.base.name"
+COMPRESSION_OF_MEDIA = {MEDIA_TAR: "none", MEDIA_TAR_GZIP: "gz", MEDIA_TAR_ZSTD: "zstd"}
+
+
+def registry_reference(text: str, what: str) -> Reference:
+    """A docker:// reference for an option; a bad one is a usage error naming the option."""
+    try:
+        return parse_reference(text)
+    except UsageError as exc:
+        raise UsageError(f"{what}: {exc}") from None
+
+
+def has_explicit_tag(text: str) -> bool:
+    body = text[len("docker://") :] if text.startswith("docker://") else text
+    last = body.rsplit("/", 1)[-1]
+    return ":" in last or "@" in body
+
+
+class _HintRecord(BlobRecord):
+    """A BlobRecord whose file is only a hint: failing to save it never fails a push."""
+
+    def save(self) -> None:
+        with contextlib.suppress(OSError):
+            super().save()
+
+
+def blob_record(cache_dir: Path | None) -> BlobRecord:
+    """Where blobs were seen (for cross-repository mounts): beside the layer cache, else in memory."""
+    return _HintRecord(cache_dir / "blob-record.json" if cache_dir is not None else None)
+
+
+# --- progress ------------------------------------------------------------------------------------------
+
+
+class TransferReporter:
+    """Registry progress events as progress lines: one per blob, a live byte count on a terminal."""
+
+    def __init__(self, progress: Progress, verb: str) -> None:
+        self.progress = progress
+        self.verb = verb
+        self._lock = threading.Lock()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        short = event.digest[:19]
+        if event.action in ("uploading", "downloading"):
+            self.progress.live(f"{event.action} {short}: {human(event.done)} of {human(event.total)}")
+        elif event.action == "exists":
+            where = "in the local cache" if self.verb == "pull" else "already in the registry"
+            self.progress.info(f"{short}: {where} ({human(event.total)})")
+        elif event.action == "mounted":
+            self.progress.info(f"{short}: mounted from another repository ({human(event.total)})")
+        elif event.action == "uploaded":
+            self.progress.info(f"{short}: uploaded {human(event.total)}")
+
+
+# --- push ----------------------------------------------------------------------------------------------
+
+
+def preflight(text: str, what: str, options: RegistryOptions | None) -> None:
+    """Reach the registry and authenticate for a push before the build: a wrong password, a missing
+    CA or a typo in the host fails in a second, not after minutes of compression."""
+    ref = registry_reference(text, what)
+    with RegistryClient(ref, options, actions=("pull", "push")) as client:
+        client.ping()
+        # Any authenticated request will do; 401/403 raise the clear auth error inside request().
+        client.request("GET", f"/v2/{ref.repository}/tags/list").close()
+
+
+def push(
+    image: Image,
+    target: Reference,
+    *,
+    manifest_format: str,
+    options: RegistryOptions | None,
+    progress: Progress,
+    cache_dir: Path | None,
+) -> PushResult:
+    progress.info(f"pushing {target} ({manifest_format} manifest, {len(image.layers)} layers)")
+    check_blobs([layer.compressed for layer in image.layers])
+    result = push_image(
+        image,
+        target,
+        manifest_format=manifest_format,
+        options=options,
+        progress=TransferReporter(progress, "push"),
+        blob_record=blob_record(cache_dir),
+    )
+    progress.info(
+        f"pushed {result.reference}@{result.digest}: {len(result.uploaded_blobs)} blobs uploaded "
+        f"({human(result.uploaded_bytes)}), {len(result.skipped_blobs)} already there, "
+        f"{len(result.mounted_blobs)} mounted"
+    )
+    return result
+
+
+def check_blobs(blobs: list[Blob]) -> None:
+    """Hash every blob file again before it leaves the machine: a cached blob damaged where its stamp
+    cannot see (the disk, the raw device) must not reach a registry, which would keep it or refuse it
+    with a less clear error."""
+    for blob in blobs:
+        if blob.path is not None and file_digest(blob.path) != blob.digest:
+            raise BuildError(
+                f"{blob.path}: the blob {blob.digest[:19]} is corrupted (its bytes have another "
+                "digest); run `nsbuild cache verify` and build again"
+            )
+
+
+def push_json(result: PushResult) -> dict[str, Any]:
+    """What --json shows of a push: the library's secret-free record plus counts."""
+    out = result.to_json()
+    out.update(
+        {
+            "uploaded": len(result.uploaded_blobs),
+            "skipped": len(result.skipped_blobs),
+            "mounted": len(result.mounted_blobs),
+        }
+    )
+    return out
+
+
+# --- pull a base image ---------------------------------------------------------------------------------
+
+
+@dataclass
+class PulledBase:
+    base: BaseImage
+    pulled: PulledImage
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "reference": str(self.pulled.reference),
+            "digest": self.pulled.resolved_digest,
+            "manifest_digest": self.pulled.digest,
+            "pinned": self.pulled.pinned,
+            "downloaded": len(self.pulled.downloaded_blobs),
+            "cached": len(self.pulled.cached_blobs),
+            "downloaded_bytes": self.pulled.downloaded_bytes,
+        }
+
+
+def _verify_cached(pulled: PulledImage, store_dir: Path) -> list[str]:
+    """pull_image trusts a blob already on disk when its size matches; a cache is shared with other
+    writers, so hash those again. Returns the digests that were wrong (and removes them)."""
+    bad = []
+    for digest in pulled.cached_blobs:
+        path = store_dir / digest.split(":", 1)[1]
+        if path.exists() and file_digest(path) != digest:
+            path.unlink()
+            bad.append(digest)
+    return bad
+
+
+def _decompress_verified(src: Path, blob_dir: Path, diff_id: str, what: str) -> Blob:
+    """decompress_verified into the layer cache's store, reusing a tar already there (re-hashed: the
+    store is shared with other writers); stored read-only like every cached blob."""
+    final = blob_dir / diff_id.split(":", 1)[1]
+    if final.exists():
+        if file_digest(final) == diff_id:
+            return Blob(diff_id, final.stat().st_size, final)
+        final.unlink(missing_ok=True)
+    blob = decompress_verified(src, blob_dir, diff_id, what)
+    os.chmod(final, 0o444)
+    return blob
+
+
+def _checked_config(pulled: PulledImage, ref: Reference) -> tuple[dict[str, Any], list[str]]:
+    """The pulled config (pull_image made sure it is a JSON object) and its diff_ids, refused in one
+    line unless each part the build reads has the type it must have."""
+    config = parse_document(pulled.config, f"fromImage {ref}: config {pulled.config_digest}")
+    rootfs = config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list):
+        raise BuildError(f"fromImage {ref}: the image config has no rootfs.diff_ids")
+    if len(diff_ids) != len(pulled.layers):
+        raise BuildError(
+            f"fromImage {ref}: the manifest lists {len(pulled.layers)} layers but the config "
+            f"has {len(diff_ids)} diff_ids"
+        )
+    if not all(is_sha256(d) for d in diff_ids):
+        raise BuildError(f"fromImage {ref}: the image config's rootfs.diff_ids are not all sha256 digests")
+    for name, kind, word in (("config", dict, "object"), ("history", list, "array")):
+        if config.get(name) is not None and not isinstance(config[name], kind):
+            raise BuildError(f"fromImage {ref}: the image config's {name!r} is not a JSON {word}")
+    return config, diff_ids
+
+
+Pin = Callable[[list[str], list[str]], list[str]]
+
+
+def _diff_ids(pulled: PulledImage) -> list[str]:
+    """The base's diff_ids (their tars are cached too), [] for a config that is not as expected."""
+    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return [str(d) for d in json.loads(pulled.config)["rootfs"]["diff_ids"]]
+    return []
+
+
+def pull_base(
+    text: str,
+    *,
+    store_root: Path,
+    architecture: str,
+    options: RegistryOptions | None,
+    progress: Progress,
+    need_tar: bool,
+    pin: Pin | None = None,
+) -> PulledBase:
+    """Pull a `docker://` base into `store_root/blobs/sha256` (the layer cache, or the workspace).
+    `pin(digests, required)`: the layer cache's pin_present, so a prune cannot take the blobs away."""
+    ref = registry_reference(text, "fromImage")
+    progress.info(f"pulling base image {ref} ({architecture})")
+    store_dir = store_root / "blobs" / "sha256"
+    reporter = TransferReporter(progress, "pull")
+    pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options, progress=reporter)
+    for _attempt in range(3):
+        # Pinned, then checked (the layer cache is shared with prunes and other writers): blobs a
+        # prune took away since the pull, or corrupted ones, are downloaded again.
+        if pin is not None and pin(_diff_ids(pulled), [b.digest for b in pulled.layers]):
+            progress.warn("cached base image blobs were pruned meanwhile; downloading them again")
+        elif _verify_cached(pulled, store_dir):
+            progress.warn("cached base image blobs were corrupted; downloading them again")
+        else:
+            break
+        pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options, progress=reporter)
+    progress.info(
+        f"base image {ref} resolved to {pulled.resolved_digest} "
+        f"({len(pulled.downloaded_blobs)} blobs downloaded, {human(pulled.downloaded_bytes)}; "
+        f"{len(pulled.cached_blobs)} already cached)"
+    )
+    config, diff_ids = _checked_config(pulled, ref)
+    pinned = pulled.pinned
+    layers = []
+    for i, (blob, diff_id) in enumerate(zip(pulled.layers, diff_ids, strict=True)):
+        what = f"fromImage: layer {i} ({blob.digest[:19]})"
+        media = DOCKER_TO_OCI.get(blob.media_type, blob.media_type)
+        if media not in COMPRESSION_OF_MEDIA:
+            raise BuildError(f"{what}: media type {blob.media_type!r} is not a layer nsbuild can use")
+        compressed = Blob(blob.digest, blob.size, blob.path)
+        if media == MEDIA_TAR:
+            if blob.digest != diff_id:
+                raise BuildError(f"{what}: an uncompressed layer whose digest is not the config's diff_id")
+            tar = compressed
+        elif need_tar:
+            tar = _decompress_verified(blob.path, store_dir, diff_id, what)
+        else:
+            tar = Blob(diff_id, 0, None)  # never needed: sinks use the compressed blob
+        if need_tar or media == MEDIA_TAR:
+            check_layer_tar(tar, what)  # every header, before the sandbox or a sink reads it
+        layers.append(
+            Layer(
+                diff_id=diff_id,
+                tar=tar,
+                compressed=compressed,
+                media_type=media,
+                comment=f"base layer {i} from {pinned}",
+            )
+        )
+    # Provenance in the config too (the docker-archive has no manifest annotations): every base
+    # history entry with a layer names the pinned base it came from.
+    history = [dict(h) for h in config.get("history") or [] if isinstance(h, dict)]
+    for h in history:
+        if not h.get("empty_layer"):
+            old = h.get("comment")
+            h["comment"] = f"{old}; from {pinned}" if old else f"from {pinned}"
+    base = BaseImage(config, layers, history, text)
+    return PulledBase(base, pulled, {BASE_DIGEST: pulled.resolved_digest, BASE_NAME: str(ref)})
+
+
+# --- content fingerprints ------------------------------------------------------------------------------
+
+
+def content_fingerprint(
+    sources: list[Source], *, mtime: int, owner: OwnerPolicy, overlay_whiteouts: bool = False
+) -> str:
+    """See the module docstring: the tar's headers in order, each file's data by its sha256
+    (nsbuild.layer.contentkey.check_tar checks a downloaded tar against it)."""
+    h = content_hasher(mtime=mtime, owner=owner, overlay_whiteouts=overlay_whiteouts)
+    for entry in iter_entries(sources, overlay_whiteouts=overlay_whiteouts):
+        h.update(encode_header(entry, owner.resolve(entry.uid, entry.gid), mtime))
+        if entry.kind == "file" and entry.size and entry.host is not None:
+            h.update(_content_digest(entry.host, entry.size))
+    return h.hexdigest()
+
+
+def remembered_content_fingerprint(
+    cache_root: Path | None, local_key: str | None, sources: list[Source], *, mtime: int, owner: OwnerPolicy
+) -> str:
+    """content_fingerprint, remembered per local fingerprint in `<cache>/content/`: the local key
+    covers every entry's stat data (ctime included), so while it matches, the content does too and an
+    unchanged layer costs no reading."""
+    memo = cache_root / "content" / local_key if cache_root is not None and local_key else None
+    if memo is not None:
+        with contextlib.suppress(OSError):
+            value = memo.read_text().strip()
+            if len(value) == 64:
+                return value
+    value = content_fingerprint(sources, mtime=mtime, owner=owner)
+    if memo is not None:
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")  # pid: swept once dead
+        try:
+            memo.parent.mkdir(exist_ok=True)
+            tmp.write_text(value + "\n")
+            os.replace(tmp, memo)
+        except OSError:
+            with contextlib.suppress(OSError):  # only a hint: never fail the build nor leave a stray file
+                tmp.unlink(missing_ok=True)
+    return value
+
+
+def _content_digest(host: bytes, size: int) -> bytes:
+    try:
+        fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BuildError(f"{os.fsdecode(host)}: cannot read: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").digest()
+    # The size is in the header already; a file that changed size under us would give a tar that
+    # does not match, so the build that follows reads it again anyway.
+    return file_record(digest, size)
+
+
+# --- shared layer cache ---------------------------------------------------------------------------------
+
+
+class RemoteCache:
+    """`--cache-from`: a record fetched once, blobs downloaded (verified) when a fingerprint matches."""
+
+    def __init__(self, text: str, options: RegistryOptions | None, progress: Progress) -> None:
+        self.ref = registry_reference(text, "--cache-from")
+        self.options = options
+        self.progress = progress
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.client: RegistryClient | None = None
+
+    def open(self) -> None:
+        self.client = RegistryClient(self.ref, self.options, actions=("pull",))
+        try:
+            body = self._manifest()
+        except BaseException:
+            self.close()
+            raise
+        if body is None:
+            self.progress.info(f"no shared cache at {self.ref} yet; building")
+            return
+        what = f"--cache-from {self.ref}"
+        doc = parse_document(body, f"{what}: manifest")
+        config = doc.get("config")
+        digest, size, media = descriptor(config, f"{what}: manifest config")
+        if media != CACHE_CONFIG_MEDIA:
+            raise BuildError(f"{what}: not an nsbuild cache (config media type {media[:80]!r})")
+        if size > 64 * 1024 * 1024:
+            raise BuildError(f"{what}: the cache record {digest} claims {size} bytes; refusing it")
+        assert self.client is not None
+        blob = fetch_blob(self.client, self._scratch, digest, size, CACHE_CONFIG_MEDIA)
+        record = parse_document(blob.path.read_bytes(), f"{what}: cache record {digest}")
+        if not isinstance(record.get("layers") or {}, dict):
+            raise BuildError(f"{what}: cache record {digest}: 'layers' is not an object")
+        if record.get("format") != CACHE_FORMAT:
+            self.progress.warn(
+                f"--cache-from {self.ref}: cache format {record.get('format')!r} is not {CACHE_FORMAT}; ignoring it"
+            )
+            return
+        self.entries = record.get("layers") or {}
+        self.progress.info(f"shared cache {self.ref}: {len(self.entries)} layers recorded")
+
+    def _manifest(self) -> bytes | None:
+        assert self.client is not None
+        # Cache records land in the workspace-independent tmp store first; blobs are fetched per layer.
+        self._scratch = Path(tempfile.mkdtemp(prefix="nsbuild-cachefrom-"))
+        try:
+            body, _media, _digest = fetch_manifest(self.client, self._scratch, self.ref.reference)
+        except RegistryError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return body
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        scratch = getattr(self, "_scratch", None)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def lookup(
+        self,
+        key: str,
+        *,
+        compression: str,
+        need_tar: bool,
+        store_root: Path,
+        comment: str,
+        mtime: int,
+        owner: OwnerPolicy,
+    ) -> Layer | None:
+        """The layer for content fingerprint `key` from the registry, in the form this build needs
+        (`compression`'s blob; the plain tar too when `need_tar`), or None.  Its tar is checked against
+        `key` first (nsbuild.layer.contentkey): a record naming other content is refused, the layer built."""
+        entry = self.entries.get(key)
+        if not entry or self.client is None:
+            return None
+        if not _valid_cache_entry(entry):
+            self.progress.warn(f"shared cache {self.ref}: the record of layer {key[:12]} is malformed; rebuilding it")
+            return None
+        forms: dict[str, dict[str, Any]] = entry.get("blobs") or {}
+        rec = (
+            forms.get(compression)
+            if compression != "none"
+            else (forms.get("none") or forms.get("gz") or forms.get("zstd"))
+        )
+        if rec is None:
+            return None
+        try:
+            blob = self._fetch(rec, store_root)
+            assert blob.path is not None  # fetched blobs are stored
+        except RegistryError as exc:
+            if exc.status == 404:
+                self.progress.warn(f"shared cache {self.ref}: a recorded blob is gone ({exc}); rebuilding")
+                return None
+            raise
+        keep_tar = need_tar or compression == "none"
+        try:
+            if compression != "none" and compression_of(blob.path) != compression:
+                raise TarMismatch(f"the blob is not {compression}-compressed")
+            tar = verified_tar(
+                blob,
+                diff_id=str(entry.get("diff_id")),
+                key=key,
+                mtime=mtime,
+                owner=owner,
+                save_dir=store_root / "blobs" / "sha256" if keep_tar else None,
+            )
+        except TarMismatch as exc:
+            self.progress.warn(
+                f"shared cache {self.ref}: refusing the layer recorded for {comment}: {exc}; building it"
+            )
+            with contextlib.suppress(OSError):
+                blob.path.unlink()
+            return None
+        compressed = tar if compression == "none" else blob
+        return Layer(
+            diff_id=tar.digest,
+            tar=tar,
+            compressed=compressed,
+            media_type=MEDIA_BY_COMPRESSOR[compression],
+            comment=comment,
+        )
+
+    def _fetch(self, rec: dict[str, Any], store_root: Path) -> Blob:
+        assert self.client is not None
+        digest, size = str(rec["digest"]), int(rec["size"])
+        pulled = fetch_blob(self.client, store_root, digest, size, str(rec.get("mediaType", "")))
+        return Blob(digest, size, pulled.path)
+
+
+def _valid_cache_entry(entry: object) -> bool:
+    """A cache record entry has the shape lookup reads: a diff_id and descriptors of its blobs."""
+    if not isinstance(entry, dict) or not is_sha256(entry.get("diff_id")):
+        return False
+    forms = entry.get("blobs") or {}
+    tar_size = entry.get("tar_size", 0)
+    if not isinstance(forms, dict) or not isinstance(tar_size, int) or isinstance(tar_size, bool) or tar_size < 0:
+        return False
+    try:
+        for rec in forms.values():
+            descriptor(rec, "cache blob")
+    except BuildError:
+        return False
+    return True
+
+
+def push_cache(
+    text: str,
+    layers: list[tuple[str, Layer]],
+    *,
+    options: RegistryOptions | None,
+    progress: Progress,
+    cache_dir: Path | None,
+) -> PushResult:
+    """`--cache-to`: the record of this build's content layers, as an artifact holding their blobs."""
+    ref = registry_reference(text, "--cache-to")
+    entries: dict[str, dict[str, Any]] = {}
+    blobs: dict[str, Path] = {}
+    descriptors: list[dict[str, Any]] = []
+    for key, layer in layers:
+        blob = layer.compressed
+        if blob.path is None:
+            continue
+        form = COMPRESSION_OF_MEDIA.get(layer.media_type, "none")
+        entries[key] = {
+            "diff_id": layer.diff_id,
+            "tar_size": layer.tar.size,
+            "blobs": {form: {"digest": blob.digest, "size": blob.size, "mediaType": layer.media_type}},
+        }
+        if blob.digest not in blobs:
+            blobs[blob.digest] = blob.path
+            descriptors.append({"mediaType": layer.media_type, "digest": blob.digest, "size": blob.size})
+    config = canonical_json({"format": CACHE_FORMAT, "layers": entries})
+    manifest = canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_OCI_MANIFEST,
+            "config": {"mediaType": CACHE_CONFIG_MEDIA, "digest": sha256_digest(config), "size": len(config)},
+            "layers": descriptors,
+            "annotations": {"org.opencontainers.image.description": "nsbuild layer cache"},
+        }
+    )
+    check_blobs([Blob(digest, 0, path) for digest, path in blobs.items()])
+    progress.info(f"pushing the layer cache ({len(entries)} layers) to {ref}")
+    result = push_manifest(
+        ref,
+        manifest,
+        MEDIA_OCI_MANIFEST,
+        blobs={sha256_digest(config): config, **blobs},
+        options=options,
+        progress=TransferReporter(progress, "cache"),
+        blob_record=blob_record(cache_dir),
+    )
+    progress.info(
+        f"pushed the layer cache {result.reference}@{result.digest}: "
+        f"{len(result.uploaded_blobs)} blobs uploaded, {len(result.skipped_blobs)} already there, "
+        f"{len(result.mounted_blobs)} mounted"
+    )
+    return result
+
+
+@contextlib.contextmanager
+def opened_cache(text: str | None, options: RegistryOptions | None, progress: Progress):
+    if not text:
+        yield None
+        return
+    cache = RemoteCache(text, options, progress)
+    cache.open()
+    try:
+        yield cache
+    finally:
+        cache.close()
+
+
+# --- nsbuild push --------------------------------------------------------------------------------------
+
+
+def push_existing(
+    text: str,
+    target: Reference,
+    *,
+    compressor: str,
+    manifest_format: str,
+    options: RegistryOptions | None,
+    progress: Progress,
+    cache_dir: Path | None,
+) -> PushResult:
+    """`nsbuild push IMAGE REF`: an image on disk as it is; uncompressed layers compressed first."""
+    from nsbuild.build.build import Workspace
+    from nsbuild.image.image import oci_manifest
+    from nsbuild.layer.layer import layer_from_tar
+    from nsbuild.sources.baseimage import load_base
+    from nsbuild.spec.imageconfig import healthcheck_warning
+    from nsbuild.spec.spec import host_architecture
+
+    if is_registry(text):
+        raise UsageError(f"IMAGE {text!r}: copying between registries is skopeo's job; give an archive or layout")
+    ws = Workspace()
+    try:
+        progress.info(f"reading {text}")
+        # Here the image is the command's argument, not the spec's fromImage: no label.
+        base = load_base(text, ws.blobs, ws.path("base"), architecture=host_architecture(), label="")
+        layers = []
+        for layer in base.layers:
+            if compressor == "none" or layer.media_type != MEDIA_TAR or layer.tar.path is None:
+                layers.append(layer)  # compressed blobs are pushed byte for byte
+            else:
+                layers.append(
+                    layer_from_tar(
+                        layer.tar.path,
+                        ws.blobs,
+                        compression=compressor,
+                        comment=layer.comment,
+                        expected_diff_id=layer.diff_id,
+                    )
+                )
+        config = base.raw_config if base.raw_config is not None else canonical_json(base.config)
+        image = Image(
+            name=target.repository,
+            tag=target.tag or "latest",
+            layers=layers,
+            config=config,
+            manifest=oci_manifest(config, layers),
+        )
+        if warning := healthcheck_warning(config, "registry", manifest_format):
+            progress.warn(warning)
+        return push(
+            image, target, manifest_format=manifest_format, options=options, progress=progress, cache_dir=cache_dir
+        )
+    finally:
+        ws.close()

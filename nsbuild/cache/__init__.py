@@ -1,0 +1,1 @@
+"""The local layer cache and the shared cache record."""

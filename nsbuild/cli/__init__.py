@@ -1,0 +1,1 @@
+"""The typer commands and doctor."""

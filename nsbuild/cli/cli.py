@@ -1,0 +1,541 @@
+"""The command line (typer): nsbuild layered | stream | image | push | inspect | schema | doctor."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from nsbuild.core.progress import Progress
+from nsbuild.errors import BuildError, NsbuildError, UsageError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Build Docker/OCI images without root, without a daemon and without Nix.",
+)
+
+SpecArg = Annotated[Path, typer.Argument(help="spec.json (dockerTools attribute names)", show_default=False)]
+OutputOpt = Annotated[
+    str | None,
+    typer.Option(
+        "-o",
+        "--output",
+        help="PATH, docker-archive:PATH[:NAME:TAG], oci:DIR[:TAG], oci-archive:PATH[:TAG], docker://HOST/REPO[:TAG]",
+    ),
+]
+FormatOpt = Annotated[
+    str | None, typer.Option("--format", help="docker-archive | oci-dir | oci-archive (for a bare -o path)")
+]
+QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="no progress on stderr")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
+IsolationOpt = Annotated[
+    str, typer.Option("--isolation", help="fakeRootCommands backend: auto | userns | userns-fakeroot | fakeroot")
+]
+NetworkOpt = Annotated[str, typer.Option("--network", help="scripts' network: none (only lo) | host")]
+CacheDirOpt = Annotated[Path | None, typer.Option("--cache-dir", help="layer cache [default: $XDG_CACHE_HOME/nsbuild]")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="build every layer, use and keep no cache")]
+JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=0, help="layers built at once [default: CPUs]")]
+ManifestFormatOpt = Annotated[
+    str, typer.Option("--manifest-format", help="docker:// outputs: oci | docker (Docker v2 schema 2)")
+]
+AuthfileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--authfile",
+        help="registry credentials file [default: $REGISTRY_AUTH_FILE, "
+        "$XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json]",
+    ),
+]
+CredsOpt = Annotated[
+    str | None, typer.Option("--creds", metavar="USER:PASSWORD", help="registry credentials", show_default=False)
+]
+TlsVerifyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--tls-verify/--no-tls-verify",
+        help="verify registry TLS (--tls-verify=false also works); off: plain http allowed",
+    ),
+]
+CertDirOpt = Annotated[
+    Path | None, typer.Option("--cert-dir", help="directory of CA certificates (*.crt) for registries")
+]
+CacheToOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--cache-to", metavar="docker://REF", help="push this build's layer cache to a registry (shared cache)"
+    ),
+]
+CacheFromOpt = Annotated[
+    str | None,
+    typer.Option("--cache-from", metavar="docker://REF", help="take layers from a shared cache in a registry"),
+]
+
+
+def _fail(exc: NsbuildError) -> NoReturn:
+    sys.stderr.write(f"nsbuild: error: {exc}\n")
+    raise typer.Exit(exc.exit_code)
+
+
+def _io_error(exc: OSError) -> BuildError:
+    """Last resort for an I/O failure nothing below turned into a BuildError (a full disk in the
+    workspace, ...): one line, exit 1, as every other build failure."""
+    where = f"{os.fsdecode(exc.filename)}: " if exc.filename else ""
+    return BuildError(f"{where}{exc.strerror or exc}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+class RegistryFlags:
+    """The registry flags every command that talks to a registry takes, as skopeo spells them."""
+
+    def __init__(
+        self,
+        manifest_format: str = "oci",
+        authfile: Path | None = None,
+        creds: str | None = None,
+        tls_verify: bool = True,
+        cert_dir: Path | None = None,
+        cache_to: str | None = None,
+        cache_from: str | None = None,
+    ) -> None:
+        self.manifest_format = manifest_format
+        self.authfile = authfile
+        self.creds = creds
+        self.tls_verify = tls_verify
+        self.cert_dir = cert_dir
+        self.cache_to = cache_to
+        self.cache_from = cache_from
+
+    def options(self):
+        from nsbuild.registry import options_from_cli
+
+        _check_choice("--manifest-format", self.manifest_format, ("oci", "docker"))
+        if self.cert_dir is not None and not self.cert_dir.is_dir():
+            raise UsageError(f"--cert-dir {self.cert_dir}: not a directory")
+        return options_from_cli(
+            authfile=self.authfile, creds=self.creds, tls_verify=self.tls_verify, cert_dir=self.cert_dir
+        )
+
+
+def _check_registry_refs(flags: RegistryFlags, output_is_registry: bool, compressor: str) -> None:
+    from nsbuild.core.refs import is_registry
+
+    for name, value in (("--cache-to", flags.cache_to), ("--cache-from", flags.cache_from)):
+        if value is not None:
+            from nsbuild.build import remote
+
+            if not is_registry(value):
+                raise UsageError(f"{name}: expected docker://HOST/REPO[:TAG], got {value!r}")
+            remote.registry_reference(value, name)
+    if flags.manifest_format == "docker" and output_is_registry and compressor == "zstd":
+        raise UsageError(
+            "--manifest-format docker: Docker v2 schema 2 has no zstd layer type; use compressor "
+            "gz (or none), or the default --manifest-format oci"
+        )
+
+
+def _build(
+    kind: str,
+    spec_path: Path,
+    output: str | None,
+    fmt: str | None,
+    quiet: bool,
+    as_json: bool,
+    isolation: str,
+    network: str,
+    cache_dir: Path | None,
+    no_cache: bool,
+    jobs: int,
+    stream: bool = False,
+    registry: RegistryFlags | None = None,
+) -> None:
+    from nsbuild.build.build import BuildOptions, build_image, resolve_output
+    from nsbuild.core.refs import FORMATS, ImageRef, parse_ref
+    from nsbuild.spec.spec import load_spec
+
+    registry = registry or RegistryFlags()
+    try:
+        _check_choice("--isolation", isolation, ("auto", "userns", "userns-fakeroot", "fakeroot"))
+        _check_choice("--network", network, ("none", "host"))
+        if fmt is not None:
+            _check_choice("--format", fmt, FORMATS)
+        reg_options = registry.options()
+        spec = load_spec(spec_path, kind)
+        if stream:
+            spec.compressor = "none"
+            ref = ImageRef("docker-archive", "-")
+        else:
+            ref = resolve_output(parse_ref(output) if output else None, fmt, spec)
+        if ref.format == "registry":
+            from nsbuild.build import remote
+
+            remote.registry_reference("docker://" + ref.location, "-o")
+        _check_registry_refs(registry, ref.format == "registry", spec.compressor)
+        progress = Progress(quiet=quiet or as_json and not sys.stderr.isatty())
+        from nsbuild.cache.cache import default_cache_dir
+
+        options = BuildOptions(
+            isolation=isolation,
+            network=network,
+            jobs=jobs,
+            cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
+            registry=reg_options,
+            manifest_format=registry.manifest_format,
+            cache_to=registry.cache_to,
+            cache_from=registry.cache_from,
+        )
+        result = build_image(spec, ref, progress, options)
+    except NsbuildError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        sys.stderr.write("nsbuild: interrupted; nothing was written\n")
+        raise typer.Exit(130) from None
+    except BrokenPipeError:
+        # The reader went away (`| head`): not our failure to report with a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.stderr.write("nsbuild: output pipe closed before the image was written\n")
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        _fail(_io_error(exc))
+    image = result.image
+    pushed = result.push
+    if pushed is not None and not as_json:
+        # The digest that `REPO@DIGEST` pulls (a Docker v2 manifest has another one than the OCI one).
+        print(f"{pushed.reference}@{pushed.digest}")
+    elif not stream and pushed is None:
+        # An output that already held these exact bytes was left alone (nothing to do, as make says).
+        verb = "wrote" if result.written else "up to date:"
+        progress.info(f"{verb} {result.output} ({result.format}) {image.reference} {image.manifest_digest}")
+    if as_json:
+        doc = {
+            "output": result.output,
+            "format": result.format,
+            "name": image.name,
+            "tag": image.tag,
+            "written": result.written,
+            "image_digest": pushed.digest if pushed else image.manifest_digest,
+            "config_digest": image.config_digest,
+            "layers": [
+                {
+                    "diff_id": layer.diff_id,
+                    "digest": layer.digest,
+                    "size": layer.size,
+                    "uncompressed_size": layer.tar.size,
+                    "media_type": layer.media_type,
+                    "comment": layer.comment,
+                }
+                for layer in image.layers
+            ],
+        }
+        if pushed is not None or result.cache_push is not None:
+            from nsbuild.build import remote
+        if pushed is not None:
+            doc["push"] = remote.push_json(pushed)
+        if result.base is not None:
+            doc["base"] = result.base
+        if registry.cache_from:
+            doc["cache_from"] = {"reference": registry.cache_from, "layers": result.remote_hits}
+        if result.cache_push is not None:
+            doc["cache_to"] = remote.push_json(result.cache_push)
+        print(json.dumps(doc, indent=2))
+
+
+@app.command()
+def layered(
+    spec: SpecArg,
+    output: OutputOpt = None,
+    format: FormatOpt = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    isolation: IsolationOpt = "auto",
+    network: NetworkOpt = "none",
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+    jobs: JobsOpt = 0,
+    manifest_format: ManifestFormatOpt = "oci",
+    authfile: AuthfileOpt = None,
+    creds: CredsOpt = None,
+    tls_verify: TlsVerifyOpt = True,
+    cert_dir: CertDirOpt = None,
+    cache_to: CacheToOpt = None,
+    cache_from: CacheFromOpt = None,
+) -> None:
+    """Build a layered image (buildLayeredImage) and write or push it."""
+    _build(
+        "layered",
+        spec,
+        output,
+        format,
+        quiet,
+        json_out,
+        isolation,
+        network,
+        cache_dir,
+        no_cache,
+        jobs,
+        registry=RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir, cache_to, cache_from),
+    )
+
+
+@app.command()
+def stream(
+    spec: SpecArg,
+    quiet: QuietOpt = False,
+    isolation: IsolationOpt = "auto",
+    network: NetworkOpt = "none",
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+    jobs: JobsOpt = 0,
+    authfile: AuthfileOpt = None,
+    creds: CredsOpt = None,
+    tls_verify: TlsVerifyOpt = True,
+    cert_dir: CertDirOpt = None,
+    cache_to: CacheToOpt = None,
+    cache_from: CacheFromOpt = None,
+) -> None:
+    """Write an uncompressed docker-archive to stdout (streamLayeredImage): `| podman load`."""
+    if sys.stdout.isatty():
+        _fail(UsageError("refusing to write an image to a terminal; pipe it (| podman load) or use layered"))
+    _build(
+        "layered",
+        spec,
+        None,
+        None,
+        quiet,
+        False,
+        isolation,
+        network,
+        cache_dir,
+        no_cache,
+        jobs,
+        stream=True,
+        registry=RegistryFlags("oci", authfile, creds, tls_verify, cert_dir, cache_to, cache_from),
+    )
+
+
+@app.command()
+def image(
+    spec: SpecArg,
+    output: OutputOpt = None,
+    format: FormatOpt = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    isolation: IsolationOpt = "auto",
+    network: NetworkOpt = "none",
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+    jobs: JobsOpt = 0,
+    manifest_format: ManifestFormatOpt = "oci",
+    authfile: AuthfileOpt = None,
+    creds: CredsOpt = None,
+    tls_verify: TlsVerifyOpt = True,
+    cert_dir: CertDirOpt = None,
+    cache_to: CacheToOpt = None,
+    cache_from: CacheFromOpt = None,
+) -> None:
+    """Build a single-layer image on a base (buildImage), runAsRoot without KVM."""
+    _build(
+        "image",
+        spec,
+        output,
+        format,
+        quiet,
+        json_out,
+        isolation,
+        network,
+        cache_dir,
+        no_cache,
+        jobs,
+        registry=RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir, cache_to, cache_from),
+    )
+
+
+@app.command()
+def push(
+    image_ref: Annotated[str, typer.Argument(metavar="IMAGE", help="docker-archive, OCI dir or OCI archive")],
+    dest: Annotated[str, typer.Argument(metavar="REF", help="docker://HOST[:PORT]/REPO[:TAG] (tag: latest)")],
+    compressor: Annotated[str, typer.Option("--compressor", help="for uncompressed layers: gz | zstd | none")] = "gz",
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    cache_dir: CacheDirOpt = None,
+    manifest_format: ManifestFormatOpt = "oci",
+    authfile: AuthfileOpt = None,
+    creds: CredsOpt = None,
+    tls_verify: TlsVerifyOpt = True,
+    cert_dir: CertDirOpt = None,
+) -> None:
+    """Push an existing image (docker-archive, OCI layout or OCI archive) to a registry."""
+    from nsbuild.build import remote
+
+    flags = RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir)
+    try:
+        _check_choice("--compressor", compressor, ("gz", "zstd", "none"))
+        options = flags.options()
+        if not remote.is_registry(dest):
+            raise UsageError(f"REF: expected docker://HOST[:PORT]/REPO[:TAG], got {dest!r}")
+        target = remote.registry_reference(dest, "REF")
+        if manifest_format == "docker" and compressor == "zstd":
+            raise UsageError("--manifest-format docker: Docker v2 schema 2 has no zstd layer type; use --compressor gz")
+        progress = Progress(quiet=quiet or json_out and not sys.stderr.isatty())
+        from nsbuild.cache.cache import default_cache_dir
+
+        result = remote.push_existing(
+            image_ref,
+            target,
+            compressor=compressor,
+            manifest_format=manifest_format,
+            options=options,
+            progress=progress,
+            cache_dir=cache_dir or default_cache_dir(),
+        )
+    except NsbuildError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        sys.stderr.write("nsbuild: interrupted\n")
+        raise typer.Exit(130) from None
+    except OSError as exc:
+        _fail(_io_error(exc))
+    if json_out:
+        print(json.dumps(remote.push_json(result), indent=2))
+    else:
+        print(f"{result.reference}@{result.digest}")
+
+
+@app.command()
+def schema(kind: Annotated[str, typer.Option("--kind", help="layered | image")] = "layered") -> None:
+    """Print the spec's JSON Schema."""
+    from nsbuild.spec.spec import json_schema
+
+    try:
+        _check_choice("--kind", kind, ("layered", "image"))
+    except NsbuildError as exc:
+        _fail(exc)
+    print(json.dumps(json_schema(kind), indent=2))
+
+
+@app.command()
+def inspect(
+    image_ref: Annotated[str, typer.Argument(metavar="IMAGE", help="archive, OCI dir or transport ref")],
+    json_out: JsonOpt = False,
+) -> None:
+    """List an image's layers and, per entry, type, mode, owner, size and link target."""
+    from nsbuild.sources.inspect import inspect_image, render_text
+
+    try:
+        report = inspect_image(image_ref)
+    except NsbuildError as exc:
+        _fail(exc)
+    if json_out:
+        print(json.dumps(report, indent=2))
+    else:
+        sys.stdout.write(render_text(report))
+
+
+@app.command()
+def doctor() -> None:
+    """Show which fakeRootCommands backends work here, and why the others do not."""
+    try:
+        from nsbuild.cli.doctor import run_doctor
+    except ImportError:
+        _fail(NsbuildError("doctor is not available in this build"))
+    text, ok = run_doctor()
+    print(text)
+    raise typer.Exit(0 if ok else 1)
+
+
+cache_app = typer.Typer(help="Inspect and trim the layer cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("du")
+def cache_du(cache_dir: CacheDirOpt = None) -> None:
+    """How much the layer cache holds (temporary files of running or dead builds included)."""
+    from nsbuild.cache.cache import LayerCache, default_cache_dir
+    from nsbuild.core.progress import human
+
+    root = cache_dir or default_cache_dir()
+    try:
+        entries, blobs, size, temps, temp_size = LayerCache(root, write=False).usage()
+    except NsbuildError as exc:
+        _fail(exc)
+    print(f"{root}: {entries} layer entries, {blobs} blobs, {human(size)}; {temps} temporary files, {human(temp_size)}")
+
+
+@cache_app.command("prune")
+def cache_prune(
+    cache_dir: CacheDirOpt = None, older_than: Annotated[float, typer.Option("--older-than", help="days unused")] = 0.0
+) -> None:
+    """Drop layer entries unused for --older-than days (default: all) and blobs nothing refers to.
+    Safe while builds use the cache: blobs a running build uses are kept."""
+    from nsbuild.cache.cache import LayerCache, default_cache_dir
+    from nsbuild.core.progress import human
+
+    root = cache_dir or default_cache_dir()
+    try:
+        removed, freed = LayerCache(root).prune(older_than * 86400)
+    except NsbuildError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(BuildError(f"cache directory {root}: {exc.strerror or exc}"))
+    print(f"{root}: removed {removed} layer entries, freed {human(freed)}")
+
+
+@cache_app.command("verify")
+def cache_verify(cache_dir: CacheDirOpt = None) -> None:
+    """Hash every cached blob again and check every layer entry against its blobs; what is wrong is
+    removed (the next build rebuilds it). Exit 1 when something was wrong."""
+    from nsbuild.cache.cache import LayerCache, default_cache_dir
+    from nsbuild.core.progress import human
+
+    root = cache_dir or default_cache_dir()
+    try:
+        checked, size, problems = LayerCache(root).verify()
+    except NsbuildError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(BuildError(f"cache directory {root}: {exc.strerror or exc}"))
+    for problem in problems:
+        print(f"nsbuild: {root}: {problem}", file=sys.stderr)
+    print(f"{root}: {checked} blobs checked ({human(size)}), {len(problems)} problems")
+    raise typer.Exit(1 if problems else 0)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _skopeo_bools(argv: list[str]) -> list[str]:
+    """`--tls-verify=false` as skopeo users write it (Go bool flags) → typer's `--no-tls-verify`."""
+    out: list[str] = []
+    for arg in argv:
+        if arg == "--":
+            out.extend(argv[len(out) :])
+            break
+        name, eq, value = arg.partition("=")
+        if eq and name == "--tls-verify":
+            if value.lower() in ("false", "0", "no"):
+                arg = "--no-tls-verify"
+            elif value.lower() in ("true", "1", "yes"):
+                arg = "--tls-verify"
+        out.append(arg)
+    return out
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    sys.argv[1:] = _skopeo_bools(sys.argv[1:])
+    try:
+        app()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

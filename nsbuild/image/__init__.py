@@ -1,0 +1,1 @@
+"""The Image value: config, manifests, index, media types."""

@@ -1,0 +1,1 @@
+"""Layer and Blob values, building a layer, verified copies, content fingerprints."""

@@ -1,0 +1,244 @@
+"""A layer is a value: produced once, consumed by every sink (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from nsbuild.core.compress import Compressor, HashingWriter, Pipelined, Sink, open_decompressed
+from nsbuild.errors import BuildError
+from nsbuild.tar.owners import OwnerPolicy
+from nsbuild.tar.tarwriter import Source, write_tar
+
+MEDIA_TAR = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MEDIA_TAR_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+
+MEDIA_BY_COMPRESSOR = {"none": MEDIA_TAR, "gz": MEDIA_TAR_GZIP, "zstd": MEDIA_TAR_ZSTD}
+
+
+@dataclass(frozen=True)
+class Blob:
+    """Bytes stored on disk under their digest."""
+
+    digest: str  # "sha256:<hex>"
+    size: int
+    path: Path | None  # None: only the digest was needed (the bytes went straight to a sink)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One image layer.
+
+    `diff_id` is the digest of the uncompressed tar (config rootfs.diff_ids); `tar` is that tar on
+    disk.  `compressed` holds the blob as it is referenced by an OCI manifest (equal to `tar` when the
+    compressor is "none").  `comment` becomes the history entry's `created_by`/`comment`.
+    """
+
+    diff_id: str
+    tar: Blob
+    compressed: Blob
+    media_type: str
+    comment: str
+    empty: bool = False
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        return self.compressed.digest
+
+    @property
+    def size(self) -> int:
+        return self.compressed.size
+
+
+def file_digest(path: Path) -> str:
+    """`sha256:<hex>` of a file's bytes (to re-check a blob that someone else may have written)."""
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def copy_verified(src: IO[bytes], dest_dir: Path, expected: str | None, what: str) -> Blob:
+    """Store `src`'s bytes in `dest_dir` under their digest, refused unless it is `expected` (when
+    given); a failure leaves no temporary file (dest_dir may be the shared layer cache)."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    tmp = dest_dir / f".tmp-{uuid.uuid4().hex}"
+    h = HashingWriter(None)
+    try:
+        with open(tmp, "wb") as out:
+            while chunk := src.read(1 << 20):
+                h.write(chunk)
+                out.write(chunk)
+        if expected is not None and h.digest != expected:
+            raise BuildError(
+                f"{what}: digest mismatch: expected {expected}, the data has {h.digest} (corrupted or truncated)"
+            )
+        final = dest_dir / h.digest.split(":", 1)[1]
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Blob(h.digest, h.size, final)
+
+
+def decompress_verified(src: Path, dest_dir: Path, expected_diff_id: str | None, what: str) -> Blob:
+    """The layer tar inside the compressed blob `src`, stored by copy_verified."""
+    try:
+        with open_decompressed(src) as f:
+            return copy_verified(f, dest_dir, expected_diff_id, what)
+    except (OSError, EOFError) as exc:
+        raise BuildError(f"{what}: cannot decompress: {exc}") from None
+
+
+# --- producing layers ------------------------------------------------------------------------------
+
+
+class _Tee:
+    def __init__(self, *outs: object) -> None:
+        self.outs = [out for out in outs if out is not None]
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        for out in self.outs:
+            out.write(data)  # type: ignore[attr-defined]
+        return len(data)
+
+
+def _store_blob(tmp: Path, digest: str, size: int, blob_dir: Path) -> Blob:
+    final = blob_dir / digest.split(":", 1)[1]
+    if final.exists():
+        tmp.unlink()
+    else:
+        os.replace(tmp, final)
+    return Blob(digest, size, final)
+
+
+def build_layer(
+    sources: list[Source],
+    blob_dir: Path,
+    *,
+    mtime: int,
+    owner: OwnerPolicy,
+    compression: str,
+    keep_tar: bool,
+    comment: str,
+    overlay_whiteouts: bool = False,
+    watch: Callable[[HashingWriter], None] | None = None,
+    cancel: threading.Event | None = None,
+    blob_out: Sink | None = None,
+    keep_blob: bool = True,
+) -> Layer:
+    """Write one layer in one pass: tar → (diff_id hash, optional tar file, optional compressed blob).
+
+    `blob_out` also gets the layer's blob as it is made (the compressed stream; the tar itself when
+    `compression` is "none"): the output archive it streams into.  `keep_blob` False: no compressed
+    blob file, only its digest and size (then `keep_tar` decides alone what stays on disk).
+    """
+    blob_dir.mkdir(parents=True, exist_ok=True)
+    unique = uuid.uuid4().hex
+    tmp_tar = blob_dir / f".tmp-{unique}.tar"
+    tmp_blob = blob_dir / f".tmp-{unique}.blob"
+    compressed_kept = compression != "none" and keep_blob
+    tar_file = open(tmp_tar, "wb", buffering=0) if keep_tar else None  # noqa: SIM115
+    blob_file = open(tmp_blob, "wb", buffering=0) if compressed_kept else None  # noqa: SIM115
+    try:
+        tar_hash = HashingWriter(_Tee(tar_file, blob_out if compression == "none" else None))
+        if watch is not None:
+            watch(tar_hash)
+        outs: list[object] = [tar_hash]
+        blob_hash = compressor = None
+        if compression != "none":
+            blob_hash = HashingWriter(_Tee(blob_file, blob_out))
+            compressor = Compressor(compression, blob_hash)
+            outs.append(compressor)
+        pipe = Pipelined(_Tee(*outs))
+        try:
+            write_tar(sources, pipe, mtime=mtime, owner=owner, overlay_whiteouts=overlay_whiteouts, cancel=cancel)
+        finally:
+            pipe.close()
+        if compressor is not None:
+            compressor.close()
+    except BaseException:
+        for f, p in ((tar_file, tmp_tar), (blob_file, tmp_blob)):
+            if f is not None:
+                f.close()
+                p.unlink(missing_ok=True)
+        raise
+    for f in (tar_file, blob_file):
+        if f is not None:
+            f.close()
+    tar_blob = (
+        _store_blob(tmp_tar, tar_hash.digest, tar_hash.size, blob_dir)
+        if keep_tar
+        else Blob(tar_hash.digest, tar_hash.size, None)
+    )
+    compressed = tar_blob
+    if blob_hash is not None:
+        compressed = (
+            _store_blob(tmp_blob, blob_hash.digest, blob_hash.size, blob_dir)
+            if compressed_kept
+            else Blob(blob_hash.digest, blob_hash.size, None)
+        )
+    return Layer(
+        diff_id=tar_hash.digest,
+        tar=tar_blob,
+        compressed=compressed,
+        media_type=MEDIA_BY_COMPRESSOR[compression],
+        comment=comment,
+    )
+
+
+def layer_from_tar(
+    tar_path: Path, blob_dir: Path, *, compression: str, comment: str, expected_diff_id: str | None = None
+) -> Layer:
+    """A layer from an uncompressed tar already on disk (a script's layer, a base image's layer)."""
+    blob_dir.mkdir(parents=True, exist_ok=True)
+    tmp_blob = blob_dir / f".tmp-{uuid.uuid4().hex}.blob"
+    tar_hash = HashingWriter(None)
+    blob_hash = None
+    blob_file = open(tmp_blob, "wb", buffering=0) if compression != "none" else None  # noqa: SIM115
+    try:
+        outs: list[object] = [tar_hash]
+        compressor = None
+        if blob_file is not None:
+            blob_hash = HashingWriter(blob_file)
+            compressor = Compressor(compression, blob_hash)
+            outs.append(compressor)
+        tee = _Tee(*outs)
+        with open(tar_path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                tee.write(chunk)
+        if compressor is not None:
+            compressor.close()
+    except BaseException:
+        if blob_file is not None:
+            blob_file.close()
+            tmp_blob.unlink(missing_ok=True)
+        raise
+    if blob_file is not None:
+        blob_file.close()
+    if expected_diff_id is not None and tar_hash.digest != expected_diff_id:
+        tmp_blob.unlink(missing_ok=True)
+        raise BuildError(f"{tar_path}: content digest {tar_hash.digest} does not match {expected_diff_id}")
+    final_tar = blob_dir / tar_hash.digest.split(":", 1)[1]
+    if tar_path != final_tar:
+        if final_tar.exists():
+            tar_path.unlink()
+        else:
+            os.replace(tar_path, final_tar)
+    tar_blob = Blob(tar_hash.digest, tar_hash.size, final_tar)
+    compressed = tar_blob
+    if blob_hash is not None:
+        compressed = _store_blob(tmp_blob, blob_hash.digest, blob_hash.size, blob_dir)
+    return Layer(
+        diff_id=tar_hash.digest,
+        tar=tar_blob,
+        compressed=compressed,
+        media_type=MEDIA_BY_COMPRESSOR[compression],
+        comment=comment,
+    )

@@ -1,0 +1,1 @@
+"""Contents -> store closure -> ordered layer plan within maxLayers."""

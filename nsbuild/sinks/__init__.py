@@ -1,0 +1,1 @@
+"""Writers: docker/OCI archive framing, OCI layout, stdout."""

@@ -1,0 +1,1 @@
+"""Readers of base images (docker-archive, OCI layout/archive) and inspect."""

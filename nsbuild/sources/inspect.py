@@ -1,0 +1,96 @@
+"""nsbuild inspect: an image's layers and, per entry, type, mode, owner, size and link target."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from nsbuild.core.progress import human
+from nsbuild.errors import BuildError
+from nsbuild.sources.baseimage import load_base
+from nsbuild.spec.spec import host_architecture
+
+TYPES = {
+    tarfile.REGTYPE: "file",
+    tarfile.AREGTYPE: "file",
+    tarfile.LNKTYPE: "hardlink",
+    tarfile.SYMTYPE: "symlink",
+    tarfile.CHRTYPE: "char",
+    tarfile.BLKTYPE: "block",
+    tarfile.DIRTYPE: "dir",
+    tarfile.FIFOTYPE: "fifo",
+}
+
+
+def inspect_image(ref: str) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="nsbuild-inspect-"))
+    try:
+        base = load_base(ref, work / "blobs", work, architecture=host_architecture())
+        layers = []
+        for layer in base.layers:
+            assert layer.tar.path is not None
+            entries = []
+            try:
+                with tarfile.open(layer.tar.path, "r:") as tar:
+                    for m in tar:
+                        entry: dict[str, Any] = {
+                            "path": m.name,
+                            "type": TYPES.get(m.type, m.type.decode(errors="replace")),
+                            "mode": f"{stat.S_IMODE(m.mode):04o}",
+                            "uid": m.uid,
+                            "gid": m.gid,
+                            "uname": m.uname,
+                            "gname": m.gname,
+                            "size": m.size,
+                        }
+                        if m.linkname:
+                            entry["link"] = m.linkname
+                        if m.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+                            entry["device"] = f"{m.devmajor},{m.devminor}"
+                        xattrs = {
+                            k[len("SCHILY.xattr.") :]: v
+                            for k, v in m.pax_headers.items()
+                            if k.startswith("SCHILY.xattr.")
+                        }
+                        if xattrs:
+                            entry["xattrs"] = sorted(xattrs)
+                        entries.append(entry)
+            except tarfile.TarError as exc:
+                raise BuildError(f"layer {layer.diff_id}: unreadable tar: {exc}") from None
+            layers.append(
+                {
+                    "diff_id": layer.diff_id,
+                    "digest": layer.digest,
+                    "size": layer.size,
+                    "media_type": layer.media_type,
+                    "entries": entries,
+                }
+            )
+        return {"config": base.config, "layers": layers}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def render_text(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    lines = [f"architecture: {cfg.get('architecture')}  os: {cfg.get('os')}  created: {cfg.get('created')}"]
+    inner = cfg.get("config") or {}
+    for key in ("Entrypoint", "Cmd", "User", "WorkingDir", "Env"):
+        if inner.get(key):
+            lines.append(f"{key}: {inner[key]}")
+    for i, layer in enumerate(report["layers"]):
+        lines.append(f"layer {i}: {layer['diff_id']} {human(layer['size'])} {len(layer['entries'])} entries")
+        for e in layer["entries"]:
+            link = f" -> {e['link']}" if "link" in e else ""
+            if e["type"] == "hardlink":
+                link = f" => {e['link']}"
+            xa = f" xattrs={','.join(e['xattrs'])}" if "xattrs" in e else ""
+            lines.append(
+                f"  {e['type']:<8} {e['mode']} {e['uid']}:{e['gid']} {e['uname']}:{e['gname']} "
+                f"{e['size']:>10} {e['path']}{link}{xa}"
+            )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""spec.json -> a validated Spec: the attribute table, image config checks, the JSON Schema."""
