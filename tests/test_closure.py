@@ -26,6 +26,7 @@ from support.users import describe, run_nsbuild
 from support.verifiers import image_layers, podman_store
 
 from nsbuild.errors import BuildError
+from nsbuild.plan.closure import closure as store_closure
 from nsbuild.plan.store import Store
 
 NIX_STORE = shutil.which("nix-store")
@@ -119,13 +120,13 @@ def _entries(store: NixStore, *names: str) -> list[str]:
 def test_closure_equals_nix_store_qR(nixstore: NixStore) -> None:
     s = Store(str(nixstore.dir))
     for roots in (("app",), ("note",), ("selfref",), ("linkpkg",), ("hello",), ("app", "note", "hello")):
-        got = s.closure([nixstore.paths[n] for n in roots])
+        got = store_closure(s, [nixstore.paths[n] for n in roots])
         assert set(got) == nixstore.closure(*roots), roots
     # What a scan would have added: the unrelated path named in a text, lib's .drv named in app.
-    assert nixstore.paths["other"].name not in s.closure([nixstore.paths["note"]])
-    assert not any(n.endswith(".drv") for n in s.closure([nixstore.paths["app"]]))
+    assert nixstore.paths["other"].name not in store_closure(s, [nixstore.paths["note"]])
+    assert not any(n.endswith(".drv") for n in store_closure(s, [nixstore.paths["app"]]))
     assert any(n.endswith("-lib.drv") for n in os.listdir(nixstore.dir))  # the .drv is there to be found
-    sp = s.closure([nixstore.paths["selfref"]])[nixstore.paths["selfref"].name]
+    sp = store_closure(s, [nixstore.paths["selfref"]])[nixstore.paths["selfref"].name]
     assert sp.self_reference and not sp.references
 
 
@@ -134,10 +135,10 @@ def test_without_a_database_scanning_never_pulls_drv_files(nixstore: NixStore, t
     copy.parent.mkdir()
     shutil.copytree(nixstore.dir, copy, symlinks=True)
     s = Store(str(copy))
-    got = s.closure([copy / nixstore.paths["app"].name])
+    got = store_closure(s, [copy / nixstore.paths["app"].name])
     assert set(got) == nixstore.closure("app")  # the .drv named in app's drv-note is left out
     # A scan cannot tell a mention from a reference: the path named in note's text comes with it.
-    assert set(s.closure([copy / nixstore.paths["note"].name])) == {
+    assert set(store_closure(s, [copy / nixstore.paths["note"].name])) == {
         nixstore.paths["note"].name,
         nixstore.paths["other"].name,
     }
@@ -512,6 +513,6 @@ def test_chroot_store_database_names_paths_under_nix_store(tmp_path: Path) -> No
     fake = store.dir / "0a1b2c3d4f5g6h7i8j9k0l1m2n3p4q5r-handmade"
     fake.mkdir()
     s = Store(str(store.dir))
-    assert list(s.closure([physical])) == [added.name]
+    assert list(store_closure(s, [physical])) == [added.name]
     with pytest.raises(BuildError, match="not a valid path in the Nix database"):
-        s.closure([fake])
+        store_closure(s, [fake])

@@ -24,6 +24,7 @@ from support.users import describe, run_nsbuild
 from support.verifiers import image_layers
 
 from nsbuild.errors import BuildError
+from nsbuild.plan.closure import closure as store_closure
 from nsbuild.plan.store import Store
 from nsbuild.rootfs.nixdb import nar_info, write_nar, write_nix_db
 
@@ -192,7 +193,7 @@ def _fake_store(base: Path) -> tuple[Path, dict[str, Path]]:
 def _write(base: Path, roots: list[str], registration_time: int = 1_700_000_000) -> tuple[Path, dict[str, Path]]:
     store, p = _fake_store(base)
     s = Store(str(store))
-    closure = s.closure([p[r] for r in roots])
+    closure = store_closure(s, [p[r] for r in roots])
     out = base / "root"
     out.mkdir()
     os.chmod(out, 0o755)
@@ -272,7 +273,7 @@ def test_registration_time_and_refusals(tmp_path: Path) -> None:
     ]
     store, p = _fake_store(tmp_path / "b")
     s = Store(str(store))
-    closure = s.closure([p["app"]])
+    closure = store_closure(s, [p["app"]])
     out = tmp_path / "b" / "root"
     out.mkdir()
     with pytest.raises(BuildError, match="not one of the registered"):
@@ -299,7 +300,7 @@ from nsbuild.plan.store import Store
 store, out = sys.argv[1], Path(sys.argv[2])
 s = Store(store)
 roots = [s.dir / n for n in sorted(s.entries.values()) if n.endswith(("-app", "-tool"))]
-write_nix_db(out, s.closure(roots), roots, "/nix/store", 1700000000)
+write_nix_db(out, store_closure(s, roots), roots, "/nix/store", 1700000000)
 """
 
 

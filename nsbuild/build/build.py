@@ -3,70 +3,41 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import shutil
-import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nsbuild.build import buildimage
+from nsbuild.build.context import BuildOptions, BuildResult, Workspace
+from nsbuild.build.steps import finished_image, layer_compression, open_archive, read_base, recompress, write_output
 from nsbuild.cache.cache import LayerCache, close_caches, fingerprint, open_cache
 from nsbuild.core.progress import Progress, human
-from nsbuild.core.refs import ImageRef, is_registry
-from nsbuild.errors import BuildError, SpecError
-from nsbuild.image.image import Image, make_config, oci_manifest
-from nsbuild.layer.layer import MEDIA_BY_COMPRESSOR, Layer, build_layer
+from nsbuild.core.refs import ImageRef
+from nsbuild.errors import SpecError
+from nsbuild.image.image import make_config
+from nsbuild.layer.layer import Layer, build_layer, layer_from_tar
 from nsbuild.plan.plan import Plan, PlannedLayer, layer_hashes, make_plan, script_references
+from nsbuild.plan.store import Store
+from nsbuild.rootfs.customize import build_customisation_layer
 from nsbuild.rootfs.hosttree import warn_contents_links
+from nsbuild.rootfs.nixdb import write_nix_db
 from nsbuild.sandbox.scripts import run_bash, script_env
-from nsbuild.sinks.archive import ImageArchive, OutputStamps
+from nsbuild.sinks.archive import ImageArchive
 from nsbuild.sinks.sinks import (
-    ArchiveOutput,
     check_destination,
-    check_ref_name,
-    check_repo_tag,
-    write_docker_archive,
-    write_oci_dir,
 )
-from nsbuild.sources.baseimage import BaseImage, load_base
-from nsbuild.spec.imageconfig import healthcheck_warning
+from nsbuild.sources.baseimage import BaseImage
 from nsbuild.spec.spec import Spec
 from nsbuild.tar.owners import Owner, OwnerPolicy
 from nsbuild.tar.tarwriter import Source
 
 if TYPE_CHECKING:
-    from nsbuild.registry import PushResult, RegistryOptions
+    pass
 
 EXTENSIONS = {"none": ".tar", "gz": ".tar.gz", "zstd": ".tar.zst"}
-
-
-@dataclass
-class BuildOptions:
-    isolation: str = "auto"
-    network: str = "none"
-    cache_dir: Path | None = None  # None: no cache
-    jobs: int = 0  # layers built at once; 0: one per CPU
-    registry: RegistryOptions | None = None  # auth/TLS for docker:// outputs, bases and caches
-    manifest_format: str = "oci"  # docker:// outputs: oci | docker (v2 schema 2)
-    cache_from: str | None = None  # docker://REF of a shared layer cache to use
-    cache_to: str | None = None  # docker://REF to push this build's layer cache to
-
-
-@dataclass
-class BuildResult:
-    image: Image
-    output: str
-    format: str
-    push: PushResult | None = None  # docker:// output
-    base: dict[str, Any] | None = None  # docker:// fromImage: what was pulled
-    cache_push: PushResult | None = None  # --cache-to
-    remote_hits: int = 0  # layers taken from --cache-from
-    written: bool = True  # False: the output file already held these bytes
 
 
 def default_output(spec: Spec) -> ImageRef:
@@ -85,34 +56,6 @@ def resolve_output(ref: ImageRef | None, fmt: str | None, spec: Spec) -> ImageRe
     if fmt and fmt != ref.format:
         raise SpecError("--format", f"{fmt} contradicts the output reference ({ref.format})")
     return ref
-
-
-class Workspace:
-    """The build's private temporary tree; removed whatever happens. It holds a lock while the build
-    lives: a build killed outright leaves its tree, and the next build removes it (nsbuild.sandbox.sweep)."""
-
-    def __init__(self) -> None:
-        from nsbuild.sandbox import sweep
-
-        parent = Path(tempfile.gettempdir())
-        sweep.sweep_workspaces(parent)
-        self.root, self._lock = sweep.new_workspace(parent)
-        os.chmod(self.root, 0o700)
-        self.blobs = self.root / "blobs"
-        self.blobs.mkdir()
-
-    def path(self, name: str) -> Path:
-        p = self.root / name
-        p.mkdir(exist_ok=True)
-        return p
-
-    def close(self) -> None:
-        from nsbuild.sandbox import sweep
-
-        # Whatever cannot be removed now stays with its lock file: the next build's sweep retries.
-        sweep.remove_workspace(self.root)
-        with contextlib.suppress(OSError):
-            os.close(self._lock)
 
 
 def link_store_contents(
@@ -182,43 +125,8 @@ def build_image(spec: Spec, output: ImageRef, progress: Progress, options: Build
         ws.close()
 
 
-def read_base(
-    spec: Spec, ws: Workspace, options: BuildOptions, progress: Progress, *, need_tar: bool
-) -> tuple[BaseImage | None, dict[str, str], dict[str, Any] | None]:
-    """fromImage for both kinds: pulled from a registry or read from a file; (base, annotations, --json info)."""
-    if not spec.from_image:
-        return None, {}, None
-    if is_registry(spec.from_image):
-        from nsbuild.build import remote
-
-        # Pulled blobs live in the layer cache (the next build downloads nothing), else the workspace.
-        pin = open_cache(options.cache_dir).pin_present if options.cache_dir else None
-        pulled = remote.pull_base(
-            spec.from_image,
-            store_root=options.cache_dir or ws.path("pull"),
-            architecture=spec.architecture,
-            options=options.registry,
-            progress=progress,
-            need_tar=need_tar,
-            pin=pin,
-        )
-        return pulled.base, pulled.annotations, pulled.to_json()
-    progress.info(f"reading base image {spec.from_image}")
-    base = load_base(
-        spec.from_image,
-        ws.blobs,
-        ws.path("base"),
-        architecture=spec.architecture,
-        image_name=spec.from_image_name,
-        image_tag=spec.from_image_tag,
-    )
-    return base, {}, None
-
-
 def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions, ws: Workspace) -> BuildResult:
     if spec.kind == "image":
-        from nsbuild.build import buildimage
-
         return buildimage.build(spec, output, progress, options, ws)
     # The registry glue (and its HTTP stack) only when a registry is involved: a rebuild is quick.
     remote: Any = None
@@ -237,7 +145,7 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
         spec, ws, options, progress, need_tar=keep_tar or docker or bool(spec.fake_root_commands.strip())
     )
     if base is not None:
-        base.layers = [_recompress(layer, compression, ws, exact=docker) for layer in base.layers]
+        base.layers = [recompress(layer, compression, ws, exact=docker) for layer in base.layers]
     base_layers = base.layers if base else []
     plan = make_plan(spec, len(base_layers))
     warn_contents_links(spec, progress)  # links leading out of a root tree are kept, never followed
@@ -314,39 +222,6 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
             cache_dir=options.cache_dir,
         )
     return result
-
-
-def layer_compression(output: ImageRef, spec: Spec) -> str:
-    """The form of the new layers' blobs: the spec's compressor, for a docker-archive too (its layers are
-    frames of the compressed archive, nsbuild.sinks.archive), except on stdout, which is never compressed."""
-    if output.format == "docker-archive" and output.location == "-":
-        return "none"
-    return spec.compressor
-
-
-def open_archive(output: ImageRef, spec: Spec, cache: LayerCache | None, *, positions: int) -> ArchiveOutput | None:
-    """The output archive file, written while the layers are built (docker-archive, oci-archive)."""
-    if output.format not in ("docker-archive", "oci-archive") or output.location == "-":
-        return None
-    docker = output.format == "docker-archive"
-    return ArchiveOutput(
-        output.path,
-        kind="docker" if docker else "oci",
-        envelope=spec.compressor if docker else "none",
-        mtime=spec.mtime,
-        positions=positions,
-        stamps=OutputStamps(cache.root) if cache else None,
-    )
-
-
-def finished_image(
-    spec: Spec, output: ImageRef, config: bytes, layers: list[Layer], annotations: dict[str, str]
-) -> Image:
-    """The image value every sink takes; with no tag given, the tag follows the content (config digest)."""
-    tag = output.tag or spec.tag or hashlib.sha256(config).hexdigest()[:32]
-    return Image(
-        name=spec.name, tag=tag, layers=layers, config=config, manifest=oci_manifest(config, layers, annotations)
-    )
 
 
 def _content_layers(
@@ -455,26 +330,6 @@ def _content_layers(
     return [d[0] for d in done], [d[1] for d in done], [d[2] for d in done]
 
 
-def _recompress(layer: Layer, compression: str, ws: Workspace, *, exact: bool = False) -> Layer:
-    """Base layers keep their bytes when they already have the wanted form: compressed, or for a
-    docker-archive (`exact`: frames of the archive's own compression) in exactly that compression."""
-    if exact:
-        if layer.media_type == MEDIA_BY_COMPRESSOR[compression]:
-            return layer
-    elif compression == "none" or layer.media_type.endswith(("+gzip", "+zstd")):
-        return layer
-    from nsbuild.layer.layer import layer_from_tar
-
-    assert layer.tar.path is not None
-    tar = layer.tar.path
-    if tar.parent != ws.blobs:
-        # layer_from_tar files the tar under ws.blobs by moving it: a tar of the shared cache is
-        # copied first. One already in ws.blobs (a local fromImage) is where it would go: no copy.
-        tar = ws.path("recompress") / tar.name
-        shutil.copyfile(layer.tar.path, tar)
-    return layer_from_tar(tar, ws.blobs, compression=compression, comment=layer.comment)
-
-
 def _customisation_layer(
     spec: Spec,
     plan: Plan,
@@ -494,9 +349,6 @@ def _customisation_layer(
         # Before extraCommands, as dockerTools' mkDbExtraCommand: a script may use the database, which
         # holds the closure of the contents and config (not what the scripts add, as in dockerTools).
         import json
-
-        from nsbuild.plan.store import Store
-        from nsbuild.rootfs.nixdb import write_nix_db
 
         progress.info(f"registering {len(plan.closure)} store paths in /nix/var/nix/db")
         roots = plan.store_links + Store(spec.store_dir).paths_in_text(json.dumps(spec.config))
@@ -556,12 +408,6 @@ def _fake_root_layer(
     env: dict[str, str],
     before: set[str],
 ) -> tuple[Layer, Plan]:
-    try:
-        from nsbuild.rootfs.customize import build_customisation_layer
-    except ImportError:
-        raise BuildError("fakeRootCommands: not supported by this build of nsbuild yet") from None
-    from nsbuild.layer.layer import layer_from_tar
-
     progress.info("running fakeRootCommands")
     out_tar = ws.root / "customisation.tar"
     lower = [s for layer in plan.layers for s in layer.sources]
@@ -586,56 +432,3 @@ def _fake_root_layer(
     found = script_references(spec, plan, out_tar, before)
     plan = _grown_plan(spec, plan, found, len(base_layers), progress, "fakeRootCommands")
     return layer_from_tar(out_tar, ws.blobs, compression=compression, comment="customisation layer"), plan
-
-
-def write_output(
-    image: Image,
-    output: ImageRef,
-    spec: Spec,
-    progress: Progress,
-    options: BuildOptions | None = None,
-    result: BuildResult | None = None,
-    archive: ArchiveOutput | None = None,
-) -> str:
-    fmt = output.format
-    if warning := healthcheck_warning(image.config, fmt, (options or BuildOptions()).manifest_format):
-        progress.warn(warning)
-    if fmt in ("docker-archive", "oci-archive") and output.location != "-":
-        if archive is None:
-            archive = open_archive(output, spec, None, positions=len(image.layers))
-            assert archive is not None
-        if fmt == "docker-archive":
-            ref = check_repo_tag(f"{output.name}:{output.tag}" if output.name and output.tag else image.reference)
-        else:
-            ref = check_ref_name(output.tag or image.tag)
-        if not archive.finish(image, ref) and result is not None:
-            result.written = False
-        return str(output.path)
-    if fmt == "docker-archive":
-        repo_tag = f"{output.name}:{output.tag}" if output.name and output.tag else None
-        write_docker_archive(image, sys.stdout.buffer, compressor="none", mtime=spec.mtime, repo_tag=repo_tag)
-        sys.stdout.buffer.flush()
-        return "-"
-    if fmt == "oci-dir":
-        write_oci_dir(image, output.path, tag=output.tag or image.tag)
-        return str(output.path)
-    if fmt == "registry":
-        from nsbuild.build import remote
-
-        options = options or BuildOptions()
-        text = "docker://" + output.location
-        target = remote.registry_reference(text, "-o")
-        if not remote.has_explicit_tag(text):
-            target = target.with_tag(image.tag)  # no tag given: the spec's tag (or content hash)
-        pushed = remote.push(
-            image,
-            target,
-            manifest_format=options.manifest_format,
-            options=options.registry,
-            progress=progress,
-            cache_dir=options.cache_dir,
-        )
-        if result is not None:
-            result.push = pushed
-        return f"docker://{pushed.reference}"
-    raise SpecError("--format", f"unknown output format {fmt!r}")

@@ -16,31 +16,30 @@ import shutil
 import stat
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from nsbuild.build.context import BuildOptions, BuildResult, Workspace
+from nsbuild.build.steps import finished_image, layer_compression, read_base, recompress, write_output
 from nsbuild.core.progress import Progress
 from nsbuild.core.refs import ImageRef
 from nsbuild.errors import BuildError, SpecError
 from nsbuild.image.image import make_config
 from nsbuild.layer.layer import Layer, build_layer, layer_from_tar
-from nsbuild.plan.closure import output_hashes
+from nsbuild.plan.closure import closure as store_closure
+from nsbuild.plan.closure import output_hashes, referenced_paths
 from nsbuild.plan.store import Store, StorePath
+from nsbuild.rootfs.customize import build_customisation_layer
 from nsbuild.rootfs.hosttree import OUTSIDE, STORE, HostTree, warning
+from nsbuild.rootfs.nixdb import write_nix_db
 from nsbuild.sandbox.scripts import run_bash, script_env
-from nsbuild.sandbox.tree import HostileLayer, ImageModel, remove
+from nsbuild.sandbox.tree import HostileLayer, ImageModel, place, remove
 from nsbuild.spec.spec import ContentEntry, Spec
 from nsbuild.tar.owners import Owner, OwnerPolicy
 from nsbuild.tar.tarwriter import Source
-
-if TYPE_CHECKING:
-    from nsbuild.build.build import BuildOptions, BuildResult, Workspace
 
 LAYER_COMMENT = "buildImage layer"
 
 
 def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions, ws: Workspace) -> BuildResult:
-    from nsbuild.build.build import BuildResult, _recompress, finished_image, layer_compression, read_base, write_output
-
     docker = output.format == "docker-archive"
     compression = layer_compression(output, spec)
     keep_tar = compression == "none"
@@ -96,7 +95,7 @@ def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOption
         )
     progress.layer_done(1, 1, LAYER_COMMENT, layer.tar.size, time.monotonic() - t0)
 
-    base_layers = [_recompress(b, compression, ws, exact=docker) for b in base_layers]
+    base_layers = [recompress(b, compression, ws, exact=docker) for b in base_layers]
     all_layers = [*base_layers, layer]
     # dockerTools' buildImage concatenates Env (the base's entries, then the spec's); layered merges
     # key-wise. Runtimes take the last entry of a name, so the spec's value wins either way.
@@ -153,8 +152,6 @@ def _run_as_root_layer(
     """runAsRoot (then extraCommands) in the sandbox. When their output refers to store paths not in
     the layer yet, those join `custom` with their closure and the scripts run again over it: the
     layer is written whole by the sandbox, and in dockerTools' VM the script sees the store anyway."""
-    from nsbuild.rootfs.customize import build_customisation_layer
-
     store, closure, before = found
     out_tar = ws.root / "buildimage-layer.tar"
     for _ in range(3):  # a script whose every run names new store paths is not followed for ever
@@ -207,19 +204,15 @@ def _add_store_closure(spec: Spec, custom: Path, progress: Progress) -> tuple[St
                 f"inside {spec.store_dir}); there is no Nix store in the image",
             )
         return store, {}
-    closure = store.closure(roots)
+    closure = store_closure(store, roots)
     progress.info(f"adding the closure of copyToRoot: {len(closure)} store paths")
     _place_store_paths(spec, custom, closure)
     if spec.include_nix_db:
-        from nsbuild.rootfs.nixdb import write_nix_db
-
         write_nix_db(custom, closure, roots, spec.store_dir, spec.mtime)
     return store, closure
 
 
 def _place_store_paths(spec: Spec, custom: Path, paths: dict[str, StorePath]) -> None:
-    from nsbuild.sandbox.tree import place
-
     for name, sp in sorted(paths.items()):
         place(sp.path, f"{spec.store_dir.rstrip('/')}/{name}", custom, link=False)
 
@@ -237,12 +230,10 @@ def _add_script_references(
     """The store paths the scripts' output (`custom` itself, or the sandbox's tar) refers to and the
     layer did not before (`before`), with their closure, placed in `custom` and added to `closure` (the
     Nix database keeps copyToRoot's, as dockerTools'). True when there were any."""
-    from nsbuild.plan.closure import referenced_paths
-
     found = referenced_paths(store, output, closure, before)
     if not found:
         return False
-    more = {n: sp for n, sp in store.closure(found).items() if n not in closure}
+    more = {n: sp for n, sp in store_closure(store, found).items() if n not in closure}
     progress.info(
         f"{what}' output refers to {len(found)} store path(s) not in copyToRoot's closure: adding "
         f"{len(more)} store paths"

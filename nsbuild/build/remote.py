@@ -35,11 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nsbuild.build.context import Workspace
 from nsbuild.core.compress import compression_of
 from nsbuild.core.progress import Progress, human
 from nsbuild.core.refs import is_registry
 from nsbuild.errors import BuildError, UsageError
-from nsbuild.image.image import MEDIA_OCI_MANIFEST, Image, canonical_json, sha256_digest
+from nsbuild.image.image import MEDIA_OCI_MANIFEST, Image, canonical_json, oci_manifest, sha256_digest
 from nsbuild.layer.contentkey import TarMismatch, content_hasher, file_record, verified_tar
 from nsbuild.layer.layer import (
     MEDIA_BY_COMPRESSOR,
@@ -50,6 +51,7 @@ from nsbuild.layer.layer import (
     Layer,
     decompress_verified,
     file_digest,
+    layer_from_tar,
 )
 from nsbuild.registry import (
     BlobRecord,
@@ -68,7 +70,9 @@ from nsbuild.registry import (
 from nsbuild.registry.client import RegistryClient
 from nsbuild.registry.pull import descriptor, is_sha256, parse_document
 from nsbuild.registry.reference import Reference
-from nsbuild.sources.baseimage import DOCKER_TO_OCI, BaseImage, check_layer_tar
+from nsbuild.sources.baseimage import DOCKER_TO_OCI, BaseImage, check_layer_tar, load_base
+from nsbuild.spec.imageconfig import healthcheck_warning
+from nsbuild.spec.spec import host_architecture
 from nsbuild.tar.owners import OwnerPolicy
 from nsbuild.tar.tarwriter import Source, encode_header, iter_entries
 
@@ -629,13 +633,6 @@ def push_existing(
     cache_dir: Path | None,
 ) -> PushResult:
     """`nsbuild push IMAGE REF`: an image on disk as it is; uncompressed layers compressed first."""
-    from nsbuild.build.build import Workspace
-    from nsbuild.image.image import oci_manifest
-    from nsbuild.layer.layer import layer_from_tar
-    from nsbuild.sources.baseimage import load_base
-    from nsbuild.spec.imageconfig import healthcheck_warning
-    from nsbuild.spec.spec import host_architecture
-
     if is_registry(text):
         raise UsageError(f"IMAGE {text!r}: copying between registries is skopeo's job; give an archive or layout")
     ws = Workspace()

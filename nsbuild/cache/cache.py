@@ -37,12 +37,10 @@ from pathlib import Path
 
 from nsbuild.cache.cacheshare import Staging, cache_lock, live_pins, stray_temporaries, sweep, temporary_usage
 from nsbuild.core.compress import open_decompressed
+from nsbuild.errors import BuildError
 from nsbuild.layer.layer import MEDIA_BY_COMPRESSOR, Blob, Layer, file_digest
 from nsbuild.tar.owners import OwnerPolicy
-from nsbuild.tar.tarwriter import Source
-
-# Bump whenever the tar writer's output for the same inputs changes.
-FORMAT_VERSION = "nsbuild-layer-v2"
+from nsbuild.tar.tarwriter import FORMAT_VERSION, Source
 
 
 def default_cache_dir() -> Path:
@@ -107,8 +105,6 @@ class LayerCache:
         self.root = root
         self.blobs = root / "blobs" / "sha256"
         self.entries = root / "layers"
-        from nsbuild.errors import BuildError
-
         try:
             self.blobs.mkdir(parents=True, exist_ok=True)
             self.entries.mkdir(parents=True, exist_ok=True)

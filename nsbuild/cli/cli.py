@@ -11,8 +11,15 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from nsbuild.core.progress import Progress
+from nsbuild.build.build import build_image, resolve_output
+from nsbuild.build.context import BuildOptions
+from nsbuild.cache.cache import LayerCache, default_cache_dir
+from nsbuild.cli.doctor import run_doctor
+from nsbuild.core.progress import Progress, human
+from nsbuild.core.refs import FORMATS, ImageRef, is_registry, parse_ref
 from nsbuild.errors import BuildError, NsbuildError, UsageError
+from nsbuild.sources.inspect import inspect_image, render_text
+from nsbuild.spec.spec import json_schema, load_spec
 
 app = typer.Typer(
     add_completion=False,
@@ -128,8 +135,6 @@ class RegistryFlags:
 
 
 def _check_registry_refs(flags: RegistryFlags, output_is_registry: bool, compressor: str) -> None:
-    from nsbuild.core.refs import is_registry
-
     for name, value in (("--cache-to", flags.cache_to), ("--cache-from", flags.cache_from)):
         if value is not None:
             from nsbuild.build import remote
@@ -159,10 +164,6 @@ def _build(
     stream: bool = False,
     registry: RegistryFlags | None = None,
 ) -> None:
-    from nsbuild.build.build import BuildOptions, build_image, resolve_output
-    from nsbuild.core.refs import FORMATS, ImageRef, parse_ref
-    from nsbuild.spec.spec import load_spec
-
     registry = registry or RegistryFlags()
     try:
         _check_choice("--isolation", isolation, ("auto", "userns", "userns-fakeroot", "fakeroot"))
@@ -182,8 +183,6 @@ def _build(
             remote.registry_reference("docker://" + ref.location, "-o")
         _check_registry_refs(registry, ref.format == "registry", spec.compressor)
         progress = Progress(quiet=quiet or as_json and not sys.stderr.isatty())
-        from nsbuild.cache.cache import default_cache_dir
-
         options = BuildOptions(
             isolation=isolation,
             network=network,
@@ -387,8 +386,6 @@ def push(
         if manifest_format == "docker" and compressor == "zstd":
             raise UsageError("--manifest-format docker: Docker v2 schema 2 has no zstd layer type; use --compressor gz")
         progress = Progress(quiet=quiet or json_out and not sys.stderr.isatty())
-        from nsbuild.cache.cache import default_cache_dir
-
         result = remote.push_existing(
             image_ref,
             target,
@@ -414,8 +411,6 @@ def push(
 @app.command()
 def schema(kind: Annotated[str, typer.Option("--kind", help="layered | image")] = "layered") -> None:
     """Print the spec's JSON Schema."""
-    from nsbuild.spec.spec import json_schema
-
     try:
         _check_choice("--kind", kind, ("layered", "image"))
     except NsbuildError as exc:
@@ -429,8 +424,6 @@ def inspect(
     json_out: JsonOpt = False,
 ) -> None:
     """List an image's layers and, per entry, type, mode, owner, size and link target."""
-    from nsbuild.sources.inspect import inspect_image, render_text
-
     try:
         report = inspect_image(image_ref)
     except NsbuildError as exc:
@@ -444,10 +437,6 @@ def inspect(
 @app.command()
 def doctor() -> None:
     """Show which fakeRootCommands backends work here, and why the others do not."""
-    try:
-        from nsbuild.cli.doctor import run_doctor
-    except ImportError:
-        _fail(NsbuildError("doctor is not available in this build"))
     text, ok = run_doctor()
     print(text)
     raise typer.Exit(0 if ok else 1)
@@ -460,9 +449,6 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("du")
 def cache_du(cache_dir: CacheDirOpt = None) -> None:
     """How much the layer cache holds (temporary files of running or dead builds included)."""
-    from nsbuild.cache.cache import LayerCache, default_cache_dir
-    from nsbuild.core.progress import human
-
     root = cache_dir or default_cache_dir()
     try:
         entries, blobs, size, temps, temp_size = LayerCache(root, write=False).usage()
@@ -477,9 +463,6 @@ def cache_prune(
 ) -> None:
     """Drop layer entries unused for --older-than days (default: all) and blobs nothing refers to.
     Safe while builds use the cache: blobs a running build uses are kept."""
-    from nsbuild.cache.cache import LayerCache, default_cache_dir
-    from nsbuild.core.progress import human
-
     root = cache_dir or default_cache_dir()
     try:
         removed, freed = LayerCache(root).prune(older_than * 86400)
@@ -494,9 +477,6 @@ def cache_prune(
 def cache_verify(cache_dir: CacheDirOpt = None) -> None:
     """Hash every cached blob again and check every layer entry against its blobs; what is wrong is
     removed (the next build rebuilds it). Exit 1 when something was wrong."""
-    from nsbuild.cache.cache import LayerCache, default_cache_dir
-    from nsbuild.core.progress import human
-
     root = cache_dir or default_cache_dir()
     try:
         checked, size, problems = LayerCache(root).verify()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from nsbuild.sandbox import BACKENDS, Probe, probe_all
 from nsbuild.sandbox.ids import SUBGID, SUBUID, current_user, subid_ranges
+from nsbuild.sandbox.lifetime import pid_namespace_available
 
 DESCRIPTIONS = {
     "userns": "user namespace with your subordinate ids (chown is real, overlayfs captures changes)",
@@ -34,8 +35,6 @@ def _facts() -> list[str]:
 
 
 def _process_guarantee() -> str:
-    from nsbuild.sandbox.lifetime import pid_namespace_available
-
     if pid_namespace_available():
         return "script processes: end with the build (pid namespace; setsid and double forks included)"
     return (

@@ -23,6 +23,7 @@ import zstandard
 from nsbuild.core.compress import compression_of, open_decompressed
 from nsbuild.layer.layer import Blob
 from nsbuild.tar.owners import OwnerPolicy
+from nsbuild.tar.tarwriter import FORMAT_VERSION  # the writer's version: its bytes for these inputs
 
 # Bump when the content fingerprint itself changes (the writer's FORMAT_VERSION is hashed in too).
 CONTENT_VERSION = "nsbuild-content-v1"
@@ -37,8 +38,6 @@ class TarMismatch(Exception):
 
 def content_hasher(*, mtime: int, owner: OwnerPolicy, overlay_whiteouts: bool) -> hashlib._Hash:
     """The fingerprint's hash with the layer-wide parameters in; entries follow."""
-    from nsbuild.cache.cache import FORMAT_VERSION  # the writer's version: its bytes for these inputs
-
     h = hashlib.sha256()
     h.update(
         json.dumps(

@@ -17,12 +17,9 @@ import sqlite3
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from nsbuild.errors import BuildError
-
-if TYPE_CHECKING:
-    from nsbuild.plan.store import Store, StorePath
+from nsbuild.plan.store import Store, StorePath
 
 DB_BESIDE_STORE = Path("var/nix/db/db.sqlite")  # relative to the store directory's parent
 
@@ -135,8 +132,6 @@ def _scanned_closure(store: Store, roots: Iterable[Path]) -> dict[str, StorePath
 
 
 def _db_closure(store: Store, db: NixDB, roots: Iterable[Path]) -> dict[str, StorePath]:
-    from nsbuild.plan.store import StorePath
-
     out: dict[str, StorePath] = {}
     todo = list(roots)
     while todo:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from nsbuild.errors import SpecError
 from nsbuild.plan.autolayer import ImageGraph, base_json_text, image_store_layers, nar_size
+from nsbuild.plan.closure import closure as store_closure
+from nsbuild.plan.closure import output_hashes, referenced_paths
 from nsbuild.plan.store import Store, StorePath
 from nsbuild.spec.spec import Spec
 from nsbuild.tar.tarwriter import Source
@@ -77,7 +79,7 @@ def make_plan(spec: Spec, base_layer_count: int, extra_roots: Sequence[Path] = (
         trees.append((Source(host, target), entry.field.removesuffix(".path"), entry.written))
     config_roots = store.paths_in_text(json.dumps(spec.config))
     roots.extend(config_roots)
-    closure = store.closure(roots) if roots else {}
+    closure = store_closure(store, roots) if roots else {}
     if not spec.include_store_paths:
         closure = {}
 
@@ -159,8 +161,6 @@ def script_references(spec: Spec, plan: Plan, output: Path, before: set[str]) ->
     in the store layers. Nothing when includeStorePaths is false."""
     if not spec.include_store_paths:
         return []
-    from nsbuild.plan.closure import referenced_paths
-
     return referenced_paths(plan.store or Store(spec.store_dir), output, plan.closure, before)
 
 
@@ -170,8 +170,6 @@ def layer_hashes(spec: Spec, plan: Plan, tree: Path) -> set[str]:
     store is theirs, never followed: a chown by the script does not make it a reference)."""
     if not spec.include_store_paths:
         return set()
-    from nsbuild.plan.closure import output_hashes
-
     store = plan.store or Store(spec.store_dir)
     found = output_hashes(store, tree, plan.closure)
     if spec.fake_root_commands.strip():

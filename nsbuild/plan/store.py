@@ -100,13 +100,6 @@ class Store:
             self._outputs = {h for h, n in self.entries.items() if not n.endswith(".drv")}
         return HashFinder(self._outputs)
 
-    def closure(self, roots: Iterable[Path]) -> dict[str, StorePath]:
-        """Every store path reachable from `roots` by references, keyed by entry name (nsbuild.plan.closure:
-        from the store's Nix database when it has one, else by scanning)."""
-        from nsbuild.plan.closure import closure
-
-        return closure(self, roots)
-
     def paths_in_text(self, text: str) -> list[Path]:
         """Store paths named in a text (an Entrypoint, an Env value, ...)."""
         prefix = re.escape(str(self.dir).rstrip("/") + "/")

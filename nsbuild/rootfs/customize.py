@@ -16,6 +16,7 @@ from nsbuild.errors import BuildError
 from nsbuild.sandbox import MODE, USES_FAKEROOT, choose, remove_tree
 from nsbuild.sandbox.boundary import hide_own_process, sandbox_env
 from nsbuild.sandbox.runner import run
+from nsbuild.sandbox.tree import place
 from nsbuild.tar.owners import Owner
 from nsbuild.tar.tarwriter import Source
 
@@ -248,8 +249,6 @@ def _out_of_memory(outcome: dict) -> bool:
 
 
 def _copy_source(s: Source, root: Path) -> None:
-    from nsbuild.sandbox.tree import place
-
     place(Path(s.host), s.target, root, link=False)
 
 

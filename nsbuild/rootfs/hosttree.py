@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nsbuild.plan.store import Store
+
 if TYPE_CHECKING:
     from nsbuild.core.progress import Progress
     from nsbuild.spec.spec import Spec
@@ -124,8 +126,6 @@ def _sorted_listing(host: str, rel: str) -> Iterator[tuple[str, str, os.DirEntry
 def warn_contents_links(spec: Spec, progress: Progress) -> None:
     """`nsbuild layered`: one warning per contents root tree holding links that lead out of it (the
     tar writer keeps every link as it is; this only says so)."""
-    from nsbuild.plan.store import Store
-
     store = Store(spec.store_dir)
     for entry in spec.contents:
         if entry.target is None and store.entry_of(entry.path) is not None:

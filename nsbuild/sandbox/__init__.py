@@ -21,6 +21,7 @@ from pathlib import Path
 from nsbuild.errors import BuildError
 from nsbuild.sandbox.ids import current_user, full_map
 from nsbuild.sandbox.runner import run, try_enter
+from nsbuild.sandbox.tree import remove
 
 BACKENDS = ("userns", "userns-fakeroot", "fakeroot")
 # Stage1 mode per backend, and whether the script runs under fakeroot.
@@ -200,8 +201,6 @@ def choose(isolation: str) -> str:
 def remove_tree(path: Path) -> None:
     """Remove a scratch tree; what the caller cannot remove itself (files owned by its subordinate ids,
     left by the userns backend) is removed from inside a user namespace with the same id map."""
-    from nsbuild.sandbox.tree import remove
-
     path = Path(path)
     with contextlib.suppress(OSError):
         remove(path)

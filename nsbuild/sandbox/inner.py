@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import prctl
 
-from nsbuild.sandbox import boundary, fakeshims, hostview, mounts, tree
+from nsbuild.sandbox import boundary, fakeshims, hostview, layerjob, mounts, tree
 from nsbuild.sandbox.proc import kill_descendants, status_code
 
 FAKEROOT_VARS = ("FAKEROOT", "FAKED_", "LD_PRELOAD", "LD_LIBRARY_PATH")
@@ -446,8 +446,6 @@ def _write_layer(plan: dict, upper: Path, names_root: Path, devices: dict[str, l
         "overlay_whiteouts": True,
         "devices": devices,
     }
-    from nsbuild.sandbox import layerjob
-
     return layerjob.run_job(job)
 
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import prctl
 
 from nsbuild.errors import BuildError
+from nsbuild.sandbox import mounts
 from nsbuild.sandbox.ids import IdMap, full_map
 
 MODES = ("userns", "single", "self", "none")
@@ -155,8 +156,6 @@ def try_enter(mode: str, *, network: str = "none") -> str | None:
     A cheap probe: fork, unshare in the child, write its id map (newuidmap/newgidmap from here for
     mode "userns"), become namespace root, exit. No interpreter is started.
     """
-    from nsbuild.sandbox import mounts
-
     flags = mounts.CLONE_NEWUSER | mounts.CLONE_NEWNS | mounts.CLONE_NEWPID
     if network == "none":
         flags |= mounts.CLONE_NEWNET

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from nsbuild.errors import BuildError
 from nsbuild.sandbox.boundary import hide_own_process
+from nsbuild.sandbox.runner import run
 
 # The environment scripts see, documented in the README: nothing else leaks in from the caller.
 PASSED_THROUGH = ("PATH",)
@@ -46,8 +47,6 @@ def run_bash(script: str, *, cwd: Path, env: dict[str, str], what: str, log_dir:
     included, ends with it or with nsbuild, however nsbuild ends."""
     if not script.strip():
         return
-    from nsbuild.sandbox.runner import run
-
     hide_own_process()  # the script runs as the caller: our environ must be closed to it
     with tempfile.NamedTemporaryFile("w+b", dir=log_dir, prefix="script-", suffix=".log") as log:
         res = run(

@@ -18,6 +18,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from nsbuild.sandbox import remove_tree
+
 LOCK = ".nsbuild-lock"
 WORKSPACE_PREFIX = "nsbuild-"
 # tempfile.mkdtemp/mkstemp names: the prefix, then 8 characters of its alphabet.
@@ -92,8 +94,6 @@ def remove_workspace(root: Path) -> None:
     """Remove a workspace whose lock the caller holds: the lock file goes last, so a build killed
     while removing leaves a tree that still has it (the next sweep finishes the job), or an empty one."""
     import shutil
-
-    from nsbuild.sandbox import remove_tree  # files owned by subordinate ids need the namespace
 
     try:
         names = sorted(os.listdir(root))

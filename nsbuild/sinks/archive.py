@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from nsbuild.core.compress import Sink
 from nsbuild.errors import BuildError
-from nsbuild.image.image import Image, canonical_json
+from nsbuild.image.image import MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Image, canonical_json
 from nsbuild.layer.layer import MEDIA_BY_COMPRESSOR, Blob, Layer
 from nsbuild.tar.owners import Owner
 from nsbuild.tar.tarwriter import BLOCK, Entry, encode_header
@@ -367,8 +367,6 @@ class ImageArchive:
 
 
 def oci_index(image: Image, tag: str, existing: list[dict] | None = None) -> bytes:
-    from nsbuild.image.image import MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST
-
     manifests = [m for m in existing or [] if m.get("annotations", {}).get(REF_NAME) != tag]
     manifests.append(
         {

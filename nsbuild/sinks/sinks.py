@@ -21,6 +21,7 @@ from nsbuild.image.image import Image
 from nsbuild.layer.layer import Blob
 from nsbuild.sandbox.sweep import locked_temp_file, sweep_temp_files
 from nsbuild.sinks.archive import OCI_LAYOUT, REF_NAME, ImageArchive, OutputStamps, oci_index
+from nsbuild.spec.spec import NAME_RE, TAG_RE
 
 __all__ = [
     "REF_NAME",
@@ -74,8 +75,6 @@ def check_ref_name(tag: str) -> str:
 
 def check_repo_tag(repo_tag: str) -> str:
     """NAME:TAG for a docker-archive's RepoTags, as docker/podman load accept it."""
-    from nsbuild.spec.spec import NAME_RE, TAG_RE
-
     name, sep, tag = repo_tag.rpartition(":")
     if not sep or "/" in tag:
         raise UsageError(f"{repo_tag!r}: expected NAME:TAG")

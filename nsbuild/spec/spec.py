@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nsbuild.errors import SpecError
+from nsbuild.core.refs import parse_ref
+from nsbuild.errors import SpecError, UsageError
 from nsbuild.spec.imageconfig import check_image_config, healthcheck_schema
 from nsbuild.spec.imageconfig import field as config_field
 
@@ -264,9 +265,6 @@ def parse_date(key: str, value: Any) -> tuple[int, bool]:
 
 def _from_image(key: str, value: Any, ctx: Context) -> str | None:
     """A base image reference; a file or directory in it is relative to the spec and must exist."""
-    from nsbuild.core.refs import parse_ref
-    from nsbuild.errors import UsageError
-
     if value is None:
         return None
     _string(key, value, ctx)

@@ -22,6 +22,10 @@ from typing import Protocol
 from nsbuild.errors import BuildError
 from nsbuild.tar.owners import Owner, OwnerPolicy
 
+# Bump whenever this writer's output for the same inputs changes (the cache keys and content
+# fingerprints hash it in: a new writer never meets layers of an old one).
+FORMAT_VERSION = "nsbuild-layer-v2"
+
 BLOCK = 512
 COPY_CHUNK = 1 << 20
 # Values past these need a PAX record (ustar's octal fields are fixed-width).

@@ -1,0 +1,64 @@
+"""The values every build module shares: options in, result out, and the private workspace."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nsbuild.image.image import Image
+from nsbuild.sandbox import sweep
+
+if TYPE_CHECKING:
+    from nsbuild.registry import PushResult, RegistryOptions
+
+
+@dataclass
+class BuildOptions:
+    isolation: str = "auto"
+    network: str = "none"
+    cache_dir: Path | None = None  # None: no cache
+    jobs: int = 0  # layers built at once; 0: one per CPU
+    registry: RegistryOptions | None = None  # auth/TLS for docker:// outputs, bases and caches
+    manifest_format: str = "oci"  # docker:// outputs: oci | docker (v2 schema 2)
+    cache_from: str | None = None  # docker://REF of a shared layer cache to use
+    cache_to: str | None = None  # docker://REF to push this build's layer cache to
+
+
+@dataclass
+class BuildResult:
+    image: Image
+    output: str
+    format: str
+    push: PushResult | None = None  # docker:// output
+    base: dict[str, Any] | None = None  # docker:// fromImage: what was pulled
+    cache_push: PushResult | None = None  # --cache-to
+    remote_hits: int = 0  # layers taken from --cache-from
+    written: bool = True  # False: the output file already held these bytes
+
+
+class Workspace:
+    """The build's private temporary tree; removed whatever happens. It holds a lock while the build
+    lives: a build killed outright leaves its tree, and the next build removes it (nsbuild.sandbox.sweep)."""
+
+    def __init__(self) -> None:
+        parent = Path(tempfile.gettempdir())
+        sweep.sweep_workspaces(parent)
+        self.root, self._lock = sweep.new_workspace(parent)
+        os.chmod(self.root, 0o700)
+        self.blobs = self.root / "blobs"
+        self.blobs.mkdir()
+
+    def path(self, name: str) -> Path:
+        p = self.root / name
+        p.mkdir(exist_ok=True)
+        return p
+
+    def close(self) -> None:
+        # Whatever cannot be removed now stays with its lock file: the next build's sweep retries.
+        sweep.remove_workspace(self.root)
+        with contextlib.suppress(OSError):
+            os.close(self._lock)
