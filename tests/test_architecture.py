@@ -49,7 +49,9 @@ _REQUESTS = "keeps requests (nsbuild.registry, imported by build.remote) out of 
 ALLOWED_LOCAL: dict[tuple[str, str], str] = {
     ("nsbuild.build.build", "nsbuild.build.remote"): _REQUESTS + " (preflight, --cache-from/--cache-to)",
     ("nsbuild.build.buildimage", "nsbuild.build.remote"): _REQUESTS + " (preflight of a docker:// output)",
-    ("nsbuild.build.steps", "nsbuild.build.remote"): _REQUESTS + " (docker:// fromImage, docker:// output)",
+    ("nsbuild.build.steps", "nsbuild.build.remote"): _REQUESTS + " (docker:// output)",
+    ("nsbuild.build.steps", "nsbuild.registry.usage"): _REQUESTS + " (docker:// output)",
+    ("nsbuild.build.steps", "nsbuild.sources.pull"): _REQUESTS + " (docker:// fromImage)",
     ("nsbuild.cli.cli", "nsbuild.build.remote"): _REQUESTS + " (push, docker:// references)",
     ("nsbuild.cli.cli", "nsbuild.registry"): _REQUESTS + " (registry flags)",
 }
@@ -268,7 +270,8 @@ def test_the_cli_and_a_local_build_do_not_import_requests() -> None:
 
     code = (
         "import sys, nsbuild.cli.cli, nsbuild.build.build, nsbuild.build.buildimage, nsbuild.build.steps; "
-        "print(sorted(m for m in ('requests', 'nsbuild.registry', 'nsbuild.build.remote') if m in sys.modules))"
+        "print(sorted(m for m in ('requests', 'nsbuild.registry', 'nsbuild.build.remote', 'nsbuild.sources.pull') "
+        "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]"

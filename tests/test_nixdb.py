@@ -296,6 +296,7 @@ _CHILD = """
 import sys
 from pathlib import Path
 from nsbuild.rootfs.nixdb import write_nix_db
+from nsbuild.plan.closure import closure as store_closure
 from nsbuild.plan.store import Store
 store, out = sys.argv[1], Path(sys.argv[2])
 s = Store(store)

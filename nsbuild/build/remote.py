@@ -24,14 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import tempfile
-import threading
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,34 +39,29 @@ from nsbuild.errors import BuildError, UsageError
 from nsbuild.image.image import MEDIA_OCI_MANIFEST, Image, canonical_json, oci_manifest, sha256_digest
 from nsbuild.layer.contentkey import TarMismatch, content_hasher, file_record, verified_tar
 from nsbuild.layer.layer import (
+    COMPRESSION_OF_MEDIA,
     MEDIA_BY_COMPRESSOR,
     MEDIA_TAR,
-    MEDIA_TAR_GZIP,
-    MEDIA_TAR_ZSTD,
     Blob,
     Layer,
-    decompress_verified,
     file_digest,
     layer_from_tar,
 )
 from nsbuild.registry import (
     BlobRecord,
-    ProgressEvent,
-    PulledImage,
     PushResult,
     RegistryError,
     RegistryOptions,
     fetch_blob,
     fetch_manifest,
-    parse_reference,
-    pull_image,
     push_image,
     push_manifest,
 )
 from nsbuild.registry.client import RegistryClient
 from nsbuild.registry.pull import descriptor, is_sha256, parse_document
 from nsbuild.registry.reference import Reference
-from nsbuild.sources.baseimage import DOCKER_TO_OCI, BaseImage, check_layer_tar, load_base
+from nsbuild.registry.usage import TransferReporter, registry_reference
+from nsbuild.sources.baseimage import load_base
 from nsbuild.spec.imageconfig import healthcheck_warning
 from nsbuild.spec.spec import host_architecture
 from nsbuild.tar.owners import OwnerPolicy
@@ -78,23 +69,6 @@ from nsbuild.tar.tarwriter import Source, encode_header, iter_entries
 
 CACHE_CONFIG_MEDIA = "application/vnd.nsbuild.cache.config.v1+json"
 CACHE_FORMAT = "nsbuild-cache-v1"
-BASE_DIGEST = "org.opencontainers.image.base.digest"
-BASE_NAME = "org.opencontainers.image.base.name"
-COMPRESSION_OF_MEDIA = {MEDIA_TAR: "none", MEDIA_TAR_GZIP: "gz", MEDIA_TAR_ZSTD: "zstd"}
-
-
-def registry_reference(text: str, what: str) -> Reference:
-    """A docker:// reference for an option; a bad one is a usage error naming the option."""
-    try:
-        return parse_reference(text)
-    except UsageError as exc:
-        raise UsageError(f"{what}: {exc}") from None
-
-
-def has_explicit_tag(text: str) -> bool:
-    body = text[len("docker://") :] if text.startswith("docker://") else text
-    last = body.rsplit("/", 1)[-1]
-    return ":" in last or "@" in body
 
 
 class _HintRecord(BlobRecord):
@@ -108,30 +82,6 @@ class _HintRecord(BlobRecord):
 def blob_record(cache_dir: Path | None) -> BlobRecord:
     """Where blobs were seen (for cross-repository mounts): beside the layer cache, else in memory."""
     return _HintRecord(cache_dir / "blob-record.json" if cache_dir is not None else None)
-
-
-# --- progress ------------------------------------------------------------------------------------------
-
-
-class TransferReporter:
-    """Registry progress events as progress lines: one per blob, a live byte count on a terminal."""
-
-    def __init__(self, progress: Progress, verb: str) -> None:
-        self.progress = progress
-        self.verb = verb
-        self._lock = threading.Lock()
-
-    def __call__(self, event: ProgressEvent) -> None:
-        short = event.digest[:19]
-        if event.action in ("uploading", "downloading"):
-            self.progress.live(f"{event.action} {short}: {human(event.done)} of {human(event.total)}")
-        elif event.action == "exists":
-            where = "in the local cache" if self.verb == "pull" else "already in the registry"
-            self.progress.info(f"{short}: {where} ({human(event.total)})")
-        elif event.action == "mounted":
-            self.progress.info(f"{short}: mounted from another repository ({human(event.total)})")
-        elif event.action == "uploaded":
-            self.progress.info(f"{short}: uploaded {human(event.total)}")
 
 
 # --- push ----------------------------------------------------------------------------------------------
@@ -197,154 +147,6 @@ def push_json(result: PushResult) -> dict[str, Any]:
         }
     )
     return out
-
-
-# --- pull a base image ---------------------------------------------------------------------------------
-
-
-@dataclass
-class PulledBase:
-    base: BaseImage
-    pulled: PulledImage
-    annotations: dict[str, str] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "reference": str(self.pulled.reference),
-            "digest": self.pulled.resolved_digest,
-            "manifest_digest": self.pulled.digest,
-            "pinned": self.pulled.pinned,
-            "downloaded": len(self.pulled.downloaded_blobs),
-            "cached": len(self.pulled.cached_blobs),
-            "downloaded_bytes": self.pulled.downloaded_bytes,
-        }
-
-
-def _verify_cached(pulled: PulledImage, store_dir: Path) -> list[str]:
-    """pull_image trusts a blob already on disk when its size matches; a cache is shared with other
-    writers, so hash those again. Returns the digests that were wrong (and removes them)."""
-    bad = []
-    for digest in pulled.cached_blobs:
-        path = store_dir / digest.split(":", 1)[1]
-        if path.exists() and file_digest(path) != digest:
-            path.unlink()
-            bad.append(digest)
-    return bad
-
-
-def _decompress_verified(src: Path, blob_dir: Path, diff_id: str, what: str) -> Blob:
-    """decompress_verified into the layer cache's store, reusing a tar already there (re-hashed: the
-    store is shared with other writers); stored read-only like every cached blob."""
-    final = blob_dir / diff_id.split(":", 1)[1]
-    if final.exists():
-        if file_digest(final) == diff_id:
-            return Blob(diff_id, final.stat().st_size, final)
-        final.unlink(missing_ok=True)
-    blob = decompress_verified(src, blob_dir, diff_id, what)
-    os.chmod(final, 0o444)
-    return blob
-
-
-def _checked_config(pulled: PulledImage, ref: Reference) -> tuple[dict[str, Any], list[str]]:
-    """The pulled config (pull_image made sure it is a JSON object) and its diff_ids, refused in one
-    line unless each part the build reads has the type it must have."""
-    config = parse_document(pulled.config, f"fromImage {ref}: config {pulled.config_digest}")
-    rootfs = config.get("rootfs")
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list):
-        raise BuildError(f"fromImage {ref}: the image config has no rootfs.diff_ids")
-    if len(diff_ids) != len(pulled.layers):
-        raise BuildError(
-            f"fromImage {ref}: the manifest lists {len(pulled.layers)} layers but the config "
-            f"has {len(diff_ids)} diff_ids"
-        )
-    if not all(is_sha256(d) for d in diff_ids):
-        raise BuildError(f"fromImage {ref}: the image config's rootfs.diff_ids are not all sha256 digests")
-    for name, kind, word in (("config", dict, "object"), ("history", list, "array")):
-        if config.get(name) is not None and not isinstance(config[name], kind):
-            raise BuildError(f"fromImage {ref}: the image config's {name!r} is not a JSON {word}")
-    return config, diff_ids
-
-
-Pin = Callable[[list[str], list[str]], list[str]]
-
-
-def _diff_ids(pulled: PulledImage) -> list[str]:
-    """The base's diff_ids (their tars are cached too), [] for a config that is not as expected."""
-    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return [str(d) for d in json.loads(pulled.config)["rootfs"]["diff_ids"]]
-    return []
-
-
-def pull_base(
-    text: str,
-    *,
-    store_root: Path,
-    architecture: str,
-    options: RegistryOptions | None,
-    progress: Progress,
-    need_tar: bool,
-    pin: Pin | None = None,
-) -> PulledBase:
-    """Pull a `docker://` base into `store_root/blobs/sha256` (the layer cache, or the workspace).
-    `pin(digests, required)`: the layer cache's pin_present, so a prune cannot take the blobs away."""
-    ref = registry_reference(text, "fromImage")
-    progress.info(f"pulling base image {ref} ({architecture})")
-    store_dir = store_root / "blobs" / "sha256"
-    reporter = TransferReporter(progress, "pull")
-    pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options, progress=reporter)
-    for _attempt in range(3):
-        # Pinned, then checked (the layer cache is shared with prunes and other writers): blobs a
-        # prune took away since the pull, or corrupted ones, are downloaded again.
-        if pin is not None and pin(_diff_ids(pulled), [b.digest for b in pulled.layers]):
-            progress.warn("cached base image blobs were pruned meanwhile; downloading them again")
-        elif _verify_cached(pulled, store_dir):
-            progress.warn("cached base image blobs were corrupted; downloading them again")
-        else:
-            break
-        pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options, progress=reporter)
-    progress.info(
-        f"base image {ref} resolved to {pulled.resolved_digest} "
-        f"({len(pulled.downloaded_blobs)} blobs downloaded, {human(pulled.downloaded_bytes)}; "
-        f"{len(pulled.cached_blobs)} already cached)"
-    )
-    config, diff_ids = _checked_config(pulled, ref)
-    pinned = pulled.pinned
-    layers = []
-    for i, (blob, diff_id) in enumerate(zip(pulled.layers, diff_ids, strict=True)):
-        what = f"fromImage: layer {i} ({blob.digest[:19]})"
-        media = DOCKER_TO_OCI.get(blob.media_type, blob.media_type)
-        if media not in COMPRESSION_OF_MEDIA:
-            raise BuildError(f"{what}: media type {blob.media_type!r} is not a layer nsbuild can use")
-        compressed = Blob(blob.digest, blob.size, blob.path)
-        if media == MEDIA_TAR:
-            if blob.digest != diff_id:
-                raise BuildError(f"{what}: an uncompressed layer whose digest is not the config's diff_id")
-            tar = compressed
-        elif need_tar:
-            tar = _decompress_verified(blob.path, store_dir, diff_id, what)
-        else:
-            tar = Blob(diff_id, 0, None)  # never needed: sinks use the compressed blob
-        if need_tar or media == MEDIA_TAR:
-            check_layer_tar(tar, what)  # every header, before the sandbox or a sink reads it
-        layers.append(
-            Layer(
-                diff_id=diff_id,
-                tar=tar,
-                compressed=compressed,
-                media_type=media,
-                comment=f"base layer {i} from {pinned}",
-            )
-        )
-    # Provenance in the config too (the docker-archive has no manifest annotations): every base
-    # history entry with a layer names the pinned base it came from.
-    history = [dict(h) for h in config.get("history") or [] if isinstance(h, dict)]
-    for h in history:
-        if not h.get("empty_layer"):
-            old = h.get("comment")
-            h["comment"] = f"{old}; from {pinned}" if old else f"from {pinned}"
-    base = BaseImage(config, layers, history, text)
-    return PulledBase(base, pulled, {BASE_DIGEST: pulled.resolved_digest, BASE_NAME: str(ref)})
 
 
 # --- content fingerprints ------------------------------------------------------------------------------

@@ -29,11 +29,11 @@ def read_base(
     if not spec.from_image:
         return None, {}, None
     if is_registry(spec.from_image):
-        from nsbuild.build import remote
+        from nsbuild.sources import pull
 
         # Pulled blobs live in the layer cache (the next build downloads nothing), else the workspace.
         pin = open_cache(options.cache_dir).pin_present if options.cache_dir else None
-        pulled = remote.pull_base(
+        pulled = pull.pull_base(
             spec.from_image,
             store_root=options.cache_dir or ws.path("pull"),
             architecture=spec.architecture,
@@ -139,11 +139,12 @@ def write_output(
         return str(output.path)
     if fmt == "registry":
         from nsbuild.build import remote
+        from nsbuild.registry.usage import has_explicit_tag, registry_reference
 
         options = options or BuildOptions()
         text = "docker://" + output.location
-        target = remote.registry_reference(text, "-o")
-        if not remote.has_explicit_tag(text):
+        target = registry_reference(text, "-o")
+        if not has_explicit_tag(text):
             target = target.with_tag(image.tag)  # no tag given: the spec's tag (or content hash)
         pushed = remote.push(
             image,

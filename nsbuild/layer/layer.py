@@ -21,6 +21,7 @@ MEDIA_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 MEDIA_TAR_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 
 MEDIA_BY_COMPRESSOR = {"none": MEDIA_TAR, "gz": MEDIA_TAR_GZIP, "zstd": MEDIA_TAR_ZSTD}
+COMPRESSION_OF_MEDIA = {MEDIA_TAR: "none", MEDIA_TAR_GZIP: "gz", MEDIA_TAR_ZSTD: "zstd"}
 
 
 @dataclass(frozen=True)
