@@ -19,7 +19,7 @@ from support.core import write_spec
 from support.registry import Registry, RegistryFactory
 from support.users import account, describe, popen_nsbuild, run_nsbuild
 
-from nsbuild.build.remote import CACHE_CONFIG_MEDIA, content_fingerprint
+from nsbuild.cache.shared import CACHE_CONFIG_MEDIA, content_fingerprint
 from nsbuild.layer.contentkey import TarMismatch, check_tar
 from nsbuild.layer.layer import build_layer
 from nsbuild.tar.owners import Owner, OwnerPolicy

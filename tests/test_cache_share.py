@@ -19,7 +19,7 @@ from support.registry import RegistryFactory
 from support.users import account, describe, run_nsbuild
 from support.verifiers import oci_validate, skopeo_copy, umoci_unpack
 
-from nsbuild.build.remote import CACHE_CONFIG_MEDIA, content_fingerprint
+from nsbuild.cache.shared import CACHE_CONFIG_MEDIA, content_fingerprint
 from nsbuild.tar.owners import Owner, OwnerPolicy
 from nsbuild.tar.tarwriter import Source
 

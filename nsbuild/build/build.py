@@ -129,18 +129,20 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
     if spec.kind == "image":
         return buildimage.build(spec, output, progress, options, ws)
     # The registry glue (and its HTTP stack) only when a registry is involved: a rebuild is quick.
-    remote: Any = None
+    push_sink: Any = None
+    registry_cache: Any = None
     if output.format == "registry" or options.cache_to or options.cache_from:
-        from nsbuild.build import remote
+        from nsbuild.cache import shared as registry_cache
+        from nsbuild.sinks import push as push_sink
     docker = output.format == "docker-archive"
     compression = layer_compression(output, spec)
     keep_tar = compression == "none"
     base: BaseImage | None = None
     cache = open_cache(options.cache_dir) if options.cache_dir else None
     if output.format == "registry":
-        remote.preflight("docker://" + output.location, "-o", options.registry)
+        push_sink.preflight("docker://" + output.location, "-o", options.registry)
     if options.cache_to:
-        remote.preflight(options.cache_to, "--cache-to", options.registry)
+        push_sink.preflight(options.cache_to, "--cache-to", options.registry)
     base, annotations, base_info = read_base(
         spec, ws, options, progress, need_tar=keep_tar or docker or bool(spec.fake_root_commands.strip())
     )
@@ -173,7 +175,7 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
             for position, layer in enumerate(base_layers):
                 archive.archive.done(position, layer)
         shared_cache = (
-            remote.opened_cache(options.cache_from, options.registry, progress)
+            registry_cache.opened_cache(options.cache_from, options.registry, progress)
             if options.cache_from
             else contextlib.nullcontext()
         )
@@ -214,7 +216,7 @@ def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptio
         if archive is not None:
             archive.file.discard()  # a no-op once the archive is in place
     if options.cache_to:
-        result.cache_push = remote.push_cache(
+        result.cache_push = registry_cache.push_cache(
             options.cache_to,
             [(k, layer) for k, layer in zip(content_keys, layers, strict=False) if k],
             options=options.registry,
@@ -253,9 +255,9 @@ def _content_layers(
         return layer
 
     def content_fingerprint(key: str | None, planned: PlannedLayer) -> str:
-        from nsbuild.build import remote
+        from nsbuild.cache import shared as registry_cache
 
-        return remote.remembered_content_fingerprint(
+        return registry_cache.remembered_content_fingerprint(
             cache.root if cache else None, key, planned.sources, mtime=spec.mtime, owner=fixed
         )
 

@@ -44,9 +44,9 @@ def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOption
     compression = layer_compression(output, spec)
     keep_tar = compression == "none"
     if output.format == "registry":
-        from nsbuild.build import remote
+        from nsbuild.sinks import push as push_sink
 
-        remote.preflight("docker://" + output.location, "-o", options.registry)
+        push_sink.preflight("docker://" + output.location, "-o", options.registry)
     if options.cache_to or options.cache_from:
         progress.warn(
             "--cache-to/--cache-from: buildImage's single layer depends on its base and scripts "

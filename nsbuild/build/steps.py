@@ -138,15 +138,15 @@ def write_output(
         write_oci_dir(image, output.path, tag=output.tag or image.tag)
         return str(output.path)
     if fmt == "registry":
-        from nsbuild.build import remote
         from nsbuild.registry.usage import has_explicit_tag, registry_reference
+        from nsbuild.sinks import push as push_sink
 
         options = options or BuildOptions()
         text = "docker://" + output.location
         target = registry_reference(text, "-o")
         if not has_explicit_tag(text):
             target = target.with_tag(image.tag)  # no tag given: the spec's tag (or content hash)
-        pushed = remote.push(
+        pushed = push_sink.push(
             image,
             target,
             manifest_format=options.manifest_format,

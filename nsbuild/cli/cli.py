@@ -137,11 +137,11 @@ class RegistryFlags:
 def _check_registry_refs(flags: RegistryFlags, output_is_registry: bool, compressor: str) -> None:
     for name, value in (("--cache-to", flags.cache_to), ("--cache-from", flags.cache_from)):
         if value is not None:
-            from nsbuild.build import remote
+            from nsbuild.registry.usage import registry_reference
 
             if not is_registry(value):
                 raise UsageError(f"{name}: expected docker://HOST/REPO[:TAG], got {value!r}")
-            remote.registry_reference(value, name)
+            registry_reference(value, name)
     if flags.manifest_format == "docker" and output_is_registry and compressor == "zstd":
         raise UsageError(
             "--manifest-format docker: Docker v2 schema 2 has no zstd layer type; use compressor "
@@ -178,9 +178,9 @@ def _build(
         else:
             ref = resolve_output(parse_ref(output) if output else None, fmt, spec)
         if ref.format == "registry":
-            from nsbuild.build import remote
+            from nsbuild.registry.usage import registry_reference
 
-            remote.registry_reference("docker://" + ref.location, "-o")
+            registry_reference("docker://" + ref.location, "-o")
         _check_registry_refs(registry, ref.format == "registry", spec.compressor)
         progress = Progress(quiet=quiet or as_json and not sys.stderr.isatty())
         options = BuildOptions(
@@ -237,15 +237,15 @@ def _build(
             ],
         }
         if pushed is not None or result.cache_push is not None:
-            from nsbuild.build import remote
+            from nsbuild.sinks.push import push_json
         if pushed is not None:
-            doc["push"] = remote.push_json(pushed)
+            doc["push"] = push_json(pushed)
         if result.base is not None:
             doc["base"] = result.base
         if registry.cache_from:
             doc["cache_from"] = {"reference": registry.cache_from, "layers": result.remote_hits}
         if result.cache_push is not None:
-            doc["cache_to"] = remote.push_json(result.cache_push)
+            doc["cache_to"] = push_json(result.cache_push)
         print(json.dumps(doc, indent=2))
 
 
@@ -375,14 +375,16 @@ def push(
 ) -> None:
     """Push an existing image (docker-archive, OCI layout or OCI archive) to a registry."""
     from nsbuild.build import remote
+    from nsbuild.registry.usage import registry_reference
+    from nsbuild.sinks.push import push_json
 
     flags = RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir)
     try:
         _check_choice("--compressor", compressor, ("gz", "zstd", "none"))
         options = flags.options()
-        if not remote.is_registry(dest):
+        if not is_registry(dest):
             raise UsageError(f"REF: expected docker://HOST[:PORT]/REPO[:TAG], got {dest!r}")
-        target = remote.registry_reference(dest, "REF")
+        target = registry_reference(dest, "REF")
         if manifest_format == "docker" and compressor == "zstd":
             raise UsageError("--manifest-format docker: Docker v2 schema 2 has no zstd layer type; use --compressor gz")
         progress = Progress(quiet=quiet or json_out and not sys.stderr.isatty())
@@ -403,7 +405,7 @@ def push(
     except OSError as exc:
         _fail(_io_error(exc))
     if json_out:
-        print(json.dumps(remote.push_json(result), indent=2))
+        print(json.dumps(push_json(result), indent=2))
     else:
         print(f"{result.reference}@{result.digest}")
 
