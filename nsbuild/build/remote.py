@@ -9,14 +9,8 @@ from nsbuild.core.progress import Progress
 from nsbuild.core.refs import is_registry
 from nsbuild.errors import UsageError
 from nsbuild.image.image import Image, canonical_json, oci_manifest
-from nsbuild.layer.layer import (
-    MEDIA_TAR,
-    layer_from_tar,
-)
-from nsbuild.registry import (
-    PushResult,
-    RegistryOptions,
-)
+from nsbuild.layer.layer import MEDIA_TAR, layer_from_tar
+from nsbuild.registry import PushResult, RegistryOptions
 from nsbuild.registry.reference import Reference
 from nsbuild.sinks.push import push
 from nsbuild.sources.baseimage import load_base

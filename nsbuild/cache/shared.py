@@ -35,20 +35,8 @@ from nsbuild.core.progress import Progress
 from nsbuild.errors import BuildError
 from nsbuild.image.image import MEDIA_OCI_MANIFEST, canonical_json, sha256_digest
 from nsbuild.layer.contentkey import TarMismatch, content_hasher, file_record, verified_tar
-from nsbuild.layer.layer import (
-    COMPRESSION_OF_MEDIA,
-    MEDIA_BY_COMPRESSOR,
-    Blob,
-    Layer,
-)
-from nsbuild.registry import (
-    PushResult,
-    RegistryError,
-    RegistryOptions,
-    fetch_blob,
-    fetch_manifest,
-    push_manifest,
-)
+from nsbuild.layer.layer import COMPRESSION_OF_MEDIA, MEDIA_BY_COMPRESSOR, Blob, Layer
+from nsbuild.registry import PushResult, RegistryError, RegistryOptions, fetch_blob, fetch_manifest, push_manifest
 from nsbuild.registry.client import RegistryClient
 from nsbuild.registry.pull import descriptor, is_sha256, parse_document
 from nsbuild.registry.usage import TransferReporter, blob_record, check_blobs, registry_reference

@@ -7,11 +7,7 @@ from typing import Any
 
 from nsbuild.core.progress import Progress, human
 from nsbuild.image.image import Image
-from nsbuild.registry import (
-    PushResult,
-    RegistryOptions,
-    push_image,
-)
+from nsbuild.registry import PushResult, RegistryOptions, push_image
 from nsbuild.registry.client import RegistryClient
 from nsbuild.registry.reference import Reference
 from nsbuild.registry.usage import TransferReporter, blob_record, check_blobs, registry_reference

@@ -12,19 +12,8 @@ from typing import Any
 
 from nsbuild.core.progress import Progress, human
 from nsbuild.errors import BuildError
-from nsbuild.layer.layer import (
-    COMPRESSION_OF_MEDIA,
-    MEDIA_TAR,
-    Blob,
-    Layer,
-    decompress_verified,
-    file_digest,
-)
-from nsbuild.registry import (
-    PulledImage,
-    RegistryOptions,
-    pull_image,
-)
+from nsbuild.layer.layer import COMPRESSION_OF_MEDIA, MEDIA_TAR, Blob, Layer, decompress_verified, file_digest
+from nsbuild.registry import PulledImage, RegistryOptions, pull_image
 from nsbuild.registry.pull import is_sha256, parse_document
 from nsbuild.registry.reference import Reference
 from nsbuild.registry.usage import TransferReporter, registry_reference
