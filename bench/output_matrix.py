@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import os
-import pwd
 import shutil
 import sys
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support.core import EXAMPLE_SPEC, FakeStore, write_spec  # noqa: E402
-from tests.support.users import is_root, make_user_tmp, remove_tree, run_nsbuild  # noqa: E402
+from tests.support.users import account, is_root, make_user_tmp, remove_tree, run_nsbuild  # noqa: E402
 
 TEST_USER = "test"  # nsbuild-test, with a subordinate id range
 OUTPUTS = {"docker-archive": "out.tar", "oci-dir": "out.oci", "oci-archive": "out-oci.tar", "stream": "out.stream"}
@@ -176,8 +175,8 @@ def _one(work: Path, key: str, args: list[str], fmt: str, cache: str, user: str 
     dest = work / key.replace("/", "_") / OUTPUTS[fmt]
     dest.parent.mkdir(parents=True)
     if user is not None and is_root():
-        pw = pwd.getpwnam(user)
-        os.chown(dest.parent, pw.pw_uid, pw.pw_gid)
+        acc = account(user)
+        os.chown(dest.parent, acc.uid, acc.gid)
     cache_dir = work / f"cache-{key.split('/')[0]}-{fmt}"
     if cache == "cold" and cache_dir.exists():
         remove_tree(cache_dir, user)

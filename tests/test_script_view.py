@@ -204,3 +204,20 @@ def test_the_images_own_shell_comes_first(setup: tuple) -> None:
     assert "nsbuild-host" not in layer["libs"][1].decode()
     assert layer["out"][1] == b"tool-ran\n"
     _assert_no_host_view(layer, store)
+
+
+@pytest.mark.parametrize("setup", CASES, indirect=True)
+def test_a_base_image_cannot_place_the_host_view(setup: tuple) -> None:
+    """A base image that brings its own /.nsbuild-host (a symlink to /, a directory with files) would
+    decide where the host's tools are mounted: refused in one line, nothing written, nothing mounted."""
+    _, _, work, store = setup
+    for name, make in (
+        ("hostlink", "ln -s / .nsbuild-host"),
+        ("hostdir", "mkdir .nsbuild-host && echo x > .nsbuild-host/f"),
+    ):
+        base_proc, base = _build(setup, "image", {"extraCommands": make}, f"base-{name}")
+        assert base_proc.returncode == 0, describe(base_proc)
+        proc, out = _build(setup, "image", {"fromImage": str(base), "runAsRoot": "echo ran > /ran"}, f"ras-{name}")
+        assert proc.returncode == 1, describe(proc)
+        assert ".nsbuild-host" in proc.stderr and "Traceback" not in proc.stderr, describe(proc)
+        assert not out.exists()

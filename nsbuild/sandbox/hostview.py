@@ -148,6 +148,9 @@ def _host_tree(merged: Path, empty: Path, done: list[Path]) -> None:
 def _store(merged: Path, view: View, empty: Path) -> Path | None:
     assert view.store is not None
     target = merged / view.store.lstrip("/")
+    if not (_plain_path(merged, view.store.lstrip("/")) and target.is_dir()):
+        _log(f"warning: the store ({view.store}) is not visible to the script: the image has a symlink on its path")
+        return None
     # The image's own store paths (in its layers) on top of the host's.
     lowers = [str(target), view.store] if view.store_in_image else [view.store]
     try:
@@ -162,16 +165,25 @@ def mount(merged: Path, view: View, empty: Path) -> list[Path]:
     """The host view's mounts in `merged` (the tree the script's chroot is); `empty` is an empty
     directory outside it. Returns the mount points to undo (deepest last)."""
     done: list[Path] = []
+    if not (_plain_path(merged, HOST_DIR) and (merged / HOST_DIR).is_dir()) or any((merged / HOST_DIR).iterdir()):
+        # A base image's own /.nsbuild-host (a symlink, say) must never decide where host mounts go.
+        raise RuntimeError(f"the image has its own /{HOST_DIR} (where nsbuild shows the host's tools); refusing it")
     _host_tree(merged, empty, done)
     if view.store:
         got = _store(merged, view, empty)
         if got is not None:
             done.append(got)
     if view.bind_loader and view.loader:
+        rel = view.loader.lstrip("/")
+        # The merged tree may differ from the one prepare() saw (a later layer's /lib64 -> usr/lib64):
+        # a mount point reached through a symlink could lead anywhere, so the loader is left out there.
+        if not (_plain_path(merged, rel) and os.path.isfile(merged / rel)):
+            view.bind_loader = False
+            return done
         # From inside the host view: the read-only overlay stands behind the bind.
         source = merged / inside_path(view.loader).lstrip("/")
-        _bind_ro(str(source), merged / view.loader.lstrip("/"))
-        done.append(merged / view.loader.lstrip("/"))
+        _bind_ro(str(source), merged / rel)
+        done.append(merged / rel)
     return done
 
 
