@@ -31,6 +31,7 @@ from tests.support.core import EXAMPLE_SPEC, FakeStore, write_spec  # noqa: E402
 from tests.support.users import account, is_root, make_user_tmp, remove_tree, run_nsbuild  # noqa: E402
 
 TEST_USER = "test"  # nsbuild-test, with a subordinate id range
+STORE_DIR = Path("/var/tmp/nsbuild-output-matrix-store")
 OUTPUTS = {"docker-archive": "out.tar", "oci-dir": "out.oci", "oci-archive": "out-oci.tar", "stream": "out.stream"}
 COMPRESSORS = ("none", "gz", "zstd")
 CACHES = ("no-cache", "cold", "warm")
@@ -53,7 +54,8 @@ def _inputs(top: Path) -> dict[str, tuple[str, Path]]:
     """(command, spec) per spec name; bases are built by nsbuild itself, once, as the caller."""
     example = top / "example"
     shutil.copytree(EXAMPLE_SPEC.parent, example, symlinks=True)
-    store = FakeStore(top / "store")
+    # Store paths are absolute paths in the image: the store must be at the same place in every run.
+    store = FakeStore(STORE_DIR)
     lib = store.add("libgreet-1.0", {"lib/libgreet.so": b"\x7fELF greet\n"})
     app = store.add("hello-2.12", {"bin/hello": "#!/bin/sh\necho hello\n"}, refs=[lib])
     specs: dict[str, tuple[str, Path]] = {"example": ("layered", example / "spec.json")}
@@ -150,12 +152,15 @@ def _cases(specs: dict[str, tuple[str, Path]], users: list[str | None]) -> Itera
                         yield key, [command, str(with_compressor(spec, comp))], user
 
 
-def run_matrix(quick: bool) -> dict[str, str]:
+def run_matrix(quick: bool, only: list[str]) -> dict[str, str]:
     users: list[str | None] = [None, TEST_USER] if is_root() and not quick else [None]
     top = make_user_tmp(TEST_USER if is_root() else None, prefix="nsbuild-matrix-")
     out: dict[str, str] = {}
+    if STORE_DIR.exists():
+        remove_tree(STORE_DIR, None)  # a run killed earlier (one run at a time: the path is fixed)
     try:
         specs = _inputs(top / "in")
+        specs = {k: v for k, v in specs.items() if not only or k in only}
         for user in users:
             work = make_user_tmp(user, prefix="nsbuild-matrix-out-")
             try:
@@ -167,6 +172,7 @@ def run_matrix(quick: bool) -> dict[str, str]:
                 remove_tree(work, user)
     finally:
         remove_tree(top, TEST_USER if is_root() else None)
+        remove_tree(STORE_DIR, None)
     return out
 
 
@@ -200,13 +206,18 @@ def main() -> int:
     ap.add_argument("mode", choices=("record", "check"))
     ap.add_argument("file", type=Path)
     ap.add_argument("--quick", action="store_true", help="the caller's account only")
+    ap.add_argument("--only", action="append", default=[], help="a spec of the matrix (repeatable)")
     opts = ap.parse_args()
-    digests = run_matrix(opts.quick)
+    digests = run_matrix(opts.quick, opts.only)
     if opts.mode == "record":
+        if opts.only and opts.file.exists():
+            digests = {**json.loads(opts.file.read_text()), **digests}
         opts.file.write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
         print(f"recorded {len(digests)} outputs in {opts.file}")
         return 0
     want: dict[str, Any] = json.loads(opts.file.read_text())
+    if opts.only:
+        want = {k: v for k, v in want.items() if k.split("/")[0] in opts.only}
     diff = sorted(k for k in want.keys() | digests.keys() if want.get(k) != digests.get(k))
     for k in diff:
         print(f"DIFFERS {k}: recorded {want.get(k, 'absent')}, now {digests.get(k, 'absent')}")
