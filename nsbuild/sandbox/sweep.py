@@ -60,19 +60,26 @@ def new_workspace(parent: Path) -> tuple[Path, int]:
 def sweep_workspaces(parent: Path) -> None:
     """Remove the workspaces under parent that belong to this user and whose build is dead (files owned
     by subordinate ids go through the user namespace: nsbuild.sandbox.remove_tree)."""
-    pattern = re.compile(re.escape(WORKSPACE_PREFIX) + _RANDOM)
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return
-    me = os.getuid()
-    for entry in entries:
-        if not pattern.fullmatch(entry.name):
-            continue
+    for entry in _own_entries(parent, re.compile(re.escape(WORKSPACE_PREFIX) + _RANDOM)):
         with contextlib.suppress(OSError):
-            st = entry.stat(follow_symlinks=False)
-            if entry.is_dir(follow_symlinks=False) and st.st_uid == me:
+            if entry.is_dir(follow_symlinks=False):
                 _sweep_one(Path(entry.path))
+
+
+def _own_entries(directory: Path, pattern: re.Pattern[str]) -> list[os.DirEntry[str]]:
+    """The entries of directory whose name matches pattern and that this user owns (never followed)."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    me = os.getuid()
+    out = []
+    for entry in entries:
+        if pattern.fullmatch(entry.name):
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_uid == me:
+                    out.append(entry)
+    return out
 
 
 def _sweep_one(root: Path) -> None:
@@ -122,17 +129,9 @@ def locked_temp_file(directory: Path, prefix: str, suffix: str) -> tuple[int, st
 
 def sweep_temp_files(directory: Path, prefix: str, suffix: str) -> None:
     """Remove this user's unlocked temporary files prefix+RANDOM+suffix in directory (dead builds')."""
-    pattern = re.compile(re.escape(prefix) + _RANDOM + re.escape(suffix))
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return
-    me = os.getuid()
-    for entry in entries:
-        if not pattern.fullmatch(entry.name):
-            continue
+    for entry in _own_entries(directory, re.compile(re.escape(prefix) + _RANDOM + re.escape(suffix))):
         with contextlib.suppress(OSError):
-            if not entry.is_file(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != me:
+            if not entry.is_file(follow_symlinks=False):
                 continue
             fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
