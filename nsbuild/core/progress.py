@@ -1,7 +1,9 @@
-"""Progress on stderr: one line per step, a live line on a terminal, nothing with -q."""
+"""Progress on stderr: one line per step; on a terminal, live bars for the work in flight; nothing
+with -q."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -23,15 +25,16 @@ class Progress:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.start = time.monotonic()
-        self._live = False
+        self._live = 0  # lines of the live area now on the terminal
         self._lock = threading.Lock()
-        self._watched: dict[str, Callable[[], int]] = {}
+        self._watched: dict[str, _Watched] = {}
         self._ticker: threading.Thread | None = None
 
     def _clear(self) -> None:
         if self._live:
-            self.stream.write("\r\033[K")
-            self._live = False
+            # Back to the first live line, then erase to the end of the screen.
+            self.stream.write("\r" + "\033[A" * (self._live - 1) + "\033[J")
+            self._live = 0
 
     def info(self, message: str) -> None:
         if self.quiet:
@@ -46,18 +49,21 @@ class Progress:
         self.stream.flush()
 
     def live(self, message: str) -> None:
-        """A line that the next message replaces (terminals only)."""
+        """Lines that the next message replaces (terminals only)."""
         if self.quiet or not self.tty:
             return
         self._clear()
-        self.stream.write(message[:200])
+        lines = [line[: _width(self.stream) - 1] for line in message.splitlines()] or [""]
+        self.stream.write("\n".join(lines))
         self.stream.flush()
-        self._live = True
+        self._live = len(lines)
 
-    def watch(self, label: str, counter: Callable[[], int]) -> Callable[[], None]:
-        """On a terminal, redraw `label: N MiB` from `counter` until the returned stop() is called."""
+    def watch(self, label: str, counter: Callable[[], int], total: int = 0) -> Callable[[], None]:
+        """On a terminal, a live line per watched label, redrawn from `counter` until the returned
+        stop() is called: a bar with bytes done of `total`, rate and time left when a total is known,
+        else the bytes done."""
         with self._lock:
-            self._watched[label] = counter
+            self._watched[label] = _Watched(counter, total, time.monotonic())
             if self.tty and not self.quiet and self._ticker is None:
                 self._ticker = threading.Thread(target=self._tick, daemon=True)
                 self._ticker.start()
@@ -75,8 +81,9 @@ class Progress:
                 if not self._watched:
                     self._ticker = None
                     return
-                line = "  ".join(f"{label}: {human(c())}" for label, c in self._watched.items())
-            self.live(f"{line}  [{self.elapsed():.0f}s]")
+                width = _width(self.stream)
+                lines = [w.render(label, width) for label, w in self._watched.items()]
+            self.live("\n".join(lines))
 
     def layer_done(self, index: int, total: int, what: str, size: int, seconds: float, cached: bool = False) -> None:
         state = "cached" if cached else f"{seconds:.2f}s"
@@ -84,3 +91,33 @@ class Progress:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
+
+
+def _width(stream: TextIO) -> int:
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        columns = 0
+    return max(40, columns) if columns else 80  # a terminal that tells no size: the usual 80
+
+
+class _Watched:
+    """One live line: what it counts, the total expected (0: unknown) and when it began."""
+
+    def __init__(self, counter: Callable[[], int], total: int, start: float) -> None:
+        self.counter = counter
+        self.total = total
+        self.start = start
+
+    def render(self, label: str, width: int) -> str:
+        done = self.counter()
+        seconds = max(time.monotonic() - self.start, 1e-3)
+        rate = done / seconds
+        if self.total <= 0:
+            return f"{label}: {human(done)} ({human(rate)}/s)"
+        frac = min(done / self.total, 1.0)
+        eta = (self.total - done) / rate if rate > 0 and done < self.total else 0.0
+        tail = f" {human(done)}/{human(self.total)} {human(rate)}/s ETA {eta:.0f}s"
+        room = max(width - len(label) - len(tail) - 4, 10)
+        filled = int(frac * room)
+        return f"{label} [{'#' * filled}{'-' * (room - filled)}]{tail}"

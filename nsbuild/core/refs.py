@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +46,25 @@ def parse_ref(text: str, default_format: str | None = None) -> ImageRef:
             f"{text!r}: the {transport}: transport is not supported (use docker-archive:, "
             "oci:, oci-archive: or docker://)"
         )
+    if sep and (guess := _mistyped_transport(transport)):
+        raise UsageError(
+            f"{text!r}: unknown transport {transport + ':'!r}; did you mean {guess}? "
+            f"(a file whose name has a colon: write ./{text})"
+        )
     return ImageRef(default_format or "auto", text)
+
+
+# Every transport prefix a user may mean, as skopeo spells them.
+_TRANSPORTS = ("docker-archive:", "oci:", "oci-archive:", "docker://", "containers-storage:", "docker-daemon:")
+
+
+def _mistyped_transport(word: str) -> str | None:
+    """The transport `word:` is a typo of, if it looks like one (a bare word close to a known name)."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z-]*", word):
+        return None
+    names = [t.rstrip(":/") for t in _TRANSPORTS]
+    close = difflib.get_close_matches(word.lower(), names, n=1, cutoff=0.6)
+    return _TRANSPORTS[names.index(close[0])] if close else None
 
 
 def is_registry(text: str | None) -> bool:

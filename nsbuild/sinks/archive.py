@@ -263,7 +263,9 @@ class ImageArchive:
         name = layer.diff_id.split(":", 1)[1] + "/layer.tar"
         compression = self.stream.envelope.kind  # a compressed docker-archive's layers are its frames
         if compression == "none":
-            return _Member(name, layer.tar, layer.tar.size)
+            # A plain archive holds each layer's blob as it is, compressed or not: every loader
+            # (docker, podman, skopeo, ctr) reads compressed layer files, and none a gzip archive.
+            return _Member(name, layer.compressed, layer.compressed.size)
         if layer.media_type != MEDIA_BY_COMPRESSOR[compression]:
             raise BuildError(f"internal: layer {layer.diff_id} is {layer.media_type}, not the archive's {compression}")
         return _Member(name, layer.compressed, layer.tar.size)

@@ -92,6 +92,17 @@ def check_repo_tag(repo_tag: str) -> str:
     return repo_tag
 
 
+# A docker-archive's name says whether the file is compressed as a whole, as tar and gzip users read it.
+ENVELOPE_BY_SUFFIX = {".tar.gz": "gz", ".tgz": "gz", ".tar.zst": "zstd", ".tar.zstd": "zstd", ".tzst": "zstd"}
+
+
+def docker_envelope(path: Path) -> str:
+    """The compression of a docker-archive file as a whole, from its name: any other name is a plain
+    tar (whose layer files carry the spec's compressor)."""
+    name = path.name.lower()
+    return next((kind for suffix, kind in ENVELOPE_BY_SUFFIX.items() if name.endswith(suffix)), "none")
+
+
 def check_destination(fmt: str, path: Path, *, name: str | None = None, tag: str | None = None) -> None:
     """Refuse an output that cannot be written, before any layer is built (and again when writing)."""
     if name and tag:
@@ -288,6 +299,10 @@ class ArchiveOutput:
         identity = self.archive.identity(image, ref) if self.stamps is not None else ""
         if self.stamps is not None and self.archive.untouched and self.stamps.holds(path, identity):
             self.file.discard()
+            # Up to date, as make must see it too: newer than the inputs that made it rebuild us.
+            with suppress(OSError):
+                os.utime(path)
+                self.stamps.record(path, identity)
             return False
         self.archive.finish(image, ref)  # write errors name the file (ArchiveStream); the caller discards
         if self.stamps is not None:
