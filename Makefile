@@ -1,6 +1,6 @@
 # nsbuild: set-up, example and tests.
 #
-#   make example   install what is missing, build fixtures/example into example.tar.gz and run it
+#   make example   install what is missing, build fixtures/example into example.tar and run it
 #   make test      install what is missing, create the test accounts, lint, run the whole test suite
 #
 # Both work on a fresh Debian 12 machine.  As root they install the system packages and create the
@@ -24,7 +24,7 @@ PYTHON ?= /usr/bin/python3
 # systemd units.
 DEB_NO_RECOMMENDS := nix-bin docker.io
 DEB_PACKAGES := nix-bin $(if $(filter 0,$(shell id -u)),docker.io) skopeo umoci oci-image-tool podman buildah runc uidmap fakeroot libarchive-tools \
-	busybox-static mmdebstrap docker-registry attr libcap-dev python3-venv python3-dev gcc zstd pigz openssl
+	busybox-static mmdebstrap ninja-build docker-registry attr libcap-dev python3-venv python3-dev gcc zstd pigz openssl
 
 TEST_USER := nsbuild-test
 NOSUB_USER := nsbuild-nosub
@@ -69,7 +69,7 @@ PYTEST_ARGS ?=
 .PHONY: help deps venv test-users lint test example clean
 
 help:
-	@echo "make example   build fixtures/example/spec.json into example.tar.gz and run it"
+	@echo "make example   build fixtures/example/spec.json into example.tar and run it"
 	@echo "make test      lint and run the whole test suite (PYTEST_ARGS='...' passes arguments to pytest)"
 	@echo "make deps | venv | test-users | lint | clean"
 	@echo "venv: $(VENV) ($(INSTALL_KIND) install; project reachable by other users: $(PROJECT_SHARED))"
@@ -183,7 +183,7 @@ test: deps venv test-users
 # The example: build, summarise, and run it with podman in a throw-away store (see
 # ../shared/VERIFIERS.md for why each podman option is there).  Every command is printed.
 EXAMPLE_SPEC := fixtures/example/spec.json
-EXAMPLE_OUT := example.tar.gz
+EXAMPLE_OUT := example.tar
 
 example: deps venv
 	@run() { printf '+ %s\n' "$$*"; "$$@"; }; \
@@ -204,11 +204,6 @@ example: deps venv
 	  echo "example: podman is not usable here, not running the image:"; cat "$$store/info.err"; exit 0; \
 	fi; \
 	archive=$(EXAMPLE_OUT); \
-	if gzip -t "$$archive" 2>/dev/null; then \
-	  echo "example: podman 4.3 (Debian 12) cannot load a compressed docker-archive: decompressing a copy"; \
-	  printf '+ gzip -dc %s > %s\n' "$$archive" "$$store/example.tar"; gzip -dc "$$archive" > "$$store/example.tar"; \
-	  archive="$$store/example.tar"; \
-	fi; \
 	printf '+ %s\n' "$${podman[*]} load -i $$archive"; \
 	loaded=$$("$${podman[@]}" load -i "$$archive"); echo "$$loaded"; \
 	image=$$(sed -n 's/^Loaded image[^:]*: *//p' <<<"$$loaded" | tail -n1); \

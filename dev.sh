@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's two set-up commands on a fresh Debian 12 machine:
-#   ./dev.sh example   build fixtures/example into example.tar.gz and run it
+#   ./dev.sh example   build fixtures/example into example.tar and run it
 #   ./dev.sh test      lint and run the whole test suite
 # A bare Debian 12 image lacks make itself; everything else is installed by the Makefile.
 set -euo pipefail
