@@ -1,6 +1,6 @@
-"""The parent ↔ inner sandbox process contract (nsbuild.sandbox.job): the typed job and outcome read
-and write the very JSON the two processes exchange, and a key one side does not know is an error,
-never silently dropped or defaulted."""
+"""The contracts across the sandbox's process boundaries (nsbuild.sandbox.job): the typed job,
+outcome and stage1 configuration read and write the very JSON the processes exchange, and a key one
+side does not know is an error, never silently dropped or defaulted. Also the backends' table."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from nsbuild.sandbox.job import SandboxJob, SandboxOutcome, WireError
+from nsbuild.sandbox import BACKENDS, MODE, REGISTRY, USES_FAKEROOT
+from nsbuild.sandbox.job import SandboxJob, SandboxOutcome, Stage1Config, WireError
 
 INNER = Path(__file__).resolve().parent.parent / "nsbuild" / "sandbox" / "inner.py"
 
@@ -156,3 +157,39 @@ def test_outcome_attributes_are_typed() -> None:
 def test_outcome_with_wrong_keys_is_refused(wire: dict[str, Any], error: str) -> None:
     with pytest.raises(WireError, match=error):
         SandboxOutcome.from_wire(wire)
+
+
+STAGE1_WIRE: dict[str, Any] = {
+    "mode": "userns",
+    "network": "none",
+    "ready_fd": 5,
+    "go_fd": 6,
+    "argv": ["bash", "-e", "-c", "true"],
+    "env": {"PATH": "/usr/bin:/bin"},
+    "cwd": None,
+    "parent": 4242,
+    "umask": None,
+}
+
+
+@pytest.mark.parametrize("changes", [{}, {"mode": "self", "network": "host", "env": None, "cwd": "/w", "umask": 18}])
+def test_stage1_config_round_trips_to_the_same_json(changes: dict[str, Any]) -> None:
+    wire = {**STAGE1_WIRE, **changes}
+    cfg = Stage1Config.from_wire(json.loads(json.dumps(wire)))
+    assert json.dumps(cfg.to_wire()) == json.dumps(wire)
+    assert cfg.argv[0] == "bash"
+
+
+def test_stage1_config_with_wrong_keys_is_refused() -> None:
+    with pytest.raises(WireError, match=r"^stage1 configuration: unknown lo$"):
+        Stage1Config.from_wire({**STAGE1_WIRE, "lo": True})
+    wire = dict(STAGE1_WIRE)
+    del wire["parent"]
+    with pytest.raises(WireError, match=r"^stage1 configuration: missing parent$"):
+        Stage1Config.from_wire(wire)
+
+
+def test_backends_in_the_order_auto_tries_them() -> None:
+    assert BACKENDS == ("userns", "userns-fakeroot", "fakeroot") == tuple(b.name for b in REGISTRY)
+    assert MODE == {"userns": "userns", "userns-fakeroot": "single", "fakeroot": "self"}
+    assert USES_FAKEROOT == {"userns": False, "userns-fakeroot": True, "fakeroot": True}

@@ -1,9 +1,11 @@
-"""The contract between the parent and the customisation step inside the sandbox (nsbuild.sandbox.inner).
+"""What crosses a process boundary into and out of the sandbox, as typed values.
 
-The parent writes a SandboxJob as JSON to a file and starts `python -m nsbuild.sandbox.inner JOB.json`
-in the sandbox; the inner process writes a SandboxOutcome as JSON to `job.result`. Both sides go
-through to_wire/from_wire, which read and write plain JSON values (the wire format is the dict the two
-processes have always exchanged: the same keys, the same values, in the same order).
+SandboxJob / SandboxOutcome: the parent writes a SandboxJob as JSON to a file and starts
+`python -m nsbuild.sandbox.inner JOB.json` in the sandbox; the inner process writes a SandboxOutcome
+as JSON to `job.result`. Stage1Config: what nsbuild.sandbox.runner hands nsbuild.sandbox.stage1.
+Both sides go through to_wire/from_wire, which write and read plain JSON values (the dicts the
+processes have always exchanged: the same keys, the same values, in the same order); a key one side
+does not know, or one it misses, is a WireError.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Literal
 from nsbuild.tar.owners import Owner
 
 Engine = Literal["overlay", "copy"]
+Mode = Literal["userns", "single", "self", "none"]  # how stage1 enters its namespaces
 Status = Literal["ok", "script", "after", "hostile", "error"]
 
 
@@ -206,3 +209,44 @@ class SandboxOutcome:
             engine=wire.get("engine"),
             timings=dict(wire["timings"]),
         )
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """What nsbuild.sandbox.runner tells stage1 (over a pipe: a command line is world-readable).
+
+    mode: "userns" (full id map written by the parent through newuidmap/newgidmap), "single" (one
+    id: stage1 maps itself), "self" (the caller's own ids mapped onto themselves + pid and mount
+    namespaces; "none" where no user namespace can be made), "none" (no namespaces).
+    network: "none" (an own network namespace, lo up) or "host". ready_fd, go_fd: pipe ends for the
+    id-map handshake (mode "userns"). argv, env (None: stage1's own), cwd: the command. parent: the
+    pid of the process that started stage1. umask: the command's umask (None: inherited)."""
+
+    mode: Mode
+    network: str
+    ready_fd: int
+    go_fd: int
+    argv: tuple[str, ...]
+    env: Mapping[str, str] | None
+    cwd: str | None
+    parent: int
+    umask: int | None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "network": self.network,
+            "ready_fd": self.ready_fd,
+            "go_fd": self.go_fd,
+            "argv": list(self.argv),
+            "env": _opt_dict(self.env),
+            "cwd": self.cwd,
+            "parent": self.parent,
+            "umask": self.umask,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> Stage1Config:
+        names = {f.name for f in fields(cls)}
+        _check_keys("stage1 configuration", wire, names, names)
+        return cls(**{**wire, "argv": tuple(wire["argv"])})
