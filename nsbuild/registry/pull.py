@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import tempfile
 import threading
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from typing import Any
 
 import requests
 
+from nsbuild.core.platform import host_platform
 from nsbuild.errors import BuildError
 from nsbuild.image.image import MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, sha256_digest
 from nsbuild.layer.layer import file_digest
@@ -100,27 +100,6 @@ def parse_document(body: bytes, what: str) -> dict[str, Any]:
         kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(doc), "null")
         raise BuildError(f"{what} is a JSON {kind}, not an object")
     return doc
-
-
-_GOARCH = {
-    "x86_64": ("amd64", None),
-    "amd64": ("amd64", None),
-    "aarch64": ("arm64", None),
-    "arm64": ("arm64", None),
-    "armv7l": ("arm", "v7"),
-    "armv6l": ("arm", "v6"),
-    "i386": ("386", None),
-    "i686": ("386", None),
-    "ppc64le": ("ppc64le", None),
-    "s390x": ("s390x", None),
-    "riscv64": ("riscv64", None),
-}
-
-
-def host_platform() -> tuple[str, str | None]:
-    """(GOARCH, variant) of this machine."""
-    machine = platform.machine().lower()
-    return _GOARCH.get(machine, (machine, None))
 
 
 @dataclass(frozen=True)
