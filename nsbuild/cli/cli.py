@@ -412,10 +412,15 @@ def schema(kind: Annotated[str, typer.Option("--kind", help="layered | image")] 
 def inspect(
     image_ref: Annotated[str, typer.Argument(metavar="IMAGE", help="archive, OCI dir or transport ref")],
     json_out: JsonOpt = False,
+    authfile: AuthfileOpt = None,
+    creds: CredsOpt = None,
+    tls_verify: TlsVerifyOpt = True,
+    cert_dir: CertDirOpt = None,
 ) -> None:
     """List an image's layers and, per entry, type, mode, owner, size and link target."""
     with failures():
-        report = inspect_image(image_ref)
+        options = RegistryFlags(authfile=authfile, creds=creds, tls_verify=tls_verify, cert_dir=cert_dir).options()
+        report = inspect_image(image_ref, options)  # stderr stays as quiet as for a file
     if json_out:
         print(json.dumps(report, indent=2))
     else:

@@ -187,7 +187,8 @@ def load_base(
     p = f"{label}: " if label else ""
     ref = parse_ref(text)
     if ref.format == "registry":
-        raise BuildError(f"fromImage {text!r}: pulling from a registry is not supported yet")
+        # Every caller pulls a docker:// image itself (nsbuild.sources.pull) before files are read.
+        raise ValueError(f"load_base reads archives and layouts, not {text!r}")
     path = ref.path
     if not path.exists():
         raise BuildError(f"{p}no such file or directory: {path}")
