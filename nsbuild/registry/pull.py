@@ -468,6 +468,34 @@ def _check_architecture(cfg: dict[str, Any], source: Reference, architecture: st
         raise BuildError(f"image {source} is for {got}, not {wanted}; set architecture in the spec")
 
 
+Descriptor = tuple[str, int, str]  # (digest, size, mediaType), checked
+
+
+def _manifest_parts(body: bytes, where: str) -> tuple[Descriptor, list[Descriptor]]:
+    """An image manifest's config and layer descriptors, each checked; a config over 4 MiB is refused
+    before a byte of it is fetched."""
+    doc = parse_document(body, where)
+    config_digest, config_size, config_media = descriptor(doc.get("config"), f"{where}: config")
+    if config_size > MAX_CONFIG_BYTES:
+        raise BuildError(f"{where}: config {config_digest} claims {config_size} bytes, more than 4 MiB")
+    layer_descs = doc.get("layers") or []
+    if not isinstance(layer_descs, list):
+        raise BuildError(f"{where}: 'layers' is not a list")
+    wanted = [descriptor(d, f"{where}: layers[{i}]") for i, d in enumerate(layer_descs)]
+    return (config_digest, config_size, config_media), wanted
+
+
+def _fetch_layers(puller: _Puller, wanted: list[Descriptor], jobs: int) -> list[PulledBlob]:
+    """The layer blobs, `jobs` at a time, in manifest order; the first failure stops the others."""
+    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(wanted))), thread_name_prefix="nsbuild-pull") as pool:
+        futures = [pool.submit(puller.blob, *w) for w in wanted]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
 def pull_image(
     ref: str | Reference,
     *,
@@ -493,27 +521,13 @@ def pull_image(
     with RegistryClient(source, options, actions=("pull",)) as client:
         puller = _Puller(client, store, progress or _no_progress)
         body, media_type, digest, index_digest = _resolve(puller, source, os_name, architecture, variant)
-        where = f"image {source}: manifest {digest}"
-        doc = parse_document(body, where)
-        config_digest, config_size, config_media = descriptor(doc.get("config"), f"{where}: config")
-        if config_size > MAX_CONFIG_BYTES:
-            raise BuildError(f"{where}: config {config_digest} claims {config_size} bytes, more than 4 MiB")
-        layer_descs = doc.get("layers") or []
-        if not isinstance(layer_descs, list):
-            raise BuildError(f"{where}: 'layers' is not a list")
-        wanted = [descriptor(d, f"{where}: layers[{i}]") for i, d in enumerate(layer_descs)]
-        config_blob = puller.blob(config_digest, config_size, config_media)
+        config_desc, wanted = _manifest_parts(body, f"image {source}: manifest {digest}")
+        config_blob = puller.blob(*config_desc)
         config = config_blob.path.read_bytes()
-        cfg = parse_document(config, f"image {source}: config {config_digest}")
+        cfg = parse_document(config, f"image {source}: config {config_blob.digest}")
         if index_digest is None:
             _check_architecture(cfg, source, architecture, variant)
-        with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(wanted))), thread_name_prefix="nsbuild-pull") as pool:
-            futures = [pool.submit(puller.blob, *w) for w in wanted]
-            try:
-                layers = [future.result() for future in futures]
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+        layers = _fetch_layers(puller, wanted, jobs)
     return PulledImage(
         reference=source,
         digest=digest,
@@ -521,7 +535,7 @@ def pull_image(
         manifest=body,
         manifest_media_type=media_type,
         config=config,
-        config_digest=config_digest,
+        config_digest=config_blob.digest,
         layers=layers,
         manifest_path=store.path(digest),
         config_path=config_blob.path,
