@@ -49,7 +49,6 @@ MEDIA_DOCKER_SCHEMA1 = (
 INDEX_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
 MANIFEST_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST)
 ACCEPT = ", ".join([MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST])
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_CONFIG_BYTES = 4 * 1024 * 1024  # as for manifests: configs are small, a huge one is an attack
 _READ_SIZE = 256 * 1024
 _HEX = frozenset("0123456789abcdef")
@@ -116,12 +115,9 @@ class PulledImage:
     digest: str  # digest of the image manifest (the platform's one when the tag named an index)
     index_digest: str | None  # digest the tag resolved to when it named an index / manifest list
     manifest: bytes
-    manifest_media_type: str
     config: bytes
     config_digest: str
     layers: list[PulledBlob]
-    manifest_path: Path
-    config_path: Path
     downloaded_blobs: list[str] = field(default_factory=list)
     cached_blobs: list[str] = field(default_factory=list)
     downloaded_bytes: int = 0
@@ -533,12 +529,9 @@ def pull_image(
         digest=digest,
         index_digest=index_digest,
         manifest=body,
-        manifest_media_type=media_type,
         config=config,
         config_digest=config_blob.digest,
         layers=layers,
-        manifest_path=store.path(digest),
-        config_path=config_blob.path,
         downloaded_blobs=puller.downloaded,
         cached_blobs=puller.cached,
         downloaded_bytes=puller.downloaded_bytes,

@@ -123,7 +123,7 @@ def pull_base(
         _base_layer(i, blob, diff_id, store_dir, need_tar, pulled.pinned)
         for i, (blob, diff_id) in enumerate(zip(pulled.layers, diff_ids, strict=True))
     ]
-    base = BaseImage(config, layers, _history(config, pulled.pinned), text)
+    base = BaseImage(config, layers, _history(config, pulled.pinned))
     return PulledBase(base, pulled, {BASE_DIGEST: pulled.resolved_digest, BASE_NAME: str(ref)})
 
 
