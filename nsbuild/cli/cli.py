@@ -418,8 +418,10 @@ def inspect(
     cert_dir: CertDirOpt = None,
 ) -> None:
     """List an image's layers and, per entry, type, mode, owner, size and link target."""
+    flags = RegistryFlags(authfile=authfile, creds=creds, tls_verify=tls_verify, cert_dir=cert_dir)
     with failures():
-        options = RegistryFlags(authfile=authfile, creds=creds, tls_verify=tls_verify, cert_dir=cert_dir).options()
+        # The registry flags matter to a docker:// image only; a file is read as it always was.
+        options = flags.options() if is_registry(image_ref) else None
         report = inspect_image(image_ref, options)  # stderr stays as quiet as for a file
     if json_out:
         print(json.dumps(report, indent=2))
