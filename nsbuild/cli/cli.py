@@ -23,6 +23,7 @@ from nsbuild.core.progress import Progress, human
 from nsbuild.core.refs import FORMATS, ImageRef, is_registry, parse_ref
 from nsbuild.errors import BuildError, NsbuildError, UsageError
 from nsbuild.sources.inspect import inspect_image, render_text
+from nsbuild.spec.overrides import Overrides, apply_overrides
 from nsbuild.spec.spec import Spec, json_schema, load_spec
 
 if TYPE_CHECKING:
@@ -32,8 +33,28 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # click's own help: wrapped to the terminal (80 columns readable), never cut off with "…"
+    rich_markup_mode=None,
     help="Build Docker/OCI images without root, without a daemon and without Nix.",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from nsbuild import __version__
+
+        print(f"nsbuild {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Build Docker/OCI images without root, without a daemon and without Nix."""
+
 
 SpecArg = Annotated[Path, typer.Argument(help="spec.json (dockerTools attribute names)", show_default=False)]
 OutputOpt = Annotated[
@@ -41,7 +62,9 @@ OutputOpt = Annotated[
     typer.Option(
         "-o",
         "--output",
-        help="PATH, docker-archive:PATH[:NAME:TAG], oci:DIR[:TAG], oci-archive:PATH[:TAG], docker://HOST/REPO[:TAG]",
+        help="PATH (.tar plain, .tar.gz/.tar.zst compressed), docker-archive:PATH[:NAME:TAG], oci:DIR[:TAG], "
+        "oci-archive:PATH[:REF], docker://HOST/REPO[:TAG], containers-storage:[NAME[:TAG]] (podman), "
+        "docker-daemon:[NAME[:TAG]] (docker)",
     ),
 ]
 FormatOpt = Annotated[
@@ -55,7 +78,9 @@ IsolationOpt = Annotated[
 NetworkOpt = Annotated[str, typer.Option("--network", help="scripts' network: none (only lo) | host")]
 CacheDirOpt = Annotated[Path | None, typer.Option("--cache-dir", help="layer cache [default: $XDG_CACHE_HOME/nsbuild]")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="build every layer, use and keep no cache")]
-JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=0, help="layers built at once [default: CPUs]")]
+JobsOpt = Annotated[
+    int, typer.Option("--jobs", "-j", min=0, show_default=False, help="layers built at once [default: CPUs]")
+]
 ManifestFormatOpt = Annotated[
     str, typer.Option("--manifest-format", help="docker:// outputs: oci | docker (Docker v2 schema 2)")
 ]
@@ -90,6 +115,26 @@ CacheFromOpt = Annotated[
     str | None,
     typer.Option("--cache-from", metavar="docker://REF", help="take layers from a shared cache in a registry"),
 ]
+LoadOpt = Annotated[
+    bool,
+    typer.Option("--load", help="load the image into podman (or docker, if podman is missing); no file written"),
+]
+DepfileOpt = Annotated[
+    Path | None,
+    typer.Option("--depfile", metavar="FILE", help="write a make rule of every input the build read (gcc -MD)"),
+]
+TagOpt = Annotated[str | None, typer.Option("--tag", help="the image's tag (overrides the spec's tag)")]
+CompressorOpt = Annotated[
+    str | None, typer.Option("--compressor", help="gz | zstd | none (overrides the spec's compressor)")
+]
+LabelOpt = Annotated[
+    list[str] | None,
+    typer.Option("--label", metavar="KEY=VALUE", help="a config label (repeatable; over the spec's Labels)"),
+]
+AnnotationOpt = Annotated[
+    list[str] | None,
+    typer.Option("--annotation", metavar="KEY=VALUE", help="an OCI manifest annotation (repeatable; over the spec's)"),
+]
 
 
 def _fail(exc: NsbuildError) -> NoReturn:
@@ -108,7 +153,7 @@ def _io_error(exc: OSError) -> BuildError:
 class Failures:
     """How a command words the failures that are not its own NsbuildErrors."""
 
-    interrupted: str | None = None  # the line for Ctrl-C or SIGTERM (exit 130); None: click's "Aborted!"
+    interrupted: str = "interrupted"  # the line for Ctrl-C or SIGTERM (exit 130)
     pipe_closed: str | None = None  # the line when stdout's reader left while the image was written
 
 
@@ -124,8 +169,6 @@ def failures(how: Failures = Failures()) -> Iterator[None]:
     except NsbuildError as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        if how.interrupted is None:
-            raise
         sys.stderr.write(f"nsbuild: {how.interrupted}\n")
         raise typer.Exit(130) from None
     except OSError as exc:
@@ -182,6 +225,9 @@ class BuildFlags:
     jobs: int
     registry: RegistryFlags
     stream: bool = False  # stdout, uncompressed (streamLayeredImage)
+    load: bool = False  # into podman or docker
+    depfile: Path | None = None
+    overrides: Overrides = Overrides()
 
 
 def _check_registry_refs(flags: RegistryFlags, output_is_registry: bool, compressor: str) -> None:
@@ -206,11 +252,15 @@ def _prepare(flags: BuildFlags) -> tuple[Spec, ImageRef, BuildOptions]:
     if flags.fmt is not None:
         _check_choice("--format", flags.fmt, FORMATS)
     reg_options = flags.registry.options()
-    spec = load_spec(flags.spec_path, flags.kind)
+    spec = apply_overrides(load_spec(flags.spec_path, flags.kind), flags.overrides)
+    if flags.load and flags.output is not None:
+        raise UsageError("--load and -o: choose one (-o containers-storage:NAME or docker-daemon:NAME names the store)")
     if flags.stream:
         # stdout is never compressed: the spec's compressor gives way, for every layer
         spec = dataclasses.replace(spec, compressor="none")
         ref = ImageRef("docker-archive", "-")
+    elif flags.load:
+        ref = ImageRef("load", "")
     else:
         ref = resolve_output(parse_ref(flags.output) if flags.output else None, flags.fmt, spec)
     if ref.format == "registry":
@@ -243,15 +293,21 @@ def _build(flags: BuildFlags) -> None:
         print(f"{pushed.reference}@{pushed.digest}")
     elif not flags.stream and pushed is None:
         # An output that already held these exact bytes was left alone (nothing to do, as make says).
-        verb = "wrote" if result.written else "up to date:"
-        progress.info(f"{verb} {result.output} ({result.format}) {image.reference} {image.manifest_digest}")
+        if result.loaded is not None:
+            print(result.loaded)  # the name the client loaded, for `podman run $(nsbuild ... --load)`
+            progress.info(f"loaded {result.loaded} into {result.output} manifest {image.manifest_digest}")
+        else:
+            verb = "wrote" if result.written else "up to date:"
+            progress.info(
+                f"{verb} {result.output} ({result.format}) {image.reference} manifest {image.manifest_digest}"
+            )
     if flags.as_json:
         print(json.dumps(_result_json(result, flags.registry), indent=2))
 
 
 def _progress(quiet: bool, as_json: bool) -> Progress:
-    # --json keeps stderr quiet too unless someone watches it
-    return Progress(quiet=quiet or as_json and not sys.stderr.isatty())
+    # --json is on stdout: progress stays on stderr, where CI logs want it; only -q silences it
+    return Progress(quiet=quiet)
 
 
 def _result_json(result: BuildResult, registry: RegistryFlags) -> dict[str, Any]:
@@ -312,10 +368,31 @@ def _build_command(kind: str, doc: str) -> Callable[..., None]:
         cert_dir: CertDirOpt = None,
         cache_to: CacheToOpt = None,
         cache_from: CacheFromOpt = None,
+        load: LoadOpt = False,
+        depfile: DepfileOpt = None,
+        tag: TagOpt = None,
+        compressor: CompressorOpt = None,
+        label: LabelOpt = None,
+        annotation: AnnotationOpt = None,
     ) -> None:
         registry = RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir, cache_to, cache_from)
+        overrides = Overrides(tag, compressor, tuple(label or ()), tuple(annotation or ()))
         flags = BuildFlags(
-            kind, spec, output, format, quiet, json_out, isolation, network, cache_dir, no_cache, jobs, registry
+            kind,
+            spec,
+            output,
+            format,
+            quiet,
+            json_out,
+            isolation,
+            network,
+            cache_dir,
+            no_cache,
+            jobs,
+            registry,
+            load=load,
+            depfile=depfile,
+            overrides=overrides,
         )
         _build(flags)
 
@@ -377,7 +454,7 @@ def push(
     from nsbuild.sinks.push import push_json
 
     flags = RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir)
-    with failures(Failures(interrupted="interrupted")):
+    with failures():
         _check_choice("--compressor", compressor, ("gz", "zstd", "none"))
         options = flags.options()
         if not is_registry(dest):
@@ -432,7 +509,8 @@ def inspect(
 @app.command()
 def doctor() -> None:
     """Show which fakeRootCommands backends work here, and why the others do not."""
-    text, ok = run_doctor()
+    with failures():
+        text, ok = run_doctor()
     print(text)
     raise typer.Exit(0 if ok else 1)
 
@@ -459,15 +537,25 @@ def cache_du(cache_dir: CacheDirOpt = None) -> None:
     print(f"{root}: {entries} layer entries, {blobs} blobs, {human(size)}; {temps} temporary files, {human(temp_size)}")
 
 
+PRUNE_DAYS = 30.0  # `cache prune` keeps what a build used this recently, unless --all
+
+
 @cache_app.command("prune")
 def cache_prune(
-    cache_dir: CacheDirOpt = None, older_than: Annotated[float, typer.Option("--older-than", help="days unused")] = 0.0
+    cache_dir: CacheDirOpt = None,
+    older_than: Annotated[
+        float | None, typer.Option("--older-than", min=0, help=f"days unused [default: {PRUNE_DAYS:.0f}]")
+    ] = None,
+    all_entries: Annotated[bool, typer.Option("--all", help="empty the cache")] = False,
 ) -> None:
-    """Drop layer entries unused for --older-than days (default: all) and blobs nothing refers to.
-    Safe while builds use the cache: blobs a running build uses are kept."""
+    """Drop layer entries unused for --older-than days (default 30; --all: every entry) and blobs
+    nothing refers to. Safe while builds use the cache: blobs a running build uses are kept."""
     root = cache_dir or default_cache_dir()
     with failures(), _cache_errors(root):
-        removed, freed = LayerCache(root).prune(older_than * 86400)
+        if all_entries and older_than is not None:
+            raise UsageError("--all and --older-than: choose one")
+        days = 0.0 if all_entries else PRUNE_DAYS if older_than is None else older_than
+        removed, freed = LayerCache(root).prune(days * 86400)
     print(f"{root}: removed {removed} layer entries, freed {human(freed)}")
 
 

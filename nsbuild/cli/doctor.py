@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -69,9 +68,3 @@ def run_doctor() -> tuple[str, bool]:
     chosen = next((p.backend for p in probes if p.ok), None)
     assert [p.backend for p in probes] == list(BACKENDS)
     return render(probes, chosen), chosen is not None
-
-
-if __name__ == "__main__":
-    text, ok = run_doctor()
-    print(text)
-    os._exit(0 if ok else 1)
