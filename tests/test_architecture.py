@@ -31,6 +31,7 @@ RANKS: dict[str, int] = {
     "image": 4,
     "registry": 5,
     "sandbox": 6,
+    "sbom": 6,  # SBOM/provenance documents and their attachment: reads layers, talks to registries via registry/
     "rootfs": 7,
     "cache": 7,
     "sources": 7,

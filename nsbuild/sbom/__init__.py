@@ -1,0 +1,40 @@
+"""SBOMs (SPDX 2.3, CycloneDX 1.6) and SLSA provenance for images, attached as OCI 1.1 referrers (issue 15).
+
+nsbuild.sbom.referrers (registry attachment) is not imported here: it needs requests.
+"""
+
+from nsbuild.sbom.attach import Artifact, Subject, attach_to_layout, layout_referrers
+from nsbuild.sbom.documents import (
+    Documents,
+    SbomRequest,
+    documents_for,
+    facts_from_image,
+    make_documents,
+    render_packages,
+    sbom_formats,
+)
+from nsbuild.sbom.dsse import load_signing_key, load_signing_key_file
+from nsbuild.sbom.layout import BaseFacts, ImageFacts, LayerFacts
+from nsbuild.sbom.packages import Package
+from nsbuild.sbom.provenance import ContentLayer
+
+__all__ = [
+    "Artifact",
+    "BaseFacts",
+    "ContentLayer",
+    "Documents",
+    "ImageFacts",
+    "LayerFacts",
+    "Package",
+    "SbomRequest",
+    "Subject",
+    "attach_to_layout",
+    "documents_for",
+    "facts_from_image",
+    "layout_referrers",
+    "load_signing_key",
+    "load_signing_key_file",
+    "make_documents",
+    "render_packages",
+    "sbom_formats",
+]
