@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from nsbuild.errors import UsageError
-from nsbuild.image.image import Image
+from nsbuild.image.image import Image, oci_manifest
+from nsbuild.layer.layer import Layer
 from nsbuild.sbom.attach import Artifact, Subject, subject_of
 from nsbuild.sbom.cyclonedx import cyclonedx_document
 from nsbuild.sbom.dsse import MEDIA_DSSE, SigningKey, sign_envelope
@@ -46,7 +47,8 @@ class SbomRequest:
     `base`: the base image when the caller knows it better than the layout. `spec` (parsed spec.json):
     with it, a provenance statement is made too, with `content_layers` (default: the image's own
     layers, named by their history comments), `base_ref`, `builder_id` and `command`; `sign_key`
-    wraps it in a signed DSSE envelope."""
+    wraps it in a signed DSSE envelope. `name`: the image's repository (default: the spec's name, else
+    the layout directory's)."""
 
     formats: tuple[str, ...] = FORMATS
     store_dir: str = DEFAULT_STORE_DIR
@@ -59,6 +61,7 @@ class SbomRequest:
     command: str = "layered"
     sign_key: SigningKey | None = None
     work_dir: Path | None = None
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,8 @@ def make_documents(image_dir_or_layout: Path, request: SbomRequest | None = None
     """The documents of the image in the OCI layout `image_dir_or_layout` (the one tagged `tag`, or
     the only image there)."""
     request = request or SbomRequest()
-    facts = read_layout(Path(image_dir_or_layout), tag)
+    name = request.name or str((request.spec or {}).get("name") or "")
+    facts = read_layout(Path(image_dir_or_layout), tag, name)
     if request.base is not None:
         facts = with_base(facts, request.base)
     return documents_for(facts, request)
@@ -127,6 +131,17 @@ def facts_from_image(image: Image, sources: Sequence[str] = (), base: BaseFacts 
     config = json.loads(image.config)
     media = str(manifest.get("mediaType") or "application/vnd.oci.image.manifest.v1+json")
     return ImageFacts(image.name, image.tag, image.manifest, media, config, tuple(layers), base, annotations)
+
+
+def facts_from_layers(
+    name: str, tag: str, config: bytes, layers: Sequence[Layer], base: BaseFacts | None = None
+) -> ImageFacts:
+    """An image read some other way (a docker-archive or OCI archive through nsbuild.sources, whose
+    Layer values keep their tars on disk) as ImageFacts. Its subject is the OCI manifest of these
+    blobs (what an OCI output of the same image would carry): a docker-archive has no manifest digest."""
+    manifest = oci_manifest(config, list(layers))
+    image = Image(name=name, tag=tag, layers=list(layers), config=config, manifest=manifest)
+    return facts_from_image(image, base=base)
 
 
 def documents_for(facts: ImageFacts, request: SbomRequest) -> Documents:

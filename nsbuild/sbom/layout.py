@@ -115,7 +115,8 @@ def choose_manifest(root: Path, tag: str | None) -> dict[str, Any]:
 
 
 def read_layout(root: Path, tag: str | None = None, name: str = "") -> ImageFacts:
-    """The image of an OCI layout directory, its layers' blobs in place. Base layers are known by the
+    """The image of an OCI layout directory, its layers' blobs in place; `name`: the repository (a
+    layout records only tags), default the directory's name. Base layers are known by the
     manifest's base annotations (set for a pulled fromImage) and the config's history."""
     desc = choose_manifest(root, tag)
     manifest_path = _blob(root, desc.get("digest"), "manifest")
