@@ -219,6 +219,32 @@ def test_packages_per_layer_with_whiteouts_and_compression(tmp_path: Path) -> No
     assert ("pypi", "Foo_Bar", "pkg:pypi/foo-bar@2.0") in {(p.kind, p.name, p.purl) for p in scan_layers(layers[:1])}
 
 
+def test_distroless_apk3_egg_info_and_hard_links(tmp_path: Path) -> None:
+    lay = _layer(
+        tmp_path / "l",
+        {
+            "var/lib/dpkg/status.d/libc6": b"Package: libc6\nVersion: 2.36\nArchitecture: amd64\n",
+            "var/lib/dpkg/status.d/libc6.md5sums": b"0123  usr/lib/x\n",
+            "usr/lib/apk/db/installed": b"P:musl\nV:1.2.5-r0\nA:aarch64\n",
+            "usr/lib/python3/dist-packages/chardet-5.1.0.egg-info/PKG-INFO": _meta("chardet", "5.1.0"),
+            "opt/a/x-1.dist-info/METADATA": _meta("x", "1"),
+        },
+    )
+    with tarfile.open(tmp_path / "l", "a") as tar:  # a hard link to a METADATA of the same layer
+        info = tarfile.TarInfo("opt/b/x-1.dist-info/METADATA")
+        info.type, info.linkname = tarfile.LNKTYPE, "opt/a/x-1.dist-info/METADATA"
+        tar.addfile(info)
+    lay = LayerBlob("sha256:" + hashlib.sha256((tmp_path / "l").read_bytes()).hexdigest(), tmp_path / "l")
+    got = {(p.kind, p.name, p.version, p.path) for p in scan_layers([lay])}
+    assert got == {
+        ("deb", "libc6", "2.36", "/var/lib/dpkg/status.d/libc6"),
+        ("apk", "musl", "1.2.5-r0", "/usr/lib/apk/db/installed"),
+        ("pypi", "chardet", "5.1.0", "/usr/lib/python3/dist-packages/chardet-5.1.0.egg-info/PKG-INFO"),
+        ("pypi", "x", "1", "/opt/a/x-1.dist-info/METADATA"),
+        ("pypi", "x", "1", "/opt/b/x-1.dist-info/METADATA"),
+    }
+
+
 def test_store_info_given_by_the_caller(tmp_path: Path) -> None:
     h1, h2 = "a" * 32, "b" * 32
     lay = _layer(tmp_path / "l", {f"s/{h1}-app-1.0/x": b"", f"s/{h2}-lib-2/y": b""})

@@ -3,9 +3,10 @@
 Layers are read in order with OCI layer semantics: a file in a later layer replaces an earlier one,
 a whiteout (`.wh.NAME`) removes NAME and everything under it from the layers below, an opaque
 whiteout (`.wh..wh..opq`) everything below in its directory. What is read: the package databases of
-dpkg (`var/lib/dpkg/status`) and apk (`lib/apk/db/installed`), Python distributions
-(`*.dist-info/METADATA`), the entries of the Nix store directory and, when present, the Nix database
-includeNixDB writes (`nix/var/nix/db/db.sqlite`), for NAR hashes and references.
+dpkg (`var/lib/dpkg/status`, and distroless' `var/lib/dpkg/status.d/*`), apk
+(`lib/apk/db/installed`, apk-tools 3: `usr/lib/apk/db/installed`), Python distributions
+(`*.dist-info/METADATA`, `*.egg-info/PKG-INFO`), the entries of the Nix store directory and, when
+present, the Nix database includeNixDB writes (`nix/var/nix/db/db.sqlite`), for NAR hashes and references.
 
 Each layer is decompressed into a temporary file and walked by nsbuild.tar.tarscan (the strict
 reader base images are checked with), so a malformed layer is refused, never half-read.
@@ -30,7 +31,9 @@ from nsbuild.sbom.purl import purl
 from nsbuild.tar.tarscan import Member, TarFormatError, iter_members
 
 DPKG_STATUS = "var/lib/dpkg/status"
-APK_INSTALLED = "lib/apk/db/installed"
+DPKG_STATUS_D = "var/lib/dpkg/status.d/"  # distroless: one paragraph per file, no dpkg itself
+APK_INSTALLED = ("lib/apk/db/installed", "usr/lib/apk/db/installed")
+PYTHON_METADATA = (".dist-info/METADATA", ".egg-info/PKG-INFO")
 NIX_DB = "nix/var/nix/db/db.sqlite"  # nsbuild.rootfs.nixdb.STATE_DIR, whatever the storeDir
 MAX_RECORD = 256 << 20  # a package database larger than this is not one
 DEFAULT_STORE_DIR = "/nix/store"
@@ -96,9 +99,11 @@ class _Scan:
 
 
 def is_record(path: str) -> bool:
-    return path in (DPKG_STATUS, APK_INSTALLED, NIX_DB) or (
-        path.endswith(".dist-info/METADATA") and path.count("/") >= 1
-    )
+    if path in (DPKG_STATUS, NIX_DB) or path in APK_INSTALLED:
+        return True
+    if path.startswith(DPKG_STATUS_D):
+        return "/" not in path[len(DPKG_STATUS_D) :] and not path.endswith(".md5sums")
+    return path.endswith(PYTHON_METADATA) and path.count("/") >= 1
 
 
 def _norm(name: str) -> str:
@@ -139,6 +144,7 @@ def _scan_layer(scan: _Scan, index: int, tar: Path) -> None:
                 scan.opaque(directory)
             elif base.startswith(".wh."):
                 scan.whiteout(posixpath.join(directory, base[4:]))
+        regular: dict[str, Member] = {}  # this layer's files, for hard links to them
         for member in members:
             path = _norm(member.name)
             base = posixpath.basename(path)
@@ -146,8 +152,11 @@ def _scan_layer(scan: _Scan, index: int, tar: Path) -> None:
                 continue
             if not member.isdir():
                 scan.whiteout(path)  # a later layer's entry replaces what was there, whatever it was
-            if is_record(path) and member.isreg():
-                scan.records[path] = (index, _read_member(f, member))
+            if member.isreg():
+                regular[path] = member
+            target = regular.get(_norm(member.linkname)) if member.islnk() else member
+            if is_record(path) and target is not None and target.isreg():
+                scan.records[path] = (index, _read_member(f, target))
             if path.startswith(scan.store_prefix) and len(path) > len(scan.store_prefix):
                 scan.store[path[len(scan.store_prefix) :].split("/", 1)[0]] = index
 
@@ -182,24 +191,24 @@ def _stanzas(text: str) -> Iterator[dict[str, str]]:
         yield fields
 
 
-def dpkg_packages(data: bytes, layer: str) -> list[Package]:
+def dpkg_packages(data: bytes, layer: str, path: str = DPKG_STATUS) -> list[Package]:
     """The packages dpkg has unpacked (`dpkg-query -W` lists them): not those removed with their
     configuration files kept, nor those it only knows of."""
     out = []
     for st in _stanzas(data.decode("utf-8", "replace")):
-        state = st.get("Status", "").split()
+        # distroless writes status.d without dpkg: a paragraph there without Status is installed
+        default = "" if path == DPKG_STATUS else "install ok installed"
+        state = st.get("Status", default).split()
         if "Package" not in st or len(state) != 3 or state[2] in ("not-installed", "config-files"):
             continue
         arch = st.get("Architecture", "")
         name, version = st["Package"], st.get("Version", "")
         qualifiers = {"arch": arch} if arch else {}
-        out.append(
-            Package("deb", name, version, purl("deb", "debian", name, version, qualifiers), DPKG_STATUS, layer, arch)
-        )
+        out.append(Package("deb", name, version, purl("deb", "debian", name, version, qualifiers), path, layer, arch))
     return out
 
 
-def apk_packages(data: bytes, layer: str) -> list[Package]:
+def apk_packages(data: bytes, layer: str, path: str = APK_INSTALLED[0]) -> list[Package]:
     """apk's installed database: `K:value` lines, a blank line between packages."""
     out = []
     for block in data.decode("utf-8", "replace").split("\n\n"):
@@ -211,9 +220,7 @@ def apk_packages(data: bytes, layer: str) -> list[Package]:
             continue
         name, version, arch = fields["P"], fields.get("V", ""), fields.get("A", "")
         qualifiers = {"arch": arch} if arch else {}
-        out.append(
-            Package("apk", name, version, purl("apk", "alpine", name, version, qualifiers), APK_INSTALLED, layer, arch)
-        )
+        out.append(Package("apk", name, version, purl("apk", "alpine", name, version, qualifiers), path, layer, arch))
     return out
 
 
@@ -307,11 +314,11 @@ def _packages(scan: _Scan, digests: list[str], store_dir: str, infos: dict[str, 
     out: list[Package] = []
     for path, (index, data) in sorted(scan.records.items()):
         layer = digests[index]
-        if path == DPKG_STATUS:
-            out += dpkg_packages(data, layer)
-        elif path == APK_INSTALLED:
-            out += apk_packages(data, layer)
-        elif path.endswith(".dist-info/METADATA"):
+        if path == DPKG_STATUS or path.startswith(DPKG_STATUS_D):
+            out += dpkg_packages(data, layer, path)
+        elif path in APK_INSTALLED:
+            out += apk_packages(data, layer, path)
+        elif path.endswith(PYTHON_METADATA):
             pkg = python_package(data, "/" + path, layer)
             if pkg is not None:
                 out.append(pkg)
