@@ -255,6 +255,26 @@ def test_store_info_given_by_the_caller(tmp_path: Path) -> None:
     assert got["lib"].nar_hash == "" and got["lib"].references == ()
 
 
+def test_store_info_from_the_build_closure(tmp_path: Path) -> None:
+    from nsbuild.plan.store import StorePath
+    from nsbuild.sbom.nix import nix_info_from_closure
+
+    h1, h2 = "c" * 32, "d" * 32
+    closure = {
+        f"{h1}-app-1.0": StorePath(tmp_path / f"{h1}-app-1.0", references={h2, h1}),
+        f"{h2}-lib-2": StorePath(tmp_path / f"{h2}-lib-2"),
+    }
+    nar = hashlib.sha256(b"lib").hexdigest()
+    info = nix_info_from_closure(closure, "/s", {f"{h2}-lib-2": "sha256:" + nar})
+    assert info == {
+        f"/s/{h1}-app-1.0": {"references": [f"/s/{h2}-lib-2"]},
+        f"/s/{h2}-lib-2": {"references": [], "narHash": "sha256:" + nar},
+    }
+    lay = _layer(tmp_path / "l", {f"s/{h1}-app-1.0/x": b"", f"s/{h2}-lib-2/y": b""})
+    got = {p.name: p for p in scan_layers([lay], store_dir="/s", nix_info=info)}
+    assert got["app"].references == (f"/s/{h2}-lib-2",) and got["lib"].nar_hash == nar
+
+
 def test_malformed_layer_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.write_bytes(b"not a tar" * 100)

@@ -31,7 +31,15 @@ from support.core import build, write_spec
 from support.users import is_root
 from support.verifiers import skopeo_copy, skopeo_inspect
 
-from nsbuild.sbom import BaseFacts, SbomRequest, attach_to_layout, layout_referrers, load_signing_key, make_documents
+from nsbuild.sbom import (
+    BaseFacts,
+    SbomRequest,
+    attach_to_layout,
+    layout_referrers,
+    load_signing_key,
+    make_documents,
+    render_packages,
+)
 from nsbuild.sbom.nix import sha256_hex
 
 NIX_BUILD = shutil.which("nix-build")
@@ -226,6 +234,8 @@ def test_packages_are_what_dpkg_pip_and_nix_say(world: World) -> None:
     )
     in_venv = {(p.name, p.version) for p in docs.packages if p.kind == "pypi" and p.path.startswith("/opt/venv/")}
     assert in_venv == {(d["name"], d["version"]) for d in pip} and in_venv
+    text = render_packages(docs)  # what `nsbuild inspect IMAGE --sbom` prints
+    assert text.startswith(f"layer 0 {layer_digests[0]}") and "\n  deb   libc6 " in text
     closure = set(world.nix("-qR", *world.contents).split())
     nix = {p.path: p for p in docs.packages if p.kind == "nix"}
     assert set(nix) == closure

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nsbuild.plan.store import StorePath
+
 NIX32 = "0123456789abcdfghijklmnpqrsvwxyz"  # Nix's base32 alphabet (no e, o, u, t)
 HASH_PART = 32  # characters of a store path's hash part
 _LETTERS = frozenset(string.ascii_letters)  # isalpha() in the C locale Nix relies on
@@ -93,6 +95,24 @@ def path_infos(given: Mapping[str, Mapping[str, Any]], store_dir: str) -> dict[s
         nar = value.get("narHash") or ""
         refs = sorted({_full(r, store_dir) for r in value.get("references") or []} - {path})
         out[path] = PathInfo(sha256_hex(nar) if nar else "", tuple(refs))
+    return out
+
+
+def nix_info_from_closure(
+    closure: Mapping[str, StorePath], store_dir: str, nar_hashes: Mapping[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The build's closure (nsbuild.plan: entry name → StorePath, references as hash parts) in the form
+    SbomRequest.nix_info takes; `nar_hashes` (entry name → hash, any form Nix prints) when known, e.g.
+    from the registrations includeNixDB computed."""
+    by_hash = {sp.hash_part: name for name, sp in closure.items()}
+    prefix = store_dir.rstrip("/")
+    out: dict[str, dict[str, Any]] = {}
+    for name, sp in sorted(closure.items()):
+        refs = sorted(f"{prefix}/{by_hash[h]}" for h in sp.references if h in by_hash and by_hash[h] != name)
+        info: dict[str, Any] = {"references": refs}
+        if nar_hashes and name in nar_hashes:
+            info["narHash"] = nar_hashes[name]
+        out[f"{prefix}/{name}"] = info
     return out
 
 
