@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -35,6 +36,7 @@ DPKG_STATUS_D = "var/lib/dpkg/status.d/"  # distroless: one paragraph per file, 
 APK_INSTALLED = ("lib/apk/db/installed", "usr/lib/apk/db/installed")
 PYTHON_METADATA = (".dist-info/METADATA", ".egg-info/PKG-INFO")
 NIX_DB = "nix/var/nix/db/db.sqlite"  # nsbuild.rootfs.nixdb.STATE_DIR, whatever the storeDir
+_SEPARATORS = re.compile(r"[-_.]+")
 MAX_RECORD = 256 << 20  # a package database larger than this is not one
 DEFAULT_STORE_DIR = "/nix/store"
 
@@ -75,12 +77,25 @@ class _Scan:
     store_prefix: str
     records: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # path → (layer index, bytes)
     store: dict[str, int] = field(default_factory=dict)  # store entry name → layer index
+    # Every directory a record was ever under: most entries of a layer are no such directory, and
+    # only those need the walk over the records (an entry in the set that no longer is one is harmless).
+    record_dirs: set[str] = field(default_factory=set)
+
+    def add_record(self, path: str, index: int, data: bytes) -> None:
+        self.records[path] = (index, data)
+        parent = posixpath.dirname(path)
+        while parent and parent not in self.record_dirs:
+            self.record_dirs.add(parent)
+            parent = posixpath.dirname(parent)
 
     def whiteout(self, path: str) -> None:
         """Remove `path` and everything under it (from the layers below the current one)."""
+        self.records.pop(path, None)
+        if path in self.record_dirs or not path:
+            under = path + "/" if path else ""
+            for key in [k for k in self.records if k.startswith(under)]:
+                del self.records[key]
         under = path + "/"
-        for key in [k for k in self.records if k == path or k.startswith(under)]:
-            del self.records[key]
         if path == self.store_prefix.rstrip("/") or self.store_prefix.startswith(under):
             self.store.clear()
         elif path.startswith(self.store_prefix):
@@ -156,7 +171,7 @@ def _scan_layer(scan: _Scan, index: int, tar: Path) -> None:
                 regular[path] = member
             target = regular.get(_norm(member.linkname)) if member.islnk() else member
             if is_record(path) and target is not None and target.isreg():
-                scan.records[path] = (index, _read_member(f, target))
+                scan.add_record(path, index, _read_member(f, target))
             if path.startswith(scan.store_prefix) and len(path) > len(scan.store_prefix):
                 scan.store[path[len(scan.store_prefix) :].split("/", 1)[0]] = index
 
@@ -235,23 +250,15 @@ def python_package(data: bytes, path: str, layer: str) -> Package | None:
 
 
 def pypi_name(name: str) -> str:
-    """The purl name of a PyPI project: normalised as PEP 503 does, lower case, runs of -_. as one -."""
-    out: list[str] = []
-    dash = False
-    for char in name.lower():
-        if char in "-_.":
-            dash = True
-            continue
-        if dash and out:
-            out.append("-")
-        dash = False
-        out.append(char)
-    return "".join(out)
+    """The purl name of a PyPI project: normalised as PEP 503 does (lower case, runs of -_. as one -)."""
+    return _SEPARATORS.sub("-", name).lower()
 
 
 def nix_package(store_dir: str, entry: str, layer: str, info: PathInfo | None) -> Package:
     _, full_name = split_store_name(entry)
     name, version = parse_drv_name(full_name)
+    if not name:  # `<hash>-1.0`: Nix's split leaves no name; the documents need one
+        name, version = full_name, ""
     path = f"{store_dir.rstrip('/')}/{entry}"
     return Package(
         "nix",
