@@ -59,6 +59,7 @@ ALLOWED_LOCAL: dict[tuple[str, str], str] = {
     ("nsbuild.cli.cli", "nsbuild.sinks.push"): _REQUESTS + " (--json of a push)",
     ("nsbuild.cli.cli", "nsbuild.registry.usage"): _REQUESTS + " (docker:// references in options)",
     ("nsbuild.cli.cli", "nsbuild.registry"): _REQUESTS + " (registry flags)",
+    ("nsbuild.sbom.publish", "nsbuild.sbom.referrers"): _REQUESTS + " (SBOMs attached in a registry)",
 }
 
 

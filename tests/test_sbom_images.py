@@ -418,3 +418,23 @@ def test_attached_in_a_registry_through_the_referrers_tag(world: World, registry
         assert manifest["subject"]["digest"] == docs.image.digest
         found[desc["artifactType"]] = get(f"blobs/{manifest['layers'][0]['digest']}", "*/*")
     assert found == {a.media_type: a.data for a in docs.artifacts()}
+
+
+def test_publish_writes_files_and_attaches_to_the_layout(world: World, tmp_path: Path) -> None:
+    from nsbuild.sbom import PublishTarget, publish
+
+    layout = _layout_copy(world, tmp_path / "oci")
+    docs = make_documents(layout, _request(world, formats=("cyclonedx",), spec=world.spec), tag="t")
+    files = (("cyclonedx", tmp_path / "sbom.cdx.json"), ("provenance", tmp_path / "prov.json"))
+    done = publish(docs, PublishTarget(files=files, layout=layout))
+    assert (tmp_path / "sbom.cdx.json").read_bytes() == docs.cyclonedx
+    assert (tmp_path / "prov.json").read_bytes() == docs.provenance
+    assert [d["artifactType"] for d in done.layout_referrers] == [
+        "application/vnd.cyclonedx+json",
+        "application/vnd.in-toto+json",
+    ]
+    assert done.registry_mode == "" and not done.registry_referrers
+    from nsbuild.errors import BuildError
+
+    with pytest.raises(BuildError, match="no spdx document"):
+        publish(docs, PublishTarget(files=(("spdx", tmp_path / "x.json"),)))

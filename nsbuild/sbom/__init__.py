@@ -18,6 +18,7 @@ from nsbuild.sbom.dsse import load_signing_key, load_signing_key_file
 from nsbuild.sbom.layout import BaseFacts, ImageFacts, LayerFacts
 from nsbuild.sbom.packages import Package
 from nsbuild.sbom.provenance import ContentLayer
+from nsbuild.sbom.publish import Published, PublishTarget, publish
 
 __all__ = [
     "Artifact",
@@ -27,6 +28,8 @@ __all__ = [
     "ImageFacts",
     "LayerFacts",
     "Package",
+    "PublishTarget",
+    "Published",
     "SbomRequest",
     "Subject",
     "attach_to_layout",
@@ -37,6 +40,7 @@ __all__ = [
     "load_signing_key",
     "load_signing_key_file",
     "make_documents",
+    "publish",
     "render_packages",
     "sbom_formats",
 ]
