@@ -6,18 +6,18 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nsbuild.errors import UsageError
 from nsbuild.image.image import Image, oci_manifest
 from nsbuild.layer.layer import Layer
 from nsbuild.sbom.attach import Artifact, Subject, subject_of
 from nsbuild.sbom.cyclonedx import cyclonedx_document
-from nsbuild.sbom.dsse import MEDIA_DSSE, SigningKey, sign_envelope
 from nsbuild.sbom.layout import BaseFacts, ImageFacts, LayerFacts, read_layout, with_base
 from nsbuild.sbom.packages import DEFAULT_STORE_DIR, LayerBlob, Package, scan_layers
 from nsbuild.sbom.provenance import (
     DEFAULT_BUILDER_ID,
+    MEDIA_DSSE,
     MEDIA_IN_TOTO,
     ContentLayer,
     ProvenanceInput,
@@ -25,6 +25,9 @@ from nsbuild.sbom.provenance import (
     statement_bytes,
 )
 from nsbuild.sbom.spdx import spdx_document
+
+if TYPE_CHECKING:  # cryptography is imported only by whoever loads a signing key
+    from nsbuild.sbom.dsse import SigningKey
 
 MEDIA_SPDX = "application/spdx+json"
 MEDIA_CYCLONEDX = "application/vnd.cyclonedx+json"
@@ -165,7 +168,7 @@ def documents_for(facts: ImageFacts, request: SbomRequest) -> Documents:
     if request.spec is not None:
         statement = statement_bytes(provenance_statement(provenance_input(facts, request)))
         if request.sign_key is not None:
-            provenance = json.dumps(sign_envelope(statement, request.sign_key), sort_keys=True).encode()
+            provenance = json.dumps(request.sign_key.envelope(statement), sort_keys=True).encode()
         else:
             provenance = statement
     return Documents(

@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from nsbuild.errors import UsageError
-from nsbuild.sbom.provenance import MEDIA_IN_TOTO
+from nsbuild.sbom.provenance import MEDIA_DSSE, MEDIA_IN_TOTO
 
-MEDIA_DSSE = "application/vnd.dsse.envelope.v1+json"
+__all__ = ["MEDIA_DSSE", "SigningKey", "load_signing_key", "load_signing_key_file", "pae", "sign_envelope"]
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
 
@@ -45,6 +45,9 @@ class SigningKey:
         return self.private.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
+
+    def envelope(self, payload: bytes, payload_type: str = MEDIA_IN_TOTO) -> dict[str, Any]:
+        return sign_envelope(payload, self, payload_type)
 
     def sign(self, data: bytes) -> bytes:
         if isinstance(self.private, ed25519.Ed25519PrivateKey):

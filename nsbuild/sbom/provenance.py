@@ -19,6 +19,7 @@ from nsbuild.image.image import canonical_json
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
 MEDIA_IN_TOTO = "application/vnd.in-toto+json"
+MEDIA_DSSE = "application/vnd.dsse.envelope.v1+json"  # a signed statement (nsbuild.sbom.dsse)
 # A URI naming the build's template, as SLSA asks; nsbuild's own, versioned with the format of
 # externalParameters (the spec), not with nsbuild.
 BUILD_TYPE = "urn:nsbuild:build-type:layered:v1"
