@@ -408,6 +408,8 @@ def test_attached_in_a_registry_through_the_referrers_tag(world: World, registry
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.read()
 
+    # The image is what its tag names, as before.
+    assert skopeo_inspect(f"docker://{registry}/sbom/app:t", "--tls-verify=false")["Digest"] == docs.image.digest
     index = json.loads(
         get(f"manifests/sha256-{docs.image.digest.split(':')[1]}", "application/vnd.oci.image.index.v1+json")
     )

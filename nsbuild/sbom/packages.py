@@ -38,6 +38,7 @@ PYTHON_METADATA = (".dist-info/METADATA", ".egg-info/PKG-INFO")
 NIX_DB = "nix/var/nix/db/db.sqlite"  # nsbuild.rootfs.nixdb.STATE_DIR, whatever the storeDir
 _SEPARATORS = re.compile(r"[-_.]+")
 MAX_RECORD = 256 << 20  # a package database larger than this is not one
+MAX_RECORDS = 1 << 30  # all of them together: an image from elsewhere may be made to exhaust memory
 DEFAULT_STORE_DIR = "/nix/store"
 
 
@@ -80,9 +81,13 @@ class _Scan:
     # Every directory a record was ever under: most entries of a layer are no such directory, and
     # only those need the walk over the records (an entry in the set that no longer is one is harmless).
     record_dirs: set[str] = field(default_factory=set)
+    read_total: int = 0
 
     def add_record(self, path: str, index: int, data: bytes) -> None:
         self.records[path] = (index, data)
+        self.read_total += len(data)
+        if self.read_total > MAX_RECORDS:
+            raise BuildError(f"the package databases of the image hold more than {MAX_RECORDS >> 20} MiB")
         parent = posixpath.dirname(path)
         while parent and parent not in self.record_dirs:
             self.record_dirs.add(parent)
