@@ -85,7 +85,11 @@ def attach_to_registry(
         manifest = artifact_manifest(artifact, subject, created)
         blobs: dict[str, bytes | Any] = {sha256_digest(EMPTY_CONFIG): EMPTY_CONFIG, artifact.digest: artifact.data}
         push_manifest(
-            target.with_digest(sha256_digest(manifest)), manifest, MEDIA_OCI_MANIFEST, blobs=blobs, options=options
+            Reference(target.registry, target.repository, None, sha256_digest(manifest)),
+            manifest,
+            MEDIA_OCI_MANIFEST,
+            blobs=blobs,
+            options=options,
         )
         added.append(referrer_descriptor(artifact, manifest))
     with RegistryClient(target, options, actions=("pull", "push")) as client:
@@ -95,5 +99,6 @@ def attach_to_registry(
         index = _tag_index(client, target.repository, tag)
     new = {d["digest"] for d in added}
     index["manifests"] = [m for m in index.get("manifests", []) if m.get("digest") not in new] + added
-    push_manifest(target.with_tag(tag), canonical_json(index), MEDIA_OCI_INDEX, options=options)
+    tagged = Reference(target.registry, target.repository, tag, None)
+    push_manifest(tagged, canonical_json(index), MEDIA_OCI_INDEX, options=options)
     return Attached(tuple(added), "tag", tag)
