@@ -21,7 +21,7 @@ from nsbuild.image.image import make_config
 from nsbuild.layer.layer import Layer, build_layer, layer_from_tar
 from nsbuild.plan.plan import Plan, PlannedLayer, layer_hashes, make_plan, script_references
 from nsbuild.plan.store import Store
-from nsbuild.rootfs.customize import build_customisation_layer
+from nsbuild.rootfs.customize import CustomisationJob, build_customisation_layer
 from nsbuild.rootfs.hosttree import warn_contents_links
 from nsbuild.rootfs.nixdb import write_nix_db
 from nsbuild.sandbox.scripts import run_bash, script_env
@@ -414,21 +414,23 @@ def _fake_root_layer(
     out_tar = ws.root / "customisation.tar"
     lower = [s for layer in plan.layers for s in layer.sources]
     build_customisation_layer(
-        custom_root=custom,
-        lower=lower,
-        upper_sources=plan.custom_sources,
-        env=env,
-        base_layer_tars=[layer.tar.path for layer in base_layers if layer.tar.path is not None],
-        script=spec.fake_root_commands,
-        enable_fakechroot=spec.enable_fakechroot,
-        root_owner=Owner(spec.uid, spec.gid, spec.uname, spec.gname),
-        mtime=spec.mtime,
-        isolation=options.isolation,
-        network=options.network,
-        workdir=ws.path("sandbox"),
-        out_tar=out_tar,
-        log=progress,
-        store_dir=spec.store_dir,
+        CustomisationJob(
+            custom_root=custom,
+            lower=lower,
+            upper_sources=plan.custom_sources,
+            env=env,
+            base_layer_tars=[layer.tar.path for layer in base_layers if layer.tar.path is not None],
+            script=spec.fake_root_commands,
+            enable_fakechroot=spec.enable_fakechroot,
+            root_owner=Owner(spec.uid, spec.gid, spec.uname, spec.gname),
+            mtime=spec.mtime,
+            isolation=options.isolation,
+            network=options.network,
+            workdir=ws.path("sandbox"),
+            out_tar=out_tar,
+            log=progress,
+            store_dir=spec.store_dir,
+        )
     )
     # The tar's bytes hold every name, link target and file of the layer: scanned as they are.
     found = script_references(spec, plan, out_tar, before)

@@ -27,7 +27,7 @@ from nsbuild.layer.layer import Layer, build_layer, layer_from_tar
 from nsbuild.plan.closure import closure as store_closure
 from nsbuild.plan.closure import output_hashes, referenced_paths
 from nsbuild.plan.store import Store, StorePath
-from nsbuild.rootfs.customize import build_customisation_layer
+from nsbuild.rootfs.customize import CustomisationJob, build_customisation_layer
 from nsbuild.rootfs.hosttree import OUTSIDE, STORE, HostTree, warning
 from nsbuild.rootfs.nixdb import write_nix_db
 from nsbuild.sandbox.scripts import run_bash, script_env
@@ -157,25 +157,27 @@ def _run_as_root_layer(
     for _ in range(3):  # a script whose every run names new store paths is not followed for ever
         progress.info("running runAsRoot")
         build_customisation_layer(
-            custom_root=custom,
-            lower=[],
-            base_layer_tars=tars,
-            script=spec.run_as_root or "",
-            enable_fakechroot=True,
-            root_owner=owner,
-            mtime=spec.mtime,
-            isolation=options.isolation,
-            network=options.network,
-            workdir=ws.path("sandbox"),
-            out_tar=out_tar,
-            log=progress,
-            env=env,
-            scratch_mib=spec.disk_size,
-            memory_mib=spec.build_vm_memory_size,
-            what="runAsRoot",
-            store_dir=spec.store_dir,
-            after_script=spec.extra_commands,
-            after_env=env,
+            CustomisationJob(
+                custom_root=custom,
+                lower=[],
+                base_layer_tars=tars,
+                script=spec.run_as_root or "",
+                enable_fakechroot=True,
+                root_owner=owner,
+                mtime=spec.mtime,
+                isolation=options.isolation,
+                network=options.network,
+                workdir=ws.path("sandbox"),
+                out_tar=out_tar,
+                log=progress,
+                env=env,
+                scratch_mib=spec.disk_size,
+                memory_mib=spec.build_vm_memory_size,
+                what="runAsRoot",
+                store_dir=spec.store_dir,
+                after_script=spec.extra_commands,
+                after_env=env,
+            )
         )
         if not _add_script_references(spec, store, closure, out_tar, custom, progress, "runAsRoot", before):
             break
