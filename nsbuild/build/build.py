@@ -18,7 +18,7 @@ from nsbuild.core.progress import Progress, human
 from nsbuild.core.refs import ImageRef
 from nsbuild.errors import SpecError
 from nsbuild.image.image import make_config
-from nsbuild.layer.layer import Layer, build_layer, layer_from_tar
+from nsbuild.layer.layer import Layer, LayerRequest, build_layer, layer_from_tar
 from nsbuild.plan.plan import Plan, PlannedLayer, layer_hashes, make_plan, script_references
 from nsbuild.plan.store import Store
 from nsbuild.rootfs.customize import CustomisationJob, build_customisation_layer
@@ -297,15 +297,18 @@ def _content_layers(
         stops = []
         slot = archive.claim(first_position + index - 1) if archive is not None else None
         files = files_needed or slot is None
-        layer = build_layer(
+        request = LayerRequest(
             planned.sources,
-            blob_dir,
             mtime=spec.mtime,
             owner=fixed,
             compression=compression,
             keep_tar=keep_tar and files,
             keep_blob=files,
             comment=planned.comment,
+        )
+        layer = build_layer(
+            request,
+            blob_dir,
             cancel=cancel,
             watch=lambda w: stops.append(progress.watch(label, lambda: w.size)),
             blob_out=slot.out if slot is not None else None,
@@ -366,16 +369,15 @@ def _customisation_layer(
     found = script_references(spec, plan, custom, before) if scripted else []
     plan = _grown_plan(spec, plan, found, len(base_layers), progress, "extraCommands")
     sources = plan.custom_sources + [Source(custom, "/")]
-    layer = build_layer(
+    request = LayerRequest(
         sources,
-        ws.blobs,
         mtime=spec.mtime,
         owner=fixed,
         compression=compression,
         keep_tar=keep_tar,
         comment="customisation layer",
     )
-    return layer, plan
+    return build_layer(request, ws.blobs), plan
 
 
 def _grown_plan(spec: Spec, plan: Plan, found: list[Path], base_count: int, progress: Progress, what: str) -> Plan:

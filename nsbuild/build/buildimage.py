@@ -23,7 +23,7 @@ from nsbuild.core.progress import Progress
 from nsbuild.core.refs import ImageRef
 from nsbuild.errors import BuildError, SpecError
 from nsbuild.image.image import make_config
-from nsbuild.layer.layer import Layer, build_layer, layer_from_tar
+from nsbuild.layer.layer import Layer, LayerRequest, build_layer, layer_from_tar
 from nsbuild.plan.closure import closure as store_closure
 from nsbuild.plan.closure import output_hashes, referenced_paths
 from nsbuild.plan.store import Store, StorePath
@@ -80,15 +80,15 @@ def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOption
             progress.info("running extraCommands")
             run_bash(spec.extra_commands, cwd=custom, env=env, what="extraCommands", log_dir=ws.root)
             _add_script_references(spec, store, closure, custom, custom, progress, "extraCommands", before)
-        layer = build_layer(
+        request = LayerRequest(
             [Source(custom, "/")],
-            ws.blobs,
             mtime=spec.mtime,
             owner=OwnerPolicy.fixed_owner(owner),
             compression=compression,
             keep_tar=keep_tar,
             comment=LAYER_COMMENT,
         )
+        layer = build_layer(request, ws.blobs)
     else:
         layer = _run_as_root_layer(
             spec, ws, progress, options, custom, env, tars, owner, compression, (store, closure, before)
