@@ -53,6 +53,7 @@ ALLOWED_LOCAL: dict[tuple[str, str], str] = {
     ("nsbuild.build.steps", "nsbuild.sinks.push"): _REQUESTS + " (preflight of and push to a docker:// output)",
     ("nsbuild.build.steps", "nsbuild.registry.usage"): _REQUESTS + " (docker:// output)",
     ("nsbuild.build.steps", "nsbuild.sources.pull"): _REQUESTS + " (docker:// fromImage)",
+    ("nsbuild.sources.inspect", "nsbuild.sources.pull"): _REQUESTS + " (nsbuild inspect docker://)",
     ("nsbuild.cli.cli", "nsbuild.build.remote"): _REQUESTS + " (nsbuild push)",
     ("nsbuild.cli.cli", "nsbuild.sinks.push"): _REQUESTS + " (--json of a push)",
     ("nsbuild.cli.cli", "nsbuild.registry.usage"): _REQUESTS + " (docker:// references in options)",

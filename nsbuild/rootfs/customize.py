@@ -15,7 +15,7 @@ from typing import Any
 from nsbuild.errors import BuildError
 from nsbuild.sandbox import MODE, USES_FAKEROOT, choose, remove_tree
 from nsbuild.sandbox.boundary import hide_own_process, sandbox_env
-from nsbuild.sandbox.runner import run
+from nsbuild.sandbox.runner import Command, run
 from nsbuild.sandbox.tree import place
 from nsbuild.tar.owners import Owner
 from nsbuild.tar.tarwriter import Source
@@ -124,7 +124,7 @@ def build_customisation_layer(job: CustomisationJob) -> CustomisationResult:
             custom.mkdir()
             for s in [*job.upper_sources, Source(Path(job.custom_root), "/")]:
                 _copy_source(s, custom)
-        res = run(MODE[backend], argv, network=network, env=run_env)
+        res = run(Command(MODE[backend], argv, network=network, env=run_env))
         outcome = _read_result(result_path)
         if outcome is None:
             raise BuildError(f"{what}: the {backend} sandbox failed (exit {res.returncode})")
