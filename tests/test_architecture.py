@@ -31,6 +31,7 @@ RANKS: dict[str, int] = {
     "image": 4,
     "registry": 5,
     "sandbox": 6,
+    "sbom": 6,  # SBOM/provenance documents and their attachment: reads layers, talks to registries via registry/
     "rootfs": 7,
     "cache": 7,
     "sources": 7,
@@ -58,6 +59,7 @@ ALLOWED_LOCAL: dict[tuple[str, str], str] = {
     ("nsbuild.cli.cli", "nsbuild.sinks.push"): _REQUESTS + " (--json of a push)",
     ("nsbuild.cli.cli", "nsbuild.registry.usage"): _REQUESTS + " (docker:// references in options)",
     ("nsbuild.cli.cli", "nsbuild.registry"): _REQUESTS + " (registry flags)",
+    ("nsbuild.sbom.publish", "nsbuild.sbom.referrers"): _REQUESTS + " (SBOMs attached in a registry)",
 }
 
 
