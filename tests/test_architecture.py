@@ -49,10 +49,9 @@ RANKS: dict[str, int] = {
 # registry, `nsbuild schema` or `nsbuild cache` should not pay for it.
 _REQUESTS = "keeps requests (nsbuild.registry) out of commands and builds that need no registry"
 ALLOWED_LOCAL: dict[tuple[str, str], str] = {
-    ("nsbuild.build.build", "nsbuild.sinks.push"): _REQUESTS + " (preflight of a docker:// output or --cache-to)",
+    ("nsbuild.build.build", "nsbuild.sinks.push"): _REQUESTS + " (preflight of --cache-to)",
     ("nsbuild.build.build", "nsbuild.cache.shared"): _REQUESTS + " (--cache-from/--cache-to)",
-    ("nsbuild.build.buildimage", "nsbuild.sinks.push"): _REQUESTS + " (preflight of a docker:// output)",
-    ("nsbuild.build.steps", "nsbuild.sinks.push"): _REQUESTS + " (docker:// output)",
+    ("nsbuild.build.steps", "nsbuild.sinks.push"): _REQUESTS + " (preflight of and push to a docker:// output)",
     ("nsbuild.build.steps", "nsbuild.registry.usage"): _REQUESTS + " (docker:// output)",
     ("nsbuild.build.steps", "nsbuild.sources.pull"): _REQUESTS + " (docker:// fromImage)",
     ("nsbuild.sources.inspect", "nsbuild.sources.pull"): _REQUESTS + " (nsbuild inspect docker://)",

@@ -42,7 +42,7 @@ DOCKER_TO_OCI = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class BaseImage:
     config: dict[str, Any]
     layers: list[Layer]
