@@ -15,10 +15,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from support.core import write_spec
 from support.users import account, describe, nsbuild_cmd, run_as, run_nsbuild
-from support.verifiers import podman_store, require_tool, run_tool
+from support.verifiers import docker_daemon, podman_store, require_tool, run_tool
 
 USER = "test"
 
@@ -52,7 +51,7 @@ def _three_images(work: Path) -> list[str]:
                 "name": f"mk-{name}",
                 "tag": "1",
                 "contents": ["root"],
-                "extraCommands": 'cp "$NSBUILD_SPEC_DIR/extra.txt" etc/extra.txt',
+                "extraCommands": 'mkdir -p opt && cp "$NSBUILD_SPEC_DIR/extra.txt" opt/extra.txt',
             },
         )
         names.append(name)
@@ -169,14 +168,18 @@ def test_ninja_reads_the_depfile(user_tmp) -> None:
 def _storage_env(store) -> dict[str, str]:
     """Point a plain `podman` (as nsbuild --load runs it) at the throw-away store."""
     conf = store.dir / "storage.conf"
-    conf.write_text(f'[storage]\ndriver = "vfs"\ngraphroot = "{store.dir}/root"\nrunroot = "{store.dir}/run"\n')
+    # rootless podman takes rootless_storage_path, root podman graphroot: both name the store's root
+    root, run = store.dir / "root", store.dir / "run"
+    conf.write_text(
+        f'[storage]\ndriver = "vfs"\ngraphroot = "{root}"\nrunroot = "{run}"\nrootless_storage_path = "{root}"\n'
+    )
     acc = account(USER)
     if not acc.is_current:
         os.chown(conf, acc.uid, acc.gid)
     return {**store.env, "CONTAINERS_STORAGE_CONF": str(conf), "TMPDIR": str(store.dir / "tmp")}
 
 
-def test_load_into_podman(user_tmp, tmp_path: Path) -> None:
+def test_load_into_podman(user_tmp) -> None:
     work = user_tmp(USER)
     _three_images(work)
     _chown_all(work)
@@ -184,19 +187,53 @@ def test_load_into_podman(user_tmp, tmp_path: Path) -> None:
         (store.dir / "tmp").mkdir(exist_ok=True)
         _chown_all(store.dir / "tmp")
         env = _storage_env(store)
-        proc = run_nsbuild(["layered", work / "a/spec.json", "--load", "--no-cache"], USER, env=env)
-        assert proc.returncode == 0, describe(proc)
-        assert "localhost/mk-a:1" in proc.stdout
-        listed = store.podman("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
-        assert "localhost/mk-a:1" in listed
-        # A named target, as skopeo spells the podman store.
-        proc = run_nsbuild(
-            ["layered", work / "b/spec.json", "-o", "containers-storage:mine/b:2", "--no-cache", "-q"], USER, env=env
-        )
-        assert proc.returncode == 0, describe(proc)
-        assert "localhost/mine/b:2" in store.podman("images", "--format", "{{.Repository}}:{{.Tag}}").stdout
+
+        def images() -> list[str]:
+            # plain podman, as nsbuild runs it: the store comes from CONTAINERS_STORAGE_CONF
+            proc = run_as(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"], USER, env=env)
+            assert proc.returncode == 0, describe(proc)
+            return proc.stdout.split()
+
+        try:
+            proc = run_nsbuild(["layered", work / "a/spec.json", "--load", "--no-cache"], USER, env=env)
+            assert proc.returncode == 0, describe(proc)
+            assert proc.stdout.strip() == "localhost/mk-a:1"
+            assert "localhost/mk-a:1" in images()
+            # A named target, as skopeo spells the podman store.
+            args = ["layered", work / "b/spec.json", "-o", "containers-storage:mine/b:2", "--no-cache", "-q"]
+            proc = run_nsbuild(args, USER, env=env)
+            assert proc.returncode == 0, describe(proc)
+            assert "localhost/mine/b:2" in images()
+            # What podman holds is the image that was built: the same config digest.
+            args = ["layered", work / "a/spec.json", "--load", "--no-cache", "--json", "--tag", "3"]
+            proc = run_nsbuild(args, USER, env=env)
+            assert proc.returncode == 0, describe(proc)
+            doc = json.loads(proc.stdout)
+            assert doc["loaded"] == "localhost/mk-a:3"
+            inspect = run_as(["podman", "image", "inspect", "--format", "{{.Id}}", "localhost/mk-a:3"], USER, env=env)
+            assert inspect.stdout.strip() == doc["config_digest"].removeprefix("sha256:"), describe(inspect)
+        finally:
+            run_as(["podman", "system", "reset", "-f"], USER, env=env)
     # Nothing of ours was left: no temporary archive beside the spec or in the work tree.
-    assert not [p for p in work.rglob("*.tmp")]
+    assert not list(work.rglob("*.tmp"))
+
+
+def test_load_into_docker(tmp_path: Path) -> None:
+    """docker-daemon:NAME:TAG streams into `docker load` of the daemon DOCKER_HOST names (a private
+    dockerd: root only)."""
+    _three_images(tmp_path)
+    with docker_daemon() as daemon:
+        env = {"DOCKER_HOST": f"unix://{daemon.sock}"}
+        args = ["layered", tmp_path / "a/spec.json", "-o", "docker-daemon:dock/a:7", "--no-cache", "--json"]
+        proc = run_nsbuild(args, env=env)
+        assert proc.returncode == 0, describe(proc)
+        doc = json.loads(proc.stdout)
+        assert doc["loaded"] == "dock/a:7"
+        image_id = daemon.docker("image", "inspect", "--format", "{{.Id}}", "dock/a:7").stdout.strip()
+        assert image_id == doc["config_digest"]
+        # Asked for by name but not installed: refused before anything is built.
+        proc = run_nsbuild(["layered", tmp_path / "a/spec.json", "--load"], env={**env, "PATH": str(tmp_path)})
+        assert proc.returncode == 2 and "neither podman nor docker" in proc.stderr, describe(proc)
 
 
 def test_default_output_loads_in_podman(user_tmp) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from nsbuild.build import buildimage
 from nsbuild.build.context import BuildContext, BuildOptions, BuildResult, Workspace
 from nsbuild.build.steps import (
+    compression_warning,
     layer_compression,
     new_image,
     open_archive,
@@ -48,12 +49,11 @@ from nsbuild.tar.tarwriter import Source
 if TYPE_CHECKING:
     from nsbuild.registry import PushResult
 
-EXTENSIONS = {"none": ".tar", "gz": ".tar.gz", "zstd": ".tar.zst"}
-
 
 def default_output(spec: Spec) -> ImageRef:
-    base = spec.name.rsplit("/", 1)[-1]
-    return ImageRef("docker-archive", base + EXTENSIONS[spec.compressor])
+    """./NAME.tar: a plain docker-archive (its layers in the spec's compressor), which every loader reads;
+    a gzip-compressed archive is one that Debian 12's podman, skopeo, buildah and ctr cannot."""
+    return ImageRef("docker-archive", spec.name.rsplit("/", 1)[-1] + ".tar")
 
 
 def resolve_output(ref: ImageRef | None, fmt: str | None, spec: Spec) -> ImageRef:
@@ -131,6 +131,8 @@ def build_image(spec: Spec, output: ImageRef, progress: Progress, options: Build
     ws = Workspace()
     try:
         ctx = BuildContext(spec, output, options, progress, ws, compression=layer_compression(output, spec))
+        if warning := compression_warning(output, spec):
+            progress.warn(warning)
         return buildimage.build(ctx) if spec.kind == "image" else _build(ctx)
     finally:
         close_caches()  # the build's pins and staging area in the layer cache
@@ -168,10 +170,13 @@ def _build(ctx: BuildContext) -> BuildResult:
     t0 = time.monotonic()
     custom_layer, plan = _customisation_layer(job, plan)
     total = len(plan.layers) + 1
-    progress.layer_done(total, total, "customisation layer", custom_layer.tar.size, time.monotonic() - t0)
+    custom_seconds = time.monotonic() - t0
+    progress.layer_done(total, total, "customisation layer", custom_layer.tar.size, custom_seconds)
     archive = open_archive(ctx, cache, positions=len(base_layers) + total)
     try:
-        layers, cached, content_keys = _content_layers(job, plan, archive)
+        layers, cached, content_keys, seconds = _content_layers(job, plan, archive)
+        if not cached or not all(cached):
+            warn_contents_links(spec, progress)  # links leading out of a root tree are kept, never followed
         image = new_image(ctx, base, base_layers, [*layers, custom_layer], annotations)
         written = write_output(ctx, image, archive)
     finally:
@@ -187,13 +192,22 @@ def _build(ctx: BuildContext) -> BuildResult:
         cache_push=cache_push,
         remote_hits=sum(1 for c in cached if c == "remote"),
         written=written.written,
+        loaded=written.loaded,
+        layer_sources=(
+            *(("base", 0.0) for _ in base_layers),
+            *((_SOURCE[c], t) for c, t in zip(cached, seconds, strict=True)),
+            ("built", custom_seconds),
+        ),
+        store_paths=tuple(sp.path for sp in plan.closure.values()),
     )
+
+
+_SOURCE: dict[bool | str, str] = {True: "cache", "remote": "cache-from", False: "built"}
 
 
 def _checked_plan(ctx: BuildContext, base_count: int) -> Plan:
     spec = ctx.spec
     plan = make_plan(spec, base_count)
-    warn_contents_links(spec, ctx.progress)  # links leading out of a root tree are kept, never followed
     if spec.include_nix_db and not plan.closure:
         raise SpecError(
             "includeNixDB",
@@ -219,7 +233,7 @@ def _push_cache(job: _Layered, cache_to: str, content_keys: list[str | None], la
 
 def _content_layers(
     job: _Layered, plan: Plan, archive: ArchiveOutput | None
-) -> tuple[list[Layer], list[bool | str], list[str | None]]:
+) -> tuple[list[Layer], list[bool | str], list[str | None], list[float]]:
     """The planned content layers (_ContentLayers), after the base layers went to the output archive."""
     options = job.ctx.options
     if archive is not None:
@@ -252,19 +266,26 @@ class _ContentLayers:
     def total(self) -> int:
         return len(self.plan.layers) + 1
 
-    def made(self) -> tuple[list[Layer], list[bool | str], list[str | None]]:
+    def made(self) -> tuple[list[Layer], list[bool | str], list[str | None], list[float]]:
+        """The layers in order; per layer whether it came from a cache (see _make), its content key
+        and the seconds it took."""
         # Layers are independent: the C parts (reading, hashing, compressing) run in parallel threads.
         jobs = self.job.ctx.options.jobs or len(os.sched_getaffinity(0))
         pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, len(self.plan.layers) or 1)))
         try:
-            done = list(pool.map(lambda ip: self._make(*ip), enumerate(self.plan.layers, 1)))
+            done = list(pool.map(self._timed, enumerate(self.plan.layers, 1)))
         except BaseException:
             # Ctrl-C or a failed layer: the other layers stop at their next entry, not when they are done.
             self.cancel.set()
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-        return [d[0] for d in done], [d[1] for d in done], [d[2] for d in done]
+        return [d[0][0] for d in done], [d[0][1] for d in done], [d[0][2] for d in done], [d[1] for d in done]
+
+    def _timed(self, item: tuple[int, PlannedLayer]) -> tuple[tuple[Layer, bool | str, str | None], float]:
+        t0 = time.monotonic()
+        made = self._make(*item)
+        return made, time.monotonic() - t0
 
     def _make(self, index: int, planned: PlannedLayer) -> tuple[Layer, bool | str, str | None]:
         """Layer `index` (1-based), whether it came from a cache (True: local, "remote": shared), and

@@ -62,12 +62,20 @@ def build(ctx: BuildContext) -> BuildResult:
     model = _scan_base(tars, refuse_devices=spec.run_as_root is not None)
     t0 = time.monotonic()
     layer = _new_layer(ctx, model, tars)
-    progress.layer_done(1, 1, LAYER_COMMENT, layer.tar.size, time.monotonic() - t0)
+    seconds = time.monotonic() - t0
+    progress.layer_done(1, 1, LAYER_COMMENT, layer.tar.size, seconds)
     base_layers = recompressed(ctx, base_layers)
     image = new_image(ctx, base, base_layers, [layer], annotations)
     written = write_output(ctx, image)
     return BuildResult(
-        image, written.output, ctx.output.format, push=written.push, base=base_info, written=written.written
+        image,
+        written.output,
+        ctx.output.format,
+        push=written.push,
+        base=base_info,
+        written=written.written,
+        loaded=written.loaded,
+        layer_sources=(*(("base", 0.0) for _ in base_layers), ("built", seconds)),
     )
 
 

@@ -41,6 +41,11 @@ class BuildResult:
     cache_push: PushResult | None = None  # --cache-to
     remote_hits: int = 0  # layers taken from --cache-from
     written: bool = True  # False: the output file already held these bytes
+    loaded: str | None = None  # --load: the name podman or docker reports having loaded
+    # Per layer of the image, in order: where it came from (base | built | cache | cache-from) and
+    # the seconds it took.
+    layer_sources: tuple[tuple[str, float], ...] = ()
+    store_paths: tuple[Path, ...] = ()  # the image's store closure (for --depfile)
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,8 @@ class BuildContext:
 
     @property
     def docker(self) -> bool:
-        return self.output.format == "docker-archive"
+        """The layers go into a docker-archive (a file, stdout or a client's `load`)."""
+        return self.output.format in ("docker-archive", "load")
 
 
 class Workspace:

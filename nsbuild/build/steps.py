@@ -20,7 +20,15 @@ from nsbuild.image.image import Image, make_config, oci_manifest
 from nsbuild.layer.layer import MEDIA_BY_COMPRESSOR, Layer, LayerRequest, build_layer, layer_from_tar
 from nsbuild.sandbox.scripts import run_bash, script_env
 from nsbuild.sinks.archive import OutputStamps
-from nsbuild.sinks.sinks import ArchiveOutput, check_ref_name, check_repo_tag, write_docker_archive, write_oci_dir
+from nsbuild.sinks.load import load_image, pick_client
+from nsbuild.sinks.sinks import (
+    ArchiveOutput,
+    check_ref_name,
+    check_repo_tag,
+    docker_envelope,
+    write_docker_archive,
+    write_oci_dir,
+)
 from nsbuild.sources.baseimage import BaseImage, load_base
 from nsbuild.spec.imageconfig import healthcheck_warning
 from nsbuild.spec.spec import Spec
@@ -38,10 +46,14 @@ class Written:
     output: str
     written: bool = True  # False: the output file already held these bytes
     push: PushResult | None = None  # docker:// output
+    loaded: str | None = None  # --load: the name the client loaded
 
 
 def preflight_output(ctx: BuildContext) -> None:
-    """A docker:// output: the registry reached and the push authorised before anything is built."""
+    """A docker:// output: the registry reached and the push authorised before anything is built; a
+    client to load into: there."""
+    if ctx.output.format == "load":
+        pick_client(ctx.output.location or None)
     if ctx.output.format == "registry":
         from nsbuild.sinks import push as push_sink
 
@@ -81,11 +93,28 @@ def read_base(ctx: BuildContext, *, need_tar: bool) -> tuple[BaseImage | None, d
 
 
 def layer_compression(output: ImageRef, spec: Spec) -> str:
-    """The form of the new layers' blobs: the spec's compressor, for a docker-archive too (its layers are
-    frames of the compressed archive, nsbuild.sinks.archive), except on stdout, which is never compressed."""
-    if output.format == "docker-archive" and output.location == "-":
+    """The form of the new layers' blobs: the spec's compressor, except where the output decides: stdout
+    and a client's `load` are never compressed, and a docker-archive named .tar.gz / .tar.zst is one
+    compressed stream whose layers are its frames (nsbuild.sinks.archive)."""
+    if output.format == "load" or (output.format == "docker-archive" and output.location == "-"):
         return "none"
+    if output.format == "docker-archive" and (envelope := docker_envelope(output.path)) != "none":
+        return envelope
     return spec.compressor
+
+
+def compression_warning(output: ImageRef, spec: Spec) -> str | None:
+    """A compressor the spec asks for that the output's file name overrules, and the fix."""
+    if output.format != "docker-archive" or output.location == "-" or "compressor" not in spec.raw:
+        return None
+    envelope = docker_envelope(output.path)
+    if envelope == "none" or envelope == spec.compressor:
+        return None
+    name = output.path.name
+    return (
+        f"compressor {spec.compressor}: {name} is one {envelope} stream by its name, so its layers are "
+        f"{envelope} too; name it {name.rsplit('.tar', 1)[0]}.tar for a plain archive of {spec.compressor} layers"
+    )
 
 
 def open_archive(ctx: BuildContext, cache: LayerCache | None, *, positions: int) -> ArchiveOutput | None:
@@ -97,7 +126,7 @@ def open_archive(ctx: BuildContext, cache: LayerCache | None, *, positions: int)
     return ArchiveOutput(
         output.path,
         kind="docker" if docker else "oci",
-        envelope=spec.compressor if docker else "none",
+        envelope=docker_envelope(output.path) if docker else "none",
         mtime=spec.mtime,
         positions=positions,
         stamps=OutputStamps(cache.root) if cache else None,
@@ -202,8 +231,15 @@ def write_output(ctx: BuildContext, image: Image, archive: ArchiveOutput | None 
         if fmt == "docker-archive":
             ref = check_repo_tag(f"{output.name}:{output.tag}" if output.name and output.tag else image.reference)
         else:
-            ref = check_ref_name(output.tag or image.tag)
+            # NAME:TAG, so that `podman load` names the image after it (a bare tag becomes localhost/TAG)
+            ref = check_ref_name(output.tag or image.reference)
         return Written(str(output.path), written=archive.finish(image, ref))
+    if fmt == "load":
+        client = pick_client(output.location or None)
+        load_tag = check_repo_tag(f"{output.name or image.name}:{output.tag or image.tag}")
+        progress.info(f"loading {load_tag} into {client}")
+        loaded = load_image(image, client, repo_tag=load_tag, mtime=spec.mtime)
+        return Written(client, loaded=loaded)
     if fmt == "docker-archive":
         repo_tag = f"{output.name}:{output.tag}" if output.name and output.tag else None
         write_docker_archive(image, sys.stdout.buffer, compressor="none", mtime=spec.mtime, repo_tag=repo_tag)

@@ -253,6 +253,8 @@ def _prepare(flags: BuildFlags) -> tuple[Spec, ImageRef, BuildOptions]:
         _check_choice("--format", flags.fmt, FORMATS)
     reg_options = flags.registry.options()
     spec = apply_overrides(load_spec(flags.spec_path, flags.kind), flags.overrides)
+    if flags.depfile is not None and (flags.load or is_registry(flags.output)):
+        raise UsageError("--depfile: the rule's target is a file; use it with an archive or OCI layout output")
     if flags.load and flags.output is not None:
         raise UsageError("--load and -o: choose one (-o containers-storage:NAME or docker-daemon:NAME names the store)")
     if flags.stream:
@@ -294,15 +296,26 @@ def _build(flags: BuildFlags) -> None:
     elif not flags.stream and pushed is None:
         # An output that already held these exact bytes was left alone (nothing to do, as make says).
         if result.loaded is not None:
-            print(result.loaded)  # the name the client loaded, for `podman run $(nsbuild ... --load)`
+            if not flags.as_json:
+                print(result.loaded)  # the name the client loaded, for `podman run $(nsbuild ... --load)`
             progress.info(f"loaded {result.loaded} into {result.output} manifest {image.manifest_digest}")
         else:
             verb = "wrote" if result.written else "up to date:"
             progress.info(
                 f"{verb} {result.output} ({result.format}) {image.reference} manifest {image.manifest_digest}"
             )
+    if flags.depfile is not None:
+        _write_depfile(flags, spec, result, progress)
     if flags.as_json:
         print(json.dumps(_result_json(result, flags.registry), indent=2))
+
+
+def _write_depfile(flags: BuildFlags, spec: Spec, result: BuildResult, progress: Progress) -> None:
+    from nsbuild.build.depfile import depfile_inputs, write_depfile
+
+    assert flags.depfile is not None
+    with failures(BUILD_FAILURES):
+        write_depfile(flags.depfile, result.output, depfile_inputs(spec, result.store_paths), progress)
 
 
 def _progress(quiet: bool, as_json: bool) -> Progress:
@@ -320,6 +333,7 @@ def _result_json(result: BuildResult, registry: RegistryFlags) -> dict[str, Any]
         "name": image.name,
         "tag": image.tag,
         "written": result.written,
+        "loaded": result.loaded,
         "image_digest": pushed.digest if pushed else image.manifest_digest,
         "config_digest": image.config_digest,
         "layers": [
@@ -330,8 +344,11 @@ def _result_json(result: BuildResult, registry: RegistryFlags) -> dict[str, Any]
                 "uncompressed_size": layer.tar.size,
                 "media_type": layer.media_type,
                 "comment": layer.comment,
+                # where it came from (base | built | cache | cache-from) and how long that took
+                "source": source,
+                "seconds": round(seconds, 3),
             }
-            for layer in image.layers
+            for layer, (source, seconds) in zip(image.layers, result.layer_sources, strict=True)
         ],
     }
     if pushed is not None or result.cache_push is not None:

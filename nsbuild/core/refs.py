@@ -10,13 +10,15 @@ from pathlib import Path
 from nsbuild.errors import UsageError
 
 FORMATS = ("docker-archive", "oci-dir", "oci-archive")
+# skopeo's transports for the local stores, and the client that loads into each.
+LOAD_CLIENTS = {"containers-storage": "podman", "docker-daemon": "docker"}
 TRANSPORT_FORMAT = {"docker-archive": "docker-archive", "oci": "oci-dir", "oci-archive": "oci-archive"}
 
 
 @dataclass(frozen=True)
 class ImageRef:
-    format: str  # docker-archive | oci-dir | oci-archive | registry
-    location: str  # a path, or HOST/REPO[:TAG] for a registry
+    format: str  # docker-archive | oci-dir | oci-archive | registry | load
+    location: str  # a path, HOST/REPO[:TAG] for a registry, the client to load into ("": either)
     name: str | None = None  # docker-archive: repository name written to RepoTags
     tag: str | None = None  # tag (docker-archive RepoTags, OCI ref.name)
 
@@ -41,10 +43,14 @@ def parse_ref(text: str, default_format: str | None = None) -> ImageRef:
                 raise UsageError(f"{text!r}: expected docker-archive:PATH[:NAME:TAG]")
             return ImageRef(fmt, path, name or None, tag or None)
         return ImageRef(fmt, path, None, rest or None)
-    if sep and transport in ("docker", "containers-storage", "dir", "docker-daemon"):
+    if sep and transport in LOAD_CLIENTS:
+        # skopeo's names of the local stores: the image is loaded into podman / docker
+        name, _, tag = body.rpartition(":") if ":" in body.rpartition("/")[2] else (body, "", "")
+        return ImageRef("load", LOAD_CLIENTS[transport], name or None, tag or None)
+    if sep and transport in ("docker", "dir"):
         raise UsageError(
             f"{text!r}: the {transport}: transport is not supported (use docker-archive:, "
-            "oci:, oci-archive: or docker://)"
+            "oci:, oci-archive:, docker://, containers-storage: or docker-daemon:)"
         )
     if sep and (guess := _mistyped_transport(transport)):
         raise UsageError(

@@ -4,19 +4,18 @@ temporary file of ours (what the client does with the stream is its business).""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import threading
-from typing import IO
+from typing import IO, BinaryIO, cast
 
 from nsbuild.errors import BuildError, UsageError
 from nsbuild.image.image import Image
 from nsbuild.sinks.sinks import write_docker_archive
 
-# skopeo's transport names for the two local stores, and the client that loads into each.
-CLIENT_BY_TRANSPORT = {"containers-storage": "podman", "docker-daemon": "docker"}
 # `--load` without a choice: podman first (rootless, no daemon), as the users of this tool expect.
 CLIENTS = ("podman", "docker")
 
@@ -74,7 +73,7 @@ def load_image(image: Image, client: str, *, repo_tag: str, mtime: int) -> str:
     broken = False
     try:
         try:
-            write_docker_archive(image, proc.stdin, compressor="none", mtime=mtime, repo_tag=repo_tag)
+            write_docker_archive(image, cast(BinaryIO, proc.stdin), compressor="none", mtime=mtime, repo_tag=repo_tag)
             proc.stdin.close()
         except BrokenPipeError:
             broken = True  # the client stopped reading: its exit status and message say why
@@ -104,7 +103,5 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     if proc.stdin is not None:
-        try:
+        with contextlib.suppress(BrokenPipeError):
             proc.stdin.close()
-        except BrokenPipeError:
-            pass

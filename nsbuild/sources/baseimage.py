@@ -188,6 +188,8 @@ def load_base(
     if ref.format == "registry":
         # Every caller pulls a docker:// image itself (nsbuild.sources.pull) before files are read.
         raise ValueError(f"load_base reads archives and layouts, not {text!r}")
+    if ref.format == "load":
+        raise BuildError(f"{p}{text!r}: a local podman/docker store is not read; export the image to a file")
     path = ref.path
     if not path.exists():
         raise BuildError(f"{p}no such file or directory: {path}")

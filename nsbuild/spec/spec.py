@@ -242,6 +242,8 @@ def _from_image(key: str, value: Any, ctx: Context) -> str | None:
         raise SpecError(key, str(exc)) from None
     if ref.format == "registry":
         return value
+    if ref.format == "load":
+        raise SpecError(key, f"{value!r}: a local podman/docker store is not read; export the image to a file")
     path = Path(os.path.expanduser(ref.location))
     if not path.is_absolute():
         path = Path(os.path.normpath(ctx.base_dir / path))
