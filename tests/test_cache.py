@@ -162,7 +162,7 @@ def test_missing_cache_blob_is_rebuilt(builder: Builder) -> None:
 def test_cache_du_and_prune(builder: Builder) -> None:
     du = run_nsbuild(["cache", "du", "--cache-dir", str(builder.cache)])
     assert du.returncode == 0 and "3 layer entries" in du.stdout, describe(du)
-    pr = run_nsbuild(["cache", "prune", "--cache-dir", str(builder.cache)])
+    pr = run_nsbuild(["cache", "prune", "--all", "--cache-dir", str(builder.cache)])
     assert pr.returncode == 0 and "removed 3 layer entries" in pr.stdout, describe(pr)
     assert list((builder.cache / "blobs" / "sha256").iterdir()) == []
     err, _ = builder.build()

@@ -80,7 +80,7 @@ def test_prune_racing_builds_never_fails_a_build(user_with_subids: str | None, u
 
     def pruner() -> None:
         while not done.is_set():
-            prunes.append(run_nsbuild(["cache", "prune", *cache], user, timeout=TIMEOUT))
+            prunes.append(run_nsbuild(["cache", "prune", "--all", *cache], user, timeout=TIMEOUT))
 
     def builder(worker: int) -> list[str]:
         problems = []
@@ -140,7 +140,7 @@ def test_two_prunes_at_once(user_with_subids: str | None, user_tmp) -> None:  # 
     for _ in range(3):
         check(build(spec, f"oci-archive:{d / 'o.tar'}", user, *cache))
         populate(d / "cache", user)
-        procs = in_parallel([lambda: run_nsbuild(["cache", "prune", *cache], user, timeout=TIMEOUT)] * 4)
+        procs = in_parallel([lambda: run_nsbuild(["cache", "prune", "--all", *cache], user, timeout=TIMEOUT)] * 4)
         for proc in procs:
             check(proc)
         assert sum(int(p.stdout.split("removed ")[1].split()[0]) for p in procs) == 1503, [p.stdout for p in procs]
@@ -217,7 +217,7 @@ def test_prune_racing_builds_from_a_registry_base(
 
     def pruner() -> None:
         while not done.is_set():
-            prunes.append(run_nsbuild(["cache", "prune", *cache], user, timeout=TIMEOUT))
+            prunes.append(run_nsbuild(["cache", "prune", "--all", *cache], user, timeout=TIMEOUT))
 
     def builder(worker: int) -> list[str]:
         problems = []

@@ -12,9 +12,11 @@ import json
 import os
 import re
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
+import pytest
 from support.core import write_spec
 from support.users import account, describe, nsbuild_cmd, run_as, run_nsbuild
 from support.verifiers import docker_daemon, podman_store, require_tool, run_tool
@@ -264,6 +266,31 @@ def test_archive_name_decides_the_compression(user_tmp) -> None:
             assert head.startswith(magic), name
         else:
             assert head[:2] not in (b"\x1f\x8b",) and head != b"\x28\xb5\x2f\xfd", name
+
+
+@pytest.mark.parametrize("compressor", ["gz", "zstd"])
+def test_plain_archive_of_compressed_layers_loads_everywhere(user_tmp, compressor: str) -> None:
+    """A .tar docker-archive is a plain tar whose layer files are the compressed blobs: podman loads it
+    as it is (no decompressed copy), skopeo reads it, and docker too (gzip; root: a private dockerd)."""
+    work = user_tmp(USER)
+    _three_images(work)
+    spec = json.loads((work / "a/spec.json").read_text())
+    spec["compressor"] = compressor
+    write_spec(work / "a", spec)
+    _chown_all(work)
+    out = work / "a.tar"
+    proc = run_nsbuild(["layered", work / "a/spec.json", "-o", out, "--no-cache", "-q"], USER)
+    assert proc.returncode == 0, describe(proc)
+    magic = {"gz": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}[compressor]
+    with tarfile.open(out) as tar:  # "r:" only: the archive itself is not compressed
+        layers = [m for m in tar.getmembers() if m.name.endswith("/layer.tar")]
+        assert layers and all(tar.extractfile(m).read(4).startswith(magic) for m in layers)  # type: ignore[union-attr]
+    run_tool(["skopeo", "inspect", f"docker-archive:{out}"], USER)
+    with podman_store(USER) as store:
+        assert "localhost/mk-a:1" in store.podman("load", "-i", out).stdout
+    if account(None).uid == 0 and compressor == "gz":  # Debian 12's dockerd 20.10 reads no zstd at all
+        with docker_daemon() as daemon:
+            assert "mk-a:1" in daemon.docker("load", "-i", out).stdout
 
 
 def test_oci_archive_ref_name_carries_the_repository(user_tmp) -> None:
