@@ -116,7 +116,8 @@ def test_invalid_json(project: Path, text: str) -> None:
     [
         (["--format", "tarball"], "--format"),
         (["-o", "oci:"], "missing the path"),
-        (["-o", "containers-storage:foo"], "containers-storage"),
+        (["-o", "dir:foo"], "dir"),
+        (["-o", "oci-arhive:x.tar"], "did you mean oci-archive:"),
         (["-o", "docker-archive:x.tar:onlyname"], "docker-archive"),
         (["--isolation", "vm"], "--isolation"),
     ],
