@@ -26,6 +26,7 @@ from support.users import (
     has_subids,
     is_root,
     nsbuild_cmd,
+    processes_with,
     run_nsbuild,
     user_env,
 )
@@ -632,7 +633,7 @@ def test_ctrl_c_leaves_nothing(unprivileged_user: str | None, user_tmp: UserTmpF
     )
     try:
         deadline = time.monotonic() + 300  # hang guard only
-        while not _running(f"sleep {marker}"):
+        while not processes_with(f"sleep {marker}"):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "runAsRoot never started"
             time.sleep(0.05)
@@ -644,21 +645,9 @@ def test_ctrl_c_leaves_nothing(unprivileged_user: str | None, user_tmp: UserTmpF
             proc.wait()
     assert proc.returncode == 130, (proc.returncode, err)
     assert "Traceback" not in err.decode(errors="replace")
-    assert not _running(f"sleep {marker}")
+    assert not processes_with(f"sleep {marker}")
     assert os.listdir(work / "tmp") == []
     assert not out.exists()
-
-
-def _running(marker: str) -> bool:
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if marker in cmd and "pytest" not in cmd:
-                return True
-    return False
 
 
 def test_store_paths_bring_their_closure_and_nix_db(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:

@@ -95,6 +95,11 @@ def has_subids(user: UserKey = None) -> bool:
     return subid_count(acc.name, acc.uid, "/etc/subuid") > 0 and subid_count(acc.name, acc.uid, "/etc/subgid") > 0
 
 
+def backends_for(user: UserKey = None) -> list[str]:
+    """The --isolation backends the account can use: userns only with subordinate ids."""
+    return ["userns", "userns-fakeroot", "fakeroot"] if has_subids(user) else ["userns-fakeroot", "fakeroot"]
+
+
 def nsbuild_cmd() -> list[str]:
     """argv prefix running the nsbuild installed next to the interpreter running pytest (the venv).
 
@@ -222,6 +227,24 @@ def processes_of(user: UserKey = None) -> list[tuple[int, str]]:
         if int(fields.get("Uid", "-1").split()[0]) != uid or fields.get("State", "").startswith("Z"):
             continue
         found.append((int(entry.name), cmdline.replace(b"\0", b" ").decode(errors="replace").strip()))
+    return found
+
+
+def processes_with(marker: str, *, zombies: bool = True) -> list[str]:
+    """Processes (any user) whose argv contains `marker`, pytest itself left out, as "pid: command
+    line"; zombies too unless `zombies` is false."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if not zombies and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+        except (OSError, IndexError):
+            continue
+        if marker in cmd and "pytest" not in cmd:
+            found.append(f"{pid}: {cmd}")
     return found
 
 
