@@ -7,6 +7,7 @@ own and the real tools in support.verifiers.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -120,6 +121,17 @@ def build(
     if json_result and proc.returncode == 0:
         proc.result = json.loads(proc.stdout)  # type: ignore[attr-defined]
     return proc
+
+
+def layer_tar(files: dict[str, bytes]) -> bytes:
+    """A layer tar made without nsbuild's writer: regular files (mode 0644, mtime 1) in name order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 1, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 # --- reading images back --------------------------------------------------------------------------
