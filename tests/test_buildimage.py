@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from support.core import HOST_BUSYBOX, require_busybox
 from support.users import (
     UserTmpFactory,
     account,
@@ -32,7 +33,6 @@ from support.users import (
 )
 from support.verifiers import image_layers, podman_load_and_run, umoci_unpack
 
-BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
 APPLETS = "sh ls cat echo mkdir rm id whoami stat grep chown touch sleep head awk env printf test tr sort"
 # Debian's busybox-static has no adduser applet: the base carries a small one, as a distribution would.
 ADDUSER = r"""#!/bin/sh
@@ -51,11 +51,6 @@ BASE_EXTRA = (
     f"cat > bin/adduser <<'EOF'\n{ADDUSER}EOF\nchmod 755 bin/adduser\n"
 )
 SCRIPT = "adduser -D app && mkdir -p /data && chown app:app /data && echo hi > /etc/motd && rm /etc/issue"
-
-
-def _require() -> None:
-    if not os.path.exists(BUSYBOX):
-        pytest.skip("busybox is not installed (busybox-static)")
 
 
 def _own(user: str | None, *paths: Path) -> None:
@@ -87,7 +82,7 @@ def busybox_base(user: str | None, work: Path, **extra: object) -> Path:
         "name": "busybox-base",
         "tag": "latest",
         "compressor": "none",
-        "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+        "contents": [{"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
         "extraCommands": BASE_EXTRA,
         "config": {"Env": ["PATH=/bin"]},
     }
@@ -151,7 +146,7 @@ def flatten(image: Path, work: Path) -> dict[str, bytes | str | None]:
 def test_busybox_run_as_root_in_podman(user_with_subids: str | None, user_tmp: UserTmpFactory) -> None:
     """adduser/chown/echo/rm as namespace root in the image (userns backend) → podman run shows /data
     owned by app's uid, /etc/motd, no /etc/issue, and `User: app` works."""
-    _require()
+    require_busybox()
     user = user_with_subids
     work = user_tmp(user)
     base = busybox_base(user, work)
@@ -303,7 +298,7 @@ def test_nixpkgs_layers_unpack_order_and_env(user_with_subids: str | None, user_
     """a → b → c, each runAsRoot appending its name to /layer-order: the base layers are unpacked in
     order before runAsRoot runs → "abc" (in podman). Env: the parent's entries, then the child's
     (concatenated as dockerTools' buildImage does); the runtime sees the child's value last."""
-    _require()
+    require_busybox()
     user = user_with_subids
     work = user_tmp(user)
     parent = busybox_base(user, work, config={"Env": ["PATH=/bin", "FROM_PARENT=true", "LAST_OVERRIDE=parent"]})
@@ -335,7 +330,7 @@ def test_nixpkgs_layers_unpack_order_and_env(user_with_subids: str | None, user_
 def test_nixpkgs_repeated_base_layers(user_with_subids: str | None, user_tmp: UserTmpFactory) -> None:
     """A base whose manifest lists the same layer twice: applied once before runAsRoot; the image
     keeps the base's layer list as it is."""
-    _require()
+    require_busybox()
     user = user_with_subids
     work = user_tmp(user)
     base = busybox_base(user, work)
@@ -385,12 +380,12 @@ def _duplicate_first_layer(src: Path, dest: Path, tmp: Path) -> None:
 def test_nixpkgs_parentheses_and_quotes(user_with_subids: str | None, user_tmp: UserTmpFactory) -> None:
     """runAsRoot and extraCommands with parentheses and quotes; no fromImage: busybox from copyToRoot.
     extraCommands sees only the new layer's files (cwd = the layer's root)."""
-    _require()
+    require_busybox()
     user = user_with_subids
     work = user_tmp(user)
     tree = work / "bb"
     (tree / "bin").mkdir(parents=True)
-    shutil.copy2(BUSYBOX, tree / "bin/busybox")
+    shutil.copy2(HOST_BUSYBOX, tree / "bin/busybox")
     for a in ("sh", "echo", "ls"):
         (tree / "bin" / a).symlink_to("busybox")
     _own(user, tree)
@@ -415,7 +410,7 @@ def test_nixpkgs_parentheses_and_quotes(user_with_subids: str | None, user_tmp: 
 def test_on_top_of_layered_architecture_and_now(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
     """buildImage on a layered image keeps its layers byte for byte and adds one; architecture and
     created "now" reach the config; entries of the new layer are owned by uid/gid without runAsRoot."""
-    _require()
+    require_busybox()
     user = unprivileged_user
     work = user_tmp(user)
     base = busybox_base(user, work)
@@ -569,7 +564,7 @@ def test_from_image_name_and_tag_and_nixdb(unprivileged_user: str | None, user_t
 def test_limits_and_failure(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
     """diskSize and buildVMMemorySize hit on purpose name themselves; a failing runAsRoot exits 1 with
     its output; nothing is written."""
-    _require()
+    require_busybox()
     user = unprivileged_user
     work = user_tmp(user)
     base = busybox_base(user, work)
@@ -604,7 +599,7 @@ def test_limits_and_failure(unprivileged_user: str | None, user_tmp: UserTmpFact
 
 
 def test_ctrl_c_leaves_nothing(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
-    _require()
+    require_busybox()
     user = unprivileged_user
     work = user_tmp(user)
     base = busybox_base(user, work)

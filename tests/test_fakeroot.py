@@ -15,10 +15,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from support.core import HOST_BUSYBOX, require_busybox
 from support.users import UserTmpFactory, account, backends_for, describe, is_root, run_nsbuild
 from support.verifiers import check_all_layers, image_layers, podman_load_and_run
 
-BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
 APPLETS = "sh ls cat echo id stat getcap true"
 
 # The change matrix: every kind of change each backend must record. cwd = the image root.
@@ -52,8 +52,7 @@ def _require_tools() -> None:
     for tool in ("setcap", "setfattr", "fakeroot"):
         if shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin") is None:
             pytest.skip(f"{tool} is not installed (`make deps`)")
-    if not os.path.exists(BUSYBOX):
-        pytest.skip("busybox is not installed (busybox-static)")
+    require_busybox()
 
 
 def _rootfs(work: Path) -> Path:
@@ -82,7 +81,7 @@ def _spec(work: Path, script: str, **extra: object) -> dict:
         "name": "fakeroot-test",
         "tag": "latest",
         "compressor": "none",
-        "contents": ["rootfs", {"path": BUSYBOX, "target": "/bin/busybox"}],
+        "contents": ["rootfs", {"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
         "extraCommands": f"mkdir -p bin && for a in {APPLETS}; do ln -s busybox bin/$a; done",
         "fakeRootCommands": script,
     }
@@ -385,7 +384,7 @@ def test_from_image_layers_below_the_script(unprivileged_user: str | None, user_
         "name": "base",
         "tag": "1",
         "compressor": "none",
-        "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+        "contents": [{"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
         "extraCommands": "mkdir -p bin etc opt/dir && ln -s busybox bin/sh && echo m > etc/motd && "
         "echo x > opt/dir/f && echo 'alice:x:1000:1000::/:/bin/sh' > etc/passwd",
         "fakeRootCommands": "mkdir srv && chown 1000:1000 srv && echo s > srv/data && chown 1000 srv/data\n"
@@ -487,7 +486,7 @@ def test_nixpkgs_fakechroot_with_static_busybox(unprivileged_user: str | None, u
         "name": "busybox-chroot",
         "tag": "latest",
         "compressor": "none",
-        "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+        "contents": [{"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
         "extraCommands": "mkdir -p bin && for a in sh touch chown; do ln -s busybox bin/$a; done",
         "enableFakechroot": True,
         "fakeRootCommands": "touch /testfile && chown 12345:12345 /testfile",
@@ -505,7 +504,12 @@ def test_contents_folded_into_the_customisation_layer(matrix_work: tuple[str | N
     """fromImage fills the layer budget (maxLayers 3 for a 2-layer base): the contents are folded into the customisation
     layer itself; what the script changes in them lands there, with no whiteout for what is not below."""
     user, work = matrix_work
-    base = {"name": "base", "tag": "1", "compressor": "none", "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}]}
+    base = {
+        "name": "base",
+        "tag": "1",
+        "compressor": "none",
+        "contents": [{"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
+    }
     proc, base_tar = build(user, work, base, "userns-fakeroot", out_name="base.tar")
     assert proc.returncode == 0, describe(proc)
     results = {}

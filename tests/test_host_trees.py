@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.core import FakeStore
+from support.core import HOST_BUSYBOX, FakeStore, require_busybox
 from support.users import UserTmpFactory, account, describe, is_root, run_as, run_nsbuild
 from support.verifiers import bsdtar_list, image_layers, run_tool, umoci_unpack
 
@@ -309,14 +309,10 @@ def test_keep_contents_dirlinks(trees: tuple[str | None, Trees]) -> None:
     _check_links_kept(t, image_layers(out, t.work / "keep")[-1], user)
 
 
-BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
-
-
 def test_copy_to_root_with_run_as_root(trees: tuple[str | None, Trees]) -> None:
     """With runAsRoot the tree goes through the sandbox (chroot into base + copyToRoot): the script
     sees the links as links, and the layer still has them as links and the hard links as hard links."""
-    if not os.path.exists(BUSYBOX):
-        pytest.skip("busybox is not installed (busybox-static)")
+    require_busybox()
     user, t = trees
     (t.rootfs / "bin").unlink()  # the base's /bin is a directory of busybox links
     base = t.work / "busybox.tar"
@@ -328,7 +324,7 @@ def test_copy_to_root_with_run_as_root(trees: tuple[str | None, Trees]) -> None:
             "name": "busybox",
             "tag": "t",
             "compressor": "none",
-            "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+            "contents": [{"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
             "extraCommands": "mkdir -p bin tmp && ln -s busybox bin/sh",
         },
         base,

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from support.core import HOST_BUSYBOX
 from support.users import (
     UserTmpFactory,
     account,
@@ -33,7 +34,6 @@ from support.users import (
     user_env,
 )
 
-BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
 HANG_GUARD = 120  # seconds; only to fail instead of hanging, never a performance bound
 
 
@@ -79,7 +79,7 @@ def _write_spec(user: str | None, work: Path, kind: str, script: str, name: str 
         "name": "lifetime-test",
         "tag": "latest",
         "compressor": "none",
-        "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+        "contents": [{"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
         "extraCommands": setup + ("\n" + script if kind == "extraCommands" else ""),
     }
     if kind == "fakeRootCommands":

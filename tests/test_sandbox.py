@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from support.core import HOST_BUSYBOX
 from support.users import (
     UserTmpFactory,
     account,
@@ -33,8 +34,6 @@ from support.users import (
 )
 from support.verifiers import image_layers
 
-BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
-
 
 def _write_spec(user: str | None, work: Path, script: str, **extra: object) -> Path:
     if shutil.which("fakeroot") is None:
@@ -43,7 +42,7 @@ def _write_spec(user: str | None, work: Path, script: str, **extra: object) -> P
         "name": "sandbox-test",
         "tag": "latest",
         "compressor": "none",
-        "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+        "contents": [{"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
         "extraCommands": "mkdir -p bin && ln -s busybox bin/sh",
         "fakeRootCommands": script,
     }
@@ -194,7 +193,7 @@ def test_deleted_lower_file_gone_in_container(
         user,
         work,
         "rm etc/doomed",
-        contents=["rootfs", {"path": BUSYBOX, "target": "/bin/busybox"}],
+        contents=["rootfs", {"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
         config={"Cmd": ["/bin/busybox", "ls", "/etc"]},
     )
     for backend in backends_for(user):

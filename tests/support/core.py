@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from .users import UserKey, describe, run_nsbuild
 from .verifiers import image_layers, plain_archive
 
@@ -24,6 +26,8 @@ NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
 DEFAULT_CREATED = "1970-01-01T00:00:01Z"
 DEFAULT_EPOCH = 1
 BUSYBOX = Path("/bin/busybox")
+# The busybox the sandbox tests put into images as /bin/busybox (a string: it goes into specs as it is).
+HOST_BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
 EXAMPLE_SPEC = Path(__file__).resolve().parents[2] / "fixtures" / "example" / "spec.json"
 # Every build in these tests: no layer cache (a cache hit would make a reproducibility check vacuous
 # and hide a broken writer), no progress noise.
@@ -89,6 +93,11 @@ class FakeStore:
         top = self.path_of(name)
         top.symlink_to(target)
         return top
+
+
+def require_busybox() -> None:
+    if not os.path.exists(HOST_BUSYBOX):
+        pytest.skip("busybox is not installed (busybox-static)")
 
 
 def write_spec(directory: Path, spec: Mapping[str, Any], name: str = "spec.json") -> Path:
