@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -173,7 +174,7 @@ def _build(
         reg_options = registry.options()
         spec = load_spec(spec_path, kind)
         if stream:
-            spec.compressor = "none"
+            spec = dataclasses.replace(spec, compressor="none")
             ref = ImageRef("docker-archive", "-")
         else:
             ref = resolve_output(parse_ref(output) if output else None, fmt, spec)

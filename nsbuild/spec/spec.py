@@ -96,7 +96,7 @@ class ContentEntry:
     written: str = ""  # the path as the spec wrote it: history comments must not depend on the checkout
 
 
-@dataclass
+@dataclass(frozen=True)
 class Spec:
     kind: str
     spec_path: Path
