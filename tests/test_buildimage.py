@@ -23,9 +23,9 @@ from support.users import (
     UserTmpFactory,
     account,
     as_user_argv,
+    chown_tree,
     describe,
     has_subids,
-    is_root,
     nsbuild_cmd,
     processes_with,
     run_nsbuild,
@@ -53,15 +53,6 @@ BASE_EXTRA = (
 SCRIPT = "adduser -D app && mkdir -p /data && chown app:app /data && echo hi > /etc/motd && rm /etc/issue"
 
 
-def _own(user: str | None, *paths: Path) -> None:
-    if is_root():
-        acc = account(user)
-        for p in paths:
-            for dirpath, dirnames, filenames in os.walk(p) if p.is_dir() else [(str(p.parent), [], [p.name])]:
-                for n in [dirpath, *[os.path.join(dirpath, x) for x in dirnames + filenames]]:
-                    os.lchown(n, acc.uid, acc.gid)
-
-
 def nsbuild(
     user: str | None, work: Path, kind: str, spec: dict, out: Path, *args: str, name: str | None = None
 ) -> subprocess.CompletedProcess:
@@ -69,7 +60,7 @@ def nsbuild(
     spec_path.write_text(json.dumps(spec))
     tmp = work / "tmp"
     tmp.mkdir(exist_ok=True)
-    _own(user, spec_path, tmp)
+    chown_tree(user, spec_path, tmp)
     return run_nsbuild([kind, spec_path, "-o", out, *args], user=user, env={"TMPDIR": str(tmp)})
 
 
@@ -241,7 +232,7 @@ def test_ownership_on_every_backend(unprivileged_user: str | None, user_tmp: Use
     user = unprivileged_user
     work = user_tmp(user)
     rootfs = _dynamic_rootfs(work)
-    _own(user, rootfs)
+    chown_tree(user, rootfs)
     base = work / "dyn-base.tar"
     proc = nsbuild(
         user, work, "layered", {"name": "dyn", "tag": "t", "compressor": "none", "contents": ["dyn-rootfs"]}, base
@@ -336,7 +327,7 @@ def test_nixpkgs_repeated_base_layers(user_with_subids: str | None, user_tmp: Us
     base = busybox_base(user, work)
     dup = work / "dup-base.tar"
     _duplicate_first_layer(base, dup, work / "dup")
-    _own(user, dup)
+    chown_tree(user, dup)
     out = work / "dup-app.tar"
     spec = {
         "name": "dup-app",
@@ -388,7 +379,7 @@ def test_nixpkgs_parentheses_and_quotes(user_with_subids: str | None, user_tmp: 
     shutil.copy2(HOST_BUSYBOX, tree / "bin/busybox")
     for a in ("sh", "echo", "ls"):
         (tree / "bin" / a).symlink_to("busybox")
-    _own(user, tree)
+    chown_tree(user, tree)
     out = work / "paren.tar"
     spec = {
         "name": "runasrootextracommands",
@@ -416,7 +407,7 @@ def test_on_top_of_layered_architecture_and_now(unprivileged_user: str | None, u
     base = busybox_base(user, work)
     (work / "add/etc").mkdir(parents=True)
     (work / "add/etc/hello").write_text("hello\n")
-    _own(user, work / "add")
+    chown_tree(user, work / "add")
     out = work / "arm.tar"
     spec = {
         "name": "arm",
@@ -460,7 +451,7 @@ def test_copy_to_root_dirlinks_and_merging(unprivileged_user: str | None, user_t
     (base_tree / "lib").symlink_to("usr/lib")
     (base_tree / "opt").symlink_to("/nowhere")
     (base_tree / "home").mkdir()
-    _own(user, base_tree)
+    chown_tree(user, base_tree)
     base = work / "links-base.tar"
     proc = nsbuild(
         user, work, "layered", {"name": "links", "tag": "t", "compressor": "none", "contents": ["base-tree"]}, base
@@ -473,7 +464,7 @@ def test_copy_to_root_dirlinks_and_merging(unprivileged_user: str | None, user_t
     (src / "data").symlink_to("realdata")
     (src / "lib/extra").mkdir(parents=True)
     (src / "lib/extra/x").write_text("x\n")
-    _own(user, src)
+    chown_tree(user, src)
 
     def go(name: str, **extra: object) -> tuple[subprocess.CompletedProcess, Path]:
         out = work / f"{name}.tar"
@@ -519,7 +510,7 @@ def test_from_image_name_and_tag_and_nixdb(unprivileged_user: str | None, user_t
         tree = work / f"t-{name}"
         tree.mkdir()
         (tree / name).write_text(name)
-        _own(user, tree)
+        chown_tree(user, tree)
         out = work / f"{name}.tar"
         proc = nsbuild(
             user, work, "layered", {"name": name, "tag": "v1", "compressor": "none", "contents": [tree.name]}, out
@@ -538,7 +529,7 @@ def test_from_image_name_and_tag_and_nixdb(unprivileged_user: str | None, user_t
     with tarfile.open(archive, "w") as tf:
         for p in sorted(multi.iterdir()):
             tf.add(p, p.name)
-    _own(user, archive)
+    chown_tree(user, archive)
     out = work / "chosen.tar"
     spec = {
         "name": "chosen",
@@ -613,7 +604,7 @@ def test_ctrl_c_leaves_nothing(unprivileged_user: str | None, user_tmp: UserTmpF
     }
     spec_path = work / "int.json"
     spec_path.write_text(json.dumps(spec))
-    _own(user, spec_path)
+    chown_tree(user, spec_path)
     out = work / "int.tar"
     argv = as_user_argv([*nsbuild_cmd(), "image", str(spec_path), "-o", str(out)], user)
     env = user_env(user, {"TMPDIR": str(work / "tmp")})
@@ -658,7 +649,7 @@ def test_store_paths_bring_their_closure_and_nix_db(unprivileged_user: str | Non
     (lib / "lib").mkdir(parents=True)
     (lib / "lib/x").write_text("lib\n")
     (hello / "bin/hello").write_text(f"#!/bin/sh\ncat {lib}/lib/x\n")
-    _own(user, store)
+    chown_tree(user, store)
     out = work / "nix.tar"
     spec = {
         "name": "nix",
@@ -692,7 +683,7 @@ def test_unreadable_copy_to_root_entry_is_one_line_error(
     (src / "sub").mkdir(parents=True)
     secret = src / "sub" / "secret"
     secret.write_text("x")
-    _own(user, src)
+    chown_tree(user, src)
     secret.chmod(0)
     out = work / "o.tar"
     proc = nsbuild(user, work, "image", {"name": "u", "tag": "t", "copyToRoot": [str(src)]}, out)

@@ -304,6 +304,18 @@ def first_subid_range(name: str, uid: int, path: str) -> tuple[int, int] | None:
     return None
 
 
+def chown_tree(user: UserKey, *paths: Path) -> None:
+    """As root: each path, and what is below a directory (symlinks not followed), becomes the account's,
+    so that nsbuild running as it can read and replace them. Otherwise nothing to do."""
+    if is_root():
+        acc = account(user)
+        for p in paths:
+            os.lchown(p, acc.uid, acc.gid)
+            for dirpath, dirnames, filenames in os.walk(p) if p.is_dir() and not p.is_symlink() else []:
+                for n in dirnames + filenames:
+                    os.lchown(os.path.join(dirpath, n), acc.uid, acc.gid)
+
+
 def remove_tree(path: Path, user: UserKey = None) -> None:
     """Remove a tree, including files owned by subordinate ids and read-only directories.
 
