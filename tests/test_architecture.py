@@ -31,6 +31,7 @@ RANKS: dict[str, int] = {
     "image": 4,
     "registry": 5,
     "sandbox": 6,
+    "sbom": 6,  # SBOM/provenance documents and their attachment: reads layers, talks to registries via registry/
     "rootfs": 7,
     "cache": 7,
     "sources": 7,
@@ -48,16 +49,17 @@ RANKS: dict[str, int] = {
 # registry, `nsbuild schema` or `nsbuild cache` should not pay for it.
 _REQUESTS = "keeps requests (nsbuild.registry) out of commands and builds that need no registry"
 ALLOWED_LOCAL: dict[tuple[str, str], str] = {
-    ("nsbuild.build.build", "nsbuild.sinks.push"): _REQUESTS + " (preflight of a docker:// output or --cache-to)",
+    ("nsbuild.build.build", "nsbuild.sinks.push"): _REQUESTS + " (preflight of --cache-to)",
     ("nsbuild.build.build", "nsbuild.cache.shared"): _REQUESTS + " (--cache-from/--cache-to)",
-    ("nsbuild.build.buildimage", "nsbuild.sinks.push"): _REQUESTS + " (preflight of a docker:// output)",
-    ("nsbuild.build.steps", "nsbuild.sinks.push"): _REQUESTS + " (docker:// output)",
+    ("nsbuild.build.steps", "nsbuild.sinks.push"): _REQUESTS + " (preflight of and push to a docker:// output)",
     ("nsbuild.build.steps", "nsbuild.registry.usage"): _REQUESTS + " (docker:// output)",
     ("nsbuild.build.steps", "nsbuild.sources.pull"): _REQUESTS + " (docker:// fromImage)",
+    ("nsbuild.sources.inspect", "nsbuild.sources.pull"): _REQUESTS + " (nsbuild inspect docker://)",
     ("nsbuild.cli.cli", "nsbuild.build.remote"): _REQUESTS + " (nsbuild push)",
     ("nsbuild.cli.cli", "nsbuild.sinks.push"): _REQUESTS + " (--json of a push)",
     ("nsbuild.cli.cli", "nsbuild.registry.usage"): _REQUESTS + " (docker:// references in options)",
     ("nsbuild.cli.cli", "nsbuild.registry"): _REQUESTS + " (registry flags)",
+    ("nsbuild.sbom.publish", "nsbuild.sbom.referrers"): _REQUESTS + " (SBOMs attached in a registry)",
 }
 
 

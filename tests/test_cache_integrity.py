@@ -21,7 +21,7 @@ from support.users import account, describe, popen_nsbuild, run_nsbuild
 
 from nsbuild.cache.shared import CACHE_CONFIG_MEDIA, content_fingerprint
 from nsbuild.layer.contentkey import TarMismatch, check_tar
-from nsbuild.layer.layer import build_layer
+from nsbuild.layer.layer import LayerRequest, build_layer
 from nsbuild.tar.owners import OwnerPolicy
 from nsbuild.tar.tarwriter import Source
 
@@ -270,7 +270,8 @@ def _layer_tar(tmp: Path, owner: OwnerPolicy) -> tuple[bytes, str]:
     os.symlink("a.txt", src / "ln")
     (src / ("long" * 40)).write_bytes(b"long name\n")  # a PAX path record
     sources = [Source(src, "/x")]
-    layer = build_layer(sources, tmp / "blobs", mtime=7, owner=owner, compression="none", keep_tar=True, comment="t")
+    request = LayerRequest(sources, mtime=7, owner=owner, compression="none", keep_tar=True, comment="t")
+    layer = build_layer(request, tmp / "blobs")
     assert layer.tar.path is not None
     return layer.tar.path.read_bytes(), content_fingerprint(sources, mtime=7, owner=owner)
 

@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 from support import nsbuild_cmd, podman_store, run_as, run_nsbuild
 from support.core import BUSYBOX, EXAMPLE_SPEC, build, read_image, write_spec
+from support.users import UserTmpFactory, is_root
 
 LAYERED_ATTRS = {
     "name",
@@ -186,6 +187,18 @@ def test_inspect_errors(tmp_path: Path, what: str) -> None:
     proc = run_nsbuild(["inspect", str(target)])
     assert proc.returncode in (1, 2), proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def test_inspect_an_unreadable_file_is_one_line(user_tmp: UserTmpFactory) -> None:
+    """An I/O error nothing below turned into a BuildError reaches the one error handler: one line,
+    exit 1, no traceback."""
+    user = "test" if is_root() else None
+    target = user_tmp(user) / "image.tar"
+    target.write_bytes(b"")
+    target.chmod(0)
+    proc = run_nsbuild(["inspect", str(target)], user)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == f"nsbuild: error: {target}: Permission denied\n"
 
 
 def _example(tmp_path: Path, **extra: object) -> Path:

@@ -253,6 +253,45 @@ def test_tls_with_cert_dir(app_spec, registry_factory: RegistryFactory) -> None:
     pull_back_and_check(reg, target, work, user, {"bin/hello": "hello\n"})
 
 
+def test_inspect_a_registry_image(app_spec, registry_factory: RegistryFactory) -> None:  # noqa: ANN001
+    """`nsbuild inspect docker://…` pulls as a build pulls its base, with the same TLS and auth flags."""
+    user, work, spec = app_spec
+    archive = work / "app.tar.gz"
+    nsbuild_ok(["layered", str(spec), "-o", str(archive), "--no-cache", "-q"], user)
+    local = json.loads(nsbuild_ok(["inspect", str(archive), "--json"], user)[0])
+
+    reg = registry_factory(tls=True)
+    ref = f"docker://{reg}/inspected:1"
+    nsbuild_ok(["push", str(archive), ref, "--cert-dir", str(reg.cert_dir), "-q"], user)
+    proc = run_nsbuild(["inspect", ref], user)  # the registry's CA is not trusted without --cert-dir
+    assert proc.returncode == 1, describe(proc)
+    assert proc.stderr.count("\n") == 1 and "certificate" in proc.stderr.lower(), proc.stderr
+    out, _ = nsbuild_ok(["inspect", ref, "--cert-dir", str(reg.cert_dir), "--json"], user)
+    pulled = json.loads(out)
+    _, manifest, _ = registry_manifest(reg, "inspected", "1")
+    assert pulled["config"] == local["config"]
+    assert [layer["digest"] for layer in pulled["layers"]] == [d["digest"] for d in manifest["layers"]]
+    assert {layer["media_type"] for layer in pulled["layers"]} == {OCI_GZIP}
+    for name in ("diff_id", "entries"):
+        assert [layer[name] for layer in pulled["layers"]] == [layer[name] for layer in local["layers"]]
+    # The text form too; a layer's line names its size, compressed in the registry, not in the archive.
+    text, _ = nsbuild_ok(["inspect", ref, "--cert-dir", str(reg.cert_dir)], user)
+    local_text, _ = nsbuild_ok(["inspect", str(archive)], user)
+    assert "bin/hello" in text
+    assert [line for line in text.splitlines() if not line.startswith("layer ")] == [
+        line for line in local_text.splitlines() if not line.startswith("layer ")
+    ]
+
+    # Plain http and basic auth: --tls-verify=false and --creds, as for a build's docker:// base.
+    secured = registry_factory(auth=("bob", "Passw0rd-5150"))
+    ref = f"docker://{secured}/inspected:2"
+    nsbuild_ok(["push", str(archive), ref, TLS_OFF, "--creds", "bob:Passw0rd-5150", "-q"], user)
+    proc = run_nsbuild(["inspect", ref, TLS_OFF], user)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, describe(proc)
+    out, _ = nsbuild_ok(["inspect", ref, TLS_OFF, "--creds", "bob:Passw0rd-5150", "--json"], user)
+    assert json.loads(out)["config"] == local["config"]
+
+
 # --- fromImage: docker:// ----------------------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ from nsbuild.layer.layer import MEDIA_TAR_GZIP, Blob, Layer
 from nsbuild.registry import (
     AuthOptions,
     BlobRecord,
+    PushTuning,
     RegistryError,
     RegistryOptions,
     RetryPolicy,
@@ -339,7 +340,9 @@ def test_push_survives_a_connection_reset_mid_upload(registry, tmp_path, chunked
     proxy = DroppingProxy(registry.host, drop_after=2 * 1024 * 1024)
     try:
         chunk = 256 * 1024 if chunked else 16 * 1024 * 1024
-        result = push_image(image, f"{proxy.host}/big/img:1", options=plain_options(), chunk_size=chunk)
+        result = push_image(
+            image, f"{proxy.host}/big/img:1", options=plain_options(), tuning=PushTuning(chunk_size=chunk)
+        )
     finally:
         proxy.close()
     assert proxy.dropped == 1, "the proxy never cut the upload: the test did not test anything"
@@ -364,7 +367,9 @@ def test_chunked_upload_resumes_from_the_registry_range(registry, tmp_path):
     chunk = 128 * 1024
     proxy = DroppingProxy(registry.host, cut_request=(b"PATCH ", 4))
     try:
-        result = push_image(image, f"{proxy.host}/big/resume:1", options=plain_options(), chunk_size=chunk)
+        result = push_image(
+            image, f"{proxy.host}/big/resume:1", options=plain_options(), tuning=PushTuning(chunk_size=chunk)
+        )
     finally:
         proxy.close()
     assert proxy.dropped == 1
@@ -397,7 +402,9 @@ def test_chunked_upload_restarts_when_the_registry_dropped_the_upload(registry, 
     image = big_image(tmp_path / "img", size=2 * 1024 * 1024)
     proxy = DroppingProxy(registry.host, drop_after=1024 * 1024 + 300 * 1024)
     try:
-        result = push_image(image, f"{proxy.host}/big/restart:1", options=plain_options(), chunk_size=128 * 1024)
+        result = push_image(
+            image, f"{proxy.host}/big/restart:1", options=plain_options(), tuning=PushTuning(chunk_size=128 * 1024)
+        )
     finally:
         proxy.close()
     assert proxy.dropped == 1

@@ -315,7 +315,7 @@ def test_stream_stdout_holds_only_the_image(unprivileged_user: str | None, user_
 DRIVER = r"""
 import json, sys
 from pathlib import Path
-from nsbuild.rootfs.customize import build_customisation_layer
+from nsbuild.rootfs.customize import CustomisationJob, build_customisation_layer
 from nsbuild.errors import BuildError
 from nsbuild.tar.owners import Owner
 
@@ -328,10 +328,10 @@ work = Path(args["work"])
 custom = work / "custom"; custom.mkdir(exist_ok=True)
 sandbox = work / "sandbox"; sandbox.mkdir(exist_ok=True)
 try:
-    build_customisation_layer(custom_root=custom, lower=[], base_layer_tars=[], script=args["script"],
+    build_customisation_layer(CustomisationJob(custom_root=custom, lower=[], base_layer_tars=[], script=args["script"],
         enable_fakechroot=False, root_owner=Owner(0, 0, "root", "root"), mtime=1,
         isolation=args["backend"], network="none", workdir=sandbox, out_tar=work / "out.tar", log=Log(),
-        scratch_mib=args.get("scratch"), memory_mib=args.get("memory"))
+        scratch_mib=args.get("scratch"), memory_mib=args.get("memory")))
 except BuildError as exc:
     print("BuildError:", exc)
     sys.exit(1)

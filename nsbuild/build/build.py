@@ -3,39 +3,50 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nsbuild.build import buildimage
-from nsbuild.build.context import BuildOptions, BuildResult, Workspace
-from nsbuild.build.steps import finished_image, layer_compression, open_archive, read_base, recompress, write_output
+from nsbuild.build.context import BuildContext, BuildOptions, BuildResult, Workspace
+from nsbuild.build.steps import (
+    layer_compression,
+    new_image,
+    open_archive,
+    own_tree,
+    preflight_output,
+    read_base,
+    recompressed,
+    run_extra_commands,
+    script_layer,
+    scripts_env,
+    tree_layer,
+    write_output,
+)
 from nsbuild.cache.cache import LayerCache, close_caches, fingerprint, open_cache
 from nsbuild.core.progress import Progress, human
 from nsbuild.core.refs import ImageRef
 from nsbuild.errors import SpecError
-from nsbuild.image.image import make_config
-from nsbuild.layer.layer import Layer, build_layer, layer_from_tar
+from nsbuild.layer.layer import Layer, LayerRequest, build_layer
 from nsbuild.plan.plan import Plan, PlannedLayer, layer_hashes, make_plan, script_references
 from nsbuild.plan.store import Store
-from nsbuild.rootfs.customize import build_customisation_layer
+from nsbuild.rootfs.customize import CustomisationJob, build_customisation_layer
 from nsbuild.rootfs.hosttree import warn_contents_links
 from nsbuild.rootfs.nixdb import write_nix_db
-from nsbuild.sandbox.scripts import run_bash, script_env
 from nsbuild.sinks.archive import ImageArchive
-from nsbuild.sinks.sinks import (
-    check_destination,
-)
-from nsbuild.sources.baseimage import BaseImage
+from nsbuild.sinks.sinks import ArchiveOutput, check_destination
 from nsbuild.spec.spec import Spec
 from nsbuild.tar.owners import Owner, OwnerPolicy
 from nsbuild.tar.tarwriter import Source
 
 if TYPE_CHECKING:
-    pass
+    from nsbuild.registry import PushResult
 
 EXTENSIONS = {"none": ".tar", "gz": ".tar.gz", "zstd": ".tar.zst"}
 
@@ -119,263 +130,256 @@ def build_image(spec: Spec, output: ImageRef, progress: Progress, options: Build
         check_destination(output.format, output.path, name=output.name, tag=output.tag)
     ws = Workspace()
     try:
-        return _build(spec, output, progress, options, ws)
+        ctx = BuildContext(spec, output, options, progress, ws, compression=layer_compression(output, spec))
+        return buildimage.build(ctx) if spec.kind == "image" else _build(ctx)
     finally:
         close_caches()  # the build's pins and staging area in the layer cache
         ws.close()
 
 
-def _build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions, ws: Workspace) -> BuildResult:
-    if spec.kind == "image":
-        return buildimage.build(spec, output, progress, options, ws)
-    # The registry glue (and its HTTP stack) only when a registry is involved: a rebuild is quick.
-    push_sink: Any = None
-    registry_cache: Any = None
-    if output.format == "registry" or options.cache_to or options.cache_from:
-        from nsbuild.cache import shared as registry_cache
-        from nsbuild.sinks import push as push_sink
-    docker = output.format == "docker-archive"
-    compression = layer_compression(output, spec)
-    keep_tar = compression == "none"
-    base: BaseImage | None = None
+@dataclass(frozen=True)
+class _Layered:
+    """What the steps of one layered build share besides its BuildContext."""
+
+    ctx: BuildContext
+    cache: LayerCache | None
+    owner: OwnerPolicy  # of every entry of the new layers
+    base_layers: list[Layer]  # fromImage's, in the output's compression
+
+
+def _build(ctx: BuildContext) -> BuildResult:
+    spec, options, progress = ctx.spec, ctx.options, ctx.progress
     cache = open_cache(options.cache_dir) if options.cache_dir else None
-    if output.format == "registry":
-        push_sink.preflight("docker://" + output.location, "-o", options.registry)
+    preflight_output(ctx)
     if options.cache_to:
+        # The registry glue (and its HTTP stack) only when a registry is involved: a rebuild is quick.
+        from nsbuild.sinks import push as push_sink
+
         push_sink.preflight(options.cache_to, "--cache-to", options.registry)
     base, annotations, base_info = read_base(
-        spec, ws, options, progress, need_tar=keep_tar or docker or bool(spec.fake_root_commands.strip())
+        ctx, need_tar=ctx.keep_tar or ctx.docker or bool(spec.fake_root_commands.strip())
     )
-    if base is not None:
-        base.layers = [recompress(layer, compression, ws, exact=docker) for layer in base.layers]
-    base_layers = base.layers if base else []
-    plan = make_plan(spec, len(base_layers))
-    warn_contents_links(spec, progress)  # links leading out of a root tree are kept, never followed
+    base_layers = recompressed(ctx, base.layers) if base is not None else []
+    plan = _checked_plan(ctx, len(base_layers))
+    fixed = OwnerPolicy.fixed_owner(Owner(spec.uid, spec.gid, spec.uname, spec.gname))
+    job = _Layered(ctx, cache, fixed, base_layers)
+    # The customisation layer first, as dockerTools: the store paths its scripts' output refers to
+    # are part of the closure the store layers are made of.
+    t0 = time.monotonic()
+    custom_layer, plan = _customisation_layer(job, plan)
+    total = len(plan.layers) + 1
+    progress.layer_done(total, total, "customisation layer", custom_layer.tar.size, time.monotonic() - t0)
+    archive = open_archive(ctx, cache, positions=len(base_layers) + total)
+    try:
+        layers, cached, content_keys = _content_layers(job, plan, archive)
+        image = new_image(ctx, base, base_layers, [*layers, custom_layer], annotations)
+        written = write_output(ctx, image, archive)
+    finally:
+        if archive is not None:
+            archive.file.discard()  # a no-op once the archive is in place
+    cache_push = _push_cache(job, options.cache_to, content_keys, layers) if options.cache_to else None
+    return BuildResult(
+        image,
+        written.output,
+        ctx.output.format,
+        push=written.push,
+        base=base_info,
+        cache_push=cache_push,
+        remote_hits=sum(1 for c in cached if c == "remote"),
+        written=written.written,
+    )
+
+
+def _checked_plan(ctx: BuildContext, base_count: int) -> Plan:
+    spec = ctx.spec
+    plan = make_plan(spec, base_count)
+    warn_contents_links(spec, ctx.progress)  # links leading out of a root tree are kept, never followed
     if spec.include_nix_db and not plan.closure:
         raise SpecError(
             "includeNixDB",
             "the image has no store paths to register (no contents inside "
             f"{spec.store_dir}, or includeStorePaths is false)",
         )
-    owner = Owner(spec.uid, spec.gid, spec.uname, spec.gname)
-    fixed = OwnerPolicy.fixed_owner(owner)
-    # The customisation layer first, as dockerTools: the store paths its scripts' output refers to
-    # are part of the closure the store layers are made of.
-    t0 = time.monotonic()
-    custom_layer, plan = _customisation_layer(
-        spec, plan, ws, progress, options, fixed, compression, keep_tar, base_layers
+    return plan
+
+
+def _push_cache(job: _Layered, cache_to: str, content_keys: list[str | None], layers: list[Layer]) -> PushResult:
+    """--cache-to: the content layers that have a content key (the customisation layer has none)."""
+    from nsbuild.cache import shared as registry_cache
+
+    options = job.ctx.options
+    return registry_cache.push_cache(
+        cache_to,
+        [(k, layer) for k, layer in zip(content_keys, layers, strict=False) if k],
+        options=options.registry,
+        progress=job.ctx.progress,
+        cache_dir=options.cache_dir,
     )
-    total = len(plan.layers) + 1
-    progress.layer_done(total, total, "customisation layer", custom_layer.tar.size, time.monotonic() - t0)
-    # New blobs go to the build's staging area in the cache; cache.store publishes them.
-    blob_dir = cache.store_root / "blobs" / "sha256" if cache else ws.blobs
-    archive = open_archive(output, spec, cache, positions=len(base_layers) + total)
-    try:
-        if archive is not None:
-            for position, layer in enumerate(base_layers):
-                archive.archive.done(position, layer)
-        shared_cache = (
-            registry_cache.opened_cache(options.cache_from, options.registry, progress)
-            if options.cache_from
-            else contextlib.nullcontext()
-        )
-        with shared_cache as shared:
-            layers, cached, content_keys = _content_layers(
-                spec,
-                plan,
-                progress,
-                options,
-                ws,
-                cache,
-                shared,
-                blob_dir,
-                compression,
-                keep_tar,
-                fixed,
-                total,
-                archive.archive if archive else None,
-                len(base_layers),
-            )
-        layers.append(custom_layer)
-        all_layers = base_layers + layers
-        config = make_config(
-            architecture=spec.architecture,
-            created=spec.created,
-            config=spec.config,
-            base_config=base.config if base else None,
-            base_history=base.history if base else [],
-            layers=all_layers,
-            new_from=len(base_layers),
-        )
-        image = finished_image(spec, output, config, all_layers, annotations)
-        result = BuildResult(
-            image, "", output.format, base=base_info, remote_hits=sum(1 for c in cached if c == "remote")
-        )
-        result.output = write_output(image, output, spec, progress, options, result, archive)
-    finally:
-        if archive is not None:
-            archive.file.discard()  # a no-op once the archive is in place
-    if options.cache_to:
-        result.cache_push = registry_cache.push_cache(
-            options.cache_to,
-            [(k, layer) for k, layer in zip(content_keys, layers, strict=False) if k],
-            options=options.registry,
-            progress=progress,
-            cache_dir=options.cache_dir,
-        )
-    return result
 
 
 def _content_layers(
-    spec: Spec,
-    plan: Plan,
-    progress: Progress,
-    options: BuildOptions,
-    ws: Workspace,
-    cache: LayerCache | None,
-    shared: Any,
-    blob_dir: Path,
-    compression: str,
-    keep_tar: bool,
-    fixed: OwnerPolicy,
-    total: int,
-    archive: ImageArchive | None,
-    first_position: int,
-) -> tuple[list[Layer], list[Any], list[str | None]]:
-    """The planned content layers, in parallel: from the local cache, the shared cache or built (into the
-    output archive when the layer is next in line there)."""
-    want_content_key = shared is not None or bool(options.cache_to)
-    # Without a cache, a layer streamed into the archive needs no file of its own (--cache-to pushes
-    # blob files).
-    files_needed = cache is not None or bool(options.cache_to)
-
-    def finished(index: int, layer: Layer) -> Layer:
-        if archive is not None:
-            archive.done(first_position + index - 1, layer)
-        return layer
-
-    def content_fingerprint(key: str | None, planned: PlannedLayer) -> str:
+    job: _Layered, plan: Plan, archive: ArchiveOutput | None
+) -> tuple[list[Layer], list[bool | str], list[str | None]]:
+    """The planned content layers (_ContentLayers), after the base layers went to the output archive."""
+    options = job.ctx.options
+    if archive is not None:
+        for position, layer in enumerate(job.base_layers):
+            archive.archive.done(position, layer)
+    # New blobs go to the build's staging area in the cache; cache.store publishes them.
+    blob_dir = job.cache.store_root / "blobs" / "sha256" if job.cache else job.ctx.ws.blobs
+    shared_cache: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if options.cache_from:
         from nsbuild.cache import shared as registry_cache
 
-        return registry_cache.remembered_content_fingerprint(
-            cache.root if cache else None, key, planned.sources, mtime=spec.mtime, owner=fixed
-        )
+        shared_cache = registry_cache.opened_cache(options.cache_from, options.registry, job.ctx.progress)
+    with shared_cache as shared:
+        return _ContentLayers(job, plan, shared, archive.archive if archive else None, blob_dir).made()
 
-    def make(index: int, planned: PlannedLayer) -> tuple[Layer, bool | str, str | None]:
+
+@dataclass(frozen=True)
+class _ContentLayers:
+    """The planned content layers, in parallel: from the local cache, the shared cache (`shared`,
+    --cache-from) or built (into the output archive when the layer is next in line there)."""
+
+    job: _Layered
+    plan: Plan
+    shared: Any
+    archive: ImageArchive | None
+    blob_dir: Path
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def total(self) -> int:
+        return len(self.plan.layers) + 1
+
+    def made(self) -> tuple[list[Layer], list[bool | str], list[str | None]]:
+        # Layers are independent: the C parts (reading, hashing, compressing) run in parallel threads.
+        jobs = self.job.ctx.options.jobs or len(os.sched_getaffinity(0))
+        pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, len(self.plan.layers) or 1)))
+        try:
+            done = list(pool.map(lambda ip: self._make(*ip), enumerate(self.plan.layers, 1)))
+        except BaseException:
+            # Ctrl-C or a failed layer: the other layers stop at their next entry, not when they are done.
+            self.cancel.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return [d[0] for d in done], [d[1] for d in done], [d[2] for d in done]
+
+    def _make(self, index: int, planned: PlannedLayer) -> tuple[Layer, bool | str, str | None]:
+        """Layer `index` (1-based), whether it came from a cache (True: local, "remote": shared), and
+        its content key when a shared cache needs one."""
         t0 = time.monotonic()
+        ctx, cache = self.job.ctx, self.job.cache
         key = None
         content_key = None
         if cache is not None:
-            key = fingerprint(planned.sources, mtime=spec.mtime, owner=fixed)
-            hit = cache.lookup(key, compression=compression, need_tar=keep_tar, comment=planned.comment)
+            key = fingerprint(planned.sources, mtime=ctx.spec.mtime, owner=self.job.owner)
+            hit = cache.lookup(key, compression=ctx.compression, need_tar=ctx.keep_tar, comment=planned.comment)
             if hit is not None:
-                if options.cache_to:
-                    content_key = content_fingerprint(key, planned)
-                progress.layer_done(index, total, planned.comment, hit.tar.size, time.monotonic() - t0, True)
-                return finished(index, hit), True, content_key
-        if want_content_key:
-            content_key = content_fingerprint(key, planned)
-        if shared is not None and content_key is not None:
-            got = shared.lookup(
-                content_key,
-                compression=compression,
-                need_tar=keep_tar,
-                store_root=cache.store_root if cache else ws.path("pull"),
-                comment=planned.comment,
-                mtime=spec.mtime,
-                owner=fixed,
-            )
+                if ctx.options.cache_to:
+                    content_key = self._content_fingerprint(key, planned)
+                ctx.progress.layer_done(index, self.total, planned.comment, hit.tar.size, time.monotonic() - t0, True)
+                return self._finished(index, hit), True, content_key
+        if self.shared is not None or ctx.options.cache_to:
+            content_key = self._content_fingerprint(key, planned)
+        if self.shared is not None and content_key is not None:
+            got = self._from_shared(index, planned, key, content_key, t0)
             if got is not None:
-                if cache is not None and key is not None:
-                    got = cache.store(key, got, compression)
-                progress.info(
-                    f"[{index}/{total}] {planned.comment}: {human(got.tar.size)} "
-                    f"(from cache {shared.ref}, {time.monotonic() - t0:.2f}s)"
-                )
-                return finished(index, got), "remote", content_key
-        label = f"[{index}/{total}]"
-        stops = []
-        slot = archive.claim(first_position + index - 1) if archive is not None else None
-        files = files_needed or slot is None
-        layer = build_layer(
+                return self._finished(index, got), "remote", content_key
+        layer = self._built(index, planned, key)
+        ctx.progress.layer_done(index, self.total, planned.comment, layer.tar.size, time.monotonic() - t0)
+        return self._finished(index, layer), False, content_key
+
+    def _finished(self, index: int, layer: Layer) -> Layer:
+        if self.archive is not None:
+            self.archive.done(len(self.job.base_layers) + index - 1, layer)
+        return layer
+
+    def _content_fingerprint(self, key: str | None, planned: PlannedLayer) -> str:
+        from nsbuild.cache import shared as registry_cache
+
+        cache, spec = self.job.cache, self.job.ctx.spec
+        return registry_cache.remembered_content_fingerprint(
+            cache.root if cache else None, key, planned.sources, mtime=spec.mtime, owner=self.job.owner
+        )
+
+    def _from_shared(
+        self, index: int, planned: PlannedLayer, key: str | None, content_key: str, t0: float
+    ) -> Layer | None:
+        ctx, cache = self.job.ctx, self.job.cache
+        got = self.shared.lookup(
+            content_key,
+            compression=ctx.compression,
+            need_tar=ctx.keep_tar,
+            store_root=cache.store_root if cache else ctx.ws.path("pull"),
+            comment=planned.comment,
+            mtime=ctx.spec.mtime,
+            owner=self.job.owner,
+        )
+        if got is None:
+            return None
+        if cache is not None and key is not None:
+            got = cache.store(key, got, ctx.compression)
+        ctx.progress.info(
+            f"[{index}/{self.total}] {planned.comment}: {human(got.tar.size)} "
+            f"(from cache {self.shared.ref}, {time.monotonic() - t0:.2f}s)"
+        )
+        return got
+
+    def _built(self, index: int, planned: PlannedLayer, key: str | None) -> Layer:
+        ctx, cache = self.job.ctx, self.job.cache
+        label = f"[{index}/{self.total}]"
+        stops: list[Callable[[], None]] = []
+        slot = self.archive.claim(len(self.job.base_layers) + index - 1) if self.archive is not None else None
+        # Without a cache, a layer streamed into the archive needs no file of its own (--cache-to pushes
+        # blob files).
+        files = cache is not None or bool(ctx.options.cache_to) or slot is None
+        request = LayerRequest(
             planned.sources,
-            blob_dir,
-            mtime=spec.mtime,
-            owner=fixed,
-            compression=compression,
-            keep_tar=keep_tar and files,
+            mtime=ctx.spec.mtime,
+            owner=self.job.owner,
+            compression=ctx.compression,
+            keep_tar=ctx.keep_tar and files,
             keep_blob=files,
             comment=planned.comment,
-            cancel=cancel,
-            watch=lambda w: stops.append(progress.watch(label, lambda: w.size)),
+        )
+        layer = build_layer(
+            request,
+            self.blob_dir,
+            cancel=self.cancel,
+            watch=lambda w: stops.append(ctx.progress.watch(label, lambda: w.size)),
             blob_out=slot.out if slot is not None else None,
         )
         for stop in stops:
             stop()
         if cache is not None and key is not None:
-            layer = cache.store(key, layer, compression)
-        progress.layer_done(index, total, planned.comment, layer.tar.size, time.monotonic() - t0)
-        return finished(index, layer), False, content_key
-
-    # Layers are independent: the C parts (reading, hashing, compressing) run in parallel threads.
-    jobs = options.jobs or len(os.sched_getaffinity(0))
-    cancel = threading.Event()
-    pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, len(plan.layers) or 1)))
-    try:
-        done = list(pool.map(lambda ip: make(*ip), enumerate(plan.layers, 1)))
-    except BaseException:
-        # Ctrl-C or a failed layer: the other layers stop at their next entry, not when they are done.
-        cancel.set()
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return [d[0] for d in done], [d[1] for d in done], [d[2] for d in done]
+            layer = cache.store(key, layer, ctx.compression)
+        return layer
 
 
-def _customisation_layer(
-    spec: Spec,
-    plan: Plan,
-    ws: Workspace,
-    progress: Progress,
-    options: BuildOptions,
-    fixed: OwnerPolicy,
-    compression: str,
-    keep_tar: bool,
-    base_layers: list[Layer],
-) -> tuple[Layer, Plan]:
+def _customisation_layer(job: _Layered, plan: Plan) -> tuple[Layer, Plan]:
     """The customisation layer, and the plan grown by the store paths its scripts' output refers to."""
-    custom = ws.path("custom")
-    os.chmod(custom, 0o755)
+    ctx = job.ctx
+    spec, progress = ctx.spec, ctx.progress
+    custom = own_tree(ctx)
     link_store_contents(custom, plan.store_links, progress, spec.store_dir)
     if spec.include_nix_db:
         # Before extraCommands, as dockerTools' mkDbExtraCommand: a script may use the database, which
         # holds the closure of the contents and config (not what the scripts add, as in dockerTools).
-        import json
-
         progress.info(f"registering {len(plan.closure)} store paths in /nix/var/nix/db")
         roots = plan.store_links + Store(spec.store_dir).paths_in_text(json.dumps(spec.config))
         write_nix_db(custom, plan.closure, roots, spec.store_dir, spec.mtime)
-    env = script_env(work=ws.root, spec_dir=spec.base_dir, mtime=spec.mtime)
+    env = scripts_env(ctx)
     scripted = bool(spec.extra_commands.strip() or spec.fake_root_commands.strip())
     before = layer_hashes(spec, plan, custom) if scripted else set()
     if spec.extra_commands.strip():
-        progress.info("running extraCommands")
-        run_bash(spec.extra_commands, cwd=custom, env=env, what="extraCommands", log_dir=ws.root)
+        run_extra_commands(ctx, custom, env)
     if spec.fake_root_commands.strip():
-        return _fake_root_layer(spec, plan, ws, progress, options, compression, base_layers, custom, env, before)
+        return _fake_root_layer(job, plan, custom, env, before)
     found = script_references(spec, plan, custom, before) if scripted else []
-    plan = _grown_plan(spec, plan, found, len(base_layers), progress, "extraCommands")
-    sources = plan.custom_sources + [Source(custom, "/")]
-    layer = build_layer(
-        sources,
-        ws.blobs,
-        mtime=spec.mtime,
-        owner=fixed,
-        compression=compression,
-        keep_tar=keep_tar,
-        comment="customisation layer",
-    )
-    return layer, plan
+    plan = _grown_plan(spec, plan, found, len(job.base_layers), progress, "extraCommands")
+    return tree_layer(ctx, plan.custom_sources + [Source(custom, "/")], job.owner, "customisation layer"), plan
 
 
 def _grown_plan(spec: Spec, plan: Plan, found: list[Path], base_count: int, progress: Progress, what: str) -> Plan:
@@ -399,38 +403,33 @@ def _grown_plan(spec: Spec, plan: Plan, found: list[Path], base_count: int, prog
 
 
 def _fake_root_layer(
-    spec: Spec,
-    plan: Plan,
-    ws: Workspace,
-    progress: Progress,
-    options: BuildOptions,
-    compression: str,
-    base_layers: list[Layer],
-    custom: Path,
-    env: dict[str, str],
-    before: set[str],
+    job: _Layered, plan: Plan, custom: Path, env: dict[str, str], before: set[str]
 ) -> tuple[Layer, Plan]:
+    ctx = job.ctx
+    spec, ws, progress, options = ctx.spec, ctx.ws, ctx.progress, ctx.options
     progress.info("running fakeRootCommands")
     out_tar = ws.root / "customisation.tar"
     lower = [s for layer in plan.layers for s in layer.sources]
     build_customisation_layer(
-        custom_root=custom,
-        lower=lower,
-        upper_sources=plan.custom_sources,
-        env=env,
-        base_layer_tars=[layer.tar.path for layer in base_layers if layer.tar.path is not None],
-        script=spec.fake_root_commands,
-        enable_fakechroot=spec.enable_fakechroot,
-        root_owner=Owner(spec.uid, spec.gid, spec.uname, spec.gname),
-        mtime=spec.mtime,
-        isolation=options.isolation,
-        network=options.network,
-        workdir=ws.path("sandbox"),
-        out_tar=out_tar,
-        log=progress,
-        store_dir=spec.store_dir,
+        CustomisationJob(
+            custom_root=custom,
+            lower=lower,
+            upper_sources=plan.custom_sources,
+            env=env,
+            base_layer_tars=[layer.tar.path for layer in job.base_layers if layer.tar.path is not None],
+            script=spec.fake_root_commands,
+            enable_fakechroot=spec.enable_fakechroot,
+            root_owner=Owner(spec.uid, spec.gid, spec.uname, spec.gname),
+            mtime=spec.mtime,
+            isolation=options.isolation,
+            network=options.network,
+            workdir=ws.path("sandbox"),
+            out_tar=out_tar,
+            log=progress,
+            store_dir=spec.store_dir,
+        )
     )
     # The tar's bytes hold every name, link target and file of the layer: scanned as they are.
     found = script_references(spec, plan, out_tar, before)
-    plan = _grown_plan(spec, plan, found, len(base_layers), progress, "fakeRootCommands")
-    return layer_from_tar(out_tar, ws.blobs, compression=compression, comment="customisation layer"), plan
+    plan = _grown_plan(spec, plan, found, len(job.base_layers), progress, "fakeRootCommands")
+    return script_layer(ctx, out_tar, "customisation layer"), plan

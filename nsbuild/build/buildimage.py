@@ -15,22 +15,31 @@ import os
 import shutil
 import stat
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from nsbuild.build.context import BuildOptions, BuildResult, Workspace
-from nsbuild.build.steps import finished_image, layer_compression, read_base, recompress, write_output
+from nsbuild.build.context import BuildContext, BuildResult
+from nsbuild.build.steps import (
+    new_image,
+    own_tree,
+    preflight_output,
+    read_base,
+    recompressed,
+    run_extra_commands,
+    script_layer,
+    scripts_env,
+    tree_layer,
+    write_output,
+)
 from nsbuild.core.progress import Progress
-from nsbuild.core.refs import ImageRef
 from nsbuild.errors import BuildError, SpecError
-from nsbuild.image.image import make_config
-from nsbuild.layer.layer import Layer, build_layer, layer_from_tar
+from nsbuild.layer.layer import Layer
 from nsbuild.plan.closure import closure as store_closure
 from nsbuild.plan.closure import output_hashes, referenced_paths
 from nsbuild.plan.store import Store, StorePath
-from nsbuild.rootfs.customize import build_customisation_layer
+from nsbuild.rootfs.customize import CustomisationJob, build_customisation_layer
 from nsbuild.rootfs.hosttree import OUTSIDE, STORE, HostTree, warning
 from nsbuild.rootfs.nixdb import write_nix_db
-from nsbuild.sandbox.scripts import run_bash, script_env
 from nsbuild.sandbox.tree import HostileLayer, ImageModel, place, remove
 from nsbuild.spec.spec import ContentEntry, Spec
 from nsbuild.tar.owners import Owner, OwnerPolicy
@@ -39,28 +48,35 @@ from nsbuild.tar.tarwriter import Source
 LAYER_COMMENT = "buildImage layer"
 
 
-def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOptions, ws: Workspace) -> BuildResult:
-    docker = output.format == "docker-archive"
-    compression = layer_compression(output, spec)
-    keep_tar = compression == "none"
-    if output.format == "registry":
-        from nsbuild.sinks import push as push_sink
-
-        push_sink.preflight("docker://" + output.location, "-o", options.registry)
+def build(ctx: BuildContext) -> BuildResult:
+    spec, progress, options = ctx.spec, ctx.progress, ctx.options
+    preflight_output(ctx)
     if options.cache_to or options.cache_from:
         progress.warn(
             "--cache-to/--cache-from: buildImage's single layer depends on its base and scripts "
             "and is always built; nothing is shared"
         )
-    base, annotations, base_info = read_base(spec, ws, options, progress, need_tar=True)
+    base, annotations, base_info = read_base(ctx, need_tar=True)
     base_layers = base.layers if base else []
     tars = _unique_tars(base_layers)
     model = _scan_base(tars, refuse_devices=spec.run_as_root is not None)
-
     t0 = time.monotonic()
-    custom = ws.path("custom")
-    os.chmod(custom, 0o755)
-    merger = _Merger(custom, model, spec.keep_contents_dirlinks, progress, spec.store_dir)
+    layer = _new_layer(ctx, model, tars)
+    progress.layer_done(1, 1, LAYER_COMMENT, layer.tar.size, time.monotonic() - t0)
+    base_layers = recompressed(ctx, base_layers)
+    image = new_image(ctx, base, base_layers, [layer], annotations)
+    written = write_output(ctx, image)
+    return BuildResult(
+        image, written.output, ctx.output.format, push=written.push, base=base_info, written=written.written
+    )
+
+
+def _new_layer(ctx: BuildContext, model: ImageModel, tars: list[Path]) -> Layer:
+    """The one new layer: copyToRoot and its store closure, then runAsRoot (in the sandbox over the
+    base) or extraCommands (as the caller, in the layer's own tree)."""
+    spec = ctx.spec
+    custom = own_tree(ctx)
+    merger = _Merger(custom, model, spec.keep_contents_dirlinks, ctx.progress, spec.store_dir)
     for entry in spec.copy_to_root:
         try:
             merger.copy_entry(entry)
@@ -69,50 +85,19 @@ def build(spec: Spec, output: ImageRef, progress: Progress, options: BuildOption
                 f"{entry.field}: cannot copy {exc.filename or entry.path}: {exc.strerror or exc}"
             ) from None
     merger.finish()
-    store, closure = _add_store_closure(spec, custom, progress)
-    env = script_env(work=ws.root, spec_dir=spec.base_dir, mtime=spec.mtime)
+    store, closure = _add_store_closure(spec, custom, ctx.progress)
+    env = scripts_env(ctx)
     # buildImage has no uname/gname: names only for id 0 (as for layered's defaults), else none.
     owner = Owner(spec.uid, spec.gid, spec.uname if spec.uid == 0 else "", spec.gname if spec.gid == 0 else "")
     scripted = spec.run_as_root is not None or bool(spec.extra_commands.strip())
     before = output_hashes(store, custom, closure) if scripted else set()
-    if spec.run_as_root is None:
-        if spec.extra_commands.strip():
-            progress.info("running extraCommands")
-            run_bash(spec.extra_commands, cwd=custom, env=env, what="extraCommands", log_dir=ws.root)
-            _add_script_references(spec, store, closure, custom, custom, progress, "extraCommands", before)
-        layer = build_layer(
-            [Source(custom, "/")],
-            ws.blobs,
-            mtime=spec.mtime,
-            owner=OwnerPolicy.fixed_owner(owner),
-            compression=compression,
-            keep_tar=keep_tar,
-            comment=LAYER_COMMENT,
-        )
-    else:
-        layer = _run_as_root_layer(
-            spec, ws, progress, options, custom, env, tars, owner, compression, (store, closure, before)
-        )
-    progress.layer_done(1, 1, LAYER_COMMENT, layer.tar.size, time.monotonic() - t0)
-
-    base_layers = [recompress(b, compression, ws, exact=docker) for b in base_layers]
-    all_layers = [*base_layers, layer]
-    # dockerTools' buildImage concatenates Env (the base's entries, then the spec's); layered merges
-    # key-wise. Runtimes take the last entry of a name, so the spec's value wins either way.
-    config = make_config(
-        architecture=spec.architecture,
-        created=spec.created,
-        config=spec.config,
-        base_config=base.config if base else None,
-        base_history=base.history if base else [],
-        layers=all_layers,
-        new_from=len(base_layers),
-        env_mode="concat",
-    )
-    image = finished_image(spec, output, config, all_layers, annotations)
-    result = BuildResult(image, "", output.format, base=base_info)
-    result.output = write_output(image, output, spec, progress, options, result)
-    return result
+    if spec.run_as_root is not None:
+        job = _RunAsRoot(ctx, custom, env, tars, owner, store, closure, before)
+        return _run_as_root_layer(job)
+    if spec.extra_commands.strip():
+        run_extra_commands(ctx, custom, env)
+        _add_script_references(spec, store, closure, custom, custom, ctx.progress, "extraCommands", before)
+    return tree_layer(ctx, [Source(custom, "/")], OwnerPolicy.fixed_owner(owner), LAYER_COMMENT)
 
 
 def _unique_tars(layers: list[Layer]) -> list[Path]:
@@ -137,53 +122,63 @@ def _scan_base(tars: list[Path], *, refuse_devices: bool) -> ImageModel:
     return model
 
 
-def _run_as_root_layer(
-    spec: Spec,
-    ws: Workspace,
-    progress: Progress,
-    options: BuildOptions,
-    custom: Path,
-    env: dict[str, str],
-    tars: list[Path],
-    owner: Owner,
-    compression: str,
-    found: tuple[Store, dict[str, StorePath], set[str]],
-) -> Layer:
+@dataclass(frozen=True)
+class _RunAsRoot:
+    """runAsRoot's inputs: the layer's own tree so far, the base's layer tars, and what the layer's
+    store closure is (the store, the closure, what it referred to before the scripts)."""
+
+    ctx: BuildContext
+    custom: Path
+    env: dict[str, str]
+    tars: list[Path]
+    owner: Owner
+    store: Store
+    closure: dict[str, StorePath]
+    before: set[str]
+
+
+def _run_as_root_layer(job: _RunAsRoot) -> Layer:
     """runAsRoot (then extraCommands) in the sandbox. When their output refers to store paths not in
     the layer yet, those join `custom` with their closure and the scripts run again over it: the
     layer is written whole by the sandbox, and in dockerTools' VM the script sees the store anyway."""
-    store, closure, before = found
+    ctx = job.ctx
+    spec, ws, progress, options = ctx.spec, ctx.ws, ctx.progress, ctx.options
     out_tar = ws.root / "buildimage-layer.tar"
     for _ in range(3):  # a script whose every run names new store paths is not followed for ever
         progress.info("running runAsRoot")
         build_customisation_layer(
-            custom_root=custom,
-            lower=[],
-            base_layer_tars=tars,
-            script=spec.run_as_root or "",
-            enable_fakechroot=True,
-            root_owner=owner,
-            mtime=spec.mtime,
-            isolation=options.isolation,
-            network=options.network,
-            workdir=ws.path("sandbox"),
-            out_tar=out_tar,
-            log=progress,
-            env=env,
-            scratch_mib=spec.disk_size,
-            memory_mib=spec.build_vm_memory_size,
-            what="runAsRoot",
-            store_dir=spec.store_dir,
-            after_script=spec.extra_commands,
-            after_env=env,
+            CustomisationJob(
+                custom_root=job.custom,
+                lower=[],
+                base_layer_tars=job.tars,
+                script=spec.run_as_root or "",
+                enable_fakechroot=True,
+                root_owner=job.owner,
+                mtime=spec.mtime,
+                isolation=options.isolation,
+                network=options.network,
+                workdir=ws.path("sandbox"),
+                out_tar=out_tar,
+                log=progress,
+                env=job.env,
+                scratch_mib=spec.disk_size,
+                memory_mib=spec.build_vm_memory_size,
+                what="runAsRoot",
+                store_dir=spec.store_dir,
+                after_script=spec.extra_commands,
+                after_env=job.env,
+            )
         )
-        if not _add_script_references(spec, store, closure, out_tar, custom, progress, "runAsRoot", before):
+        found = _add_script_references(
+            spec, job.store, job.closure, out_tar, job.custom, progress, "runAsRoot", job.before
+        )
+        if not found:
             break
     else:
         raise BuildError(
             "runAsRoot: its output names new store paths every time it runs; cannot settle which belong in the layer"
         )
-    return layer_from_tar(out_tar, ws.blobs, compression=compression, comment=LAYER_COMMENT)
+    return script_layer(ctx, out_tar, LAYER_COMMENT)
 
 
 def _add_store_closure(spec: Spec, custom: Path, progress: Progress) -> tuple[Store, dict[str, StorePath]]:

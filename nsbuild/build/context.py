@@ -9,14 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nsbuild.core.progress import Progress
+from nsbuild.core.refs import ImageRef
 from nsbuild.image.image import Image
 from nsbuild.sandbox import sweep
+from nsbuild.spec.spec import Spec
 
 if TYPE_CHECKING:
     from nsbuild.registry import PushResult, RegistryOptions
 
 
-@dataclass
+@dataclass(frozen=True)
 class BuildOptions:
     isolation: str = "auto"
     network: str = "none"
@@ -28,7 +31,7 @@ class BuildOptions:
     cache_to: str | None = None  # docker://REF to push this build's layer cache to
 
 
-@dataclass
+@dataclass(frozen=True)
 class BuildResult:
     image: Image
     output: str
@@ -38,6 +41,27 @@ class BuildResult:
     cache_push: PushResult | None = None  # --cache-to
     remote_hits: int = 0  # layers taken from --cache-from
     written: bool = True  # False: the output file already held these bytes
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """One build's inputs and its workspace, handed to every step instead of a long parameter list."""
+
+    spec: Spec
+    output: ImageRef
+    options: BuildOptions
+    progress: Progress
+    ws: Workspace
+    compression: str  # the new layers' blobs (steps.layer_compression)
+
+    @property
+    def keep_tar(self) -> bool:
+        """Uncompressed layers: their tar is the blob, kept on disk."""
+        return self.compression == "none"
+
+    @property
+    def docker(self) -> bool:
+        return self.output.format == "docker-archive"
 
 
 class Workspace:

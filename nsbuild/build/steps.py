@@ -1,31 +1,56 @@
-"""The steps the layered build (build.py) and the single-layer build (buildimage.py) share: read the
-base, give layers the output's compression, finish the image, write it to its sink."""
+"""The steps the layered build (build.py) and the single-layer build (buildimage.py) share: check a
+registry output, read the base, give layers the output's compression, the new layer's own tree and its
+scripts, finish the image, write it to its sink."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from nsbuild.build.context import BuildOptions, BuildResult, Workspace
+from nsbuild.build.context import BuildContext
 from nsbuild.cache.cache import LayerCache, open_cache
-from nsbuild.core.progress import Progress
 from nsbuild.core.refs import ImageRef, is_registry
 from nsbuild.errors import SpecError
-from nsbuild.image.image import Image, oci_manifest
-from nsbuild.layer.layer import MEDIA_BY_COMPRESSOR, Layer, layer_from_tar
+from nsbuild.image.image import Image, make_config, oci_manifest
+from nsbuild.layer.layer import MEDIA_BY_COMPRESSOR, Layer, LayerRequest, build_layer, layer_from_tar
+from nsbuild.sandbox.scripts import run_bash, script_env
 from nsbuild.sinks.archive import OutputStamps
 from nsbuild.sinks.sinks import ArchiveOutput, check_ref_name, check_repo_tag, write_docker_archive, write_oci_dir
 from nsbuild.sources.baseimage import BaseImage, load_base
 from nsbuild.spec.imageconfig import healthcheck_warning
 from nsbuild.spec.spec import Spec
+from nsbuild.tar.owners import OwnerPolicy
+from nsbuild.tar.tarwriter import Source
+
+if TYPE_CHECKING:
+    from nsbuild.registry import PushResult
 
 
-def read_base(
-    spec: Spec, ws: Workspace, options: BuildOptions, progress: Progress, *, need_tar: bool
-) -> tuple[BaseImage | None, dict[str, str], dict[str, Any] | None]:
+@dataclass(frozen=True)
+class Written:
+    """What write_output did: the output as messages name it, and what its sink reports."""
+
+    output: str
+    written: bool = True  # False: the output file already held these bytes
+    push: PushResult | None = None  # docker:// output
+
+
+def preflight_output(ctx: BuildContext) -> None:
+    """A docker:// output: the registry reached and the push authorised before anything is built."""
+    if ctx.output.format == "registry":
+        from nsbuild.sinks import push as push_sink
+
+        push_sink.preflight("docker://" + ctx.output.location, "-o", ctx.options.registry)
+
+
+def read_base(ctx: BuildContext, *, need_tar: bool) -> tuple[BaseImage | None, dict[str, str], dict[str, Any] | None]:
     """fromImage for both kinds: pulled from a registry or read from a file; (base, annotations, --json info)."""
+    spec, options, ws, progress = ctx.spec, ctx.options, ctx.ws, ctx.progress
     if not spec.from_image:
         return None, {}, None
     if is_registry(spec.from_image):
@@ -63,8 +88,9 @@ def layer_compression(output: ImageRef, spec: Spec) -> str:
     return spec.compressor
 
 
-def open_archive(output: ImageRef, spec: Spec, cache: LayerCache | None, *, positions: int) -> ArchiveOutput | None:
+def open_archive(ctx: BuildContext, cache: LayerCache | None, *, positions: int) -> ArchiveOutput | None:
     """The output archive file, written while the layers are built (docker-archive, oci-archive)."""
+    output, spec = ctx.output, ctx.spec
     if output.format not in ("docker-archive", "oci-archive") or output.location == "-":
         return None
     docker = output.format == "docker-archive"
@@ -78,19 +104,47 @@ def open_archive(output: ImageRef, spec: Spec, cache: LayerCache | None, *, posi
     )
 
 
-def finished_image(
-    spec: Spec, output: ImageRef, config: bytes, layers: list[Layer], annotations: dict[str, str]
+def new_image(
+    ctx: BuildContext,
+    base: BaseImage | None,
+    base_layers: list[Layer],
+    layers: list[Layer],
+    annotations: dict[str, str],
 ) -> Image:
-    """The image value every sink takes; with no tag given, the tag follows the content (config digest)."""
-    tag = output.tag or spec.tag or hashlib.sha256(config).hexdigest()[:32]
+    """The image value every sink takes: the base's layers and history, then the new layers; with no tag
+    given, the tag follows the content (config digest)."""
+    spec, all_layers = ctx.spec, [*base_layers, *layers]
+    # dockerTools' buildImage concatenates Env (the base's entries, then the spec's); layered merges
+    # key-wise. Runtimes take the last entry of a name, so the spec's value wins either way.
+    config = make_config(
+        architecture=spec.architecture,
+        created=spec.created,
+        config=spec.config,
+        base_config=base.config if base else None,
+        base_history=base.history if base else [],
+        layers=all_layers,
+        new_from=len(base_layers),
+        env_mode="concat" if spec.kind == "image" else "merge",
+    )
+    tag = ctx.output.tag or spec.tag or hashlib.sha256(config).hexdigest()[:32]
     return Image(
-        name=spec.name, tag=tag, layers=layers, config=config, manifest=oci_manifest(config, layers, annotations)
+        name=spec.name,
+        tag=tag,
+        layers=all_layers,
+        config=config,
+        manifest=oci_manifest(config, all_layers, annotations),
     )
 
 
-def recompress(layer: Layer, compression: str, ws: Workspace, *, exact: bool = False) -> Layer:
+def recompressed(ctx: BuildContext, layers: list[Layer]) -> list[Layer]:
+    """Base layers in the output's compression (recompress)."""
+    return [recompress(layer, ctx, exact=ctx.docker) for layer in layers]
+
+
+def recompress(layer: Layer, ctx: BuildContext, *, exact: bool = False) -> Layer:
     """Base layers keep their bytes when they already have the wanted form: compressed, or for a
     docker-archive (`exact`: frames of the archive's own compression) in exactly that compression."""
+    compression, ws = ctx.compression, ctx.ws
     if exact:
         if layer.media_type == MEDIA_BY_COMPRESSOR[compression]:
             return layer
@@ -106,42 +160,62 @@ def recompress(layer: Layer, compression: str, ws: Workspace, *, exact: bool = F
     return layer_from_tar(tar, ws.blobs, compression=compression, comment=layer.comment)
 
 
-def write_output(
-    image: Image,
-    output: ImageRef,
-    spec: Spec,
-    progress: Progress,
-    options: BuildOptions | None = None,
-    result: BuildResult | None = None,
-    archive: ArchiveOutput | None = None,
-) -> str:
+def own_tree(ctx: BuildContext) -> Path:
+    """The new layer's own tree in the workspace, 0755 whatever the caller's umask."""
+    custom = ctx.ws.path("custom")
+    os.chmod(custom, 0o755)
+    return custom
+
+
+def scripts_env(ctx: BuildContext) -> dict[str, str]:
+    return script_env(work=ctx.ws.root, spec_dir=ctx.spec.base_dir, mtime=ctx.spec.mtime)
+
+
+def run_extra_commands(ctx: BuildContext, custom: Path, env: dict[str, str]) -> None:
+    """extraCommands as the calling user, in the new layer's own tree."""
+    ctx.progress.info("running extraCommands")
+    run_bash(ctx.spec.extra_commands, cwd=custom, env=env, what="extraCommands", log_dir=ctx.ws.root)
+
+
+def tree_layer(ctx: BuildContext, sources: list[Source], owner: OwnerPolicy, comment: str) -> Layer:
+    """A new layer written from host trees, into the workspace."""
+    request = LayerRequest(
+        sources, mtime=ctx.spec.mtime, owner=owner, compression=ctx.compression, keep_tar=ctx.keep_tar, comment=comment
+    )
+    return build_layer(request, ctx.ws.blobs)
+
+
+def script_layer(ctx: BuildContext, tar: Path, comment: str) -> Layer:
+    """The layer the sandbox wrote as `tar`, in the output's compression."""
+    return layer_from_tar(tar, ctx.ws.blobs, compression=ctx.compression, comment=comment)
+
+
+def write_output(ctx: BuildContext, image: Image, archive: ArchiveOutput | None = None) -> Written:
+    output, spec, options, progress = ctx.output, ctx.spec, ctx.options, ctx.progress
     fmt = output.format
-    if warning := healthcheck_warning(image.config, fmt, (options or BuildOptions()).manifest_format):
+    if warning := healthcheck_warning(image.config, fmt, options.manifest_format):
         progress.warn(warning)
     if fmt in ("docker-archive", "oci-archive") and output.location != "-":
         if archive is None:
-            archive = open_archive(output, spec, None, positions=len(image.layers))
+            archive = open_archive(ctx, None, positions=len(image.layers))
             assert archive is not None
         if fmt == "docker-archive":
             ref = check_repo_tag(f"{output.name}:{output.tag}" if output.name and output.tag else image.reference)
         else:
             ref = check_ref_name(output.tag or image.tag)
-        if not archive.finish(image, ref) and result is not None:
-            result.written = False
-        return str(output.path)
+        return Written(str(output.path), written=archive.finish(image, ref))
     if fmt == "docker-archive":
         repo_tag = f"{output.name}:{output.tag}" if output.name and output.tag else None
         write_docker_archive(image, sys.stdout.buffer, compressor="none", mtime=spec.mtime, repo_tag=repo_tag)
         sys.stdout.buffer.flush()
-        return "-"
+        return Written("-")
     if fmt == "oci-dir":
         write_oci_dir(image, output.path, tag=output.tag or image.tag)
-        return str(output.path)
+        return Written(str(output.path))
     if fmt == "registry":
         from nsbuild.registry.usage import has_explicit_tag, registry_reference
         from nsbuild.sinks import push as push_sink
 
-        options = options or BuildOptions()
         text = "docker://" + output.location
         target = registry_reference(text, "-o")
         if not has_explicit_tag(text):
@@ -154,7 +228,5 @@ def write_output(
             progress=progress,
             cache_dir=options.cache_dir,
         )
-        if result is not None:
-            result.push = pushed
-        return f"docker://{pushed.reference}"
+        return Written(f"docker://{pushed.reference}", push=pushed)
     raise SpecError("--format", f"unknown output format {fmt!r}")

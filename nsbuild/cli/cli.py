@@ -7,20 +7,26 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 from nsbuild.build.build import build_image, resolve_output
-from nsbuild.build.context import BuildOptions
+from nsbuild.build.context import BuildOptions, BuildResult
 from nsbuild.cache.cache import LayerCache, default_cache_dir
 from nsbuild.cli.doctor import run_doctor
 from nsbuild.core.progress import Progress, human
 from nsbuild.core.refs import FORMATS, ImageRef, is_registry, parse_ref
 from nsbuild.errors import BuildError, NsbuildError, UsageError
 from nsbuild.sources.inspect import inspect_image, render_text
-from nsbuild.spec.spec import json_schema, load_spec
+from nsbuild.spec.spec import Spec, json_schema, load_spec
+
+if TYPE_CHECKING:
+    from nsbuild.registry import RegistryOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -98,33 +104,57 @@ def _io_error(exc: OSError) -> BuildError:
     return BuildError(f"{where}{exc.strerror or exc}")
 
 
+@dataclass(frozen=True)
+class Failures:
+    """How a command words the failures that are not its own NsbuildErrors."""
+
+    interrupted: str | None = None  # the line for Ctrl-C or SIGTERM (exit 130); None: click's "Aborted!"
+    pipe_closed: str | None = None  # the line when stdout's reader left while the image was written
+
+
+BUILD_FAILURES = Failures("interrupted; nothing was written", "output pipe closed before the image was written")
+
+
+@contextmanager
+def failures(how: Failures = Failures()) -> Iterator[None]:
+    """The one error → exit-code handler of every command: an NsbuildError is one line and its exit
+    code, an I/O error nothing below reported is one line and exit 1; never a traceback."""
+    try:
+        yield
+    except NsbuildError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        if how.interrupted is None:
+            raise
+        sys.stderr.write(f"nsbuild: {how.interrupted}\n")
+        raise typer.Exit(130) from None
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError) and how.pipe_closed is not None:
+            # The reader went away (`| head`): not our failure to report with a traceback.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.stderr.write(f"nsbuild: {how.pipe_closed}\n")
+            raise typer.Exit(1) from None
+        _fail(_io_error(exc))
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UsageError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
 
 
+@dataclass(frozen=True)
 class RegistryFlags:
     """The registry flags every command that talks to a registry takes, as skopeo spells them."""
 
-    def __init__(
-        self,
-        manifest_format: str = "oci",
-        authfile: Path | None = None,
-        creds: str | None = None,
-        tls_verify: bool = True,
-        cert_dir: Path | None = None,
-        cache_to: str | None = None,
-        cache_from: str | None = None,
-    ) -> None:
-        self.manifest_format = manifest_format
-        self.authfile = authfile
-        self.creds = creds
-        self.tls_verify = tls_verify
-        self.cert_dir = cert_dir
-        self.cache_to = cache_to
-        self.cache_from = cache_from
+    manifest_format: str = "oci"
+    authfile: Path | None = None
+    creds: str | None = None
+    tls_verify: bool = True
+    cert_dir: Path | None = None
+    cache_to: str | None = None
+    cache_from: str | None = None
 
-    def options(self):
+    def options(self) -> RegistryOptions:
         from nsbuild.registry import options_from_cli
 
         _check_choice("--manifest-format", self.manifest_format, ("oci", "docker"))
@@ -133,6 +163,25 @@ class RegistryFlags:
         return options_from_cli(
             authfile=self.authfile, creds=self.creds, tls_verify=self.tls_verify, cert_dir=self.cert_dir
         )
+
+
+@dataclass(frozen=True)
+class BuildFlags:
+    """What layered, image and stream take from the command line, filled once."""
+
+    kind: str  # the spec's kind: layered | image
+    spec_path: Path
+    output: str | None
+    fmt: str | None
+    quiet: bool
+    as_json: bool
+    isolation: str
+    network: str
+    cache_dir: Path | None
+    no_cache: bool
+    jobs: int
+    registry: RegistryFlags
+    stream: bool = False  # stdout, uncompressed (streamLayeredImage)
 
 
 def _check_registry_refs(flags: RegistryFlags, output_is_registry: bool, compressor: str) -> None:
@@ -150,141 +199,131 @@ def _check_registry_refs(flags: RegistryFlags, output_is_registry: bool, compres
         )
 
 
-def _build(
-    kind: str,
-    spec_path: Path,
-    output: str | None,
-    fmt: str | None,
-    quiet: bool,
-    as_json: bool,
-    isolation: str,
-    network: str,
-    cache_dir: Path | None,
-    no_cache: bool,
-    jobs: int,
-    stream: bool = False,
-    registry: RegistryFlags | None = None,
-) -> None:
-    registry = registry or RegistryFlags()
-    try:
-        _check_choice("--isolation", isolation, ("auto", "userns", "userns-fakeroot", "fakeroot"))
-        _check_choice("--network", network, ("none", "host"))
-        if fmt is not None:
-            _check_choice("--format", fmt, FORMATS)
-        reg_options = registry.options()
-        spec = load_spec(spec_path, kind)
-        if stream:
-            spec = dataclasses.replace(spec, compressor="none")
-            ref = ImageRef("docker-archive", "-")
-        else:
-            ref = resolve_output(parse_ref(output) if output else None, fmt, spec)
-        if ref.format == "registry":
-            from nsbuild.registry.usage import registry_reference
+def _prepare(flags: BuildFlags) -> tuple[Spec, ImageRef, BuildOptions]:
+    """The spec, the output and the build's options, every flag checked before anything is built."""
+    _check_choice("--isolation", flags.isolation, ("auto", "userns", "userns-fakeroot", "fakeroot"))
+    _check_choice("--network", flags.network, ("none", "host"))
+    if flags.fmt is not None:
+        _check_choice("--format", flags.fmt, FORMATS)
+    reg_options = flags.registry.options()
+    spec = load_spec(flags.spec_path, flags.kind)
+    if flags.stream:
+        # stdout is never compressed: the spec's compressor gives way, for every layer
+        spec = dataclasses.replace(spec, compressor="none")
+        ref = ImageRef("docker-archive", "-")
+    else:
+        ref = resolve_output(parse_ref(flags.output) if flags.output else None, flags.fmt, spec)
+    if ref.format == "registry":
+        from nsbuild.registry.usage import registry_reference
 
-            registry_reference("docker://" + ref.location, "-o")
-        _check_registry_refs(registry, ref.format == "registry", spec.compressor)
-        progress = Progress(quiet=quiet or as_json and not sys.stderr.isatty())
-        options = BuildOptions(
-            isolation=isolation,
-            network=network,
-            jobs=jobs,
-            cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
-            registry=reg_options,
-            manifest_format=registry.manifest_format,
-            cache_to=registry.cache_to,
-            cache_from=registry.cache_from,
-        )
+        registry_reference("docker://" + ref.location, "-o")
+    _check_registry_refs(flags.registry, ref.format == "registry", spec.compressor)
+    options = BuildOptions(
+        isolation=flags.isolation,
+        network=flags.network,
+        jobs=flags.jobs,
+        cache_dir=None if flags.no_cache else (flags.cache_dir or default_cache_dir()),
+        registry=reg_options,
+        manifest_format=flags.registry.manifest_format,
+        cache_to=flags.registry.cache_to,
+        cache_from=flags.registry.cache_from,
+    )
+    return spec, ref, options
+
+
+def _build(flags: BuildFlags) -> None:
+    with failures(BUILD_FAILURES):
+        spec, ref, options = _prepare(flags)
+        progress = _progress(flags.quiet, flags.as_json)
         result = build_image(spec, ref, progress, options)
-    except NsbuildError as exc:
-        _fail(exc)
-    except KeyboardInterrupt:
-        sys.stderr.write("nsbuild: interrupted; nothing was written\n")
-        raise typer.Exit(130) from None
-    except BrokenPipeError:
-        # The reader went away (`| head`): not our failure to report with a traceback.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.stderr.write("nsbuild: output pipe closed before the image was written\n")
-        raise typer.Exit(1) from None
-    except OSError as exc:
-        _fail(_io_error(exc))
     image = result.image
     pushed = result.push
-    if pushed is not None and not as_json:
+    if pushed is not None and not flags.as_json:
         # The digest that `REPO@DIGEST` pulls (a Docker v2 manifest has another one than the OCI one).
         print(f"{pushed.reference}@{pushed.digest}")
-    elif not stream and pushed is None:
+    elif not flags.stream and pushed is None:
         # An output that already held these exact bytes was left alone (nothing to do, as make says).
         verb = "wrote" if result.written else "up to date:"
         progress.info(f"{verb} {result.output} ({result.format}) {image.reference} {image.manifest_digest}")
-    if as_json:
-        doc = {
-            "output": result.output,
-            "format": result.format,
-            "name": image.name,
-            "tag": image.tag,
-            "written": result.written,
-            "image_digest": pushed.digest if pushed else image.manifest_digest,
-            "config_digest": image.config_digest,
-            "layers": [
-                {
-                    "diff_id": layer.diff_id,
-                    "digest": layer.digest,
-                    "size": layer.size,
-                    "uncompressed_size": layer.tar.size,
-                    "media_type": layer.media_type,
-                    "comment": layer.comment,
-                }
-                for layer in image.layers
-            ],
-        }
-        if pushed is not None or result.cache_push is not None:
-            from nsbuild.sinks.push import push_json
-        if pushed is not None:
-            doc["push"] = push_json(pushed)
-        if result.base is not None:
-            doc["base"] = result.base
-        if registry.cache_from:
-            doc["cache_from"] = {"reference": registry.cache_from, "layers": result.remote_hits}
-        if result.cache_push is not None:
-            doc["cache_to"] = push_json(result.cache_push)
-        print(json.dumps(doc, indent=2))
+    if flags.as_json:
+        print(json.dumps(_result_json(result, flags.registry), indent=2))
 
 
-@app.command()
-def layered(
-    spec: SpecArg,
-    output: OutputOpt = None,
-    format: FormatOpt = None,
-    quiet: QuietOpt = False,
-    json_out: JsonOpt = False,
-    isolation: IsolationOpt = "auto",
-    network: NetworkOpt = "none",
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
-    jobs: JobsOpt = 0,
-    manifest_format: ManifestFormatOpt = "oci",
-    authfile: AuthfileOpt = None,
-    creds: CredsOpt = None,
-    tls_verify: TlsVerifyOpt = True,
-    cert_dir: CertDirOpt = None,
-    cache_to: CacheToOpt = None,
-    cache_from: CacheFromOpt = None,
-) -> None:
-    """Build a layered image (buildLayeredImage) and write or push it."""
-    _build(
-        "layered",
-        spec,
-        output,
-        format,
-        quiet,
-        json_out,
-        isolation,
-        network,
-        cache_dir,
-        no_cache,
-        jobs,
-        registry=RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir, cache_to, cache_from),
-    )
+def _progress(quiet: bool, as_json: bool) -> Progress:
+    # --json keeps stderr quiet too unless someone watches it
+    return Progress(quiet=quiet or as_json and not sys.stderr.isatty())
+
+
+def _result_json(result: BuildResult, registry: RegistryFlags) -> dict[str, Any]:
+    """A build's --json document."""
+    image = result.image
+    pushed = result.push
+    doc: dict[str, Any] = {
+        "output": result.output,
+        "format": result.format,
+        "name": image.name,
+        "tag": image.tag,
+        "written": result.written,
+        "image_digest": pushed.digest if pushed else image.manifest_digest,
+        "config_digest": image.config_digest,
+        "layers": [
+            {
+                "diff_id": layer.diff_id,
+                "digest": layer.digest,
+                "size": layer.size,
+                "uncompressed_size": layer.tar.size,
+                "media_type": layer.media_type,
+                "comment": layer.comment,
+            }
+            for layer in image.layers
+        ],
+    }
+    if pushed is not None or result.cache_push is not None:
+        from nsbuild.sinks.push import push_json
+    if pushed is not None:
+        doc["push"] = push_json(pushed)
+    if result.base is not None:
+        doc["base"] = result.base
+    if registry.cache_from:
+        doc["cache_from"] = {"reference": registry.cache_from, "layers": result.remote_hits}
+    if result.cache_push is not None:
+        doc["cache_to"] = push_json(result.cache_push)
+    return doc
+
+
+def _build_command(kind: str, doc: str) -> Callable[..., None]:
+    """layered and image: one command line, the spec's kind apart."""
+
+    def command(
+        spec: SpecArg,
+        output: OutputOpt = None,
+        format: FormatOpt = None,
+        quiet: QuietOpt = False,
+        json_out: JsonOpt = False,
+        isolation: IsolationOpt = "auto",
+        network: NetworkOpt = "none",
+        cache_dir: CacheDirOpt = None,
+        no_cache: NoCacheOpt = False,
+        jobs: JobsOpt = 0,
+        manifest_format: ManifestFormatOpt = "oci",
+        authfile: AuthfileOpt = None,
+        creds: CredsOpt = None,
+        tls_verify: TlsVerifyOpt = True,
+        cert_dir: CertDirOpt = None,
+        cache_to: CacheToOpt = None,
+        cache_from: CacheFromOpt = None,
+    ) -> None:
+        registry = RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir, cache_to, cache_from)
+        flags = BuildFlags(
+            kind, spec, output, format, quiet, json_out, isolation, network, cache_dir, no_cache, jobs, registry
+        )
+        _build(flags)
+
+    command.__doc__ = doc
+    return command
+
+
+app.command("layered")(_build_command("layered", "Build a layered image (buildLayeredImage) and write or push it."))
 
 
 @app.command()
@@ -306,58 +345,16 @@ def stream(
     """Write an uncompressed docker-archive to stdout (streamLayeredImage): `| podman load`."""
     if sys.stdout.isatty():
         _fail(UsageError("refusing to write an image to a terminal; pipe it (| podman load) or use layered"))
-    _build(
-        "layered",
-        spec,
-        None,
-        None,
-        quiet,
-        False,
-        isolation,
-        network,
-        cache_dir,
-        no_cache,
-        jobs,
-        stream=True,
-        registry=RegistryFlags("oci", authfile, creds, tls_verify, cert_dir, cache_to, cache_from),
+    registry = RegistryFlags("oci", authfile, creds, tls_verify, cert_dir, cache_to, cache_from)
+    flags = BuildFlags(
+        "layered", spec, None, None, quiet, False, isolation, network, cache_dir, no_cache, jobs, registry, stream=True
     )
+    _build(flags)
 
 
-@app.command()
-def image(
-    spec: SpecArg,
-    output: OutputOpt = None,
-    format: FormatOpt = None,
-    quiet: QuietOpt = False,
-    json_out: JsonOpt = False,
-    isolation: IsolationOpt = "auto",
-    network: NetworkOpt = "none",
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
-    jobs: JobsOpt = 0,
-    manifest_format: ManifestFormatOpt = "oci",
-    authfile: AuthfileOpt = None,
-    creds: CredsOpt = None,
-    tls_verify: TlsVerifyOpt = True,
-    cert_dir: CertDirOpt = None,
-    cache_to: CacheToOpt = None,
-    cache_from: CacheFromOpt = None,
-) -> None:
-    """Build a single-layer image on a base (buildImage), runAsRoot without KVM."""
-    _build(
-        "image",
-        spec,
-        output,
-        format,
-        quiet,
-        json_out,
-        isolation,
-        network,
-        cache_dir,
-        no_cache,
-        jobs,
-        registry=RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir, cache_to, cache_from),
-    )
+app.command("image")(
+    _build_command("image", "Build a single-layer image on a base (buildImage), runAsRoot without KVM.")
+)
 
 
 @app.command()
@@ -380,7 +377,7 @@ def push(
     from nsbuild.sinks.push import push_json
 
     flags = RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir)
-    try:
+    with failures(Failures(interrupted="interrupted")):
         _check_choice("--compressor", compressor, ("gz", "zstd", "none"))
         options = flags.options()
         if not is_registry(dest):
@@ -388,23 +385,15 @@ def push(
         target = registry_reference(dest, "REF")
         if manifest_format == "docker" and compressor == "zstd":
             raise UsageError("--manifest-format docker: Docker v2 schema 2 has no zstd layer type; use --compressor gz")
-        progress = Progress(quiet=quiet or json_out and not sys.stderr.isatty())
         result = remote.push_existing(
             image_ref,
             target,
             compressor=compressor,
             manifest_format=manifest_format,
             options=options,
-            progress=progress,
+            progress=_progress(quiet, json_out),
             cache_dir=cache_dir or default_cache_dir(),
         )
-    except NsbuildError as exc:
-        _fail(exc)
-    except KeyboardInterrupt:
-        sys.stderr.write("nsbuild: interrupted\n")
-        raise typer.Exit(130) from None
-    except OSError as exc:
-        _fail(_io_error(exc))
     if json_out:
         print(json.dumps(push_json(result), indent=2))
     else:
@@ -414,10 +403,8 @@ def push(
 @app.command()
 def schema(kind: Annotated[str, typer.Option("--kind", help="layered | image")] = "layered") -> None:
     """Print the spec's JSON Schema."""
-    try:
+    with failures():
         _check_choice("--kind", kind, ("layered", "image"))
-    except NsbuildError as exc:
-        _fail(exc)
     print(json.dumps(json_schema(kind), indent=2))
 
 
@@ -425,12 +412,17 @@ def schema(kind: Annotated[str, typer.Option("--kind", help="layered | image")] 
 def inspect(
     image_ref: Annotated[str, typer.Argument(metavar="IMAGE", help="archive, OCI dir or transport ref")],
     json_out: JsonOpt = False,
+    authfile: AuthfileOpt = None,
+    creds: CredsOpt = None,
+    tls_verify: TlsVerifyOpt = True,
+    cert_dir: CertDirOpt = None,
 ) -> None:
     """List an image's layers and, per entry, type, mode, owner, size and link target."""
-    try:
-        report = inspect_image(image_ref)
-    except NsbuildError as exc:
-        _fail(exc)
+    flags = RegistryFlags(authfile=authfile, creds=creds, tls_verify=tls_verify, cert_dir=cert_dir)
+    with failures():
+        # The registry flags matter to a docker:// image only; a file is read as it always was.
+        options = flags.options() if is_registry(image_ref) else None
+        report = inspect_image(image_ref, options)  # stderr stays as quiet as for a file
     if json_out:
         print(json.dumps(report, indent=2))
     else:
@@ -449,14 +441,21 @@ cache_app = typer.Typer(help="Inspect and trim the layer cache.", no_args_is_hel
 app.add_typer(cache_app, name="cache")
 
 
+@contextmanager
+def _cache_errors(root: Path) -> Iterator[None]:
+    """An I/O failure while the cache is walked names the cache directory."""
+    try:
+        yield
+    except OSError as exc:
+        raise BuildError(f"cache directory {root}: {exc.strerror or exc}") from None
+
+
 @cache_app.command("du")
 def cache_du(cache_dir: CacheDirOpt = None) -> None:
     """How much the layer cache holds (temporary files of running or dead builds included)."""
     root = cache_dir or default_cache_dir()
-    try:
+    with failures():
         entries, blobs, size, temps, temp_size = LayerCache(root, write=False).usage()
-    except NsbuildError as exc:
-        _fail(exc)
     print(f"{root}: {entries} layer entries, {blobs} blobs, {human(size)}; {temps} temporary files, {human(temp_size)}")
 
 
@@ -467,12 +466,8 @@ def cache_prune(
     """Drop layer entries unused for --older-than days (default: all) and blobs nothing refers to.
     Safe while builds use the cache: blobs a running build uses are kept."""
     root = cache_dir or default_cache_dir()
-    try:
+    with failures(), _cache_errors(root):
         removed, freed = LayerCache(root).prune(older_than * 86400)
-    except NsbuildError as exc:
-        _fail(exc)
-    except OSError as exc:
-        _fail(BuildError(f"cache directory {root}: {exc.strerror or exc}"))
     print(f"{root}: removed {removed} layer entries, freed {human(freed)}")
 
 
@@ -481,12 +476,8 @@ def cache_verify(cache_dir: CacheDirOpt = None) -> None:
     """Hash every cached blob again and check every layer entry against its blobs; what is wrong is
     removed (the next build rebuilds it). Exit 1 when something was wrong."""
     root = cache_dir or default_cache_dir()
-    try:
+    with failures(), _cache_errors(root):
         checked, size, problems = LayerCache(root).verify()
-    except NsbuildError as exc:
-        _fail(exc)
-    except OSError as exc:
-        _fail(BuildError(f"cache directory {root}: {exc.strerror or exc}"))
     for problem in problems:
         print(f"nsbuild: {root}: {problem}", file=sys.stderr)
     print(f"{root}: {checked} blobs checked ({human(size)}), {len(problems)} problems")

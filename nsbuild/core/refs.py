@@ -50,3 +50,14 @@ def parse_ref(text: str, default_format: str | None = None) -> ImageRef:
 def is_registry(text: str | None) -> bool:
     """A `docker://` reference (a registry), as opposed to a file or directory."""
     return bool(text) and str(text).startswith("docker://")
+
+
+def split_registry_host(name: str) -> tuple[str | None, str]:
+    """(host, rest) when `name`'s first component is a registry host, else (None, name).
+
+    docker/distribution's rule, which skopeo and docker share: the first of several components is a
+    host when it has a dot or a port, or is `localhost`; otherwise the name is a Docker Hub path."""
+    first, slash, rest = name.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return first, rest
+    return None, name

@@ -119,51 +119,50 @@ def _store_blob(tmp: Path, digest: str, size: int, blob_dir: Path) -> Blob:
     return Blob(digest, size, final)
 
 
+@dataclass(frozen=True)
+class LayerRequest:
+    """What one new layer holds and what of it stays on disk (build_layer).
+
+    `keep_blob` False: no compressed blob file, only its digest and size (then `keep_tar` decides alone
+    what stays on disk).
+    """
+
+    sources: list[Source]
+    mtime: int
+    owner: OwnerPolicy
+    compression: str
+    keep_tar: bool
+    comment: str
+    keep_blob: bool = True
+
+
 def build_layer(
-    sources: list[Source],
+    request: LayerRequest,
     blob_dir: Path,
     *,
-    mtime: int,
-    owner: OwnerPolicy,
-    compression: str,
-    keep_tar: bool,
-    comment: str,
-    overlay_whiteouts: bool = False,
     watch: Callable[[HashingWriter], None] | None = None,
     cancel: threading.Event | None = None,
     blob_out: Sink | None = None,
-    keep_blob: bool = True,
 ) -> Layer:
     """Write one layer in one pass: tar → (diff_id hash, optional tar file, optional compressed blob).
 
     `blob_out` also gets the layer's blob as it is made (the compressed stream; the tar itself when
-    `compression` is "none"): the output archive it streams into.  `keep_blob` False: no compressed
-    blob file, only its digest and size (then `keep_tar` decides alone what stays on disk).
+    the compression is "none"): the output archive it streams into.
     """
     blob_dir.mkdir(parents=True, exist_ok=True)
     unique = uuid.uuid4().hex
     tmp_tar = blob_dir / f".tmp-{unique}.tar"
     tmp_blob = blob_dir / f".tmp-{unique}.blob"
-    compressed_kept = compression != "none" and keep_blob
-    tar_file = open(tmp_tar, "wb", buffering=0) if keep_tar else None  # noqa: SIM115
+    compression = request.compression
+    compressed_kept = compression != "none" and request.keep_blob
+    tar_file = open(tmp_tar, "wb", buffering=0) if request.keep_tar else None  # noqa: SIM115
     blob_file = open(tmp_blob, "wb", buffering=0) if compressed_kept else None  # noqa: SIM115
     try:
         tar_hash = HashingWriter(_Tee(tar_file, blob_out if compression == "none" else None))
         if watch is not None:
             watch(tar_hash)
-        outs: list[object] = [tar_hash]
-        blob_hash = compressor = None
-        if compression != "none":
-            blob_hash = HashingWriter(_Tee(blob_file, blob_out))
-            compressor = Compressor(compression, blob_hash)
-            outs.append(compressor)
-        pipe = Pipelined(_Tee(*outs))
-        try:
-            write_tar(sources, pipe, mtime=mtime, owner=owner, overlay_whiteouts=overlay_whiteouts, cancel=cancel)
-        finally:
-            pipe.close()
-        if compressor is not None:
-            compressor.close()
+        blob_hash = HashingWriter(_Tee(blob_file, blob_out)) if compression != "none" else None
+        _write_layer_tar(request, tar_hash, blob_hash, cancel)
     except BaseException:
         for f, p in ((tar_file, tmp_tar), (blob_file, tmp_blob)):
             if f is not None:
@@ -175,7 +174,7 @@ def build_layer(
             f.close()
     tar_blob = (
         _store_blob(tmp_tar, tar_hash.digest, tar_hash.size, blob_dir)
-        if keep_tar
+        if request.keep_tar
         else Blob(tar_hash.digest, tar_hash.size, None)
     )
     compressed = tar_blob
@@ -190,8 +189,26 @@ def build_layer(
         tar=tar_blob,
         compressed=compressed,
         media_type=MEDIA_BY_COMPRESSOR[compression],
-        comment=comment,
+        comment=request.comment,
     )
+
+
+def _write_layer_tar(
+    request: LayerRequest, tar_hash: HashingWriter, blob_hash: HashingWriter | None, cancel: threading.Event | None
+) -> None:
+    """The tar into `tar_hash` and, compressed, into `blob_hash` (when there is one), in one pass."""
+    outs: list[object] = [tar_hash]
+    compressor = None
+    if blob_hash is not None:
+        compressor = Compressor(request.compression, blob_hash)
+        outs.append(compressor)
+    pipe = Pipelined(_Tee(*outs))
+    try:
+        write_tar(request.sources, pipe, mtime=request.mtime, owner=request.owner, cancel=cancel)
+    finally:
+        pipe.close()
+    if compressor is not None:
+        compressor.close()
 
 
 def layer_from_tar(

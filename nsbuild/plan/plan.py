@@ -25,7 +25,7 @@ class PlannedLayer:
     size: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     layers: list[PlannedLayer]  # new layers below the customisation layer, in order
     custom_sources: list[Source] = field(default_factory=list)  # folded into the customisation layer
@@ -84,11 +84,11 @@ def make_plan(spec: Spec, base_layer_count: int, extra_roots: Sequence[Path] = (
         closure = {}
 
     tree_layers = [PlannedLayer([src], f"{fld}: {written} → {src.target}") for src, fld, written in trees]
-    plan = Plan(layers=[], store_links=links, closure=closure, store=store)
     if budget == 0:
         # Nothing may get a layer of its own: everything joins the customisation layer, nothing is lost.
-        plan.custom_sources = _store_sources(closure, sorted(closure)) + [s for t in tree_layers for s in t.sources]
-        return plan
+        folded = _store_sources(closure, sorted(closure)) + [s for t in tree_layers for s in t.sources]
+        return Plan(layers=[], custom_sources=folded, store_links=links, closure=closure, store=store)
+    plan = Plan(layers=[], store_links=links, closure=closure, store=store)
     store_budget = max(budget - len(tree_layers), 1 if closure else 0)
     tree_budget = budget - store_budget
     if closure and tree_budget <= 0 and tree_layers:

@@ -25,6 +25,7 @@ _HOME = {
     "BlobRecord": "push",
     "ProgressEvent": "push",
     "PushResult": "push",
+    "PushTuning": "push",
     "push_image": "push",
     "push_manifest": "push",
     "Reference": "reference",
@@ -39,6 +40,7 @@ __all__ = [
     "PulledBlob",
     "PulledImage",
     "PushResult",
+    "PushTuning",
     "Reference",
     "RegistryError",
     "RegistryOptions",
@@ -66,5 +68,5 @@ if TYPE_CHECKING:
     from nsbuild.registry.client import RegistryError
     from nsbuild.registry.options import RegistryOptions, RetryPolicy, options_from_cli
     from nsbuild.registry.pull import PulledBlob, PulledImage, fetch_blob, fetch_manifest, pull_image
-    from nsbuild.registry.push import BlobRecord, ProgressEvent, PushResult, push_image, push_manifest
+    from nsbuild.registry.push import BlobRecord, ProgressEvent, PushResult, PushTuning, push_image, push_manifest
     from nsbuild.registry.reference import Reference, parse_reference

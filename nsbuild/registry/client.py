@@ -30,6 +30,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlparse
@@ -362,7 +363,7 @@ class RegistryClient:
         for scheme in schemes:
             url = f"{scheme}://{self.host}/v2/"
             try:
-                resp = self._send("GET", url, retry_new_connections=False)
+                resp = self._send(_Request("GET", url), retry_new_connections=False)
             except requests.exceptions.SSLError as e:
                 if self.options.tls_verify:
                     raise BuildError(
@@ -405,16 +406,7 @@ class RegistryClient:
         reauthenticated = False
         while True:
             try:
-                resp = self._send(
-                    method,
-                    url,
-                    headers=headers,
-                    data=data,
-                    params=params,
-                    stream=stream,
-                    retry=retry,
-                    auth=True,
-                )
+                resp = self._send(_Request(method, url, headers, data, params, stream, auth=True), retry=retry)
             except requests.exceptions.SSLError as e:
                 raise BuildError(f"registry {self.registry}: TLS failed: {self.describe(e)}") from None
             except requests.RequestException as e:
@@ -559,14 +551,14 @@ class RegistryClient:
                 }
                 if params.get("service"):
                     form["service"] = params["service"]
-                resp = self._send("POST", realm, data=form, retry=True)
+                resp = self._send(_Request("POST", realm, data=form))
             else:
                 headers = {}
                 if cred is not None:
                     headers["Authorization"] = _basic(cred)
                 if cred is not None and cred.username:
                     query.append(("account", cred.username))
-                resp = self._send("GET", realm, params=query, headers=headers, retry=True)
+                resp = self._send(_Request("GET", realm, headers, params=query))
         except requests.RequestException as e:
             raise BuildError(
                 f"registry {self.registry}: token server {urlparse(realm).netloc} is unreachable: {self.describe(e)}"
@@ -620,24 +612,12 @@ class RegistryClient:
             msg += f": {details}"
         return RegistryError(self.redact(msg), status, "DENIED" if status == 403 else "UNAUTHORIZED")
 
-    def _send(
-        self,
-        method: str,
-        url: str,
-        *,
-        headers: dict[str, str] | None = None,
-        data: Any = None,
-        params: Any = None,
-        stream: bool = False,
-        retry: bool = True,
-        auth: bool = False,
-        retry_new_connections: bool = True,
-    ) -> requests.Response:
+    def _send(self, req: _Request, *, retry: bool = True, retry_new_connections: bool = True) -> requests.Response:
         policy = self.options.retry
         attempt = 0
         while True:
             try:
-                resp = self._exchange(method, url, headers=headers, data=data, params=params, stream=stream, auth=auth)
+                resp = self._exchange(req)
             except requests.exceptions.SSLError:
                 raise
             except (
@@ -664,18 +644,17 @@ class RegistryClient:
                 continue
             return resp
 
-    def _exchange(
-        self, method: str, url: str, *, headers: dict[str, str] | None, data: Any, params: Any, stream: bool, auth: bool
-    ) -> requests.Response:
+    def _exchange(self, req: _Request) -> requests.Response:
         """One request and the redirects it leads to, followed here (requests would re-send our
         headers): a hop to another origin gets no credentials. An answer the caller does not stream
         is read here, to at most MAX_RESPONSE_BYTES."""
+        method, url, data, params = req.method, req.url, req.data, req.params
         first = origin(url)
         for _hop in range(MAX_REDIRECTS + 1):
-            sent = dict(headers or {})
+            sent = dict(req.headers or {})
             if origin(url) != first:
                 sent = {k: v for k, v in sent.items() if k.lower() not in _SENSITIVE_HEADERS}
-            if auth and self.is_registry_origin(url):
+            if req.auth and self.is_registry_origin(url):
                 sent.update(self._auth_headers())
             resp = self.session.request(
                 method,
@@ -691,7 +670,7 @@ class RegistryClient:
             )
             location = resp.headers.get("Location")
             if resp.status_code not in REDIRECT_STATUSES or not location:
-                if not stream:
+                if not req.stream:
                     _read_bounded(resp, self.registry, method, DEADLINE_FACTOR * self.options.timeout)
                 return resp
             resp.close()
@@ -704,6 +683,19 @@ class RegistryClient:
         raise BuildError(
             f"registry {self.registry}: more than {MAX_REDIRECTS} redirects for {method} {_short(url, 120)}"
         )
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One request as _send sends it, and sends it again on a retry."""
+
+    method: str
+    url: str
+    headers: dict[str, str] | None = None
+    data: Any = None
+    params: Any = None
+    stream: bool = False  # the caller reads the answer; else it is read here, bounded
+    auth: bool = False  # with the registry's credentials (on the registry's own origin only)
 
 
 def _read_bounded(resp: requests.Response, registry: str, method: str, deadline: float) -> None:

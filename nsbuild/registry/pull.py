@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import tempfile
 import threading
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from typing import Any
 
 import requests
 
+from nsbuild.core.platform import host_platform
 from nsbuild.errors import BuildError
 from nsbuild.image.image import MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, sha256_digest
 from nsbuild.layer.layer import file_digest
@@ -49,7 +49,6 @@ MEDIA_DOCKER_SCHEMA1 = (
 INDEX_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
 MANIFEST_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST)
 ACCEPT = ", ".join([MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST])
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_CONFIG_BYTES = 4 * 1024 * 1024  # as for manifests: configs are small, a huge one is an attack
 _READ_SIZE = 256 * 1024
 _HEX = frozenset("0123456789abcdef")
@@ -102,27 +101,6 @@ def parse_document(body: bytes, what: str) -> dict[str, Any]:
     return doc
 
 
-_GOARCH = {
-    "x86_64": ("amd64", None),
-    "amd64": ("amd64", None),
-    "aarch64": ("arm64", None),
-    "arm64": ("arm64", None),
-    "armv7l": ("arm", "v7"),
-    "armv6l": ("arm", "v6"),
-    "i386": ("386", None),
-    "i686": ("386", None),
-    "ppc64le": ("ppc64le", None),
-    "s390x": ("s390x", None),
-    "riscv64": ("riscv64", None),
-}
-
-
-def host_platform() -> tuple[str, str | None]:
-    """(GOARCH, variant) of this machine."""
-    machine = platform.machine().lower()
-    return _GOARCH.get(machine, (machine, None))
-
-
 @dataclass(frozen=True)
 class PulledBlob:
     digest: str
@@ -137,12 +115,9 @@ class PulledImage:
     digest: str  # digest of the image manifest (the platform's one when the tag named an index)
     index_digest: str | None  # digest the tag resolved to when it named an index / manifest list
     manifest: bytes
-    manifest_media_type: str
     config: bytes
     config_digest: str
     layers: list[PulledBlob]
-    manifest_path: Path
-    config_path: Path
     downloaded_blobs: list[str] = field(default_factory=list)
     cached_blobs: list[str] = field(default_factory=list)
     downloaded_bytes: int = 0
@@ -489,6 +464,34 @@ def _check_architecture(cfg: dict[str, Any], source: Reference, architecture: st
         raise BuildError(f"image {source} is for {got}, not {wanted}; set architecture in the spec")
 
 
+Descriptor = tuple[str, int, str]  # (digest, size, mediaType), checked
+
+
+def _manifest_parts(body: bytes, where: str) -> tuple[Descriptor, list[Descriptor]]:
+    """An image manifest's config and layer descriptors, each checked; a config over 4 MiB is refused
+    before a byte of it is fetched."""
+    doc = parse_document(body, where)
+    config_digest, config_size, config_media = descriptor(doc.get("config"), f"{where}: config")
+    if config_size > MAX_CONFIG_BYTES:
+        raise BuildError(f"{where}: config {config_digest} claims {config_size} bytes, more than 4 MiB")
+    layer_descs = doc.get("layers") or []
+    if not isinstance(layer_descs, list):
+        raise BuildError(f"{where}: 'layers' is not a list")
+    wanted = [descriptor(d, f"{where}: layers[{i}]") for i, d in enumerate(layer_descs)]
+    return (config_digest, config_size, config_media), wanted
+
+
+def _fetch_layers(puller: _Puller, wanted: list[Descriptor], jobs: int) -> list[PulledBlob]:
+    """The layer blobs, `jobs` at a time, in manifest order; the first failure stops the others."""
+    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(wanted))), thread_name_prefix="nsbuild-pull") as pool:
+        futures = [pool.submit(puller.blob, *w) for w in wanted]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
 def pull_image(
     ref: str | Reference,
     *,
@@ -514,38 +517,21 @@ def pull_image(
     with RegistryClient(source, options, actions=("pull",)) as client:
         puller = _Puller(client, store, progress or _no_progress)
         body, media_type, digest, index_digest = _resolve(puller, source, os_name, architecture, variant)
-        where = f"image {source}: manifest {digest}"
-        doc = parse_document(body, where)
-        config_digest, config_size, config_media = descriptor(doc.get("config"), f"{where}: config")
-        if config_size > MAX_CONFIG_BYTES:
-            raise BuildError(f"{where}: config {config_digest} claims {config_size} bytes, more than 4 MiB")
-        layer_descs = doc.get("layers") or []
-        if not isinstance(layer_descs, list):
-            raise BuildError(f"{where}: 'layers' is not a list")
-        wanted = [descriptor(d, f"{where}: layers[{i}]") for i, d in enumerate(layer_descs)]
-        config_blob = puller.blob(config_digest, config_size, config_media)
+        config_desc, wanted = _manifest_parts(body, f"image {source}: manifest {digest}")
+        config_blob = puller.blob(*config_desc)
         config = config_blob.path.read_bytes()
-        cfg = parse_document(config, f"image {source}: config {config_digest}")
+        cfg = parse_document(config, f"image {source}: config {config_blob.digest}")
         if index_digest is None:
             _check_architecture(cfg, source, architecture, variant)
-        with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(wanted))), thread_name_prefix="nsbuild-pull") as pool:
-            futures = [pool.submit(puller.blob, *w) for w in wanted]
-            try:
-                layers = [future.result() for future in futures]
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+        layers = _fetch_layers(puller, wanted, jobs)
     return PulledImage(
         reference=source,
         digest=digest,
         index_digest=index_digest,
         manifest=body,
-        manifest_media_type=media_type,
         config=config,
-        config_digest=config_digest,
+        config_digest=config_blob.digest,
         layers=layers,
-        manifest_path=store.path(digest),
-        config_path=config_blob.path,
         downloaded_blobs=puller.downloaded,
         cached_blobs=puller.cached,
         downloaded_bytes=puller.downloaded_bytes,

@@ -436,52 +436,69 @@ class _Pusher:
         return digest
 
 
-def _push(
-    target: Reference,
-    manifest: bytes,
-    media_type: str,
-    sources: list[_BlobSource],
-    options: RegistryOptions | None,
-    progress: Progress | None,
-    blob_record: BlobRecord | None,
-    chunk_size: int,
-    monolithic_max: int | None,
-    jobs: int,
-) -> PushResult:
-    digest = sha256_digest(manifest)
+@dataclass(frozen=True)
+class PushTuning:
+    """How blobs travel: up to `monolithic_max` bytes (default: `chunk_size`) in one PUT, larger
+    ones in PATCHes of `chunk_size`; `jobs` blobs at a time."""
+
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    monolithic_max: int | None = None
+    jobs: int = DEFAULT_JOBS
+
+
+@dataclass(frozen=True)
+class _Push:
+    """One push: the manifest, the blobs it needs, and how to reach the registry."""
+
+    target: Reference
+    manifest: bytes
+    media_type: str
+    sources: list[_BlobSource]
+    options: RegistryOptions | None
+    progress: Progress | None
+    blob_record: BlobRecord | None
+    tuning: PushTuning
+
+
+def _push(job: _Push) -> PushResult:
+    target, tuning = job.target, job.tuning
+    digest = sha256_digest(job.manifest)
     if target.digest and target.digest != digest and not target.tag:
         raise UsageError(f"cannot push to {target}: the manifest's digest is {digest}")
-    result = PushResult(str(target), digest, media_type)
-    with RegistryClient(target, options, actions=("pull", "push")) as client:
+    result = PushResult(str(target), digest, job.media_type)
+    with RegistryClient(target, job.options, actions=("pull", "push")) as client:
         client.ping()  # once, before the threads share the client
-        pusher = _Pusher(client, result, progress, chunk_size, chunk_size if monolithic_max is None else monolithic_max)
-        jobs = max(1, min(jobs, len(sources)))
-        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="nsbuild-push") as pool:
-            futures = [
-                pool.submit(
-                    pusher.push_blob,
-                    src,
-                    blob_record.repositories(target.registry, src.digest) if blob_record else [],
-                )
-                for src in sources
-            ]
-            try:
-                for future in futures:
-                    future.result()
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-        order = {src.digest: i for i, src in enumerate(sources)}
+        monolithic_max = tuning.chunk_size if tuning.monolithic_max is None else tuning.monolithic_max
+        pusher = _Pusher(client, result, job.progress, tuning.chunk_size, monolithic_max)
+        _push_blobs(pusher, job)
+        order = {src.digest: i for i, src in enumerate(job.sources)}
         for blobs in (result.uploaded_blobs, result.skipped_blobs, result.mounted_blobs):
             blobs.sort(key=order.__getitem__)
         # The manifest last: a tag never names a blob that is not there yet.
-        pusher.put_manifest(target.tag or digest, manifest, media_type)
+        pusher.put_manifest(target.tag or digest, job.manifest, job.media_type)
         result.retries = client.retries
-    if blob_record is not None:
-        for src in sources:
-            blob_record.add(target.registry, target.repository, src.digest)
-        blob_record.save()
+    if job.blob_record is not None:
+        for src in job.sources:
+            job.blob_record.add(target.registry, target.repository, src.digest)
+        job.blob_record.save()
     return result
+
+
+def _push_blobs(pusher: _Pusher, job: _Push) -> None:
+    """Every blob of the push, `tuning.jobs` at a time; the first failure stops the others."""
+    record, registry = job.blob_record, job.target.registry
+    jobs = max(1, min(job.tuning.jobs, len(job.sources)))
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="nsbuild-push") as pool:
+        futures = [
+            pool.submit(pusher.push_blob, src, record.repositories(registry, src.digest) if record else [])
+            for src in job.sources
+        ]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def push_image(
@@ -492,21 +509,15 @@ def push_image(
     options: RegistryOptions | None = None,
     progress: Progress | None = None,
     blob_record: BlobRecord | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    monolithic_max: int | None = None,
-    jobs: int = DEFAULT_JOBS,
+    tuning: PushTuning = PushTuning(),
 ) -> PushResult:
     """Push `image` to `ref` (`[docker://]HOST[:PORT]/REPO[:TAG|@DIGEST]`) and return what happened.
 
-    `blob_record` (read and updated) enables cross-repository mounts; blobs up to `monolithic_max`
-    (default `chunk_size`) go in one PUT, larger ones in `chunk_size` PATCHes; `jobs` blobs at a time.
-    """
+    `blob_record` (read and updated) enables cross-repository mounts."""
     target = parse_reference(ref) if isinstance(ref, str) else ref
     manifest, media_type = _manifest_for(image, manifest_format)
     sources = _blob_sources(image, manifest)
-    return _push(
-        target, manifest, media_type, sources, options, progress, blob_record, chunk_size, monolithic_max, jobs
-    )
+    return _push(_Push(target, manifest, media_type, sources, options, progress, blob_record, tuning))
 
 
 def push_manifest(
@@ -518,8 +529,7 @@ def push_manifest(
     options: RegistryOptions | None = None,
     progress: Progress | None = None,
     blob_record: BlobRecord | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    jobs: int = DEFAULT_JOBS,
+    tuning: PushTuning = PushTuning(),
 ) -> PushResult:
     """Push any manifest (an index, an artifact such as a layer-cache record) after the `blobs` it
     needs ({digest: bytes or file}); blobs it names but that are not given must already be there."""
@@ -531,4 +541,4 @@ def push_manifest(
         else:
             src = _BlobSource(digest, Path(content).stat().st_size, path=Path(content))
         sources.append(src)
-    return _push(target, manifest, media_type, sources, options, progress, blob_record, chunk_size, None, jobs)
+    return _push(_Push(target, manifest, media_type, sources, options, progress, blob_record, tuning))

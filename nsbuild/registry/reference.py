@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from nsbuild.core.refs import split_registry_host
 from nsbuild.errors import UsageError
 
 DOCKER_HUB = "docker.io"
@@ -48,9 +49,6 @@ class Reference:
     def with_tag(self, tag: str) -> Reference:
         return Reference(self.registry, self.repository, tag, None)
 
-    def with_digest(self, digest: str) -> Reference:
-        return Reference(self.registry, self.repository, None, digest)
-
     def __str__(self) -> str:
         out = f"{self.registry}/{self.repository}"
         if self.tag:
@@ -75,11 +73,11 @@ def parse_reference(text: str) -> Reference:
             raise UsageError(f"invalid image reference {raw!r}: digest must be sha256:<64 hex digits>")
 
     registry = DOCKER_HUB
-    first, sep, rest = text.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost"):
-        if not _HOST_RE.match(first):
-            raise UsageError(f"invalid image reference {raw!r}: bad registry host {first!r}")
-        registry, text = first, rest
+    host, rest = split_registry_host(text)
+    if host is not None:
+        if not _HOST_RE.match(host):
+            raise UsageError(f"invalid image reference {raw!r}: bad registry host {host!r}")
+        registry, text = host, rest
     if registry in ("index.docker.io", "registry-1.docker.io"):
         registry = DOCKER_HUB
 

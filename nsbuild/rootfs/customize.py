@@ -15,7 +15,8 @@ from typing import Any
 from nsbuild.errors import BuildError
 from nsbuild.sandbox import MODE, USES_FAKEROOT, choose, remove_tree
 from nsbuild.sandbox.boundary import hide_own_process, sandbox_env
-from nsbuild.sandbox.runner import run
+from nsbuild.sandbox.job import Engine, SandboxJob, SandboxOutcome
+from nsbuild.sandbox.runner import Command, run
 from nsbuild.sandbox.tree import place
 from nsbuild.tar.owners import Owner
 from nsbuild.tar.tarwriter import Source
@@ -25,7 +26,7 @@ STATIC_WARNING = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class CustomisationResult:
     diff_id: str
     size: int
@@ -35,30 +36,9 @@ class CustomisationResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def build_customisation_layer(
-    *,
-    custom_root: Path,
-    lower: list[Source],
-    base_layer_tars: list[Path],
-    script: str,
-    enable_fakechroot: bool,
-    root_owner: Owner,
-    mtime: int,
-    isolation: str,
-    network: str,
-    workdir: Path,
-    out_tar: Path,
-    log: Any,
-    upper_sources: list[Source] | None = None,
-    env: dict[str, str] | None = None,
-    scratch_mib: int | None = None,
-    memory_mib: int | None = None,
-    what: str = "fakeRootCommands",
-    after_script: str = "",
-    after_env: dict[str, str] | None = None,
-    store_dir: str | None = None,
-) -> CustomisationResult:
-    """Run fakeRootCommands as namespace root over the image being built; write the customisation layer.
+@dataclass(frozen=True)
+class CustomisationJob:
+    """What build_customisation_layer runs, and where.
 
     custom_root      the customisation layer's tree so far (after extraCommands); read, never modified.
     upper_sources    further sources that belong to the customisation layer itself (e.g. store paths
@@ -89,70 +69,48 @@ def build_customisation_layer(
                      cwd = the new layer's own tree (its files only), with after_env.
     store_dir        (chroot only) the host's store, visible read-only at its own path inside the chroot
                      beside the host's tools (nsbuild.sandbox.hostview); never part of the layer.
+    """
+
+    custom_root: Path
+    lower: list[Source]
+    base_layer_tars: list[Path]
+    script: str
+    enable_fakechroot: bool
+    root_owner: Owner
+    mtime: int
+    isolation: str
+    network: str
+    workdir: Path
+    out_tar: Path
+    log: Any
+    upper_sources: list[Source] | None = None
+    env: dict[str, str] | None = None
+    scratch_mib: int | None = None
+    memory_mib: int | None = None
+    what: str = "fakeRootCommands"
+    after_script: str = ""
+    after_env: dict[str, str] | None = None
+    store_dir: str | None = None
+
+
+def build_customisation_layer(job: CustomisationJob) -> CustomisationResult:
+    """Run fakeRootCommands as namespace root over the image being built; write the customisation layer
+    (CustomisationJob says what each field means).
 
     Raises BuildError (exit 1) when no backend works, the script fails (its status; its output went to
     stderr live), or the layer cannot be written. KeyboardInterrupt propagates after teardown.
     """
-    backend = choose(isolation)
-    hide_own_process()  # the fakeroot backend's scripts run as the caller, beside this process
-    if backend == "fakeroot" and enable_fakechroot and what == "runAsRoot":
-        raise BuildError(
-            "runAsRoot needs a user namespace to chroot into the image (backends userns or "
-            "userns-fakeroot); the fakeroot backend cannot (see `nsbuild doctor`)"
-        )
-    if backend == "fakeroot" and enable_fakechroot:
-        raise BuildError(
-            "enableFakechroot needs a user namespace (backends userns or userns-fakeroot); "
-            "the fakeroot backend cannot chroot"
-        )
-    if scratch_mib and backend == "fakeroot":
-        log.warn("fakeroot backend: the disk space limit (diskSize) is not enforced without namespaces")
-    if USES_FAKEROOT[backend]:
-        log.warn(STATIC_WARNING.replace("fakeroot backend", f"{backend} backend"))
-    workdir = Path(workdir)
-    work = Path(tempfile.mkdtemp(prefix="fr-", dir=workdir))
+    backend = _backend(job)
+    work = Path(tempfile.mkdtemp(prefix="fr-", dir=Path(job.workdir)))
     os.chmod(work, 0o755)
-    custom = work / "custom-in" if upper_sources else Path(custom_root)
+    custom = work / "custom-in" if job.upper_sources else Path(job.custom_root)
     result_path = work / "result.json"
-    tmp_out = out_tar.with_name(out_tar.name + ".part")
-    plan = {
-        "work": str(work),
-        "custom_root": str(custom),
-        "lower": [[str(s.host), s.target] for s in lower],
-        "base_layers": [str(p) for p in base_layer_tars],
-        "script": script,
-        "chroot": enable_fakechroot,
-        # NSBUILD_SANDBOX_ENGINE=copy forces copy-and-diff (what userns falls back to without overlayfs).
-        "engine": "overlay" if backend == "userns" and os.environ.get("NSBUILD_SANDBOX_ENGINE") != "copy" else "copy",
-        "network": network,
-        "out": str(tmp_out),
-        "mtime": int(mtime),
-        "result": str(result_path),
-        "root_owner": {
-            "uid": root_owner.uid,
-            "gid": root_owner.gid,
-            "uname": root_owner.uname,
-            "gname": root_owner.gname,
-        },
-        "env": dict(env) if env is not None else None,
-        "in_ns": backend != "fakeroot",
-        "scratch_mib": scratch_mib,
-        "memory_mib": memory_mib,
-        "tmp": what == "runAsRoot",
-        "strict": what == "runAsRoot",
-        "tail": what == "runAsRoot",
-        "after_script": after_script,
-        "after_env": dict(after_env) if after_env is not None else None,
-        "store_dir": store_dir,
-        "what": what,
-        # Without a namespace the caller's real ids can show through fakeroot: they become root.
-        "caller_ids": [os.getuid(), os.getgid()] if backend == "fakeroot" and os.getuid() != 0 else None,
-        # Out of sight for scripts on the host's tree (namespace backends): keys, tokens, credentials.
-        "hide": _caller_homes(),
-    }
-    log.info(f"{what} backend: {backend} ({'overlayfs' if plan['engine'] == 'overlay' else 'copy-and-diff'})")
+    tmp_out = job.out_tar.with_name(job.out_tar.name + ".part")
+    plan = _sandbox_job(job, backend, work, custom, tmp_out, result_path)
+    what, network = job.what, job.network
+    job.log.info(f"{what} backend: {backend} ({'overlayfs' if plan.engine == 'overlay' else 'copy-and-diff'})")
     plan_path = work / "plan.json"
-    plan_path.write_text(json.dumps(plan))
+    plan_path.write_text(json.dumps(plan.to_wire()))
     argv = [sys.executable, "-m", "nsbuild.sandbox.inner", str(plan_path)]
     # Not the caller's environment: every sandbox process's /proc/PID/environ is visible to the script.
     run_env = sandbox_env()
@@ -162,59 +120,119 @@ def build_customisation_layer(
         # or a container we run in) it is EINVAL. The record in fakeroot is what counts anyway.
         run_env["FAKEROOTDONTTRYCHOWN"] = "1"
     try:
-        if upper_sources:
+        if job.upper_sources:
             # The layer's own content: one tree, custom_root over the folded sources.
             custom.mkdir()
-            for s in [*upper_sources, Source(Path(custom_root), "/")]:
+            for s in [*job.upper_sources, Source(Path(job.custom_root), "/")]:
                 _copy_source(s, custom)
-        res = run(MODE[backend], argv, network=network, env=run_env)
+        res = run(Command(MODE[backend], argv, network=network, env=run_env))
         outcome = _read_result(result_path)
         if outcome is None:
             raise BuildError(f"{what}: the {backend} sandbox failed (exit {res.returncode})")
-        status = outcome.get("status")
-        tail = "\n".join(outcome.get("tail") or [])
-        if status == "script" and outcome.get("full") and scratch_mib:
-            raise BuildError(
-                f"{what} ran out of disk space: diskSize is {scratch_mib} MiB (raise diskSize)"
-                + (f"; its output:\n{tail}" if tail else "")
-            )
-        if status == "script" and memory_mib and _out_of_memory(outcome):
-            raise BuildError(
-                f"{what} ran out of memory: buildVMMemorySize is {memory_mib} MiB per process "
-                "(raise buildVMMemorySize)" + (f"; its output:\n{tail}" if tail else "")
-            )
-        if status == "script":
-            raise BuildError(
-                f"{what} failed with exit status {outcome['code']} (backend {backend}"
-                + (f"); its output:\n{tail}" if tail else "; its output is above)")
-            )
-        if status == "after":
-            raise BuildError(
-                f"extraCommands failed with exit status {outcome['code']}"
-                + (f"; its output:\n{tail}" if tail else " (no output)")
-            )
-        if status == "hostile":
-            raise BuildError(f"refusing the base image: {outcome.get('message')}")
-        if status == "error" and outcome.get("full") and scratch_mib:
-            raise BuildError(
-                f"{what}: the image does not fit in diskSize ({scratch_mib} MiB): {outcome.get('message')}"
-            )
-        if status != "ok":
-            raise BuildError(f"{what} ({backend}): {outcome.get('message', 'failed')}")
-        os.replace(tmp_out, out_tar)
-        stats = outcome["stats"]
+        _check_outcome(job, backend, outcome)
+        os.replace(tmp_out, job.out_tar)
+        stats = outcome.stats
+        assert stats is not None  # an "ok" outcome carries them (SandboxOutcome.from_wire)
         return CustomisationResult(
-            stats["diff_id"],
-            int(stats["size"]),
-            int(stats.get("entries", 0)),
-            backend,
-            outcome.get("engine", ""),
-            outcome.get("timings", {}),
+            stats.diff_id, stats.size, stats.entries, backend, outcome.engine or "", dict(outcome.timings)
         )
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_out.unlink()
         cleanup(work, backend)
+
+
+def _backend(job: CustomisationJob) -> str:
+    """The sandbox backend for `job.isolation`, refused when it cannot do what the job needs."""
+    backend = choose(job.isolation)
+    hide_own_process()  # the fakeroot backend's scripts run as the caller, beside this process
+    if backend == "fakeroot" and job.enable_fakechroot and job.what == "runAsRoot":
+        raise BuildError(
+            "runAsRoot needs a user namespace to chroot into the image (backends userns or "
+            "userns-fakeroot); the fakeroot backend cannot (see `nsbuild doctor`)"
+        )
+    if backend == "fakeroot" and job.enable_fakechroot:
+        raise BuildError(
+            "enableFakechroot needs a user namespace (backends userns or userns-fakeroot); "
+            "the fakeroot backend cannot chroot"
+        )
+    if job.scratch_mib and backend == "fakeroot":
+        job.log.warn("fakeroot backend: the disk space limit (diskSize) is not enforced without namespaces")
+    if USES_FAKEROOT[backend]:
+        job.log.warn(STATIC_WARNING.replace("fakeroot backend", f"{backend} backend"))
+    return backend
+
+
+def _sandbox_job(
+    job: CustomisationJob, backend: str, work: Path, custom: Path, tmp_out: Path, result_path: Path
+) -> SandboxJob:
+    """The job as the inner process (nsbuild.sandbox.inner) reads it."""
+    what = job.what
+    # NSBUILD_SANDBOX_ENGINE=copy forces copy-and-diff (what userns falls back to without overlayfs).
+    engine: Engine = "overlay" if backend == "userns" and os.environ.get("NSBUILD_SANDBOX_ENGINE") != "copy" else "copy"
+    return SandboxJob(
+        work=work,
+        custom_root=custom,
+        lower=tuple((str(s.host), s.target) for s in job.lower),
+        base_layers=tuple(Path(p) for p in job.base_layer_tars),
+        script=job.script,
+        chroot=job.enable_fakechroot,
+        engine=engine,
+        network=job.network,
+        out=tmp_out,
+        mtime=int(job.mtime),
+        result=result_path,
+        root_owner=job.root_owner,
+        env=job.env,
+        in_ns=backend != "fakeroot",
+        scratch_mib=job.scratch_mib,
+        memory_mib=job.memory_mib,
+        tmp=what == "runAsRoot",
+        strict=what == "runAsRoot",
+        tail=what == "runAsRoot",
+        after_script=job.after_script,
+        after_env=job.after_env,
+        store_dir=job.store_dir,
+        what=what,
+        # Without a namespace the caller's real ids can show through fakeroot: they become root.
+        caller_ids=(os.getuid(), os.getgid()) if backend == "fakeroot" and os.getuid() != 0 else None,
+        # Out of sight for scripts on the host's tree (namespace backends): keys, tokens, credentials.
+        hide=tuple(_caller_homes()),
+    )
+
+
+def _check_outcome(job: CustomisationJob, backend: str, outcome: SandboxOutcome) -> None:
+    """The inner process's report: a BuildError for anything but a written layer."""
+    what, scratch_mib, memory_mib = job.what, job.scratch_mib, job.memory_mib
+    status = outcome.status
+    tail = "\n".join(outcome.tail or ())
+    if status == "script" and outcome.full and scratch_mib:
+        raise BuildError(
+            f"{what} ran out of disk space: diskSize is {scratch_mib} MiB (raise diskSize)"
+            + (f"; its output:\n{tail}" if tail else "")
+        )
+    if status == "script" and memory_mib and _out_of_memory(outcome):
+        raise BuildError(
+            f"{what} ran out of memory: buildVMMemorySize is {memory_mib} MiB per process "
+            "(raise buildVMMemorySize)" + (f"; its output:\n{tail}" if tail else "")
+        )
+    if status == "script":
+        raise BuildError(
+            f"{what} failed with exit status {outcome.code} (backend {backend}"
+            + (f"); its output:\n{tail}" if tail else "; its output is above)")
+        )
+    if status == "after":
+        raise BuildError(
+            f"extraCommands failed with exit status {outcome.code}"
+            + (f"; its output:\n{tail}" if tail else " (no output)")
+        )
+    if status == "hostile":
+        raise BuildError(f"refusing the base image: {outcome.message}")
+    if status == "error" and outcome.full and scratch_mib:
+        raise BuildError(f"{what}: the image does not fit in diskSize ({scratch_mib} MiB): {outcome.message}")
+    if status != "ok":
+        # A key the status does not carry is absent on the wire: None here.
+        raise BuildError(f"{what} ({backend}): {outcome.message if outcome.message is not None else 'failed'}")
 
 
 def _caller_homes() -> list[str]:
@@ -240,11 +258,11 @@ OOM_SIGNS = (
 )
 
 
-def _out_of_memory(outcome: dict) -> bool:
+def _out_of_memory(outcome: SandboxOutcome) -> bool:
     """RLIMIT_AS shows up as failed allocations, which programs report in these words. (An exit by
     signal is not taken as a sign: the limit is the default for every runAsRoot, and a crash for
     another reason must not be blamed on it.)"""
-    text = "\n".join(outcome.get("tail") or []).lower()
+    text = "\n".join(outcome.tail or ()).lower()
     return any(s in text for s in OOM_SIGNS)
 
 
@@ -252,9 +270,10 @@ def _copy_source(s: Source, root: Path) -> None:
     place(Path(s.host), s.target, root, link=False)
 
 
-def _read_result(path: Path) -> dict | None:
+def _read_result(path: Path) -> SandboxOutcome | None:
+    """None: the inner process wrote no outcome, or not one it could have written (WireError)."""
     try:
-        return json.loads(path.read_text())
+        return SandboxOutcome.from_wire(json.loads(path.read_text()))
     except (OSError, ValueError):
         return None
 

@@ -18,10 +18,6 @@ class IdMap:
     uids: list[tuple[int, int, int]]
     gids: list[tuple[int, int, int]]
 
-    @property
-    def size(self) -> int:
-        return min(sum(c for _, _, c in self.uids), sum(c for _, _, c in self.gids))
-
 
 def current_user() -> tuple[str, int, int]:
     uid, gid = os.getuid(), os.getgid()

@@ -1,15 +1,11 @@
-"""The customisation step as it runs inside the sandbox: `python -m nsbuild.sandbox.inner PLAN.json`.
+"""The customisation step as it runs inside the sandbox: `python -m nsbuild.sandbox.inner JOB.json`.
 
 Runs as namespace root (backend userns / userns-fakeroot) or under fakeroot (userns-fakeroot, fakeroot).
 Steps: assemble the earlier layers (lower), prepare the customisation layer's tree (upper), show the
 script the merged image (overlayfs, or a copy that is diffed afterwards), run the script, kill whatever
-it left running, write the layer with nsbuild.sandbox.layerjob in this same context (so lstat shows the ids and
-modes the script set, real or faked), remove the trees. The outcome goes to PLAN["result"] as JSON.
-
-PLAN keys: work, custom_root, lower ([[host, target], ...]), base_layers, script, chroot, engine
-("overlay"|"copy"), in_ns, network, out, mtime, root_owner {uid,gid,uname,gname}, result, env,
-scratch_mib (writable space on a tmpfs of that size; namespaces only), memory_mib (RLIMIT_AS of each
-script process), store_dir and what ("fakeRootCommands" | "runAsRoot", as messages name the script).
+it left running, write the layer in this same process (so lstat shows the ids and modes the script
+set, real or faked), remove the trees. JOB is a nsbuild.sandbox.job.SandboxJob on the wire; the
+SandboxOutcome goes to its `result` file as JSON.
 A chroot also gets the host view of nsbuild.sandbox.hostview (the store, the host's shell and tools).
 """
 
@@ -25,13 +21,18 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import prctl
 
-from nsbuild.sandbox import boundary, fakeshims, hostview, layerjob, mounts, tree
+from nsbuild.core.compress import HashingWriter
+from nsbuild.sandbox import boundary, fakeshims, hostview, mounts, tree
+from nsbuild.sandbox.job import LayerStats, SandboxJob, SandboxOutcome
 from nsbuild.sandbox.proc import kill_descendants, status_code
+from nsbuild.tar.owners import OwnerPolicy
+from nsbuild.tar.tarwriter import Source, write_tar
 
 FAKEROOT_VARS = ("FAKEROOT", "FAKED_", "LD_PRELOAD", "LD_LIBRARY_PATH")
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
@@ -73,13 +74,13 @@ def _log(msg: str) -> None:
     sys.stderr.flush()
 
 
-def _assemble(plan: dict, root: Path, link: bool, devices: dict[str, list]) -> None:
+def _assemble(job: SandboxJob, root: Path, link: bool, devices: dict[str, list]) -> None:
     # A base image is input from elsewhere: every layer is validated against the tree so far before a
     # byte of it is written (HostileLayer: one clear line, nothing written outside root).
-    model = tree.ImageModel(refuse_devices=bool(plan.get("strict")))
-    for i, tar in enumerate(plan["base_layers"]):
-        tree.unpack_layer(Path(tar), root, devices, model=model, label=f"fromImage layer {i}")
-    for host, target in plan["lower"]:
+    model = tree.ImageModel(refuse_devices=job.strict)
+    for i, tar in enumerate(job.base_layers):
+        tree.unpack_layer(tar, root, devices, model=model, label=f"fromImage layer {i}")
+    for host, target in job.lower:
         tree.place(Path(host), target, root, link=link)
 
 
@@ -286,13 +287,13 @@ def _wait_for_network() -> None:
         raise RuntimeError("the sandbox's network (lo) could not be set up")
 
 
-def _run_script(plan: dict, merged: Path, tail: list[str] | None = None, view: hostview.View | None = None) -> int:
-    chroot = plan["chroot"]
-    env = dict(plan["env"]) if plan.get("env") is not None else dict(os.environ)
+def _run_script(job: SandboxJob, merged: Path, tail: list[str] | None = None, view: hostview.View | None = None) -> int:
+    chroot = job.chroot
+    env = dict(job.env) if job.env is not None else dict(os.environ)
     # fakeroot's session (preload library, daemon key) must reach the script whatever env it was given.
     env.update({k: v for k, v in os.environ.items() if k.startswith(FAKEROOT_VARS)})
-    shell = _shell(merged, chroot, view, plan.get("what", "fakeRootCommands"))
-    argv = [*shell, plan["script"]]
+    shell = _shell(merged, chroot, view, job.what)
+    argv = [*shell, job.script]
     if chroot:
         # Host paths mean nothing inside the image: keep locale/terminal and fakeroot's session only.
         env = {
@@ -306,7 +307,7 @@ def _run_script(plan: dict, merged: Path, tail: list[str] | None = None, view: h
         if view is not None:
             _host_env(env, view, shell[0].startswith(f"/{hostview.HOST_DIR}/"))
 
-    memory = plan.get("memory_mib")
+    memory = job.memory_mib
 
     def enter() -> None:
         if memory:
@@ -317,14 +318,14 @@ def _run_script(plan: dict, merged: Path, tail: list[str] | None = None, view: h
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     if "FAKEROOTKEY" not in os.environ:
-        shim_dir = "/dev/.nsbuild" if chroot else str(Path(plan["work"]) / "shim")
+        shim_dir = "/dev/.nsbuild" if chroot else str(job.work / "shim")
         env["PATH"] = shim_dir + ":" + env.get("PATH", CHROOT_PATH)
     elif not chroot:
-        env["PATH"] = fakeshims.install(Path(plan["work"]) / "fakeroot-shim") + ":" + env.get("PATH", CHROOT_PATH)
+        env["PATH"] = fakeshims.install(job.work / "fakeroot-shim") + ":" + env.get("PATH", CHROOT_PATH)
     # The fakeroot shims keep their notes (which inodes a chown went through) beside them.
-    shims = Path(plan["work"]) / "fakeroot-shim"
-    writable = [merged, Path(plan["work"]) / "reg", *_script_dirs(env), *([shims] if shims.is_dir() else [])]
-    return _spawn(argv, env, _behind_boundary(plan, merged if chroot else None, writable, merged, enter, env), tail)
+    shims = job.work / "fakeroot-shim"
+    writable = [merged, job.work / "reg", *_script_dirs(env), *([shims] if shims.is_dir() else [])]
+    return _spawn(argv, env, _behind_boundary(job, merged if chroot else None, writable, merged, enter, env), tail)
 
 
 def _script_dirs(env: dict[str, str]) -> list[Path]:
@@ -338,13 +339,13 @@ def _script_dirs(env: dict[str, str]) -> list[Path]:
 
 
 def _behind_boundary(
-    plan: dict, root: Path | None, writable: list[Path], cwd: Path, enter: Any, env: dict[str, str]
+    job: SandboxJob, root: Path | None, writable: list[Path], cwd: Path, enter: Any, env: dict[str, str]
 ) -> Any:
     """preexec_fn for a script: behind nsbuild.sandbox.boundary where there are namespaces (the
     caller's home hidden, the spec's directory readable); the fakeroot backend has none (its scripts
     run as the caller, with the caller's view)."""
-    if plan.get("in_ns"):
-        hidden = [Path(h) for h in plan.get("hide") or [] if Path(h).is_dir() and Path(h) != Path("/")]
+    if job.in_ns:
+        hidden = [Path(h) for h in job.hide if Path(h).is_dir() and Path(h) != Path("/")]
         # Still readable below a hidden home: the spec's directory and PATH (a ~/.nix-profile/bin).
         names = [env.get("NSBUILD_SPEC_DIR") or "", *env.get("PATH", "").split(":")]
         readable = [Path(n) for n in names if n.startswith("/") and os.path.realpath(n) != "/"]
@@ -417,200 +418,253 @@ def _full(path: Path | None) -> bool:
     return st.f_bavail * st.f_frsize < (1 << 20) or st.f_favail == 0
 
 
-def _run_after(plan: dict, upper: Path, tail: list[str]) -> int:
-    env = dict(plan.get("after_env") or os.environ)
+def _run_after(job: SandboxJob, upper: Path, tail: list[str]) -> int:
+    env = dict(job.after_env or os.environ)
     env.update({k: v for k, v in os.environ.items() if k.startswith(FAKEROOT_VARS)})
 
     def enter() -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    preexec = _behind_boundary(plan, None, [upper, *_script_dirs(env)], upper, enter, env)
-    return _spawn(["bash", "--noprofile", "--norc", "-e", "-c", plan["after_script"]], env, preexec, tail)
+    preexec = _behind_boundary(job, None, [upper, *_script_dirs(env)], upper, enter, env)
+    return _spawn(["bash", "--noprofile", "--norc", "-e", "-c", job.after_script], env, preexec, tail)
 
 
-def _write_layer(plan: dict, upper: Path, names_root: Path, devices: dict[str, list]) -> dict:
-    """nsbuild.sandbox.layerjob's job, run in this process: we are already inside the namespace / fakeroot
-    session, so lstat shows the ids and modes the script set (and one interpreter start is saved)."""
-    owner = plan["root_owner"]
-    job = {
-        "sources": [[str(upper), "/"]],
-        "out": plan["out"],
-        "mtime": plan["mtime"],
-        "owner": {
-            "mode": "mapped",
-            **owner,
-            "passwd": _image_file(names_root, "etc/passwd"),
-            "group": _image_file(names_root, "etc/group"),
-        },
-        "overlay_whiteouts": True,
-        "devices": devices,
+def _write_layer(job: SandboxJob, upper: Path, names_root: Path, devices: dict[str, list]) -> LayerStats:
+    """The layer writer, run in this process: we are already inside the namespace / fakeroot session,
+    so lstat shows the ids and modes the script set (and one interpreter start is saved). Ids other
+    than root's are named from the image's own /etc/passwd and /etc/group."""
+    owner = OwnerPolicy.mapped(
+        job.root_owner, _image_file(names_root, "etc/passwd"), _image_file(names_root, "etc/group")
+    )
+    nodes = {
+        name.encode("utf-8", "surrogateescape"): (kind, int(major), int(minor))
+        for name, (kind, major, minor) in devices.items()
     }
-    return layerjob.run_job(job)
+    with open(job.out, "wb", buffering=0) as f:
+        hashed = HashingWriter(f)
+        stats = write_tar(
+            [Source(upper, "/")], hashed, mtime=job.mtime, owner=owner, overlay_whiteouts=True, devices=nodes
+        )
+    return LayerStats(hashed.digest, hashed.size, stats.entries)
 
 
-def _image_file(root: Path, rel: str) -> str | None:
+def _image_file(root: Path, rel: str) -> Path | None:
     p = root / rel
-    return str(p) if p.is_file() and not p.is_symlink() else None
+    return p if p.is_file() and not p.is_symlink() else None
+
+
+@dataclass
+class _Trees:
+    """The scratch trees of one run. upper, ovlwork and merged move onto the diskSize tmpfs (scratch)
+    when there is one."""
+
+    work: Path
+    lower: Path
+    upper: Path
+    ovlwork: Path
+    merged: Path
+    scratch: Path | None = None
+
+
+@dataclass
+class _State:
+    """What the clean-up must undo, and the timings, as the steps fill them in."""
+
+    chroot_mounts: list[Path] = field(default_factory=list)
+    overlay: bool = False
+    view: hostview.View | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """The trees before the script: the copy-and-diff reference state (snap, with the top-level names
+    never part of the layer in skip) and the base-layer devices the namespace could not create."""
+
+    snap: dict[str, tree.Seen] | None
+    skip: set[str]
+    lower_devices: dict[str, list]
 
 
 def main() -> None:
-    plan = json.loads(Path(sys.argv[1]).read_text())
+    job = SandboxJob.from_wire(json.loads(Path(sys.argv[1]).read_text()))
     prctl.set_child_subreaper(True)
     os.umask(0o022)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    work = Path(plan["work"])
-    lower, upper, ovlwork, merged = work / "lower", work / "upper", work / "ovlwork", work / "merged"
-    result: dict = {"status": "error"}
-    chroot_mounts: list[Path] = []
-    overlay = False
-    view: hostview.View | None = None
-    timings: dict[str, float] = {}
-    t0 = time.monotonic()
-    scratch: Path | None = None
+    work = job.work
+    trees = _Trees(work, work / "lower", work / "upper", work / "ovlwork", work / "merged")
+    state = _State()
+    outcome = SandboxOutcome("error")
     try:
-        if plan.get("scratch_mib") and plan.get("in_ns"):
-            # diskSize: everything the script can write lives on a tmpfs of that size.
-            scratch = work / "scratch"
-            scratch.mkdir()
-            mounts.mount(
-                "tmpfs",
-                scratch,
-                "tmpfs",
-                mounts.MS_NOSUID | mounts.MS_NODEV,
-                f"size={int(plan['scratch_mib'])}m,mode=0755",
-            )
-            upper, ovlwork, merged = scratch / "upper", scratch / "ovlwork", scratch / "merged"
-        for d in (upper, merged):
-            d.mkdir()
-        skip: set[str] = set()
-        lower_devices: dict[str, list] = {}  # base-layer devices the namespace could not create
-        if plan["engine"] == "overlay":
-            lower.mkdir()
-            ovlwork.mkdir()
-            # Copies, never hard links: a link changes the input's ctime (and its owner, should the
-            # script chown it through ../lower); a build never modifies its inputs.
-            _assemble(plan, lower, link=False, devices=lower_devices)
-            view = _prepare_view(plan, lower)
-            if plan["chroot"]:
-                # Mount points for the chroot, below everything (they never reach the upper layer).
-                for name in tree_system_dirs(lower, plan):
-                    (lower / name).mkdir(mode=0o755)
-            tree.copy_tree(Path(plan["custom_root"]), upper)
-            overlay = _mount_overlay(work, lower, upper, ovlwork, merged)
-            if not overlay:
-                tree.remove(upper)
-                upper.mkdir()
-        if not overlay:
-            _assemble(plan, merged, link=False, devices=lower_devices)
-            view = _prepare_view(plan, merged)
-            lower_paths = tree.paths_of(merged)
-            upper_paths = tree.paths_of(Path(plan["custom_root"]))
-            tree.copy_tree(Path(plan["custom_root"]), merged)
-            if plan["chroot"]:
-                for name in tree_system_dirs(merged, plan):
-                    (merged / name).mkdir(mode=0o755)
-                    skip.add(name)
-            snap = tree.snapshot(merged, lower_paths, upper_paths)
-        timings["prepare"] = time.monotonic() - t0
-        # The shim's registry: in a directory of its own, writable for the script (the rest of the
-        # scratch tree is read-only to it).
-        (work / "reg").mkdir()
-        registry = work / "reg" / "devices.tsv"
-        if "FAKEROOTKEY" not in os.environ:
-            (work / "shim").mkdir()
-            _write_shim(work / "shim", str(registry))
-        if plan["chroot"]:
-            chroot_mounts = _setup_chroot(merged, plan["network"])
-            if view is not None:
-                (work / "empty").mkdir()
-                chroot_mounts += hostview.mount(merged, view, work / "empty")
-        _wait_for_network()
-        t1 = time.monotonic()
-        tail: list[str] | None = [] if plan.get("tail") else None
-        code = _run_script(plan, merged, tail, view)
-        # Before the mounts go: did the script fill its diskSize-limited space?
-        full = code != 0 and _full(scratch)
-        timings["script"] = time.monotonic() - t1
-        # Read the shim's registry now: in a chroot it lives in the /dev tmpfs, unmounted next.
-        reg_file, reg_prefix = (
-            (merged / "dev/.nsbuild/devices", "/") if plan["chroot"] else (registry, str(merged) + "/")
-        )
-        try:
-            reg_lines = reg_file.read_text()
-        except FileNotFoundError:
-            reg_lines = ""
-        _undo_mounts(chroot_mounts)
-        chroot_mounts = []
-        if code != 0:
-            result = {"status": "script", "code": code, "tail": tail or [], "full": full}
-        else:
-            t2 = time.monotonic()
-            if not overlay:
-                tree.diff_to_upper(merged, snap, upper, skip)
-            if plan.get("after_script", "").strip():
-                # runAsRoot's extraCommands: on the new layer's files only, as dockerTools does.
-                after_tail: list[str] = []
-                code = _run_after(plan, upper, after_tail)
-                if code != 0:
-                    raise _AfterFailed(code, after_tail)
-            devices = {
-                rel: dev
-                for rel, dev in lower_devices.items()
-                if (upper / rel).is_file() and not (upper / rel).is_symlink() and (upper / rel).stat().st_size == 0
-            }
-            devices.update(_devices(reg_lines, reg_prefix, upper))
-            if plan.get("caller_ids"):
-                uid, gid = plan["caller_ids"]
-                fakeshims.refuse_ambiguous_caller_ids(upper, uid, gid, work / "fakeroot-shim")
-            stats = _write_layer(plan, upper, merged, devices)
-            timings["write"] = time.monotonic() - t2
-            result = {"status": "ok", "stats": stats, "engine": "overlay" if overlay else "copy"}
+        outcome = _customise(job, trees, state)
     except _AfterFailed as exc:
-        result = {"status": "after", "code": exc.code, "tail": exc.tail}
+        outcome = SandboxOutcome("after", code=exc.code, tail=tuple(exc.tail))
     except fakeshims.Unrecordable as exc:
-        result = {"status": "error", "message": str(exc)}
+        outcome = SandboxOutcome("error", message=str(exc))
     except tree.HostileLayer as exc:
-        result = {"status": "hostile", "message": str(exc)}
+        outcome = SandboxOutcome("hostile", message=str(exc))
     except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
-        result = {
-            "status": "error",
-            "message": str(exc) or type(exc).__name__,
-            "full": isinstance(exc, OSError) and exc.errno == errno.ENOSPC,
-        }
+        full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+        outcome = SandboxOutcome("error", message=str(exc) or type(exc).__name__, full=full)
     finally:
-        kill_descendants()
-        _undo_mounts(chroot_mounts)
-        if overlay:
-            with contextlib.suppress(OSError):
-                mounts.umount(merged)
-        # Files owned by subordinate ids can only be removed from in here.
-        if scratch is not None:
-            with contextlib.suppress(OSError):
-                mounts.umount(scratch)
-        for left in (merged, upper, ovlwork, lower, scratch):
-            if left is not None:
-                with contextlib.suppress(OSError):
-                    tree.remove(left)
-        result["timings"] = timings
-        Path(plan["result"]).write_text(json.dumps(result))
+        _clean_up(trees, state)
+        job.result.write_text(json.dumps(replace(outcome, timings=state.timings).to_wire()))
     sys.exit(0)
 
 
-def tree_system_dirs(root: Path, plan: dict | None = None) -> list[str]:
+def _customise(job: SandboxJob, trees: _Trees, state: _State) -> SandboxOutcome:
+    """Prepare the trees, run the script, write the layer (the outcome of a script that fails)."""
+    t0 = time.monotonic()
+    prepared = _prepare(job, trees, state)
+    state.timings["prepare"] = time.monotonic() - t0
+    work, merged = trees.work, trees.merged
+    # The shim's registry: in a directory of its own, writable for the script (the rest of the
+    # scratch tree is read-only to it).
+    (work / "reg").mkdir()
+    registry = work / "reg" / "devices.tsv"
+    if "FAKEROOTKEY" not in os.environ:
+        (work / "shim").mkdir()
+        _write_shim(work / "shim", str(registry))
+    if job.chroot:
+        state.chroot_mounts = _setup_chroot(merged, job.network)
+        if state.view is not None:
+            (work / "empty").mkdir()
+            state.chroot_mounts += hostview.mount(merged, state.view, work / "empty")
+    _wait_for_network()
+    t1 = time.monotonic()
+    tail: list[str] | None = [] if job.tail else None
+    code = _run_script(job, merged, tail, state.view)
+    # Before the mounts go: did the script fill its diskSize-limited space?
+    full = code != 0 and _full(trees.scratch)
+    state.timings["script"] = time.monotonic() - t1
+    # Read the shim's registry now: in a chroot it lives in the /dev tmpfs, unmounted next.
+    reg_file, reg_prefix = (merged / "dev/.nsbuild/devices", "/") if job.chroot else (registry, str(merged) + "/")
+    try:
+        reg_lines = reg_file.read_text()
+    except FileNotFoundError:
+        reg_lines = ""
+    _undo_mounts(state.chroot_mounts)
+    state.chroot_mounts = []
+    if code != 0:
+        return SandboxOutcome("script", code=code, tail=tuple(tail or []), full=full)
+    return _finish(job, trees, state, prepared, (reg_lines, reg_prefix))
+
+
+def _prepare(job: SandboxJob, trees: _Trees, state: _State) -> _Prepared:
+    """The merged image the script sees: overlayfs over the assembled lower tree, or (engine copy, or
+    no overlayfs here) one tree assembled in place whose reference state is taken for the diff."""
+    if job.scratch_mib and job.in_ns:
+        # diskSize: everything the script can write lives on a tmpfs of that size.
+        trees.scratch = scratch = trees.work / "scratch"
+        scratch.mkdir()
+        mounts.mount(
+            "tmpfs", scratch, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, f"size={int(job.scratch_mib)}m,mode=0755"
+        )
+        trees.upper, trees.ovlwork, trees.merged = scratch / "upper", scratch / "ovlwork", scratch / "merged"
+    for d in (trees.upper, trees.merged):
+        d.mkdir()
+    lower_devices: dict[str, list] = {}  # base-layer devices the namespace could not create
+    if job.engine == "overlay":
+        state.overlay = _prepare_overlay(job, trees, state, lower_devices)
+    if state.overlay:
+        return _Prepared(None, set(), lower_devices)
+    merged = trees.merged
+    _assemble(job, merged, link=False, devices=lower_devices)
+    state.view = _prepare_view(job, merged)
+    lower_paths = tree.paths_of(merged)
+    upper_paths = tree.paths_of(job.custom_root)
+    tree.copy_tree(job.custom_root, merged)
+    skip: set[str] = set()
+    if job.chroot:
+        for name in tree_system_dirs(merged):
+            (merged / name).mkdir(mode=0o755)
+            skip.add(name)
+    return _Prepared(tree.snapshot(merged, lower_paths, upper_paths), skip, lower_devices)
+
+
+def _prepare_overlay(job: SandboxJob, trees: _Trees, state: _State, lower_devices: dict[str, list]) -> bool:
+    """The lower tree and the upper layer's start, then the overlay mount; False (upper emptied again)
+    where overlayfs is unavailable."""
+    lower, upper = trees.lower, trees.upper
+    lower.mkdir()
+    trees.ovlwork.mkdir()
+    # Copies, never hard links: a link changes the input's ctime (and its owner, should the
+    # script chown it through ../lower); a build never modifies its inputs.
+    _assemble(job, lower, link=False, devices=lower_devices)
+    state.view = _prepare_view(job, lower)
+    if job.chroot:
+        # Mount points for the chroot, below everything (they never reach the upper layer).
+        for name in tree_system_dirs(lower):
+            (lower / name).mkdir(mode=0o755)
+    tree.copy_tree(job.custom_root, upper)
+    if _mount_overlay(trees.work, lower, upper, trees.ovlwork, trees.merged):
+        return True
+    tree.remove(upper)
+    upper.mkdir()
+    return False
+
+
+def _finish(
+    job: SandboxJob, trees: _Trees, state: _State, prepared: _Prepared, registry: tuple[str, str]
+) -> SandboxOutcome:
+    """After the script succeeded: the layer's own tree (diffed where there was no overlay),
+    extraCommands on it, the devices it holds, the layer tar. `registry`: the mknod shim's lines and
+    the prefix of the paths in them."""
+    t2 = time.monotonic()
+    upper = trees.upper
+    if prepared.snap is not None:
+        tree.diff_to_upper(trees.merged, prepared.snap, upper, prepared.skip)
+    if job.after_script.strip():
+        # runAsRoot's extraCommands: on the new layer's files only, as dockerTools does.
+        after_tail: list[str] = []
+        code = _run_after(job, upper, after_tail)
+        if code != 0:
+            raise _AfterFailed(code, after_tail)
+    devices = {
+        rel: dev
+        for rel, dev in prepared.lower_devices.items()
+        if (upper / rel).is_file() and not (upper / rel).is_symlink() and (upper / rel).stat().st_size == 0
+    }
+    devices.update(_devices(*registry, upper))
+    if job.caller_ids:
+        uid, gid = job.caller_ids
+        fakeshims.refuse_ambiguous_caller_ids(upper, uid, gid, trees.work / "fakeroot-shim")
+    stats = _write_layer(job, upper, trees.merged, devices)
+    state.timings["write"] = time.monotonic() - t2
+    return SandboxOutcome("ok", stats=stats, engine="overlay" if state.overlay else "copy")
+
+
+def _clean_up(trees: _Trees, state: _State) -> None:
+    kill_descendants()
+    _undo_mounts(state.chroot_mounts)
+    if state.overlay:
+        with contextlib.suppress(OSError):
+            mounts.umount(trees.merged)
+    # Files owned by subordinate ids can only be removed from in here.
+    if trees.scratch is not None:
+        with contextlib.suppress(OSError):
+            mounts.umount(trees.scratch)
+    for left in (trees.merged, trees.upper, trees.ovlwork, trees.lower, trees.scratch):
+        if left is not None:
+            with contextlib.suppress(OSError):
+                tree.remove(left)
+
+
+def tree_system_dirs(root: Path) -> list[str]:
     return [n for n in SYSTEM_DIRS if not os.path.lexists(root / n)]
 
 
-def _prepare_view(plan: dict, root: Path) -> hostview.View | None:
+def _prepare_view(job: SandboxJob, root: Path) -> hostview.View | None:
     """Before the layer's reference state is taken: the chroot's mount points for the host view and,
     for runAsRoot, a /tmp where the image has none (the image's own /tmp is used as it is: its files
     are visible and what the script leaves there is in the layer, as in dockerTools' VM)."""
-    if not plan["chroot"]:
+    if not job.chroot:
         return None
-    if plan.get("tmp") and not os.path.lexists(root / "tmp"):
+    if job.tmp and not os.path.lexists(root / "tmp"):
         (root / "tmp").mkdir(mode=0o755)
         (root / "tmp").chmod(0o1777)
-    return hostview.prepare(root, plan.get("store_dir"))
+    return hostview.prepare(root, job.store_dir)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from nsbuild.errors import BuildError
 from nsbuild.sandbox.boundary import hide_own_process
-from nsbuild.sandbox.runner import run
+from nsbuild.sandbox.runner import Command, run
 
 # The environment scripts see, documented in the README: nothing else leaks in from the caller.
 PASSED_THROUGH = ("PATH",)
@@ -50,14 +50,16 @@ def run_bash(script: str, *, cwd: Path, env: dict[str, str], what: str, log_dir:
     hide_own_process()  # the script runs as the caller: our environ must be closed to it
     with tempfile.NamedTemporaryFile("w+b", dir=log_dir, prefix="script-", suffix=".log") as log:
         res = run(
-            "self",
-            ["bash", "--noprofile", "--norc", "-e", "-c", script],
-            network="host",
-            env=env,
-            cwd=str(cwd),
-            stdout=log.fileno(),
-            stderr=subprocess.STDOUT,
-            umask=0o022,
+            Command(
+                "self",
+                ["bash", "--noprofile", "--norc", "-e", "-c", script],
+                network="host",
+                env=env,
+                cwd=str(cwd),
+                stdout=log.fileno(),
+                stderr=subprocess.STDOUT,
+                umask=0o022,
+            )
         )
         status = res.returncode
         if status != 0:

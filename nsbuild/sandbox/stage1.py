@@ -1,15 +1,8 @@
 """First process of a sandbox: enters the namespaces and runs the command as their init.
 
 `python -m nsbuild.sandbox.stage1 --config-fd FD`, started by nsbuild.sandbox.runner, which writes
-CONFIG as JSON to that pipe (a command line is readable by everyone in /proc). CONFIG holds:
-  mode     "userns" (full id map written by the parent through newuidmap/newgidmap),
-           "single" (one id: this process maps itself), "self" (the caller's own ids mapped onto
-           themselves + pid and mount namespaces: extraCommands, the fakeroot backend; "none" where
-           no user namespace can be made), "none" (no namespaces)
-  umask    (optional) the command's umask
-  network  "none" (own network namespace, lo up) or "host"
-  ready_fd, go_fd   pipe ends for the id-map handshake (mode "userns")
-  argv     the command to run
+a nsbuild.sandbox.job.Stage1Config as JSON to that pipe (a command line is readable by everyone in
+/proc). Mode "self" serves extraCommands and the fakeroot backend.
 
 Process tree: stage1 (unshared user/mount/net namespaces; child subreaper) forks the init, which is
 pid 1 of a new pid namespace: when it exits the kernel kills everything left in there. In mode
@@ -26,10 +19,12 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 
 import prctl
 
 from nsbuild.sandbox import mounts
+from nsbuild.sandbox.job import Stage1Config
 from nsbuild.sandbox.lifetime import enter_self_namespace, on_parent_death
 from nsbuild.sandbox.proc import kill_descendants, status_code
 
@@ -47,11 +42,11 @@ def _write(path: str, data: str) -> None:
         f.write(data)
 
 
-def _enter(cfg: dict) -> None:
-    mode = cfg["mode"]
+def _enter(cfg: Stage1Config) -> None:
+    mode = cfg.mode
     # IPC: fakeroot's SysV queues and semaphores end with the namespace, even when faked is killed.
     flags = mounts.CLONE_NEWUSER | mounts.CLONE_NEWNS | mounts.CLONE_NEWPID | mounts.CLONE_NEWIPC
-    if cfg.get("network", "none") == "none":
+    if cfg.network == "none":
         flags |= mounts.CLONE_NEWNET
     uid, gid = os.getuid(), os.getgid()
     try:
@@ -73,11 +68,11 @@ def _enter(cfg: dict) -> None:
         except OSError as exc:
             _die(f"writing the id map: {exc.strerror}")
     else:
-        os.write(cfg["ready_fd"], b"u")
-        os.close(cfg["ready_fd"])
-        if os.read(cfg["go_fd"], 1) != b"g":
+        os.write(cfg.ready_fd, b"u")
+        os.close(cfg.ready_fd)
+        if os.read(cfg.go_fd, 1) != b"g":
             _die("the id map was not set up")  # the parent printed why
-        os.close(cfg["go_fd"])
+        os.close(cfg.go_fd)
     try:
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
@@ -96,13 +91,13 @@ def _lo_up() -> None:
             ipr.link("set", index=idx[0], state="up")
 
 
-def _tie_to_stage1(cfg: dict, alive_fd: int) -> None:
+def _tie_to_stage1(cfg: Stage1Config, alive_fd: int) -> None:
     """The init dies with stage1: in a pid namespace its death (SIGKILL) takes the namespace along;
     without one it kills its descendants first. stage1 dying before the death signal was set shows
     as a hang-up on the pipe whose other end only stage1 holds."""
     import select
 
-    if cfg["mode"] == "none":
+    if cfg.mode == "none":
         on_parent_death(kill_descendants)
     else:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -115,17 +110,17 @@ def _tie_to_stage1(cfg: dict, alive_fd: int) -> None:
     os.close(alive_fd)
 
 
-def _init(cfg: dict, alive_fd: int) -> None:
+def _init(cfg: Stage1Config, alive_fd: int) -> None:
     """pid 1 of the sandbox (or a subreaper child in mode "none"); never returns."""
     _tie_to_stage1(cfg, alive_fd)
     prctl.set_child_subreaper(True)
-    if cfg.get("umask") is not None:
-        os.umask(int(cfg["umask"]))
+    if cfg.umask is not None:
+        os.umask(cfg.umask)
     # Own session: a terminal's Ctrl-C reaches nsbuild, which tears the sandbox down in order.
     with contextlib.suppress(OSError):
         os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    if cfg["mode"] != "none":
+    if cfg.mode != "none":
         try:
             # Our mounts must never propagate back to the host's mount namespace.
             mounts.mount(None, "/", None, mounts.MS_REC | mounts.MS_PRIVATE)
@@ -134,10 +129,10 @@ def _init(cfg: dict, alive_fd: int) -> None:
         # A /proc for the new pid namespace: `ps` and /proc/PID show the sandbox only.
         with contextlib.suppress(OSError):
             mounts.mount("proc", "/proc", "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
-    want_lo = cfg["mode"] in ("userns", "single") and cfg.get("network", "none") == "none" and cfg.get("lo", True)
+    want_lo = cfg.mode in ("userns", "single") and cfg.network == "none"
     # Only now: newuidmap (setuid) has run; nothing inside may gain privileges through exec.
     prctl.set_no_new_privs(True)
-    env = dict(cfg["env"]) if cfg.get("env") is not None else dict(os.environ)
+    env = dict(cfg.env) if cfg.env is not None else dict(os.environ)
     fds: tuple[int, ...] = ()
     if want_lo:
         # pyroute2 takes ~0.1 s to import: bring lo up while the command starts. A command that must
@@ -146,9 +141,9 @@ def _init(cfg: dict, alive_fd: int) -> None:
         env["NSBUILD_NET_READY_FD"] = str(ready_r)
         fds = (ready_r,)
     try:
-        child = subprocess.Popen(cfg["argv"], env=env, cwd=cfg.get("cwd"), pass_fds=fds)
+        child = subprocess.Popen(cfg.argv, env=env, cwd=cfg.cwd, pass_fds=fds)
     except OSError as exc:
-        _die(f"{cfg['argv'][0]}: {exc.strerror}")
+        _die(f"{cfg.argv[0]}: {exc.strerror}")
     if want_lo:
         os.close(ready_r)
         try:
@@ -188,13 +183,13 @@ def _take_down() -> None:
     kill_descendants()
 
 
-def _read_config(argv: list[str]) -> dict:
+def _read_config(argv: list[str]) -> Stage1Config:
     """`--config-fd N`: the configuration as JSON on that pipe (never on the command line)."""
     if len(argv) != 3 or argv[1] != "--config-fd":
         _die("usage: python -m nsbuild.sandbox.stage1 --config-fd FD")
     fd = int(argv[2])
     with os.fdopen(fd, "rb") as f:
-        return json.loads(f.read())
+        return Stage1Config.from_wire(json.loads(f.read()))
 
 
 def main() -> None:
@@ -202,17 +197,17 @@ def main() -> None:
     cfg = _read_config(sys.argv)
     # nsbuild's death (even kill -9) or its SIGTERM: take the sandbox down, then exit.
     on_parent_death(_take_down)
-    if os.getppid() != cfg["parent"]:
+    if os.getppid() != cfg.parent:
         os._exit(EXIT_SETUP)  # nsbuild died before we set the death signal
     prctl.set_child_subreaper(True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if cfg["mode"] == "self":
+    if cfg.mode == "self":
         try:
             if not enter_self_namespace():
-                cfg["mode"] = "none"  # no user namespace here: subreapers only (lifetime.py)
+                cfg = replace(cfg, mode="none")  # no user namespace here: subreapers only (lifetime.py)
         except OSError as exc:
             _die(f"mapping the caller's own ids in a user namespace: {exc.strerror or exc}")
-    elif cfg["mode"] != "none":
+    elif cfg.mode != "none":
         _enter(cfg)
     alive_r, alive_w = os.pipe()
     pid = os.fork()

@@ -613,7 +613,25 @@ def diff_to_upper(merged: Path, snap: dict[str, Seen], upper: Path, skip: set[st
     becomes a char 0/0 whiteout; a directory that replaced a lower path is marked opaque.
     """
     now = _walk_rel(merged)
-    now_set = set(now)
+    include, opaque = _changed(merged, snap, now, skip)
+    whiteouts = _deleted(merged, snap, set(now), skip, opaque)
+    for rel in list(include) + whiteouts:
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            include.add("/".join(parts[:i]))
+    _copy_up(merged, upper, include, opaque)
+    for rel in whiteouts:
+        os.mknod(upper / rel, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    # Directory modes last: a 0555 directory must not stop us filling it.
+    for rel in sorted(
+        (r for r in include if (upper / r).is_dir() and not (upper / r).is_symlink()), key=lambda r: -r.count("/")
+    ):
+        os.chmod(upper / rel, stat.S_IMODE(os.lstat(merged / rel).st_mode))
+
+
+def _changed(merged: Path, snap: dict[str, Seen], now: list[str], skip: set[str]) -> tuple[set[str], set[str]]:
+    """The paths of `now` that are new or changed since `snap`, and the directories among them that
+    hide what was below them (opaque)."""
     include: set[str] = set()
     opaque: set[str] = set()
     for rel in now:
@@ -639,23 +657,27 @@ def diff_to_upper(merged: Path, snap: dict[str, Seen], upper: Path, skip: set[st
     for rel in now:
         if any(rel.startswith(o + "/") for o in opaque):
             include.add(rel)
+    return include, opaque
+
+
+def _deleted(merged: Path, snap: dict[str, Seen], now: set[str], skip: set[str], opaque: set[str]) -> list[str]:
+    """The lower paths gone from `merged` that need a whiteout of their own."""
     whiteouts: list[str] = []
     for rel, before in snap.items():
-        if rel in now_set or not before.in_lower or rel.split("/", 1)[0] in skip:
+        if rel in now or not before.in_lower or rel.split("/", 1)[0] in skip:
             continue
         parent = rel.rpartition("/")[0]
         if parent and (
-            parent not in now_set
-            or parent in opaque
-            or not (merged / parent).is_dir()
-            or (merged / parent).is_symlink()
+            parent not in now or parent in opaque or not (merged / parent).is_dir() or (merged / parent).is_symlink()
         ):
             continue  # the parent went (or was replaced) too: one whiteout/opaque there covers it
         whiteouts.append(rel)
-    for rel in list(include) + whiteouts:
-        parts = rel.split("/")
-        for i in range(1, len(parts)):
-            include.add("/".join(parts[:i]))
+    return whiteouts
+
+
+def _copy_up(merged: Path, upper: Path, include: set[str], opaque: set[str]) -> None:
+    """The included entries into upper, parents first: directories made anew (owner, xattrs, opaque
+    mark; their modes come last), everything else hardlinked."""
     for rel in sorted(include, key=lambda r: (r.count("/"), r)):
         src, dst = merged / rel, upper / rel
         st = os.lstat(src)
@@ -667,13 +689,6 @@ def diff_to_upper(merged: Path, snap: dict[str, Seen], upper: Path, skip: set[st
                 os.setxattr(dst, OPAQUE_XATTR, b"y")
         else:
             os.link(src, dst, follow_symlinks=False)
-    for rel in whiteouts:
-        os.mknod(upper / rel, stat.S_IFCHR | 0o600, os.makedev(0, 0))
-    # Directory modes last: a 0555 directory must not stop us filling it.
-    for rel in sorted(
-        (r for r in include if (upper / r).is_dir() and not (upper / r).is_symlink()), key=lambda r: -r.count("/")
-    ):
-        os.chmod(upper / rel, stat.S_IMODE(os.lstat(merged / rel).st_mode))
 
 
 def _was_lower(rel: str, snap: dict[str, Seen]) -> bool:

@@ -16,6 +16,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
+from nsbuild.core.refs import split_registry_host
 from nsbuild.errors import BuildError, UsageError
 from nsbuild.image.image import Image
 from nsbuild.layer.layer import Blob
@@ -78,8 +79,7 @@ def check_repo_tag(repo_tag: str) -> str:
     name, sep, tag = repo_tag.rpartition(":")
     if not sep or "/" in tag:
         raise UsageError(f"{repo_tag!r}: expected NAME:TAG")
-    first, slash, rest = name.partition("/")
-    path = rest if slash and ("." in first or ":" in first or first == "localhost") else name
+    _, path = split_registry_host(name)
     if not NAME_RE.match(name) or path != path.lower():
         raise UsageError(
             f"{name!r} is not a valid repository name (lower-case letters, digits, '.', '_', "

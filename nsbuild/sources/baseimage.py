@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from nsbuild.core.compress import compression_of, open_decompressed
-from nsbuild.core.refs import ImageRef, parse_ref
+from nsbuild.core.refs import parse_ref
 from nsbuild.errors import BuildError
 from nsbuild.layer.layer import (
     MEDIA_TAR,
@@ -42,12 +42,11 @@ DOCKER_TO_OCI = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class BaseImage:
     config: dict[str, Any]
     layers: list[Layer]
     history: list[dict[str, Any]] = field(default_factory=list)
-    source: str = ""
     raw_config: bytes | None = None  # the config's bytes as stored (`nsbuild push` keeps its digest)
 
 
@@ -187,7 +186,8 @@ def load_base(
     p = f"{label}: " if label else ""
     ref = parse_ref(text)
     if ref.format == "registry":
-        raise BuildError(f"fromImage {text!r}: pulling from a registry is not supported yet")
+        # Every caller pulls a docker:// image itself (nsbuild.sources.pull) before files are read.
+        raise ValueError(f"load_base reads archives and layouts, not {text!r}")
     path = ref.path
     if not path.exists():
         raise BuildError(f"{p}no such file or directory: {path}")
@@ -198,12 +198,12 @@ def load_base(
         if not (path / "oci-layout").is_file():
             raise BuildError(f"{p}{path} is a directory but not an OCI layout (no oci-layout file)")
         with _malformed(path, p):
-            return _load_oci(_Reader(root=path), ref, blob_dir, architecture, image_tag or ref.tag, text, p)
+            return _load_oci(_Reader(root=path), blob_dir, architecture, image_tag or ref.tag, p)
     with _open_archive(path, work_dir, p) as reader, _malformed(path, p):
         if reader.exists("manifest.json"):
-            return _load_docker(reader, blob_dir, work_dir, image_name or ref.name, image_tag or ref.tag, text, p)
+            return _load_docker(reader, blob_dir, image_name or ref.name, image_tag or ref.tag, p)
         if reader.exists("index.json") and reader.exists("oci-layout"):
-            return _load_oci(reader, ref, blob_dir, architecture, image_tag or ref.tag, text, p)
+            return _load_oci(reader, blob_dir, architecture, image_tag or ref.tag, p)
         raise BuildError(f"{p}{path} is neither a docker-archive (no manifest.json) nor an OCI archive (no index.json)")
 
 
@@ -250,9 +250,7 @@ def check_layer_tar(blob: Blob, what: str) -> None:
         raise BuildError(f"{what}: not a sound tar archive: {exc}") from None
 
 
-def _load_docker(
-    reader: _Reader, blob_dir: Path, work_dir: Path, name: str | None, tag: str | None, source: str, p: str
-) -> BaseImage:
+def _load_docker(reader: _Reader, blob_dir: Path, name: str | None, tag: str | None, p: str) -> BaseImage:
     manifest = reader.json("manifest.json")
     if not isinstance(manifest, list) or not manifest:
         raise BuildError(f"{p}manifest.json holds no image")
@@ -280,7 +278,7 @@ def _load_docker(
             raw = copy_verified(f, blob_dir, None, what)
         tar = _decompressed_blob(raw, blob_dir, diff_id, what)
         layers.append(Layer(diff_id=diff_id, tar=tar, compressed=tar, media_type=MEDIA_TAR, comment=f"base layer {i}"))
-    return BaseImage(config, layers, list(config.get("history", [])), source, config_bytes)
+    return BaseImage(config, layers, list(config.get("history", [])), raw_config=config_bytes)
 
 
 def _choose_docker_image(manifest: list[dict], name: str | None, tag: str | None, p: str) -> dict:
@@ -304,9 +302,7 @@ def _choose_docker_image(manifest: list[dict], name: str | None, tag: str | None
     )
 
 
-def _load_oci(
-    reader: _Reader, ref: ImageRef, blob_dir: Path, architecture: str, tag: str | None, source: str, p: str
-) -> BaseImage:
+def _load_oci(reader: _Reader, blob_dir: Path, architecture: str, tag: str | None, p: str) -> BaseImage:
     index = reader.json("index.json")
     manifests = index.get("manifests") if isinstance(index, dict) else None
     if not isinstance(manifests, list) or not manifests:
@@ -361,4 +357,4 @@ def _load_oci(
         layers.append(
             Layer(diff_id=diff_id, tar=tar, compressed=compressed, media_type=media, comment=f"base layer {i}")
         )
-    return BaseImage(config, layers, list(config.get("history", [])), source, raw.get(f"{p}config"))
+    return BaseImage(config, layers, list(config.get("history", [])), raw_config=raw.get(f"{p}config"))

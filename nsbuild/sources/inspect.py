@@ -1,4 +1,4 @@
-"""nsbuild inspect: an image's layers and, per entry, type, mode, owner, size and link target."""
+"""nsbuild inspect: an image's layers (file, layout or registry) and, per entry, type, mode, owner, size, link."""
 
 from __future__ import annotations
 
@@ -7,12 +7,17 @@ import stat
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nsbuild.core.progress import human
+from nsbuild.core.platform import host_architecture
+from nsbuild.core.progress import Progress, human
+from nsbuild.core.refs import is_registry
 from nsbuild.errors import BuildError
-from nsbuild.sources.baseimage import load_base
-from nsbuild.spec.spec import host_architecture
+from nsbuild.layer.layer import Layer
+from nsbuild.sources.baseimage import BaseImage, load_base
+
+if TYPE_CHECKING:
+    from nsbuild.registry import RegistryOptions
 
 TYPES = {
     tarfile.REGTYPE: "file",
@@ -26,53 +31,68 @@ TYPES = {
 }
 
 
-def inspect_image(ref: str) -> dict[str, Any]:
+def inspect_image(ref: str, options: RegistryOptions | None = None) -> dict[str, Any]:
+    """The report of the image at `ref`: a file, a layout or a `docker://` reference (pulled with
+    `options`, as a build pulls its base, without progress lines)."""
     work = Path(tempfile.mkdtemp(prefix="nsbuild-inspect-"))
     try:
-        base = load_base(ref, work / "blobs", work, architecture=host_architecture())
-        layers = []
-        for layer in base.layers:
-            assert layer.tar.path is not None
-            entries = []
-            try:
-                with tarfile.open(layer.tar.path, "r:") as tar:
-                    for m in tar:
-                        entry: dict[str, Any] = {
-                            "path": m.name,
-                            "type": TYPES.get(m.type, m.type.decode(errors="replace")),
-                            "mode": f"{stat.S_IMODE(m.mode):04o}",
-                            "uid": m.uid,
-                            "gid": m.gid,
-                            "uname": m.uname,
-                            "gname": m.gname,
-                            "size": m.size,
-                        }
-                        if m.linkname:
-                            entry["link"] = m.linkname
-                        if m.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
-                            entry["device"] = f"{m.devmajor},{m.devminor}"
-                        xattrs = {
-                            k[len("SCHILY.xattr.") :]: v
-                            for k, v in m.pax_headers.items()
-                            if k.startswith("SCHILY.xattr.")
-                        }
-                        if xattrs:
-                            entry["xattrs"] = sorted(xattrs)
-                        entries.append(entry)
-            except tarfile.TarError as exc:
-                raise BuildError(f"layer {layer.diff_id}: unreadable tar: {exc}") from None
-            layers.append(
-                {
-                    "diff_id": layer.diff_id,
-                    "digest": layer.digest,
-                    "size": layer.size,
-                    "media_type": layer.media_type,
-                    "entries": entries,
-                }
-            )
-        return {"config": base.config, "layers": layers}
+        base = _read(ref, work, options)
+        return {"config": base.config, "layers": [_layer_report(layer) for layer in base.layers]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _read(ref: str, work: Path, options: RegistryOptions | None) -> BaseImage:
+    if is_registry(ref):
+        from nsbuild.sources import pull
+
+        pulled = pull.pull_base(
+            ref,
+            store_root=work,
+            architecture=host_architecture(),
+            options=options,
+            progress=Progress(quiet=True),
+            need_tar=True,
+        )
+        return pulled.base
+    return load_base(ref, work / "blobs", work, architecture=host_architecture())
+
+
+def _layer_report(layer: Layer) -> dict[str, Any]:
+    assert layer.tar.path is not None
+    try:
+        with tarfile.open(layer.tar.path, "r:") as tar:
+            entries = [_entry(m) for m in tar]
+    except tarfile.TarError as exc:
+        raise BuildError(f"layer {layer.diff_id}: unreadable tar: {exc}") from None
+    return {
+        "diff_id": layer.diff_id,
+        "digest": layer.digest,
+        "size": layer.size,
+        "media_type": layer.media_type,
+        "entries": entries,
+    }
+
+
+def _entry(m: tarfile.TarInfo) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "path": m.name,
+        "type": TYPES.get(m.type, m.type.decode(errors="replace")),
+        "mode": f"{stat.S_IMODE(m.mode):04o}",
+        "uid": m.uid,
+        "gid": m.gid,
+        "uname": m.uname,
+        "gname": m.gname,
+        "size": m.size,
+    }
+    if m.linkname:
+        entry["link"] = m.linkname
+    if m.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        entry["device"] = f"{m.devmajor},{m.devminor}"
+    xattrs = {k[len("SCHILY.xattr.") :]: v for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}
+    if xattrs:
+        entry["xattrs"] = sorted(xattrs)
+    return entry
 
 
 def render_text(report: dict[str, Any]) -> str:

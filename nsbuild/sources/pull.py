@@ -13,7 +13,7 @@ from typing import Any
 from nsbuild.core.progress import Progress, human
 from nsbuild.errors import BuildError
 from nsbuild.layer.layer import COMPRESSION_OF_MEDIA, MEDIA_TAR, Blob, Layer, decompress_verified, file_digest
-from nsbuild.registry import PulledImage, RegistryOptions, pull_image
+from nsbuild.registry import PulledBlob, PulledImage, RegistryOptions, pull_image
 from nsbuild.registry.pull import is_sha256, parse_document
 from nsbuild.registry.reference import Reference
 from nsbuild.registry.usage import TransferReporter, registry_reference
@@ -112,57 +112,81 @@ def pull_base(
     ref = registry_reference(text, "fromImage")
     progress.info(f"pulling base image {ref} ({architecture})")
     store_dir = store_root / "blobs" / "sha256"
-    reporter = TransferReporter(progress, "pull")
-    pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options, progress=reporter)
-    for _attempt in range(3):
-        # Pinned, then checked (the layer cache is shared with prunes and other writers): blobs a
-        # prune took away since the pull, or corrupted ones, are downloaded again.
-        if pin is not None and pin(_diff_ids(pulled), [b.digest for b in pulled.layers]):
-            progress.warn("cached base image blobs were pruned meanwhile; downloading them again")
-        elif _verify_cached(pulled, store_dir):
-            progress.warn("cached base image blobs were corrupted; downloading them again")
-        else:
-            break
-        pulled = pull_image(ref, dest_dir=store_root, architecture=architecture, options=options, progress=reporter)
+    pulled = _pull_checked(ref, store_root, architecture, options, progress, pin)
     progress.info(
         f"base image {ref} resolved to {pulled.resolved_digest} "
         f"({len(pulled.downloaded_blobs)} blobs downloaded, {human(pulled.downloaded_bytes)}; "
         f"{len(pulled.cached_blobs)} already cached)"
     )
     config, diff_ids = _checked_config(pulled, ref)
-    pinned = pulled.pinned
-    layers = []
-    for i, (blob, diff_id) in enumerate(zip(pulled.layers, diff_ids, strict=True)):
-        what = f"fromImage: layer {i} ({blob.digest[:19]})"
-        media = DOCKER_TO_OCI.get(blob.media_type, blob.media_type)
-        if media not in COMPRESSION_OF_MEDIA:
-            raise BuildError(f"{what}: media type {blob.media_type!r} is not a layer nsbuild can use")
-        compressed = Blob(blob.digest, blob.size, blob.path)
-        if media == MEDIA_TAR:
-            if blob.digest != diff_id:
-                raise BuildError(f"{what}: an uncompressed layer whose digest is not the config's diff_id")
-            tar = compressed
-        elif need_tar:
-            tar = _decompress_verified(blob.path, store_dir, diff_id, what)
+    layers = [
+        _base_layer(i, blob, diff_id, store_dir, need_tar, pulled.pinned)
+        for i, (blob, diff_id) in enumerate(zip(pulled.layers, diff_ids, strict=True))
+    ]
+    base = BaseImage(config, layers, _history(config, pulled.pinned))
+    return PulledBase(base, pulled, {BASE_DIGEST: pulled.resolved_digest, BASE_NAME: str(ref)})
+
+
+def _pull_checked(
+    ref: Reference,
+    store_root: Path,
+    architecture: str,
+    options: RegistryOptions | None,
+    progress: Progress,
+    pin: Pin | None,
+) -> PulledImage:
+    """pull_image, then pinned and checked (the layer cache is shared with prunes and other writers):
+    blobs a prune took away since the pull, or corrupted ones, are downloaded again."""
+    reporter = TransferReporter(progress, "pull")
+    store_dir = store_root / "blobs" / "sha256"
+
+    def pull() -> PulledImage:
+        return pull_image(ref, dest_dir=store_root, architecture=architecture, options=options, progress=reporter)
+
+    pulled = pull()
+    for _attempt in range(3):
+        if pin is not None and pin(_diff_ids(pulled), [b.digest for b in pulled.layers]):
+            progress.warn("cached base image blobs were pruned meanwhile; downloading them again")
+        elif _verify_cached(pulled, store_dir):
+            progress.warn("cached base image blobs were corrupted; downloading them again")
         else:
-            tar = Blob(diff_id, 0, None)  # never needed: sinks use the compressed blob
-        if need_tar or media == MEDIA_TAR:
-            check_layer_tar(tar, what)  # every header, before the sandbox or a sink reads it
-        layers.append(
-            Layer(
-                diff_id=diff_id,
-                tar=tar,
-                compressed=compressed,
-                media_type=media,
-                comment=f"base layer {i} from {pinned}",
-            )
-        )
-    # Provenance in the config too (the docker-archive has no manifest annotations): every base
-    # history entry with a layer names the pinned base it came from.
+            break
+        pulled = pull()
+    return pulled
+
+
+def _base_layer(i: int, blob: PulledBlob, diff_id: str, store_dir: Path, need_tar: bool, pinned: str) -> Layer:
+    """Layer `i` of the base: its compressed blob as pulled, and its tar when the build reads it."""
+    what = f"fromImage: layer {i} ({blob.digest[:19]})"
+    media = DOCKER_TO_OCI.get(blob.media_type, blob.media_type)
+    if media not in COMPRESSION_OF_MEDIA:
+        raise BuildError(f"{what}: media type {blob.media_type!r} is not a layer nsbuild can use")
+    compressed = Blob(blob.digest, blob.size, blob.path)
+    if media == MEDIA_TAR:
+        if blob.digest != diff_id:
+            raise BuildError(f"{what}: an uncompressed layer whose digest is not the config's diff_id")
+        tar = compressed
+    elif need_tar:
+        tar = _decompress_verified(blob.path, store_dir, diff_id, what)
+    else:
+        tar = Blob(diff_id, 0, None)  # never needed: sinks use the compressed blob
+    if need_tar or media == MEDIA_TAR:
+        check_layer_tar(tar, what)  # every header, before the sandbox or a sink reads it
+    return Layer(
+        diff_id=diff_id,
+        tar=tar,
+        compressed=compressed,
+        media_type=media,
+        comment=f"base layer {i} from {pinned}",
+    )
+
+
+def _history(config: dict[str, Any], pinned: str) -> list[dict[str, Any]]:
+    """Provenance in the config too (the docker-archive has no manifest annotations): every base
+    history entry with a layer names the pinned base it came from."""
     history = [dict(h) for h in config.get("history") or [] if isinstance(h, dict)]
     for h in history:
         if not h.get("empty_layer"):
             old = h.get("comment")
             h["comment"] = f"{old}; from {pinned}" if old else f"from {pinned}"
-    base = BaseImage(config, layers, history, text)
-    return PulledBase(base, pulled, {BASE_DIGEST: pulled.resolved_digest, BASE_NAME: str(ref)})
+    return history

@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import platform
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,28 +16,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nsbuild.core.refs import parse_ref
+from nsbuild.core.platform import ARCHITECTURES, host_architecture
+from nsbuild.core.refs import parse_ref, split_registry_host
 from nsbuild.errors import SpecError, UsageError
 from nsbuild.spec.imageconfig import check_image_config, healthcheck_schema
 from nsbuild.spec.imageconfig import field as config_field
 
 DEFAULT_DATE = "1970-01-01T00:00:01Z"
-ARCHITECTURES = (
-    "amd64",
-    "arm64",
-    "386",
-    "arm",
-    "ppc64le",
-    "ppc64",
-    "s390x",
-    "riscv64",
-    "mips",
-    "mipsle",
-    "mips64",
-    "mips64le",
-    "loong64",
-    "wasm",
-)
 COMPRESSORS = ("none", "gz", "zstd")
 MAX_LAYERS_LIMIT = 125  # overlayfs stacks at most ~128 lower dirs; Docker refuses beyond that
 MAX_SPEC_BYTES = 8 << 20  # scripts included; a spec larger than this is a mistake (or /dev/zero)
@@ -66,20 +50,6 @@ CONFIG_KEYS = {
     "OnBuild": "array",
     "Shell": "array",
     "ArgsEscaped": "boolean",
-}
-GOARCH = {
-    "x86_64": "amd64",
-    "amd64": "amd64",
-    "aarch64": "arm64",
-    "arm64": "arm64",
-    "i386": "386",
-    "i686": "386",
-    "armv7l": "arm",
-    "armv6l": "arm",
-    "ppc64le": "ppc64le",
-    "s390x": "s390x",
-    "riscv64": "riscv64",
-    "loongarch64": "loong64",
 }
 
 LAYERED = "layered"
@@ -197,11 +167,8 @@ def _name(key: str, value: Any, ctx: Context) -> str:
     if len(value) > MAX_NAME:
         raise SpecError(key, f"{len(value)} characters; an image name has at most {MAX_NAME}")
     # A registry host keeps its case; the repository path is lower-cased as Docker requires.
-    first, slash, rest = value.partition("/")
-    if slash and ("." in first or ":" in first or first == "localhost"):
-        name = f"{first}/{rest.lower()}"
-    else:
-        name = value.lower()
+    host, path = split_registry_host(value)
+    name = value.lower() if host is None else f"{host}/{path.lower()}"
     if not NAME_RE.match(name):
         raise SpecError(
             key,
@@ -427,10 +394,6 @@ ATTRS: dict[str, Attr] = {
     "compressor": Attr(_choice(COMPRESSORS), "gz", BOTH, {"enum": list(COMPRESSORS)}, "none, gz or zstd"),
     "storeDir": Attr(_string, "/nix/store", BOTH, {"type": "string"}, "store directory"),
 }
-
-
-def host_architecture() -> str:
-    return GOARCH.get(platform.machine().lower(), platform.machine().lower())
 
 
 def load_spec(path: Path, kind: str = LAYERED, env: dict[str, str] | None = None) -> Spec:
