@@ -25,6 +25,8 @@ from support import verifiers as _verifiers
 from support.registry import Registry, RegistryFactory, remove_registry, start_registry
 from support.users import UserTmpFactory, has_subids, is_root, unprivileged_user_params
 
+from nsbuild.tar.owners import Owner, OwnerPolicy
+
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     me = pwd.getpwuid(os.geteuid()).pw_name
@@ -49,6 +51,13 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def _support_session_cleanup() -> Iterator[None]:
     yield
     _verifiers.cleanup_module_files()
+
+
+@pytest.fixture
+def owner() -> OwnerPolicy:
+    """Every entry root:root, as a spec without uid/gid gives it (the tests of tar headers and content
+    fingerprints)."""
+    return OwnerPolicy.fixed_owner(Owner(0, 0, "root", "root"))
 
 
 @pytest.fixture

@@ -16,10 +16,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from support.core import HOST_BUSYBOX
 from support.users import UserTmpFactory, account, describe, is_root, run_nsbuild
 from support.verifiers import image_layers
-
-BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
 
 
 def _ownership_script() -> str:
@@ -66,7 +65,7 @@ def _build(user: str, work: Path, script: str, backend: str) -> tuple[object, Pa
         "name": "owners",
         "tag": "latest",
         "compressor": "none",
-        "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+        "contents": [{"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
         "extraCommands": "mkdir -p bin && ln -s busybox bin/sh",
         "fakeRootCommands": script,
     }

@@ -18,20 +18,21 @@ import uuid
 from pathlib import Path
 
 import pytest
+from support.core import HOST_BUSYBOX, require_busybox
 from support.users import (
     UserTmpFactory,
     account,
     as_user_argv,
+    chown_tree,
     describe,
     has_subids,
-    is_root,
     nsbuild_cmd,
+    processes_with,
     run_nsbuild,
     user_env,
 )
 from support.verifiers import image_layers, podman_load_and_run, umoci_unpack
 
-BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
 APPLETS = "sh ls cat echo mkdir rm id whoami stat grep chown touch sleep head awk env printf test tr sort"
 # Debian's busybox-static has no adduser applet: the base carries a small one, as a distribution would.
 ADDUSER = r"""#!/bin/sh
@@ -52,20 +53,6 @@ BASE_EXTRA = (
 SCRIPT = "adduser -D app && mkdir -p /data && chown app:app /data && echo hi > /etc/motd && rm /etc/issue"
 
 
-def _require() -> None:
-    if not os.path.exists(BUSYBOX):
-        pytest.skip("busybox is not installed (busybox-static)")
-
-
-def _own(user: str | None, *paths: Path) -> None:
-    if is_root():
-        acc = account(user)
-        for p in paths:
-            for dirpath, dirnames, filenames in os.walk(p) if p.is_dir() else [(str(p.parent), [], [p.name])]:
-                for n in [dirpath, *[os.path.join(dirpath, x) for x in dirnames + filenames]]:
-                    os.lchown(n, acc.uid, acc.gid)
-
-
 def nsbuild(
     user: str | None, work: Path, kind: str, spec: dict, out: Path, *args: str, name: str | None = None
 ) -> subprocess.CompletedProcess:
@@ -73,7 +60,7 @@ def nsbuild(
     spec_path.write_text(json.dumps(spec))
     tmp = work / "tmp"
     tmp.mkdir(exist_ok=True)
-    _own(user, spec_path, tmp)
+    chown_tree(user, spec_path, tmp)
     return run_nsbuild([kind, spec_path, "-o", out, *args], user=user, env={"TMPDIR": str(tmp)})
 
 
@@ -86,7 +73,7 @@ def busybox_base(user: str | None, work: Path, **extra: object) -> Path:
         "name": "busybox-base",
         "tag": "latest",
         "compressor": "none",
-        "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+        "contents": [{"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
         "extraCommands": BASE_EXTRA,
         "config": {"Env": ["PATH=/bin"]},
     }
@@ -150,7 +137,7 @@ def flatten(image: Path, work: Path) -> dict[str, bytes | str | None]:
 def test_busybox_run_as_root_in_podman(user_with_subids: str | None, user_tmp: UserTmpFactory) -> None:
     """adduser/chown/echo/rm as namespace root in the image (userns backend) → podman run shows /data
     owned by app's uid, /etc/motd, no /etc/issue, and `User: app` works."""
-    _require()
+    require_busybox()
     user = user_with_subids
     work = user_tmp(user)
     base = busybox_base(user, work)
@@ -245,7 +232,7 @@ def test_ownership_on_every_backend(unprivileged_user: str | None, user_tmp: Use
     user = unprivileged_user
     work = user_tmp(user)
     rootfs = _dynamic_rootfs(work)
-    _own(user, rootfs)
+    chown_tree(user, rootfs)
     base = work / "dyn-base.tar"
     proc = nsbuild(
         user, work, "layered", {"name": "dyn", "tag": "t", "compressor": "none", "contents": ["dyn-rootfs"]}, base
@@ -302,7 +289,7 @@ def test_nixpkgs_layers_unpack_order_and_env(user_with_subids: str | None, user_
     """a → b → c, each runAsRoot appending its name to /layer-order: the base layers are unpacked in
     order before runAsRoot runs → "abc" (in podman). Env: the parent's entries, then the child's
     (concatenated as dockerTools' buildImage does); the runtime sees the child's value last."""
-    _require()
+    require_busybox()
     user = user_with_subids
     work = user_tmp(user)
     parent = busybox_base(user, work, config={"Env": ["PATH=/bin", "FROM_PARENT=true", "LAST_OVERRIDE=parent"]})
@@ -334,13 +321,13 @@ def test_nixpkgs_layers_unpack_order_and_env(user_with_subids: str | None, user_
 def test_nixpkgs_repeated_base_layers(user_with_subids: str | None, user_tmp: UserTmpFactory) -> None:
     """A base whose manifest lists the same layer twice: applied once before runAsRoot; the image
     keeps the base's layer list as it is."""
-    _require()
+    require_busybox()
     user = user_with_subids
     work = user_tmp(user)
     base = busybox_base(user, work)
     dup = work / "dup-base.tar"
     _duplicate_first_layer(base, dup, work / "dup")
-    _own(user, dup)
+    chown_tree(user, dup)
     out = work / "dup-app.tar"
     spec = {
         "name": "dup-app",
@@ -384,15 +371,15 @@ def _duplicate_first_layer(src: Path, dest: Path, tmp: Path) -> None:
 def test_nixpkgs_parentheses_and_quotes(user_with_subids: str | None, user_tmp: UserTmpFactory) -> None:
     """runAsRoot and extraCommands with parentheses and quotes; no fromImage: busybox from copyToRoot.
     extraCommands sees only the new layer's files (cwd = the layer's root)."""
-    _require()
+    require_busybox()
     user = user_with_subids
     work = user_tmp(user)
     tree = work / "bb"
     (tree / "bin").mkdir(parents=True)
-    shutil.copy2(BUSYBOX, tree / "bin/busybox")
+    shutil.copy2(HOST_BUSYBOX, tree / "bin/busybox")
     for a in ("sh", "echo", "ls"):
         (tree / "bin" / a).symlink_to("busybox")
-    _own(user, tree)
+    chown_tree(user, tree)
     out = work / "paren.tar"
     spec = {
         "name": "runasrootextracommands",
@@ -414,13 +401,13 @@ def test_nixpkgs_parentheses_and_quotes(user_with_subids: str | None, user_tmp: 
 def test_on_top_of_layered_architecture_and_now(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
     """buildImage on a layered image keeps its layers byte for byte and adds one; architecture and
     created "now" reach the config; entries of the new layer are owned by uid/gid without runAsRoot."""
-    _require()
+    require_busybox()
     user = unprivileged_user
     work = user_tmp(user)
     base = busybox_base(user, work)
     (work / "add/etc").mkdir(parents=True)
     (work / "add/etc/hello").write_text("hello\n")
-    _own(user, work / "add")
+    chown_tree(user, work / "add")
     out = work / "arm.tar"
     spec = {
         "name": "arm",
@@ -464,7 +451,7 @@ def test_copy_to_root_dirlinks_and_merging(unprivileged_user: str | None, user_t
     (base_tree / "lib").symlink_to("usr/lib")
     (base_tree / "opt").symlink_to("/nowhere")
     (base_tree / "home").mkdir()
-    _own(user, base_tree)
+    chown_tree(user, base_tree)
     base = work / "links-base.tar"
     proc = nsbuild(
         user, work, "layered", {"name": "links", "tag": "t", "compressor": "none", "contents": ["base-tree"]}, base
@@ -477,7 +464,7 @@ def test_copy_to_root_dirlinks_and_merging(unprivileged_user: str | None, user_t
     (src / "data").symlink_to("realdata")
     (src / "lib/extra").mkdir(parents=True)
     (src / "lib/extra/x").write_text("x\n")
-    _own(user, src)
+    chown_tree(user, src)
 
     def go(name: str, **extra: object) -> tuple[subprocess.CompletedProcess, Path]:
         out = work / f"{name}.tar"
@@ -523,7 +510,7 @@ def test_from_image_name_and_tag_and_nixdb(unprivileged_user: str | None, user_t
         tree = work / f"t-{name}"
         tree.mkdir()
         (tree / name).write_text(name)
-        _own(user, tree)
+        chown_tree(user, tree)
         out = work / f"{name}.tar"
         proc = nsbuild(
             user, work, "layered", {"name": name, "tag": "v1", "compressor": "none", "contents": [tree.name]}, out
@@ -542,7 +529,7 @@ def test_from_image_name_and_tag_and_nixdb(unprivileged_user: str | None, user_t
     with tarfile.open(archive, "w") as tf:
         for p in sorted(multi.iterdir()):
             tf.add(p, p.name)
-    _own(user, archive)
+    chown_tree(user, archive)
     out = work / "chosen.tar"
     spec = {
         "name": "chosen",
@@ -568,7 +555,7 @@ def test_from_image_name_and_tag_and_nixdb(unprivileged_user: str | None, user_t
 def test_limits_and_failure(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
     """diskSize and buildVMMemorySize hit on purpose name themselves; a failing runAsRoot exits 1 with
     its output; nothing is written."""
-    _require()
+    require_busybox()
     user = unprivileged_user
     work = user_tmp(user)
     base = busybox_base(user, work)
@@ -603,7 +590,7 @@ def test_limits_and_failure(unprivileged_user: str | None, user_tmp: UserTmpFact
 
 
 def test_ctrl_c_leaves_nothing(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
-    _require()
+    require_busybox()
     user = unprivileged_user
     work = user_tmp(user)
     base = busybox_base(user, work)
@@ -617,7 +604,7 @@ def test_ctrl_c_leaves_nothing(unprivileged_user: str | None, user_tmp: UserTmpF
     }
     spec_path = work / "int.json"
     spec_path.write_text(json.dumps(spec))
-    _own(user, spec_path)
+    chown_tree(user, spec_path)
     out = work / "int.tar"
     argv = as_user_argv([*nsbuild_cmd(), "image", str(spec_path), "-o", str(out)], user)
     env = user_env(user, {"TMPDIR": str(work / "tmp")})
@@ -632,7 +619,7 @@ def test_ctrl_c_leaves_nothing(unprivileged_user: str | None, user_tmp: UserTmpF
     )
     try:
         deadline = time.monotonic() + 300  # hang guard only
-        while not _running(f"sleep {marker}"):
+        while not processes_with(f"sleep {marker}"):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "runAsRoot never started"
             time.sleep(0.05)
@@ -644,21 +631,9 @@ def test_ctrl_c_leaves_nothing(unprivileged_user: str | None, user_tmp: UserTmpF
             proc.wait()
     assert proc.returncode == 130, (proc.returncode, err)
     assert "Traceback" not in err.decode(errors="replace")
-    assert not _running(f"sleep {marker}")
+    assert not processes_with(f"sleep {marker}")
     assert os.listdir(work / "tmp") == []
     assert not out.exists()
-
-
-def _running(marker: str) -> bool:
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if marker in cmd and "pytest" not in cmd:
-                return True
-    return False
 
 
 def test_store_paths_bring_their_closure_and_nix_db(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
@@ -674,7 +649,7 @@ def test_store_paths_bring_their_closure_and_nix_db(unprivileged_user: str | Non
     (lib / "lib").mkdir(parents=True)
     (lib / "lib/x").write_text("lib\n")
     (hello / "bin/hello").write_text(f"#!/bin/sh\ncat {lib}/lib/x\n")
-    _own(user, store)
+    chown_tree(user, store)
     out = work / "nix.tar"
     spec = {
         "name": "nix",
@@ -708,7 +683,7 @@ def test_unreadable_copy_to_root_entry_is_one_line_error(
     (src / "sub").mkdir(parents=True)
     secret = src / "sub" / "secret"
     secret.write_text("x")
-    _own(user, src)
+    chown_tree(user, src)
     secret.chmod(0)
     out = work / "o.tar"
     proc = nsbuild(user, work, "image", {"name": "u", "tag": "t", "copyToRoot": [str(src)]}, out)

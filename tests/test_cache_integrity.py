@@ -22,7 +22,7 @@ from support.users import account, describe, popen_nsbuild, run_nsbuild
 from nsbuild.cache.shared import CACHE_CONFIG_MEDIA, content_fingerprint
 from nsbuild.layer.contentkey import TarMismatch, check_tar
 from nsbuild.layer.layer import LayerRequest, build_layer
-from nsbuild.tar.owners import Owner, OwnerPolicy
+from nsbuild.tar.owners import OwnerPolicy
 from nsbuild.tar.tarwriter import Source
 
 TLS_OFF = "--tls-verify=false"
@@ -263,11 +263,6 @@ def test_honest_records_of_every_compression_are_served(
             assert (d / "b/index.json").read_bytes() == (d / "a/index.json").read_bytes()
         else:
             assert (d / "c.tar").read_bytes() == (d / "a.tar").read_bytes()
-
-
-@pytest.fixture
-def owner() -> OwnerPolicy:
-    return OwnerPolicy.fixed_owner(Owner(0, 0, "root", "root"))
 
 
 def _layer_tar(tmp: Path, owner: OwnerPolicy) -> tuple[bytes, str]:

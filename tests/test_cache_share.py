@@ -13,7 +13,6 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
 from support.core import write_spec
 from support.registry import RegistryFactory
 from support.users import account, describe, run_nsbuild
@@ -206,11 +205,6 @@ def test_missing_shared_cache_builds(
 
 
 # --- the content fingerprint itself ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def owner() -> OwnerPolicy:
-    return OwnerPolicy.fixed_owner(Owner(0, 0, "root", "root"))
 
 
 def _tree(d: Path, mtime: int) -> Path:

@@ -15,10 +15,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from support.users import UserTmpFactory, account, describe, has_subids, is_root, run_nsbuild
+from support.core import HOST_BUSYBOX, require_busybox
+from support.users import UserTmpFactory, account, backends_for, describe, is_root, run_nsbuild
 from support.verifiers import check_all_layers, image_layers, podman_load_and_run
 
-BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
 APPLETS = "sh ls cat echo id stat getcap true"
 
 # The change matrix: every kind of change each backend must record. cwd = the image root.
@@ -52,12 +52,7 @@ def _require_tools() -> None:
     for tool in ("setcap", "setfattr", "fakeroot"):
         if shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin") is None:
             pytest.skip(f"{tool} is not installed (`make deps`)")
-    if not os.path.exists(BUSYBOX):
-        pytest.skip("busybox is not installed (busybox-static)")
-
-
-def _backends_for(user: str | None) -> list[str]:
-    return ["userns", "userns-fakeroot", "fakeroot"] if has_subids(user) else ["userns-fakeroot", "fakeroot"]
+    require_busybox()
 
 
 def _rootfs(work: Path) -> Path:
@@ -86,7 +81,7 @@ def _spec(work: Path, script: str, **extra: object) -> dict:
         "name": "fakeroot-test",
         "tag": "latest",
         "compressor": "none",
-        "contents": ["rootfs", {"path": BUSYBOX, "target": "/bin/busybox"}],
+        "contents": ["rootfs", {"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
         "extraCommands": f"mkdir -p bin && for a in {APPLETS}; do ln -s busybox bin/$a; done",
         "fakeRootCommands": script,
     }
@@ -177,7 +172,7 @@ def test_matrix_recorded_identically_by_every_backend(matrix_work: tuple[str | N
     results: dict[str, dict[str, tuple]] = {}
     digests: dict[str, str] = {}
     caller = account(user)
-    for backend in _backends_for(user):
+    for backend in backends_for(user):
         proc, out = build(user, work, _spec(work, MATRIX_SCRIPT), backend)
         assert proc.returncode == 0, describe(proc)
         assert f"backend: {backend}" in proc.stderr
@@ -236,7 +231,7 @@ def test_nixpkgs_chown_home_alice_and_untouched_owner(matrix_work: tuple[str | N
     1000/1000/user/user every untouched entry is 1000:1000 user:user (namespace root becomes the spec's
     owner)."""
     user, work = matrix_work
-    for backend in _backends_for(user):
+    for backend in backends_for(user):
         spec = _spec(
             work,
             "mkdir -p home/alice && chown 1000 home/alice\ntouch rootfile",
@@ -310,7 +305,7 @@ def test_enable_fakechroot(unprivileged_user: str | None, user_tmp: UserTmpFacto
         "fakeRootCommands": CHROOT_SCRIPT,
     }
     results = {}
-    for backend in [b for b in _backends_for(user) if b != "fakeroot"]:
+    for backend in [b for b in backends_for(user) if b != "fakeroot"]:
         proc, out = build(user, work, spec, backend)
         assert proc.returncode == 0, describe(proc)
         lst = listing(last_layer(out, work))
@@ -335,7 +330,7 @@ def test_failing_script_exit_1_output_shown_nothing_written(
     work = user_tmp(user)
     _rootfs(work)
     script = "echo visible-output-1234\nmkdir sub && chown 4000:4000 sub && touch sub/f\nexit 7"
-    for backend in _backends_for(user):
+    for backend in backends_for(user):
         proc, out = build(user, work, _spec(work, script), backend)
         assert proc.returncode == 1, describe(proc)
         assert "visible-output-1234" in proc.stderr
@@ -362,7 +357,7 @@ def test_podman_runs_image_owners_setuid_and_capability(user_with_subids: str | 
         "grep CapEff /proc/self/status; "
         "id -u 1>&2"
     )
-    for backend in _backends_for(user):
+    for backend in backends_for(user):
         spec = _spec(work, MATRIX_SCRIPT.replace("mknod", ": mknod"), config={"Cmd": ["/bin/sh", "-c", check]})
         spec["extraCommands"] += " && ln -s busybox bin/grep && ln -s busybox bin/test"
         proc, out = build(user, work, spec, backend)
@@ -389,7 +384,7 @@ def test_from_image_layers_below_the_script(unprivileged_user: str | None, user_
         "name": "base",
         "tag": "1",
         "compressor": "none",
-        "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+        "contents": [{"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
         "extraCommands": "mkdir -p bin etc opt/dir && ln -s busybox bin/sh && echo m > etc/motd && "
         "echo x > opt/dir/f && echo 'alice:x:1000:1000::/:/bin/sh' > etc/passwd",
         "fakeRootCommands": "mkdir srv && chown 1000:1000 srv && echo s > srv/data && chown 1000 srv/data\n"
@@ -405,7 +400,7 @@ def test_from_image_layers_below_the_script(unprivileged_user: str | None, user_
     )
     child = {"name": "child", "tag": "1", "compressor": "none", "fromImage": str(base_tar), "fakeRootCommands": script}
     results, digests = {}, {}
-    for backend in _backends_for(user):
+    for backend in backends_for(user):
         proc, out = build(user, work, child, backend)
         assert proc.returncode == 0, describe(proc)
         layer = last_layer(out, work)
@@ -441,8 +436,8 @@ def test_edge_changes_identical_across_backends(matrix_work: tuple[str | None, P
         # cannot copy such a file up (EOVERFLOW) unless nsbuild gave the lower layer a copy.
         os.lchown(work / "rootfs/etc/untouched", account(user).uid, 0)
     results, digests = {}, {}
-    runs = [(b, {}) for b in _backends_for(user)]
-    if "userns" in _backends_for(user):
+    runs = [(b, {}) for b in backends_for(user)]
+    if "userns" in backends_for(user):
         # userns without overlayfs falls back to copy-and-diff with real ids: the same layer again.
         runs.append(("userns", {"NSBUILD_SANDBOX_ENGINE": "copy"}))
     for backend, env in runs:
@@ -491,12 +486,12 @@ def test_nixpkgs_fakechroot_with_static_busybox(unprivileged_user: str | None, u
         "name": "busybox-chroot",
         "tag": "latest",
         "compressor": "none",
-        "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+        "contents": [{"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
         "extraCommands": "mkdir -p bin && for a in sh touch chown; do ln -s busybox bin/$a; done",
         "enableFakechroot": True,
         "fakeRootCommands": "touch /testfile && chown 12345:12345 /testfile",
     }
-    if "userns" in _backends_for(user):
+    if "userns" in backends_for(user):
         proc, out = build(user, work, spec, "userns")
         assert proc.returncode == 0, describe(proc)
         assert "statically linked" not in proc.stderr
@@ -509,11 +504,16 @@ def test_contents_folded_into_the_customisation_layer(matrix_work: tuple[str | N
     """fromImage fills the layer budget (maxLayers 3 for a 2-layer base): the contents are folded into the customisation
     layer itself; what the script changes in them lands there, with no whiteout for what is not below."""
     user, work = matrix_work
-    base = {"name": "base", "tag": "1", "compressor": "none", "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}]}
+    base = {
+        "name": "base",
+        "tag": "1",
+        "compressor": "none",
+        "contents": [{"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
+    }
     proc, base_tar = build(user, work, base, "userns-fakeroot", out_name="base.tar")
     assert proc.returncode == 0, describe(proc)
     results = {}
-    for backend in _backends_for(user):
+    for backend in backends_for(user):
         spec = _spec(
             work,
             "chown 1000:1000 etc/lower-chown && rm etc/motd && chmod 4755 bin/busybox",

@@ -20,22 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.core import FakeStore
-from support.users import UserTmpFactory, account, describe, is_root, run_as, run_nsbuild
+from support.core import HOST_BUSYBOX, FakeStore, require_busybox
+from support.users import UserTmpFactory, chown_tree, describe, run_as, run_nsbuild
 from support.verifiers import bsdtar_list, image_layers, run_tool, umoci_unpack
 
 USR_FILE_SIZE = 256 * 1024  # each of usr/bin/*, usr/lib/*: enough that a second copy shows in sizes
 WARNING = re.compile(r"^nsbuild: warning: (\S+): (\d+) symlinks? leads? out of the tree \((.*)\); kept as", re.M)
-
-
-def _own(user: str | None, *paths: Path) -> None:
-    if is_root():
-        acc = account(user)
-        for p in paths:
-            os.lchown(p, acc.uid, acc.gid)
-            for dirpath, dirnames, filenames in os.walk(p) if p.is_dir() and not p.is_symlink() else []:
-                for n in dirnames + filenames:
-                    os.lchown(os.path.join(dirpath, n), acc.uid, acc.gid)
 
 
 @dataclass
@@ -91,7 +81,7 @@ def _merged_usr_tree(work: Path) -> Trees:
 def trees(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> tuple[str | None, Trees]:
     work = user_tmp(unprivileged_user)
     t = _merged_usr_tree(work)
-    _own(unprivileged_user, t.home, t.store.dir, t.rootfs)
+    chown_tree(unprivileged_user, t.home, t.store.dir, t.rootfs)
     return unprivileged_user, t
 
 
@@ -100,7 +90,7 @@ def nsbuild(user: str | None, work: Path, kind: str, spec: dict, out: Path, *arg
     spec_path.write_text(json.dumps(spec))
     tmp = work / "tmp"
     tmp.mkdir(exist_ok=True)
-    _own(user, spec_path, tmp)
+    chown_tree(user, spec_path, tmp)
     return run_nsbuild([kind, spec_path, "-o", out, "--no-cache", *args], user=user, env={"TMPDIR": str(tmp)})
 
 
@@ -237,7 +227,7 @@ def test_copy_to_root_link_out_where_the_base_has_a_directory(trees: tuple[str |
     (base_tree / "var/run").mkdir(parents=True)
     (base_tree / "lib64").mkdir()
     (base_tree / "lib64/ld.so").write_text("ld\n")
-    _own(user, base_tree)
+    chown_tree(user, base_tree)
     base = t.work / "base.tar"
     proc = nsbuild(
         user, t.work, "layered", {"name": "base", "tag": "t", "compressor": "none", "contents": ["base-tree"]}, base
@@ -276,7 +266,7 @@ def test_keep_contents_dirlinks(trees: tuple[str | None, Trees]) -> None:
     (base_tree / "usr/bin").mkdir(parents=True)
     (base_tree / "usr/bin/busybox").write_text("bb\n")
     (base_tree / "bin").symlink_to("usr/bin")
-    _own(user, base_tree)
+    chown_tree(user, base_tree)
     base = t.work / "base.tar"
     proc = nsbuild(
         user, t.work, "layered", {"name": "base", "tag": "t", "compressor": "none", "contents": ["base-tree"]}, base
@@ -285,7 +275,7 @@ def test_keep_contents_dirlinks(trees: tuple[str | None, Trees]) -> None:
     extra = t.work / "extra"
     (extra / "bin").mkdir(parents=True)
     (extra / "bin/extra-tool").write_text("x\n")
-    _own(user, extra)
+    chown_tree(user, extra)
     out = t.work / "keep.tar"
     proc = nsbuild(
         user,
@@ -309,14 +299,10 @@ def test_keep_contents_dirlinks(trees: tuple[str | None, Trees]) -> None:
     _check_links_kept(t, image_layers(out, t.work / "keep")[-1], user)
 
 
-BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
-
-
 def test_copy_to_root_with_run_as_root(trees: tuple[str | None, Trees]) -> None:
     """With runAsRoot the tree goes through the sandbox (chroot into base + copyToRoot): the script
     sees the links as links, and the layer still has them as links and the hard links as hard links."""
-    if not os.path.exists(BUSYBOX):
-        pytest.skip("busybox is not installed (busybox-static)")
+    require_busybox()
     user, t = trees
     (t.rootfs / "bin").unlink()  # the base's /bin is a directory of busybox links
     base = t.work / "busybox.tar"
@@ -328,7 +314,7 @@ def test_copy_to_root_with_run_as_root(trees: tuple[str | None, Trees]) -> None:
             "name": "busybox",
             "tag": "t",
             "compressor": "none",
-            "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+            "contents": [{"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
             "extraCommands": "mkdir -p bin tmp && ln -s busybox bin/sh",
         },
         base,
@@ -374,7 +360,7 @@ def test_contents_keeps_links_and_hardlinks(trees: tuple[str | None, Trees], scr
         base_tree = t.work / "b"
         base_tree.mkdir()
         (base_tree / "b").write_text("b\n")
-        _own(user, base_tree)
+        chown_tree(user, base_tree)
         base = t.work / "b.tar"
         proc = nsbuild(
             user, t.work, "layered", {"name": "b", "tag": "t", "compressor": "none", "contents": ["b"]}, base
@@ -406,7 +392,7 @@ def test_an_entry_that_is_a_symlink_is_followed(trees: tuple[str | None, Trees],
     (t.work / "link-to-rootfs").symlink_to("rootfs")
     (t.work / "conf").write_text("setting=1\n")
     (t.work / "link-to-conf").symlink_to(t.work / "conf")
-    _own(user, t.work / "link-to-rootfs", t.work / "conf", t.work / "link-to-conf")
+    chown_tree(user, t.work / "link-to-rootfs", t.work / "conf", t.work / "link-to-conf")
     field = "copyToRoot" if kind == "image" else "contents"
     spec: dict = {
         "name": "ent",
@@ -484,14 +470,14 @@ def test_mmdebstrap_rootfs(user_with_subids: str | None, user_tmp: UserTmpFactor
         pytest.skip(f"mmdebstrap could not make a rootfs here (no mirror?): {proc.stderr[-300:]}")
     tree = work / "debian"
     tree.mkdir()
-    _own(user, tree)
+    chown_tree(user, tree)
     # Unpacked by the test account itself: ids it cannot map become its own, as a rootless user's would.
     run_tool(["tar", "--no-same-owner", "--exclude=./dev/*", "-xf", rootfs, "-C", tree], user)
     home = work / "home"
     home.mkdir()
     (home / "secret").write_text("PRIVATE-mmdebstrap\n")
     (tree / "builder-home").symlink_to(home)
-    _own(user, home, tree / "builder-home")
+    chown_tree(user, home, tree / "builder-home")
     out = work / "debian.tar"
     proc = nsbuild(
         user, work, "image", {"name": "debian", "tag": "t", "compressor": "none", "copyToRoot": ["debian"]}, out

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from support.core import HOST_BUSYBOX
 from support.users import (
     UserTmpFactory,
     account,
@@ -27,12 +28,12 @@ from support.users import (
     is_root,
     nsbuild_cmd,
     popen_nsbuild,
+    processes_with,
     run_as,
     run_nsbuild,
     user_env,
 )
 
-BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
 HANG_GUARD = 120  # seconds; only to fail instead of hanging, never a performance bound
 
 
@@ -51,30 +52,15 @@ def _escapes(marker: str) -> str:
     )
 
 
-def _processes_with(marker: str) -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if marker in cmd and "pytest" not in cmd and state != "Z":
-            found.append(f"{pid}: {cmd}")
-    return found
-
-
 def _running_sleep(marker: str) -> bool:
     """A `sleep MARKER` is running (not merely bash, whose command line holds the script's text)."""
-    return any(p.split(": ", 1)[1].startswith(f"sleep {marker}") for p in _processes_with(marker))
+    return any(p.split(": ", 1)[1].startswith(f"sleep {marker}") for p in processes_with(marker, zombies=False))
 
 
 def _wait_gone(marker: str) -> list[str]:
     """The processes still alive after the hang guard (the kernel ends a pid namespace asynchronously)."""
     deadline = time.monotonic() + HANG_GUARD
-    while (left := _processes_with(marker)) and time.monotonic() < deadline:
+    while (left := processes_with(marker, zombies=False)) and time.monotonic() < deadline:
         time.sleep(0.1)
     return left
 
@@ -93,7 +79,7 @@ def _write_spec(user: str | None, work: Path, kind: str, script: str, name: str 
         "name": "lifetime-test",
         "tag": "latest",
         "compressor": "none",
-        "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+        "contents": [{"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
         "extraCommands": setup + ("\n" + script if kind == "extraCommands" else ""),
     }
     if kind == "fakeRootCommands":
@@ -144,7 +130,7 @@ def test_no_script_process_outlives_a_build(
         argv = [*nsbuild_cmd(), "layered", str(spec), "-o", str(out), "--isolation", backend, "--no-cache"]
         proc = run_as(_without_userns(argv) if fallback else argv, user, env={"TMPDIR": str(work / "tmp")})
         assert proc.returncode == 0, describe(proc)
-        assert _processes_with(marker) == [], (kind, backend)
+        assert processes_with(marker, zombies=False) == [], (kind, backend)
         assert _leftovers(work, out) == [], (kind, backend)
 
 
@@ -167,7 +153,7 @@ def _start_and_kill(user: str | None, argv: list[str], work: Path, started: str,
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the script never started"
             time.sleep(0.05)
-        seen = _processes_with(started.removesuffix("5"))
+        seen = processes_with(started.removesuffix("5"), zombies=False)
         if group:
             os.killpg(proc.pid, signal.SIGKILL)
         else:
@@ -346,14 +332,14 @@ def test_build_image_scripts_end_with_the_build(unprivileged_user: str | None, u
         args = ["image", spec, "-o", out, "--isolation", backend, "--no-cache"]
         proc = run_nsbuild(args, user, env={"TMPDIR": str(work / "tmp")})
         assert proc.returncode == 0, describe(proc)
-        assert _processes_with(marker) == [], backend
+        assert processes_with(marker, zombies=False) == [], backend
         assert _leftovers(work, out) == [], backend
         marker = _marker()
         spec = _image_spec(user, work, base, marker, wait=True)
         p = popen_nsbuild(args, user, env={"TMPDIR": str(work / "tmp")}, cwd=work)
         try:
             deadline = time.monotonic() + HANG_GUARD
-            while len(_processes_with(marker)) < 5:  # four escaped sleeps and the one runAsRoot waits on
+            while len(processes_with(marker, zombies=False)) < 5:  # four escaped sleeps and the one runAsRoot waits on
                 assert p.poll() is None, p.communicate()
                 assert time.monotonic() < deadline, "runAsRoot never started its processes"
                 time.sleep(0.05)

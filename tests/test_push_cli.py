@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from support.core import write_spec
 from support.registry import Registry, RegistryFactory
-from support.users import describe, run_nsbuild
+from support.users import chown_tree, describe, run_nsbuild
 from support.verifiers import oci_validate, skopeo_copy, skopeo_inspect, umoci_unpack
 
 from nsbuild.registry import push_manifest
@@ -43,19 +43,6 @@ def make_tree(work: Path, name: str, files: dict[str, str]) -> Path:
             os.chmod(os.path.join(d, n), 0o644)
     top.chmod(0o755)
     return top
-
-
-def chown_tree(top: Path, user: str | None) -> None:
-    """Files the test made as root, handed to the account that builds."""
-    if user is None:
-        return
-    from support.users import account
-
-    acc = account(user)
-    for d, dirs, files in os.walk(top):
-        for n in dirs + files:
-            os.lchown(os.path.join(d, n), acc.uid, acc.gid)
-    os.lchown(top, acc.uid, acc.gid)
 
 
 def nsbuild_ok(args: list[str], user: str | None) -> tuple[str, str]:
@@ -91,8 +78,8 @@ def app_spec(user_with_subids: str | None, user_tmp) -> tuple[str | None, Path, 
     work = user_tmp(user)
     tree = make_tree(work, "app", {"bin/hello": "hello\n", "etc/app.conf": "x=1\n"})
     data = make_tree(work, "data", {"srv/data.txt": "data\n"})
-    chown_tree(tree, user)
-    chown_tree(data, user)
+    chown_tree(user, tree)
+    chown_tree(user, data)
     spec = write_spec(
         work, {"name": "app", "tag": "1", "contents": [str(tree), str(data)], "config": {"Cmd": ["/bin/hello"]}}
     )
@@ -108,7 +95,7 @@ def test_push_output_as_unprivileged_user(
     user = unprivileged_user
     work = user_tmp(user)
     tree = make_tree(work, "app", {"bin/hello": "hello\n"})
-    chown_tree(tree, user)
+    chown_tree(user, tree)
     spec = write_spec(work, {"name": "app", "tag": "1", "contents": [str(tree)]})
     cache = work / "cache"
     args = ["layered", str(spec), "-o", f"docker://{reg}/team/app:1.0", TLS_OFF, "--cache-dir", str(cache)]
@@ -318,7 +305,7 @@ def test_from_image_registry_pull_is_cached(app_spec, registry_factory: Registry
     _, _, base_digest = registry_manifest(reg, "base", "1")
 
     child_tree = make_tree(work, "child", {"usr/share/child.txt": "child\n"})
-    chown_tree(child_tree, user)
+    chown_tree(user, child_tree)
     child = write_spec(
         work,
         {

@@ -11,18 +11,17 @@ import base64
 import contextlib
 import gzip
 import hashlib
-import io
 import json
 import os
 import socket
 import struct
 import sys
-import tarfile
 import threading
 import warnings
 from pathlib import Path
 
 import pytest
+from support.core import layer_tar
 from support.registry import Registry, RegistryFactory
 from support.users import run_as
 from support.verifiers import oci_validate, require_tool, skopeo_copy, skopeo_inspect, umoci_unpack
@@ -49,18 +48,6 @@ FAST_RETRY = RetryPolicy(attempts=6, backoff=0.0, max_backoff=0.0)
 # --- images made here, independent of nsbuild's tar writer ------------------------------------------
 
 
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in sorted(files.items()):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 1
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def make_image(
     d: Path, layers: list[dict[str, bytes]], *, name: str = "test", tag: str = "1", architecture: str = "amd64"
 ) -> Image:
@@ -68,7 +55,7 @@ def make_image(
     d.mkdir(parents=True, exist_ok=True)
     made = []
     for files in layers:
-        tar = _tar(files)
+        tar = layer_tar(files)
         gz = gzip.compress(tar, mtime=0)
         digest = sha256_digest(gz)
         path = d / digest.split(":")[1]

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.core import write_spec
-from support.hostile_registry import OCI_INDEX, OCI_MANIFEST, HostileRegistry, SilentPort, digest_of, layer_tar
+from support.core import layer_tar, write_spec
+from support.hostile_registry import OCI_INDEX, OCI_MANIFEST, HostileRegistry, SilentPort, digest_of
 from support.users import account, run_nsbuild
 
 from nsbuild.spec.spec import host_architecture

@@ -17,40 +17,22 @@ import uuid
 from pathlib import Path
 
 import pytest
+from support.core import HOST_BUSYBOX
 from support.users import (
     UserTmpFactory,
     account,
     as_user_argv,
+    backends_for,
     describe,
     has_subids,
     is_root,
     nsbuild_cmd,
+    processes_with,
     run_as,
     run_nsbuild,
     user_env,
 )
 from support.verifiers import image_layers
-
-BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
-
-
-def _backends_for(user: str | None) -> list[str]:
-    return ["userns", "userns-fakeroot", "fakeroot"] if has_subids(user) else ["userns-fakeroot", "fakeroot"]
-
-
-def _processes_with(marker: str) -> list[str]:
-    """Command lines of live processes (any user) whose argv contains marker."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd and "pytest" not in cmd:
-            found.append(f"{pid}: {cmd}")
-    return found
 
 
 def _write_spec(user: str | None, work: Path, script: str, **extra: object) -> Path:
@@ -60,7 +42,7 @@ def _write_spec(user: str | None, work: Path, script: str, **extra: object) -> P
         "name": "sandbox-test",
         "tag": "latest",
         "compressor": "none",
-        "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+        "contents": [{"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
         "extraCommands": "mkdir -p bin && ln -s busybox bin/sh",
         "fakeRootCommands": script,
     }
@@ -91,7 +73,7 @@ def test_background_processes_die_with_the_build(unprivileged_user: str | None, 
     """`sleep 1000 &`, a setsid'd daemon and a double fork: none of them survives the build."""
     user = unprivileged_user
     work = user_tmp(user)
-    for backend in _backends_for(user):
+    for backend in backends_for(user):
         marker = f"{1000 + uuid.uuid4().int % 100000}.{os.getpid()}"
         script = (
             f"sleep {marker} &\nsetsid sleep {marker} &\n(sleep {marker} & ) \n"
@@ -103,7 +85,7 @@ def test_background_processes_die_with_the_build(unprivileged_user: str | None, 
             ["layered", spec, "-o", out, "--isolation", backend], user=user, env={"TMPDIR": str(work / "tmp")}
         )
         assert proc.returncode == 0, describe(proc)
-        assert _processes_with(f"sleep {marker}") == [], backend
+        assert processes_with(f"sleep {marker}") == [], backend
         assert os.listdir(work / "tmp") == [], f"{backend} left temporary files behind"
 
 
@@ -112,7 +94,7 @@ def test_ctrl_c_during_script(unprivileged_user: str | None, user_tmp: UserTmpFa
     process of the build left, no temporary tree, no output; also with files owned by other ids."""
     user = unprivileged_user
     work = user_tmp(user)
-    for backend in _backends_for(user):
+    for backend in backends_for(user):
         marker = f"{2000 + uuid.uuid4().int % 100000}.{os.getpid()}"
         # The script cannot write outside the image tree (the host is read-only to it): its second
         # sleep running is the sign that it got there.
@@ -134,11 +116,11 @@ def test_ctrl_c_during_script(unprivileged_user: str | None, user_tmp: UserTmpFa
         )
         try:
             deadline = time.monotonic() + 300  # hang guard only
-            while len(_processes_with(f"sleep {marker}")) < 2:
+            while len(processes_with(f"sleep {marker}")) < 2:
                 assert proc.poll() is None, proc.communicate()
                 assert time.monotonic() < deadline, "the script never started"
                 time.sleep(0.05)
-            assert _processes_with(f"sleep {marker}"), "the script's sleep should be running"
+            assert processes_with(f"sleep {marker}"), "the script's sleep should be running"
             os.killpg(proc.pid, signal.SIGINT)
             _, err = proc.communicate(timeout=300)
         finally:
@@ -147,7 +129,7 @@ def test_ctrl_c_during_script(unprivileged_user: str | None, user_tmp: UserTmpFa
                 proc.wait()
         assert proc.returncode == 130, (backend, proc.returncode, err)
         assert "Traceback" not in err.decode(errors="replace")
-        assert _processes_with(f"sleep {marker}") == [], backend
+        assert processes_with(f"sleep {marker}") == [], backend
         assert os.listdir(work / "tmp") == [], f"{backend} left temporary files behind"
         assert not out.exists()
 
@@ -164,7 +146,7 @@ def test_network_only_loopback(unprivileged_user: str | None, user_tmp: UserTmpF
         "ls /proc > procs"
     )
     host_ifaces = {ln.split(":")[0].strip() for ln in Path("/proc/net/dev").read_text().splitlines()[2:]}
-    for backend in [b for b in _backends_for(user) if b != "fakeroot"]:
+    for backend in [b for b in backends_for(user) if b != "fakeroot"]:
         spec = _write_spec(user, work, script)
         out = work / f"img-{backend}.tar"
         proc = run_nsbuild(
@@ -211,10 +193,10 @@ def test_deleted_lower_file_gone_in_container(
         user,
         work,
         "rm etc/doomed",
-        contents=["rootfs", {"path": BUSYBOX, "target": "/bin/busybox"}],
+        contents=["rootfs", {"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
         config={"Cmd": ["/bin/busybox", "ls", "/etc"]},
     )
-    for backend in _backends_for(user):
+    for backend in backends_for(user):
         out = work / f"img-{backend}.tar"
         proc = run_nsbuild(
             ["layered", spec, "-o", out, "--isolation", backend], user=user, env={"TMPDIR": str(work / "tmp")}
@@ -304,7 +286,7 @@ def test_script_is_root_with_no_new_privs(unprivileged_user: str | None, user_tm
     user = unprivileged_user
     work = user_tmp(user)
     script = "id -u > uid\ngrep NoNewPrivs /proc/self/status > nnp\nls -n /proc/self/ > /dev/null"
-    for backend in _backends_for(user):
+    for backend in backends_for(user):
         spec = _write_spec(user, work, script)
         out = work / f"img-{backend}.tar"
         proc = run_nsbuild(
@@ -375,7 +357,7 @@ def test_scratch_and_memory_limits(unprivileged_user: str | None, user_tmp: User
 
     big = "head -c 24000000 /dev/zero > big"
     hog = f"{sys.executable} -c 'x = bytearray(300 << 20)'"
-    for backend in [b for b in _backends_for(user) if b != "fakeroot"]:
+    for backend in [b for b in backends_for(user) if b != "fakeroot"]:
         proc = go(backend, big, scratch=16)
         assert proc.returncode == 1 and "No space left on device" in proc.stderr, describe(proc)
         assert not (work / "out.tar").exists()

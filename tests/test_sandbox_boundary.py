@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.core import FakeStore
+from support.core import HOST_BUSYBOX, FakeStore, require_busybox
 from support.users import (
     UserTmpFactory,
     account,
@@ -42,7 +42,6 @@ from support.users import (
 )
 from support.verifiers import image_layers
 
-BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
 SECRET_A, SECRET_B = "s3cr3t-", uuid.uuid4().hex  # never on one command line together
 
 HOSTILE_SH = r"""#!/bin/busybox sh
@@ -86,8 +85,7 @@ exec $bb sh "$@"
 
 
 def _require() -> None:
-    if not os.path.exists(BUSYBOX):
-        pytest.skip("busybox is not installed (busybox-static)")
+    require_busybox()
     if shutil.which("fakeroot") is None:
         pytest.skip("fakeroot is not installed (`make deps`)")
 
@@ -105,7 +103,7 @@ def _hostile_base(path: Path, sh: str) -> None:
     """A docker-archive: static busybox, the hostile /bin/sh, a marker file and the system dirs."""
     entries = [
         _entry("bin"),
-        _entry("bin/busybox", Path(BUSYBOX).read_bytes(), 0o755),
+        _entry("bin/busybox", Path(HOST_BUSYBOX).read_bytes(), 0o755),
         _entry("bin/sh", sh.encode(), 0o755),
         _entry("etc"),
         _entry("etc/marker", b"inside-image\n"),
@@ -308,7 +306,7 @@ def test_fake_root_commands_without_chroot(unprivileged_user: str | None, user_t
                 "name": "victim",
                 "tag": "t",
                 "compressor": "none",
-                "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+                "contents": [{"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
                 "fakeRootCommands": script,
             }
             spec_path = work / f"spec-{backend}.json"
@@ -457,7 +455,7 @@ def test_no_sandbox_process_holds_the_callers_secret(unprivileged_user: str | No
             "name": "victim",
             "tag": "t",
             "compressor": "none",
-            "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+            "contents": [{"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
             "extraCommands": PEEK.replace("@OUT@", "extra-report"),
             "fakeRootCommands": PEEK.replace("@OUT@", "script-report") + f"sleep {marker} || true\necho built > built",
         }
@@ -532,7 +530,7 @@ def test_callers_home_is_out_of_sight(unprivileged_user: str | None, user_tmp: U
                 "name": "victim",
                 "tag": "t",
                 "compressor": "none",
-                "contents": [{"path": BUSYBOX, "target": "/bin/busybox"}],
+                "contents": [{"path": HOST_BUSYBOX, "target": "/bin/busybox"}],
                 "fakeRootCommands": script,
             }
             spec_path = proj / f"spec-{backend}.json"

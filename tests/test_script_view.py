@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.core import HOST_BUSYBOX, require_busybox
 from support.users import UserTmpFactory, account, describe, is_root, remove_tree, run_nsbuild
 from support.verifiers import image_layers
 
-BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
 CASES = [
     pytest.param(("userns", "test"), id="userns-test"),
     pytest.param(("userns-fakeroot", "nosub"), id="userns-fakeroot-nosub"),
@@ -35,7 +35,7 @@ class Store:
         self.dir.mkdir()
         self.busybox = self._entry("busybox")
         (self.busybox / "bin").mkdir()
-        shutil.copy(BUSYBOX, self.busybox / "bin/busybox")
+        shutil.copy(HOST_BUSYBOX, self.busybox / "bin/busybox")
         os.symlink("busybox", self.busybox / "bin/sh")
         self.tool = self._entry("tool")
         (self.tool / "bin").mkdir()
@@ -57,8 +57,7 @@ class Store:
 @pytest.fixture
 def setup(request: pytest.FixtureRequest, user_tmp: UserTmpFactory) -> Iterator[tuple[str, str, Path, Store]]:
     backend, user = request.param
-    if not os.path.exists(BUSYBOX):
-        pytest.skip("busybox is not installed (busybox-static)")
+    require_busybox()
     work = user_tmp(user)
     # The store below /tmp (runAsRoot's /tmp used to hide it); the rest of the test's files elsewhere.
     store_root = Path(tempfile.mkdtemp(prefix="nsbuild-store-", dir="/tmp"))

@@ -180,22 +180,13 @@ class RemoteCache:
         if not _valid_cache_entry(entry):
             self.progress.warn(f"shared cache {self.ref}: the record of layer {key[:12]} is malformed; rebuilding it")
             return None
-        forms: dict[str, dict[str, Any]] = entry.get("blobs") or {}
-        rec = (
-            forms.get(compression)
-            if compression != "none"
-            else (forms.get("none") or forms.get("gz") or forms.get("zstd"))
-        )
+        rec = _recorded_blob(entry, compression)
         if rec is None:
             return None
-        try:
-            blob = self._fetch(rec, store_root)
-            assert blob.path is not None  # fetched blobs are stored
-        except RegistryError as exc:
-            if exc.status == 404:
-                self.progress.warn(f"shared cache {self.ref}: a recorded blob is gone ({exc}); rebuilding")
-                return None
-            raise
+        blob = self._fetch(rec, store_root)
+        if blob is None:
+            return None
+        assert blob.path is not None  # fetched blobs are stored
         keep_tar = need_tar or compression == "none"
         try:
             if compression != "none" and compression_of(blob.path) != compression:
@@ -224,11 +215,27 @@ class RemoteCache:
             comment=comment,
         )
 
-    def _fetch(self, rec: dict[str, Any], store_root: Path) -> Blob:
+    def _fetch(self, rec: dict[str, Any], store_root: Path) -> Blob | None:
+        """The recorded blob, stored under `store_root`; None when the registry no longer has it."""
         assert self.client is not None
         digest, size = str(rec["digest"]), int(rec["size"])
-        pulled = fetch_blob(self.client, store_root, digest, size, str(rec.get("mediaType", "")))
+        try:
+            pulled = fetch_blob(self.client, store_root, digest, size, str(rec.get("mediaType", "")))
+        except RegistryError as exc:
+            if exc.status == 404:
+                self.progress.warn(f"shared cache {self.ref}: a recorded blob is gone ({exc}); rebuilding")
+                return None
+            raise
         return Blob(digest, size, pulled.path)
+
+
+def _recorded_blob(entry: dict[str, Any], compression: str) -> dict[str, Any] | None:
+    """The descriptor of the recorded form this build can use: `compression`'s, or for an
+    uncompressed layer any form (it is decompressed while it is checked)."""
+    forms: dict[str, dict[str, Any]] = entry.get("blobs") or {}
+    if compression != "none":
+        return forms.get(compression)
+    return forms.get("none") or forms.get("gz") or forms.get("zstd")
 
 
 def _valid_cache_entry(entry: object) -> bool:

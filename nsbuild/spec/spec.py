@@ -66,7 +66,7 @@ class ContentEntry:
     written: str = ""  # the path as the spec wrote it: history comments must not depend on the checkout
 
 
-@dataclass
+@dataclass(frozen=True)
 class Spec:
     kind: str
     spec_path: Path
@@ -476,11 +476,8 @@ def _check_text(field: str, value: str) -> None:
         raise SpecError(field, "contains a lone UTF-16 surrogate (not a character)") from None
 
 
-def parse_spec(raw: Any, spec_path: Path, kind: str, env: dict[str, str]) -> Spec:
-    if not isinstance(raw, dict):
-        raise SpecError("", f"the spec must be a JSON object, got {_type_name(raw)}")
-    check_values(raw)
-    ctx = Context(spec_path.parent, env)
+def _check_attributes(raw: dict[str, Any], kind: str) -> None:
+    """Every key is an attribute of this command, and the name is there."""
     for key in raw:
         attr = ATTRS.get(key)
         if attr is None:
@@ -494,23 +491,22 @@ def parse_spec(raw: Any, spec_path: Path, kind: str, env: dict[str, str]) -> Spe
             )
     if "name" not in raw:
         raise SpecError("name", "required")
-    values: dict[str, Any] = {}
-    for key, attr in ATTRS.items():
-        if key in raw and raw[key] is not None:
-            values[key] = attr.check(key, raw[key], ctx)
-        else:
-            values[key] = attr.default
+
+
+def _default_date(env: dict[str, str]) -> tuple[int, bool]:
+    """The date of `created` and `mtime` when the spec gives none: SOURCE_DATE_EPOCH, else DEFAULT_DATE."""
     epoch = env.get("SOURCE_DATE_EPOCH")
-    default_date: tuple[int, bool] = parse_date("created", DEFAULT_DATE)
-    if epoch is not None:
-        # ASCII digits only ("²".isdigit() is true) and a date an image config can hold.
-        if not re.fullmatch(r"[0-9]{1,12}", epoch) or int(epoch) > MAX_EPOCH:
-            raise SpecError(
-                "SOURCE_DATE_EPOCH", f"expected whole seconds since 1970 (at most {MAX_EPOCH}), got {epoch[:40]!r}"
-            )
-        default_date = (int(epoch), False)
-    created = parse_date("created", values["created"]) if values["created"] else default_date
-    mtime = parse_date("mtime", values["mtime"]) if values["mtime"] else default_date
+    if epoch is None:
+        return parse_date("created", DEFAULT_DATE)
+    # ASCII digits only ("²".isdigit() is true) and a date an image config can hold.
+    if not re.fullmatch(r"[0-9]{1,12}", epoch) or int(epoch) > MAX_EPOCH:
+        raise SpecError(
+            "SOURCE_DATE_EPOCH", f"expected whole seconds since 1970 (at most {MAX_EPOCH}), got {epoch[:40]!r}"
+        )
+    return int(epoch), False
+
+
+def _check_owner_and_store(values: dict[str, Any]) -> None:
     for key in ("uname", "gname"):
         if any(c in values[key] for c in ":\n\0") or not values[key]:
             raise SpecError(key, f"expected a user/group name without ':' or newlines, got {values[key]!r}")
@@ -518,6 +514,24 @@ def parse_spec(raw: Any, spec_path: Path, kind: str, env: dict[str, str]) -> Spe
     check_path_text("storeDir", store_dir)
     if not store_dir.startswith("/") or store_dir.rstrip("/") == "":
         raise SpecError("storeDir", f"expected an absolute directory such as /nix/store, got {store_dir!r}")
+
+
+def parse_spec(raw: Any, spec_path: Path, kind: str, env: dict[str, str]) -> Spec:
+    if not isinstance(raw, dict):
+        raise SpecError("", f"the spec must be a JSON object, got {_type_name(raw)}")
+    check_values(raw)
+    _check_attributes(raw, kind)
+    ctx = Context(spec_path.parent, env)
+    values: dict[str, Any] = {}
+    for key, attr in ATTRS.items():
+        if key in raw and raw[key] is not None:
+            values[key] = attr.check(key, raw[key], ctx)
+        else:
+            values[key] = attr.default
+    default_date = _default_date(env)
+    created = parse_date("created", values["created"]) if values["created"] else default_date
+    mtime = parse_date("mtime", values["mtime"]) if values["mtime"] else default_date
+    _check_owner_and_store(values)
     return Spec(
         kind=kind,
         spec_path=spec_path,
@@ -547,7 +561,7 @@ def parse_spec(raw: Any, spec_path: Path, kind: str, env: dict[str, str]) -> Spe
         disk_size=values["diskSize"],
         build_vm_memory_size=values["buildVMMemorySize"],
         compressor=values["compressor"],
-        store_dir=os.path.normpath(store_dir),
+        store_dir=os.path.normpath(values["storeDir"]),
         raw=raw,
     )
 

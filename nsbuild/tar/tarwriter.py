@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from nsbuild.errors import BuildError
 from nsbuild.tar.owners import Owner, OwnerPolicy
@@ -257,10 +257,6 @@ def _pax_record(key: bytes, value: bytes) -> bytes:
     return str(length).encode() + body
 
 
-def _octal(value: int, width: int) -> bytes:
-    return b"%0*o\0" % (width - 1, value)
-
-
 def _split_ustar_name(name: bytes) -> tuple[bytes, bytes] | None:
     if len(name) <= 100:
         return b"", name
@@ -273,42 +269,43 @@ def _split_ustar_name(name: bytes) -> tuple[bytes, bytes] | None:
     return None
 
 
-def _ustar_header(
-    name: bytes,
-    prefix: bytes,
-    mode: int,
-    uid: int,
-    gid: int,
-    size: int,
-    mtime: int,
-    typeflag: bytes,
-    linkname: bytes,
-    uname: bytes,
-    gname: bytes,
-    devmajor: int,
-    devminor: int,
-) -> bytes:
-    parts = [
-        name.ljust(100, b"\0"),
-        _octal(mode, 8),
-        _octal(uid, 8),
-        _octal(gid, 8),
-        _octal(size, 12),
-        _octal(mtime, 12),
-        b" " * 8,
-        typeflag,
-        linkname.ljust(100, b"\0"),
-        b"ustar\x0000",
-        uname.ljust(32, b"\0"),
-        gname.ljust(32, b"\0"),
-        _octal(devmajor, 8),
-        _octal(devminor, 8),
-        prefix.ljust(155, b"\0"),
-        b"\0" * 12,
-    ]
-    header = bytearray(b"".join(parts))
-    header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header)
+class UstarFields(NamedTuple):
+    """The fields of one ustar header block, each already within its width (encode_header moves what
+    does not fit into PAX records).  A tuple: one is built for every header encode_header writes, so it
+    must cost no more than an argument list."""
+
+    name: bytes
+    mode: int
+    size: int
+    mtime: int
+    typeflag: bytes
+    uid: int = 0
+    gid: int = 0
+    linkname: bytes = b""
+    uname: bytes = b""
+    gname: bytes = b""
+    devmajor: int = 0
+    devminor: int = 0
+    prefix: bytes = b""
+
+
+def _ustar_header(f: UstarFields) -> bytes:
+    raw = b"".join(
+        (
+            f.name.ljust(100, b"\0"),
+            # One format for the run of octal fields, the checksum field spaces while the block is summed.
+            b"%07o\0%07o\0%07o\0%011o\0%011o\0        " % (f.mode, f.uid, f.gid, f.size, f.mtime),
+            f.typeflag,
+            f.linkname.ljust(100, b"\0"),
+            b"ustar\x0000",
+            f.uname.ljust(32, b"\0"),
+            f.gname.ljust(32, b"\0"),
+            b"%07o\0%07o\0" % (f.devmajor, f.devminor),
+            f.prefix.ljust(155, b"\0"),
+            b"\0" * 12,
+        )
+    )
+    return raw[:148] + b"%06o\0 " % sum(raw) + raw[156:]
 
 
 def _is_utf8(value: bytes) -> bool:
@@ -341,9 +338,8 @@ def _template(owner: Owner, mtime: int) -> tuple[bytes, int] | None:
         )
         template = None
         if fits:
-            header = bytearray(
-                _ustar_header(b"", b"", 0, owner.uid, owner.gid, 0, mtime, b"0", b"", uname, gname, 0, 0)
-            )
+            fields = UstarFields(b"", 0, 0, mtime, b"0", owner.uid, owner.gid, uname=uname, gname=gname)
+            header = bytearray(_ustar_header(fields))
             header[100:108] = b"\0" * 8
             header[124:136] = b"\0" * 12
             header[156:157] = b"\0"
@@ -395,26 +391,69 @@ def encode_header(entry: Entry, owner: Owner, mtime: int, *, pax_size: bool = Fa
     size whatever it is with `pax_size`: a header of one length for any size).  write_tar takes the
     same bytes from _fast_header where they need no PAX record."""
     name = entry.name + b"/" if entry.kind == "dir" else entry.name
-    # PAX values are UTF-8 by definition.  A name that is not valid UTF-8 goes raw into the ustar
-    # fields when it fits there (every reader takes those bytes as they are), and otherwise into a
-    # PAX record marked `hdrcharset=BINARY`.
+    # The record order is part of the output bytes: path, linkpath, uid, gid, size, uname, gname, xattrs.
     pax: list[bytes] = []
-    binary = False
+    (prefix, short), binary_name = _pax_name(name, pax)
+    ustar_link, binary_link = _pax_link(entry.linkname, pax)
+    size = entry.size if entry.kind == "file" else 0
+    uid, gid, uname, gname = _pax_owner(owner, size, pax_size, pax)
+    for key in sorted(entry.xattrs):
+        pax.append(_pax_record(b"SCHILY.xattr." + key, entry.xattrs[key]))
+    out = b""
+    if pax:
+        if binary_name or binary_link:
+            pax.insert(0, _pax_record(b"hdrcharset", b"BINARY"))
+        body = b"".join(pax)
+        out = _ustar_header(UstarFields(b"././@PaxHeader", 0o644, len(body), mtime, b"x"))
+        out += body + b"\0" * (-len(body) % BLOCK)
+    # Positional, in UstarFields' order: keywords would cost a tenth of this function's time.
+    fields = UstarFields(
+        short,
+        entry.mode,
+        size if size <= MAX_OCTAL_11 else 0,
+        mtime,
+        TYPEFLAGS[entry.kind],
+        uid,
+        gid,
+        ustar_link,
+        uname,
+        gname,
+        entry.devmajor,
+        entry.devminor,
+        prefix,
+    )
+    return out + _ustar_header(fields)
+
+
+def _pax_name(name: bytes, pax: list[bytes]) -> tuple[tuple[bytes, bytes], bool]:
+    """The ustar (prefix, name) of `name`, appending a path record when it does not fit; True when
+    that record is not UTF-8.
+
+    PAX values are UTF-8 by definition.  A name that is not valid UTF-8 goes raw into the ustar fields
+    when it fits there (every reader takes those bytes as they are), and otherwise into a PAX record
+    marked `hdrcharset=BINARY`."""
     utf8 = name.isascii() or _is_utf8(name)
     split = _split_ustar_name(name) if name.isascii() or not utf8 else None
-    if split is None:
-        pax.append(_pax_record(b"path", name))
-        binary = not utf8
-        split = (b"", name[:100] if name.isascii() else b"")
-    link = entry.linkname
-    ustar_link = link
-    if link and (len(link) > 100 or (not link.isascii() and _is_utf8(link))):
-        pax.append(_pax_record(b"linkpath", link))
-        binary = binary or not _is_utf8(link)
-        ustar_link = link[:100] if link.isascii() else b""
+    if split is not None:
+        return split, False
+    pax.append(_pax_record(b"path", name))
+    return (b"", name[:100] if name.isascii() else b""), not utf8
+
+
+def _pax_link(link: bytes, pax: list[bytes]) -> tuple[bytes, bool]:
+    """The ustar link name, appending a linkpath record when it does not fit; True when that record
+    is not UTF-8."""
+    if not link or (len(link) <= 100 and (link.isascii() or not _is_utf8(link))):
+        return link, False
+    pax.append(_pax_record(b"linkpath", link))
+    return (link[:100] if link.isascii() else b""), not _is_utf8(link)
+
+
+def _pax_owner(owner: Owner, size: int, pax_size: bool, pax: list[bytes]) -> tuple[int, int, bytes, bytes]:
+    """The ustar uid, gid, uname and gname, appending uid, gid, size, uname and gname records where
+    ustar cannot hold the value (the size also with `pax_size`)."""
     uid, gid = owner.uid, owner.gid
     uname, gname = owner.uname.encode(), owner.gname.encode()
-    size = entry.size if entry.kind == "file" else 0
     if uid > MAX_OCTAL_7:
         pax.append(_pax_record(b"uid", str(uid).encode()))
         uid = 0
@@ -427,32 +466,7 @@ def encode_header(entry: Entry, owner: Owner, mtime: int, *, pax_size: bool = Fa
         pax.append(_pax_record(b"uname", uname))
     if _needs_pax_text(gname, 32):
         pax.append(_pax_record(b"gname", gname))
-    for key in sorted(entry.xattrs):
-        pax.append(_pax_record(b"SCHILY.xattr." + key, entry.xattrs[key]))
-    out = b""
-    if pax:
-        if binary:
-            pax.insert(0, _pax_record(b"hdrcharset", b"BINARY"))
-        body = b"".join(pax)
-        out = _ustar_header(b"././@PaxHeader", b"", 0o644, 0, 0, len(body), mtime, b"x", b"", b"", b"", 0, 0)
-        out += body + b"\0" * (-len(body) % BLOCK)
-    prefix, short = split
-    out += _ustar_header(
-        short,
-        prefix,
-        entry.mode,
-        uid,
-        gid,
-        min(size, MAX_OCTAL_11) if size <= MAX_OCTAL_11 else 0,
-        mtime,
-        TYPEFLAGS[entry.kind],
-        ustar_link,
-        uname[:32] if uname.isascii() else b"",
-        gname[:32] if gname.isascii() else b"",
-        entry.devmajor,
-        entry.devminor,
-    )
-    return out
+    return uid, gid, uname[:32] if uname.isascii() else b"", gname[:32] if gname.isascii() else b""
 
 
 # --- writing ---------------------------------------------------------------------------------------

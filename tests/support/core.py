@@ -7,6 +7,7 @@ own and the real tools in support.verifiers.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from .users import UserKey, describe, run_nsbuild
 from .verifiers import image_layers, plain_archive
 
@@ -23,6 +26,8 @@ NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
 DEFAULT_CREATED = "1970-01-01T00:00:01Z"
 DEFAULT_EPOCH = 1
 BUSYBOX = Path("/bin/busybox")
+# The busybox the sandbox tests put into images as /bin/busybox (a string: it goes into specs as it is).
+HOST_BUSYBOX = "/usr/bin/busybox" if os.path.exists("/usr/bin/busybox") else "/bin/busybox"
 EXAMPLE_SPEC = Path(__file__).resolve().parents[2] / "fixtures" / "example" / "spec.json"
 # Every build in these tests: no layer cache (a cache hit would make a reproducibility check vacuous
 # and hide a broken writer), no progress noise.
@@ -90,6 +95,11 @@ class FakeStore:
         return top
 
 
+def require_busybox() -> None:
+    if not os.path.exists(HOST_BUSYBOX):
+        pytest.skip("busybox is not installed (busybox-static)")
+
+
 def write_spec(directory: Path, spec: Mapping[str, Any], name: str = "spec.json") -> Path:
     path = Path(directory) / name
     path.write_text(json.dumps(spec, indent=2))
@@ -120,6 +130,17 @@ def build(
     if json_result and proc.returncode == 0:
         proc.result = json.loads(proc.stdout)  # type: ignore[attr-defined]
     return proc
+
+
+def layer_tar(files: dict[str, bytes]) -> bytes:
+    """A layer tar made without nsbuild's writer: regular files (mode 0644, mtime 1) in name order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 1, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 # --- reading images back --------------------------------------------------------------------------

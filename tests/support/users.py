@@ -95,6 +95,11 @@ def has_subids(user: UserKey = None) -> bool:
     return subid_count(acc.name, acc.uid, "/etc/subuid") > 0 and subid_count(acc.name, acc.uid, "/etc/subgid") > 0
 
 
+def backends_for(user: UserKey = None) -> list[str]:
+    """The --isolation backends the account can use: userns only with subordinate ids."""
+    return ["userns", "userns-fakeroot", "fakeroot"] if has_subids(user) else ["userns-fakeroot", "fakeroot"]
+
+
 def nsbuild_cmd() -> list[str]:
     """argv prefix running the nsbuild installed next to the interpreter running pytest (the venv).
 
@@ -225,6 +230,24 @@ def processes_of(user: UserKey = None) -> list[tuple[int, str]]:
     return found
 
 
+def processes_with(marker: str, *, zombies: bool = True) -> list[str]:
+    """Processes (any user) whose argv contains `marker`, pytest itself left out, as "pid: command
+    line"; zombies too unless `zombies` is false."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if not zombies and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+        except (OSError, IndexError):
+            continue
+        if marker in cmd and "pytest" not in cmd:
+            found.append(f"{pid}: {cmd}")
+    return found
+
+
 def run_nsbuild(args: Sequence[str | os.PathLike[str]], user: UserKey = None, **kwargs) -> subprocess.CompletedProcess:
     """Run the installed nsbuild as the account (see run_as for the keyword arguments)."""
     return run_as([*nsbuild_cmd(), *args], user, **kwargs)
@@ -279,6 +302,18 @@ def first_subid_range(name: str, uid: int, path: str) -> tuple[int, int] | None:
         if len(fields) == 3 and fields[0] in (name, str(uid)) and fields[1].isdigit() and fields[2].isdigit():
             return int(fields[1]), int(fields[2])
     return None
+
+
+def chown_tree(user: UserKey, *paths: Path) -> None:
+    """As root: each path, and what is below a directory (symlinks not followed), becomes the account's,
+    so that nsbuild running as it can read and replace them. Otherwise nothing to do."""
+    if is_root():
+        acc = account(user)
+        for p in paths:
+            os.lchown(p, acc.uid, acc.gid)
+            for dirpath, dirnames, filenames in os.walk(p) if p.is_dir() and not p.is_symlink() else []:
+                for n in dirnames + filenames:
+                    os.lchown(os.path.join(dirpath, n), acc.uid, acc.gid)
 
 
 def remove_tree(path: Path, user: UserKey = None) -> None:
