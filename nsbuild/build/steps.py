@@ -161,7 +161,8 @@ def new_image(
         tag=tag,
         layers=all_layers,
         config=config,
-        manifest=oci_manifest(config, all_layers, annotations),
+        # the spec's annotations over what nsbuild records (the base's digest and name)
+        manifest=oci_manifest(config, all_layers, {**annotations, **spec.annotations}),
     )
 
 

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from nsbuild import __version__
 from nsbuild.build.build import build_image, resolve_output
 from nsbuild.build.context import BuildOptions, BuildResult
+from nsbuild.build.depfile import depfile_inputs, write_depfile
 from nsbuild.cache.cache import LayerCache, default_cache_dir
 from nsbuild.cli.doctor import run_doctor
 from nsbuild.core.progress import Progress, human
@@ -41,8 +43,6 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from nsbuild import __version__
-
         print(f"nsbuild {__version__}")
         raise typer.Exit(0)
 
@@ -311,8 +311,6 @@ def _build(flags: BuildFlags) -> None:
 
 
 def _write_depfile(flags: BuildFlags, spec: Spec, result: BuildResult, progress: Progress) -> None:
-    from nsbuild.build.depfile import depfile_inputs, write_depfile
-
     assert flags.depfile is not None
     with failures(BUILD_FAILURES):
         write_depfile(flags.depfile, result.output, depfile_inputs(spec, result.store_paths), progress)

@@ -79,6 +79,7 @@ class Spec:
     copy_to_root: list[ContentEntry]
     keep_contents_dirlinks: bool
     config: dict[str, Any]
+    annotations: dict[str, str]  # OCI manifest annotations
     architecture: str
     created: int
     mtime: int
@@ -325,6 +326,18 @@ def _config(key: str, value: Any, ctx: Context) -> dict[str, Any]:
     return check_image_config(key, out)  # what the values mean: nsbuild/imageconfig.py
 
 
+def _annotations(key: str, value: Any, ctx: Context) -> dict[str, str]:
+    """OCI manifest annotations: string keys (not empty) to string values."""
+    if not isinstance(value, dict):
+        raise SpecError(key, f"expected an object of strings, got {_type_name(value)}")
+    for k, v in value.items():
+        if not k:
+            raise SpecError(key, "an annotation key is empty")
+        if not isinstance(v, str):
+            raise SpecError(config_field(key, k), f"expected a string, got {_type_name(v)}")
+    return dict(value)
+
+
 @dataclass(frozen=True)
 class Attr:
     check: Checker
@@ -357,6 +370,13 @@ ATTRS: dict[str, Attr] = {
         _bool, False, (IMAGE,), {"type": "boolean"}, "keep symlinks to directories as symlinks"
     ),
     "config": Attr(_config, {}, BOTH, {"$ref": "#/$defs/config"}, "image config"),
+    "annotations": Attr(
+        _annotations,
+        {},
+        BOTH,
+        {"type": "object", "additionalProperties": {"type": "string"}},
+        "OCI manifest annotations (not dockerTools: OCI outputs and pushes)",
+    ),
     "architecture": Attr(
         _choice(ARCHITECTURES), None, BOTH, {"enum": list(ARCHITECTURES)}, "GOARCH of the image; default: the host's"
     ),
@@ -544,6 +564,7 @@ def parse_spec(raw: Any, spec_path: Path, kind: str, env: dict[str, str]) -> Spe
         copy_to_root=values["copyToRoot"],
         keep_contents_dirlinks=values["keepContentsDirlinks"],
         config=values["config"],
+        annotations=values["annotations"],
         architecture=values["architecture"] or host_architecture(),
         created=created[0],
         mtime=mtime[0],
