@@ -35,7 +35,7 @@ from nsbuild.core.progress import Progress, human
 from nsbuild.core.refs import ImageRef
 from nsbuild.errors import SpecError
 from nsbuild.layer.layer import Layer, LayerRequest, build_layer
-from nsbuild.plan.plan import Plan, PlannedLayer, layer_hashes, make_plan, script_references
+from nsbuild.plan.plan import Plan, PlannedLayer, layer_hashes, make_plan, script_references, tree_size
 from nsbuild.plan.store import Store
 from nsbuild.rootfs.customize import CustomisationJob, build_customisation_layer
 from nsbuild.rootfs.hosttree import warn_contents_links
@@ -365,11 +365,14 @@ class _ContentLayers:
             keep_blob=files,
             comment=planned.comment,
         )
+        # A bar needs the layer's size: store layers know it (NAR sizes), trees are walked for it, and
+        # only when a terminal shows the bar.
+        total = planned.size or (sum(tree_size(s.host) for s in planned.sources) if ctx.progress.live_lines else 0)
         layer = build_layer(
             request,
             self.blob_dir,
             cancel=self.cancel,
-            watch=lambda w: stops.append(ctx.progress.watch(label, lambda: w.size)),
+            watch=lambda w: stops.append(ctx.progress.watch(label, lambda: w.size, total)),
             blob_out=slot.out if slot is not None else None,
         )
         for stop in stops:

@@ -30,6 +30,11 @@ class Progress:
         self._watched: dict[str, _Watched] = {}
         self._ticker: threading.Thread | None = None
 
+    @property
+    def live_lines(self) -> bool:
+        """Live bars are drawn (a terminal, not -q): worth knowing a total for."""
+        return self.tty and not self.quiet
+
     def _clear(self) -> None:
         if self._live:
             # Back to the first live line, then erase to the end of the screen.
