@@ -57,12 +57,14 @@ def in_parallel(jobs: list[Callable[[], subprocess.CompletedProcess]]) -> list[s
 
 def layout_tags(layout: Path) -> set[str]:
     index = json.loads((layout / "index.json").read_text())
-    return {m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]}
+    images = [m for m in index["manifests"] if "artifactType" not in m]  # not the SBOMs beside them
+    return {m["annotations"]["org.opencontainers.image.ref.name"] for m in images}
 
 
 def manifest_of(layout: Path, tag: str) -> str:
     index = json.loads((layout / "index.json").read_text())
-    return next(m["digest"] for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+    images = [m for m in index["manifests"] if "artifactType" not in m]  # not the SBOMs beside them
+    return next(m["digest"] for m in images if m["annotations"]["org.opencontainers.image.ref.name"] == tag)
 
 
 def test_prune_racing_builds_never_fails_a_build(user_with_subids: str | None, user_tmp) -> None:  # noqa: ANN001

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nsbuild.build import buildimage
+from nsbuild.build import attest, buildimage
 from nsbuild.build.context import BuildContext, BuildOptions, BuildResult, Workspace
 from nsbuild.build.steps import (
     compression_warning,
@@ -133,6 +133,7 @@ def build_image(spec: Spec, output: ImageRef, progress: Progress, options: Build
         ctx = BuildContext(spec, output, options, progress, ws, compression=layer_compression(output, spec))
         if warning := compression_warning(output, spec):
             progress.warn(warning)
+        attest.check(ctx)
         return buildimage.build(ctx) if spec.kind == "image" else _build(ctx)
     finally:
         close_caches()  # the build's pins and staging area in the layer cache
@@ -178,10 +179,12 @@ def _build(ctx: BuildContext) -> BuildResult:
         if not cached or not all(cached):
             warn_contents_links(spec, progress)  # links leading out of a root tree are kept, never followed
         image = new_image(ctx, base, base_layers, [*layers, custom_layer], annotations)
-        written = write_output(ctx, image, archive)
+        docs = attest.documents(ctx, image, attest.Known(base, annotations, len(base_layers), plan.closure))
+        written = write_output(ctx, image, archive, attest.referrers(ctx, docs))
     finally:
         if archive is not None:
             archive.file.discard()  # a no-op once the archive is in place
+    sbom = attest.finish(ctx, docs, written)
     cache_push = _push_cache(job, options.cache_to, content_keys, layers) if options.cache_to else None
     return BuildResult(
         image,
@@ -199,6 +202,7 @@ def _build(ctx: BuildContext) -> BuildResult:
             ("built", custom_seconds),
         ),
         store_paths=tuple(sp.path for sp in plan.closure.values()),
+        sbom=sbom,
     )
 
 
@@ -355,7 +359,8 @@ class _ContentLayers:
         slot = self.archive.claim(len(self.job.base_layers) + index - 1) if self.archive is not None else None
         # Without a cache, a layer streamed into the archive needs no file of its own (--cache-to pushes
         # blob files).
-        files = cache is not None or bool(ctx.options.cache_to) or slot is None
+        # An SBOM reads every layer back from its blob.
+        files = cache is not None or bool(ctx.options.cache_to) or slot is None or attest.wanted(ctx)
         request = LayerRequest(
             planned.sources,
             mtime=ctx.spec.mtime,

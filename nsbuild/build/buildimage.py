@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nsbuild.build import attest
 from nsbuild.build.context import BuildContext, BuildResult
 from nsbuild.build.steps import (
     new_image,
@@ -66,7 +67,9 @@ def build(ctx: BuildContext) -> BuildResult:
     progress.layer_done(1, 1, LAYER_COMMENT, layer.tar.size, seconds)
     base_layers = recompressed(ctx, base_layers)
     image = new_image(ctx, base, base_layers, [layer], annotations)
-    written = write_output(ctx, image)
+    docs = attest.documents(ctx, image, attest.Known(base, annotations, len(base_layers)))
+    written = write_output(ctx, image, referrers=attest.referrers(ctx, docs))
+    sbom = attest.finish(ctx, docs, written)
     return BuildResult(
         image,
         written.output,
@@ -76,6 +79,7 @@ def build(ctx: BuildContext) -> BuildResult:
         written=written.written,
         loaded=written.loaded,
         layer_sources=(*(("base", 0.0) for _ in base_layers), ("built", seconds)),
+        sbom=sbom,
     )
 
 

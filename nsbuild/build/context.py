@@ -29,6 +29,9 @@ class BuildOptions:
     manifest_format: str = "oci"  # docker:// outputs: oci | docker (v2 schema 2)
     cache_from: str | None = None  # docker://REF of a shared layer cache to use
     cache_to: str | None = None  # docker://REF to push this build's layer cache to
+    sbom: str | None = None  # --sbom spdx|cyclonedx|both|none; None: by the output (build.attest)
+    sbom_output: Path | None = None  # --sbom-output FILE: the SBOM as a plain file too
+    sign_key: Path | None = None  # --sign-key KEY.pem: the provenance in a signed DSSE envelope
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class BuildResult:
     # the seconds it took.
     layer_sources: tuple[tuple[str, float], ...] = ()
     store_paths: tuple[Path, ...] = ()  # the image's store closure (for --depfile)
+    sbom: dict[str, Any] | None = None  # the SBOM and provenance made and where they went (--json)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from nsbuild.sinks.archive import OutputStamps
 from nsbuild.sinks.load import load_image, pick_client
 from nsbuild.sinks.sinks import (
     ArchiveOutput,
+    Referrer,
     check_ref_name,
     check_repo_tag,
     docker_envelope,
@@ -220,7 +222,10 @@ def script_layer(ctx: BuildContext, tar: Path, comment: str) -> Layer:
     return layer_from_tar(tar, ctx.ws.blobs, compression=ctx.compression, comment=comment)
 
 
-def write_output(ctx: BuildContext, image: Image, archive: ArchiveOutput | None = None) -> Written:
+def write_output(
+    ctx: BuildContext, image: Image, archive: ArchiveOutput | None = None, referrers: Sequence[Referrer] = ()
+) -> Written:
+    """The image to its sink; `referrers` (SBOMs, attestations) beside it in an OCI layout or archive."""
     output, spec, options, progress = ctx.output, ctx.spec, ctx.options, ctx.progress
     fmt = output.format
     if warning := healthcheck_warning(image.config, fmt, options.manifest_format):
@@ -234,7 +239,7 @@ def write_output(ctx: BuildContext, image: Image, archive: ArchiveOutput | None 
         else:
             # NAME:TAG, so that `podman load` names the image after it (a bare tag becomes localhost/TAG)
             ref = check_ref_name(output.tag or image.reference)
-        return Written(str(output.path), written=archive.finish(image, ref))
+        return Written(str(output.path), written=archive.finish(image, ref, referrers if fmt == "oci-archive" else ()))
     if fmt == "load":
         client = pick_client(output.location or None)
         load_tag = check_repo_tag(f"{output.name or image.name}:{output.tag or image.tag}")
@@ -247,7 +252,7 @@ def write_output(ctx: BuildContext, image: Image, archive: ArchiveOutput | None 
         sys.stdout.buffer.flush()
         return Written("-")
     if fmt == "oci-dir":
-        write_oci_dir(image, output.path, tag=output.tag or image.tag)
+        write_oci_dir(image, output.path, tag=output.tag or image.tag, referrers=referrers)
         return Written(str(output.path))
     if fmt == "registry":
         from nsbuild.registry.usage import has_explicit_tag, registry_reference

@@ -24,7 +24,7 @@ from nsbuild.cli.doctor import run_doctor
 from nsbuild.core.progress import Progress, human
 from nsbuild.core.refs import FORMATS, ImageRef, is_registry, parse_ref
 from nsbuild.errors import BuildError, NsbuildError, UsageError
-from nsbuild.sources.inspect import inspect_image, render_text
+from nsbuild.sources.inspect import inspect_image, inspect_packages, render_text
 from nsbuild.spec.overrides import Overrides, apply_overrides
 from nsbuild.spec.spec import Spec, json_schema, load_spec
 
@@ -135,6 +135,32 @@ AnnotationOpt = Annotated[
     list[str] | None,
     typer.Option("--annotation", metavar="KEY=VALUE", help="an OCI manifest annotation (repeatable; over the spec's)"),
 ]
+SbomOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--sbom",
+        metavar="spdx|cyclonedx|both|none",
+        show_default=False,
+        help="SBOM formats, attached with a provenance record as OCI referrers (to oci:DIR, docker://, "
+        "and to oci-archive: when given) [default: both for oci: and docker:// outputs and with "
+        "--sbom-output, else none]",
+    ),
+]
+SbomOutputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--sbom-output",
+        metavar="FILE",
+        help="the SBOM as a plain file too (both formats: FILE.spdx.json and FILE.cdx.json, "
+        "a .json suffix of FILE left out)",
+    ),
+]
+SignKeyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--sign-key", metavar="KEY.pem", help="sign the provenance (DSSE envelope) with this ed25519 or P-256 key"
+    ),
+]
 
 
 def _fail(exc: NsbuildError) -> NoReturn:
@@ -209,6 +235,20 @@ class RegistryFlags:
 
 
 @dataclass(frozen=True)
+class SbomFlags:
+    """--sbom, --sbom-output, --sign-key (layered and image)."""
+
+    sbom: str | None = None
+    output: Path | None = None
+    sign_key: Path | None = None
+
+    def checked(self) -> SbomFlags:
+        if self.sbom is not None:
+            _check_choice("--sbom", self.sbom, ("spdx", "cyclonedx", "both", "none"))
+        return self
+
+
+@dataclass(frozen=True)
 class BuildFlags:
     """What layered, image and stream take from the command line, filled once."""
 
@@ -228,6 +268,7 @@ class BuildFlags:
     load: bool = False  # into podman or docker
     depfile: Path | None = None
     overrides: Overrides = Overrides()
+    sbom: SbomFlags = SbomFlags()
 
 
 def _check_registry_refs(flags: RegistryFlags, output_is_registry: bool, compressor: str) -> None:
@@ -270,6 +311,7 @@ def _prepare(flags: BuildFlags) -> tuple[Spec, ImageRef, BuildOptions]:
 
         registry_reference("docker://" + ref.location, "-o")
     _check_registry_refs(flags.registry, ref.format == "registry", spec.compressor)
+    sbom = flags.sbom.checked()
     options = BuildOptions(
         isolation=flags.isolation,
         network=flags.network,
@@ -279,6 +321,9 @@ def _prepare(flags: BuildFlags) -> tuple[Spec, ImageRef, BuildOptions]:
         manifest_format=flags.registry.manifest_format,
         cache_to=flags.registry.cache_to,
         cache_from=flags.registry.cache_from,
+        sbom=sbom.sbom,
+        sbom_output=sbom.output,
+        sign_key=sbom.sign_key,
     )
     return spec, ref, options
 
@@ -359,6 +404,8 @@ def _result_json(result: BuildResult, registry: RegistryFlags) -> dict[str, Any]
         doc["cache_from"] = {"reference": registry.cache_from, "layers": result.remote_hits}
     if result.cache_push is not None:
         doc["cache_to"] = push_json(result.cache_push)
+    if result.sbom is not None:
+        doc["sbom"] = result.sbom
     return doc
 
 
@@ -389,6 +436,9 @@ def _build_command(kind: str, doc: str) -> Callable[..., None]:
         compressor: CompressorOpt = None,
         label: LabelOpt = None,
         annotation: AnnotationOpt = None,
+        sbom: SbomOpt = None,
+        sbom_output: SbomOutputOpt = None,
+        sign_key: SignKeyOpt = None,
     ) -> None:
         registry = RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir, cache_to, cache_from)
         overrides = Overrides(tag, compressor, tuple(label or ()), tuple(annotation or ()))
@@ -408,6 +458,7 @@ def _build_command(kind: str, doc: str) -> Callable[..., None]:
             load=load,
             depfile=depfile,
             overrides=overrides,
+            sbom=SbomFlags(sbom, sbom_output, sign_key),
         )
         _build(flags)
 
@@ -508,12 +559,19 @@ def inspect(
     creds: CredsOpt = None,
     tls_verify: TlsVerifyOpt = True,
     cert_dir: CertDirOpt = None,
+    sbom: Annotated[
+        bool, typer.Option("--sbom", help="the packages per layer (dpkg, apk, Python, Nix store paths)")
+    ] = False,
 ) -> None:
     """List an image's layers and, per entry, type, mode, owner, size and link target."""
     flags = RegistryFlags(authfile=authfile, creds=creds, tls_verify=tls_verify, cert_dir=cert_dir)
     with failures():
         # The registry flags matter to a docker:// image only; a file is read as it always was.
         options = flags.options() if is_registry(image_ref) else None
+        if sbom:
+            text, packages = inspect_packages(image_ref, options)
+            sys.stdout.write(json.dumps({"packages": packages}, indent=2) + "\n" if json_out else text)
+            return
         report = inspect_image(image_ref, options)  # stderr stays as quiet as for a file
     if json_out:
         print(json.dumps(report, indent=2))

@@ -7,12 +7,14 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nsbuild.errors import BuildError
-from nsbuild.registry.options import RegistryOptions
 from nsbuild.sbom.attach import attach_to_layout
 from nsbuild.sbom.documents import Documents
+
+if TYPE_CHECKING:  # a type only: nsbuild.registry stays unloaded by builds without a registry
+    from nsbuild.registry.options import RegistryOptions
 
 
 @dataclass(frozen=True)

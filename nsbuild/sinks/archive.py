@@ -21,9 +21,10 @@ import json
 import os
 import threading
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from nsbuild.core.compress import Sink
 from nsbuild.errors import BuildError
@@ -314,14 +315,19 @@ class ImageArchive:
                 self.stream.add_file(m.name, m.blob.path, m.blob.size, m.member_size)
         self._written = max(self._written, end)
 
-    def metadata(self, image: Image, ref: str) -> list[tuple[str, bytes]]:
-        """The members after the layers: docker `ref` is NAME:TAG, OCI `ref` the ref.name."""
+    def metadata(self, image: Image, ref: str, referrers: Sequence[Referrer] = ()) -> list[tuple[str, bytes]]:
+        """The members after the layers: docker `ref` is NAME:TAG, OCI `ref` the ref.name; an OCI
+        archive's `referrers` (their blobs, each once) before its index.json lists them."""
         if self.kind == "oci":
-            return [
+            members = [
                 ("blobs/sha256/" + image.config_digest.split(":", 1)[1], image.config),
                 ("blobs/sha256/" + image.manifest_digest.split(":", 1)[1], image.manifest),
-                ("index.json", oci_index(image, ref)),
             ]
+            for data in (blob for r in referrers for blob in r.blobs):
+                name = "blobs/sha256/" + hashlib.sha256(data).hexdigest()
+                if name not in self._names and name not in (m[0] for m in members):
+                    members.append((name, data))
+            return [*members, ("index.json", oci_index(image, ref, referrers=referrers))]
         config_name = image.config_digest.split(":", 1)[1] + ".json"
         layers = [self.member(layer).name for layer in image.layers]
         manifest = [{"Config": config_name, "RepoTags": [ref], "Layers": layers}]
@@ -333,7 +339,7 @@ class ImageArchive:
             ("repositories", canonical_json({repo: {tag: top}})),
         ]
 
-    def identity(self, image: Image, ref: str) -> str:
+    def identity(self, image: Image, ref: str, referrers: Sequence[Referrer] = ()) -> str:
         """A digest of everything that decides the archive's bytes."""
         h = hashlib.sha256(
             json.dumps(
@@ -346,7 +352,7 @@ class ImageArchive:
                 ]
             ).encode()
         )
-        for name, data in self.metadata(image, ref):
+        for name, data in self.metadata(image, ref, referrers):
             h.update(b"\0%s\0%d\0" % (name.encode(), len(data)) + data)
         return h.hexdigest()
 
@@ -355,7 +361,7 @@ class ImageArchive:
         """Nothing is in the file yet (every layer came from a blob on disk)."""
         return self.stream.emitted == 0
 
-    def finish(self, image: Image, ref: str) -> None:
+    def finish(self, image: Image, ref: str, referrers: Sequence[Referrer] = ()) -> None:
         with self._lock:
             if len(image.layers) != len(self._layers):
                 raise BuildError("internal: the image's layers are not the archive's")
@@ -363,13 +369,28 @@ class ImageArchive:
                 if self._layers[position] is None:
                     self._layers[position] = layer
             self._append_through(len(self._layers))
-            for name, data in self.metadata(image, ref):
+            for name, data in self.metadata(image, ref, referrers):
                 self.stream.add_bytes(name, data)
             self.stream.close()
 
 
-def oci_index(image: Image, tag: str, existing: list[dict] | None = None) -> bytes:
-    manifests = [m for m in existing or [] if m.get("annotations", {}).get(REF_NAME) != tag]
+@dataclass(frozen=True)
+class Referrer:
+    """An OCI 1.1 artifact (an SBOM, an attestation) whose subject is the image: its index.json
+    descriptor (an artifactType, no tag) and the blobs it needs (its manifest, config and document).
+    nsbuild.sbom makes them; a sink only stores them beside the image."""
+
+    descriptor: dict[str, Any]
+    blobs: tuple[bytes, ...]
+
+
+def oci_index(image: Image, tag: str, existing: list[dict] | None = None, referrers: Sequence[Referrer] = ()) -> bytes:
+    """The image tagged `tag`, then its referrers, after the `existing` entries that stay: other tags,
+    and what is neither the image tagged `tag` before nor one of these referrers again."""
+    new = {r.descriptor.get("digest") for r in referrers}
+    manifests = [
+        m for m in existing or [] if m.get("annotations", {}).get(REF_NAME) != tag and m.get("digest") not in new
+    ]
     manifests.append(
         {
             "mediaType": MEDIA_OCI_MANIFEST,
@@ -378,7 +399,19 @@ def oci_index(image: Image, tag: str, existing: list[dict] | None = None) -> byt
             "annotations": {REF_NAME: tag},
         }
     )
+    manifests += [r.descriptor for r in referrers]
     return canonical_json({"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": manifests})
+
+
+def stale_referrers(existing: list[dict], tag: str, subject_of: Callable[[dict], str | None]) -> list[dict]:
+    """`existing` without the referrers of the image that the new one tagged `tag` replaces (unless
+    another tag still names that image); `subject_of`: an entry's subject digest, None if it has none."""
+    tagged = [m for m in existing if REF_NAME in m.get("annotations", {})]
+    replaced = {m.get("digest") for m in tagged if m["annotations"][REF_NAME] == tag}
+    replaced -= {m.get("digest") for m in tagged if m["annotations"][REF_NAME] != tag}
+    if not replaced:
+        return existing
+    return [m for m in existing if REF_NAME in m.get("annotations", {}) or subject_of(m) not in replaced]
 
 
 # --- outputs that already hold the image -----------------------------------------------------------------

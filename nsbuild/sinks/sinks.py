@@ -11,23 +11,32 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
 from nsbuild.core.refs import split_registry_host
 from nsbuild.errors import BuildError, UsageError
-from nsbuild.image.image import Image
+from nsbuild.image.image import Image, sha256_digest
 from nsbuild.layer.layer import Blob
 from nsbuild.sandbox.sweep import locked_temp_file, sweep_temp_files
-from nsbuild.sinks.archive import OCI_LAYOUT, REF_NAME, ImageArchive, OutputStamps, oci_index
+from nsbuild.sinks.archive import (
+    OCI_LAYOUT,
+    REF_NAME,
+    ImageArchive,
+    OutputStamps,
+    Referrer,
+    oci_index,
+    stale_referrers,
+)
 from nsbuild.spec.spec import NAME_RE, TAG_RE
 
 __all__ = [
     "REF_NAME",
     "ArchiveOutput",
     "AtomicFile",
+    "Referrer",
     "atomic_output",
     "check_destination",
     "check_ref_name",
@@ -131,7 +140,7 @@ def check_destination(fmt: str, path: Path, *, name: str | None = None, tag: str
         raise UsageError(f"{path.parent}: cannot write here (permission denied)")
 
 
-def write_oci_dir(image: Image, dest: Path, *, tag: str) -> None:
+def write_oci_dir(image: Image, dest: Path, *, tag: str, referrers: Sequence[Referrer] = ()) -> None:
     """Add the image to an OCI layout (created if missing), replacing an image with the same tag.
 
     Several builds may write into one layout at once (`make -j8`): each holds an exclusive flock on the
@@ -142,7 +151,7 @@ def write_oci_dir(image: Image, dest: Path, *, tag: str) -> None:
     with _locked_layout(dest) as created:
         try:
             check_destination("oci-dir", dest)  # again, now that no other writer is in the middle
-            _fill_oci_dir(image, dest, tag)
+            _fill_oci_dir(image, dest, tag, referrers)
         except BaseException as exc:
             if created and not (dest / "index.json").exists():
                 shutil.rmtree(dest, ignore_errors=True)  # nobody else finished an image in it yet
@@ -181,14 +190,15 @@ def _locked_layout(dest: Path) -> Iterator[bool]:
     raise BuildError(f"{dest}: the OCI layout keeps disappearing while it is written")
 
 
-def _fill_oci_dir(image: Image, dest: Path, tag: str) -> None:
+def _fill_oci_dir(image: Image, dest: Path, tag: str, referrers: Sequence[Referrer]) -> None:
     # oci-layout first: a layout directory is never seen with blobs and without it.
     layout = dest / "oci-layout"
     if not layout.exists():
         _atomic_bytes(layout, OCI_LAYOUT)
     blob_dir = dest / "blobs" / "sha256"
     blob_dir.mkdir(parents=True, exist_ok=True)
-    for digest, blob in _oci_blobs(image):
+    extra: list[tuple[str, Blob | bytes]] = [(sha256_digest(b), b) for r in referrers for b in r.blobs]
+    for digest, blob in [*_oci_blobs(image), *extra]:
         final = blob_dir / digest.split(":", 1)[1]
         size = len(blob) if isinstance(blob, bytes) else blob.size
         if final.exists() and final.stat().st_size == size:
@@ -204,7 +214,21 @@ def _fill_oci_dir(image: Image, dest: Path, tag: str) -> None:
             existing = json.loads(index_path.read_bytes()).get("manifests", [])
         except (json.JSONDecodeError, AttributeError):
             raise BuildError(f"{index_path}: exists but is not a valid OCI index") from None
-    _atomic_bytes(index_path, oci_index(image, tag, existing))
+    existing = stale_referrers(existing, tag, lambda m: _subject(blob_dir, m))
+    _atomic_bytes(index_path, oci_index(image, tag, existing, referrers))
+
+
+def _subject(blob_dir: Path, desc: dict) -> str | None:
+    """The subject digest of the manifest an index entry names (a referrer's), None if it has none."""
+    digest = desc.get("digest")
+    if not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        return None
+    try:
+        manifest = json.loads((blob_dir / digest.split(":", 1)[1]).read_bytes())
+    except (OSError, ValueError):
+        return None
+    subject = manifest.get("subject") if isinstance(manifest, dict) else None
+    return subject.get("digest") if isinstance(subject, dict) else None
 
 
 def _link_or_copy(blob: Blob, final: Path) -> None:
@@ -293,10 +317,10 @@ class ArchiveOutput:
         )
         self.stamps = stamps
 
-    def finish(self, image: Image, ref: str) -> bool:
+    def finish(self, image: Image, ref: str, referrers: Sequence[Referrer] = ()) -> bool:
         """Complete the archive and put it in place; False: the file already held it (left as it is)."""
         path = self.file.path
-        identity = self.archive.identity(image, ref) if self.stamps is not None else ""
+        identity = self.archive.identity(image, ref, referrers) if self.stamps is not None else ""
         if self.stamps is not None and self.archive.untouched and self.stamps.holds(path, identity):
             self.file.discard()
             # Up to date, as make must see it too: newer than the inputs that made it rebuild us.
@@ -304,7 +328,7 @@ class ArchiveOutput:
                 os.utime(path)
                 self.stamps.record(path, identity)
             return False
-        self.archive.finish(image, ref)  # write errors name the file (ArchiveStream); the caller discards
+        self.archive.finish(image, ref, referrers)  # write errors name the file (ArchiveStream); the caller discards
         if self.stamps is not None:
             self.stamps.forget(path)
         self.file.commit()

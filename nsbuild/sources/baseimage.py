@@ -19,6 +19,7 @@ from typing import IO, Any
 from nsbuild.core.compress import compression_of, open_decompressed
 from nsbuild.core.refs import parse_ref
 from nsbuild.errors import BuildError
+from nsbuild.image.image import sha256_digest
 from nsbuild.layer.layer import (
     MEDIA_TAR,
     MEDIA_TAR_GZIP,
@@ -48,6 +49,7 @@ class BaseImage:
     layers: list[Layer]
     history: list[dict[str, Any]] = field(default_factory=list)
     raw_config: bytes | None = None  # the config's bytes as stored (`nsbuild push` keeps its digest)
+    manifest_digest: str = ""  # an OCI base's manifest (what an SBOM names the base by); "" unknown
 
 
 class _Slice:
@@ -304,6 +306,12 @@ def _choose_docker_image(manifest: list[dict], name: str | None, tag: str | None
     )
 
 
+def _is_artifact(desc: Any) -> bool:
+    """An SBOM or attestation that index.json lists beside the image it refers to (OCI 1.1: an
+    artifactType, no tag): never the image an untagged layout names."""
+    return isinstance(desc, dict) and "artifactType" in desc
+
+
 def _load_oci(reader: _Reader, blob_dir: Path, architecture: str, tag: str | None, p: str) -> BaseImage:
     index = reader.json("index.json")
     manifests = index.get("manifests") if isinstance(index, dict) else None
@@ -315,10 +323,10 @@ def _load_oci(reader: _Reader, blob_dir: Path, architecture: str, tag: str | Non
         if not chosen:
             raise BuildError(f"{p}no image tagged {tag!r} in the layout (it has: {', '.join(names)})")
         desc = chosen[0]
-    elif len(manifests) == 1:
-        desc = manifests[0]
+    elif len(images := [m for m in manifests if not _is_artifact(m)]) == 1:
+        desc = images[0]
     else:
-        raise BuildError(f"{p}the layout holds {len(manifests)} images; name one with oci:DIR:TAG")
+        raise BuildError(f"{p}the layout holds {len(images)} images; name one with oci:DIR:TAG")
 
     raw: dict[str, bytes] = {}
 
@@ -359,4 +367,6 @@ def _load_oci(reader: _Reader, blob_dir: Path, architecture: str, tag: str | Non
         layers.append(
             Layer(diff_id=diff_id, tar=tar, compressed=compressed, media_type=media, comment=f"base layer {i}")
         )
-    return BaseImage(config, layers, list(config.get("history", [])), raw_config=raw.get(f"{p}config"))
+    history = list(config.get("history", []))
+    digest = sha256_digest(raw[f"{p}manifest"])
+    return BaseImage(config, layers, history, raw_config=raw.get(f"{p}config"), manifest_digest=digest)

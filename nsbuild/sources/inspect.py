@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import stat
 import tarfile
@@ -13,7 +14,9 @@ from nsbuild.core.platform import host_architecture
 from nsbuild.core.progress import Progress, human
 from nsbuild.core.refs import is_registry
 from nsbuild.errors import BuildError
+from nsbuild.image.image import canonical_json
 from nsbuild.layer.layer import Layer
+from nsbuild.sbom import SbomRequest, documents_for, facts_from_layers, render_packages
 from nsbuild.sources.baseimage import BaseImage, load_base
 
 if TYPE_CHECKING:
@@ -40,6 +43,32 @@ def inspect_image(ref: str, options: RegistryOptions | None = None) -> dict[str,
         return {"config": base.config, "layers": [_layer_report(layer) for layer in base.layers]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def inspect_packages(ref: str, options: RegistryOptions | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """`nsbuild inspect --sbom`: the packages of the image at `ref`, layer by layer (text), and as
+    JSON-ready records (--json)."""
+    work = Path(tempfile.mkdtemp(prefix="nsbuild-inspect-"))
+    try:
+        base = _read(ref, work, options)
+        config = base.raw_config or canonical_json(base.config)
+        facts = facts_from_layers(ref, "", config, _named(base))
+        docs = documents_for(facts, SbomRequest(formats=("spdx",), work_dir=work))
+        return render_packages(docs), [dataclasses.asdict(p) for p in docs.packages]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _named(base: BaseImage) -> list[Layer]:
+    """The layers named as the image's history names them (the comment nsbuild wrote, or the
+    command that made the layer), where the history has one entry per layer."""
+    history = [h for h in base.history if isinstance(h, dict) and not h.get("empty_layer")]
+    if len(history) != len(base.layers):
+        return base.layers
+    return [
+        dataclasses.replace(layer, comment=str(h.get("comment") or h.get("created_by") or layer.comment))
+        for layer, h in zip(base.layers, history, strict=True)
+    ]
 
 
 def _read(ref: str, work: Path, options: RegistryOptions | None) -> BaseImage:

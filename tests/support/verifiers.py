@@ -320,13 +320,38 @@ def oci_validate(oci: str | os.PathLike[str], user: UserKey = None) -> subproces
     extracted (with GNU tar) into a temporary directory first: the tool needs a directory."""
     oci = Path(oci)
     if oci.is_dir():
-        return run_tool(["oci-image-tool", "validate", "--type", "image", oci], user)
+        return _oci_validate_layout(oci, user)
     with tempfile.TemporaryDirectory(prefix="nsbuild-oci-", dir="/var/tmp") as tmp:
         os.chmod(tmp, 0o755)
         if user is not None and not account(user).is_current:
             os.chown(tmp, account(user).uid, account(user).gid)
         run_tool(["tar", "-xf", oci, "-C", tmp], user)
-        return run_tool(["oci-image-tool", "validate", "--type", "image", tmp], user)
+        return _oci_validate_layout(Path(tmp), user)
+
+
+def _oci_validate_layout(layout: Path, user: UserKey) -> subprocess.CompletedProcess:
+    """The tool predates OCI 1.1: it validates every manifest index.json lists and refuses the empty
+    config of an SBOM artifact (the image's referrers), and its --ref search is not unique when one
+    image has several tags. With referrers there, it validates the layout's images through a view of
+    the layout whose index.json lists only them (the referrers are checked by tests/test_sbom_cli.py)."""
+    index = json.loads((layout / "index.json").read_bytes())
+    images = [m for m in index.get("manifests") or [] if "artifactType" not in m]
+    if len(images) == len(index.get("manifests") or []):
+        return run_tool(["oci-image-tool", "validate", "--type", "image", layout], user)
+    with tempfile.TemporaryDirectory(prefix="nsbuild-oci-view-", dir="/var/tmp") as tmp:
+        view = Path(tmp)
+        os.chmod(view, 0o755)
+        (view / "index.json").write_text(json.dumps({**index, "manifests": images}))
+        (view / "index.json").chmod(0o644)
+        shutil.copy2(layout / "oci-layout", view / "oci-layout")
+        (view / "blobs").mkdir(mode=0o755)
+        (view / "blobs" / "sha256").mkdir(mode=0o755)
+        for blob in (layout / "blobs" / "sha256").iterdir():  # the tool refuses a symlinked blobs/
+            try:
+                os.link(blob, view / "blobs" / "sha256" / blob.name)
+            except OSError:
+                shutil.copy2(blob, view / "blobs" / "sha256" / blob.name)
+        return run_tool(["oci-image-tool", "validate", "--type", "image", view], user)
 
 
 # --- tar readers --------------------------------------------------------------------------------------
