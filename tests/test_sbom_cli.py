@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from support.core import write_spec
+from support.core import FakeStore, write_spec
 from support.registry import RegistryFactory
 from support.users import UserTmpFactory, chown_tree, describe, is_root, run_nsbuild
 from support.verifiers import skopeo_inspect
@@ -198,6 +198,10 @@ def test_oci_archive_attaches_only_when_asked(work: Path, user: str | None, tmp_
     assert set(docs) == {SPDX, IN_TOTO}
     check_spdx(docs[SPDX][1], tmp_path)
     assert skopeo_inspect(f"oci-archive:{archive}:t", user=user)["Digest"] == result["image_digest"]
+    # Reproducible, SBOMs and all: the same bytes when the caller (root, if we are) builds it again.
+    again = tmp_path / "again.oci.tar"
+    build_json(work, f"oci-archive:{again}:t", None, "--sbom", "spdx")
+    assert again.read_bytes() == archive.read_bytes()
 
 
 def test_docker_archive_has_no_sbom_unless_a_file_is_asked(work: Path, user: str | None, tmp_path: Path) -> None:
@@ -285,3 +289,57 @@ def test_registry_push_attaches_referrers_under_the_referrers_tag(
     build_json(work, f"docker://{reg}/team/sbomapp:1", user, "--tls-verify=false")
     status, _, body = reg.request(f"/v2/team/sbomapp/manifests/sha256-{digest.split(':', 1)[1]}", headers=accept)
     assert [m["digest"] for m in json.loads(body)["manifests"]] == [m["digest"] for m in listed]
+
+
+def test_docker_manifest_push_and_push_of_an_untagged_layout(
+    work: Path, user: str | None, registry_factory: RegistryFactory
+) -> None:
+    """The subject is the manifest the registry holds (a Docker v2 one with --manifest-format docker);
+    `nsbuild push oci:DIR` takes the image of a layout that also lists its SBOMs."""
+    reg = registry_factory()
+    args = ["--tls-verify=false", "--manifest-format", "docker", "--sbom", "spdx"]
+    result = build_json(work, f"docker://{reg}/team/d:1", user, *args)
+    digest = result["push"]["digest"]
+    assert result["push"]["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    assert result["sbom"]["subject"] == digest
+    accept = {"Accept": "application/vnd.oci.image.index.v1+json"}
+    status, _, body = reg.request(f"/v2/team/d/manifests/sha256-{digest.split(':', 1)[1]}", headers=accept)
+    assert status == 200 and [m["artifactType"] for m in json.loads(body)["manifests"]] == [SPDX, IN_TOTO]
+    layout = work / "layout"
+    image = build_json(work, f"oci:{layout}:t", user)["image_digest"]
+    pushed = nsbuild(["push", f"oci:{layout}", f"docker://{reg}/team/p:1", "--tls-verify=false", "--json"], user)
+    assert json.loads(pushed.stdout)["digest"] == image
+
+
+def test_provenance_names_a_local_base_by_its_digest(work: Path, user: str | None) -> None:
+    base = work / "base"
+    base_digest = build_json(work, f"oci:{base}:b", user)["image_digest"]
+    write_spec(work, {"name": "child", "tag": "1", "fromImage": f"oci:{base}:b", "contents": []}, "child.json")
+    chown_tree(user, work / "child.json")
+    layout = work / "child"
+    proc = nsbuild(["layered", str(work / "child.json"), "-o", f"oci:{layout}:t", "--no-cache", "-q"], user)
+    assert proc.returncode == 0
+    docs = referrer_documents(layout)
+    deps = json.loads(docs[IN_TOTO][1])["predicate"]["buildDefinition"]["resolvedDependencies"]
+    assert deps[0]["name"] == "fromImage" and deps[0]["digest"] == {"sha256": base_digest.split(":", 1)[1]}
+    spdx = json.loads(docs[SPDX][1])
+    assert any(base_digest.split(":", 1)[1] in json.dumps(p) for p in spdx["packages"])
+
+
+def test_build_image_sbom_has_the_store_closure_with_its_references(work: Path, user: str | None) -> None:
+    store = FakeStore(work / "store")
+    lib = store.add("libz-1.3", {"lib/libz.so": b"\x7fELF"})
+    app = store.add("app-2.0", {"bin/app": "#!/bin/sh\n"}, refs=[lib])
+    spec = {"name": "img", "tag": "1", "storeDir": str(store.dir), "copyToRoot": ["tree", str(app)]}
+    write_spec(work, spec, "image.json")
+    chown_tree(user, work)
+    layout = work / "layout"
+    proc = nsbuild(["image", str(work / "image.json"), "-o", f"oci:{layout}:t", "--no-cache", "-q"], user)
+    assert proc.returncode == 0
+    spdx = json.loads(referrer_documents(layout)[SPDX][1])
+    assert {"pkg:nix/app@2.0", "pkg:nix/libz@1.3", "pkg:deb/debian/hello@2.10-3?arch=amd64"} <= purls_spdx(spdx)
+    ids = {p["name"]: p["SPDXID"] for p in spdx["packages"]}
+    depends = {(r["spdxElementId"], r["relatedSpdxElement"]) for r in spdx["relationships"]}
+    assert (ids["app"], ids["libz"]) in {(a, b) for a, b in depends}
+    statement = json.loads(referrer_documents(layout)[IN_TOTO][1])
+    assert statement["predicate"]["buildDefinition"]["externalParameters"]["command"] == "image"

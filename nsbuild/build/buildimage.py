@@ -62,12 +62,12 @@ def build(ctx: BuildContext) -> BuildResult:
     tars = _unique_tars(base_layers)
     model = _scan_base(tars, refuse_devices=spec.run_as_root is not None)
     t0 = time.monotonic()
-    layer = _new_layer(ctx, model, tars)
+    layer, closure = _new_layer(ctx, model, tars)
     seconds = time.monotonic() - t0
     progress.layer_done(1, 1, LAYER_COMMENT, layer.tar.size, seconds)
     base_layers = recompressed(ctx, base_layers)
     image = new_image(ctx, base, base_layers, [layer], annotations)
-    docs = attest.documents(ctx, image, attest.Known(base, annotations, len(base_layers)))
+    docs = attest.documents(ctx, image, attest.Known(base, annotations, len(base_layers), closure))
     written = write_output(ctx, image, referrers=attest.referrers(ctx, docs))
     sbom = attest.finish(ctx, docs, written)
     return BuildResult(
@@ -83,9 +83,9 @@ def build(ctx: BuildContext) -> BuildResult:
     )
 
 
-def _new_layer(ctx: BuildContext, model: ImageModel, tars: list[Path]) -> Layer:
+def _new_layer(ctx: BuildContext, model: ImageModel, tars: list[Path]) -> tuple[Layer, dict[str, StorePath]]:
     """The one new layer: copyToRoot and its store closure, then runAsRoot (in the sandbox over the
-    base) or extraCommands (as the caller, in the layer's own tree)."""
+    base) or extraCommands (as the caller, in the layer's own tree); and the store closure it holds."""
     spec = ctx.spec
     custom = own_tree(ctx)
     merger = _Merger(custom, model, spec.keep_contents_dirlinks, ctx.progress, spec.store_dir)
@@ -105,11 +105,11 @@ def _new_layer(ctx: BuildContext, model: ImageModel, tars: list[Path]) -> Layer:
     before = output_hashes(store, custom, closure) if scripted else set()
     if spec.run_as_root is not None:
         job = _RunAsRoot(ctx, custom, env, tars, owner, store, closure, before)
-        return _run_as_root_layer(job)
+        return _run_as_root_layer(job), closure
     if spec.extra_commands.strip():
         run_extra_commands(ctx, custom, env)
         _add_script_references(spec, store, closure, custom, custom, ctx.progress, "extraCommands", before)
-    return tree_layer(ctx, [Source(custom, "/")], OwnerPolicy.fixed_owner(owner), LAYER_COMMENT)
+    return tree_layer(ctx, [Source(custom, "/")], OwnerPolicy.fixed_owner(owner), LAYER_COMMENT), closure
 
 
 def _unique_tars(layers: list[Layer]) -> list[Path]:
