@@ -343,3 +343,23 @@ def test_build_image_sbom_has_the_store_closure_with_its_references(work: Path, 
     assert (ids["app"], ids["libz"]) in {(a, b) for a, b in depends}
     statement = json.loads(referrer_documents(layout)[IN_TOTO][1])
     assert statement["predicate"]["buildDefinition"]["externalParameters"]["command"] == "image"
+
+
+def test_a_registry_refusing_the_artifacts_keeps_the_push_unless_sbom_was_asked(work: Path, user: str | None) -> None:
+    from support.hostile_registry import HostileRegistry
+
+    reg = HostileRegistry()
+    try:
+        reg.faults.fail["PUT /manifests/sha256-"] = 100  # the referrers tag's index is never taken
+        fast = {"NSBUILD_REGISTRY_RETRIES": "1", "NSBUILD_REGISTRY_BACKOFF": "0", "NSBUILD_REGISTRY_TIMEOUT": "5"}
+        args = ["layered", str(work / "spec.json"), "-o", reg.ref("app", "1"), "--tls-verify=false", "--no-cache"]
+        proc = run_nsbuild([*args, "--json"], user, env=fast)
+        assert proc.returncode == 0, describe(proc)
+        assert "its SBOM and provenance are not" in proc.stderr
+        result = json.loads(proc.stdout)
+        assert result["sbom"]["registry_mode"] is None and result["sbom"]["registry_error"]
+        assert "1" in reg.manifests["app"]  # the image itself is there
+        proc = run_nsbuild([*args, "--sbom", "both"], user, env=fast)
+        assert proc.returncode == 1 and proc.stderr.splitlines()[-1].startswith("nsbuild: error:"), describe(proc)
+    finally:
+        reg.stop()

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from nsbuild import sbom
 from nsbuild.build.context import BuildContext
-from nsbuild.errors import BuildError, UsageError
+from nsbuild.errors import BuildError, NsbuildError, UsageError
 from nsbuild.image.image import Image, docker_manifest
 from nsbuild.plan.store import StorePath
 from nsbuild.sbom import (
@@ -148,25 +148,36 @@ def finish(ctx: BuildContext, docs: Documents | None, written: Written) -> dict[
     what --json reports under "sbom"."""
     if docs is None:
         return None
-    registry = None
+    files = publish(docs, PublishTarget(files=output_files(ctx))).files
+    mode, error = "", None
     if ctx.output.format == "registry" and written.push is not None:
-        registry = written.push.reference
-    target = PublishTarget(output_files(ctx), None, registry, ctx.options.registry)
-    published = publish(docs, target)
-    if published.registry_mode:
-        how = "the referrers API" if published.registry_mode == "api" else "the referrers tag"
-        ctx.progress.info(f"attached {len(published.registry_referrers)} referrers to {registry} ({how})")
+        try:
+            mode = _to_registry(ctx, docs, written.push.reference)
+        except NsbuildError as exc:
+            if ctx.options.sbom is not None:
+                raise
+            # On by default: a registry that takes the image but not its artifacts keeps the push.
+            error = str(exc)
+            ctx.progress.warn(f"the image is pushed, its SBOM and provenance are not (--sbom none: none): {exc}")
     return {
         "subject": docs.subject.digest,
         "formats": [kind for kind in ("spdx", "cyclonedx") if getattr(docs, kind) is not None],
-        "files": list(published.files),
+        "files": list(files),
         "packages": len(docs.packages),
         "attestations": [
             {"artifactType": a.media_type, "digest": _manifest_digest(docs, a), "document": a.digest}
             for a in docs.artifacts()
         ],
-        "registry_mode": published.registry_mode or None,
+        "registry_mode": mode or None,
+        **({"registry_error": error} if error else {}),
     }
+
+
+def _to_registry(ctx: BuildContext, docs: Documents, reference: str) -> str:
+    published = publish(docs, PublishTarget(registry=reference, registry_options=ctx.options.registry))
+    how = "the referrers API" if published.registry_mode == "api" else "the referrers tag"
+    ctx.progress.info(f"attached {len(published.registry_referrers)} referrers to {reference} ({how})")
+    return published.registry_mode
 
 
 def _manifest_digest(docs: Documents, artifact: Any) -> str:
