@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,26 +21,30 @@ class CommandFailed(SystemExit):
     the command and its stderr; the peer rows catch it and print a note instead."""
 
 
+# Peak RSS through GNU time, which forks the command from its own small process: a child forked by
+# the bench itself reports at least the bench's RSS at fork time (Linux carries the parent's high-water
+# mark through fork and exec into ru_maxrss).
+GNU_TIME = shutil.which("time", path="/usr/bin:/bin")
+
+
 def run(cmd: list[str] | str, env: Mapping[str, str] | None = None) -> tuple[float, float, str]:
     """Wall seconds, peak RSS MiB (largest process of the tree), stderr."""
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
-        cmd,
-        shell=isinstance(cmd, str),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-        executable="/bin/bash" if isinstance(cmd, str) else None,
-    )
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+    argv = ["/bin/bash", "-c", cmd] if isinstance(cmd, str) else cmd
+    with tempfile.NamedTemporaryFile(prefix="nsbuild-bench-rss-") as rss:
+        if GNU_TIME:
+            argv = [GNU_TIME, "-f", "%M", "-o", rss.name, *argv]
+        t0 = time.monotonic()
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+        )
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.monotonic() - t0
+        peak_kib = int(Path(rss.name).read_text().split()[-1]) if GNU_TIME and status == 0 else usage.ru_maxrss
+    if status != 0:
         shown = cmd if isinstance(cmd, str) else " ".join(cmd)
-        raise CommandFailed(f"failed ({proc.returncode}): {shown}\n{err.strip()}")
-    return wall, usage.ru_maxrss / 1024, err
+        raise CommandFailed(f"failed ({os.waitstatus_to_exitcode(status)}): {shown}\n{err.strip()}")
+    return wall, peak_kib / 1024, err
 
 
 def median_run(
