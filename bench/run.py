@@ -1,80 +1,247 @@
 #!/usr/bin/env python3
-"""nsbuild against the pipelines a user would otherwise write, measured side by side in one run.
+"""nsbuild against the pipelines and the rootless tools a user would otherwise run, side by side in one run.
 
     .venv/bin/python bench/run.py [--tree DIR] [--runs 3] [--quick]
 
 Builds one large real tree (by default the installation prefix of the `python3` on PATH, ~60k files,
 ~1 GB) as one layer, with `nsbuild layered` and with GNU tar pipelines, and prints one table: wall
-time (median of --runs), peak RSS, and the ratio nsbuild/tar.  Then the cache rows: a rebuild with
-nothing changed, a 10-layer image rebuilt after touching one file, a tree twice as large (peak
-memory), and a tree of 300k small files (how time grows with the file count).
+time (median of --runs), peak RSS, and the ratio nsbuild/tar.  Beside them, run as an unprivileged
+account (nsbuild-test when the bench runs as root): nsbuild, buildah (from scratch / copy / commit to
+an OCI archive) and umoci (init / new / insert --rootless), with the ratio nsbuild/peer.  Then the cache
+rows: a rebuild with nothing changed, a 10-layer image rebuilt after touching one file; a real
+node_modules (npm install of a few common packages) with the same tar, nsbuild and peer rows; and
+without --quick a tree twice as large (peak memory) and a tree of 300k small files (how time grows with
+the file count).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import peers
+from timing import NO_TREE, CommandFailed, Table, Tree, median_run, run, spec
+
 NSBUILD = str(Path(sys.executable).parent / "nsbuild")
+COMPRESSORS = ("none", "zstd", "gz")
+PIPE_NAMES = {"none": "sha256sum", "zstd": "zstd -T0 -3", "gz": "gzip -6"}
+NPM_PACKAGES = ("express", "lodash", "react", "react-dom", "typescript", "webpack", "eslint", "jest", "@babel/core")
 
 
-def run(cmd: list[str] | str, env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS MiB (largest process of the tree), stderr."""
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
-        cmd,
-        shell=isinstance(cmd, str),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-        executable="/bin/bash" if isinstance(cmd, str) else None,
+@dataclass(frozen=True)
+class Bench:
+    """What every section needs: the scratch directory, the run count, the table, the peer account."""
+
+    work: Path
+    runs: int
+    table: Table
+    peer: peers.Peer | None
+
+    def nsbuild(self, *args: str) -> list[str]:
+        return [NSBUILD, "layered", "-q", *args]
+
+
+def tar_pipeline(b: Bench, tree: Tree, comp: str) -> str:
+    tar = f"tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@1 -C {tree.path} -cf - ."
+    middle = {"none": "", "zstd": " | zstd -q -T0 -3", "gz": " | gzip -6"}[comp]
+    return f"{tar}{middle} | sha256sum > {b.work}/h"
+
+
+def peer_rows(b: Bench, tree: Tree, comps: Sequence[str], tar_walls: dict[str, float], label: str = "") -> None:
+    """nsbuild, buildah and umoci as the unprivileged account; ratio = that nsbuild row / the peer."""
+    if b.peer is None:
+        return
+    try:
+        shared = peers.share(b.peer, tree, label.strip(" ,").replace(" ", "-") or "tree")
+    except subprocess.CalledProcessError as exc:
+        b.table.note(f"peer rows{label} skipped: copying the tree for {b.peer.name} failed ({exc})")
+        return
+    who = b.peer.name
+    for comp in comps:
+        nw, np_ = peers.time_nsbuild(b.peer, shared, comp, b.runs)
+        tw = tar_walls.get(comp)
+        b.table.row(f"nsbuild layered as {who} (oci-archive{label})", comp, tree, nw, np_, tw and nw / tw)
+        for tool, timer, what, out in (
+            ("buildah", peers.time_buildah, "copy + commit", "oci-archive"),
+            ("umoci", peers.time_umoci, "insert --rootless", "oci layout"),
+        ):
+            try:
+                got = timer(b.peer, shared, comp, b.runs)
+            except (CommandFailed, FileNotFoundError) as exc:
+                b.table.note(f"{tool} {comp}{label} failed as {who}: {exc}")
+                got = None
+            name = f"{tool} {what} ({out}{label})"
+            if got is None:
+                b.table.row(name, comp, tree, None, None, None)
+            else:
+                b.table.row(name, comp, tree, got[0], got[1], nw / got[0])
+
+
+def main_tree(b: Bench, tree: Tree) -> tuple[float, float]:
+    """tar pipelines, nsbuild as the caller and the peers per compressor; returns the cold nsbuild
+    walls for the uncompressed (docker-archive, oci-archive) outputs, the rebuild rows' baselines."""
+    contents = [{"path": str(tree.path), "target": "/opt/tree"}]
+    # Untimed: with one run (--quick) the first row would otherwise also pay for reading the tree from
+    # disk. (Through cat: GNU tar skips reading file data when it writes to /dev/null.)
+    run(f"tar -C {tree.path} -cf - . | cat > /dev/null")
+    walls: dict[str, float] = {}
+    for comp in COMPRESSORS:
+        s = spec(b.work / f"{comp}.json", contents, comp, 2)
+        tw, tp = median_run(tar_pipeline(b, tree, comp), b.runs)
+        walls[comp] = tw
+        b.table.row(f"tar | {PIPE_NAMES[comp]}", comp, tree, tw, tp, None)
+        nw, np_ = median_run(b.nsbuild("--no-cache", str(s), "-o", f"oci-archive:{b.work}/o.tar"), b.runs)
+        b.table.row("nsbuild layered (oci-archive)", comp, tree, nw, np_, nw / tw)
+        dw, dp = median_run(b.nsbuild("--no-cache", str(s), "-o", f"{b.work}/d.tar"), b.runs)
+        b.table.row("nsbuild layered (docker-archive)", comp, tree, dw, dp, dw / tw)
+        if comp == "none":
+            cold_none, cold_oci = dw, nw
+        peer_rows(b, tree, [comp], walls)
+    return cold_none, cold_oci
+
+
+def floor_and_cache_rows(b: Bench, tree: Tree, cold_none: float, cold_oci: float) -> None:
+    t = b.table
+    # What any rebuild costs at least: starting the CLI, and one stat() per entry (in C, by du).
+    w, p = median_run([NSBUILD, "--help"], b.runs)
+    t.row("floor: nsbuild --help (interpreter + CLI start)", "", NO_TREE, w, p, w / cold_none)
+    w, p = median_run(["du", "-s", str(tree.path)], b.runs)
+    t.row("floor: du -s (one lstat per entry, in C)", "", tree, w, p, w / cold_none)
+
+    # Rebuilds through the cache.
+    s = str(spec(b.work / "none.json", [{"path": str(tree.path), "target": "/opt/tree"}], "none", 2))
+    cold_cache, cache = str(b.work / "cold-cache"), str(b.work / "cache")
+    w, p = median_run(
+        b.nsbuild("--cache-dir", cold_cache, s, "-o", f"{b.work}/c.tar"),
+        b.runs,
+        before=lambda: shutil.rmtree(cold_cache, True),
     )
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {cmd}\n{err}")
-    return wall, usage.ru_maxrss / 1024, err
+    t.row("cold, with the cache (writes cache + output)", "none", tree, w, p, w / cold_none)
+    warm = b.nsbuild("--cache-dir", cache, s, "-o", f"{b.work}/d.tar")
+    run(warm)
+    w, p = median_run(warm, b.runs)
+    t.row("rebuild, nothing changed (docker-archive, up to date)", "none", tree, w, p, w / cold_none)
+    fresh = b.nsbuild("--cache-dir", cache, s, "-o", f"{b.work}/new.tar")
+    w, p = median_run(fresh, b.runs, before=lambda: (b.work / "new.tar").unlink(missing_ok=True))
+    t.row("rebuild, nothing changed (docker-archive, new file)", "none", tree, w, p, w / cold_none)
+    oci = b.nsbuild("--cache-dir", cache, s, "-o", f"oci:{b.work}/ocidir:t")
+    run(oci)
+    w, p = median_run(oci, b.runs)
+    t.row("rebuild, nothing changed (oci-dir)", "none", tree, w, p, w / cold_oci)
 
 
-def median_run(cmd: list[str] | str, runs: int, before: object = None) -> tuple[float, float]:
-    walls, peaks = [], []
-    for _ in range(runs):
-        if callable(before):
-            before()
-        wall, peak, _ = run(cmd)
-        walls.append(wall)
-        peaks.append(peak)
-    return statistics.median(walls), max(peaks)
-
-
-def spec(path: Path, contents: list, compressor: str, max_layers: int = 100) -> Path:
-    path.write_text(
-        json.dumps(
-            {"name": "bench", "tag": "t", "contents": contents, "compressor": compressor, "maxLayers": max_layers}
+def ten_layer_rows(b: Bench, tree: Tree) -> None:
+    """Ten layers from ten copies' subtrees; touch one file, rebuild: one layer is rebuilt."""
+    ten = b.work / "ten"
+    subdirs = sorted(p for p in tree.path.rglob("*") if p.is_dir() and not p.is_symlink())
+    picked = sorted(subdirs, key=lambda p: -sum(1 for _ in p.iterdir()))[:10]
+    for i, d in enumerate(picked):
+        shutil.copytree(d, ten / f"l{i}", symlinks=True)
+    ten_contents = [{"path": str(ten / f"l{i}"), "target": f"/l{i}"} for i in range(10)]
+    tree10 = Tree.of(ten)
+    s = str(spec(b.work / "ten.json", ten_contents, "none", 12))
+    cache = str(b.work / "cache")
+    victim = next(p for p in (ten / "l3").rglob("*") if p.is_file() and not p.is_symlink())
+    for kind, out in (("docker-archive", f"{b.work}/t.tar"), ("oci-dir", f"oci:{b.work}/tlayout:t")):
+        cold, _ = median_run(b.nsbuild("--no-cache", s, "-o", out), b.runs)
+        run(b.nsbuild("--cache-dir", cache, s, "-o", out))
+        walls, rebuilt = [], []
+        for _ in range(b.runs):
+            with open(victim, "ab") as f:
+                f.write(b"#")
+            w, p, err = run([NSBUILD, "layered", "--cache-dir", cache, s, "-o", out])
+            walls.append(w)
+            # Content layers built again (the customisation layer, the scripts' output, always is).
+            rebuilt.append(
+                sum(
+                    1
+                    for ln in err.splitlines()
+                    if ln.startswith("nsbuild: [") and "cached" not in ln and "customisation layer" not in ln
+                )
+            )
+        wall = statistics.median(walls)
+        b.table.row(
+            f"10 layers, 1 file touched ({max(rebuilt)} of 10 rebuilt, {kind})", "none", tree10, wall, p, wall / cold
         )
+
+
+def npm_tree(b: Bench) -> Tree | None:
+    """A real node_modules: `npm install` of a few common packages, or None (with a note) without npm or
+    the registry."""
+    npm = shutil.which("npm")
+    if npm is None:
+        b.table.note("node_modules rows skipped: npm is not installed")
+        return None
+    d = b.work / "npm"
+    d.mkdir()
+    (d / "package.json").write_text('{"name": "bench", "version": "1.0.0", "private": true}\n')
+    env = {**os.environ, "npm_config_cache": str(b.work / "npm-cache"), "npm_config_update_notifier": "false"}
+    cmd = [npm, "install", "--no-audit", "--no-fund", "--no-package-lock", *NPM_PACKAGES]
+    try:
+        proc = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=600, check=False)
+    except subprocess.TimeoutExpired:
+        b.table.note("node_modules rows skipped: npm install did not finish in 10 minutes")
+        return None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        b.table.note(f"node_modules rows skipped: npm install failed ({proc.returncode}): {last}")
+        return None
+    return Tree.of(d / "node_modules")
+
+
+def npm_rows(b: Bench) -> None:
+    tree = npm_tree(b)
+    if tree is None:
+        return
+    b.table.note(f"node_modules: npm install {' '.join(NPM_PACKAGES)} ({tree.files} entries)")
+    contents = [{"path": str(tree.path), "target": "/opt/tree"}]
+    walls: dict[str, float] = {}
+    for comp in COMPRESSORS:
+        s = spec(b.work / f"npm-{comp}.json", contents, comp, 2)
+        tw, tp = median_run(tar_pipeline(b, tree, comp), b.runs)
+        walls[comp] = tw
+        b.table.row(f"tar | {PIPE_NAMES[comp]} (node_modules)", comp, tree, tw, tp, None)
+        nw, np_ = median_run(b.nsbuild("--no-cache", str(s), "-o", f"oci-archive:{b.work}/o.tar"), b.runs)
+        b.table.row("nsbuild layered (oci-archive, node_modules)", comp, tree, nw, np_, nw / tw)
+        peer_rows(b, tree, [comp], walls, ", node_modules")
+
+
+def large_rows(b: Bench, tree: Tree, cold_none: float) -> None:
+    """A tree twice as large (peak memory) and 300k small files (time per entry)."""
+    s = spec(
+        b.work / "double.json",
+        [{"path": str(tree.path), "target": "/a"}, {"path": str(tree.path), "target": "/b"}],
+        "zstd",
+        2,
     )
-    return path
-
-
-def count_files(tree: Path) -> tuple[int, int]:
-    n = size = 0
-    for dirpath, dirnames, filenames in os.walk(tree):
-        n += len(filenames) + len(dirnames)
-        for f in filenames:
-            with contextlib.suppress(OSError):
-                size += os.lstat(os.path.join(dirpath, f)).st_size
-    return n, size
+    w, p, _ = run(b.nsbuild("--no-cache", str(s), "-o", f"oci-archive:{b.work}/o.tar"))
+    b.table.row("nsbuild, tree twice as large (oci-archive)", "zstd", tree.scaled(2), w, p, None)
+    small_dir = b.work / "small"
+    for i in range(300):
+        d = small_dir / f"d{i:03d}"
+        d.mkdir(parents=True)
+        for j in range(1000):
+            (d / f"f{j:04d}").write_bytes(b"x" * (j % 200))
+    small = Tree.of(small_dir)
+    tw, tp, _ = run(f"tar --sort=name -C {small.path} -cf - . | sha256sum > {b.work}/h")
+    b.table.row("tar | sha256sum (300k small files)", "none", small, tw, tp, None)
+    s = spec(b.work / "small.json", [{"path": str(small.path), "target": "/s"}], "none", 2)
+    w, p, _ = run(b.nsbuild("--no-cache", str(s), "-o", f"{b.work}/d.tar"))
+    b.table.row("nsbuild layered (300k small files)", "none", small, w, p, w / tw)
+    print(
+        f"per file: nsbuild {w / small.files * 1e6:.1f} µs (300k small) vs {cold_none / tree.files * 1e6:.1f} µs "
+        f"(bench tree, {tree.files} files)",
+        file=sys.stderr,
+    )
+    peer_rows(b, small, ("none", "gz"), {"none": tw}, ", 300k small files")
 
 
 def main() -> None:
@@ -83,168 +250,37 @@ def main() -> None:
         ["python3", "-c", "import sys; print(sys.base_prefix)"], capture_output=True, text=True
     ).stdout.strip()
     ap.add_argument("--tree", default=default_tree)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, help="runs per row, the median is shown (default 3, 1 with --quick)")
     ap.add_argument("--quick", action="store_true", help="skip the 2x tree and the 300k-file rows")
+    ap.add_argument("--no-peers", action="store_true", help="skip the buildah/umoci rows")
     args = ap.parse_args()
-    tree = Path(args.tree)
-    files, size = count_files(tree)
-    work = Path(tempfile.mkdtemp(prefix="nsbuild-bench-"))
-    cache = work / "cache"
-    rows: list[tuple[str, ...]] = []
-
-    def row(tool: str, comp: str, n: int, nbytes: int, wall: float, peak: float, ratio: float | None) -> None:
-        r = (
-            tool,
-            comp,
-            str(n) if n else "",
-            f"{nbytes / 2**20:.0f} MiB" if nbytes else "",
-            f"{wall:.2f}",
-            f"{peak:.0f}",
-            "" if ratio is None else f"{ratio:.2f}",
-        )
-        rows.append(r)
-        print("  ".join(r), file=sys.stderr, flush=True)
-
+    runs = args.runs or (1 if args.quick else 3)
+    tree = Tree.of(Path(args.tree))
+    table = Table()
+    peer = None if args.no_peers else peers.open_peer()
+    if isinstance(peer, str):
+        table.note(f"peer rows skipped: {peer}")
+        peer = None
+    elif peer is not None:
+        table.note(peers.NOT_AVAILABLE)
+    b = Bench(Path(tempfile.mkdtemp(prefix="nsbuild-bench-")), runs, table, peer)
     try:
-        contents = [{"path": str(tree), "target": "/opt/tree"}]
-        tar = f"tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@1 -C {tree} -cf - ."
-        pipelines = {
-            "none": f"{tar} | sha256sum > {work}/h",
-            "zstd": f"{tar} | zstd -q -T0 -3 | sha256sum > {work}/h",
-            "gz": f"{tar} | gzip -6 | sha256sum > {work}/h",
-        }
-        for comp in ("none", "zstd", "gz"):
-            s = spec(work / f"{comp}.json", contents, comp, 2)
-            tw, tp = median_run(pipelines[comp], args.runs)
-            row(
-                f"tar | {'sha256sum' if comp == 'none' else ('zstd -T0 -3' if comp == 'zstd' else 'gzip -6')}",
-                comp,
-                files,
-                size,
-                tw,
-                tp,
-                None,
-            )
-            nw, np_ = median_run(
-                [NSBUILD, "layered", "-q", "--no-cache", str(s), "-o", f"oci-archive:{work}/o.tar"], args.runs
-            )
-            row("nsbuild layered (oci-archive)", comp, files, size, nw, np_, nw / tw)
-            dw, dp = median_run([NSBUILD, "layered", "-q", "--no-cache", str(s), "-o", f"{work}/d.tar"], args.runs)
-            row("nsbuild layered (docker-archive)", comp, files, size, dw, dp, dw / tw)
-            if comp == "none":
-                cold_none = dw
-                cold_oci = nw
-
-        # What any rebuild costs at least: starting the CLI, and one stat() per entry (in C, by du).
-        w, p = median_run([NSBUILD, "--help"], args.runs)
-        row("floor: nsbuild --help (interpreter + CLI start)", "", 0, 0, w, p, w / cold_none)
-        w, p = median_run(["du", "-s", str(tree)], args.runs)
-        row("floor: du -s (one lstat per entry, in C)", "", files, size, w, p, w / cold_none)
-
-        # Rebuilds through the cache.
-        s = spec(work / "none.json", contents, "none", 2)
-        w, p = median_run(
-            [NSBUILD, "layered", "-q", "--cache-dir", str(work / "cold-cache"), str(s), "-o", f"{work}/c.tar"],
-            args.runs,
-            before=lambda: shutil.rmtree(work / "cold-cache", True),
-        )
-        row("cold, with the cache (writes cache + output)", "none", files, size, w, p, w / cold_none)
-        run([NSBUILD, "layered", "-q", "--cache-dir", str(cache), str(s), "-o", f"{work}/d.tar"])
-        warm = [NSBUILD, "layered", "-q", "--cache-dir", str(cache), str(s), "-o", f"{work}/d.tar"]
-        w, p = median_run(warm, args.runs)
-        row("rebuild, nothing changed (docker-archive, up to date)", "none", files, size, w, p, w / cold_none)
-        fresh = [NSBUILD, "layered", "-q", "--cache-dir", str(cache), str(s), "-o", f"{work}/new.tar"]
-        w, p = median_run(fresh, args.runs, before=lambda: (work / "new.tar").unlink(missing_ok=True))
-        row("rebuild, nothing changed (docker-archive, new file)", "none", files, size, w, p, w / cold_none)
-        run([NSBUILD, "layered", "-q", "--cache-dir", str(cache), str(s), "-o", f"oci:{work}/ocidir:t"])
-        w, p = median_run(
-            [NSBUILD, "layered", "-q", "--cache-dir", str(cache), str(s), "-o", f"oci:{work}/ocidir:t"], args.runs
-        )
-        row("rebuild, nothing changed (oci-dir)", "none", files, size, w, p, w / cold_oci)
-
-        # Ten layers from ten copies' subtrees; touch one file, rebuild: one layer is rebuilt.
-        ten = work / "ten"
-        subdirs = sorted(p for p in tree.rglob("*") if p.is_dir() and not p.is_symlink())
-        picked = sorted(subdirs, key=lambda p: -sum(1 for _ in p.iterdir()))[:10]
-        for i, d in enumerate(picked):
-            shutil.copytree(d, ten / f"l{i}", symlinks=True)
-        ten_contents = [{"path": str(ten / f"l{i}"), "target": f"/l{i}"} for i in range(10)]
-        n10, s10 = count_files(ten)
-        s = spec(work / "ten.json", ten_contents, "none", 12)
-        victim = next(p for p in (ten / "l3").rglob("*") if p.is_file() and not p.is_symlink())
-
-        def touch() -> None:
-            with open(victim, "ab") as f:
-                f.write(b"#")
-
-        for kind, out in (("docker-archive", f"{work}/t.tar"), ("oci-dir", f"oci:{work}/tlayout:t")):
-            cold, _ = median_run([NSBUILD, "layered", "-q", "--no-cache", str(s), "-o", out], args.runs)
-            run([NSBUILD, "layered", "-q", "--cache-dir", str(cache), str(s), "-o", out])
-            walls = []
-            rebuilt = []
-            for _ in range(args.runs):
-                touch()
-                w, p, err = run([NSBUILD, "layered", "--cache-dir", str(cache), str(s), "-o", out])
-                walls.append(w)
-                lines = err.splitlines()
-                # Content layers built again (the customisation layer, the scripts' output, always is).
-                rebuilt.append(
-                    sum(
-                        1
-                        for ln in lines
-                        if ln.startswith("nsbuild: [") and "cached" not in ln and "customisation layer" not in ln
-                    )
-                )
-            row(
-                f"10 layers, 1 file touched ({max(rebuilt)} of 10 rebuilt, {kind})",
-                "none",
-                n10,
-                s10,
-                statistics.median(walls),
-                p,
-                statistics.median(walls) / cold,
-            )
-
+        cold_none, cold_oci = main_tree(b, tree)
+        floor_and_cache_rows(b, tree, cold_none, cold_oci)
+        ten_layer_rows(b, tree)
+        npm_rows(b)
         if not args.quick:
-            s = spec(
-                work / "double.json",
-                [{"path": str(tree), "target": "/a"}, {"path": str(tree), "target": "/b"}],
-                "zstd",
-                2,
-            )
-            w, p, _ = run([NSBUILD, "layered", "-q", "--no-cache", str(s), "-o", f"oci-archive:{work}/o.tar"])
-            row("nsbuild, tree twice as large (oci-archive)", "zstd", 2 * files, 2 * size, w, p, None)
-            small = work / "small"
-            for i in range(300):
-                d = small / f"d{i:03d}"
-                d.mkdir(parents=True)
-                for j in range(1000):
-                    (d / f"f{j:04d}").write_bytes(b"x" * (j % 200))
-            ns, ss = count_files(small)
-            tw, tp, _ = run(f"tar --sort=name -C {small} -cf - . | sha256sum > {work}/h")
-            row("tar | sha256sum (300k small files)", "none", ns, ss, tw, tp, None)
-            s = spec(work / "small.json", [{"path": str(small), "target": "/s"}], "none", 2)
-            w, p, _ = run([NSBUILD, "layered", "-q", "--no-cache", str(s), "-o", f"{work}/d.tar"])
-            row("nsbuild layered (300k small files)", "none", ns, ss, w, p, w / tw)
-            print(
-                f"per file: nsbuild {w / ns * 1e6:.1f} µs (300k small) vs {cold_none / files * 1e6:.1f} µs "
-                f"(bench tree, {files} files)",
-                file=sys.stderr,
-            )
+            large_rows(b, tree, cold_none)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-    header = ("tool", "compressor", "files", "bytes", "wall s", "peak MiB", "ratio")
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    print(
-        f"\nbench tree: {tree} ({files} entries, {size / 2**20:.0f} MiB), {os.cpu_count()} CPUs, "
-        f"median of {args.runs}; ratio = nsbuild / the tar pipeline above it (rebuild rows: / cold nsbuild)\n"
+        shutil.rmtree(b.work, ignore_errors=True)
+        if peer is not None:
+            peers.close_peer(peer)
+    who = f"; peers as {peer.name}: {', '.join(peers.versions())}" if peer else ""
+    table.print(
+        f"bench tree: {tree.path} ({tree.files} entries, {tree.size / 2**20:.0f} MiB), {os.cpu_count()} CPUs, "
+        f"median of {runs}{who}\nratio = nsbuild / the tar pipeline above it; buildah/umoci rows: the "
+        "`nsbuild layered as ...` row above them / the peer; floor, cache and rebuild rows: / cold nsbuild"
     )
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        # A pipeline's "|" would end a Markdown cell.
-        print("| " + " | ".join(c.replace("|", "\\|").ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ ALLOWED_LOCAL: dict[tuple[str, str], str] = {
     ("nsbuild.build.steps", "nsbuild.sinks.push"): _REQUESTS + " (preflight of and push to a docker:// output)",
     ("nsbuild.build.steps", "nsbuild.registry.usage"): _REQUESTS + " (docker:// output)",
     ("nsbuild.build.steps", "nsbuild.sources.pull"): _REQUESTS + " (docker:// fromImage)",
+    ("nsbuild.build.steps", "nsbuild.cache.shared"): _REQUESTS + " (the blob record of a docker:// output)",
     ("nsbuild.sources.inspect", "nsbuild.sources.pull"): _REQUESTS + " (nsbuild inspect docker://)",
     ("nsbuild.cli.cli", "nsbuild.build.remote"): _REQUESTS + " (nsbuild push)",
     ("nsbuild.cli.cli", "nsbuild.sinks.push"): _REQUESTS + " (--json of a push)",

@@ -16,6 +16,7 @@ from support.core import BUSYBOX, EXAMPLE_SPEC, build, read_image, write_spec
 from support.users import UserTmpFactory, is_root
 
 LAYERED_ATTRS = {
+    "annotations",  # nsbuild's own (OCI manifest annotations), not a dockerTools attribute
     "name",
     "tag",
     "fromImage",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nsbuild.build.context import Workspace
+from nsbuild.cache.shared import blob_record
 from nsbuild.core.progress import Progress
 from nsbuild.core.refs import is_registry
 from nsbuild.errors import UsageError
@@ -61,7 +62,12 @@ def push_existing(
         if warning := healthcheck_warning(config, "registry", manifest_format):
             progress.warn(warning)
         return push(
-            image, target, manifest_format=manifest_format, options=options, progress=progress, cache_dir=cache_dir
+            image,
+            target,
+            manifest_format=manifest_format,
+            options=options,
+            progress=progress,
+            blob_record=blob_record(cache_dir),
         )
     finally:
         ws.close()

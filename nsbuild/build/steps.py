@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from nsbuild.build.context import BuildContext
 from nsbuild.cache.cache import LayerCache, open_cache
+from nsbuild.cache.outputs import OutputStamps
 from nsbuild.core.refs import ImageRef, is_registry
 from nsbuild.errors import SpecError
 from nsbuild.image.image import Image, make_config, oci_manifest
 from nsbuild.layer.layer import MEDIA_BY_COMPRESSOR, Layer, LayerRequest, build_layer, layer_from_tar
 from nsbuild.sandbox.scripts import run_bash, script_env
-from nsbuild.sinks.archive import OutputStamps
 from nsbuild.sinks.load import load_image, pick_client
 from nsbuild.sinks.sinks import (
     ArchiveOutput,
@@ -255,6 +255,7 @@ def write_output(
         write_oci_dir(image, output.path, tag=output.tag or image.tag, referrers=referrers)
         return Written(str(output.path))
     if fmt == "registry":
+        from nsbuild.cache.shared import blob_record
         from nsbuild.registry.usage import has_explicit_tag, registry_reference
         from nsbuild.sinks import push as push_sink
 
@@ -268,7 +269,7 @@ def write_output(
             manifest_format=options.manifest_format,
             options=options.registry,
             progress=progress,
-            cache_dir=options.cache_dir,
+            blob_record=blob_record(options.cache_dir),
         )
         return Written(f"docker://{pushed.reference}", push=pushed)
     raise SpecError("--format", f"unknown output format {fmt!r}")

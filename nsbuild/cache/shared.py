@@ -36,10 +36,18 @@ from nsbuild.errors import BuildError
 from nsbuild.image.image import MEDIA_OCI_MANIFEST, canonical_json, sha256_digest
 from nsbuild.layer.contentkey import TarMismatch, content_hasher, file_record, verified_tar
 from nsbuild.layer.layer import COMPRESSION_OF_MEDIA, MEDIA_BY_COMPRESSOR, Blob, Layer
-from nsbuild.registry import PushResult, RegistryError, RegistryOptions, fetch_blob, fetch_manifest, push_manifest
+from nsbuild.registry import (
+    BlobRecord,
+    PushResult,
+    RegistryError,
+    RegistryOptions,
+    fetch_blob,
+    fetch_manifest,
+    push_manifest,
+)
 from nsbuild.registry.client import RegistryClient
 from nsbuild.registry.pull import descriptor, is_sha256, parse_document
-from nsbuild.registry.usage import TransferReporter, blob_record, check_blobs, registry_reference
+from nsbuild.registry.usage import TransferReporter, check_blobs, registry_reference
 from nsbuild.tar.owners import OwnerPolicy
 from nsbuild.tar.tarwriter import Source, encode_header, iter_entries
 
@@ -320,3 +328,16 @@ def opened_cache(text: str | None, options: RegistryOptions | None, progress: Pr
         yield cache
     finally:
         cache.close()
+
+
+class _HintRecord(BlobRecord):
+    """A BlobRecord whose file is only a hint: failing to save it never fails a push."""
+
+    def save(self) -> None:
+        with contextlib.suppress(OSError):
+            super().save()
+
+
+def blob_record(cache_dir: Path | None) -> BlobRecord:
+    """Where blobs were seen (for cross-repository mounts): `<cache>/blob-record.json`, else in memory."""
+    return _HintRecord(cache_dir / "blob-record.json" if cache_dir is not None else None)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from nsbuild.layer.layer import Layer
+from nsbuild.layer.layer import MEDIA_TAR, MEDIA_TAR_GZIP, MEDIA_TAR_ZSTD, Layer
 
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -17,6 +17,15 @@ MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MEDIA_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 MEDIA_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
 MEDIA_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+# Not a Docker v2 type, but skopeo writes it (and keeps it when copying into an OCI layout).
+MEDIA_DOCKER_LAYER_ZSTD = "application/vnd.docker.image.rootfs.diff.tar.zstd"
+
+# The Docker names of the OCI layer types, one table both ways: the same bytes under either name.
+DOCKER_LAYER_OF_OCI = {MEDIA_TAR: MEDIA_DOCKER_LAYER, MEDIA_TAR_GZIP: MEDIA_DOCKER_LAYER_GZIP}
+OCI_LAYER_OF_DOCKER = {
+    **{docker: oci for oci, docker in DOCKER_LAYER_OF_OCI.items()},
+    MEDIA_DOCKER_LAYER_ZSTD: MEDIA_TAR_ZSTD,
+}
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -70,13 +79,9 @@ def oci_manifest(config: bytes, layers: list[Layer], annotations: dict[str, str]
 
 def docker_manifest(image: Image) -> bytes:
     """Docker v2 schema 2 manifest for the same config and blobs (registry push with --manifest-format)."""
-    docker_layer_media = {
-        "application/vnd.oci.image.layer.v1.tar": MEDIA_DOCKER_LAYER,
-        "application/vnd.oci.image.layer.v1.tar+gzip": MEDIA_DOCKER_LAYER_GZIP,
-    }
     layers = []
     for layer in image.layers:
-        media = docker_layer_media.get(layer.media_type)
+        media = DOCKER_LAYER_OF_OCI.get(layer.media_type)
         if media is None:
             raise ValueError(f"layer {layer.digest} ({layer.media_type}) has no Docker v2 media type; use gz")
         layers.append({"mediaType": media, "digest": layer.digest, "size": layer.size})

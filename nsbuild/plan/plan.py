@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from nsbuild.spec.spec import Spec
 from nsbuild.tar.tarwriter import Source
 
 
-@dataclass
+@dataclass(frozen=True)
 class PlannedLayer:
     sources: list[Source]
     comment: str
@@ -88,22 +89,26 @@ def make_plan(spec: Spec, base_layer_count: int, extra_roots: Sequence[Path] = (
         # Nothing may get a layer of its own: everything joins the customisation layer, nothing is lost.
         folded = _store_sources(closure, sorted(closure)) + [s for t in tree_layers for s in t.sources]
         return Plan(layers=[], custom_sources=folded, store_links=links, closure=closure, store=store)
-    plan = Plan(layers=[], store_links=links, closure=closure, store=store)
     store_budget = max(budget - len(tree_layers), 1 if closure else 0)
     tree_budget = budget - store_budget
     if closure and tree_budget <= 0 and tree_layers:
         store_budget, tree_budget = budget, 0
-    store_groups = _store_groups(spec, closure, links, config_roots, store_budget, list(extra_roots))
-    for names in store_groups:
+    layers: list[PlannedLayer] = []
+    for names in _store_groups(spec, closure, links, config_roots, store_budget, list(extra_roots)):
         size = sum(closure[n].size for n in names)
         comment = "store paths: " + ", ".join(n[33:] for n in names[:8]) + (" …" if len(names) > 8 else "")
-        plan.layers.append(PlannedLayer(_store_sources(closure, names), comment, size))
+        layers.append(PlannedLayer(_store_sources(closure, names), comment, size))
     if tree_layers and tree_budget <= 0:
-        plan.layers[-1].sources.extend(s for t in tree_layers for s in t.sources)
-        plan.layers[-1].comment += " + " + ", ".join(t.comment.split(":")[0] for t in tree_layers)
+        # No layer left for the trees: they join the last store layer.
+        last = layers[-1]
+        layers[-1] = PlannedLayer(
+            [*last.sources, *(s for t in tree_layers for s in t.sources)],
+            last.comment + " + " + ", ".join(t.comment.split(":")[0] for t in tree_layers),
+            last.size,
+        )
     else:
-        plan.layers.extend(_merge_smallest(tree_layers, tree_budget))
-    return plan
+        layers.extend(_merge_smallest(tree_layers, tree_budget))
+    return Plan(layers=layers, store_links=links, closure=closure, store=store)
 
 
 def _store_groups(
@@ -145,8 +150,8 @@ def _merge_smallest(layers: list[PlannedLayer], budget: int) -> list[PlannedLaye
     """
     items = list(layers)
     if len(items) > budget:
-        for layer in layers:  # sizes only matter when something must be merged
-            layer.size = sum(tree_size(s.host) for s in layer.sources)
+        # sizes only matter when something must be merged
+        items = [dataclasses.replace(la, size=sum(tree_size(s.host) for s in la.sources)) for la in items]
     while len(items) > max(budget, 1):
         i = min(range(len(items) - 1), key=lambda k: (items[k].size + items[k + 1].size, k))
         a, b = items[i], items[i + 1]

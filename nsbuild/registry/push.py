@@ -55,6 +55,18 @@ Progress = Callable[[ProgressEvent], None]
 
 
 @dataclass
+class _Tally:
+    """What a push counts while its threads run; frozen into a PushResult at the end."""
+
+    uploaded_blobs: list[str] = field(default_factory=list)
+    skipped_blobs: list[str] = field(default_factory=list)
+    mounted_blobs: list[str] = field(default_factory=list)
+    uploaded_bytes: int = 0
+    resumed_uploads: int = 0
+    restarted_uploads: int = 0
+
+
+@dataclass(frozen=True)
 class PushResult:
     reference: str  # what was pushed, e.g. 127.0.0.1:5000/app:1.0
     digest: str  # the manifest digest (what `REPO@DIGEST` pulls)
@@ -216,7 +228,7 @@ class _Pusher:
     def __init__(
         self,
         client: RegistryClient,
-        result: PushResult,
+        result: _Tally,
         progress: Progress | None,
         chunk_size: int,
         monolithic_max: int,
@@ -465,18 +477,29 @@ def _push(job: _Push) -> PushResult:
     digest = sha256_digest(job.manifest)
     if target.digest and target.digest != digest and not target.tag:
         raise UsageError(f"cannot push to {target}: the manifest's digest is {digest}")
-    result = PushResult(str(target), digest, job.media_type)
+    tally = _Tally()
     with RegistryClient(target, job.options, actions=("pull", "push")) as client:
         client.ping()  # once, before the threads share the client
         monolithic_max = tuning.chunk_size if tuning.monolithic_max is None else tuning.monolithic_max
-        pusher = _Pusher(client, result, job.progress, tuning.chunk_size, monolithic_max)
+        pusher = _Pusher(client, tally, job.progress, tuning.chunk_size, monolithic_max)
         _push_blobs(pusher, job)
         order = {src.digest: i for i, src in enumerate(job.sources)}
-        for blobs in (result.uploaded_blobs, result.skipped_blobs, result.mounted_blobs):
+        for blobs in (tally.uploaded_blobs, tally.skipped_blobs, tally.mounted_blobs):
             blobs.sort(key=order.__getitem__)
         # The manifest last: a tag never names a blob that is not there yet.
         pusher.put_manifest(target.tag or digest, job.manifest, job.media_type)
-        result.retries = client.retries
+        result = PushResult(
+            str(target),
+            digest,
+            job.media_type,
+            uploaded_blobs=tally.uploaded_blobs,
+            skipped_blobs=tally.skipped_blobs,
+            mounted_blobs=tally.mounted_blobs,
+            uploaded_bytes=tally.uploaded_bytes,
+            resumed_uploads=tally.resumed_uploads,
+            restarted_uploads=tally.restarted_uploads,
+            retries=client.retries,
+        )
     if job.blob_record is not None:
         for src in job.sources:
             job.blob_record.add(target.registry, target.repository, src.digest)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from pathlib import Path
 
 from nsbuild.core.progress import Progress, human
 from nsbuild.errors import BuildError, UsageError
 from nsbuild.layer.layer import Blob, file_digest
-from nsbuild.registry import BlobRecord
 from nsbuild.registry.push import ProgressEvent
 from nsbuild.registry.reference import Reference, parse_reference
 
@@ -47,19 +44,6 @@ class TransferReporter:
             self.progress.info(f"{short}: mounted from another repository ({human(event.total)})")
         elif event.action == "uploaded":
             self.progress.info(f"{short}: uploaded {human(event.total)}")
-
-
-class _HintRecord(BlobRecord):
-    """A BlobRecord whose file is only a hint: failing to save it never fails a push."""
-
-    def save(self) -> None:
-        with contextlib.suppress(OSError):
-            super().save()
-
-
-def blob_record(cache_dir: Path | None) -> BlobRecord:
-    """Where blobs were seen (for cross-repository mounts): beside the layer cache, else in memory."""
-    return _HintRecord(cache_dir / "blob-record.json" if cache_dir is not None else None)
 
 
 def check_blobs(blobs: list[Blob]) -> None:

@@ -5,7 +5,7 @@ reserved first and filled in once the layer's digest and size are known (the fil
 other layer is built into a blob file and copied in when its turn comes (`copy_file_range`).  So a
 one-layer image is written once, not built into a temporary file and copied.  Nothing is written
 before the first layer that has to be built: when every layer came from the cache and the output file
-already holds these exact bytes (`OutputStamps`), it is left as it is.
+already holds these exact bytes (nsbuild.cache.outputs), it is left as it is.
 
 A compressed docker-archive (dockerTools compresses the whole archive) is a sequence of frames: each
 layer's data is the layer blob itself, compressed while the layer was built (the OCI blob: one gzip
@@ -33,7 +33,7 @@ from nsbuild.layer.layer import MEDIA_BY_COMPRESSOR, Blob, Layer
 from nsbuild.tar.owners import Owner
 from nsbuild.tar.tarwriter import BLOCK, Entry, encode_header
 
-# Bump whenever the archive bytes for the same image change (it keys OutputStamps).
+# Bump whenever the archive bytes for the same image change (it keys the cache's output stamps).
 ARCHIVE_VERSION = "nsbuild-archive-v2"
 ARCHIVE_OWNER = Owner(0, 0, "", "")
 OCI_LAYOUT = canonical_json({"imageLayoutVersion": "1.0.0"})
@@ -412,53 +412,3 @@ def stale_referrers(existing: list[dict], tag: str, subject_of: Callable[[dict],
     if not replaced:
         return existing
     return [m for m in existing if REF_NAME in m.get("annotations", {}) or subject_of(m) not in replaced]
-
-
-# --- outputs that already hold the image -----------------------------------------------------------------
-
-
-class OutputStamps:
-    """What this cache last wrote to each output file: the archive's identity and the file's stat.
-
-    A rebuild that would write the same bytes into a file that nobody touched since (same inode, size,
-    mtime and ctime: any write or rename moves ctime) leaves the file alone, as make does.
-    """
-
-    def __init__(self, cache_root: Path) -> None:
-        self.dir = cache_root / "outputs"
-
-    def _entry(self, path: Path) -> Path:
-        return self.dir / (hashlib.sha256(os.fsencode(path.absolute())).hexdigest() + ".json")
-
-    @staticmethod
-    def _stat(path: Path) -> list[int] | None:
-        try:
-            st = os.lstat(path)
-        except OSError:
-            return None
-        return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode]
-
-    def holds(self, path: Path, identity: str) -> bool:
-        try:
-            entry = json.loads(self._entry(path).read_text())
-        except (OSError, ValueError):
-            return False
-        st = self._stat(path)
-        return st is not None and entry.get("identity") == identity and entry.get("stat") == st
-
-    def record(self, path: Path, identity: str) -> None:
-        """Best effort: a stamp that cannot be written only costs the next build a rewrite."""
-        st = self._stat(path)
-        if st is None:
-            return
-        entry = self._entry(path)
-        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"path": str(path.absolute()), "identity": identity, "stat": st}))
-            os.replace(tmp, entry)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-
-    def forget(self, path: Path) -> None:
-        self._entry(path).unlink(missing_ok=True)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from nsbuild.core.progress import Progress, human
 from nsbuild.image.image import Image
-from nsbuild.registry import PushResult, RegistryOptions, push_image
+from nsbuild.registry import BlobRecord, PushResult, RegistryOptions, push_image
 from nsbuild.registry.client import RegistryClient
 from nsbuild.registry.reference import Reference
-from nsbuild.registry.usage import TransferReporter, blob_record, check_blobs, registry_reference
+from nsbuild.registry.usage import TransferReporter, check_blobs, registry_reference
 
 
 def preflight(text: str, what: str, options: RegistryOptions | None) -> None:
@@ -30,8 +29,9 @@ def push(
     manifest_format: str,
     options: RegistryOptions | None,
     progress: Progress,
-    cache_dir: Path | None,
+    blob_record: BlobRecord | None,
 ) -> PushResult:
+    """`blob_record` (read and updated; nsbuild.cache.shared.blob_record) enables cross-repository mounts."""
     progress.info(f"pushing {target} ({manifest_format} manifest, {len(image.layers)} layers)")
     check_blobs([layer.compressed for layer in image.layers])
     result = push_image(
@@ -40,7 +40,7 @@ def push(
         manifest_format=manifest_format,
         options=options,
         progress=TransferReporter(progress, "push"),
-        blob_record=blob_record(cache_dir),
+        blob_record=blob_record,
     )
     progress.info(
         f"pushed {result.reference}@{result.digest}: {len(result.uploaded_blobs)} blobs uploaded "

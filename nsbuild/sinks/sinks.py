@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from nsbuild.core.refs import split_registry_host
 from nsbuild.errors import BuildError, UsageError
@@ -25,7 +25,6 @@ from nsbuild.sinks.archive import (
     OCI_LAYOUT,
     REF_NAME,
     ImageArchive,
-    OutputStamps,
     Referrer,
     oci_index,
     stale_referrers,
@@ -247,6 +246,17 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+class Stamps(Protocol):
+    """What is known of the files written before (nsbuild.cache.outputs, which owns the cache directory):
+    whether `path` still holds the archive `identity`, and the record of a file written or touched."""
+
+    def holds(self, path: Path, identity: str) -> bool: ...
+
+    def record(self, path: Path, identity: str) -> None: ...
+
+    def forget(self, path: Path) -> None: ...
+
+
 class AtomicFile:
     """A temporary file beside `path`, unbuffered; commit() renames it over `path`, anything else removes it."""
 
@@ -309,7 +319,7 @@ class ArchiveOutput:
     alone when it already holds exactly these bytes (`stamps`: the cache's record of what it wrote)."""
 
     def __init__(
-        self, path: Path, *, kind: str, envelope: str, mtime: int, positions: int, stamps: OutputStamps | None
+        self, path: Path, *, kind: str, envelope: str, mtime: int, positions: int, stamps: Stamps | None
     ) -> None:
         self.file = AtomicFile(path)
         self.archive = ImageArchive(

@@ -21,9 +21,8 @@ from nsbuild.core.refs import parse_ref
 from nsbuild.errors import BuildError
 from nsbuild.image.image import sha256_digest
 from nsbuild.layer.layer import (
+    MEDIA_BY_COMPRESSOR,
     MEDIA_TAR,
-    MEDIA_TAR_GZIP,
-    MEDIA_TAR_ZSTD,
     Blob,
     Layer,
     copy_verified,
@@ -34,13 +33,6 @@ from nsbuild.tar.tarscan import Member, TarFormatError, check_file, scan_file
 REF_NAME = "org.opencontainers.image.ref.name"
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 MAX_JSON = 64 << 20  # a manifest or config larger than this is not an image
-COMPRESSION_MEDIA = {"none": MEDIA_TAR, "gz": MEDIA_TAR_GZIP, "zstd": MEDIA_TAR_ZSTD}
-# Docker media types in an OCI layout (skopeo keeps them when copying): the OCI names for the same bytes.
-DOCKER_TO_OCI = {
-    "application/vnd.docker.image.rootfs.diff.tar": MEDIA_TAR,
-    "application/vnd.docker.image.rootfs.diff.tar.gzip": MEDIA_TAR_GZIP,
-    "application/vnd.docker.image.rootfs.diff.tar.zstd": MEDIA_TAR_ZSTD,
-}
 
 
 @dataclass(frozen=True)
@@ -363,7 +355,7 @@ def _load_oci(reader: _Reader, blob_dir: Path, architecture: str, tag: str | Non
         with reader.open("blobs/sha256/" + digest.split(":", 1)[1]) as f:
             compressed = copy_verified(f, blob_dir, digest, what)
         tar = _decompressed_blob(compressed, blob_dir, diff_id, what)
-        media = COMPRESSION_MEDIA[compression_of(compressed.path or "")]
+        media = MEDIA_BY_COMPRESSOR[compression_of(compressed.path or "")]
         layers.append(
             Layer(diff_id=diff_id, tar=tar, compressed=compressed, media_type=media, comment=f"base layer {i}")
         )

@@ -12,12 +12,13 @@ from typing import Any
 
 from nsbuild.core.progress import Progress, human
 from nsbuild.errors import BuildError
+from nsbuild.image.image import OCI_LAYER_OF_DOCKER
 from nsbuild.layer.layer import COMPRESSION_OF_MEDIA, MEDIA_TAR, Blob, Layer, decompress_verified, file_digest
 from nsbuild.registry import PulledBlob, PulledImage, RegistryOptions, pull_image
 from nsbuild.registry.pull import is_sha256, parse_document
 from nsbuild.registry.reference import Reference
 from nsbuild.registry.usage import TransferReporter, registry_reference
-from nsbuild.sources.baseimage import DOCKER_TO_OCI, BaseImage, check_layer_tar
+from nsbuild.sources.baseimage import BaseImage, check_layer_tar
 
 BASE_DIGEST = "org.opencontainers.image.base.digest"
 BASE_NAME = "org.opencontainers.image.base.name"
@@ -158,7 +159,7 @@ def _pull_checked(
 def _base_layer(i: int, blob: PulledBlob, diff_id: str, store_dir: Path, need_tar: bool, pinned: str) -> Layer:
     """Layer `i` of the base: its compressed blob as pulled, and its tar when the build reads it."""
     what = f"fromImage: layer {i} ({blob.digest[:19]})"
-    media = DOCKER_TO_OCI.get(blob.media_type, blob.media_type)
+    media = OCI_LAYER_OF_DOCKER.get(blob.media_type, blob.media_type)
     if media not in COMPRESSION_OF_MEDIA:
         raise BuildError(f"{what}: media type {blob.media_type!r} is not a layer nsbuild can use")
     compressed = Blob(blob.digest, blob.size, blob.path)
