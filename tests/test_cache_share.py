@@ -145,9 +145,18 @@ def test_cache_to_after_a_local_change_records_the_new_content(
     assert index_digest(b / "out") == index_digest(a / "out2")
 
     spec_c = make_inputs(c, user, mtime=1_700_000_000)  # the old alpha: no longer in the record
-    err = build(user, spec_c, f"oci:{c / 'out'}", "--no-cache", "--cache-from", shared, TLS_OFF)
-    assert content(states(err)) == {"contents[0]": "built", "contents[1]": "remote", "contents[2]": "remote"}, err
+    args = ["layered", str(spec_c), "-o", f"oci:{c / 'out'}", "--no-cache", "--cache-from", shared, TLS_OFF, "--json"]
+    proc = run_nsbuild(args, user)
+    assert proc.returncode == 0, describe(proc)
+    assert content(states(proc.stderr)) == {
+        "contents[0]": "built",
+        "contents[1]": "remote",
+        "contents[2]": "remote",
+    }, proc.stderr
     assert index_digest(c / "out") == index_digest(a / "out1")
+    # --json says the same per layer: where each came from (the customisation layer is always built).
+    sources = [layer["source"] for layer in json.loads(proc.stdout)["layers"]]
+    assert sources == ["built", "cache-from", "cache-from", "built"], sources
 
 
 def test_shared_gzip_cache_feeds_a_docker_archive_without_local_cache(

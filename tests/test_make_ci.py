@@ -405,22 +405,34 @@ def test_progress_bars_on_a_terminal() -> None:
     from nsbuild.core.progress import Progress
 
     master, slave = pty.openpty()
+    os.set_blocking(master, False)
+    drawn = ""
+
+    def read_master() -> str:
+        try:
+            return os.read(master, 1 << 16).decode()
+        except BlockingIOError:
+            return ""
+
     try:
         with os.fdopen(slave, "w", closefd=False) as tty:
             progress = Progress(stream=tty)
             done = [0]
             stop = progress.watch("layer 1/2", lambda: done[0], total=4 << 20)
-            for _ in range(6):
-                done[0] += 512 << 10
-                time.sleep(0.1)
+            # The bar is redrawn by a ticker thread: wait for it (a loaded machine may be slow), no timing.
+            deadline = time.monotonic() + 30
+            while "ETA" not in drawn and time.monotonic() < deadline:
+                done[0] = min(done[0] + (256 << 10), (4 << 20) - 1)
+                time.sleep(0.05)
+                drawn += read_master()
             stop()
             progress.info("finished")
-        os.set_blocking(master, False)
-        drawn = os.read(master, 1 << 16).decode()
+        time.sleep(0.05)
+        drawn += read_master()
     finally:
         os.close(master)
         os.close(slave)
-    assert re.search(r"layer 1/2 \[#+-*\] [\d.]+ MiB/4\.0 MiB [\d.]+ \w+/s ETA \d+s", drawn), drawn
+    assert re.search(r"layer 1/2 \[#*-*\] [\d.]+ (?:B|KiB|MiB)/4\.0 MiB [\d.]+ \w+/s ETA \d+s", drawn), drawn
     assert "nsbuild: finished" in drawn
 
     class Pipe:
