@@ -408,6 +408,24 @@ def test_push_refuses_a_corrupted_cached_blob(
     assert proc.stderr.count("\n") <= 12 and "Traceback" not in proc.stderr
 
 
+def test_sbom_scan_refuses_a_corrupted_cached_blob(user_with_subids: str | None, user_tmp) -> None:  # noqa: ANN001
+    """The SBOM's package scan reads cached layer blobs: it checks their digests first, as a push does,
+    so a damaged blob is never read as if it were the layer (and no layout is written)."""
+    c = Cached(user_tmp(user_with_subids), user_with_subids)
+    c.build()
+    victim = c.largest_blob()
+    corrupt_in_place(victim)
+    _stamp_as_is(c.cache)
+    out = c.d / "layout"
+    proc = run_nsbuild(
+        ["layered", str(c.spec), "-o", f"oci:{out}:1", "--cache-dir", str(c.cache), "--sbom", "spdx"],
+        user_with_subids,
+    )
+    assert proc.returncode == 1, describe(proc)
+    assert "is corrupted" in proc.stderr and "cache verify" in proc.stderr, describe(proc)
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
 # --- killed builds ----------------------------------------------------------------------------------------
 
 

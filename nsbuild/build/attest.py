@@ -14,6 +14,7 @@ from nsbuild import sbom
 from nsbuild.build.context import BuildContext
 from nsbuild.errors import BuildError, NsbuildError, UsageError
 from nsbuild.image.image import Image, docker_manifest
+from nsbuild.layer.layer import check_blobs
 from nsbuild.plan.store import StorePath
 from nsbuild.sbom import (
     BaseFacts,
@@ -121,6 +122,7 @@ def documents(ctx: BuildContext, image: Image, known: Known) -> Documents | None
         name=spec.name,
     )
     ctx.progress.info(f"making the SBOM ({', '.join(kinds)}) and provenance")
+    check_blobs([layer.compressed for layer in image.layers])  # no byte is read before its digest is checked
     return documents_for(facts_from_image(image, base=base), request)
 
 

@@ -35,7 +35,7 @@ from nsbuild.core.progress import Progress
 from nsbuild.errors import BuildError
 from nsbuild.image.image import MEDIA_OCI_MANIFEST, canonical_json, sha256_digest
 from nsbuild.layer.contentkey import TarMismatch, content_hasher, file_record, verified_tar
-from nsbuild.layer.layer import COMPRESSION_OF_MEDIA, MEDIA_BY_COMPRESSOR, Blob, Layer
+from nsbuild.layer.layer import COMPRESSION_OF_MEDIA, MEDIA_BY_COMPRESSOR, Blob, Layer, check_blobs
 from nsbuild.registry import (
     BlobRecord,
     PushResult,
@@ -47,7 +47,7 @@ from nsbuild.registry import (
 )
 from nsbuild.registry.client import RegistryClient
 from nsbuild.registry.pull import descriptor, is_sha256, parse_document
-from nsbuild.registry.usage import TransferReporter, check_blobs, registry_reference
+from nsbuild.registry.usage import TransferReporter, registry_reference
 from nsbuild.tar.owners import OwnerPolicy
 from nsbuild.tar.tarwriter import Source, encode_header, iter_entries
 

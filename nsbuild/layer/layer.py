@@ -97,6 +97,18 @@ def decompress_verified(src: Path, dest_dir: Path, expected_diff_id: str | None,
         raise BuildError(f"{what}: cannot decompress: {exc}") from None
 
 
+def check_blobs(blobs: list[Blob]) -> None:
+    """Hash every blob file again before it is read for something else than its copy (a registry push,
+    the SBOM's package scan): a cached blob damaged where its stamp cannot see (the disk, the raw
+    device) must not reach a registry, nor be read as if it were the layer."""
+    for blob in blobs:
+        if blob.path is not None and file_digest(blob.path) != blob.digest:
+            raise BuildError(
+                f"{blob.path}: the blob {blob.digest[:19]} is corrupted (its bytes have another "
+                "digest); run `nsbuild cache verify` and build again"
+            )
+
+
 # --- producing layers ------------------------------------------------------------------------------
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import threading
 
 from nsbuild.core.progress import Progress, human
-from nsbuild.errors import BuildError, UsageError
-from nsbuild.layer.layer import Blob, file_digest
+from nsbuild.errors import UsageError
 from nsbuild.registry.push import ProgressEvent
 from nsbuild.registry.reference import Reference, parse_reference
 
@@ -44,15 +43,3 @@ class TransferReporter:
             self.progress.info(f"{short}: mounted from another repository ({human(event.total)})")
         elif event.action == "uploaded":
             self.progress.info(f"{short}: uploaded {human(event.total)}")
-
-
-def check_blobs(blobs: list[Blob]) -> None:
-    """Hash every blob file again before it leaves the machine: a cached blob damaged where its stamp
-    cannot see (the disk, the raw device) must not reach a registry, which would keep it or refuse it
-    with a less clear error."""
-    for blob in blobs:
-        if blob.path is not None and file_digest(blob.path) != blob.digest:
-            raise BuildError(
-                f"{blob.path}: the blob {blob.digest[:19]} is corrupted (its bytes have another "
-                "digest); run `nsbuild cache verify` and build again"
-            )

@@ -6,10 +6,11 @@ from typing import Any
 
 from nsbuild.core.progress import Progress, human
 from nsbuild.image.image import Image
+from nsbuild.layer.layer import check_blobs
 from nsbuild.registry import BlobRecord, PushResult, RegistryOptions, push_image
 from nsbuild.registry.client import RegistryClient
 from nsbuild.registry.reference import Reference
-from nsbuild.registry.usage import TransferReporter, check_blobs, registry_reference
+from nsbuild.registry.usage import TransferReporter, registry_reference
 
 
 def preflight(text: str, what: str, options: RegistryOptions | None) -> None:
