@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from nsbuild.core.progress import Progress
+from nsbuild.core.refs import parse_ref
 from nsbuild.sinks.sinks import atomic_output
 from nsbuild.spec.spec import Spec
 
@@ -52,11 +53,12 @@ def _script_inputs(spec: Spec) -> Iterator[Path]:
 
 
 def _base_inputs(spec: Spec) -> Iterator[Path]:
-    ref = spec.from_image
-    if not ref or ref.startswith("docker://"):
+    if not spec.from_image:
+        return
+    ref = parse_ref(spec.from_image)
+    if ref.format in ("registry", "load"):
         return  # a registry base is pinned by digest or tag: make cannot see it change
-    transport, sep, rest = ref.partition(":")
-    path = Path(rest.partition(":")[0] if sep and transport in ("docker-archive", "oci", "oci-archive") else ref)
+    path = ref.path
     if not path.is_absolute():
         path = spec.base_dir / path
     yield from _walk(path)

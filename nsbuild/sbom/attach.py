@@ -97,12 +97,14 @@ def _write_blob(layout: Path, data: bytes) -> str:
     if path.is_file() and path.stat().st_size == len(data):
         return digest
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, data)
+    atomic_write(path, data)
     return digest
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+def atomic_write(path: Path, data: bytes) -> None:
+    """`data` as `path` (0644), through a temporary file beside it: never a partial file."""
+    path = path.absolute()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -150,7 +152,7 @@ def attach_to_layout(layout: Path, subject: Subject, artifacts: list[Artifact], 
     index["manifests"] = kept + added
     index.setdefault("schemaVersion", 2)
     index.setdefault("mediaType", MEDIA_OCI_INDEX)
-    _atomic_write(index_path, canonical_json(index))
+    atomic_write(index_path, canonical_json(index))
     return added
 
 

@@ -3,14 +3,12 @@ registry it was pushed to. One call for the build and the CLI (`--sbom`, `--sbom
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nsbuild.errors import BuildError
-from nsbuild.sbom.attach import attach_to_layout
+from nsbuild.sbom.attach import atomic_write, attach_to_layout
 from nsbuild.sbom.documents import Documents
 
 if TYPE_CHECKING:  # a type only: nsbuild.registry stays unloaded by builds without a registry
@@ -36,19 +34,6 @@ class Published:
     registry_mode: str  # "api", "tag" or "" (no registry)
 
 
-def _write(path: Path, data: bytes) -> None:
-    path = path.absolute()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def publish(docs: Documents, target: PublishTarget) -> Published:
     by_kind = {"spdx": docs.spdx, "cyclonedx": docs.cyclonedx, "provenance": docs.provenance}
     written = []
@@ -57,7 +42,7 @@ def publish(docs: Documents, target: PublishTarget) -> Published:
         if data is None:
             raise BuildError(f"{path}: no {kind} document was made (see --sbom)")
         try:
-            _write(Path(path), data)
+            atomic_write(Path(path), data)
         except OSError as exc:
             raise BuildError(f"{path}: cannot write the {kind} document: {exc.strerror}") from None
         written.append(str(path))
