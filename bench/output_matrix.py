@@ -32,6 +32,7 @@ from tests.support.users import account, is_root, make_user_tmp, remove_tree, ru
 
 TEST_USER = "test"  # nsbuild-test, with a subordinate id range
 STORE_DIR = Path("/var/tmp/nsbuild-output-matrix-store")
+INPUT_DIR = Path("/var/tmp/nsbuild-output-matrix-in")
 OUTPUTS = {"docker-archive": "out.tar", "oci-dir": "out.oci", "oci-archive": "out-oci.tar", "stream": "out.stream"}
 COMPRESSORS = ("none", "gz", "zstd")
 CACHES = ("no-cache", "cold", "warm")
@@ -154,10 +155,18 @@ def _cases(specs: dict[str, tuple[str, Path]], users: list[str | None]) -> Itera
 
 def run_matrix(quick: bool, only: list[str]) -> dict[str, str]:
     users: list[str | None] = [None, TEST_USER] if is_root() and not quick else [None]
-    top = make_user_tmp(TEST_USER if is_root() else None, prefix="nsbuild-matrix-")
+    owner = TEST_USER if is_root() else None
+    # The inputs' paths are written into the SBOM provenance (the spec as given, fromImage included),
+    # so they are fixed like the store's, or no recorded digest could be checked in a later run.
+    top = INPUT_DIR
     out: dict[str, str] = {}
-    if STORE_DIR.exists():
-        remove_tree(STORE_DIR, None)  # a run killed earlier (one run at a time: the path is fixed)
+    for fixed in (STORE_DIR, top):
+        if fixed.exists():
+            remove_tree(fixed, owner if fixed == top else None)  # a run killed earlier (one run at a time)
+    top.mkdir(mode=0o755)
+    if owner is not None:
+        acc = account(owner)
+        os.chown(top, acc.uid, acc.gid)
     try:
         specs = _inputs(top / "in")
         specs = {k: v for k, v in specs.items() if not only or k in only}
@@ -171,7 +180,7 @@ def run_matrix(quick: bool, only: list[str]) -> dict[str, str]:
             finally:
                 remove_tree(work, user)
     finally:
-        remove_tree(top, TEST_USER if is_root() else None)
+        remove_tree(top, owner)
         remove_tree(STORE_DIR, None)
     return out
 
