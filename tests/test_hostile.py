@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support.layouts import OCI_LAYER_GZIP, Layout, image_config, layer_descriptor, sha256
 from support.users import UserTmpFactory, account, describe, is_root, run_nsbuild
 
 Entry = Callable[[tarfile.TarFile], None]
@@ -233,51 +234,11 @@ def test_oci_blob_digest_mismatch(hostile_work: tuple[str | None, Path, Path]) -
     blob = gzip.compress(good, mtime=0)
     wrong = gzip.compress(layer(_file("etc/evil")), mtime=0)
     layout = work / "oci"
-    blobs = layout / "blobs/sha256"
-    blobs.mkdir(parents=True)
-
-    def put(data: bytes, name: str | None = None) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        (blobs / (name or digest)).write_bytes(data)
-        return "sha256:" + digest
-
-    layer_digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    (blobs / layer_digest.split(":")[1]).write_bytes(wrong)  # the bytes do not match the name
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {},
-            "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(good).hexdigest()]},
-        }
-    ).encode()
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": put(config),
-                "size": len(config),
-            },
-            "layers": [
-                {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": len(blob)}
-            ],
-        }
-    ).encode()
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": put(manifest),
-                "size": len(manifest),
-                "annotations": {"org.opencontainers.image.ref.name": "t"},
-            }
-        ],
-    }
-    (layout / "index.json").write_text(json.dumps(index))
-    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    oci = Layout(layout)
+    layer_digest = sha256(blob)
+    oci.put_as(layer_digest, wrong)  # the bytes do not match the name
+    config = image_config([sha256(good)])
+    oci.finish(config, [layer_descriptor(layer_digest, len(blob), OCI_LAYER_GZIP)])
     if is_root():
         acc = account(user)
         for dirpath, dirnames, filenames in os.walk(work):

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.layouts import Layout, image_config, layer_descriptor, sha256
 from support.users import UserTmpFactory, account, describe, is_root, run_nsbuild
 
 from nsbuild.tar.tarscan import TarFormatError, iter_members
@@ -113,50 +114,10 @@ def docker_archive(layers: list[bytes], tail: bytes = b"", end: bytes = END) -> 
 
 
 def oci_layout(root: Path, layers: list[bytes], config: bytes | None = None) -> None:
-    blobs = root / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-
-    def put(data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        (blobs / digest).write_bytes(data)
-        return "sha256:" + digest
-
-    diff_ids = ["sha256:" + hashlib.sha256(d).hexdigest() for d in layers]
-    config = (
-        config
-        if config is not None
-        else json.dumps(
-            {"architecture": "amd64", "os": "linux", "config": {}, "rootfs": {"type": "layers", "diff_ids": diff_ids}}
-        ).encode()
-    )
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": put(config),
-                "size": len(config),
-            },
-            "layers": [
-                {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": put(d), "size": len(d)}
-                for d in layers
-            ],
-        }
-    ).encode()
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": put(manifest),
-                "size": len(manifest),
-                "annotations": {"org.opencontainers.image.ref.name": "t"},
-            }
-        ],
-    }
-    (root / "index.json").write_text(json.dumps(index))
-    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    oci = Layout(root)
+    if config is None:
+        config = image_config([sha256(d) for d in layers])
+    oci.finish(config, [layer_descriptor(oci.put(d), len(d)) for d in layers])
 
 
 def oci_archive(layers: list[bytes], tail: bytes = b"", scratch: Path | None = None) -> bytes:

@@ -11,7 +11,6 @@ referrers API under the referrers tag, read back with plain HTTP.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from support.core import build, write_spec
+from support.layouts import Layout, layer_descriptor
 from support.users import is_root
 from support.verifiers import skopeo_copy, skopeo_inspect
 
@@ -101,17 +101,8 @@ def _debian(work: Path) -> Path:
 
 def _base_layout(rootfs_tar: Path, layout: Path) -> None:
     """An OCI layout holding one image whose only layer is the rootfs tar (tagged `base`)."""
-    blobs = layout / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-
-    def put(data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        (blobs / digest).write_bytes(data)
-        return "sha256:" + digest
-
-    with open(rootfs_tar, "rb") as f:
-        layer = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
-    shutil.copyfile(rootfs_tar, blobs / layer.split(":")[1])
+    oci = Layout(layout)
+    layer = oci.put_file(rootfs_tar)
     config = json.dumps(
         {
             "architecture": "amd64",
@@ -121,37 +112,7 @@ def _base_layout(rootfs_tar: Path, layout: Path) -> None:
             "history": [{"created": "2024-05-06T07:08:09Z", "created_by": "mmdebstrap"}],
         }
     ).encode()
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": put(config),
-                "size": len(config),
-            },
-            "layers": [
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": layer,
-                    "size": rootfs_tar.stat().st_size,
-                }
-            ],
-        }
-    ).encode()
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": put(manifest),
-                "size": len(manifest),
-                "annotations": {"org.opencontainers.image.ref.name": "base"},
-            }
-        ],
-    }
-    (layout / "index.json").write_text(json.dumps(index))
-    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    oci.finish(config, [layer_descriptor(layer, rootfs_tar.stat().st_size)], ref_name="base")
 
 
 def _nix_store(root: Path) -> tuple[Path, dict[str, str], str, dict[str, str]]:
