@@ -107,13 +107,14 @@ def pull_base(
     progress: Progress,
     need_tar: bool,
     pin: Pin | None = None,
+    variant: str | None = None,
 ) -> PulledBase:
     """Pull a `docker://` base into `store_root/blobs/sha256` (the layer cache, or the workspace).
     `pin(digests, required)`: the layer cache's pin_present, so a prune cannot take the blobs away."""
     ref = registry_reference(text, "fromImage")
-    progress.info(f"pulling base image {ref} ({architecture})")
+    progress.info(f"pulling base image {ref} ({architecture}{'/' + variant if variant else ''})")
     store_dir = store_root / "blobs" / "sha256"
-    pulled = _pull_checked(ref, store_root, architecture, options, progress, pin)
+    pulled = _pull_checked(ref, store_root, (architecture, variant), options, progress, pin)
     progress.info(
         f"base image {ref} resolved to {pulled.resolved_digest} "
         f"({len(pulled.downloaded_blobs)} blobs downloaded, {human(pulled.downloaded_bytes)}; "
@@ -131,7 +132,7 @@ def pull_base(
 def _pull_checked(
     ref: Reference,
     store_root: Path,
-    architecture: str,
+    platform: tuple[str, str | None],
     options: RegistryOptions | None,
     progress: Progress,
     pin: Pin | None,
@@ -142,7 +143,14 @@ def _pull_checked(
     store_dir = store_root / "blobs" / "sha256"
 
     def pull() -> PulledImage:
-        return pull_image(ref, dest_dir=store_root, architecture=architecture, options=options, progress=reporter)
+        return pull_image(
+            ref,
+            dest_dir=store_root,
+            architecture=platform[0],
+            variant=platform[1],
+            options=options,
+            progress=reporter,
+        )
 
     pulled = pull()
     for _attempt in range(3):
