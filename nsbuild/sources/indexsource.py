@@ -164,3 +164,30 @@ def _referrers(layout: _Layout, manifest: bytes, digest: str, entries: list[dict
         parts = [raw] + [layout.small(d, "referrer blob") for d in [doc.get("config"), *layers]]
         out.append(Attached(dict(entry), tuple(parts)))
     return out
+
+
+def index_report(media_type: str, digest: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """`nsbuild inspect` of an index: its type and digest, and per entry the platform and manifest."""
+    platforms = []
+    for desc in entries:
+        plat = desc.get("platform") or {}
+        name = "/".join(str(plat[k]) for k in ("os", "architecture", "variant") if plat.get(k)) or "unknown"
+        platforms.append(
+            {
+                "platform": name,
+                **{k: plat[k] for k in ("os", "architecture", "variant") if plat.get(k)},
+                "digest": desc.get("digest"),
+                "size": desc.get("size"),
+                "mediaType": desc.get("mediaType"),
+                **({"artifactType": desc["artifactType"]} if "artifactType" in desc else {}),
+            }
+        )
+    return {"index": {"mediaType": media_type, "digest": digest, "platforms": platforms}}
+
+
+def render_index(report: dict[str, Any]) -> str:
+    index = report["index"]
+    lines = [f"index {index['digest']} ({index['mediaType']}), {len(index['platforms'])} platforms"]
+    width = max((len(p["platform"]) for p in index["platforms"]), default=0)
+    lines += [f"  {p['platform']:<{width}}  {p['digest']}  {p['mediaType']}" for p in index["platforms"]]
+    return "\n".join(lines) + "\n"
