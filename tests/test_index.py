@@ -312,6 +312,13 @@ def test_docker_manifest_list(user_with_subids: str | None, user_tmp, registry_f
     pushed = json.loads(nsbuild_ok(["push", f"oci:{layout}:d", f"docker://{reg}/copy:d", TLS_OFF, "--json"], user))
     assert pushed["digest"] == result["digest"] and pushed["mediaType"] == DOCKER_LIST
     assert skopeo_inspect(f"docker://{reg}/copy:d", TLS_OFF, user=user, raw=True) == raw
+    # The layout's SBOM referrers went with it, attached to the Docker v2 manifests they describe.
+    for plat in local["platforms"]:
+        tag = "sha256-" + plat["digest"][7:]
+        assert tag in reg.tags("copy")
+        referrers = skopeo_inspect(f"docker://{reg}/copy:{tag}", TLS_OFF, user=user, raw=True)
+        assert sorted(m["digest"] for m in referrers["manifests"]) == sorted(plat["referrers"])
+        assert len(plat["referrers"]) == 3
 
 
 def test_push_index_layout(user_with_subids: str | None, user_tmp, registry_factory: RegistryFactory) -> None:  # noqa: ANN001
@@ -385,3 +392,59 @@ def test_variant_in_config_only_when_set(user_tmp) -> None:  # noqa: ANN001
         configs.append(json.loads((out / "blobs/sha256" / result["config_digest"][7:]).read_text()))
     assert "variant" not in configs[0] and configs[1]["variant"] == "v7"
     assert {k: v for k, v in configs[1].items() if k != "variant"} == configs[0]
+
+
+def _tampered(layout: Path, dest: Path, change: str) -> Path:
+    """A copy of `layout` whose index (tagged v1) is rewritten by `change`, re-tagged by digest so
+    that only the one defect is left to find."""
+    shutil.copytree(layout, dest, symlinks=True)
+    top = json.loads((dest / "index.json").read_text())
+    entry = next(m for m in top["manifests"] if "artifactType" not in m)
+    blob = dest / "blobs/sha256" / entry["digest"][7:]
+    index = json.loads(blob.read_text())
+    if change == "nested":
+        index["manifests"][1]["mediaType"] = OCI_INDEX
+    elif change == "platform":
+        index["manifests"][0]["platform"] = ["linux", "amd64"]
+    elif change == "digest":
+        index["manifests"][0]["digest"] = "sha256:" + "0" * 64
+    data = json.dumps(index).encode()
+    if change == "bytes":
+        blob.write_bytes(blob.read_bytes() + b" ")  # the blob no longer has its digest
+        data = b""
+    if data:
+        new = dest / "blobs/sha256" / hashlib.sha256(data).hexdigest()
+        new.write_bytes(data)
+        entry.update({"digest": _sha(data), "size": len(data)})
+        (dest / "index.json").write_text(json.dumps(top))
+    return dest
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("bytes", "digest mismatch"),
+        ("nested", "not an image manifest (nested indexes are refused)"),
+        ("platform", "no platform object of strings"),
+        ("digest", "is not in the layout"),
+    ],
+)
+def test_hostile_index_layout(user_with_subids: str | None, user_tmp, change: str, message: str) -> None:  # noqa: ANN001
+    """An index read from a layout is checked like a manifest: digests before use, types, media types;
+    inspect and push say what is wrong in one line (exit 1), and push sends nothing."""
+    user = user_with_subids
+    work = user_tmp(user)
+    specs = make_specs(work, user, PLATFORMS[:2])
+    layout = work / "layout"
+    index_json(specs, f"oci:{layout}:v1", user, "--sbom", "none")
+    bad = _tampered(layout, work / f"bad-{change}", change)
+    chown_tree(user, bad)
+    for args in (["inspect", f"oci:{bad}:v1"], ["push", f"oci:{bad}:v1", "docker://127.0.0.1:1/x:1", TLS_OFF]):
+        proc = run_nsbuild(args, user)
+        assert proc.returncode == 1, describe(proc)
+        assert message in proc.stderr and "Traceback" not in proc.stderr, describe(proc)
+    if change == "platform":
+        child = write_spec(work, {"name": "c", "architecture": "amd64", "fromImage": f"oci:{bad}:v1"}, "c.json")
+        chown_tree(user, child)
+        proc = run_nsbuild(["layered", str(child), "-o", f"oci:{work / 'c'}", "--no-cache"], user)
+        assert proc.returncode == 1 and "has no platform object of strings" in proc.stderr, describe(proc)

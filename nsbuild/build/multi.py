@@ -100,7 +100,7 @@ def check_request(req: IndexRequest) -> None:
     if not req.specs:
         raise UsageError("SPEC: give one spec per platform")
     if (dup := duplicate_platform([platform_of(s) for s in req.specs])) is not None:
-        paths = [str(s.spec_path) for s in req.specs if platform_of(s) == dup or _same(platform_of(s), dup)]
+        paths = [str(s.spec_path) for s in req.specs if _same(platform_of(s), dup)]
         raise UsageError(
             f"platform {dup.name} is given twice ({', '.join(paths)}); set architecture/variant in each spec"
         )

@@ -58,7 +58,7 @@ def push_index(
         )
         progress.info(
             f"pushed {m.platform.name}: {len(result.uploaded_blobs)} blobs uploaded ({human(result.uploaded_bytes)}), "
-            f"{len(result.skipped_blobs)} already there"
+            f"{len(result.skipped_blobs)} already there, {len(result.mounted_blobs)} mounted"
         )
         pushed.append(result)
     tagged = Reference(target.registry, target.repository, target.tag or "latest", None)
