@@ -149,6 +149,10 @@ def build_index(req: IndexRequest, progress: Progress, options: BuildOptions) ->
         )
     ws = Workspace()
     try:
+        if options.cache_dir is None:
+            # --no-cache: none is used or kept, but the platforms' common layers are built once, not
+            # once per platform (a cache private to this command, removed with its workspace).
+            options = dataclasses.replace(options, cache_dir=ws.path("cache"))
         built = [_build_platform(req, i, tag, progress, options, ws) for i in range(len(req.specs))]
         media = INDEX_OF_MANIFEST[MEDIA_DOCKER_MANIFEST if req.manifest_format == "docker" else MEDIA_OCI_MANIFEST]
         index = ImageIndex(tuple(m for m, _ in built), media_type=media)

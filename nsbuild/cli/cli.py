@@ -1,4 +1,4 @@
-"""The command line (typer): nsbuild layered | stream | image | push | inspect | schema | doctor."""
+"""The command line (typer): nsbuild layered | stream | image | index | push | inspect | schema | doctor."""
 
 from __future__ import annotations
 
@@ -503,7 +503,7 @@ app.command("image")(
 
 @app.command("index")
 def index_command(
-    specs: Annotated[list[Path], typer.Argument(help="one spec.json per platform", show_default=False)],
+    specs: Annotated[list[Path], typer.Argument(metavar="SPEC", help="one spec.json per platform", show_default=False)],
     output: Annotated[
         str, typer.Option("-o", "--output", help="oci:DIR[:TAG], oci-archive:PATH[:TAG] or docker://HOST/REPO[:TAG]")
     ],
@@ -511,7 +511,9 @@ def index_command(
     manifest_format: Annotated[
         str, typer.Option("--manifest-format", help="oci (OCI image index) | docker (Docker manifest list)")
     ] = "oci",
-    tag: TagOpt = None,
+    tag: Annotated[
+        str | None, typer.Option("--tag", help="the index's tag [default: the output's, else the first spec's]")
+    ] = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
     isolation: IsolationOpt = "auto",
