@@ -448,3 +448,26 @@ def test_hostile_index_layout(user_with_subids: str | None, user_tmp, change: st
         chown_tree(user, child)
         proc = run_nsbuild(["layered", str(child), "-o", f"oci:{work / 'c'}", "--no-cache"], user)
         assert proc.returncode == 1 and "has no platform object of strings" in proc.stderr, describe(proc)
+
+
+def test_index_of_buildimage_specs(unprivileged_user: str | None, user_tmp) -> None:  # noqa: ANN001
+    """--kind image: buildImage specs (copyToRoot) as the platforms, as any account."""
+    user = unprivileged_user
+    work = user_tmp(user)
+    root = _tree(work, "root", {"etc/hello": "hi\n"})
+    specs = []
+    for arch, variant in PLATFORMS:
+        spec = {"name": "single", "tag": "2", "architecture": arch, "copyToRoot": [str(root)]}
+        if variant:
+            spec["variant"] = variant
+        specs.append(write_spec(work, spec, f"image-{arch}.json"))
+    chown_tree(user, work)
+    layout = work / "layout"
+    result = index_json(specs, f"oci:{layout}", user, "--kind", "image", "--sbom", "none")
+    assert result["tag"] == "2"  # the first spec's tag
+    check_platforms(skopeo_inspect(f"oci:{layout}:2", user=user, raw=True), result)
+    configs = [json.loads((layout / "blobs/sha256" / p["config_digest"][7:]).read_text()) for p in result["platforms"]]
+    assert [(c["architecture"], c.get("variant")) for c in configs] == PLATFORMS
+    # One layer, the same on every platform: stored once.
+    manifests = [json.loads((layout / "blobs/sha256" / p["digest"][7:]).read_text()) for p in result["platforms"]]
+    assert len({m["layers"][0]["digest"] for m in manifests}) == 1
