@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from support.core import HOST_BUSYBOX, require_busybox, write_spec
+from support.hostile_registry import HostileRegistry
 from support.registry import Registry, RegistryFactory
 from support.users import chown_tree, describe, run_nsbuild
 from support.verifiers import empty_auth_file, podman_store, run_tool, skopeo_copy, skopeo_inspect
@@ -471,3 +472,52 @@ def test_index_of_buildimage_specs(unprivileged_user: str | None, user_tmp) -> N
     # One layer, the same on every platform: stored once.
     manifests = [json.loads((layout / "blobs/sha256" / p["digest"][7:]).read_text()) for p in result["platforms"]]
     assert len({m["layers"][0]["digest"] for m in manifests}) == 1
+
+
+def _entry(image: dict, platform: object) -> dict:
+    return {
+        "mediaType": OCI_MANIFEST,
+        "digest": image["manifest"],
+        "size": len(image["manifest_bytes"]),
+        "platform": platform,
+    }
+
+
+def test_registry_index_variant_and_hostile_entries(user_with_subids: str | None, user_tmp) -> None:  # noqa: ANN001
+    """A registry index of arm/v6 and arm/v7 images (a server that serves what the test says): the
+    spec's variant picks the image; inspect lists the platforms; an index whose entries have the
+    wrong types, or whose bytes are not the digest announced, is refused in one line."""
+    user = user_with_subids
+    work = user_tmp(user)
+    reg = HostileRegistry()
+    try:
+        v6 = reg.add_image("base", None, {"etc/which": b"v6\n"}, architecture="arm")
+        v7 = reg.add_image("base", None, {"etc/which": b"v7\n"}, architecture="arm")
+        both = [_entry(v6, {"os": "linux", "architecture": "arm", "variant": "v6"})]
+        both.append(_entry(v7, {"os": "linux", "architecture": "arm", "variant": "v7"}))
+        index = reg.add_index("base", "arm", both)
+        for variant, image in (("v7", v7), ("v6", v6)):
+            spec = {"name": "c", "architecture": "arm", "variant": variant, "fromImage": reg.ref("base", "arm")}
+            path = write_spec(work, spec, f"c-{variant}.json")
+            chown_tree(user, path)
+            args = ["layered", str(path), "-o", f"oci:{work / variant}", "--no-cache", "--json", TLS_OFF]
+            out = json.loads(nsbuild_ok([*args, "--sbom", "none"], user))
+            assert out["layers"][0]["digest"] == image["layer"] and out["base"]["manifest_digest"] == image["manifest"]
+        report = json.loads(nsbuild_ok(["inspect", reg.ref("base", "arm"), TLS_OFF, "--json"], user))
+        assert report["index"]["digest"] == index
+        assert [p["platform"] for p in report["index"]["platforms"]] == ["linux/arm/v6", "linux/arm/v7"]
+
+        reg.add_index("base", "badplatform", [_entry(v7, ["linux", "arm"])])
+        nodigest = {k: v for k, v in _entry(v7, {"os": "linux", "architecture": "arm"}).items() if k != "digest"}
+        reg.add_index("base", "nodigest", [nodigest])
+        reg.faults.announce_digest["arm"] = "sha256:" + "1" * 64
+        for tag, message in (
+            ("badplatform", "platform is not an object of strings"),
+            ("nodigest", "has no valid sha256 digest"),
+            ("arm", "refusing it"),
+        ):
+            proc = run_nsbuild(["inspect", reg.ref("base", tag), TLS_OFF], user)
+            assert proc.returncode == 1 and message in proc.stderr, describe(proc)
+            assert len(proc.stderr.strip().splitlines()) == 1, describe(proc)
+    finally:
+        reg.stop()
