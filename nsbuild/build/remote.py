@@ -10,7 +10,7 @@ from nsbuild.core.progress import Progress
 from nsbuild.core.refs import is_registry
 from nsbuild.errors import NsbuildError, UsageError
 from nsbuild.image.image import Image, canonical_json, oci_manifest
-from nsbuild.image.index import ImageIndex
+from nsbuild.image.index import MEDIA_DOCKER_LIST, ImageIndex
 from nsbuild.layer.layer import MEDIA_TAR, layer_from_tar
 from nsbuild.registry import PushResult, RegistryOptions
 from nsbuild.registry.reference import Reference
@@ -40,6 +40,9 @@ def push_existing(
         progress.info(f"reading {text}")
         index = read_layout_index(text, ws.path("index"))
         if index is not None:
+            if manifest_format == "docker" and index.media_type != MEDIA_DOCKER_LIST:
+                # Docker manifests in its place would change every digest the index names.
+                progress.warn("--manifest-format docker: an OCI image index is pushed as it is")
             return _push_index(index, target, options, progress, cache_dir)
         # Here the image is the command's argument, not the spec's fromImage: no label.
         base = load_base(text, ws.blobs, ws.path("base"), architecture=host_architecture(), label="")
