@@ -61,6 +61,10 @@ ALLOWED_LOCAL: dict[tuple[str, str], str] = {
     ("nsbuild.cli.cli", "nsbuild.registry.usage"): _REQUESTS + " (docker:// references in options)",
     ("nsbuild.cli.cli", "nsbuild.registry"): _REQUESTS + " (registry flags)",
     ("nsbuild.sbom.publish", "nsbuild.sbom.referrers"): _REQUESTS + " (SBOMs attached in a registry)",
+    ("nsbuild.build.multi", "nsbuild.registry.usage"): _REQUESTS + " (nsbuild index -o docker://)",
+    ("nsbuild.build.multi", "nsbuild.sinks.push"): _REQUESTS + " (preflight of nsbuild index -o docker://)",
+    ("nsbuild.build.multi", "nsbuild.sinks.indexpush"): _REQUESTS + " (nsbuild index -o docker://)",
+    ("nsbuild.build.multi", "nsbuild.cache.shared"): _REQUESTS + " (the blob record of nsbuild index -o docker://)",
 }
 
 

@@ -23,6 +23,7 @@ LAYERED_ATTRS = {
     "contents",
     "config",
     "architecture",
+    "variant",
     "created",
     "mtime",
     "uid",

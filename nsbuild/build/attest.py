@@ -99,7 +99,8 @@ def documents(ctx: BuildContext, image: Image, known: Known) -> Documents | None
     if not kinds:
         return None
     spec = ctx.spec
-    if ctx.output.format == "registry" and ctx.options.manifest_format == "docker":
+    docker_registry = ctx.output.format == "registry" and ctx.options.manifest_format == "docker"
+    if docker_registry or (ctx.output.format == "oci-dir" and ctx.options.docker_layout):
         try:  # the subject is the manifest the registry holds
             image = dataclasses.replace(image, manifest=docker_manifest(image))
         except ValueError as exc:

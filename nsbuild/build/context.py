@@ -32,6 +32,9 @@ class BuildOptions:
     sbom: str | None = None  # --sbom spdx|cyclonedx|both|none; None: by the output (build.attest)
     sbom_output: Path | None = None  # --sbom-output FILE: the SBOM as a plain file too
     sign_key: Path | None = None  # --sign-key KEY.pem: the provenance in a signed DSSE envelope
+    # An oci:DIR output holds a Docker v2 schema 2 manifest (nsbuild index --manifest-format docker
+    # builds each platform into a private layout, then writes the Docker manifest list).
+    docker_layout: bool = False
 
 
 @dataclass(frozen=True)

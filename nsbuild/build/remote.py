@@ -8,13 +8,16 @@ from nsbuild.build.context import Workspace
 from nsbuild.cache.shared import blob_record
 from nsbuild.core.progress import Progress
 from nsbuild.core.refs import is_registry
-from nsbuild.errors import UsageError
+from nsbuild.errors import NsbuildError, UsageError
 from nsbuild.image.image import Image, canonical_json, oci_manifest
+from nsbuild.image.index import MEDIA_DOCKER_LIST, ImageIndex
 from nsbuild.layer.layer import MEDIA_TAR, layer_from_tar
 from nsbuild.registry import PushResult, RegistryOptions
 from nsbuild.registry.reference import Reference
+from nsbuild.sinks.indexpush import push_index, push_referrers
 from nsbuild.sinks.push import push
 from nsbuild.sources.baseimage import load_base
+from nsbuild.sources.indexsource import read_layout_index
 from nsbuild.spec.imageconfig import healthcheck_warning
 from nsbuild.spec.spec import host_architecture
 
@@ -35,6 +38,12 @@ def push_existing(
     ws = Workspace()
     try:
         progress.info(f"reading {text}")
+        index = read_layout_index(text, ws.path("index"))
+        if index is not None:
+            if manifest_format == "docker" and index.media_type != MEDIA_DOCKER_LIST:
+                # Docker manifests in its place would change every digest the index names.
+                progress.warn("--manifest-format docker: an OCI image index is pushed as it is")
+            return _push_index(index, target, options, progress, cache_dir)
         # Here the image is the command's argument, not the spec's fromImage: no label.
         base = load_base(text, ws.blobs, ws.path("base"), architecture=host_architecture(), label="")
         layers = []
@@ -71,3 +80,29 @@ def push_existing(
         )
     finally:
         ws.close()
+
+
+def _push_index(
+    index: ImageIndex, target: Reference, options: RegistryOptions | None, progress: Progress, cache_dir: Path | None
+) -> PushResult:
+    """An index and all its images (`skopeo copy --all`), byte for byte: the digests the index names
+    stay what they are, whatever --compressor and --manifest-format say. Their referrers follow."""
+    progress.info(
+        f"an index of {len(index.manifests)} platforms: {', '.join(m.platform.name for m in index.manifests)}"
+    )
+    pushed = push_index(index, target, options=options, progress=progress, blob_record=blob_record(cache_dir))
+    for m in index.manifests:
+        try:
+            push_referrers(m, target, options)
+        except NsbuildError as exc:
+            progress.warn(f"{m.platform.name}: its referrers are not pushed: {exc}")
+    parts = pushed.platforms
+    return PushResult(
+        pushed.index.reference,
+        pushed.index.digest,
+        pushed.index.manifest_media_type,
+        uploaded_blobs=[d for p in parts for d in p.uploaded_blobs],
+        skipped_blobs=[d for p in parts for d in p.skipped_blobs],
+        mounted_blobs=[d for p in parts for d in p.mounted_blobs],
+        uploaded_bytes=sum(p.uploaded_bytes for p in parts),
+    )

@@ -4,6 +4,7 @@ scripts, finish the image, write it to its sink."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -18,7 +19,7 @@ from nsbuild.cache.cache import LayerCache, open_cache
 from nsbuild.cache.outputs import OutputStamps
 from nsbuild.core.refs import ImageRef, is_registry
 from nsbuild.errors import SpecError
-from nsbuild.image.image import Image, make_config, oci_manifest
+from nsbuild.image.image import Image, docker_manifest, make_config, oci_manifest
 from nsbuild.layer.layer import MEDIA_BY_COMPRESSOR, Layer, LayerRequest, build_layer, layer_from_tar
 from nsbuild.sandbox.scripts import run_bash, script_env
 from nsbuild.sinks.load import load_image, pick_client
@@ -76,6 +77,7 @@ def read_base(ctx: BuildContext, *, need_tar: bool) -> tuple[BaseImage | None, d
             spec.from_image,
             store_root=options.cache_dir or ws.path("pull"),
             architecture=spec.architecture,
+            variant=spec.variant,
             options=options.registry,
             progress=progress,
             need_tar=need_tar,
@@ -88,6 +90,7 @@ def read_base(ctx: BuildContext, *, need_tar: bool) -> tuple[BaseImage | None, d
         ws.blobs,
         ws.path("base"),
         architecture=spec.architecture,
+        variant=spec.variant,
         image_name=spec.from_image_name,
         image_tag=spec.from_image_tag,
     )
@@ -148,7 +151,7 @@ def new_image(
     # dockerTools' buildImage concatenates Env (the base's entries, then the spec's); layered merges
     # key-wise. Runtimes take the last entry of a name, so the spec's value wins either way.
     config = make_config(
-        architecture=spec.architecture,
+        platform=(spec.architecture, spec.variant),
         created=spec.created,
         config=spec.config,
         base_config=base.config if base else None,
@@ -252,6 +255,8 @@ def write_output(
         sys.stdout.buffer.flush()
         return Written("-")
     if fmt == "oci-dir":
+        if options.docker_layout:
+            image = dataclasses.replace(image, manifest=docker_manifest(image))
         write_oci_dir(image, output.path, tag=output.tag or image.tag, referrers=referrers)
         return Written(str(output.path))
     if fmt == "registry":

@@ -1,4 +1,4 @@
-"""The command line (typer): nsbuild layered | stream | image | push | inspect | schema | doctor."""
+"""The command line (typer): nsbuild layered | stream | image | index | push | inspect | schema | doctor."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from nsbuild import __version__
 from nsbuild.build.build import build_image, resolve_output
 from nsbuild.build.context import BuildOptions, BuildResult
 from nsbuild.build.depfile import depfile_inputs, write_depfile
+from nsbuild.build.multi import IndexRequest, build_index
 from nsbuild.cache.cache import LayerCache, default_cache_dir
 from nsbuild.cli.doctor import run_doctor
 from nsbuild.core.progress import Progress, human
@@ -498,6 +499,60 @@ def stream(
 app.command("image")(
     _build_command("image", "Build a single-layer image on a base (buildImage), runAsRoot without KVM.")
 )
+
+
+@app.command("index")
+def index_command(
+    specs: Annotated[list[Path], typer.Argument(metavar="SPEC", help="one spec.json per platform", show_default=False)],
+    output: Annotated[
+        str, typer.Option("-o", "--output", help="oci:DIR[:TAG], oci-archive:PATH[:TAG] or docker://HOST/REPO[:TAG]")
+    ],
+    kind: Annotated[str, typer.Option("--kind", help="the specs' kind: layered | image")] = "layered",
+    manifest_format: Annotated[
+        str, typer.Option("--manifest-format", help="oci (OCI image index) | docker (Docker manifest list)")
+    ] = "oci",
+    tag: Annotated[
+        str | None, typer.Option("--tag", help="the index's tag [default: the output's, else the first spec's]")
+    ] = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    isolation: IsolationOpt = "auto",
+    network: NetworkOpt = "none",
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+    jobs: JobsOpt = 0,
+    authfile: AuthfileOpt = None,
+    creds: CredsOpt = None,
+    tls_verify: TlsVerifyOpt = True,
+    cert_dir: CertDirOpt = None,
+    sbom: SbomOpt = None,
+    sign_key: SignKeyOpt = None,
+) -> None:
+    """Build one image per spec (each its own architecture and variant) and write one multi-platform
+    image index (or Docker manifest list) over them."""
+    with failures(BUILD_FAILURES):
+        _check_choice("--kind", kind, ("layered", "image"))
+        _check_choice("--manifest-format", manifest_format, ("oci", "docker"))
+        _check_choice("--isolation", isolation, ("auto", "userns", "userns-fakeroot", "fakeroot"))
+        _check_choice("--network", network, ("none", "host"))
+        flags = RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir)
+        sbom_flags = SbomFlags(sbom, None, sign_key).checked()
+        options = BuildOptions(
+            isolation=isolation,
+            network=network,
+            jobs=jobs,
+            cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
+            registry=flags.options(),
+            sbom=sbom_flags.sbom,
+            sign_key=sbom_flags.sign_key,
+        )
+        loaded = tuple(load_spec(path, kind) for path in specs)
+        request = IndexRequest(loaded, parse_ref(output), manifest_format, tag)
+        result = build_index(request, _progress(quiet, json_out), options)
+    if json_out:
+        print(json.dumps(result.to_json(loaded), indent=2))
+    else:
+        print(f"{result.output}@{result.push.index.digest if result.push else result.index.digest}")
 
 
 @app.command()

@@ -132,7 +132,7 @@ def merge_config(base: dict[str, Any], child: dict[str, Any], env_mode: str = "m
 
 def make_config(
     *,
-    architecture: str,
+    platform: tuple[str, str | None],
     created: int,
     config: dict[str, Any],
     base_config: dict[str, Any] | None,
@@ -141,7 +141,9 @@ def make_config(
     new_from: int,
     env_mode: str = "merge",
 ) -> bytes:
-    """The image config: `layers[:new_from]` come from the base, the rest are new."""
+    """The image config: `layers[:new_from]` come from the base, the rest are new; `platform` is
+    (GOARCH, variant or None)."""
+    architecture, variant = platform
     base_inner = (base_config or {}).get("config") or {}
     history = [h for h in base_history if isinstance(h, dict)]
     if sum(1 for h in history if not h.get("empty_layer")) != new_from:
@@ -158,4 +160,6 @@ def make_config(
         "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
         "history": history,
     }
+    if variant:
+        doc["variant"] = variant  # only when stated: a config without one keeps its bytes
     return canonical_json(doc)

@@ -27,7 +27,7 @@ from typing import Any
 
 import requests
 
-from nsbuild.core.platform import host_platform
+from nsbuild.core.platform import host_platform, variant_matches
 from nsbuild.errors import BuildError
 from nsbuild.image.image import MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, sha256_digest
 from nsbuild.layer.layer import file_digest
@@ -176,12 +176,7 @@ def _platform_name(p: dict[str, Any]) -> str:
 
 
 def _variant_matches(arch: str, wanted: str | None, have: str | None) -> bool:
-    if wanted is None:
-        return True
-    if arch == "arm64":
-        # Docker's normalisation: arm64 is v8 unless said otherwise.
-        return (wanted or "v8") == (have or "v8")
-    return wanted == have
+    return variant_matches(arch, wanted, have)
 
 
 def index_entries(index: dict[str, Any], what: str) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from nsbuild.core.compress import compression_of, open_decompressed
+from nsbuild.core.platform import platform_name, variant_matches
 from nsbuild.core.refs import parse_ref
 from nsbuild.errors import BuildError
 from nsbuild.image.image import sha256_digest
@@ -174,6 +175,7 @@ def load_base(
     image_name: str | None = None,
     image_tag: str | None = None,
     label: str = "fromImage",
+    variant: str | None = None,
 ) -> BaseImage:
     """The image at `text`; errors start with `label: ` (the spec attribute or the command's argument,
     none when `label` is empty)."""
@@ -194,12 +196,12 @@ def load_base(
         if not (path / "oci-layout").is_file():
             raise BuildError(f"{p}{path} is a directory but not an OCI layout (no oci-layout file)")
         with _malformed(path, p):
-            return _load_oci(_Reader(root=path), blob_dir, architecture, image_tag or ref.tag, p)
+            return _load_oci(_Reader(root=path), blob_dir, (architecture, variant), image_tag or ref.tag, p)
     with _open_archive(path, work_dir, p) as reader, _malformed(path, p):
         if reader.exists("manifest.json"):
             return _load_docker(reader, blob_dir, image_name or ref.name, image_tag or ref.tag, p)
         if reader.exists("index.json") and reader.exists("oci-layout"):
-            return _load_oci(reader, blob_dir, architecture, image_tag or ref.tag, p)
+            return _load_oci(reader, blob_dir, (architecture, variant), image_tag or ref.tag, p)
         raise BuildError(f"{p}{path} is neither a docker-archive (no manifest.json) nor an OCI archive (no index.json)")
 
 
@@ -304,7 +306,38 @@ def _is_artifact(desc: Any) -> bool:
     return isinstance(desc, dict) and "artifactType" in desc
 
 
-def _load_oci(reader: _Reader, blob_dir: Path, architecture: str, tag: str | None, p: str) -> BaseImage:
+def choose_platform(index: dict[str, Any], platform: tuple[str, str | None], p: str) -> dict[str, Any]:
+    """The entry of an image index for linux/`platform` (architecture, variant or None: any, the
+    plainest first), every entry checked first: a descriptor whose platform is not an object of
+    strings is refused, as the registry puller refuses it."""
+    architecture, variant = platform
+    entries = index.get("manifests")
+    if not isinstance(entries, list):
+        raise BuildError(f"{p}the index's manifests is not a list")
+    found: list[dict[str, Any]] = []
+    names = []
+    for i, desc in enumerate(entries):
+        plat = desc.get("platform") if isinstance(desc, dict) else None
+        if not isinstance(desc, dict) or not (
+            isinstance(plat, dict) and all(isinstance(v, str) for k, v in plat.items() if "features" not in k)
+        ):
+            raise BuildError(f"{p}the index's manifests[{i}] has no platform object of strings")
+        names.append(platform_name(plat.get("os", "?"), plat.get("architecture", "?"), plat.get("variant")))
+        ours = plat.get("os", "linux") == "linux" and plat.get("architecture") == architecture
+        if ours and variant_matches(architecture, variant, plat.get("variant")):
+            found.append(desc)
+    if not found:
+        wanted = platform_name("linux", architecture, variant)
+        raise BuildError(
+            f"{p}no {wanted} image in the index (it has: {', '.join(names) or 'none'}); set architecture and variant"
+        )
+    # No variant asked for: the entry naming none, else the highest (arm v8 > v7), as the puller does.
+    if variant is None:
+        found.sort(key=lambda d: (not d["platform"].get("variant"), d["platform"].get("variant", "")), reverse=True)
+    return found[0]
+
+
+def _load_oci(reader: _Reader, blob_dir: Path, platform: tuple[str, str | None], tag: str | None, p: str) -> BaseImage:
     index = reader.json("index.json")
     manifests = index.get("manifests") if isinstance(index, dict) else None
     if not isinstance(manifests, list) or not manifests:
@@ -336,11 +369,7 @@ def _load_oci(reader: _Reader, blob_dir: Path, architecture: str, tag: str | Non
     for _ in range(4):
         if "manifests" not in manifest:
             break
-        platform = [m for m in manifest["manifests"] if m.get("platform", {}).get("architecture") == architecture]
-        if not platform:
-            archs = [m.get("platform", {}).get("architecture", "?") for m in manifest["manifests"]]
-            raise BuildError(f"{p}no {architecture} image in the index (it has: {', '.join(archs)})")
-        manifest = blob_json(platform[0], f"{p}manifest")
+        manifest = blob_json(choose_platform(manifest, platform, p), f"{p}manifest")
     config = blob_json(manifest.get("config", {}), f"{p}config")
     _check_base_config(config, f"{p}config")
     diff_ids = config.get("rootfs", {}).get("diff_ids", [])

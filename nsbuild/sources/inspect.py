@@ -18,6 +18,7 @@ from nsbuild.image.image import canonical_json
 from nsbuild.layer.layer import Layer
 from nsbuild.sbom import SbomRequest, documents_for, facts_from_layers, render_packages
 from nsbuild.sources.baseimage import BaseImage, load_base
+from nsbuild.sources.indexsource import index_report, read_layout_index, render_index
 
 if TYPE_CHECKING:
     from nsbuild.registry import RegistryOptions
@@ -39,6 +40,9 @@ def inspect_image(ref: str, options: RegistryOptions | None = None) -> dict[str,
     `options`, as a build pulls its base, without progress lines)."""
     work = Path(tempfile.mkdtemp(prefix="nsbuild-inspect-"))
     try:
+        index = _index(ref, work, options)
+        if index is not None:
+            return index
         base = _read(ref, work, options)
         return {"config": base.config, "layers": [_layer_report(layer) for layer in base.layers]}
     finally:
@@ -69,6 +73,18 @@ def _named(base: BaseImage) -> list[Layer]:
         dataclasses.replace(layer, comment=str(h.get("comment") or h.get("created_by") or layer.comment))
         for layer, h in zip(base.layers, history, strict=True)
     ]
+
+
+def _index(ref: str, work: Path, options: RegistryOptions | None) -> dict[str, Any] | None:
+    """The report of an index (its platforms), None when `ref` names a single image."""
+    if is_registry(ref):
+        from nsbuild.sources import pull
+
+        return pull.remote_index(ref, options, work)
+    index = read_layout_index(ref, work)
+    if index is None:
+        return None
+    return index_report(index.media_type, index.digest, [m.descriptor() for m in index.manifests])
 
 
 def _read(ref: str, work: Path, options: RegistryOptions | None) -> BaseImage:
@@ -125,6 +141,8 @@ def _entry(m: tarfile.TarInfo) -> dict[str, Any]:
 
 
 def render_text(report: dict[str, Any]) -> str:
+    if "index" in report:
+        return render_index(report)
     cfg = report["config"]
     lines = [f"architecture: {cfg.get('architecture')}  os: {cfg.get('os')}  created: {cfg.get('created')}"]
     inner = cfg.get("config") or {}

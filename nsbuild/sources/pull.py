@@ -15,10 +15,12 @@ from nsbuild.errors import BuildError
 from nsbuild.image.image import OCI_LAYER_OF_DOCKER
 from nsbuild.layer.layer import COMPRESSION_OF_MEDIA, MEDIA_TAR, Blob, Layer, decompress_verified, file_digest
 from nsbuild.registry import PulledBlob, PulledImage, RegistryOptions, pull_image
-from nsbuild.registry.pull import is_sha256, parse_document
+from nsbuild.registry.client import RegistryClient
+from nsbuild.registry.pull import INDEX_TYPES, descriptor, fetch_manifest, index_entries, is_sha256, parse_document
 from nsbuild.registry.reference import Reference
 from nsbuild.registry.usage import TransferReporter, registry_reference
 from nsbuild.sources.baseimage import BaseImage, check_layer_tar
+from nsbuild.sources.indexsource import index_report
 
 BASE_DIGEST = "org.opencontainers.image.base.digest"
 BASE_NAME = "org.opencontainers.image.base.name"
@@ -107,13 +109,14 @@ def pull_base(
     progress: Progress,
     need_tar: bool,
     pin: Pin | None = None,
+    variant: str | None = None,
 ) -> PulledBase:
     """Pull a `docker://` base into `store_root/blobs/sha256` (the layer cache, or the workspace).
     `pin(digests, required)`: the layer cache's pin_present, so a prune cannot take the blobs away."""
     ref = registry_reference(text, "fromImage")
-    progress.info(f"pulling base image {ref} ({architecture})")
+    progress.info(f"pulling base image {ref} ({architecture}{'/' + variant if variant else ''})")
     store_dir = store_root / "blobs" / "sha256"
-    pulled = _pull_checked(ref, store_root, architecture, options, progress, pin)
+    pulled = _pull_checked(ref, store_root, (architecture, variant), options, progress, pin)
     progress.info(
         f"base image {ref} resolved to {pulled.resolved_digest} "
         f"({len(pulled.downloaded_blobs)} blobs downloaded, {human(pulled.downloaded_bytes)}; "
@@ -131,7 +134,7 @@ def pull_base(
 def _pull_checked(
     ref: Reference,
     store_root: Path,
-    architecture: str,
+    platform: tuple[str, str | None],
     options: RegistryOptions | None,
     progress: Progress,
     pin: Pin | None,
@@ -142,7 +145,14 @@ def _pull_checked(
     store_dir = store_root / "blobs" / "sha256"
 
     def pull() -> PulledImage:
-        return pull_image(ref, dest_dir=store_root, architecture=architecture, options=options, progress=reporter)
+        return pull_image(
+            ref,
+            dest_dir=store_root,
+            architecture=platform[0],
+            variant=platform[1],
+            options=options,
+            progress=reporter,
+        )
 
     pulled = pull()
     for _attempt in range(3):
@@ -191,3 +201,19 @@ def _history(config: dict[str, Any], pinned: str) -> list[dict[str, Any]]:
             old = h.get("comment")
             h["comment"] = f"{old}; from {pinned}" if old else f"from {pinned}"
     return history
+
+
+def remote_index(text: str, options: RegistryOptions | None, work: Path) -> dict[str, Any] | None:
+    """`nsbuild inspect docker://…`: what the reference names when it is an index (verified as every
+    pulled manifest is: digest, size, JSON shape, each entry a descriptor with a platform), as
+    index_report gives it; None when it names a single image."""
+    ref = registry_reference(text, "IMAGE")
+    with RegistryClient(ref, options, actions=("pull",)) as client:
+        body, media_type, digest = fetch_manifest(client, work, ref.reference)
+    if media_type not in INDEX_TYPES:
+        return None
+    doc = parse_document(body, f"image {ref}: index {digest}")
+    entries = index_entries(doc, f"image {ref}: index {digest}")
+    for i, desc in enumerate(entries):
+        descriptor(desc, f"image {ref}: index {digest} manifests[{i}]")
+    return index_report(media_type, digest, entries)

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nsbuild.core.platform import ARCHITECTURES, host_architecture
+from nsbuild.core.platform import ARCHITECTURES, host_architecture, variant_problem
 from nsbuild.core.refs import parse_ref, split_registry_host
 from nsbuild.errors import SpecError, UsageError
 from nsbuild.spec.imageconfig import check_image_config, healthcheck_schema
@@ -99,6 +99,7 @@ class Spec:
     compressor: str
     store_dir: str
     raw: dict[str, Any] = field(default_factory=dict)
+    variant: str | None = None  # the architecture's variant (arm v7, arm64 v8...); None: unstated
 
     @property
     def base_dir(self) -> Path:
@@ -380,6 +381,13 @@ ATTRS: dict[str, Attr] = {
     "architecture": Attr(
         _choice(ARCHITECTURES), None, BOTH, {"enum": list(ARCHITECTURES)}, "GOARCH of the image; default: the host's"
     ),
+    "variant": Attr(
+        _optional_string,
+        None,
+        BOTH,
+        {"type": ["string", "null"]},
+        "the architecture's variant (arm: v5-v8, arm64: v8, v8.1..., amd64: v1-v4); default: none",
+    ),
     "created": Attr(_string, None, BOTH, {"type": "string"}, 'ISO-8601 or "now"'),
     "mtime": Attr(_string, None, (LAYERED,), {"type": "string"}, 'ISO-8601 or "now"'),
     "uid": Attr(_int_range(0, 2**32 - 2), 0, BOTH, {"type": "integer", "minimum": 0}, "owner uid"),
@@ -552,6 +560,9 @@ def parse_spec(raw: Any, spec_path: Path, kind: str, env: dict[str, str]) -> Spe
     created = parse_date("created", values["created"]) if values["created"] else default_date
     mtime = parse_date("mtime", values["mtime"]) if values["mtime"] else default_date
     _check_owner_and_store(values)
+    architecture = values["architecture"] or host_architecture()
+    if values["variant"] is not None and (problem := variant_problem(architecture, values["variant"])):
+        raise SpecError("variant", problem)
     return Spec(
         kind=kind,
         spec_path=spec_path,
@@ -565,7 +576,7 @@ def parse_spec(raw: Any, spec_path: Path, kind: str, env: dict[str, str]) -> Spe
         keep_contents_dirlinks=values["keepContentsDirlinks"],
         config=values["config"],
         annotations=values["annotations"],
-        architecture=values["architecture"] or host_architecture(),
+        architecture=architecture,
         created=created[0],
         mtime=mtime[0],
         uid=values["uid"],
@@ -584,6 +595,7 @@ def parse_spec(raw: Any, spec_path: Path, kind: str, env: dict[str, str]) -> Spe
         compressor=values["compressor"],
         store_dir=os.path.normpath(values["storeDir"]),
         raw=raw,
+        variant=values["variant"],
     )
 
 
