@@ -78,7 +78,7 @@ class OwnerPolicy:
 
     def owner_of(self, entry: EntryLike) -> Owner:
         """The owner `entry` is written with, the rules applied (which may set entry.mode too)."""
-        owner = self.resolve(entry.uid, entry.gid)
+        owner = self.root if self.fixed else self.resolve(entry.uid, entry.gid)
         effect = self.perms.apply(entry) if self.perms is not None else None
         if effect is None:
             return owner

@@ -70,20 +70,21 @@ def _merged(rules: Sequence[PermRule]) -> Effect:
 
 
 class PermRules:
-    """The rules compiled once; `apply` is called for every entry of a layer, so an entry no rule
-    matches costs a prefix test per `path` rule and a match per `regex` rule, nothing more."""
+    """The rules compiled once; `apply` is called for every entry of a layer.  Path rules are indexed
+    by their first component: an entry outside every rule's top directory costs one dict lookup for
+    all of them, an entry inside one a prefix test per rule under that top; each regex rule costs one
+    match."""
 
     def __init__(self, rules: Sequence[PermRule]) -> None:
         self.rules = tuple(rules)
-        # (rule index, the rule path as a layer name (b"" for "/"), the compiled regex or None)
-        self._tests = tuple(
-            (
-                i,
-                r.path.lstrip("/").encode("utf-8", "surrogateescape") if r.path is not None else b"",
-                re.compile(r.regex) if r.regex is not None else None,
-            )
-            for i, r in enumerate(self.rules)
-        )
+        self._everywhere = tuple(i for i, r in enumerate(self.rules) if r.path == "/")
+        by_top: dict[bytes, list[tuple[int, bytes]]] = {}
+        for i, r in enumerate(self.rules):
+            if r.path is not None and r.path != "/":
+                name = r.path.lstrip("/").encode("utf-8", "surrogateescape")  # as the layer names it
+                by_top.setdefault(name.partition(b"/")[0], []).append((i, name))
+        self._by_top = {top: tuple(tests) for top, tests in by_top.items()}
+        self._regexes = tuple((i, re.compile(r.regex)) for i, r in enumerate(self.rules) if r.regex is not None)
         self._effects: dict[tuple[int, ...], Effect] = {}
 
     def to_json(self) -> list[dict[str, Any]]:
@@ -102,22 +103,26 @@ class PermRules:
 
     def matched(self, name: bytes) -> tuple[int, ...]:
         """The indexes of the rules matching the layer name `name` (no leading slash), in order."""
-        found: list[int] | None = None
-        text: str | None = None
-        size = len(name)
-        for i, prefix, regex in self._tests:
-            if regex is None:
-                cut = len(prefix)
-                hit = not cut or (name.startswith(prefix) and (size == cut or name[cut] == SLASH))
-            else:
-                if text is None:
-                    text = "/" + name.decode("utf-8", "surrogateescape")
-                hit = regex.fullmatch(text) is not None
-            if hit:
-                if found is None:
-                    found = []
-                found.append(i)
-        return () if found is None else tuple(found)
+        found = self._everywhere
+        mixed = False  # hits from more than one group: they interleave in spec order (later wins)
+        tests = self._by_top.get(name.partition(b"/")[0])
+        if tests is not None:
+            size = len(name)
+            hits = tuple(
+                i
+                for i, prefix in tests
+                if name.startswith(prefix) and (size == len(prefix) or name[len(prefix)] == SLASH)
+            )
+            if hits:
+                mixed = bool(found)
+                found = found + hits if found else hits
+        if self._regexes:
+            text = "/" + name.decode("utf-8", "surrogateescape")
+            hits = tuple(i for i, regex in self._regexes if regex.fullmatch(text) is not None)
+            if hits:
+                mixed = mixed or bool(found)
+                found = found + hits if found else hits
+        return tuple(sorted(found)) if mixed else found
 
     def apply(self, entry: EntryLike) -> Effect | None:
         """Set entry.mode as the rules say; return what they set of its owner (None: nothing).  The
