@@ -22,8 +22,10 @@ from support.core import HOST_BUSYBOX, FakeStore, require_busybox
 from support.users import UserTmpFactory, backends_for, chown_tree, describe, run_nsbuild
 from support.verifiers import image_layers, podman_load_and_run
 
+from nsbuild.cache.shared import content_fingerprint
 from nsbuild.core.perms import parse_perms
 from nsbuild.errors import SpecError
+from nsbuild.layer.contentkey import TarMismatch, check_tar
 from nsbuild.tar.owners import Owner, OwnerPolicy
 from nsbuild.tar.perms import compiled
 from nsbuild.tar.tarwriter import Source, write_tar
@@ -432,3 +434,25 @@ def test_narrowed_rules_keep_what_can_match() -> None:
     app_only = compiled(parse_perms("perms", [{"path": "/app/deep", "uid": 1}]))
     assert app_only is not None and app_only.narrowed(["/nix/store/abc"]) is None
     assert app_only.narrowed(["/app"]) is app_only
+
+
+def test_shared_cache_fingerprint_sees_the_rules(tmp_path: Path) -> None:
+    """--cache-from/--cache-to name a layer by the headers the writer emits: with rules, the
+    fingerprint computed from the sources is the one a check of the written tar finds, and it is not
+    the fingerprint without them (a record's layer without the rules is never taken for one with)."""
+    t = tmp_path / "t"
+    (t / "app/bin").mkdir(parents=True)
+    (t / "app/bin/x").write_text("x")
+    sources = [Source(t, "/")]
+    root = Owner(0, 0, "root", "root")
+    ruled = OwnerPolicy.fixed_owner(root, compiled(parse_perms("perms", [{"path": "/app", "uid": 3, "mode": "0700"}])))
+    plain = OwnerPolicy.fixed_owner(root)
+    key = content_fingerprint(sources, mtime=1, owner=ruled)
+    assert key != content_fingerprint(sources, mtime=1, owner=plain)
+    buf = io.BytesIO()
+    write_tar(sources, buf, mtime=1, owner=ruled)
+    check_tar(io.BytesIO(buf.getvalue()).read, key, mtime=1, owner=ruled)
+    unruled = io.BytesIO()
+    write_tar(sources, unruled, mtime=1, owner=plain)
+    with pytest.raises(TarMismatch):
+        check_tar(io.BytesIO(unruled.getvalue()).read, key, mtime=1, owner=ruled)
