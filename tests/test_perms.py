@@ -211,9 +211,13 @@ def test_cache_keys_follow_the_rules(user_with_subids: str | None, user_tmp: Use
     assert changed[store_i]["source"] == "cache" and changed[store_i]["diff_id"] == first[store_i]["diff_id"]
     changed = build([{**app_rule, "uid": 1001}, {**store_rule, "mode": "0500"}])
     assert changed[store_i]["source"] == "built" and changed[store_i]["diff_id"] != first[store_i]["diff_id"]
-    # No rules at all: the keys (and layers) of a spec without perms, whatever rules were there before.
+    # A layer no rule can touch has the key it has without perms: a rule for a path no content layer
+    # holds finds both content layers of the build without rules in the cache, the same bytes.
     plain = build([])
     assert plain[store_i]["diff_id"] != first[store_i]["diff_id"]
+    elsewhere = build([{"path": "/nowhere", "uid": 5}])
+    assert [la["source"] for la in elsewhere[:2]] == ["cache", "cache"]
+    assert [la["diff_id"] for la in elsewhere] == [la["diff_id"] for la in plain]
 
 
 # --- scripts: every backend, and the image kind ---------------------------------------------------------
@@ -221,7 +225,6 @@ def test_cache_keys_follow_the_rules(user_with_subids: str | None, user_tmp: Use
 FAKEROOT = (
     "mkdir -p srv/www && echo hi > srv/www/index.html && chown -R 1234:1234 srv && chmod 700 srv/www\n"
     "echo x > srv/keep && chown 4321:4321 srv/keep && chmod 640 srv/keep\n"
-    "echo gone > etc-gone && rm etc-gone\n"
 )
 
 
@@ -423,17 +426,23 @@ def test_whiteouts_and_regex_semantics(tmp_path: Path) -> None:
     assert got["etc"][1:4] == (0o755, 0, 0)
 
 
-def test_narrowed_rules_keep_what_can_match() -> None:
+def test_narrowed_rules_keep_what_can_match(tmp_path: Path) -> None:
+    """A layer's cache key holds the rules that can touch it: regex rules always, path rules on the way
+    to its targets, and those below a target where the source has that path."""
+    (tmp_path / "root/app/deep").mkdir(parents=True)
+    store, root = (str(tmp_path / "pkg"), "/nix/store/abc-pkg"), (str(tmp_path / "root"), "/")
     rules = compiled(
         parse_perms("perms", [{"path": "/app", "uid": 1}, {"path": "/nix", "gid": 2}, {"regex": "/x", "mode": 1}])
     )
     assert rules is not None
-    store = rules.narrowed(["/nix/store/abc-pkg"])
-    assert store is not None and [r.path for r in store.rules] == ["/nix", None]
-    assert rules.narrowed(["/"]) is rules
-    app_only = compiled(parse_perms("perms", [{"path": "/app/deep", "uid": 1}]))
-    assert app_only is not None and app_only.narrowed(["/nix/store/abc"]) is None
-    assert app_only.narrowed(["/app"]) is app_only
+    narrowed = rules.narrowed([store])
+    assert narrowed is not None and [r.path for r in narrowed.rules] == ["/nix", None]
+    assert rules.narrowed([root]) is not None and [r.path for r in rules.narrowed([root]).rules] == ["/app", None]
+    assert rules.narrowed([root, store]) is rules
+    deep = compiled(parse_perms("perms", [{"path": "/app/deep", "uid": 1}, {"path": "/app/none", "uid": 2}]))
+    assert deep is not None and deep.narrowed([store]) is None
+    assert [r.path for r in (deep.narrowed([root]) or deep).rules] == ["/app/deep"]
+    assert deep.narrowed([(str(tmp_path / "root/app"), "/app")]) is not None
 
 
 def test_shared_cache_fingerprint_sees_the_rules(tmp_path: Path) -> None:

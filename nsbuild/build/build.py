@@ -320,7 +320,7 @@ class _ContentLayers:
     def _owner(self, planned: PlannedLayer) -> OwnerPolicy:
         """The ownership policy of one content layer: without the perms rules that cannot touch it, so
         that a rule changed elsewhere leaves its cache keys (and the layer) as they were."""
-        return self.job.owner.narrowed(s.target for s in planned.sources)
+        return self.job.owner.narrowed((s.host, s.target) for s in planned.sources)
 
     def _finished(self, index: int, layer: Layer) -> Layer:
         if self.archive is not None:

@@ -3,6 +3,7 @@ spec's `perms` rules (nsbuild.tar.perms)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,12 +67,12 @@ class OwnerPolicy:
         """Namespace-root becomes `root`; other ids are kept, named from the image's own files."""
         return cls(root, False, read_names(passwd), read_names(group), perms)
 
-    def narrowed(self, targets: Iterable[str]) -> OwnerPolicy:
-        """This policy for a layer whose sources sit at `targets`, without the rules that cannot match
-        any of its entries (PermRules.narrowed): what the layer's cache keys hash."""
+    def narrowed(self, sources: Iterable[tuple[str | os.PathLike[str], str]]) -> OwnerPolicy:
+        """This policy for a layer made of `sources` ((host, target) pairs), without the rules that
+        cannot match any of its entries (PermRules.narrowed): what the layer's cache keys hash."""
         if self.perms is None:
             return self
-        perms = self.perms.narrowed(targets)
+        perms = self.perms.narrowed(sources)
         if perms is self.perms:
             return self
         return OwnerPolicy(self.root, self.fixed, self.users, self.groups, perms)

@@ -18,6 +18,7 @@ Semantics (the README's "Ownership and modes without scripts"):
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -90,13 +91,14 @@ class PermRules:
     def to_json(self) -> list[dict[str, Any]]:
         return [r.to_json() for r in self.rules]
 
-    def narrowed(self, targets: Iterable[str]) -> PermRules | None:
-        """The rules that can match an entry of a layer whose sources sit at `targets` (absolute
-        image paths; their parents are entries too): every regex rule, and each path rule on the way
-        to or below a target.  None when no rule is left: the layer's cache key stays what it was
-        without rules, so a rule for /app does not rebuild the store layers."""
-        tops = [t.rstrip("/") for t in targets]
-        kept = [r for r in self.rules if r.path is None or any(_related(r.path.rstrip("/"), t) for t in tops)]
+    def narrowed(self, sources: Iterable[tuple[str | os.PathLike[str], str]]) -> PermRules | None:
+        """The rules that can match an entry of a layer made of `sources` ((host path, absolute image
+        target) pairs; the targets' parents are entries too): every regex rule, each path rule on the
+        way to a target, and each below one where that path exists in the source's host tree.  None
+        when no rule is left: the layer's cache key stays what it is without rules, so a rule for
+        /home/app rebuilds neither the store layers nor a root tree that has no home/app."""
+        pairs = [(os.fspath(host), target.rstrip("/")) for host, target in sources]
+        kept = [r for r in self.rules if r.path is None or any(_can_match(r.path, h, t) for h, t in pairs)]
         if len(kept) == len(self.rules):
             return self
         return PermRules(kept) if kept else None
@@ -150,10 +152,16 @@ def compiled(rules: Sequence[PermRule]) -> PermRules | None:
     return PermRules(rules) if rules else None
 
 
-def _related(path: str, target: str) -> bool:
-    """Whether an entry at or below `path` can be in a layer whose source sits at `target`: one is
-    the other or lies below it ("" is /)."""
-    return not path or not target or _within(target, path) or _within(path, target)
+def _can_match(path: str, host: str, target: str) -> bool:
+    """Whether the layer entry at `path` (or one below it) can come from the host tree `host` placed
+    at `target` ("" is /).  The writer lists the host tree without following symlinks; lexists may
+    follow one on the way and say yes where the tar has no such entry: that only keeps a rule."""
+    path = path.rstrip("/")
+    if not path or _within(target, path):
+        return True  # the target itself, or one of its parents the layer holds too
+    if not (not target or _within(path, target)):
+        return False
+    return os.path.lexists(os.path.join(host, path[len(target) :].lstrip("/")))
 
 
 def _within(inner: str, outer: str) -> bool:
