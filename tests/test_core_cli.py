@@ -24,6 +24,7 @@ LAYERED_ATTRS = {
     "config",
     "architecture",
     "variant",
+    "perms",  # nsbuild's own (owner and mode rules applied as the tar is written)
     "created",
     "mtime",
     "uid",

@@ -46,6 +46,7 @@ def wire_job(**changes: Any) -> dict[str, Any]:
         "what": "runAsRoot",
         "caller_ids": [1001, 1001],
         "hide": ["/home/builder"],
+        "perms": [{"path": "/home/alice", "uid": 1000, "mode": 1536}, {"regex": "/usr/bin/.*", "dirMode": 493}],
     }
     wire.update(changes)
     return wire

@@ -44,6 +44,7 @@ from nsbuild.sinks.archive import ImageArchive
 from nsbuild.sinks.sinks import ArchiveOutput, check_destination
 from nsbuild.spec.spec import Spec
 from nsbuild.tar.owners import Owner, OwnerPolicy
+from nsbuild.tar.perms import compiled
 from nsbuild.tar.tarwriter import Source
 
 if TYPE_CHECKING:
@@ -164,7 +165,7 @@ def _build(ctx: BuildContext) -> BuildResult:
     )
     base_layers = recompressed(ctx, base.layers) if base is not None else []
     plan = _checked_plan(ctx, len(base_layers))
-    fixed = OwnerPolicy.fixed_owner(Owner(spec.uid, spec.gid, spec.uname, spec.gname))
+    fixed = OwnerPolicy.fixed_owner(Owner(spec.uid, spec.gid, spec.uname, spec.gname), compiled(spec.perms))
     job = _Layered(ctx, cache, fixed, base_layers)
     # The customisation layer first, as dockerTools: the store paths its scripts' output refers to
     # are part of the closure the store layers are made of.
@@ -299,7 +300,7 @@ class _ContentLayers:
         key = None
         content_key = None
         if cache is not None:
-            key = fingerprint(planned.sources, mtime=ctx.spec.mtime, owner=self.job.owner)
+            key = fingerprint(planned.sources, mtime=ctx.spec.mtime, owner=self._owner(planned))
             hit = cache.lookup(key, compression=ctx.compression, need_tar=ctx.keep_tar, comment=planned.comment)
             if hit is not None:
                 if ctx.options.cache_to:
@@ -316,6 +317,11 @@ class _ContentLayers:
         ctx.progress.layer_done(index, self.total, planned.comment, layer.tar.size, time.monotonic() - t0)
         return self._finished(index, layer), False, content_key
 
+    def _owner(self, planned: PlannedLayer) -> OwnerPolicy:
+        """The ownership policy of one content layer: without the perms rules that cannot touch it, so
+        that a rule changed elsewhere leaves its cache keys (and the layer) as they were."""
+        return self.job.owner.narrowed((s.host, s.target) for s in planned.sources)
+
     def _finished(self, index: int, layer: Layer) -> Layer:
         if self.archive is not None:
             self.archive.done(len(self.job.base_layers) + index - 1, layer)
@@ -326,7 +332,7 @@ class _ContentLayers:
 
         cache, spec = self.job.cache, self.job.ctx.spec
         return registry_cache.remembered_content_fingerprint(
-            cache.root if cache else None, key, planned.sources, mtime=spec.mtime, owner=self.job.owner
+            cache.root if cache else None, key, planned.sources, mtime=spec.mtime, owner=self._owner(planned)
         )
 
     def _from_shared(
@@ -340,7 +346,7 @@ class _ContentLayers:
             store_root=cache.store_root if cache else ctx.ws.path("pull"),
             comment=planned.comment,
             mtime=ctx.spec.mtime,
-            owner=self.job.owner,
+            owner=self._owner(planned),
         )
         if got is None:
             return None
@@ -364,7 +370,7 @@ class _ContentLayers:
         request = LayerRequest(
             planned.sources,
             mtime=ctx.spec.mtime,
-            owner=self.job.owner,
+            owner=self._owner(planned),
             compression=ctx.compression,
             keep_tar=ctx.keep_tar and files,
             keep_blob=files,
@@ -449,6 +455,7 @@ def _fake_root_layer(
             script=spec.fake_root_commands,
             enable_fakechroot=spec.enable_fakechroot,
             root_owner=Owner(spec.uid, spec.gid, spec.uname, spec.gname),
+            perms=spec.perms,
             mtime=spec.mtime,
             isolation=options.isolation,
             network=options.network,

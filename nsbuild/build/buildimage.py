@@ -44,6 +44,7 @@ from nsbuild.rootfs.nixdb import write_nix_db
 from nsbuild.sandbox.tree import HostileLayer, ImageModel, place, remove
 from nsbuild.spec.spec import ContentEntry, Spec
 from nsbuild.tar.owners import Owner, OwnerPolicy
+from nsbuild.tar.perms import compiled
 from nsbuild.tar.tarwriter import Source
 
 LAYER_COMMENT = "buildImage layer"
@@ -109,7 +110,8 @@ def _new_layer(ctx: BuildContext, model: ImageModel, tars: list[Path]) -> tuple[
     if spec.extra_commands.strip():
         run_extra_commands(ctx, custom, env)
         _add_script_references(spec, store, closure, custom, custom, ctx.progress, "extraCommands", before)
-    return tree_layer(ctx, [Source(custom, "/")], OwnerPolicy.fixed_owner(owner), LAYER_COMMENT), closure
+    policy = OwnerPolicy.fixed_owner(owner, compiled(spec.perms))
+    return tree_layer(ctx, [Source(custom, "/")], policy, LAYER_COMMENT), closure
 
 
 def _unique_tars(layers: list[Layer]) -> list[Path]:
@@ -166,6 +168,7 @@ def _run_as_root_layer(job: _RunAsRoot) -> Layer:
                 script=spec.run_as_root or "",
                 enable_fakechroot=True,
                 root_owner=job.owner,
+                perms=spec.perms,
                 mtime=spec.mtime,
                 isolation=options.isolation,
                 network=options.network,

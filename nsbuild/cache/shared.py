@@ -64,7 +64,7 @@ def content_fingerprint(
     (nsbuild.layer.contentkey.check_tar checks a downloaded tar against it)."""
     h = content_hasher(mtime=mtime, owner=owner, overlay_whiteouts=overlay_whiteouts)
     for entry in iter_entries(sources, overlay_whiteouts=overlay_whiteouts):
-        h.update(encode_header(entry, owner.resolve(entry.uid, entry.gid), mtime))
+        h.update(encode_header(entry, owner.owner_of(entry), mtime))  # perms rules applied as write_tar does
         if entry.kind == "file" and entry.size and entry.host is not None:
             h.update(_content_digest(entry.host, entry.size))
     return h.hexdigest()

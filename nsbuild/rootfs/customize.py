@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nsbuild.core.perms import PermRule
 from nsbuild.errors import BuildError
 from nsbuild.sandbox import MODE, USES_FAKEROOT, choose, remove_tree
 from nsbuild.sandbox.boundary import hide_own_process, sandbox_env
@@ -50,6 +51,7 @@ class CustomisationJob:
                      enable_fakechroot: /dev, /proc, /sys are provided and never end up in the layer).
     root_owner       what namespace root (the caller) becomes in the layer; other ids are kept, named from
                      the image's own /etc/passwd and /etc/group.
+    perms            the spec's owner and mode rules, applied as the layer is written (after root_owner).
     isolation        "auto" | "userns" | "userns-fakeroot" | "fakeroot";  network "none" | "host".
     workdir          an empty scratch directory on the same file system as custom_root; emptied before
                      returning, whatever happens (files owned by subordinate ids are removed from inside
@@ -91,6 +93,7 @@ class CustomisationJob:
     after_script: str = ""
     after_env: dict[str, str] | None = None
     store_dir: str | None = None
+    perms: tuple[PermRule, ...] = ()
 
 
 def build_customisation_layer(job: CustomisationJob) -> CustomisationResult:
@@ -183,6 +186,7 @@ def _sandbox_job(
         mtime=int(job.mtime),
         result=result_path,
         root_owner=job.root_owner,
+        perms=job.perms,
         env=job.env,
         in_ns=backend != "fakeroot",
         scratch_mib=job.scratch_mib,

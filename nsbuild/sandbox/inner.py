@@ -32,6 +32,7 @@ from nsbuild.sandbox import boundary, fakeshims, hostview, mounts, tree
 from nsbuild.sandbox.job import LayerStats, SandboxJob, SandboxOutcome
 from nsbuild.sandbox.proc import kill_descendants, status_code
 from nsbuild.tar.owners import OwnerPolicy
+from nsbuild.tar.perms import compiled
 from nsbuild.tar.tarwriter import Source, write_tar
 
 FAKEROOT_VARS = ("FAKEROOT", "FAKED_", "LD_PRELOAD", "LD_LIBRARY_PATH")
@@ -435,7 +436,10 @@ def _write_layer(job: SandboxJob, upper: Path, names_root: Path, devices: dict[s
     so lstat shows the ids and modes the script set (and one interpreter start is saved). Ids other
     than root's are named from the image's own /etc/passwd and /etc/group."""
     owner = OwnerPolicy.mapped(
-        job.root_owner, _image_file(names_root, "etc/passwd"), _image_file(names_root, "etc/group")
+        job.root_owner,
+        _image_file(names_root, "etc/passwd"),
+        _image_file(names_root, "etc/group"),
+        compiled(job.perms),
     )
     nodes = {
         name.encode("utf-8", "surrogateescape"): (kind, int(major), int(minor))

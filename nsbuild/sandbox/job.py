@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from nsbuild.core.perms import PermRule, parse_perms
 from nsbuild.tar.owners import Owner
 
 Engine = Literal["overlay", "copy"]
@@ -50,7 +51,8 @@ class SandboxJob:
     writable space on a tmpfs of that size (namespaces only); memory_mib: RLIMIT_AS of each script
     process; tmp / strict / tail: runAsRoot's /tmp, refusal of base-layer devices and kept output;
     what: "fakeRootCommands" | "runAsRoot", as messages name the script; caller_ids: the fakeroot
-    backend's caller (uid, gid), whose ids become root; hide: directories out of sight for scripts."""
+    backend's caller (uid, gid), whose ids become root; hide: directories out of sight for scripts;
+    perms: the spec's owner and mode rules, applied as the layer is written."""
 
     work: Path
     custom_root: Path
@@ -77,6 +79,7 @@ class SandboxJob:
     what: str
     caller_ids: tuple[int, int] | None
     hide: tuple[str, ...]
+    perms: tuple[PermRule, ...]
 
     def to_wire(self) -> dict[str, Any]:
         o = self.root_owner
@@ -106,6 +109,7 @@ class SandboxJob:
             "what": self.what,
             "caller_ids": list(self.caller_ids) if self.caller_ids is not None else None,
             "hide": list(self.hide),
+            "perms": [rule.to_json() for rule in self.perms],
         }
 
     @classmethod
@@ -125,6 +129,7 @@ class SandboxJob:
             "root_owner": Owner(o["uid"], o["gid"], o["uname"], o["gname"]),
             "caller_ids": (ids[0], ids[1]) if ids is not None else None,
             "hide": tuple(wire["hide"]),
+            "perms": parse_perms("sandbox job: perms", wire["perms"]),
         }
         return cls(**{**wire, **typed})
 

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nsbuild.core.perms import PermRule, parse_perms
 from nsbuild.core.platform import ARCHITECTURES, host_architecture, variant_problem
 from nsbuild.core.refs import parse_ref, split_registry_host
 from nsbuild.errors import SpecError, UsageError
@@ -98,6 +99,7 @@ class Spec:
     build_vm_memory_size: int
     compressor: str
     store_dir: str
+    perms: tuple[PermRule, ...] = ()  # applied to every entry of every new layer (nsbuild.tar.perms)
     raw: dict[str, Any] = field(default_factory=dict)
     variant: str | None = None  # the architecture's variant (arm v7, arm64 v8...); None: unstated
 
@@ -339,6 +341,10 @@ def _annotations(key: str, value: Any, ctx: Context) -> dict[str, str]:
     return dict(value)
 
 
+def _perms(key: str, value: Any, ctx: Context) -> tuple[PermRule, ...]:
+    return parse_perms(key, value)  # the rule grammar: nsbuild/core/perms.py
+
+
 @dataclass(frozen=True)
 class Attr:
     check: Checker
@@ -423,6 +429,13 @@ ATTRS: dict[str, Attr] = {
     ),
     "compressor": Attr(_choice(COMPRESSORS), "gz", BOTH, {"enum": list(COMPRESSORS)}, "none, gz or zstd"),
     "storeDir": Attr(_string, "/nix/store", BOTH, {"type": "string"}, "store directory"),
+    "perms": Attr(
+        _perms,
+        (),
+        BOTH,
+        {"type": "array", "items": {"$ref": "#/$defs/permRule"}},
+        "owner and mode rules for the entries of the new layers (path or regex; later rules win per field)",
+    ),
 }
 
 
@@ -594,6 +607,7 @@ def parse_spec(raw: Any, spec_path: Path, kind: str, env: dict[str, str]) -> Spe
         build_vm_memory_size=values["buildVMMemorySize"],
         compressor=values["compressor"],
         store_dir=os.path.normpath(values["storeDir"]),
+        perms=values["perms"],
         raw=raw,
         variant=values["variant"],
     )
@@ -627,5 +641,32 @@ def json_schema(kind: str = LAYERED) -> dict[str, Any]:
         "$defs": {
             "paths": {"oneOf": [path_item, {"type": "array", "items": path_item}]},
             "config": {"type": "object", "additionalProperties": False, "properties": config_props},
+            "permRule": _perm_rule_schema(),
+        },
+    }
+
+
+def _perm_rule_schema() -> dict[str, Any]:
+    mode = {
+        "oneOf": [
+            {"type": "string", "pattern": "^(0o)?[0-7]{1,6}$"},
+            {"type": "integer", "minimum": 0, "maximum": 0o7777},
+        ]
+    }
+    ident = {"type": "integer", "minimum": 0, "maximum": 2**32 - 2}
+    name = {"type": "string", "maxLength": 32}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "oneOf": [{"required": ["path"]}, {"required": ["regex"]}],
+        "properties": {
+            "path": {"type": "string", "pattern": "^/"},
+            "regex": {"type": "string", "minLength": 1},
+            "uid": ident,
+            "gid": ident,
+            "uname": name,
+            "gname": name,
+            "mode": mode,
+            "dirMode": mode,
         },
     }

@@ -540,10 +540,12 @@ def write_tar(
     entries = iter_entries(sources, overlay_whiteouts=overlay_whiteouts)
     if devices:
         entries = _with_devices(entries, devices)
+    ruled = owner.perms is not None
     for entry in entries:
         if cancel is not None and cancel.is_set():
             raise KeyboardInterrupt  # another layer failed or the build was interrupted
-        resolved = owner.resolve(entry.uid, entry.gid)
+        # The spec's perms rules (nsbuild.tar.perms) here, on every entry whatever its origin.
+        resolved = owner.owner_of(entry) if ruled else owner.resolve(entry.uid, entry.gid)
         if resolved is not last_owner:
             last_owner, template = resolved, _template(resolved, mtime)
         header = (template is not None and _fast_header(entry, template)) or encode_header(entry, resolved, mtime)
