@@ -30,7 +30,7 @@ from nsbuild.build.steps import (
     tree_layer,
     write_output,
 )
-from nsbuild.cache.cache import LayerCache, close_caches, fingerprint, open_cache
+from nsbuild.cache.cache import LayerCache, close_caches, fingerprint, open_cache, tar_fingerprint
 from nsbuild.core.progress import Progress, human
 from nsbuild.core.refs import ImageRef
 from nsbuild.errors import SpecError
@@ -44,6 +44,7 @@ from nsbuild.sinks.archive import ImageArchive
 from nsbuild.sinks.sinks import ArchiveOutput, check_destination
 from nsbuild.spec.spec import Spec
 from nsbuild.tar.owners import Owner, OwnerPolicy
+from nsbuild.tar.tarinput import TarInput, TarLayer, load_tar_layer
 from nsbuild.tar.tarwriter import Source
 
 if TYPE_CHECKING:
@@ -294,6 +295,9 @@ class _ContentLayers:
     def _make(self, index: int, planned: PlannedLayer) -> tuple[Layer, bool | str, str | None]:
         """Layer `index` (1-based), whether it came from a cache (True: local, "remote": shared), and
         its content key when a shared cache needs one."""
+        if planned.tar is not None:
+            made, from_cache = self._tar(index, planned)
+            return made, from_cache, None
         t0 = time.monotonic()
         ctx, cache = self.job.ctx, self.job.cache
         key = None
@@ -352,7 +356,33 @@ class _ContentLayers:
         )
         return got
 
-    def _built(self, index: int, planned: PlannedLayer, key: str | None) -> Layer:
+    def _tar(self, index: int, planned: PlannedLayer) -> tuple[Layer, bool]:
+        """A `{"tar": …}` entry's layer: from the local cache by the tar's bytes, else read from the
+        tar (its plain copy in the workspace removed once the layer is written). The shared cache
+        does not carry these: their content fingerprint is the tar's own digest, not a tree's."""
+        t0 = time.monotonic()
+        ctx, cache, entry = self.job.ctx, self.job.cache, planned.tar
+        assert entry is not None
+        target = entry.target or "/"
+        key = None
+        if cache is not None:
+            key = tar_fingerprint(
+                entry.path, target=target, keep_mtime=entry.keep_mtime, mtime=ctx.spec.mtime, owner=self.job.owner
+            )
+            hit = cache.lookup(key, compression=ctx.compression, need_tar=ctx.keep_tar, comment=planned.comment)
+            if hit is not None:
+                ctx.progress.layer_done(index, self.total, planned.comment, hit.tar.size, time.monotonic() - t0, True)
+                return self._finished(index, hit), True
+        source = TarInput(entry.path, target, entry.keep_mtime, entry.field)
+        tar = load_tar_layer(source, ctx.ws.path("tar"), self.cancel)
+        try:
+            layer = self._built(index, planned, key, tar)
+        finally:
+            tar.plain.unlink(missing_ok=True)
+        ctx.progress.layer_done(index, self.total, planned.comment, layer.tar.size, time.monotonic() - t0)
+        return self._finished(index, layer), False
+
+    def _built(self, index: int, planned: PlannedLayer, key: str | None, tar: TarLayer | None = None) -> Layer:
         ctx, cache = self.job.ctx, self.job.cache
         label = f"[{index}/{self.total}]"
         stops: list[Callable[[], None]] = []
@@ -369,6 +399,7 @@ class _ContentLayers:
             keep_tar=ctx.keep_tar and files,
             keep_blob=files,
             comment=planned.comment,
+            tar=tar,
         )
         # A bar needs the layer's size: store layers know it (NAR sizes), trees are walked for it, and
         # only when a terminal shows the bar.
