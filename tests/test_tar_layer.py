@@ -12,13 +12,24 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 from support.core import HOST_BUSYBOX, raw_members, require_busybox
-from support.users import UserTmpFactory, account, chown_tree, describe, is_root, run_as, run_nsbuild
+from support.users import (
+    UserTmpFactory,
+    account,
+    chown_tree,
+    describe,
+    is_root,
+    popen_nsbuild,
+    run_as,
+    run_nsbuild,
+)
 from support.verifiers import (
     image_layers,
     podman_load_and_run,
@@ -566,3 +577,68 @@ def test_schema_describes_the_tar_entry() -> None:
         jsonschema.validate(ok, doc)
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate({"name": "x", key: [{"tar": "r.tar", "path": "tree"}]}, doc)
+
+
+def test_interrupt_while_a_huge_tar_is_read(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
+    """Ctrl-C while the plain copy of a 16 GiB tar (one member of holes) is made: exit 130, and the
+    copy, the output and the workspace are gone."""
+    user = unprivileged_user
+    work = user_tmp(user)
+    src = work / "huge.tar"
+    size = 16 << 30
+    header = tarfile.TarInfo("huge")
+    header.size = size
+    with open(src, "wb") as f:
+        f.write(header.tobuf(tarfile.GNU_FORMAT))
+        f.truncate(512 + size + 1024)  # the data and the end marker: holes, read as zeros
+    chown_tree(user, src)
+    spec = work / "spec.json"
+    spec.write_text(json.dumps({"name": "huge", "tag": "t", "compressor": "none", "contents": [{"tar": "huge.tar"}]}))
+    scratch = work / "scratch"
+    scratch.mkdir()
+    chown_tree(user, spec, scratch)
+    out = work / "out.tar"
+    proc = popen_nsbuild(["layered", spec, "-o", out, "--no-cache"], user, env={"TMPDIR": str(scratch)})
+    try:
+        time.sleep(2)
+        assert proc.poll() is None, "the build ended before it was interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, stderr
+    assert not out.exists()
+    assert list(scratch.iterdir()) == []
+
+
+def test_duplicates_and_links_follow_the_extraction(tmp_path: Path) -> None:
+    """A name given twice keeps the later member; a hard link made before its target was replaced
+    keeps the data it linked to (as an extraction would), and the first name in layer order carries it."""
+    from nsbuild.tar.tarinput import TarInput, load_tar_layer
+
+    src = tmp_path / "dup.tar"
+
+    def build(tf: tarfile.TarFile) -> None:
+        _add(tf, "./f", data=b"old")
+        _add(tf, "./z-link", tarfile.LNKTYPE, linkname="f")
+        _add(tf, "./f", data=b"new", mode=0o600)
+        _add(tf, "./d/", tarfile.DIRTYPE, mode=0o700)
+        _add(tf, "./d/", tarfile.DIRTYPE, mode=0o750)
+        _add(tf, "./s", tarfile.SYMTYPE, linkname="a")
+        _add(tf, "./s", tarfile.SYMTYPE, linkname="b")
+
+    _hostile(src, build)
+    layer = load_tar_layer(TarInput(src, "/", False, "contents[0]"), tmp_path / "work")
+    try:
+        entries = {e.name: e for e in layer.entries}
+        assert list(entries) == [b"d", b"f", b"s", b"z-link"]
+        assert entries[b"d"].mode == 0o750 and entries[b"s"].linkname == b"b"
+        assert entries[b"f"].kind == "file" and entries[b"f"].mode == 0o600
+        data = layer.plain.read_bytes()
+        f, z = entries[b"f"], entries[b"z-link"]
+        assert data[f.offset : f.offset + f.size] == b"new"
+        assert z.kind == "file" and data[z.offset : z.offset + z.size] == b"old"  # its own inode now
+    finally:
+        layer.plain.unlink()
+    assert list((tmp_path / "work").iterdir()) == []
