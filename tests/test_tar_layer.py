@@ -407,11 +407,11 @@ def test_bad_tar_entry_is_a_spec_error(tmp_path: Path, entry: dict, field: str, 
     assert "Traceback" not in proc.stderr
 
 
-def test_tar_needs_a_layer_and_no_fake_root(tmp_path: Path) -> None:
+def test_tar_needs_a_layer_and_comes_first_with_fake_root(tmp_path: Path) -> None:
     _hostile(tmp_path / "ok.tar", lambda tf: _add(tf, "./a", data=b"a"))
     (tmp_path / "tree").mkdir()
     for spec, field in (
-        ({"contents": [{"tar": "ok.tar"}], "fakeRootCommands": "true"}, "contents[0].tar"),
+        ({"contents": ["tree", {"tar": "ok.tar"}], "fakeRootCommands": "true"}, "contents[1].tar"),
         ({"contents": ["tree", {"tar": "ok.tar"}, "tree"], "maxLayers": 3}, "maxLayers"),
     ):
         path = tmp_path / "spec.json"
@@ -642,3 +642,36 @@ def test_duplicates_and_links_follow_the_extraction(tmp_path: Path) -> None:
     finally:
         layer.plain.unlink()
     assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_fake_root_commands_see_the_tar(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
+    """fakeRootCommands sees the tar's files with their owners below it (each backend); what it
+    changes is in the customisation layer, what it leaves alone is not."""
+    user = unprivileged_user
+    work = user_tmp(user)
+    src = work / "root.tar"
+    with tarfile.open(src, "w", format=tarfile.PAX_FORMAT) as tf:
+        _add(tf, "./etc/owned", data=b"from the tar\n", uid=1000, gid=1000)
+        _add(tf, "./etc/kept", data=b"kept\n", uid=0, gid=42)
+    tree = work / "tree"
+    tree.mkdir()
+    (tree / "app").write_text("app\n")
+    chown_tree(user, src, tree)
+    spec = {
+        "name": "img",
+        "tag": "t",
+        "compressor": "none",
+        "contents": [{"tar": "root.tar"}, "tree"],
+        "fakeRootCommands": "stat -c %u:%g etc/owned etc/kept > seen && cat etc/owned >> seen && chown 2000 etc/owned",
+    }
+    out = work / "img.tar"
+    proc = nsbuild(user, work, "layered", spec, out)
+    assert proc.returncode == 0, describe(proc)
+    layers = image_layers(out, work / "read")
+    assert len(layers) == 3
+    custom = listing(layers[2], user)
+    assert custom["etc/owned"].startswith("-rw-r--r-- 2000/1000"), custom
+    assert "etc/kept" not in custom and "app" not in custom, custom
+    with tarfile.open(layers[2]) as tf:
+        seen = tf.extractfile("seen")
+        assert seen is not None and seen.read() == b"1000:1000\n0:42\nfrom the tar\n"

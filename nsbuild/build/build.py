@@ -42,7 +42,7 @@ from nsbuild.rootfs.hosttree import warn_contents_links
 from nsbuild.rootfs.nixdb import write_nix_db
 from nsbuild.sinks.archive import ImageArchive
 from nsbuild.sinks.sinks import ArchiveOutput, check_destination
-from nsbuild.spec.spec import Spec
+from nsbuild.spec.spec import ContentEntry, Spec
 from nsbuild.tar.owners import Owner, OwnerPolicy
 from nsbuild.tar.tarinput import TarInput, TarLayer, load_tar_layer
 from nsbuild.tar.tarwriter import Source
@@ -149,6 +149,9 @@ class _Layered:
     cache: LayerCache | None
     owner: OwnerPolicy  # of every entry of the new layers
     base_layers: list[Layer]  # fromImage's, in the output's compression
+    # `{"tar": …}` layers made before the customisation layer (fakeRootCommands unpacks them below
+    # its sandbox), by contents field; _ContentLayers takes them from here
+    tar_layers: dict[str, tuple[Layer, bool]] = field(default_factory=dict)  # (layer, from the cache)
 
 
 def _build(ctx: BuildContext) -> BuildResult:
@@ -363,12 +366,14 @@ class _ContentLayers:
         t0 = time.monotonic()
         ctx, cache, entry = self.job.ctx, self.job.cache, planned.tar
         assert entry is not None
+        made = self.job.tar_layers.get(entry.field)
+        if made is not None:
+            ctx.progress.layer_done(index, self.total, planned.comment, made[0].tar.size, 0.0, made[1])
+            return self._finished(index, made[0]), made[1]
         target = entry.target or "/"
         key = None
         if cache is not None:
-            key = tar_fingerprint(
-                entry.path, target=target, keep_mtime=entry.keep_mtime, mtime=ctx.spec.mtime, owner=self.job.owner
-            )
+            key = _tar_key(self.job, entry)
             hit = cache.lookup(key, compression=ctx.compression, need_tar=ctx.keep_tar, comment=planned.comment)
             if hit is not None:
                 ctx.progress.layer_done(index, self.total, planned.comment, hit.tar.size, time.monotonic() - t0, True)
@@ -462,6 +467,35 @@ def _grown_plan(spec: Spec, plan: Plan, found: list[Path], base_count: int, prog
     return grown
 
 
+def _tar_key(job: _Layered, entry: ContentEntry) -> str:
+    target, mtime = entry.target or "/", job.ctx.spec.mtime
+    return tar_fingerprint(entry.path, target=target, keep_mtime=entry.keep_mtime, mtime=mtime, owner=job.owner)
+
+
+def _tar_below_script(job: _Layered, planned: PlannedLayer) -> Layer:
+    """A tar entry's layer, made before fakeRootCommands (its tar file kept: the sandbox unpacks it)."""
+    ctx, cache, entry = job.ctx, job.cache, planned.tar
+    assert entry is not None
+    target = entry.target or "/"
+    key = None
+    if cache is not None:
+        key = _tar_key(job, entry)
+        hit = cache.lookup(key, compression=ctx.compression, need_tar=True, comment=planned.comment)
+        if hit is not None:
+            job.tar_layers[entry.field] = (hit, True)
+            return hit
+    tar = load_tar_layer(TarInput(entry.path, target, entry.keep_mtime, entry.field), ctx.ws.path("tar"))
+    try:
+        request = LayerRequest([], ctx.spec.mtime, job.owner, ctx.compression, True, planned.comment, tar=tar)
+        layer = build_layer(request, cache.store_root / "blobs" / "sha256" if cache else ctx.ws.blobs)
+    finally:
+        tar.plain.unlink(missing_ok=True)
+    if cache is not None and key is not None:
+        layer = cache.store(key, layer, ctx.compression)
+    job.tar_layers[entry.field] = (layer, False)
+    return layer
+
+
 def _fake_root_layer(
     job: _Layered, plan: Plan, custom: Path, env: dict[str, str], before: set[str]
 ) -> tuple[Layer, Plan]:
@@ -470,13 +504,14 @@ def _fake_root_layer(
     progress.info("running fakeRootCommands")
     out_tar = ws.root / "customisation.tar"
     lower = [s for layer in plan.layers for s in layer.sources]
+    tars = [_tar_below_script(job, planned) for planned in plan.layers if planned.tar is not None]
     build_customisation_layer(
         CustomisationJob(
             custom_root=custom,
             lower=lower,
             upper_sources=plan.custom_sources,
             env=env,
-            base_layer_tars=[layer.tar.path for layer in job.base_layers if layer.tar.path is not None],
+            base_layer_tars=[layer.tar.path for layer in [*job.base_layers, *tars] if layer.tar.path is not None],
             script=spec.fake_root_commands,
             enable_fakechroot=spec.enable_fakechroot,
             root_owner=Owner(spec.uid, spec.gid, spec.uname, spec.gname),

@@ -161,14 +161,15 @@ def tar_layer(entry: ContentEntry) -> PlannedLayer:
 
 
 def _check_tar_budget(spec: Spec, trees: list[PlannedLayer], budget: int, store: bool) -> None:
-    """A tar entry needs a layer of its own (and the sandbox of fakeRootCommands does not see it)."""
-    first = next(t.tar for t in trees if t.tar is not None)
-    assert first is not None
-    if spec.fake_root_commands.strip():
+    """A tar entry needs a layer of its own, and with fakeRootCommands it must come before the trees."""
+    tree = next((t for t in trees if t.tar is None), None)
+    late = next((t.tar for t in trees[trees.index(tree) :] if t.tar is not None), None) if tree else None
+    if spec.fake_root_commands.strip() and late is not None:
+        # fakeRootCommands' sandbox unpacks the tars below every host tree: the image must agree.
         raise SpecError(
-            first.field,
-            "a tar entry cannot be combined with fakeRootCommands yet (the script would not see its "
-            "files); use a directory, or runAsRoot with nsbuild image",
+            late.field,
+            "with fakeRootCommands, tar entries must come before the directory and file entries of "
+            "contents (the script sees the tars below the trees)",
         )
     tars = sum(1 for t in trees if t.tar is not None)
     # each tar, one layer per run of other trees between them (merged across a tar they would land
