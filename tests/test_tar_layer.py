@@ -675,3 +675,34 @@ def test_fake_root_commands_see_the_tar(unprivileged_user: str | None, user_tmp:
     with tarfile.open(layers[2]) as tf:
         seen = tf.extractfile("seen")
         assert seen is not None and seen.read() == b"1000:1000\n0:42\nfrom the tar\n"
+
+
+def test_gnu_and_pax_headers_give_the_same_layer(tmp_path: Path) -> None:
+    """GNU long names and base-256 ids, or PAX records, or a member order of its own: one layer
+    (GNU tar headers hold 32 bytes of a user name: the only thing they cannot say here)."""
+    from nsbuild.tar.owners import Owner, OwnerPolicy
+    from nsbuild.tar.tarinput import TarInput, load_tar_layer
+    from nsbuild.tar.tarwriter import write_entries
+
+    members = [
+        ("./opt/" + "n" * 150, {"uid": 3000000, "gid": 5, "uname": "u" * 32}),
+        ("./a/b/c", {"mode": 0o4711}),
+        ("./a/b/" + "é" * 60, {}),
+    ]
+    layers = []
+    for fmt, order in ((tarfile.GNU_FORMAT, 1), (tarfile.PAX_FORMAT, -1)):
+        src = tmp_path / f"{fmt}.tar"
+        with tarfile.open(src, "w", format=fmt) as tf:
+            for name, attrs in members[::order]:
+                _add(tf, name, data=name.encode(), **attrs)
+        layer = load_tar_layer(TarInput(src, "/", False, "contents[0]"), tmp_path / "work")
+        out = io.BytesIO()
+        owner = OwnerPolicy.fixed_owner(Owner(0, 0, "root", "root"))
+        write_entries(iter(layer.entries), out, mtime=1, owner=owner)
+        layer.plain.unlink()
+        layers.append(out.getvalue())
+    assert layers[0] == layers[1]
+    with tarfile.open(fileobj=io.BytesIO(layers[0])) as tf:
+        got = {m.name: m for m in tf.getmembers()}
+    assert got["opt/" + "n" * 150].uid == 3000000 and got["opt/" + "n" * 150].uname == "u" * 32
+    assert [m.name for m in got.values()][:3] == ["a", "a/b", "a/b/c"]
