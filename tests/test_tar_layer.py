@@ -512,7 +512,8 @@ def _gnu_entries(path: Path, user: str | None) -> dict[str, str]:
 @pytest.mark.slow
 def test_mmdebstrap_rootfs_tar_is_a_layer(user_with_subids: str | None, user_tmp: UserTmpFactory) -> None:
     """mmdebstrap --mode=unshare's tar as contents, as the test account, no namespace involved: every
-    member of the rootfs is in the layer with its owner and mode (GNU tar lists both the same)."""
+    member of the rootfs is in the layer with its owner and mode (GNU tar lists both the same). Then
+    as copyToRoot of nsbuild image, with runAsRoot chrooted into it."""
     if shutil.which("mmdebstrap") is None:
         pytest.skip("mmdebstrap is not installed")
     user = user_with_subids
@@ -523,7 +524,7 @@ def test_mmdebstrap_rootfs_tar_is_a_layer(user_with_subids: str | None, user_tmp
     proc = run_as([*argv, "stable", str(work / "rootfs.tar")], user, timeout=1200)
     if proc.returncode != 0:
         pytest.skip(f"mmdebstrap could not make a rootfs here (no mirror?): {proc.stderr[-300:]}")
-    run_tool(["zstd", "-q", "--rm", work / "rootfs.tar", "-o", rootfs], user)
+    run_tool(["zstd", "-q", work / "rootfs.tar", "-o", rootfs], user)
     out = work / "debian.tar"
     spec = {"name": "debian", "tag": "t", "compressor": "zstd", "contents": [{"tar": rootfs.name}]}
     proc = nsbuild(user, work, "layered", spec, out)
@@ -535,6 +536,26 @@ def test_mmdebstrap_rootfs_tar_is_a_layer(user_with_subids: str | None, user_tmp
     assert got["usr/sbin/unix_chkpwd"].startswith("-rwxr-sr-x 0/42"), got["usr/sbin/unix_chkpwd"]
     assert got["var/mail"].startswith("drwxrwsr-x 0/8"), got["var/mail"]
     assert got["dev/null"].startswith("crw-rw-rw- 0/0 1,3"), got["dev/null"]
+    # nsbuild image: runAsRoot chrooted into the rootfs tar (its device nodes left out, as runAsRoot
+    # takes none from a tar), as the test account
+    run_tool(["tar", "--delete", "-f", work / "rootfs.tar", "--wildcards", "./dev/?*"], user)
+    script = "echo hi > /etc/motd && chown 100:100 /etc/motd && stat -c %U:%G:%a /usr/bin/su > /seen"
+    spec = {
+        "name": "debian",
+        "tag": "t",
+        "compressor": "none",
+        "copyToRoot": [{"tar": "rootfs.tar"}],
+        "runAsRoot": script,
+    }
+    out = work / "debian-image.tar"
+    proc = nsbuild(user, work, "image", spec, out)
+    assert proc.returncode == 0, describe(proc)
+    layers = image_layers(out, work / "read-image")
+    new = listing(layers[1], user)
+    assert new["etc/motd"].startswith("-rw-r--r-- 100/100"), new
+    with tarfile.open(layers[1]) as tf:
+        seen = tf.extractfile("seen")
+        assert seen is not None and seen.read() == b"root:root:4755\n"
 
 
 def test_podman_export_is_a_layer(user_with_subids: str | None, user_tmp: UserTmpFactory) -> None:
@@ -706,3 +727,18 @@ def test_gnu_and_pax_headers_give_the_same_layer(tmp_path: Path) -> None:
         got = {m.name: m for m in tf.getmembers()}
     assert got["opt/" + "n" * 150].uid == 3000000 and got["opt/" + "n" * 150].uname == "u" * 32
     assert [m.name for m in got.values()][:3] == ["a", "a/b", "a/b/c"]
+
+
+def test_run_as_root_refuses_devices_of_a_tar(unprivileged_user: str | None, user_tmp: UserTmpFactory) -> None:
+    user = unprivileged_user
+    work = user_tmp(user)
+    _hostile(work / "dev.tar", lambda tf: _add(tf, "./dev/null", tarfile.CHRTYPE, devmajor=1, devminor=3))
+    chown_tree(user, work / "dev.tar")
+    spec = {"name": "d", "tag": "t", "copyToRoot": [{"tar": "dev.tar"}], "runAsRoot": "true"}
+    proc = nsbuild(user, work, "image", spec, work / "out.tar")
+    assert proc.returncode == 1, describe(proc)
+    assert "copyToRoot[0].tar: 'dev/null' is a device node (1:3)" in proc.stderr, proc.stderr
+    assert "--skip=output/dev" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (work / "out.tar").exists() and not _leftovers(work / "tmp")
+    spec.pop("runAsRoot")
+    assert nsbuild(user, work, "image", spec, work / "out.tar").returncode == 0  # without it: kept

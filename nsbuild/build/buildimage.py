@@ -122,7 +122,11 @@ def _tar_layers(ctx: BuildContext, model: ImageModel, tars: list[Path]) -> list[
         try:
             model.check_layer(layer.tar.path, entry.field)
         except HostileLayer as exc:
-            raise BuildError(f"{entry.field}: refusing the tar over the base image: {exc}") from None
+            text = str(exc).removeprefix(f"{entry.field}: ")
+            if "is a device node" in text:
+                # as for base images: the runAsRoot sandbox takes no device nodes from its lower layers
+                text = text.split(";")[0] + "; runAsRoot takes none from a tar (mmdebstrap: --skip=output/dev)"
+            raise BuildError(f"{entry.field}: {text}") from None
         ctx.progress.layer_done(len(out) + 1, len(out) + 1, comment, layer.tar.size, 0.0)
         tars.append(layer.tar.path)
         out.append(layer)
