@@ -30,7 +30,7 @@ from nsbuild.build.steps import (
     tree_layer,
     write_output,
 )
-from nsbuild.cache.cache import LayerCache, close_caches, fingerprint, open_cache
+from nsbuild.cache.cache import LayerCache, close_caches, fingerprint, open_cache, tar_fingerprint
 from nsbuild.core.progress import Progress, human
 from nsbuild.core.refs import ImageRef
 from nsbuild.errors import SpecError
@@ -42,9 +42,10 @@ from nsbuild.rootfs.hosttree import warn_contents_links
 from nsbuild.rootfs.nixdb import write_nix_db
 from nsbuild.sinks.archive import ImageArchive
 from nsbuild.sinks.sinks import ArchiveOutput, check_destination
-from nsbuild.spec.spec import Spec
+from nsbuild.spec.spec import ContentEntry, Spec
 from nsbuild.tar.owners import Owner, OwnerPolicy
 from nsbuild.tar.perms import compiled
+from nsbuild.tar.tarinput import TarInput, TarLayer, load_tar_layer
 from nsbuild.tar.tarwriter import Source
 
 if TYPE_CHECKING:
@@ -149,6 +150,9 @@ class _Layered:
     cache: LayerCache | None
     owner: OwnerPolicy  # of every entry of the new layers
     base_layers: list[Layer]  # fromImage's, in the output's compression
+    # `{"tar": …}` layers made before the customisation layer (fakeRootCommands unpacks them below
+    # its sandbox), by contents field; _ContentLayers takes them from here
+    tar_layers: dict[str, tuple[Layer, bool]] = field(default_factory=dict)  # (layer, from the cache)
 
 
 def _build(ctx: BuildContext) -> BuildResult:
@@ -295,6 +299,9 @@ class _ContentLayers:
     def _make(self, index: int, planned: PlannedLayer) -> tuple[Layer, bool | str, str | None]:
         """Layer `index` (1-based), whether it came from a cache (True: local, "remote": shared), and
         its content key when a shared cache needs one."""
+        if planned.tar is not None:
+            made, from_cache = self._tar(index, planned)
+            return made, from_cache, None
         t0 = time.monotonic()
         ctx, cache = self.job.ctx, self.job.cache
         key = None
@@ -319,7 +326,10 @@ class _ContentLayers:
 
     def _owner(self, planned: PlannedLayer) -> OwnerPolicy:
         """The ownership policy of one content layer: without the perms rules that cannot touch it, so
-        that a rule changed elsewhere leaves its cache keys (and the layer) as they were."""
+        that a rule changed elsewhere leaves its cache keys (and the layer) as they were.  A tar's
+        members are not on disk to narrow by: its layer keeps every rule (so does its cache key)."""
+        if planned.tar is not None:
+            return self.job.owner
         return self.job.owner.narrowed((s.host, s.target) for s in planned.sources)
 
     def _finished(self, index: int, layer: Layer) -> Layer:
@@ -358,7 +368,35 @@ class _ContentLayers:
         )
         return got
 
-    def _built(self, index: int, planned: PlannedLayer, key: str | None) -> Layer:
+    def _tar(self, index: int, planned: PlannedLayer) -> tuple[Layer, bool]:
+        """A `{"tar": …}` entry's layer: from the local cache by the tar's bytes, else read from the
+        tar (its plain copy in the workspace removed once the layer is written). The shared cache
+        does not carry these: their content fingerprint is the tar's own digest, not a tree's."""
+        t0 = time.monotonic()
+        ctx, cache, entry = self.job.ctx, self.job.cache, planned.tar
+        assert entry is not None
+        made = self.job.tar_layers.get(entry.field)
+        if made is not None:
+            ctx.progress.layer_done(index, self.total, planned.comment, made[0].tar.size, 0.0, made[1])
+            return self._finished(index, made[0]), made[1]
+        target = entry.target or "/"
+        key = None
+        if cache is not None:
+            key = _tar_key(self.job, entry)
+            hit = cache.lookup(key, compression=ctx.compression, need_tar=ctx.keep_tar, comment=planned.comment)
+            if hit is not None:
+                ctx.progress.layer_done(index, self.total, planned.comment, hit.tar.size, time.monotonic() - t0, True)
+                return self._finished(index, hit), True
+        source = TarInput(entry.path, target, entry.keep_mtime, entry.field)
+        tar = load_tar_layer(source, ctx.ws.path("tar"), self.cancel)
+        try:
+            layer = self._built(index, planned, key, tar)
+        finally:
+            tar.plain.unlink(missing_ok=True)
+        ctx.progress.layer_done(index, self.total, planned.comment, layer.tar.size, time.monotonic() - t0)
+        return self._finished(index, layer), False
+
+    def _built(self, index: int, planned: PlannedLayer, key: str | None, tar: TarLayer | None = None) -> Layer:
         ctx, cache = self.job.ctx, self.job.cache
         label = f"[{index}/{self.total}]"
         stops: list[Callable[[], None]] = []
@@ -375,6 +413,7 @@ class _ContentLayers:
             keep_tar=ctx.keep_tar and files,
             keep_blob=files,
             comment=planned.comment,
+            tar=tar,
         )
         # A bar needs the layer's size: store layers know it (NAR sizes), trees are walked for it, and
         # only when a terminal shows the bar.
@@ -437,6 +476,35 @@ def _grown_plan(spec: Spec, plan: Plan, found: list[Path], base_count: int, prog
     return grown
 
 
+def _tar_key(job: _Layered, entry: ContentEntry) -> str:
+    target, mtime = entry.target or "/", job.ctx.spec.mtime
+    return tar_fingerprint(entry.path, target=target, keep_mtime=entry.keep_mtime, mtime=mtime, owner=job.owner)
+
+
+def _tar_below_script(job: _Layered, planned: PlannedLayer) -> Layer:
+    """A tar entry's layer, made before fakeRootCommands (its tar file kept: the sandbox unpacks it)."""
+    ctx, cache, entry = job.ctx, job.cache, planned.tar
+    assert entry is not None
+    target = entry.target or "/"
+    key = None
+    if cache is not None:
+        key = _tar_key(job, entry)
+        hit = cache.lookup(key, compression=ctx.compression, need_tar=True, comment=planned.comment)
+        if hit is not None:
+            job.tar_layers[entry.field] = (hit, True)
+            return hit
+    tar = load_tar_layer(TarInput(entry.path, target, entry.keep_mtime, entry.field), ctx.ws.path("tar"))
+    try:
+        request = LayerRequest([], ctx.spec.mtime, job.owner, ctx.compression, True, planned.comment, tar=tar)
+        layer = build_layer(request, cache.store_root / "blobs" / "sha256" if cache else ctx.ws.blobs)
+    finally:
+        tar.plain.unlink(missing_ok=True)
+    if cache is not None and key is not None:
+        layer = cache.store(key, layer, ctx.compression)
+    job.tar_layers[entry.field] = (layer, False)
+    return layer
+
+
 def _fake_root_layer(
     job: _Layered, plan: Plan, custom: Path, env: dict[str, str], before: set[str]
 ) -> tuple[Layer, Plan]:
@@ -445,13 +513,14 @@ def _fake_root_layer(
     progress.info("running fakeRootCommands")
     out_tar = ws.root / "customisation.tar"
     lower = [s for layer in plan.layers for s in layer.sources]
+    tars = [_tar_below_script(job, planned) for planned in plan.layers if planned.tar is not None]
     build_customisation_layer(
         CustomisationJob(
             custom_root=custom,
             lower=lower,
             upper_sources=plan.custom_sources,
             env=env,
-            base_layer_tars=[layer.tar.path for layer in job.base_layers if layer.tar.path is not None],
+            base_layer_tars=[layer.tar.path for layer in [*job.base_layers, *tars] if layer.tar.path is not None],
             script=spec.fake_root_commands,
             enable_fakechroot=spec.enable_fakechroot,
             root_owner=Owner(spec.uid, spec.gid, spec.uname, spec.gname),

@@ -34,7 +34,7 @@ from nsbuild.build.steps import (
 )
 from nsbuild.core.progress import Progress
 from nsbuild.errors import BuildError, SpecError
-from nsbuild.layer.layer import Layer
+from nsbuild.layer.layer import Layer, LayerRequest, build_layer
 from nsbuild.plan.closure import closure as store_closure
 from nsbuild.plan.closure import output_hashes, referenced_paths
 from nsbuild.plan.store import Store, StorePath
@@ -45,6 +45,7 @@ from nsbuild.sandbox.tree import HostileLayer, ImageModel, place, remove
 from nsbuild.spec.spec import ContentEntry, Spec
 from nsbuild.tar.owners import Owner, OwnerPolicy
 from nsbuild.tar.perms import compiled
+from nsbuild.tar.tarinput import TarInput, load_tar_layer
 from nsbuild.tar.tarwriter import Source
 
 LAYER_COMMENT = "buildImage layer"
@@ -63,11 +64,12 @@ def build(ctx: BuildContext) -> BuildResult:
     tars = _unique_tars(base_layers)
     model = _scan_base(tars, refuse_devices=spec.run_as_root is not None)
     t0 = time.monotonic()
+    tar_layers = _tar_layers(ctx, model, tars)
     layer, closure = _new_layer(ctx, model, tars)
     seconds = time.monotonic() - t0
-    progress.layer_done(1, 1, LAYER_COMMENT, layer.tar.size, seconds)
+    progress.layer_done(len(tar_layers) + 1, len(tar_layers) + 1, LAYER_COMMENT, layer.tar.size, seconds)
     base_layers = recompressed(ctx, base_layers)
-    image = new_image(ctx, base, base_layers, [layer], annotations)
+    image = new_image(ctx, base, base_layers, [*tar_layers, layer], annotations)
     docs = attest.documents(ctx, image, attest.Known(base, annotations, len(base_layers), closure))
     written = write_output(ctx, image, referrers=attest.referrers(ctx, docs))
     sbom = attest.finish(ctx, docs, written)
@@ -79,9 +81,57 @@ def build(ctx: BuildContext) -> BuildResult:
         base=base_info,
         written=written.written,
         loaded=written.loaded,
-        layer_sources=(*(("base", 0.0) for _ in base_layers), ("built", seconds)),
+        layer_sources=(
+            *(("base", 0.0) for _ in base_layers),
+            *(("built", 0.0) for _ in tar_layers),
+            ("built", seconds),
+        ),
         sbom=sbom,
     )
+
+
+def _owner(spec: Spec) -> Owner:
+    # buildImage has no uname/gname: names only for id 0 (as for layered's defaults), else none.
+    return Owner(spec.uid, spec.gid, spec.uname if spec.uid == 0 else "", spec.gname if spec.gid == 0 else "")
+
+
+def _tar_layers(ctx: BuildContext, model: ImageModel, tars: list[Path]) -> list[Layer]:
+    """copyToRoot's `{"tar": …}` entries, each its own layer below the buildImage layer (extracting a
+    tar to merge it into the layer's tree would lose its owners and devices as an unprivileged user).
+    Each is applied to `model` (the later trees merge against its directories and symlinks) and goes
+    to `tars`, the layers runAsRoot's sandbox unpacks below the new layer."""
+    out: list[Layer] = []
+    owner = OwnerPolicy.fixed_owner(_owner(ctx.spec), compiled(ctx.spec.perms))
+    for entry in (e for e in ctx.spec.copy_to_root if e.tar):
+        source = TarInput(entry.path, entry.target or "/", entry.keep_mtime, entry.field)
+        tar = load_tar_layer(source, ctx.ws.path("tar"))
+        comment = f"{entry.field.removesuffix('.tar')}: tar {entry.written} → {source.target}"
+        try:
+            request = LayerRequest(
+                [],
+                mtime=ctx.spec.mtime,
+                owner=owner,
+                compression=ctx.compression,
+                keep_tar=True,
+                comment=comment,
+                tar=tar,
+            )
+            layer = build_layer(request, ctx.ws.blobs)
+        finally:
+            tar.plain.unlink(missing_ok=True)
+        assert layer.tar.path is not None
+        try:
+            model.check_layer(layer.tar.path, entry.field)
+        except HostileLayer as exc:
+            text = str(exc).removeprefix(f"{entry.field}: ")
+            if "is a device node" in text:
+                # as for base images: the runAsRoot sandbox takes no device nodes from its lower layers
+                text = text.split(";")[0] + "; runAsRoot takes none from a tar (mmdebstrap: --skip=output/dev)"
+            raise BuildError(f"{entry.field}: {text}") from None
+        ctx.progress.layer_done(len(out) + 1, len(out) + 1, comment, layer.tar.size, 0.0)
+        tars.append(layer.tar.path)
+        out.append(layer)
+    return out
 
 
 def _new_layer(ctx: BuildContext, model: ImageModel, tars: list[Path]) -> tuple[Layer, dict[str, StorePath]]:
@@ -90,7 +140,7 @@ def _new_layer(ctx: BuildContext, model: ImageModel, tars: list[Path]) -> tuple[
     spec = ctx.spec
     custom = own_tree(ctx)
     merger = _Merger(custom, model, spec.keep_contents_dirlinks, ctx.progress, spec.store_dir)
-    for entry in spec.copy_to_root:
+    for entry in (e for e in spec.copy_to_root if not e.tar):
         try:
             merger.copy_entry(entry)
         except OSError as exc:
@@ -100,8 +150,7 @@ def _new_layer(ctx: BuildContext, model: ImageModel, tars: list[Path]) -> tuple[
     merger.finish()
     store, closure = _add_store_closure(spec, custom, ctx.progress)
     env = scripts_env(ctx)
-    # buildImage has no uname/gname: names only for id 0 (as for layered's defaults), else none.
-    owner = Owner(spec.uid, spec.gid, spec.uname if spec.uid == 0 else "", spec.gname if spec.gid == 0 else "")
+    owner = _owner(spec)
     scripted = spec.run_as_root is not None or bool(spec.extra_commands.strip())
     before = output_hashes(store, custom, closure) if scripted else set()
     if spec.run_as_root is not None:
@@ -202,7 +251,7 @@ def _add_store_closure(spec: Spec, custom: Path, progress: Progress) -> tuple[St
     store = Store(spec.store_dir)
     roots = []
     for entry in spec.copy_to_root:
-        e = store.entry_of(entry.path)
+        e = None if entry.tar else store.entry_of(entry.path)
         if e is not None:
             roots.append(e)
     roots += store.paths_in_text(json.dumps(spec.config))

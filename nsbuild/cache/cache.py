@@ -40,6 +40,7 @@ from nsbuild.core.compress import open_decompressed
 from nsbuild.errors import BuildError
 from nsbuild.layer.layer import MEDIA_BY_COMPRESSOR, Blob, Layer, file_digest
 from nsbuild.tar.owners import OwnerPolicy
+from nsbuild.tar.tarinput import TAR_INPUT_VERSION
 from nsbuild.tar.tarwriter import FORMAT_VERSION, Source
 
 
@@ -54,6 +55,15 @@ def fingerprint(sources: list[Source], *, mtime: int, owner: OwnerPolicy, overla
     for src in sources:
         h.update(b"\0source\0" + os.fsencode(src.host) + b"\0" + src.target.encode() + b"\0")
         _hash_tree(os.fsencode(src.host), h)
+    return h.hexdigest()
+
+
+def tar_fingerprint(path: Path, *, target: str, keep_mtime: bool, mtime: int, owner: OwnerPolicy) -> str:
+    """The key of a `{"tar": …}` entry's layer: the tar file's bytes and how they are normalised."""
+    h = hashlib.sha256()
+    h.update(json.dumps([FORMAT_VERSION, TAR_INPUT_VERSION, mtime, owner.to_json(), target, keep_mtime]).encode())
+    with open(path, "rb") as f:
+        h.update(hashlib.file_digest(f, "sha256").digest())
     return h.hexdigest()
 
 

@@ -14,7 +14,8 @@ from typing import IO
 from nsbuild.core.compress import Compressor, HashingWriter, Pipelined, Sink, open_decompressed
 from nsbuild.errors import BuildError
 from nsbuild.tar.owners import OwnerPolicy
-from nsbuild.tar.tarwriter import Source, write_tar
+from nsbuild.tar.tarinput import TarLayer
+from nsbuild.tar.tarwriter import Source, write_entries, write_tar
 
 MEDIA_TAR = "application/vnd.oci.image.layer.v1.tar"
 MEDIA_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -146,6 +147,7 @@ class LayerRequest:
     keep_tar: bool
     comment: str
     keep_blob: bool = True
+    tar: TarLayer | None = None  # the layer is this tar's members (`sources` is empty)
 
 
 def build_layer(
@@ -216,7 +218,10 @@ def _write_layer_tar(
         outs.append(compressor)
     pipe = Pipelined(_Tee(*outs))
     try:
-        write_tar(request.sources, pipe, mtime=request.mtime, owner=request.owner, cancel=cancel)
+        if request.tar is not None:
+            write_entries(iter(request.tar.entries), pipe, mtime=request.mtime, owner=request.owner, cancel=cancel)
+        else:
+            write_tar(request.sources, pipe, mtime=request.mtime, owner=request.owner, cancel=cancel)
     finally:
         pipe.close()
     if compressor is not None:

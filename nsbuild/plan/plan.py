@@ -15,7 +15,7 @@ from nsbuild.plan.autolayer import ImageGraph, base_json_text, image_store_layer
 from nsbuild.plan.closure import closure as store_closure
 from nsbuild.plan.closure import output_hashes, referenced_paths
 from nsbuild.plan.store import Store, StorePath
-from nsbuild.spec.spec import Spec
+from nsbuild.spec.spec import ContentEntry, Spec
 from nsbuild.tar.tarwriter import Source
 
 
@@ -24,6 +24,7 @@ class PlannedLayer:
     sources: list[Source]
     comment: str
     size: int = 0
+    tar: ContentEntry | None = None  # a `{"tar": …}` entry: this layer is that tar's members, alone
 
 
 @dataclass(frozen=True)
@@ -63,28 +64,16 @@ def make_plan(spec: Spec, base_layer_count: int, extra_roots: Sequence[Path] = (
         )
     store = store or Store(spec.store_dir)
     roots: list[Path] = list(extra_roots)
-    trees: list[tuple[Source, str, str]] = []
     links: list[Path] = []
-    for entry in spec.contents:
-        store_entry = store.entry_of(entry.path) if entry.target is None else None
-        if store_entry is not None:
-            roots.append(store_entry)
-            links.append(store_entry)
-            continue
-        host = Path(os.path.realpath(entry.path))
-        target = entry.target or "/"
-        if not host.is_dir() and target.endswith("/"):
-            target += entry.path.name
-        elif not host.is_dir() and target == "/":
-            target = "/" + entry.path.name
-        trees.append((Source(host, target), entry.field.removesuffix(".path"), entry.written))
+    tree_layers = _root_trees(spec, store, roots, links)
     config_roots = store.paths_in_text(json.dumps(spec.config))
     roots.extend(config_roots)
     closure = store_closure(store, roots) if roots else {}
     if not spec.include_store_paths:
         closure = {}
 
-    tree_layers = [PlannedLayer([src], f"{fld}: {written} → {src.target}") for src, fld, written in trees]
+    if any(t.tar is not None for t in tree_layers):
+        _check_tar_budget(spec, tree_layers, budget, bool(closure))
     if budget == 0:
         # Nothing may get a layer of its own: everything joins the customisation layer, nothing is lost.
         folded = _store_sources(closure, sorted(closure)) + [s for t in tree_layers for s in t.sources]
@@ -142,18 +131,77 @@ def _store_sources(closure: dict[str, StorePath], names: list[str]) -> list[Sour
     return [Source(closure[n].path, str(closure[n].path)) for n in names]
 
 
+def _root_trees(spec: Spec, store: Store, roots: list[Path], links: list[Path]) -> list[PlannedLayer]:
+    """A layer per contents entry that is not a store path (those go to `roots` and `links`)."""
+    layers: list[PlannedLayer] = []
+    for entry in spec.contents:
+        if entry.tar:
+            layers.append(tar_layer(entry))
+            continue
+        store_entry = store.entry_of(entry.path) if entry.target is None else None
+        if store_entry is not None:
+            roots.append(store_entry)
+            links.append(store_entry)
+            continue
+        host = Path(os.path.realpath(entry.path))
+        target = entry.target or "/"
+        if not host.is_dir() and target.endswith("/"):
+            target += entry.path.name
+        elif not host.is_dir() and target == "/":
+            target = "/" + entry.path.name
+        comment = f"{entry.field.removesuffix('.path')}: {entry.written} → {target}"
+        layers.append(PlannedLayer([Source(host, target)], comment))
+    return layers
+
+
+def tar_layer(entry: ContentEntry) -> PlannedLayer:
+    """The layer of a `{"tar": …}` entry: never merged with another (its members are not a host tree)."""
+    comment = f"{entry.field.removesuffix('.tar')}: tar {entry.written} → {entry.target or '/'}"
+    return PlannedLayer([], comment, entry.path.stat().st_size, tar=entry)
+
+
+def _check_tar_budget(spec: Spec, trees: list[PlannedLayer], budget: int, store: bool) -> None:
+    """A tar entry needs a layer of its own, and with fakeRootCommands it must come before the trees."""
+    tree = next((t for t in trees if t.tar is None), None)
+    late = next((t.tar for t in trees[trees.index(tree) :] if t.tar is not None), None) if tree else None
+    if spec.fake_root_commands.strip() and late is not None:
+        # fakeRootCommands' sandbox unpacks the tars below every host tree: the image must agree.
+        raise SpecError(
+            late.field,
+            "with fakeRootCommands, tar entries must come before the directory and file entries of "
+            "contents (the script sees the tars below the trees)",
+        )
+    tars = sum(1 for t in trees if t.tar is not None)
+    # each tar, one layer per run of other trees between them (merged across a tar they would land
+    # below it), one for the store paths
+    runs = sum(1 for i, t in enumerate(trees) if t.tar is None and (i == 0 or trees[i - 1].tar is not None))
+    needed = tars + runs + (1 if store else 0)
+    if needed > budget:
+        raise SpecError(
+            "maxLayers",
+            f"{spec.max_layers} is too few: {tars} tar entr{'y' if tars == 1 else 'ies'} need a layer each; "
+            f"raise maxLayers to at least {spec.max_layers + needed - budget}",
+        )
+
+
 def _merge_smallest(layers: list[PlannedLayer], budget: int) -> list[PlannedLayer]:
     """Merge neighbours, the smallest pair first, until the layers fit the budget.
 
     Only neighbours: a file given by several contents entries must come from the last of them whatever
-    the budget, and merging two layers across a third would put the later entry below that one.
+    the budget, and merging two layers across a third would put the later entry below that one.  A
+    tar's layer is never merged (_check_tar_budget made room for it).
     """
     items = list(layers)
     if len(items) > budget:
         # sizes only matter when something must be merged
-        items = [dataclasses.replace(la, size=sum(tree_size(s.host) for s in la.sources)) for la in items]
+        items = [
+            la if la.tar else dataclasses.replace(la, size=sum(tree_size(s.host) for s in la.sources)) for la in items
+        ]
     while len(items) > max(budget, 1):
-        i = min(range(len(items) - 1), key=lambda k: (items[k].size + items[k + 1].size, k))
+        pairs = [k for k in range(len(items) - 1) if items[k].tar is None and items[k + 1].tar is None]
+        if not pairs:
+            break
+        i = min(pairs, key=lambda k: (items[k].size + items[k + 1].size, k))
         a, b = items[i], items[i + 1]
         items[i : i + 2] = [PlannedLayer(a.sources + b.sources, f"{a.comment} + {b.comment}", a.size + b.size)]
     return items

@@ -19,6 +19,7 @@ from typing import Any
 from nsbuild.core.perms import PermRule, parse_perms
 from nsbuild.core.platform import ARCHITECTURES, host_architecture, variant_problem
 from nsbuild.core.refs import parse_ref, split_registry_host
+from nsbuild.core.tarfiles import not_a_tar
 from nsbuild.errors import SpecError, UsageError
 from nsbuild.spec.imageconfig import check_image_config, healthcheck_schema
 from nsbuild.spec.imageconfig import field as config_field
@@ -65,6 +66,8 @@ class ContentEntry:
     target: str | None  # None: a store path at its own place, or a root tree at /
     field: str  # e.g. "contents[2]", for messages
     written: str = ""  # the path as the spec wrote it: history comments must not depend on the checkout
+    tar: bool = False  # {"tar": …}: `path` is a tar whose members are a layer (nsbuild.tar.tarinput)
+    keep_mtime: bool = False  # a tar's own mtimes instead of the spec's mtime
 
 
 @dataclass(frozen=True)
@@ -259,32 +262,59 @@ def _from_image(key: str, value: Any, ctx: Context) -> str | None:
     return f"{transport}:{path}{value[len(transport) + 1 + len(ref.location) :]}"
 
 
-def _path_entry(key: str, value: Any, ctx: Context) -> ContentEntry:
-    target: str | None = None
-    if isinstance(value, dict):
-        unknown = set(value) - {"path", "target"}
-        if unknown:
-            raise SpecError(key, f'unknown key {sorted(unknown)[0]!r} (an entry takes "path" and "target")')
-        if "path" not in value:
-            raise SpecError(key, 'missing "path"')
-        target = _string(f"{key}.target", value.get("target", "/"), ctx)
-        check_path_text(f"{key}.target", target)
-        if not target.startswith("/"):
-            raise SpecError(f"{key}.target", f"expected an absolute path in the image, got {target!r}")
-        if any(part == ".." for part in target.split("/")):
-            raise SpecError(f"{key}.target", f"'..' is not allowed in {target!r}")
-        value = value["path"]
-        key = f"{key}.path"
+def _target(key: str, value: dict[str, Any], ctx: Context) -> str:
+    target = _string(f"{key}.target", value.get("target", "/"), ctx)
+    check_path_text(f"{key}.target", target)
+    if not target.startswith("/"):
+        raise SpecError(f"{key}.target", f"expected an absolute path in the image, got {target!r}")
+    if any(part == ".." for part in target.split("/")):
+        raise SpecError(f"{key}.target", f"'..' is not allowed in {target!r}")
+    return target
+
+
+def _host_path(key: str, value: Any, ctx: Context) -> tuple[Path, str]:
     if not isinstance(value, str) or not value:
         raise SpecError(key, f"expected a path, got {_type_name(value)}")
     check_path_text(key, value)
-    written = value
     path = Path(os.path.expanduser(value))
     if not path.is_absolute():
         path = ctx.base_dir / path
     path = Path(os.path.normpath(path))
     if not os.path.lexists(path):
         raise SpecError(key, f"no such file or directory: {value}")
+    return path, value
+
+
+def _tar_entry(key: str, value: dict[str, Any], ctx: Context) -> ContentEntry:
+    """`{"tar": FILE, "target": DIR, "keepMtime": BOOL}`: a tar (plain, gz, zstd, xz) as a layer."""
+    unknown = set(value) - {"tar", "target", "keepMtime"}
+    if unknown:
+        raise SpecError(key, f'unknown key {sorted(unknown)[0]!r} (a tar entry takes "tar", "target" and "keepMtime")')
+    target = _target(key, value, ctx)
+    keep = _bool(f"{key}.keepMtime", value.get("keepMtime", False), ctx)
+    path, written = _host_path(f"{key}.tar", value["tar"], ctx)
+    if not path.is_file():
+        raise SpecError(f"{key}.tar", f"{written}: not a file (a tar, plain or gz/zstd/xz-compressed)")
+    why = not_a_tar(path)
+    if why is not None:
+        raise SpecError(f"{key}.tar", f"{written}: not a tar archive: {why}")
+    return ContentEntry(path, target, f"{key}.tar", written, tar=True, keep_mtime=keep)
+
+
+def _path_entry(key: str, value: Any, ctx: Context) -> ContentEntry:
+    target: str | None = None
+    if isinstance(value, dict):
+        if "tar" in value and "path" not in value:
+            return _tar_entry(key, value, ctx)
+        unknown = set(value) - {"path", "target"}
+        if unknown:
+            raise SpecError(key, f'unknown key {sorted(unknown)[0]!r} (an entry takes "path" and "target")')
+        if "path" not in value:
+            raise SpecError(key, 'missing "path" (or "tar")')
+        target = _target(key, value, ctx)
+        value = value["path"]
+        key = f"{key}.path"
+    path, written = _host_path(key, value, ctx)
     return ContentEntry(path=path, target=target, field=key, written=written)
 
 
@@ -623,6 +653,16 @@ def json_schema(kind: str = LAYERED) -> dict[str, Any]:
                 "additionalProperties": False,
                 "required": ["path"],
                 "properties": {"path": {"type": "string"}, "target": {"type": "string"}},
+            },
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["tar"],
+                "properties": {
+                    "tar": {"type": "string"},
+                    "target": {"type": "string"},
+                    "keepMtime": {"type": "boolean"},
+                },
             },
         ]
     }

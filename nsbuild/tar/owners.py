@@ -77,9 +77,10 @@ class OwnerPolicy:
             return self
         return OwnerPolicy(self.root, self.fixed, self.users, self.groups, perms)
 
-    def owner_of(self, entry: EntryLike) -> Owner:
-        """The owner `entry` is written with, the rules applied (which may set entry.mode too)."""
-        owner = self.root if self.fixed else self.resolve(entry.uid, entry.gid)
+    def owner_of(self, entry: EntryLike, given: Owner | None = None) -> Owner:
+        """The owner `entry` is written with, the rules applied (which may set entry.mode too).
+        `given`: the owner the entry carries itself (a member of an existing tar keeps its names)."""
+        owner = given if given is not None else self.resolve(entry.uid, entry.gid)
         effect = self.perms.apply(entry) if self.perms is not None else None
         if effect is None:
             return owner

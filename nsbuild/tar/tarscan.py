@@ -54,6 +54,10 @@ class Member:
     devmajor: int
     devminor: int
     pax: dict[str, str] | None
+    # The ustar values (PAX may override them: nsbuild.tar.tarinput reads those records itself).
+    mtime: int = 0
+    uname: str = ""
+    gname: str = ""
 
     def isreg(self) -> bool:
         return self.type in REGULAR
@@ -216,7 +220,7 @@ def _entry(block: bytes, offset: int, pending: _Pending, globals_: dict[str, str
     size = _number(block[124:136], "size")
     uid = _number(block[108:116], "uid")
     gid = _number(block[116:124], "gid")
-    _number(block[136:148], "mtime", signed=True)  # unused, but tarfile stops at a header it cannot parse
+    mtime = _number(block[136:148], "mtime", signed=True)  # tarfile stops at a header it cannot parse
     linkname = _decode(_nts(block[157:257]), "the link name") if block[157] else ""
     if pending.longname is not None:
         name = pending.longname.removesuffix("/") if kind == b"5" else pending.longname
@@ -242,6 +246,9 @@ def _entry(block: bytes, offset: int, pending: _Pending, globals_: dict[str, str
         devmajor=_number(block[329:337], "device major"),
         devminor=_number(block[337:345], "device minor"),
         pax=pax,
+        mtime=mtime,
+        uname=_nts(block[265:297]).decode("utf-8", "surrogateescape"),
+        gname=_nts(block[297:329]).decode("utf-8", "surrogateescape"),
     )
 
 

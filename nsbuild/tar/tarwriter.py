@@ -37,7 +37,7 @@ OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 
-__all__ = ["Owner", "OwnerPolicy", "Source", "TarStats", "Writer", "write_tar", "iter_entries"]
+__all__ = ["Owner", "OwnerPolicy", "Source", "TarStats", "Writer", "write_tar", "write_entries", "iter_entries"]
 
 
 class Writer(Protocol):
@@ -72,6 +72,9 @@ class Entry:
     devminor: int = 0
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     host: bytes | None = None  # file data comes from here
+    offset: int = 0  # where in `host` the data starts (a member of a tar, nsbuild.tar.tarinput)
+    owner: Owner | None = None  # kept as it is (a tar's entry), not resolved by the layer's policy
+    mtime: int | None = None  # kept as it is (a tar's entry with keepMtime), not the layer's
 
 
 TYPEFLAGS = {"file": b"0", "hardlink": b"1", "symlink": b"2", "char": b"3", "block": b"4", "dir": b"5", "fifo": b"6"}
@@ -472,12 +475,14 @@ def _pax_owner(owner: Owner, size: int, pax_size: bool, pax: list[bytes]) -> tup
 # --- writing ---------------------------------------------------------------------------------------
 
 
-def _copy_file(host: bytes, size: int, out: Writer, cancel: threading.Event | None) -> None:
+def _copy_file(host: bytes, size: int, out: Writer, cancel: threading.Event | None, offset: int = 0) -> None:
     try:
         fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise BuildError(f"{os.fsdecode(host)}: cannot read: {exc.strerror}") from exc
     try:
+        if offset:
+            os.lseek(fd, offset, os.SEEK_SET)
         remaining = size
         while remaining:
             if cancel is not None and cancel.is_set():
@@ -531,29 +536,42 @@ def write_tar(
 
     `devices` maps layer-relative names of empty placeholder files to the device each stands for.
     """
+    entries = iter_entries(sources, overlay_whiteouts=overlay_whiteouts)
+    if devices:
+        entries = _with_devices(entries, devices)
+    return write_entries(entries, out, mtime=mtime, owner=owner, cancel=cancel)
+
+
+def write_entries(
+    entries: Iterator[Entry], out: Writer, *, mtime: int, owner: OwnerPolicy, cancel: threading.Event | None = None
+) -> TarStats:
+    """Write the entries, already in their final order, as one layer tar to `out` (write_tar's trees,
+    or the members of an existing tar, nsbuild.tar.tarinput)."""
     if not 0 <= mtime <= MAX_OCTAL_11:
         raise BuildError(f"mtime {mtime} is outside the range a tar header can hold")
     stats = TarStats()
     pending = bytearray()
     last_owner: Owner | None = None
     template: tuple[bytes, int] | None = None
-    entries = iter_entries(sources, overlay_whiteouts=overlay_whiteouts)
-    if devices:
-        entries = _with_devices(entries, devices)
     ruled = owner.perms is not None
     for entry in entries:
         if cancel is not None and cancel.is_set():
             raise KeyboardInterrupt  # another layer failed or the build was interrupted
         # The spec's perms rules (nsbuild.tar.perms) here, on every entry whatever its origin.
-        resolved = owner.owner_of(entry) if ruled else owner.resolve(entry.uid, entry.gid)
+        given = entry.owner
+        resolved = owner.owner_of(entry, given) if ruled else given or owner.resolve(entry.uid, entry.gid)
         if resolved is not last_owner:
             last_owner, template = resolved, _template(resolved, mtime)
-        header = (template is not None and _fast_header(entry, template)) or encode_header(entry, resolved, mtime)
+        if entry.mtime is None:
+            header = (template is not None and _fast_header(entry, template)) or encode_header(entry, resolved, mtime)
+        else:
+            # No template per kept mtime: a tar of many mtimes would fill the template table.
+            header = encode_header(entry, resolved, entry.mtime)
         stats.entries += 1
         if entry.kind == "file" and entry.size:
             # Small files are batched with their headers: one write per ~1 MiB, not two per file.
             if entry.size <= 64 * 1024:
-                data = _read_small(entry.host or b"", entry.size)
+                data = _read_small(entry.host or b"", entry.size, entry.offset)
                 pending += header
                 pending += data
                 pending += b"\0" * (-entry.size % BLOCK)
@@ -564,7 +582,7 @@ def write_tar(
                 pending += header
                 out.write(pending)
                 pending = bytearray()
-                _copy_file(entry.host or b"", entry.size, out, cancel)
+                _copy_file(entry.host or b"", entry.size, out, cancel, entry.offset)
         else:
             pending += header
     pending += b"\0" * (2 * BLOCK)
@@ -572,15 +590,15 @@ def write_tar(
     return stats
 
 
-def _read_small(host: bytes, size: int) -> bytes:
+def _read_small(host: bytes, size: int, offset: int = 0) -> bytes:
     try:
         fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise BuildError(f"{os.fsdecode(host)}: cannot read: {exc.strerror}") from exc
     try:
-        data = os.read(fd, size)
+        data = os.pread(fd, size, offset)
         while len(data) < size:
-            more = os.read(fd, size - len(data))
+            more = os.pread(fd, size - len(data), offset + len(data))
             if not more:
                 raise BuildError(f"{os.fsdecode(host)}: file shrank while it was being archived")
             data += more
