@@ -344,6 +344,7 @@ def test_user_owns_its_workdir_in_podman(user_with_subids: str | None, user_tmp:
 BAD = [
     ({"path": "/a", "mode": "0855"}, "perms[0].mode"),
     ({"path": "/a", "mode": 0o17777}, "perms[0].mode"),
+    ({"path": "/a", "mode": 755}, "perms[0].mode"),  # a JSON number is decimal: refused, not 0o1363
     ({"path": "/a", "dirMode": True}, "perms[0].dirMode"),
     ({"path": "a", "uid": 1}, "perms[0].path"),
     ({"path": "/a/../b", "uid": 1}, "perms[0].path"),
@@ -406,7 +407,9 @@ def test_no_rules_is_the_writer_without_rules(tmp_path: Path) -> None:
     assert _write(tmp_path, [], [Source(tmp_path / "t", "/")]) == plain.getvalue()
     # A rule that matches nothing changes no byte either.
     assert (
-        _write(tmp_path, [{"path": "/nothere", "uid": 5}, {"regex": "/x.*", "mode": 1}], [Source(tmp_path / "t", "/")])
+        _write(
+            tmp_path, [{"path": "/nothere", "uid": 5}, {"regex": "/x.*", "mode": "0001"}], [Source(tmp_path / "t", "/")]
+        )
         == plain.getvalue()
     )
 
@@ -432,7 +435,7 @@ def test_narrowed_rules_keep_what_can_match(tmp_path: Path) -> None:
     (tmp_path / "root/app/deep").mkdir(parents=True)
     store, root = (str(tmp_path / "pkg"), "/nix/store/abc-pkg"), (str(tmp_path / "root"), "/")
     rules = compiled(
-        parse_perms("perms", [{"path": "/app", "uid": 1}, {"path": "/nix", "gid": 2}, {"regex": "/x", "mode": 1}])
+        parse_perms("perms", [{"path": "/app", "uid": 1}, {"path": "/nix", "gid": 2}, {"regex": "/x", "mode": "0001"}])
     )
     assert rules is not None
     narrowed = rules.narrowed([store])

@@ -46,7 +46,7 @@ def wire_job(**changes: Any) -> dict[str, Any]:
         "what": "runAsRoot",
         "caller_ids": [1001, 1001],
         "hide": ["/home/builder"],
-        "perms": [{"path": "/home/alice", "uid": 1000, "mode": 1536}, {"regex": "/usr/bin/.*", "dirMode": 493}],
+        "perms": [{"path": "/home/alice", "uid": 1000, "mode": "3000"}, {"regex": "/usr/bin/.*", "dirMode": "0755"}],
     }
     wire.update(changes)
     return wire

@@ -40,8 +40,8 @@ class PermRule:
     dir_mode: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The canonical form (set fields only, modes as numbers): what cache keys hash and the
-        sandbox job carries; parse_rule reads it back to the same rule."""
+        """The canonical form (set fields only, modes as four octal digits): what cache keys hash and
+        the sandbox job carries; parse_rule reads it back to the same rule."""
         values = {
             "path": self.path,
             "regex": self.regex,
@@ -49,8 +49,8 @@ class PermRule:
             "gid": self.gid,
             "uname": self.uname,
             "gname": self.gname,
-            "mode": self.mode,
-            "dirMode": self.dir_mode,
+            "mode": None if self.mode is None else f"{self.mode:04o}",
+            "dirMode": None if self.dir_mode is None else f"{self.dir_mode:04o}",
         }
         return {k: v for k, v in values.items() if v is not None}
 
@@ -143,7 +143,11 @@ def _mode(key: str, value: Any) -> int | None:
             raise SpecError(key, f'expected an octal mode such as "0755" or "4755", got {value!r}')
         number = int(value.removeprefix("0o"), 8)
     elif isinstance(value, int) and not isinstance(value, bool):
-        number = value
+        # JSON has no octal numbers: 755 would be the mode 0o1363, never what was meant.
+        raise SpecError(
+            key,
+            f'expected the mode as an octal string such as "0755", got the number {value} (JSON numbers are decimal)',
+        )
     else:
         raise SpecError(key, f'expected an octal mode as a string such as "0755", got {_type_name(value)}')
     if not 0 <= number <= MAX_MODE:

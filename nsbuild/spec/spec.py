@@ -687,12 +687,7 @@ def json_schema(kind: str = LAYERED) -> dict[str, Any]:
 
 
 def _perm_rule_schema() -> dict[str, Any]:
-    mode = {
-        "oneOf": [
-            {"type": "string", "pattern": "^(0o)?[0-7]{1,6}$"},
-            {"type": "integer", "minimum": 0, "maximum": 0o7777},
-        ]
-    }
+    mode = {"type": "string", "pattern": "^(0o)?[0-7]{1,6}$"}  # JSON numbers are decimal: refused
     ident = {"type": "integer", "minimum": 0, "maximum": 2**32 - 2}
     name = {"type": "string", "maxLength": 32}
     return {
