@@ -5,13 +5,14 @@ image was pushed to, to plain files (`--sbom-output`)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nsbuild import sbom
 from nsbuild.build.context import BuildContext
+from nsbuild.cache.scans import PackageScans
 from nsbuild.errors import BuildError, NsbuildError, UsageError
 from nsbuild.image.image import Image, docker_manifest
 from nsbuild.layer.layer import check_blobs
@@ -19,16 +20,20 @@ from nsbuild.plan.store import StorePath
 from nsbuild.sbom import (
     BaseFacts,
     Documents,
+    ImageFacts,
+    Package,
     PublishTarget,
     SbomRequest,
     documents_for,
     facts_from_image,
     publish,
     sbom_formats,
+    scan_packages,
 )
 from nsbuild.sbom.attach import EMPTY_CONFIG, artifact_manifest, referrer_descriptor
 from nsbuild.sbom.layout import BASE_DIGEST
 from nsbuild.sbom.nix import nix_info_from_closure
+from nsbuild.sbom.packages import scan_identity
 from nsbuild.sinks.sinks import Referrer
 from nsbuild.sources.baseimage import BaseImage
 
@@ -122,8 +127,23 @@ def documents(ctx: BuildContext, image: Image, known: Known) -> Documents | None
         name=spec.name,
     )
     ctx.progress.info(f"making the SBOM ({', '.join(kinds)}) and provenance")
+    facts = facts_from_image(image, base=base)
+    return documents_for(facts, request, _packages(ctx, image, facts, request))
+
+
+def _packages(ctx: BuildContext, image: Image, facts: ImageFacts, request: SbomRequest) -> Sequence[Package]:
+    """The image's packages: remembered by the layer cache for exactly these layers (a rebuild of an
+    unchanged image reads none of them), else scanned and remembered."""
+    digests = [layer.digest for layer in image.layers]
+    scans = PackageScans(ctx.options.cache_dir) if ctx.options.cache_dir is not None else None
+    identity = scan_identity(digests, request.store_dir, request.nix_info)
+    if scans is not None and (known := scans.get(identity, digests)) is not None:
+        return known
     check_blobs([layer.compressed for layer in image.layers])  # no byte is read before its digest is checked
-    return documents_for(facts_from_image(image, base=base), request)
+    packages = scan_packages(facts, request)
+    if scans is not None:
+        scans.put(identity, packages)
+    return packages
 
 
 def _signing_key(ctx: BuildContext) -> Any:

@@ -4,6 +4,7 @@ Layout under the cache directory (default `$XDG_CACHE_HOME/nsbuild`):
 
     blobs/sha256/<hex>        layer tars and compressed blobs, read-only, named by digest
     layers/<fingerprint>.json what a layer's inputs produced: diff_id and the blobs per compression
+    sbom/<identity>.json      the SBOM's package scan of an image's layers (nsbuild.cache.scans)
 
 A fingerprint covers everything that decides a layer's bytes: the writer's format version, each
 source's host path and target, the stat data of every entry below it (type, mode, ids, size, inode,
@@ -36,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nsbuild.cache.cacheshare import Staging, cache_lock, live_pins, stray_temporaries, sweep, temporary_usage
+from nsbuild.cache.scans import PackageScans
 from nsbuild.core.compress import open_decompressed
 from nsbuild.errors import BuildError
 from nsbuild.layer.layer import MEDIA_BY_COMPRESSOR, Blob, Layer, file_digest
@@ -296,6 +298,7 @@ class LayerCache:
                 if now - p.stat().st_mtime >= older_than_s:
                     p.unlink()
                     removed += 1
+        PackageScans(self.root).prune(now, older_than_s)  # kept no blob alive: counted with neither
         for p in self.entries.glob("*.json"):
             live.update(_entry_blobs(p))
         freed = 0

@@ -19,6 +19,7 @@ from nsbuild.sbom.documents import (
     make_documents,
     render_packages,
     sbom_formats,
+    scan_packages,
 )
 from nsbuild.sbom.layout import BaseFacts, ImageFacts, LayerFacts
 from nsbuild.sbom.packages import Package
@@ -48,6 +49,7 @@ __all__ = [
     "publish",
     "render_packages",
     "sbom_formats",
+    "scan_packages",
 ]
 
 _DSSE = ("load_signing_key", "load_signing_key_file")

@@ -147,21 +147,25 @@ def facts_from_layers(
     return facts_from_image(image, base=base)
 
 
-def documents_for(facts: ImageFacts, request: SbomRequest) -> Documents:
-    """The documents of an image given as ImageFacts (see facts_from_image, read_layout)."""
-    for kind in request.formats:
-        if kind not in FORMATS:
-            raise UsageError(f"unknown SBOM format {kind!r} (spdx or cyclonedx)")
+def scan_packages(facts: ImageFacts, request: SbomRequest) -> list[Package]:
+    """The packages of the image, read from its layers on disk (none when no SBOM format is asked for)."""
+    if not request.formats:
+        return []
     blobs = []
     for layer in facts.layers:
         if layer.path is None:
             raise UsageError(f"layer {layer.digest} is not on disk: its packages cannot be read")
         blobs.append(LayerBlob(layer.digest, layer.path))
-    packages = (
-        scan_layers(blobs, store_dir=request.store_dir, nix_info=request.nix_info, work_dir=request.work_dir)
-        if request.formats
-        else []
-    )
+    return scan_layers(blobs, store_dir=request.store_dir, nix_info=request.nix_info, work_dir=request.work_dir)
+
+
+def documents_for(facts: ImageFacts, request: SbomRequest, packages: Sequence[Package] | None = None) -> Documents:
+    """The documents of an image given as ImageFacts (see facts_from_image, read_layout); `packages`:
+    its scan_packages result when the caller has it already (remembered by the cache)."""
+    for kind in request.formats:
+        if kind not in FORMATS:
+            raise UsageError(f"unknown SBOM format {kind!r} (spdx or cyclonedx)")
+    packages = list(packages) if packages is not None else scan_packages(facts, request)
     spdx = document_bytes(spdx_document(facts, packages)) if "spdx" in request.formats else None
     cdx = document_bytes(cyclonedx_document(facts, packages)) if "cyclonedx" in request.formats else None
     provenance = None
