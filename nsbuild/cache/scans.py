@@ -19,9 +19,12 @@ import os
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nsbuild.sbom.packages import Package, packages_from_json, packages_to_json
+from nsbuild import sbom  # loads the scanner's module only when an entry is read or written
+
+if TYPE_CHECKING:
+    from nsbuild.sbom import Package
 
 SCANS_DIR = "sbom"
 
@@ -49,7 +52,7 @@ class PackageScans:
                 return None
             if entry.get("sha256") != _checksum(entry.get("packages")):
                 return None
-            packages = packages_from_json(entry["packages"], layers)
+            packages = sbom.packages_from_json(entry["packages"], layers)
         except (OSError, ValueError, KeyError, TypeError):
             return None
         with contextlib.suppress(OSError):
@@ -59,7 +62,7 @@ class PackageScans:
     def put(self, identity: str, packages: Iterable[Package]) -> None:
         """Best effort: an entry that cannot be written only costs the next build a scan."""
         path = self._entry(identity)
-        data = packages_to_json(packages)
+        data = sbom.packages_to_json(packages)
         text = json.dumps({"identity": identity, "sha256": _checksum(data), "packages": data}, sort_keys=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # pid: swept once dead
         try:

@@ -13,6 +13,7 @@ from nsbuild.image.image import Image, oci_manifest
 from nsbuild.layer.layer import Layer
 from nsbuild.sbom.attach import Artifact, Subject, subject_of
 from nsbuild.sbom.cyclonedx import cyclonedx_document
+from nsbuild.sbom.formats import FORMATS
 from nsbuild.sbom.layout import BaseFacts, ImageFacts, LayerFacts, read_layout, with_base
 from nsbuild.sbom.packages import DEFAULT_STORE_DIR, LayerBlob, Package, scan_layers
 from nsbuild.sbom.provenance import (
@@ -31,16 +32,6 @@ if TYPE_CHECKING:  # cryptography is imported only by whoever loads a signing ke
 
 MEDIA_SPDX = "application/spdx+json"
 MEDIA_CYCLONEDX = "application/vnd.cyclonedx+json"
-FORMATS = ("spdx", "cyclonedx")
-CHOICES = {"spdx": ("spdx",), "cyclonedx": ("cyclonedx",), "both": FORMATS, "none": ()}
-
-
-def sbom_formats(choice: str) -> tuple[str, ...]:
-    """`--sbom spdx|cyclonedx|both|none` → the formats to write."""
-    try:
-        return CHOICES[choice]
-    except KeyError:
-        raise UsageError(f"--sbom must be one of {', '.join(CHOICES)}, not {choice!r}") from None
 
 
 @dataclass(frozen=True)
