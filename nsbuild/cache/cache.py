@@ -44,6 +44,12 @@ from nsbuild.layer.layer import MEDIA_BY_COMPRESSOR, Blob, Layer, file_digest
 from nsbuild.tar.owners import OwnerPolicy
 from nsbuild.tar.tarwriter import FORMAT_VERSION, Source
 
+try:
+    from nsbuild.cache import _treestat  # type: ignore[attr-defined]
+except ImportError:  # not built (no compiler at install): the Python walk, the same fingerprints
+    _treestat = None
+_ON = ("1", "yes", "true")  # NSBUILD_PURE_PYTHON: the pure-Python paths everywhere
+
 
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -84,6 +90,15 @@ def _hash_tree(top: bytes, h: hashlib._Hash) -> None:
     h.update(_stat_bytes(b".", st))
     if not os.path.isdir(top) or os.path.islink(top):
         return
+    if _treestat is not None and not top.endswith(b"/") and os.environ.get("NSBUILD_PURE_PYTHON", "") not in _ON:
+        _treestat.walk(top, h.update)  # the same records, ~3x faster (a no-op rebuild is mostly this walk)
+        return
+    _hash_tree_py(top, h)
+
+
+def _hash_tree_py(top: bytes, h: hashlib._Hash) -> None:
+    """Below the directory `top`: every entry's record (name and stat data), directories in the order of
+    a stack of sorted names (nsbuild/cache/_treestat.c walks the same way)."""
     stack = [top]
     while stack:
         d = stack.pop()
