@@ -10,7 +10,8 @@ setup(
         Extension(
             "nsbuild.cache._treestat",
             ["nsbuild/cache/_treestat.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=c11", "-D_GNU_SOURCE"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=c11", "-D_GNU_SOURCE", "-pthread"],
+            extra_link_args=["-pthread"],
             optional=True,
         )
     ]

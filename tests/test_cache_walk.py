@@ -48,9 +48,10 @@ def test_the_same_records_and_fingerprints(tmp_path: Path, monkeypatch: pytest.M
     for top in (tree, tree / "a", Path(sys.base_prefix) / "lib"):
         py = hashlib.sha256()
         cache._hash_tree_py(os.fsencode(top), py)
-        c = hashlib.sha256()
-        cache._treestat.walk(os.fsencode(top), c.update)
-        assert c.hexdigest() == py.hexdigest(), top
+        for threads in (1, 2, 4):  # directories read at once: the records still in the Python order
+            c = hashlib.sha256()
+            cache._treestat.walk(os.fsencode(top), c.update, threads)
+            assert c.hexdigest() == py.hexdigest(), (top, threads)
     sources = [Source(tree, "/t"), Source(tree / "Z", "/z"), Source(tmp_path / "missing", "/m")]
     owner = OwnerPolicy.fixed_owner(Owner(0, 0, "root", "root"))
     compiled = cache.fingerprint(sources, mtime=1, owner=owner)
@@ -62,7 +63,7 @@ CHECK = """
 import hashlib, os, sys
 from nsbuild.cache import cache
 top = os.fsencode(sys.argv[1])
-for walk in (cache._hash_tree_py, lambda t, h: cache._treestat.walk(t, h.update)):
+for walk in (cache._hash_tree_py, lambda t, h: cache._treestat.walk(t, h.update, 2)):
     try:
         walk(top, hashlib.sha256())
     except OSError as exc:
