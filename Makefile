@@ -100,7 +100,8 @@ deps:
 
 # ---------------------------------------------------------------------------------------------------
 # The venv.  Recreated when it was not made from $(PYTHON) (e.g. an old .venv made from the /root
-# python), reinstalled when pyproject.toml changed (editable) or on every run (copy install).
+# python), reinstalled when pyproject.toml, setup.py or a C extension's source changed (editable: the
+# extensions are built by the install) or on every run (copy install).
 # umask 022 so that everything pip writes is readable by the test accounts.
 venv: deps
 	@umask 022; \
@@ -116,7 +117,8 @@ venv: deps
 	fi; \
 	stamp='$(VENV)/.nsbuild-installed'; \
 	if [ '$(INSTALL_KIND)' = editable ]; then \
-	  if [ ! -e "$$stamp" ] || [ pyproject.toml -nt "$$stamp" ] || ! '$(VENV)/bin/python' -c 'import nsbuild' 2>/dev/null \
+	  if [ ! -e "$$stamp" ] || [ pyproject.toml -nt "$$stamp" ] || [ setup.py -nt "$$stamp" ] \
+	     || [ -n "$$(find nsbuild -name '*.c' -newer "$$stamp")" ] || ! '$(VENV)/bin/python' -c 'import nsbuild' 2>/dev/null \
 	     || [ ! -x '$(NSBUILD)' ]; then \
 	    echo "venv: editable install of $(CURDIR) with extras [test]"; \
 	    '$(VENV)/bin/python' -m pip install -q -e '.[test]'; \

@@ -48,6 +48,7 @@ RANKS: dict[str, int] = {
 # (registry.usage, sources.pull, sinks.push, cache.shared, build.remote); a build that touches no
 # registry, `nsbuild schema` or `nsbuild cache` should not pay for it.
 _REQUESTS = "keeps requests (nsbuild.registry) out of commands and builds that need no registry"
+_START = "start-up: only the command that runs imports its stages"
 ALLOWED_LOCAL: dict[tuple[str, str], str] = {
     ("nsbuild.build.build", "nsbuild.sinks.push"): _REQUESTS + " (preflight of --cache-to)",
     ("nsbuild.build.build", "nsbuild.cache.shared"): _REQUESTS + " (--cache-from/--cache-to)",
@@ -65,6 +66,22 @@ ALLOWED_LOCAL: dict[tuple[str, str], str] = {
     ("nsbuild.build.multi", "nsbuild.sinks.push"): _REQUESTS + " (preflight of nsbuild index -o docker://)",
     ("nsbuild.build.multi", "nsbuild.sinks.indexpush"): _REQUESTS + " (nsbuild index -o docker://)",
     ("nsbuild.build.multi", "nsbuild.cache.shared"): _REQUESTS + " (the blob record of nsbuild index -o docker://)",
+    # Start-up (issue 17): a command imports the stages it runs when it runs, so that `--version`,
+    # `--help`, a spec error or `nsbuild schema` load none of the build machinery.
+    **{
+        ("nsbuild.cli.cli", module): _START + f" ({why})"
+        for module, why in (
+            ("nsbuild.build.build", "builds"),
+            ("nsbuild.build.context", "builds"),
+            ("nsbuild.build.depfile", "--depfile"),
+            ("nsbuild.build.multi", "nsbuild index"),
+            ("nsbuild.cache.cache", "builds, push and the cache commands"),
+            ("nsbuild.cli.doctor", "nsbuild doctor"),
+            ("nsbuild.sources.inspect", "nsbuild inspect"),
+            ("nsbuild.spec.overrides", "builds"),
+            ("nsbuild.spec.spec", "builds and nsbuild schema"),
+        )
+    },
 }
 
 

@@ -5,35 +5,25 @@ image was pushed to, to plain files (`--sbom-output`)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nsbuild import sbom
+from nsbuild import sbom  # its names load their modules on first use: only builds that make documents
 from nsbuild.build.context import BuildContext
+from nsbuild.cache.scans import PackageScans
 from nsbuild.errors import BuildError, NsbuildError, UsageError
 from nsbuild.image.image import Image, docker_manifest
 from nsbuild.layer.layer import check_blobs
 from nsbuild.plan.store import StorePath
-from nsbuild.sbom import (
-    BaseFacts,
-    Documents,
-    PublishTarget,
-    SbomRequest,
-    documents_for,
-    facts_from_image,
-    publish,
-    sbom_formats,
-)
-from nsbuild.sbom.attach import EMPTY_CONFIG, artifact_manifest, referrer_descriptor
-from nsbuild.sbom.layout import BASE_DIGEST
-from nsbuild.sbom.nix import nix_info_from_closure
+from nsbuild.sbom.formats import sbom_formats
 from nsbuild.sinks.sinks import Referrer
 from nsbuild.sources.baseimage import BaseImage
 
 if TYPE_CHECKING:
     from nsbuild.build.steps import Written
+    from nsbuild.sbom import Documents, ImageFacts, Package, SbomRequest
 
 # Outputs the documents are attached to by default (unless --sbom none). An OCI archive only with an
 # explicit --sbom: `podman load` of an archive whose index.json lists referrers beside the image fails
@@ -107,10 +97,10 @@ def documents(ctx: BuildContext, image: Image, known: Known) -> Documents | None
             raise BuildError(f"cannot push a Docker v2 manifest: {exc}") from None
     base = None
     if spec.from_image:
-        digest = known.annotations.get(BASE_DIGEST) or (known.base.manifest_digest if known.base else "")
-        base = BaseFacts(spec.from_image, digest, known.base_layers)
-    nix_info = nix_info_from_closure(known.closure, spec.store_dir) if known.closure else None
-    request = SbomRequest(
+        digest = known.annotations.get(sbom.BASE_DIGEST) or (known.base.manifest_digest if known.base else "")
+        base = sbom.BaseFacts(spec.from_image, digest, known.base_layers)
+    nix_info = sbom.nix_info_from_closure(known.closure, spec.store_dir) if known.closure else None
+    request = sbom.SbomRequest(
         formats=kinds,
         store_dir=spec.store_dir,
         nix_info=nix_info,
@@ -123,8 +113,23 @@ def documents(ctx: BuildContext, image: Image, known: Known) -> Documents | None
         name=spec.name,
     )
     ctx.progress.info(f"making the SBOM ({', '.join(kinds)}) and provenance")
+    facts = sbom.facts_from_image(image, base=base)
+    return sbom.documents_for(facts, request, _packages(ctx, image, facts, request))
+
+
+def _packages(ctx: BuildContext, image: Image, facts: ImageFacts, request: SbomRequest) -> Sequence[Package]:
+    """The image's packages: remembered by the layer cache for exactly these layers (a rebuild of an
+    unchanged image reads none of them), else scanned and remembered."""
+    digests = [layer.digest for layer in image.layers]
+    scans = PackageScans(ctx.options.cache_dir) if ctx.options.cache_dir is not None else None
+    identity = sbom.scan_identity(digests, request.store_dir, request.nix_info)
+    if scans is not None and (known := scans.get(identity, digests)) is not None:
+        return known
     check_blobs([layer.compressed for layer in image.layers])  # no byte is read before its digest is checked
-    return documents_for(facts_from_image(image, base=base), request)
+    packages = sbom.scan_packages(facts, request)
+    if scans is not None:
+        scans.put(identity, packages)
+    return packages
 
 
 def _signing_key(ctx: BuildContext) -> Any:
@@ -141,8 +146,8 @@ def referrers(ctx: BuildContext, docs: Documents | None) -> tuple[Referrer, ...]
         return ()
     out = []
     for artifact in docs.artifacts():
-        manifest = artifact_manifest(artifact, docs.subject, docs.image.created)
-        out.append(Referrer(referrer_descriptor(artifact, manifest), (manifest, EMPTY_CONFIG, artifact.data)))
+        manifest = sbom.artifact_manifest(artifact, docs.subject, docs.image.created)
+        out.append(Referrer(sbom.referrer_descriptor(artifact, manifest), (manifest, sbom.EMPTY_CONFIG, artifact.data)))
     return tuple(out)
 
 
@@ -151,7 +156,7 @@ def finish(ctx: BuildContext, docs: Documents | None, written: Written) -> dict[
     what --json reports under "sbom"."""
     if docs is None:
         return None
-    files = publish(docs, PublishTarget(files=output_files(ctx))).files
+    files = sbom.publish(docs, sbom.PublishTarget(files=output_files(ctx))).files
     mode, error = "", None
     if ctx.output.format == "registry" and written.push is not None:
         try:
@@ -177,11 +182,12 @@ def finish(ctx: BuildContext, docs: Documents | None, written: Written) -> dict[
 
 
 def _to_registry(ctx: BuildContext, docs: Documents, reference: str) -> str:
-    published = publish(docs, PublishTarget(registry=reference, registry_options=ctx.options.registry))
+    published = sbom.publish(docs, sbom.PublishTarget(registry=reference, registry_options=ctx.options.registry))
     how = "the referrers API" if published.registry_mode == "api" else "the referrers tag"
     ctx.progress.info(f"attached {len(published.registry_referrers)} referrers to {reference} ({how})")
     return published.registry_mode
 
 
 def _manifest_digest(docs: Documents, artifact: Any) -> str:
-    return str(referrer_descriptor(artifact, artifact_manifest(artifact, docs.subject, docs.image.created))["digest"])
+    manifest = sbom.artifact_manifest(artifact, docs.subject, docs.image.created)
+    return str(sbom.referrer_descriptor(artifact, manifest)["digest"])

@@ -134,7 +134,7 @@ def stray_temporaries(root: Path, *, no_live_builds: bool) -> Iterator[Path]:
     """Temporary files outside staging directories whose writer is gone: named with a pid that is
     not alive, anonymous ones when no build is running, any untouched for a day."""
     now = time.time()
-    for d in (root, root / "layers", root / "blobs" / "sha256", root / "content", root / "outputs"):
+    for d in (root, root / "layers", root / "blobs" / "sha256", root / "content", root / "outputs", root / "sbom"):
         with contextlib.suppress(OSError), os.scandir(d) as it:
             for e in it:
                 if not e.name.startswith(".") or not e.is_file(follow_symlinks=False):

@@ -16,22 +16,20 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 from nsbuild import __version__
-from nsbuild.build.build import build_image, resolve_output
-from nsbuild.build.context import BuildOptions, BuildResult
-from nsbuild.build.depfile import depfile_inputs, write_depfile
-from nsbuild.build.multi import IndexRequest, build_index
-from nsbuild.cache.cache import LayerCache, default_cache_dir
-from nsbuild.cli.doctor import run_doctor
+from nsbuild.cli import params
 from nsbuild.core.progress import Progress, human
 from nsbuild.core.refs import FORMATS, ImageRef, is_registry, parse_ref
 from nsbuild.errors import BuildError, NsbuildError, UsageError
-from nsbuild.sources.inspect import inspect_image, inspect_packages, render_text
-from nsbuild.spec.overrides import Overrides, apply_overrides
-from nsbuild.spec.spec import Spec, json_schema, load_spec
 
+# Each command imports the stages it runs when it runs (start-up, issue 17): `--version`, `--help` and a
+# spec error load none of them.
 if TYPE_CHECKING:
+    from nsbuild.build.context import BuildOptions, BuildResult
     from nsbuild.registry import RegistryOptions
+    from nsbuild.spec.overrides import Overrides
+    from nsbuild.spec.spec import Spec
 
+params.install()  # typer's pydantic coercion costs more than the rest of the start
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -268,7 +266,7 @@ class BuildFlags:
     stream: bool = False  # stdout, uncompressed (streamLayeredImage)
     load: bool = False  # into podman or docker
     depfile: Path | None = None
-    overrides: Overrides = Overrides()
+    overrides: Overrides | None = None
     sbom: SbomFlags = SbomFlags()
 
 
@@ -289,12 +287,19 @@ def _check_registry_refs(flags: RegistryFlags, output_is_registry: bool, compres
 
 def _prepare(flags: BuildFlags) -> tuple[Spec, ImageRef, BuildOptions]:
     """The spec, the output and the build's options, every flag checked before anything is built."""
+    from nsbuild.spec.overrides import Overrides, apply_overrides
+    from nsbuild.spec.spec import load_spec
+
     _check_choice("--isolation", flags.isolation, ("auto", "userns", "userns-fakeroot", "fakeroot"))
     _check_choice("--network", flags.network, ("none", "host"))
     if flags.fmt is not None:
         _check_choice("--format", flags.fmt, FORMATS)
     reg_options = flags.registry.options()
-    spec = apply_overrides(load_spec(flags.spec_path, flags.kind), flags.overrides)
+    spec = apply_overrides(load_spec(flags.spec_path, flags.kind), flags.overrides or Overrides())
+    from nsbuild.build.build import resolve_output
+    from nsbuild.build.context import BuildOptions
+    from nsbuild.cache.cache import default_cache_dir
+
     if flags.depfile is not None and (flags.load or is_registry(flags.output)):
         raise UsageError("--depfile: the rule's target is a file; use it with an archive or OCI layout output")
     if flags.load and flags.output is not None:
@@ -332,6 +337,8 @@ def _prepare(flags: BuildFlags) -> tuple[Spec, ImageRef, BuildOptions]:
 def _build(flags: BuildFlags) -> None:
     with failures(BUILD_FAILURES):
         spec, ref, options = _prepare(flags)
+        from nsbuild.build.build import build_image
+
         progress = _progress(flags.quiet, flags.as_json)
         result = build_image(spec, ref, progress, options)
     image = result.image
@@ -357,6 +364,8 @@ def _build(flags: BuildFlags) -> None:
 
 
 def _write_depfile(flags: BuildFlags, spec: Spec, result: BuildResult, progress: Progress) -> None:
+    from nsbuild.build.depfile import depfile_inputs, write_depfile
+
     assert flags.depfile is not None
     with failures(BUILD_FAILURES):
         write_depfile(flags.depfile, result.output, depfile_inputs(spec, result.store_paths), progress)
@@ -442,6 +451,8 @@ def _build_command(kind: str, doc: str) -> Callable[..., None]:
         sign_key: SignKeyOpt = None,
     ) -> None:
         registry = RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir, cache_to, cache_from)
+        from nsbuild.spec.overrides import Overrides
+
         overrides = Overrides(tag, compressor, tuple(label or ()), tuple(annotation or ()))
         flags = BuildFlags(
             kind,
@@ -530,6 +541,11 @@ def index_command(
 ) -> None:
     """Build one image per spec (each its own architecture and variant) and write one multi-platform
     image index (or Docker manifest list) over them."""
+    from nsbuild.build.context import BuildOptions
+    from nsbuild.build.multi import IndexRequest, build_index
+    from nsbuild.cache.cache import default_cache_dir
+    from nsbuild.spec.spec import load_spec
+
     with failures(BUILD_FAILURES):
         _check_choice("--kind", kind, ("layered", "image"))
         _check_choice("--manifest-format", manifest_format, ("oci", "docker"))
@@ -571,6 +587,7 @@ def push(
 ) -> None:
     """Push an existing image (docker-archive, OCI layout or OCI archive) to a registry."""
     from nsbuild.build import remote
+    from nsbuild.cache.cache import default_cache_dir
     from nsbuild.registry.usage import registry_reference
     from nsbuild.sinks.push import push_json
 
@@ -601,6 +618,8 @@ def push(
 @app.command()
 def schema(kind: Annotated[str, typer.Option("--kind", help="layered | image")] = "layered") -> None:
     """Print the spec's JSON Schema."""
+    from nsbuild.spec.spec import json_schema
+
     with failures():
         _check_choice("--kind", kind, ("layered", "image"))
     print(json.dumps(json_schema(kind), indent=2))
@@ -619,6 +638,8 @@ def inspect(
     ] = False,
 ) -> None:
     """List an image's layers and, per entry, type, mode, owner, size and link target."""
+    from nsbuild.sources.inspect import inspect_image, inspect_packages, render_text
+
     flags = RegistryFlags(authfile=authfile, creds=creds, tls_verify=tls_verify, cert_dir=cert_dir)
     with failures():
         # The registry flags matter to a docker:// image only; a file is read as it always was.
@@ -637,6 +658,8 @@ def inspect(
 @app.command()
 def doctor() -> None:
     """Show which fakeRootCommands backends work here, and why the others do not."""
+    from nsbuild.cli.doctor import run_doctor
+
     with failures():
         text, ok = run_doctor()
     print(text)
@@ -659,6 +682,8 @@ def _cache_errors(root: Path) -> Iterator[None]:
 @cache_app.command("du")
 def cache_du(cache_dir: CacheDirOpt = None) -> None:
     """How much the layer cache holds (temporary files of running or dead builds included)."""
+    from nsbuild.cache.cache import LayerCache, default_cache_dir
+
     root = cache_dir or default_cache_dir()
     with failures():
         entries, blobs, size, temps, temp_size = LayerCache(root, write=False).usage()
@@ -678,6 +703,8 @@ def cache_prune(
 ) -> None:
     """Drop layer entries unused for --older-than days (default 30; --all: every entry) and blobs
     nothing refers to. Safe while builds use the cache: blobs a running build uses are kept."""
+    from nsbuild.cache.cache import LayerCache, default_cache_dir
+
     root = cache_dir or default_cache_dir()
     with failures(), _cache_errors(root):
         if all_entries and older_than is not None:
@@ -691,6 +718,8 @@ def cache_prune(
 def cache_verify(cache_dir: CacheDirOpt = None) -> None:
     """Hash every cached blob again and check every layer entry against its blobs; what is wrong is
     removed (the next build rebuilds it). Exit 1 when something was wrong."""
+    from nsbuild.cache.cache import LayerCache, default_cache_dir
+
     root = cache_dir or default_cache_dir()
     with failures(), _cache_errors(root):
         checked, size, problems = LayerCache(root).verify()

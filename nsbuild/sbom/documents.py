@@ -13,6 +13,7 @@ from nsbuild.image.image import Image, oci_manifest
 from nsbuild.layer.layer import Layer
 from nsbuild.sbom.attach import Artifact, Subject, subject_of
 from nsbuild.sbom.cyclonedx import cyclonedx_document
+from nsbuild.sbom.formats import FORMATS
 from nsbuild.sbom.layout import BaseFacts, ImageFacts, LayerFacts, read_layout, with_base
 from nsbuild.sbom.packages import DEFAULT_STORE_DIR, LayerBlob, Package, scan_layers
 from nsbuild.sbom.provenance import (
@@ -31,16 +32,6 @@ if TYPE_CHECKING:  # cryptography is imported only by whoever loads a signing ke
 
 MEDIA_SPDX = "application/spdx+json"
 MEDIA_CYCLONEDX = "application/vnd.cyclonedx+json"
-FORMATS = ("spdx", "cyclonedx")
-CHOICES = {"spdx": ("spdx",), "cyclonedx": ("cyclonedx",), "both": FORMATS, "none": ()}
-
-
-def sbom_formats(choice: str) -> tuple[str, ...]:
-    """`--sbom spdx|cyclonedx|both|none` → the formats to write."""
-    try:
-        return CHOICES[choice]
-    except KeyError:
-        raise UsageError(f"--sbom must be one of {', '.join(CHOICES)}, not {choice!r}") from None
 
 
 @dataclass(frozen=True)
@@ -147,21 +138,25 @@ def facts_from_layers(
     return facts_from_image(image, base=base)
 
 
-def documents_for(facts: ImageFacts, request: SbomRequest) -> Documents:
-    """The documents of an image given as ImageFacts (see facts_from_image, read_layout)."""
-    for kind in request.formats:
-        if kind not in FORMATS:
-            raise UsageError(f"unknown SBOM format {kind!r} (spdx or cyclonedx)")
+def scan_packages(facts: ImageFacts, request: SbomRequest) -> list[Package]:
+    """The packages of the image, read from its layers on disk (none when no SBOM format is asked for)."""
+    if not request.formats:
+        return []
     blobs = []
     for layer in facts.layers:
         if layer.path is None:
             raise UsageError(f"layer {layer.digest} is not on disk: its packages cannot be read")
         blobs.append(LayerBlob(layer.digest, layer.path))
-    packages = (
-        scan_layers(blobs, store_dir=request.store_dir, nix_info=request.nix_info, work_dir=request.work_dir)
-        if request.formats
-        else []
-    )
+    return scan_layers(blobs, store_dir=request.store_dir, nix_info=request.nix_info, work_dir=request.work_dir)
+
+
+def documents_for(facts: ImageFacts, request: SbomRequest, packages: Sequence[Package] | None = None) -> Documents:
+    """The documents of an image given as ImageFacts (see facts_from_image, read_layout); `packages`:
+    its scan_packages result when the caller has it already (remembered by the cache)."""
+    for kind in request.formats:
+        if kind not in FORMATS:
+            raise UsageError(f"unknown SBOM format {kind!r} (spdx or cyclonedx)")
+    packages = list(packages) if packages is not None else scan_packages(facts, request)
     spdx = document_bytes(spdx_document(facts, packages)) if "spdx" in request.formats else None
     cdx = document_bytes(cyclonedx_document(facts, packages)) if "cyclonedx" in request.formats else None
     provenance = None

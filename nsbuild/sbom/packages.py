@@ -14,13 +14,16 @@ reader base images are checked with), so a malformed layer is refused, never hal
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import posixpath
 import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from email.parser import HeaderParser
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -341,3 +344,63 @@ def _packages(scan: _Scan, digests: list[str], store_dir: str, infos: dict[str, 
         out.append(nix_package(store_dir, entry, digests[index], infos.get(f"{prefix}/{entry}")))
     out = [replace(p, path="/" + p.path.lstrip("/")) for p in out]
     return sorted(set(out), key=lambda p: p.sort_key)
+
+
+# --- what decides a scan (for remembering it, nsbuild.cache.scans) -----------------------------------
+
+
+def scan_identity(digests: Sequence[str], store_dir: str, nix_info: Mapping[str, Mapping[str, Any]] | None) -> str:
+    """A digest of everything scan_layers' result depends on: the layers by their blob digests (a blob is
+    hashed again before it is scanned, so a digest names exactly the bytes read), the store directory,
+    the store path information given, and the scanner itself."""
+    text = json.dumps([_scanner_digest(), list(digests), store_dir, nix_info], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_SCANNER: list[str] = []
+
+
+def _scanner_digest() -> str:
+    """The source text of the modules that read layers and records: a changed parser (even in a
+    development tree, where the version stays) is never served results of the old one."""
+    if not _SCANNER:
+        h = hashlib.sha256()
+        for func in (scan_layers, parse_drv_name, purl, iter_members):
+            try:
+                with open(str(sys.modules[func.__module__].__file__), "rb") as f:
+                    h.update(hashlib.file_digest(f, "sha256").digest())
+            except (OSError, TypeError):
+                h.update(b"?")  # no source (a frozen build): the identity still names the layers
+        _SCANNER.append(h.hexdigest())
+    return _SCANNER[0]
+
+
+_FIELDS = tuple(f.name for f in fields(Package))
+
+
+def packages_to_json(packages: Iterable[Package]) -> list[dict[str, Any]]:
+    return [asdict(p) for p in packages]
+
+
+def packages_from_json(data: Any, layers: Iterable[str]) -> tuple[Package, ...]:
+    """Packages as packages_to_json wrote them, checked: every field of its type, every layer one of
+    `layers` (a result recorded for other layers is never taken for these), sorted as a scan sorts
+    them; ValueError otherwise."""
+    known = set(layers)
+    if not isinstance(data, list):
+        raise ValueError("not a list of packages")
+    out = []
+    for item in data:
+        if not isinstance(item, dict) or tuple(sorted(item)) != tuple(sorted(_FIELDS)):
+            raise ValueError("not a package record")
+        refs = item["references"]
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+            raise ValueError("references: not a list of strings")
+        if not all(isinstance(item[k], str) for k in _FIELDS if k != "references"):
+            raise ValueError("a package field is not a string")
+        if item["layer"] not in known:
+            raise ValueError(f"package {item['name']!r}: layer {item['layer']} is not one of the image's")
+        out.append(Package(**{**item, "references": tuple(refs)}))
+    if [p.sort_key for p in out] != sorted(p.sort_key for p in out) or len(set(out)) != len(out):
+        raise ValueError("packages out of order or repeated")
+    return tuple(out)
