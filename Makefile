@@ -15,8 +15,8 @@ SHELL := /bin/bash
 # so neither it nor a venv made from it can be executed by the unprivileged test accounts.
 PYTHON ?= /usr/bin/python3
 
-# The verifiers of ../shared/VERIFIERS.md, what python-prctl needs to build (libcap-dev, gcc,
-# python3-dev), the venv, compressors, and openssl (the registry tests make a throw-away CA).
+# The verifiers of ../shared/VERIFIERS.md, what python-prctl and nsbuild's C tar loop need to build
+# (libcap-dev, gcc, python3-dev), the venv, compressors, and openssl (the registry tests make a throw-away CA).
 # Installed with their recommends, as VERIFIERS.md does: rootless podman wants catatonit,
 # slirp4netns and fuse-overlayfs from there.
 # nix-bin: the real Nix that checks includeNixDB's database; docker.io: a private dockerd for the
@@ -100,7 +100,7 @@ deps:
 
 # ---------------------------------------------------------------------------------------------------
 # The venv.  Recreated when it was not made from $(PYTHON) (e.g. an old .venv made from the /root
-# python), reinstalled when pyproject.toml changed (editable) or on every run (copy install).
+# python), reinstalled when pyproject.toml, setup.py or the C source changed (editable) or on every run (copy install).
 # umask 022 so that everything pip writes is readable by the test accounts.
 venv: deps
 	@umask 022; \
@@ -116,7 +116,8 @@ venv: deps
 	fi; \
 	stamp='$(VENV)/.nsbuild-installed'; \
 	if [ '$(INSTALL_KIND)' = editable ]; then \
-	  if [ ! -e "$$stamp" ] || [ pyproject.toml -nt "$$stamp" ] || ! '$(VENV)/bin/python' -c 'import nsbuild' 2>/dev/null \
+	  if [ ! -e "$$stamp" ] || [ pyproject.toml -nt "$$stamp" ] || [ setup.py -nt "$$stamp" ] \
+	     || [ nsbuild/tar/_fasttar.c -nt "$$stamp" ] || ! '$(VENV)/bin/python' -c 'import nsbuild' 2>/dev/null \
 	     || [ ! -x '$(NSBUILD)' ]; then \
 	    echo "venv: editable install of $(CURDIR) with extras [test]"; \
 	    '$(VENV)/bin/python' -m pip install -q -e '.[test]'; \

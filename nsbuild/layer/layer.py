@@ -13,8 +13,9 @@ from typing import IO
 
 from nsbuild.core.compress import Compressor, HashingWriter, Pipelined, Sink, open_decompressed
 from nsbuild.errors import BuildError
+from nsbuild.tar.fasttree import write_tar
 from nsbuild.tar.owners import OwnerPolicy
-from nsbuild.tar.tarwriter import Source, write_tar
+from nsbuild.tar.tarwriter import Source
 
 MEDIA_TAR = "application/vnd.oci.image.layer.v1.tar"
 MEDIA_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
