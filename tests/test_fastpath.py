@@ -217,9 +217,11 @@ def test_file_shrinking_during_the_build(tmp_path: Path) -> None:
 
 
 def test_file_growing_during_the_build(tmp_path: Path) -> None:
-    """Bytes appended after the lstat are not read: the entry keeps the size its header says."""
-    tree = small_tree(tmp_path / "s", 1, 400)
-    victim = tree / "d000" / "f0399"
+    """Bytes appended after the lstat are not read: the entry keeps the size its header says.  (The
+    file grows in a later directory: the compiled path lstats a directory's entries together, when it
+    lists the directory, the pure one each just before it is written.)"""
+    tree = small_tree(tmp_path / "s", 2, 400)
+    victim = tree / "d001" / "f0399"
     calls = []
     for write in (fasttree.write_tar, tarwriter.write_tar):
         victim.write_bytes(b"g" * 100)

@@ -210,18 +210,32 @@ def _write_layer_tar(
     request: LayerRequest, tar_hash: HashingWriter, blob_hash: HashingWriter | None, cancel: threading.Event | None
 ) -> None:
     """The tar into `tar_hash` and, compressed, into `blob_hash` (when there is one), in one pass."""
-    outs: list[object] = [tar_hash]
+    # The tar's hash and the compressor each in a thread of their own: hashing the uncompressed stream
+    # runs beside the compressor's feeding, not before it (a zstd layer then costs what `tar | zstd`
+    # does).  Both get the same chunk objects, which nobody changes after handing them over.
     compressor = None
+    pipes = [Pipelined(tar_hash)]
     if blob_hash is not None:
         compressor = Compressor(request.compression, blob_hash)
-        outs.append(compressor)
-    pipe = Pipelined(_Tee(*outs))
+        pipes.append(Pipelined(compressor))
     try:
-        write_tar(request.sources, pipe, mtime=request.mtime, owner=request.owner, cancel=cancel)
+        write_tar(request.sources, _Tee(*pipes), mtime=request.mtime, owner=request.owner, cancel=cancel)
     finally:
-        pipe.close()
+        _close_all(pipes)
     if compressor is not None:
         compressor.close()
+
+
+def _close_all(pipes: list[Pipelined]) -> None:
+    """Close every pipe (each thread ends), then raise the first one's error."""
+    errors: list[BaseException] = []
+    for pipe in pipes:
+        try:
+            pipe.close()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other pipes
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 def layer_from_tar(

@@ -49,6 +49,7 @@ typedef struct {
     unsigned char tmpl[BLOCK];
     long tsum;
     char *rel, *host;   /* growing path buffers, NUL-terminated */
+    char *small;        /* SMALL_FILE bytes: a small file's data, read without the GIL */
     size_t rel_cap, host_cap;
 } W;
 
@@ -302,10 +303,59 @@ static int open_file(W *w, int dfd, const char *name, int *fd) {
     return 0;
 }
 
+/* Open, xattr check and read of a small file, in one stretch without the GIL (the system calls
+ * of an entry of a many-small-files tree, where taking the GIL back per call would cost as much).
+ * 0 read; E_OPEN / E_READ / E_SHRANK with *err; -1 it has xattrs (the slow path takes it). */
+static int slurp(int dfd, const char *name, char *dst, size_t size, int *err) {
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    int fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        *err = errno;
+        rc = E_OPEN;
+    } else {
+        if (has_xattrs(fd, NULL)) {
+            rc = -1;
+        } else {
+            size_t got = 0;
+            while (got < size) {
+                ssize_t n = read(fd, dst + got, size - got);
+                if (n < 0 && errno == EINTR) continue;
+                if (n <= 0) {
+                    *err = n < 0 ? errno : 0;
+                    rc = n < 0 ? E_READ : E_SHRANK;
+                    break;
+                }
+                got += (size_t)n;
+            }
+        }
+        close(fd);
+    }
+    Py_END_ALLOW_THREADS
+    return rc;
+}
+
+static int small_file(W *w, int dfd, const char *name, size_t nlen, size_t rlen, size_t hlen, const struct stat *st) {
+    static const char zeros[BLOCK];
+    unsigned char h[BLOCK];
+    size_t size = (size_t)st->st_size;
+    int err = 0, rc = slurp(dfd, name, w->small, size, &err);
+    if (rc == -1) return slow_entry(w, dfd, name, nlen, rlen, hlen);
+    if (rc) return raise_err(w, rc, err);
+    if (!fast_header(w, h, w->rel, strlen(w->rel), st->st_mode & 07777, st->st_size, '0', "", 0))
+        return slow_entry(w, dfd, name, nlen, rlen, hlen);
+    w->entries++;
+    if (pending_append(w, h, BLOCK) < 0 || pending_append(w, w->small, (Py_ssize_t)size) < 0 ||
+        pending_append(w, zeros, (Py_ssize_t)((BLOCK - size % BLOCK) % BLOCK)) < 0)
+        return -1;
+    return PyByteArray_GET_SIZE(w->pending) >= COPY_CHUNK ? flush(w) : 0;
+}
+
 static int regular(W *w, int dfd, const char *name, size_t nlen, size_t rlen, size_t hlen, const struct stat *st) {
     unsigned char h[BLOCK];
     int fd = -1, x;
     if (st->st_nlink > 1) return slow_entry(w, dfd, name, nlen, rlen, hlen);
+    if (st->st_size > 0 && st->st_size <= SMALL_FILE) return small_file(w, dfd, name, nlen, rlen, hlen, st);
     if (st->st_size > 0) {
         if (open_file(w, dfd, name, &fd) < 0) return -1;
         Py_BEGIN_ALLOW_THREADS
@@ -414,14 +464,21 @@ static int slow_entry(W *w, int dfd, const char *name, size_t nlen, size_t rlen,
     return 0;
 }
 
-static int cmp_names(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+typedef struct {
+    char *name;
+    int err; /* lstat failed */
+    struct stat st;
+} Child;
 
-/* The sorted names of a directory (taking over dfd into `dir`); NULL with an exception on failure. */
-static char **list_dir(W *w, int dfd, DIR **dir, size_t *count) {
+static int cmp_names(const void *a, const void *b) { return strcmp(((const Child *)a)->name, ((const Child *)b)->name); }
+
+/* The sorted children of a directory with their lstat (taking over dfd into `dir`), in one stretch
+ * without the GIL; NULL with an exception on failure. */
+static Child *list_dir(W *w, int dfd, DIR **dir, size_t *count) {
     size_t n = 0, cap = 64;
-    char **names = malloc(cap * sizeof *names);
+    Child *kids = malloc(cap * sizeof *kids);
     int e = 0;
-    if (!names) { close(dfd); PyErr_NoMemory(); return NULL; }
+    if (!kids) { close(dfd); PyErr_NoMemory(); return NULL; }
     Py_BEGIN_ALLOW_THREADS
     *dir = fdopendir(dfd);
     if (!*dir) e = errno;
@@ -429,45 +486,45 @@ static char **list_dir(W *w, int dfd, DIR **dir, size_t *count) {
     while (*dir && (errno = 0, d = readdir(*dir)) != NULL) {
         if (d->d_name[0] == '.' && (!d->d_name[1] || (d->d_name[1] == '.' && !d->d_name[2]))) continue;
         if (n == cap) {
-            char **p = realloc(names, (cap *= 2) * sizeof *names);
+            Child *p = realloc(kids, (cap *= 2) * sizeof *kids);
             if (!p) { e = ENOMEM; break; }
-            names = p;
+            kids = p;
         }
-        if (!(names[n] = strdup(d->d_name))) { e = ENOMEM; break; }
+        if (!(kids[n].name = strdup(d->d_name))) { e = ENOMEM; break; }
         n++;
     }
     if (*dir && !e && errno) e = errno;
-    if (!e) qsort(names, n, sizeof *names, cmp_names);
+    if (!e) {
+        qsort(kids, n, sizeof *kids, cmp_names);
+        for (size_t i = 0; i < n; i++)
+            kids[i].err = fstatat(dirfd(*dir), kids[i].name, &kids[i].st, AT_SYMLINK_NOFOLLOW) < 0;
+    }
     Py_END_ALLOW_THREADS
     if (!*dir) close(dfd);
     if (e) {
-        for (size_t i = 0; i < n; i++) free(names[i]);
-        free(names);
+        for (size_t i = 0; i < n; i++) free(kids[i].name);
+        free(kids);
         if (*dir) closedir(*dir);
         *dir = NULL;
-        errno = e;
         raise_err(w, E_OPENDIR, e);
         return NULL;
     }
     *count = n;
-    return names;
+    return kids;
 }
 
-static int entry(W *w, int dfd, const char *name, size_t rlen, size_t hlen) {
+static int entry(W *w, int dfd, const Child *kid, size_t rlen, size_t hlen) {
+    const char *name = kid->name;
     size_t nlen = strlen(name);
-    struct stat st;
-    int rc;
+    const struct stat *st = &kid->st;
     if (set_child(w, rlen, hlen, name, nlen) < 0) return -1;
-    Py_BEGIN_ALLOW_THREADS
-    rc = fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW);
-    Py_END_ALLOW_THREADS
-    if (rc < 0) return slow_entry(w, dfd, name, nlen, rlen, hlen);
-    int none = lookup_template(w, st.st_uid, st.st_gid);
+    if (kid->err) return slow_entry(w, dfd, name, nlen, rlen, hlen);
+    int none = lookup_template(w, st->st_uid, st->st_gid);
     if (none < 0) return -1;
     if (none) return slow_entry(w, dfd, name, nlen, rlen, hlen);
-    if (S_ISREG(st.st_mode)) return regular(w, dfd, name, nlen, rlen, hlen, &st);
-    if (S_ISDIR(st.st_mode)) return directory(w, dfd, name, nlen, rlen, hlen, &st);
-    if (S_ISLNK(st.st_mode)) return symlink_entry(w, dfd, name, nlen, rlen, hlen, &st);
+    if (S_ISREG(st->st_mode)) return regular(w, dfd, name, nlen, rlen, hlen, st);
+    if (S_ISDIR(st->st_mode)) return directory(w, dfd, name, nlen, rlen, hlen, st);
+    if (S_ISLNK(st->st_mode)) return symlink_entry(w, dfd, name, nlen, rlen, hlen, st);
     return slow_entry(w, dfd, name, nlen, rlen, hlen);
 }
 
@@ -475,12 +532,12 @@ static int entry(W *w, int dfd, const char *name, size_t rlen, size_t hlen) {
 static int walk_dir(W *w, int dfd, size_t rlen, size_t hlen) {
     DIR *dir = NULL;
     size_t n = 0, i;
-    char **names = list_dir(w, dfd, &dir, &n);
-    if (!names) return -1;
+    Child *kids = list_dir(w, dfd, &dir, &n);
+    if (!kids) return -1;
     int rc = 0;
-    for (i = 0; i < n && rc == 0; i++) rc = entry(w, dirfd(dir), names[i], rlen, hlen);
-    for (i = 0; i < n; i++) free(names[i]);
-    free(names);
+    for (i = 0; i < n && rc == 0; i++) rc = entry(w, dirfd(dir), &kids[i], rlen, hlen);
+    for (i = 0; i < n; i++) free(kids[i].name);
+    free(kids);
     closedir(dir);
     return rc;
 }
@@ -500,6 +557,10 @@ static PyObject *write_tree(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     if (grow(&w.rel, &w.rel_cap, (size_t)rlen + 1) < 0 || grow(&w.host, &w.host_cap, (size_t)hlen + 1) < 0)
         goto out;
+    if (!(w.small = malloc(SMALL_FILE))) {
+        PyErr_NoMemory();
+        goto out;
+    }
     memcpy(w.rel, rel, (size_t)rlen + 1);
     memcpy(w.host, host, (size_t)hlen + 1);
     int fd, e;
@@ -517,6 +578,7 @@ out:
     Py_XDECREF(w.pending);
     free(w.rel);
     free(w.host);
+    free(w.small);
     return result;
 }
 

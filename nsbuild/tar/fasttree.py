@@ -11,6 +11,7 @@ NSBUILD_PURE_PYTHON=1, or an extension that did not build, selects the pure path
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
@@ -176,6 +177,8 @@ def _raise(host: bytes, code: int, err: int) -> NoReturn:
         raise BuildError(f"{name}: file shrank while it was being archived")
     if code == E_READ:
         raise OSError(err, os.strerror(err), host)
+    if err in (errno.EMFILE, errno.ENFILE):  # one descriptor per directory level is held open
+        raise BuildError(f"{name}: the tree is nested too deep for the open-files limit ({os.strerror(err)})")
     with os.scandir(host):  # the listing failed: raise what the pure path's scandir raises
         pass
     raise BuildError(f"{name}: changed while it was being archived")
