@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -275,6 +276,10 @@ def test_cli_as_unprivileged_account(unprivileged_user: str | None, user_tmp) ->
     )
     made = run_as(["/usr/bin/python3", "-c", script, str(work)], unprivileged_user)
     assert made.returncode == 0, made.stderr
+    # The account loads the extension too (else both runs below would take the pure path).
+    probe = "from nsbuild.tar import fasttree; print(fasttree.compiled())"
+    loaded = run_as([sys.executable, "-c", probe], unprivileged_user, env={"NSBUILD_PURE_PYTHON": "0"})
+    assert loaded.stdout.strip() == "True", loaded.stderr
     spec = work / "spec.json"
     contents = [{"path": f"{work}/tree", "target": "/t"}]
     spec.write_text(json.dumps({"name": "fast", "tag": "t", "compressor": "gz", "contents": contents}))
