@@ -15,8 +15,8 @@ SHELL := /bin/bash
 # so neither it nor a venv made from it can be executed by the unprivileged test accounts.
 PYTHON ?= /usr/bin/python3
 
-# The verifiers of ../shared/VERIFIERS.md, what python-prctl needs to build (libcap-dev, gcc,
-# python3-dev), the venv, compressors, and openssl (the registry tests make a throw-away CA).
+# The verifiers of ../shared/VERIFIERS.md, what python-prctl and nsbuild's C tar loop need to build
+# (libcap-dev, gcc, python3-dev), the venv, compressors, and openssl (the registry tests make a throw-away CA).
 # Installed with their recommends, as VERIFIERS.md does: rootless podman wants catatonit,
 # slirp4netns and fuse-overlayfs from there.
 # nix-bin: the real Nix that checks includeNixDB's database; docker.io: a private dockerd for the

@@ -1,7 +1,8 @@
-"""The compiled part of the layer cache: its tree walk (nsbuild/cache/_treestat.c).
+"""The compiled parts, each optional: the tar writer's per-entry loop (nsbuild/tar/_fasttar.c) and
+the layer cache's tree walk (nsbuild/cache/_treestat.c).
 
-Optional: without a C compiler or the Python headers the install still succeeds and nsbuild takes its
-pure-Python path (the same fingerprints, slower on large trees)."""
+Without a C compiler or the Python headers the install still succeeds and nsbuild takes its
+pure-Python paths (the same bytes and fingerprints, slower on trees of many small files)."""
 
 from setuptools import Extension, setup
 
@@ -12,6 +13,12 @@ setup(
             ["nsbuild/cache/_treestat.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=c11", "-D_GNU_SOURCE", "-pthread"],
             extra_link_args=["-pthread"],
+            optional=True,
+        ),
+        Extension(
+            "nsbuild.tar._fasttar",
+            ["nsbuild/tar/_fasttar.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=c11", "-D_GNU_SOURCE"],
             optional=True,
         )
     ]

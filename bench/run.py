@@ -230,6 +230,18 @@ def large_rows(b: Bench, tree: Tree, cold_none: float) -> None:
     )
     w, p, _ = run(b.nsbuild("--no-cache", str(s), "-o", f"oci-archive:{b.work}/o.tar"))
     b.table.row("nsbuild, tree twice as large (oci-archive)", "zstd", tree.scaled(2), w, p, None)
+    small, tw, w = small_rows(b)
+    print(
+        f"per file: nsbuild {w / small.files * 1e6:.1f} µs (300k small) vs {cold_none / tree.files * 1e6:.1f} µs "
+        f"(bench tree, {tree.files} files)",
+        file=sys.stderr,
+    )
+    peer_rows(b, small, ("none", "gz"), {"none": tw}, ", 300k small files")
+
+
+def small_rows(b: Bench) -> tuple[Tree, float, float]:
+    """300k small files: GNU tar, nsbuild's pure-Python loop and its compiled one, interleaved run by
+    run (so that a busy machine weighs on all three alike), medians."""
     small_dir = b.work / "small"
     for i in range(300):
         d = small_dir / f"d{i:03d}"
@@ -237,17 +249,55 @@ def large_rows(b: Bench, tree: Tree, cold_none: float) -> None:
         for j in range(1000):
             (d / f"f{j:04d}").write_bytes(b"x" * (j % 200))
     small = Tree.of(small_dir)
-    tw, tp, _ = run(f"tar --sort=name -C {small.path} -cf - . | sha256sum > {b.work}/h")
-    b.table.row("tar | sha256sum (300k small files)", "none", small, tw, tp, None)
     s = spec(b.work / "small.json", [{"path": str(small.path), "target": "/s"}], "none", 2)
-    w, p, _ = run(b.nsbuild("--no-cache", str(s), "-o", f"{b.work}/d.tar"))
-    b.table.row("nsbuild layered (300k small files)", "none", small, w, p, w / tw)
-    print(
-        f"per file: nsbuild {w / small.files * 1e6:.1f} µs (300k small) vs {cold_none / tree.files * 1e6:.1f} µs "
-        f"(bench tree, {tree.files} files)",
-        file=sys.stderr,
-    )
-    peer_rows(b, small, ("none", "gz"), {"none": tw}, ", 300k small files")
+    pure = {**os.environ, "NSBUILD_PURE_PYTHON": "1"}
+    cmds: dict[str, tuple[list[str] | str, dict[str, str] | None]] = {
+        "tar": (f"tar --sort=name -C {small.path} -cf - . | sha256sum > {b.work}/h", None),
+        "pure": (b.nsbuild("--no-cache", str(s), "-o", f"{b.work}/p.tar"), pure),
+        "compiled": (b.nsbuild("--no-cache", str(s), "-o", f"{b.work}/d.tar"), None),
+    }
+    got = interleaved(cmds, b.runs)
+    tw = got["tar"][0]
+    b.table.row("tar | sha256sum (300k small files)", "none", small, *got["tar"], None)
+    b.table.row("nsbuild layered, pure Python (300k small files)", "none", small, *got["pure"], got["pure"][0] / tw)
+    b.table.row("nsbuild layered (300k small files)", "none", small, *got["compiled"], got["compiled"][0] / tw)
+    return small, tw, got["compiled"][0]
+
+
+def interleaved(
+    cmds: dict[str, tuple[list[str] | str, dict[str, str] | None]], runs: int
+) -> dict[str, tuple[float, float]]:
+    """Median wall and largest peak RSS of each command, the commands run in turn `runs` times."""
+    walls: dict[str, list[float]] = {k: [] for k in cmds}
+    peaks: dict[str, float] = dict.fromkeys(cmds, 0.0)
+    for _ in range(runs):
+        for key, (cmd, env) in cmds.items():
+            w, p, _ = run(cmd, env)
+            walls[key].append(w)
+            peaks[key] = max(peaks[key], p)
+    return {k: (statistics.median(walls[k]), peaks[k]) for k in cmds}
+
+
+def zstd_rows(b: Bench, tree: Tree) -> None:
+    """Only the zstd layer of the bench tree: `tar | zstd -T0 -3 | sha256sum` against nsbuild, interleaved."""
+    s = spec(b.work / "zstd.json", [{"path": str(tree.path), "target": "/opt/tree"}], "zstd", 2)
+    run(f"tar -C {tree.path} -cf - . | cat > /dev/null")
+    cmds: dict[str, tuple[list[str] | str, dict[str, str] | None]] = {
+        "tar": (tar_pipeline(b, tree, "zstd"), None),
+        "nsbuild": (b.nsbuild("--no-cache", str(s), "-o", f"oci-archive:{b.work}/o.tar"), None),
+    }
+    got = interleaved(cmds, b.runs)
+    b.table.row(f"tar | {PIPE_NAMES['zstd']}", "zstd", tree, *got["tar"], None)
+    b.table.row("nsbuild layered (oci-archive)", "zstd", tree, *got["nsbuild"], got["nsbuild"][0] / got["tar"][0])
+
+
+def all_rows(b: Bench, tree: Tree, quick: bool) -> None:
+    cold_none, cold_oci = main_tree(b, tree)
+    floor_and_cache_rows(b, tree, cold_none, cold_oci)
+    ten_layer_rows(b, tree)
+    npm_rows(b)
+    if not quick:
+        large_rows(b, tree, cold_none)
 
 
 def main() -> None:
@@ -263,6 +313,12 @@ def main() -> None:
         "--rebuild-only",
         action="store_true",
         help="only the floor and the rebuild rows (their cold baselines measured once, untabled)",
+    )
+    ap.add_argument(
+        "--only",
+        choices=("small", "zstd"),
+        help="only the 300k-small-file rows (GNU tar, nsbuild pure Python and compiled) or the zstd rows "
+        "of the bench tree, each command in turn per run",
     )
     args = ap.parse_args()
     runs = args.runs or (1 if args.quick else 3)
@@ -280,12 +336,12 @@ def main() -> None:
             floor_and_cache_rows(b, tree, *cold_baselines(b, tree))
             _print(table, tree, runs, None)
             return
-        cold_none, cold_oci = main_tree(b, tree)
-        floor_and_cache_rows(b, tree, cold_none, cold_oci)
-        ten_layer_rows(b, tree)
-        npm_rows(b)
-        if not args.quick:
-            large_rows(b, tree, cold_none)
+        if args.only == "small":
+            small_rows(b)
+        elif args.only == "zstd":
+            zstd_rows(b, tree)
+        else:
+            all_rows(b, tree, args.quick)
     finally:
         shutil.rmtree(b.work, ignore_errors=True)
         if peer is not None:

@@ -13,9 +13,10 @@ from typing import IO
 
 from nsbuild.core.compress import Compressor, HashingWriter, Pipelined, Sink, open_decompressed
 from nsbuild.errors import BuildError
+from nsbuild.tar.fasttree import write_tar
 from nsbuild.tar.owners import OwnerPolicy
 from nsbuild.tar.tarinput import TarLayer
-from nsbuild.tar.tarwriter import Source, write_entries, write_tar
+from nsbuild.tar.tarwriter import Source, write_entries
 
 MEDIA_TAR = "application/vnd.oci.image.layer.v1.tar"
 MEDIA_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -211,21 +212,36 @@ def _write_layer_tar(
     request: LayerRequest, tar_hash: HashingWriter, blob_hash: HashingWriter | None, cancel: threading.Event | None
 ) -> None:
     """The tar into `tar_hash` and, compressed, into `blob_hash` (when there is one), in one pass."""
-    outs: list[object] = [tar_hash]
+    # The tar's hash and the compressor each in a thread of their own: hashing the uncompressed stream
+    # runs beside the compressor's feeding, not before it (a zstd layer then costs what `tar | zstd`
+    # does).  Both get the same chunk objects, which nobody changes after handing them over.
     compressor = None
+    pipes = [Pipelined(tar_hash)]
     if blob_hash is not None:
         compressor = Compressor(request.compression, blob_hash)
-        outs.append(compressor)
-    pipe = Pipelined(_Tee(*outs))
+        pipes.append(Pipelined(compressor))
     try:
+        out = _Tee(*pipes)
         if request.tar is not None:
-            write_entries(iter(request.tar.entries), pipe, mtime=request.mtime, owner=request.owner, cancel=cancel)
+            write_entries(iter(request.tar.entries), out, mtime=request.mtime, owner=request.owner, cancel=cancel)
         else:
-            write_tar(request.sources, pipe, mtime=request.mtime, owner=request.owner, cancel=cancel)
+            write_tar(request.sources, out, mtime=request.mtime, owner=request.owner, cancel=cancel)
     finally:
-        pipe.close()
+        _close_all(pipes)
     if compressor is not None:
         compressor.close()
+
+
+def _close_all(pipes: list[Pipelined]) -> None:
+    """Close every pipe (each thread ends), then raise the first one's error."""
+    errors: list[BaseException] = []
+    for pipe in pipes:
+        try:
+            pipe.close()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other pipes
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 def layer_from_tar(

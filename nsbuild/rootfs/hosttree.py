@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -98,29 +97,30 @@ def image_path(at: str, rel: str) -> str:
 
 def escaping_links(top: Path, store_dir: str, at: str = "/") -> list[tuple[str, str]]:
     """(path in the image, link text) of every symlink below `top` that leads out of it, in the
-    image's order (names byte-sorted per directory, parents first). Nothing is followed."""
+    image's order (names byte-sorted per directory, parents first). Nothing is followed.
+
+    The walk does not sort: only the links found are, at the end (by their byte-wise path components,
+    which is the image's order), so a tree of many files costs one scandir per directory and no more."""
     tree = HostTree(os.path.realpath(top), store_dir)
-    stack = [_sorted_listing(tree.top, "")]
+    links: list[tuple[tuple[bytes, ...], str, str, str]] = []
+    stack = [(tree.top, "")]
     while stack:
+        host, rel = stack.pop()
         try:
-            host, rel, e = next(stack[-1])
-        except StopIteration:
-            stack.pop()
-            continue
-        if e.is_symlink():
-            tree.note(image_path(at, rel), host, os.readlink(e.path))
-        elif e.is_dir(follow_symlinks=False):
-            stack.append(_sorted_listing(e.path, rel))
+            with os.scandir(host) as it:
+                entries = list(it)
+        except OSError:
+            continue  # unreadable: the layer writer names it when it gets there
+        for e in entries:
+            path = f"{rel}/{e.name}" if rel else e.name
+            if e.is_symlink():
+                key = tuple(os.fsencode(p) for p in path.split("/"))
+                links.append((key, image_path(at, path), host, os.readlink(e.path)))
+            elif e.is_dir(follow_symlinks=False):
+                stack.append((e.path, path))
+    for _, image, host, text in sorted(links):
+        tree.note(image, host, text)
     return tree.escaped
-
-
-def _sorted_listing(host: str, rel: str) -> Iterator[tuple[str, str, os.DirEntry[str]]]:
-    try:
-        with os.scandir(host) as it:
-            entries = sorted(it, key=lambda e: os.fsencode(e.name))
-    except OSError:
-        return iter([])  # unreadable: the layer writer names it when it gets there
-    return iter([(host, f"{rel}/{e.name}" if rel else e.name, e) for e in entries])
 
 
 def warn_contents_links(spec: Spec, progress: Progress) -> None:
