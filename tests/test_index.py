@@ -521,3 +521,25 @@ def test_registry_index_variant_and_hostile_entries(user_with_subids: str | None
             assert len(proc.stderr.strip().splitlines()) == 1, describe(proc)
     finally:
         reg.stop()
+
+
+@pytest.mark.parametrize("text", ['{"manifests": 5}', '{"manifests": [1]}', "[]", "\xff"])
+def test_an_index_json_that_is_no_index_is_refused_untouched(
+    unprivileged_user: str | None, user_tmp, text: str
+) -> None:  # noqa: ANN001
+    """A layout whose index.json is not an OCI index is refused by both writers (one image, an index)
+    with the file named, no traceback, and the file left as it was."""
+    user = unprivileged_user
+    work = user_tmp(user)
+    spec = write_spec(work, {"name": "m", "architecture": "amd64"}, "amd.json")
+    out = work / "out"
+    out.mkdir()
+    (out / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (out / "index.json").write_text(text, encoding="latin-1")
+    chown_tree(user, work)
+    for command in ("layered", "index"):
+        proc = run_nsbuild([command, str(spec), "-q", "-o", f"oci:{out}:x"], user)
+        assert proc.returncode != 0, describe(proc)
+        assert f"{out / 'index.json'}: exists but is not a valid OCI index" in proc.stderr, describe(proc)
+        assert "Traceback" not in proc.stderr
+        assert (out / "index.json").read_text(encoding="latin-1") == text

@@ -4,7 +4,6 @@ and lists the platforms' referrers (SBOMs, provenance) beside it, as for a singl
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,15 +12,15 @@ from nsbuild.errors import BuildError
 from nsbuild.image.image import MEDIA_OCI_INDEX, canonical_json
 from nsbuild.image.index import BlobFile, ImageIndex
 from nsbuild.layer.layer import Blob
-from nsbuild.sinks.archive import OCI_LAYOUT, REF_NAME, ArchiveStream, stale_referrers
+from nsbuild.sinks.archive import OCI_LAYOUT, REF_NAME, ArchiveStream
 from nsbuild.sinks.sinks import (
     AtomicFile,
     _atomic_bytes,
     _link_or_copy,
     _locked_layout,
-    _subject,
     check_destination,
     check_ref_name,
+    kept_manifests,
 )
 
 
@@ -76,15 +75,7 @@ def _fill(index: ImageIndex, dest: Path, tag: str) -> None:
             _atomic_bytes(final, blob.data)
         else:
             _link_or_copy(Blob(blob.digest, blob.size, blob.path), final)
-    existing: list[dict[str, Any]] = []
-    index_path = dest / "index.json"
-    if index_path.exists():
-        try:
-            existing = json.loads(index_path.read_bytes()).get("manifests", [])
-        except (json.JSONDecodeError, AttributeError):
-            raise BuildError(f"{index_path}: exists but is not a valid OCI index") from None
-    existing = stale_referrers(existing, tag, lambda m: _subject(blob_dir, m))
-    _atomic_bytes(index_path, layout_index_json(index, tag, existing))
+    _atomic_bytes(dest / "index.json", layout_index_json(index, tag, kept_manifests(dest, tag)))
 
 
 def write_index_archive(index: ImageIndex, path: Path, *, ref: str, mtime: int) -> None:

@@ -206,15 +206,24 @@ def _fill_oci_dir(image: Image, dest: Path, tag: str, referrers: Sequence[Referr
             _atomic_bytes(final, blob)
         else:
             _link_or_copy(blob, final)
-    existing: list[dict] = []
+    existing = kept_manifests(dest, tag)
+    _atomic_bytes(dest / "index.json", oci_index(image, tag, existing, referrers))
+
+
+def kept_manifests(dest: Path, tag: str) -> list[dict]:
+    """The entries of the layout's index.json that writing `tag` again keeps (other tags and their
+    referrers); none for a new layout. A file that is no OCI index is refused, never overwritten."""
     index_path = dest / "index.json"
-    if index_path.exists():
-        try:
-            existing = json.loads(index_path.read_bytes()).get("manifests", [])
-        except (json.JSONDecodeError, AttributeError):
-            raise BuildError(f"{index_path}: exists but is not a valid OCI index") from None
-    existing = stale_referrers(existing, tag, lambda m: _subject(blob_dir, m))
-    _atomic_bytes(index_path, oci_index(image, tag, existing, referrers))
+    if not index_path.exists():
+        return []
+    try:
+        manifests = json.loads(index_path.read_bytes()).get("manifests", [])
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        manifests = None
+    if not isinstance(manifests, list) or not all(isinstance(m, dict) for m in manifests):
+        raise BuildError(f"{index_path}: exists but is not a valid OCI index")
+    blob_dir = dest / "blobs" / "sha256"
+    return stale_referrers(manifests, tag, lambda m: _subject(blob_dir, m))
 
 
 def _subject(blob_dir: Path, desc: dict) -> str | None:
