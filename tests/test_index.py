@@ -348,6 +348,107 @@ def test_push_index_layout(user_with_subids: str | None, user_tmp, registry_fact
     )
 
 
+OCI_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+OVERRIDES = ["--compressor", "zstd", "--label", "org.example.label=L", "--annotation", "org.example.note=N"]
+
+
+def _check_overridden(manifests: list[dict], configs: list[dict], media: str = OCI_ZSTD) -> None:
+    """--compressor, --label and --annotation reached every platform: its layers, config and manifest."""
+    assert len(manifests) == len(configs) == len(PLATFORMS)
+    for manifest, config in zip(manifests, configs, strict=True):
+        assert {d["mediaType"] for d in manifest["layers"]} == {media}
+        assert manifest["annotations"]["org.example.note"] == "N"
+        assert config["config"]["Labels"]["org.example.label"] == "L"
+
+
+def test_index_per_image_options(user_with_subids: str | None, user_tmp, registry_factory: RegistryFactory) -> None:  # noqa: ANN001
+    """The per-image output options of `nsbuild layered` reach every platform of an index: the layer
+    compressor, config labels, manifest annotations (also on the OCI index itself) and --sbom-output
+    (one file per platform); the same in a layout, an archive and a registry."""
+    reg = registry_factory()
+    user = user_with_subids
+    work = user_tmp(user)
+    specs = make_specs(work, user)
+    layout = work / "layout"
+    sbom = work / "sbom.json"
+    result = index_json(specs, f"oci:{layout}:v1", user, *OVERRIDES, "--sbom", "spdx", "--sbom-output", str(sbom))
+    raw = skopeo_inspect(f"oci:{layout}:v1", user=user, raw=True)
+    check_platforms(raw, result)
+    assert raw["annotations"] == {"org.example.note": "N"} == result["annotations"]
+    blobs = layout / "blobs/sha256"
+    manifests = [json.loads((blobs / p["digest"][7:]).read_text()) for p in result["platforms"]]
+    configs = []
+    for arch, variant in PLATFORMS:  # the config each platform's skopeo picks out of the index
+        configs.append(json.loads(skopeo_for(arch, variant, ["inspect", "--config", f"oci:{layout}:v1"], user)))
+    _check_overridden(manifests, configs)
+    # --sbom-output: each platform's SBOM (one format: one file), named after the platform.
+    for (arch, variant), plat in zip(PLATFORMS, result["platforms"], strict=True):
+        path = work / f"sbom.linux-{arch}{'-' + variant if variant else ''}.json"
+        assert plat["sbom_files"] == [str(path)]
+        assert json.loads(path.read_text())["spdxVersion"] == "SPDX-2.3"
+        assert len(plat["referrers"]) == 2  # the SPDX document and the provenance
+
+    # An archive: the same index (annotations included), the same digest; skopeo reads it.
+    archive = work / "multi.tar"
+    again = index_json(specs, f"oci-archive:{archive}:v1", user, *OVERRIDES, "--sbom", "none")
+    assert again["digest"] == result["digest"]  # the SBOMs are referrers: the index is the same
+    assert skopeo_inspect(f"oci-archive:{archive}", user=user, raw=True)["annotations"] == {"org.example.note": "N"}
+
+    # A registry: the index and every platform manifest as the registry serves them.
+    ref = f"docker://{reg}/opts:v1"
+    pushed = index_json(specs, ref, user, TLS_OFF, *OVERRIDES, "--sbom", "none")
+    raw = skopeo_inspect(ref, TLS_OFF, user=user, raw=True)
+    check_platforms(raw, pushed)
+    assert raw["annotations"] == {"org.example.note": "N"}
+    manifests = []
+    for plat in pushed["platforms"]:
+        status, _, body = reg.request(f"/v2/opts/manifests/{plat['digest']}", headers={"Accept": OCI_MANIFEST})
+        assert status == 200
+        manifests.append(json.loads(body))
+    configs = [json.loads(skopeo_for(a, v, ["inspect", TLS_OFF, "--config", ref], user)) for a, v in PLATFORMS]
+    _check_overridden(manifests, configs)
+    assert pushed["digest"] == result["digest"]
+
+    # nsbuild push of the index: pushed byte for byte, so a compressor that would change it is refused
+    # (exit 2, naming the option); `none` is what a byte-for-byte push does.
+    proc = run_nsbuild(["push", f"oci:{layout}:v1", f"docker://{reg}/copy:v1", TLS_OFF, "--compressor", "gz"], user)
+    assert proc.returncode == 2 and "--compressor gz" in proc.stderr and "index" in proc.stderr, describe(proc)
+    assert "Traceback" not in proc.stderr
+    assert reg.request("/v2/copy/manifests/v1", headers={"Accept": OCI_INDEX})[0] == 404  # nothing pushed
+    copied = json.loads(
+        nsbuild_ok(
+            ["push", f"oci:{layout}:v1", f"docker://{reg}/copy:v1", TLS_OFF, "--compressor", "none", "--json"], user
+        )
+    )
+    assert copied["digest"] == result["digest"]
+    assert skopeo_inspect(f"docker://{reg}/copy:v1", TLS_OFF, user=user, raw=True)["annotations"] == {
+        "org.example.note": "N"
+    }
+
+
+def test_index_annotations_docker_list(user_with_subids: str | None, user_tmp) -> None:  # noqa: ANN001
+    """A Docker manifest list (and its Docker v2 manifests) has no annotations: a warning, none written;
+    the label and the compressor still reach every platform."""
+    user = user_with_subids
+    work = user_tmp(user)
+    specs = make_specs(work, user)
+    layout = work / "dlayout"
+    args = ["index", *map(str, specs), "-o", f"oci:{layout}:d", "--no-cache", "--json", "--sbom", "none"]
+    proc = run_nsbuild([*args, "--manifest-format", "docker", *OVERRIDES[2:], "--compressor", "gz"], user)
+    assert proc.returncode == 0, describe(proc)
+    assert "--annotation: a Docker manifest list and its Docker v2 manifests have no annotations" in proc.stderr
+    result = json.loads(proc.stdout)
+    blobs = layout / "blobs/sha256"
+    raw = json.loads((blobs / result["digest"][7:]).read_text())
+    assert raw["mediaType"] == DOCKER_LIST and "annotations" not in raw and "annotations" not in result
+    for plat in result["platforms"]:
+        manifest = json.loads((blobs / plat["digest"][7:]).read_text())
+        assert manifest["mediaType"] == DOCKER_MANIFEST and "annotations" not in manifest
+        assert {d["mediaType"] for d in manifest["layers"]} == {DOCKER_GZIP}
+        config = json.loads((blobs / manifest["config"]["digest"][7:]).read_text())
+        assert config["config"]["Labels"]["org.example.label"] == "L"
+
+
 def _fails(args: list[str], user: str | None, message: str) -> None:
     proc = run_nsbuild(args, user)
     assert proc.returncode == 2, describe(proc)
@@ -376,6 +477,15 @@ def test_index_errors(unprivileged_user: str | None, user_tmp) -> None:  # noqa:
     _fails(["index", str(arm_v9), "-o", f"oci:{out}"], user, "variant: expected one of v5, v6, v7, v8")
     _fails(["layered", str(arm_v9), "-o", f"oci:{out}"], user, "variant:")
     _fails(["index", str(amd), "-o", f"oci:{out}", "--manifest-format", "v2s2"], user, "--manifest-format")
+    for bad, message in (
+        (["--compressor", "xz"], "--compressor: expected one of gz, zstd, none, got 'xz'"),
+        (["--label", "nokey"], "--label 'nokey': expected KEY=VALUE"),
+        (["--annotation", "=v"], "--annotation '=v': expected KEY=VALUE"),
+        (["--sbom", "none", "--sbom-output", str(work / "s.json")], "--sbom-output: no SBOM is made with --sbom none"),
+        (["--sbom", "all"], "--sbom: expected one of"),
+        (["--compressor", "zstd", "--manifest-format", "docker"], "--compressor zstd: a Docker manifest list"),
+    ):
+        _fails(["index", str(amd), str(arm64), "-o", f"oci:{out}", *bad], user, message)
     assert not out.exists()  # nothing was built or written
 
 

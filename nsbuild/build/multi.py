@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from nsbuild.errors import NsbuildError, UsageError
 from nsbuild.image.image import MEDIA_DOCKER_MANIFEST, MEDIA_OCI_MANIFEST, docker_manifest, sha256_digest
 from nsbuild.image.index import (
     INDEX_OF_MANIFEST,
+    MEDIA_DOCKER_LIST,
     Attached,
     BlobFile,
     ImageIndex,
@@ -43,6 +45,8 @@ class IndexRequest:
     output: ImageRef
     manifest_format: str = "oci"  # oci: OCI image index | docker: Docker manifest list
     tag: str | None = None  # --tag (else the output's, the first spec's, or the index's digest)
+    # --annotation K=V: on the OCI image index itself (each platform's manifest has them from its spec)
+    annotations: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -69,10 +73,13 @@ class IndexResult:
                     "config_digest": m.blobs[0].digest,
                     "spec": str(spec.spec_path),
                     "referrers": [r.descriptor["digest"] for r in m.referrers],
+                    "sbom_files": (build.sbom or {}).get("files", []),
                 }
-                for m, spec in zip(self.index.manifests, specs, strict=True)
+                for m, spec, build in zip(self.index.manifests, specs, self.builds, strict=True)
             ],
         }
+        if self.index.annotations and self.index.media_type != MEDIA_DOCKER_LIST:
+            doc["annotations"] = dict(sorted(self.index.annotations.items()))
         if self.push is not None:
             doc["push"] = {"reference": self.push.index.reference, "digest": self.push.index.digest}
             doc["push"]["uploaded"] = sum(len(p.uploaded_blobs) for p in self.push.platforms)
@@ -147,6 +154,11 @@ def build_index(req: IndexRequest, progress: Progress, options: BuildOptions) ->
             "a Docker manifest list in an OCI layout is read by crane and nsbuild, not by skopeo or podman "
             "(they look for OCI types in index.json); push it (nsbuild push) or use --manifest-format oci"
         )
+    if req.manifest_format == "docker" and req.annotations:
+        progress.warn(
+            "--annotation: a Docker manifest list and its Docker v2 manifests have no annotations; "
+            "none are written (use --manifest-format oci to keep them)"
+        )
     ws = Workspace()
     try:
         if options.cache_dir is None:
@@ -155,7 +167,7 @@ def build_index(req: IndexRequest, progress: Progress, options: BuildOptions) ->
             options = dataclasses.replace(options, cache_dir=ws.path("cache"))
         built = [_build_platform(req, i, tag, progress, options, ws) for i in range(len(req.specs))]
         media = INDEX_OF_MANIFEST[MEDIA_DOCKER_MANIFEST if req.manifest_format == "docker" else MEDIA_OCI_MANIFEST]
-        index = ImageIndex(tuple(m for m, _ in built), media_type=media)
+        index = ImageIndex(tuple(m for m, _ in built), media_type=media, annotations=dict(req.annotations))
         tag = tag or hashlib.sha256(index.data).hexdigest()[:32]
         return _write(req, index, tag, tuple(b for _, b in built), progress, options)
     finally:
@@ -171,9 +183,13 @@ def _build_platform(
     layout = ws.root / f"platform-{i}"
     sbom = options.sbom
     if sbom is None:  # the default of a single image written to the same output
-        sbom = "both" if req.output.format in ("oci-dir", "registry") else "none"
+        sbom = "both" if req.output.format in ("oci-dir", "registry") or options.sbom_output else "none"
     opts = dataclasses.replace(
-        options, sbom=sbom, sbom_output=None, docker_layout=req.manifest_format == "docker", manifest_format="oci"
+        options,
+        sbom=sbom,
+        sbom_output=platform_sbom_output(options.sbom_output, platform),
+        docker_layout=req.manifest_format == "docker",
+        manifest_format="oci",
     )
     result = build_image(spec, ImageRef("oci-dir", str(layout), tag=tag), progress, opts)
     image = result.image
@@ -185,6 +201,17 @@ def _build_platform(
         blobs.setdefault(layer.digest, BlobFile(layer.digest, layer.size, path=blob_dir / layer.digest[7:]))
     referrers = _referrers(layout, sha256_digest(manifest))
     return PlatformManifest(platform, manifest, media, tuple(blobs.values()), referrers), result
+
+
+def platform_sbom_output(path: Path | None, platform: Platform) -> Path | None:
+    """--sbom-output FILE of an index: one file (or pair, as for a single image) per platform, the
+    platform after FILE's stem: sbom.json → sbom.linux-arm-v7.json (→ .spdx.json and .cdx.json)."""
+    if path is None:
+        return None
+    slug = platform.name.replace("/", "-")
+    if path.name.endswith(".json") and path.name != ".json":
+        return path.with_name(f"{path.name.removesuffix('.json')}.{slug}.json")
+    return path.with_name(f"{path.name}.{slug}")
 
 
 def _referrers(layout: Path, digest: str) -> tuple[Attached, ...]:

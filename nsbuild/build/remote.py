@@ -26,13 +26,15 @@ def push_existing(
     text: str,
     target: Reference,
     *,
-    compressor: str,
+    compressor: str | None,
     manifest_format: str,
     options: RegistryOptions | None,
     progress: Progress,
     cache_dir: Path | None,
 ) -> PushResult:
-    """`nsbuild push IMAGE REF`: an image on disk as it is; uncompressed layers compressed first."""
+    """`nsbuild push IMAGE REF`: an image on disk as it is; uncompressed layers compressed first
+    (`compressor`, gz when None). An index is pushed byte for byte: a compressor that would change
+    its layers is refused."""
     if is_registry(text):
         raise UsageError(f"IMAGE {text!r}: copying between registries is skopeo's job; give an archive or layout")
     ws = Workspace()
@@ -40,6 +42,14 @@ def push_existing(
         progress.info(f"reading {text}")
         index = read_layout_index(text, ws.path("index"))
         if index is not None:
+            if compressor not in (None, "none"):
+                # Compressed again, every layer, manifest and index digest would change, and the SBOMs'
+                # subjects with them: not a push of this index. Said, not ignored.
+                raise UsageError(
+                    f"--compressor {compressor}: {text} is an index of {len(index.manifests)} platforms, pushed byte "
+                    "for byte (its digests and its SBOMs' subjects name these blobs); rebuild it with "
+                    f"nsbuild index --compressor {compressor}, or leave --compressor out"
+                )
             if manifest_format == "docker" and index.media_type != MEDIA_DOCKER_LIST:
                 # Docker manifests in its place would change every digest the index names.
                 progress.warn("--manifest-format docker: an OCI image index is pushed as it is")
@@ -55,7 +65,7 @@ def push_existing(
                     layer_from_tar(
                         layer.tar.path,
                         ws.blobs,
-                        compression=compressor,
+                        compression=compressor or "gz",
                         comment=layer.comment,
                         expected_diff_id=layer.diff_id,
                     )

@@ -419,6 +419,16 @@ def _result_json(result: BuildResult, registry: RegistryFlags) -> dict[str, Any]
     return doc
 
 
+def _overrides(
+    tag: str | None, compressor: str | None, label: list[str] | None, annotation: list[str] | None
+) -> Overrides:
+    """--tag, --compressor, --label and --annotation as every building command passes them on
+    (nsbuild.spec.overrides.apply_overrides checks and applies them to a spec)."""
+    from nsbuild.spec.overrides import Overrides
+
+    return Overrides(tag, compressor, tuple(label or ()), tuple(annotation or ()))
+
+
 def _build_command(kind: str, doc: str) -> Callable[..., None]:
     """layered and image: one command line, the spec's kind apart."""
 
@@ -451,9 +461,7 @@ def _build_command(kind: str, doc: str) -> Callable[..., None]:
         sign_key: SignKeyOpt = None,
     ) -> None:
         registry = RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir, cache_to, cache_from)
-        from nsbuild.spec.overrides import Overrides
-
-        overrides = Overrides(tag, compressor, tuple(label or ()), tuple(annotation or ()))
+        overrides = _overrides(tag, compressor, label, annotation)
         flags = BuildFlags(
             kind,
             spec,
@@ -536,7 +544,27 @@ def index_command(
     creds: CredsOpt = None,
     tls_verify: TlsVerifyOpt = True,
     cert_dir: CertDirOpt = None,
+    compressor: CompressorOpt = None,
+    label: LabelOpt = None,
+    annotation: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--annotation",
+            metavar="KEY=VALUE",
+            help="an annotation of every platform's manifest and of the OCI index (repeatable; "
+            "a Docker manifest list has none)",
+        ),
+    ] = None,
     sbom: SbomOpt = None,
+    sbom_output: Annotated[
+        Path | None,
+        typer.Option(
+            "--sbom-output",
+            metavar="FILE",
+            help="each platform's SBOM as a plain file too, the platform after FILE's stem "
+            "(sbom.json: sbom.linux-arm64.json; both formats: sbom.linux-arm64.spdx.json and .cdx.json)",
+        ),
+    ] = None,
     sign_key: SignKeyOpt = None,
 ) -> None:
     """Build one image per spec (each its own architecture and variant) and write one multi-platform
@@ -544,6 +572,7 @@ def index_command(
     from nsbuild.build.context import BuildOptions
     from nsbuild.build.multi import IndexRequest, build_index
     from nsbuild.cache.cache import default_cache_dir
+    from nsbuild.spec.overrides import COMPRESSORS, apply_overrides
     from nsbuild.spec.spec import load_spec
 
     with failures(BUILD_FAILURES):
@@ -551,8 +580,19 @@ def index_command(
         _check_choice("--manifest-format", manifest_format, ("oci", "docker"))
         _check_choice("--isolation", isolation, ("auto", "userns", "userns-fakeroot", "fakeroot"))
         _check_choice("--network", network, ("none", "host"))
+        if compressor is not None:
+            _check_choice("--compressor", compressor, COMPRESSORS)
+        if manifest_format == "docker" and compressor == "zstd":
+            raise UsageError(
+                "--compressor zstd: a Docker manifest list's images have no zstd layer type; "
+                "use gz (or none), or --manifest-format oci"
+            )
+        overrides = _overrides(None, compressor, label, annotation)  # --tag is the index's
+        index_annotations = overrides.annotation_map()
         flags = RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir)
-        sbom_flags = SbomFlags(sbom, None, sign_key).checked()
+        sbom_flags = SbomFlags(sbom, sbom_output, sign_key).checked()
+        if sbom_flags.output is not None and sbom_flags.sbom == "none":
+            raise UsageError("--sbom-output: no SBOM is made with --sbom none")
         options = BuildOptions(
             isolation=isolation,
             network=network,
@@ -560,10 +600,11 @@ def index_command(
             cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
             registry=flags.options(),
             sbom=sbom_flags.sbom,
+            sbom_output=sbom_flags.output,
             sign_key=sbom_flags.sign_key,
         )
-        loaded = tuple(load_spec(path, kind) for path in specs)
-        request = IndexRequest(loaded, parse_ref(output), manifest_format, tag)
+        loaded = tuple(apply_overrides(load_spec(path, kind), overrides) for path in specs)
+        request = IndexRequest(loaded, parse_ref(output), manifest_format, tag, index_annotations)
         result = build_index(request, _progress(quiet, json_out), options)
     if json_out:
         print(json.dumps(result.to_json(loaded), indent=2))
@@ -575,7 +616,15 @@ def index_command(
 def push(
     image_ref: Annotated[str, typer.Argument(metavar="IMAGE", help="docker-archive, OCI dir or OCI archive")],
     dest: Annotated[str, typer.Argument(metavar="REF", help="docker://HOST[:PORT]/REPO[:TAG] (tag: latest)")],
-    compressor: Annotated[str, typer.Option("--compressor", help="for uncompressed layers: gz | zstd | none")] = "gz",
+    compressor: Annotated[
+        str | None,
+        typer.Option(
+            "--compressor",
+            show_default=False,
+            help="for uncompressed layers: gz | zstd | none [default: gz; an index is pushed byte for byte: "
+            "gz and zstd are refused]",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
     cache_dir: CacheDirOpt = None,
@@ -593,7 +642,8 @@ def push(
 
     flags = RegistryFlags(manifest_format, authfile, creds, tls_verify, cert_dir)
     with failures():
-        _check_choice("--compressor", compressor, ("gz", "zstd", "none"))
+        if compressor is not None:
+            _check_choice("--compressor", compressor, ("gz", "zstd", "none"))
         options = flags.options()
         if not is_registry(dest):
             raise UsageError(f"REF: expected docker://HOST[:PORT]/REPO[:TAG], got {dest!r}")

@@ -3,7 +3,8 @@ that every sink (OCI layout, OCI archive, registry) writes the same way."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,23 +89,26 @@ class PlatformManifest:
 @dataclass(frozen=True)
 class ImageIndex:
     """An index of platform images, in the order given. `raw` is the index's bytes when it was read
-    (kept as they are: its digest is what a tag names), None for one made here."""
+    (kept as they are: its digest is what a tag names), None for one made here. `annotations` go into
+    an OCI image index made here; a Docker manifest list has no place for them (none are written)."""
 
     manifests: tuple[PlatformManifest, ...]
     media_type: str = MEDIA_OCI_INDEX
     raw: bytes | None = None
+    annotations: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def data(self) -> bytes:
         if self.raw is not None:
             return self.raw
-        return canonical_json(
-            {
-                "schemaVersion": 2,
-                "mediaType": self.media_type,
-                "manifests": [m.descriptor() for m in self.manifests],
-            }
-        )
+        doc: dict[str, Any] = {
+            "schemaVersion": 2,
+            "mediaType": self.media_type,
+            "manifests": [m.descriptor() for m in self.manifests],
+        }
+        if self.annotations and self.media_type == MEDIA_OCI_INDEX:
+            doc["annotations"] = dict(sorted(self.annotations.items()))
+        return canonical_json(doc)
 
     @property
     def digest(self) -> str:

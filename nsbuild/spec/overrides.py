@@ -29,6 +29,11 @@ class Overrides:
     def empty(self) -> bool:
         return self == Overrides()
 
+    def annotation_map(self) -> dict[str, str]:
+        """`--annotation K=V`, checked, the last of a key winning (what apply_overrides sets on the
+        spec; `nsbuild index` also sets it on the index)."""
+        return _pairs("--annotation", self.annotations)
+
 
 def _pairs(option: str, items: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
@@ -62,5 +67,5 @@ def apply_overrides(spec: Spec, overrides: Overrides) -> Spec:
         config["Labels"] = {**(config.get("Labels") or {}), **_pairs("--label", overrides.labels)}
         changes["config"] = config
     if overrides.annotations:
-        changes["annotations"] = {**spec.annotations, **_pairs("--annotation", overrides.annotations)}
+        changes["annotations"] = {**spec.annotations, **overrides.annotation_map()}
     return dataclasses.replace(spec, **changes)  # type: ignore[arg-type]
