@@ -50,6 +50,11 @@ RANKS: dict[str, int] = {
 _REQUESTS = "keeps requests (nsbuild.registry) out of commands and builds that need no registry"
 _START = "start-up: only the command that runs imports its stages"
 ALLOWED_LOCAL: dict[tuple[str, str], str] = {
+    ("nsbuild.build.build", "nsbuild.build.buildimage"): "buildImage's pipeline only for a buildImage spec",
+    ("nsbuild.build.build", "nsbuild.rootfs.customize"): "the sandbox only for a build with fakeRootCommands",
+    ("nsbuild.build.steps", "nsbuild.sandbox.scripts"): "the scripts' modules only for a build with scripts",
+    ("nsbuild.sandbox.cleanup", "nsbuild.sandbox.runner"): "a tree left with subordinate ids only"
+    " (a build without scripts starts without the namespace machinery)",
     ("nsbuild.build.build", "nsbuild.sinks.push"): _REQUESTS + " (preflight of --cache-to)",
     ("nsbuild.build.build", "nsbuild.cache.shared"): _REQUESTS + " (--cache-from/--cache-to)",
     ("nsbuild.build.steps", "nsbuild.sinks.push"): _REQUESTS + " (preflight of and push to a docker:// output)",

@@ -94,3 +94,31 @@ def test_values_reach_the_command_typed(tmp_path: Path) -> None:
         [NSBUILD, "cache", "prune", "--cache-dir", str(cache), "--older-than", "1.5"], capture_output=True, text=True
     )
     assert proc.returncode == 0 and str(cache) in proc.stdout, proc.stderr
+
+
+SANDBOX_FOR_SWEEPS = {"nsbuild.sandbox", "nsbuild.sandbox.sweep", "nsbuild.sandbox.cleanup"}
+SANDBOX_FOR_SWEEPS |= {"nsbuild.sandbox.ids", "nsbuild.sandbox.tree"}
+
+
+def test_a_build_without_scripts_loads_no_namespace_machinery(tmp_path: Path) -> None:
+    """No script, no sandbox: only the sweep of dead builds' temporary trees (and what it removes them
+    with) is loaded; the backends, the runner, the scripts' modules and buildImage's pipeline are not."""
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree/f").write_text("x\n")
+    write_spec(tmp_path, {"name": "x", "tag": "1", "contents": ["tree"]})
+    loaded, proc = modules_of(tmp_path, "layered", "-q", "spec.json", "-o", "x.tar", "--cache-dir", "cache")
+    assert proc.returncode == 0, proc.stderr
+    assert {m for m in loaded if m.startswith("nsbuild.sandbox")} <= SANDBOX_FOR_SWEEPS
+    assert not {"nsbuild.build.buildimage", "nsbuild.rootfs.customize"} & loaded
+
+
+def test_a_build_with_scripts_loads_what_runs_them(tmp_path: Path) -> None:
+    """The other side of the test above: the lazily loaded modules are loaded, and run, when needed."""
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree/f").write_text("x\n")
+    spec = {"name": "x", "tag": "1", "contents": ["tree"], "extraCommands": "echo made > made"}
+    spec["fakeRootCommands"] = "test -e made"
+    write_spec(tmp_path, spec)
+    loaded, proc = modules_of(tmp_path, "layered", "-q", "spec.json", "-o", "x.tar", "--no-cache")
+    assert proc.returncode == 0, proc.stderr
+    assert {"nsbuild.sandbox.scripts", "nsbuild.rootfs.customize", "nsbuild.sandbox.backends"} <= loaded

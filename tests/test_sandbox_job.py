@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from nsbuild.sandbox import BACKENDS, MODE, REGISTRY, USES_FAKEROOT
+from nsbuild.sandbox.backends import BACKENDS, MODE, REGISTRY, USES_FAKEROOT
 from nsbuild.sandbox.job import SandboxJob, SandboxOutcome, Stage1Config, WireError
 
 INNER = Path(__file__).resolve().parent.parent / "nsbuild" / "sandbox" / "inner.py"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nsbuild.build import attest, buildimage
+from nsbuild.build import attest
 from nsbuild.build.context import BuildContext, BuildOptions, BuildResult, Workspace
 from nsbuild.build.steps import (
     compression_warning,
@@ -37,7 +37,6 @@ from nsbuild.errors import SpecError
 from nsbuild.layer.layer import Layer, LayerRequest, build_layer
 from nsbuild.plan.plan import Plan, PlannedLayer, layer_hashes, make_plan, script_references, tree_size
 from nsbuild.plan.store import Store
-from nsbuild.rootfs.customize import CustomisationJob, build_customisation_layer
 from nsbuild.rootfs.hosttree import warn_contents_links
 from nsbuild.rootfs.nixdb import write_nix_db
 from nsbuild.sinks.archive import ImageArchive
@@ -136,7 +135,12 @@ def build_image(spec: Spec, output: ImageRef, progress: Progress, options: Build
         if warning := compression_warning(output, spec):
             progress.warn(warning)
         attest.check(ctx)
-        return buildimage.build(ctx) if spec.kind == "image" else _build(ctx)
+        if spec.kind == "image":
+            # buildImage's pipeline (and the runAsRoot sandbox it imports) only for a buildImage spec
+            from nsbuild.build.buildimage import build as build_image
+
+            return build_image(ctx)
+        return _build(ctx)
     finally:
         close_caches()  # the build's pins and staging area in the layer cache
         ws.close()
@@ -444,8 +448,8 @@ def _customisation_layer(job: _Layered, plan: Plan) -> tuple[Layer, Plan]:
         progress.info(f"registering {len(plan.closure)} store paths in /nix/var/nix/db")
         roots = plan.store_links + Store(spec.store_dir).paths_in_text(json.dumps(spec.config))
         write_nix_db(custom, plan.closure, roots, spec.store_dir, spec.mtime)
-    env = scripts_env(ctx)
     scripted = bool(spec.extra_commands.strip() or spec.fake_root_commands.strip())
+    env = scripts_env(ctx) if scripted else {}
     before = layer_hashes(spec, plan, custom) if scripted else set()
     if spec.extra_commands.strip():
         run_extra_commands(ctx, custom, env)
@@ -510,6 +514,9 @@ def _fake_root_layer(
 ) -> tuple[Layer, Plan]:
     ctx = job.ctx
     spec, ws, progress, options = ctx.spec, ctx.ws, ctx.progress, ctx.options
+    # The namespace and fakeroot machinery is loaded only by a build that runs fakeRootCommands.
+    from nsbuild.rootfs.customize import CustomisationJob, build_customisation_layer
+
     progress.info("running fakeRootCommands")
     out_tar = ws.root / "customisation.tar"
     lower = [s for layer in plan.layers for s in layer.sources]

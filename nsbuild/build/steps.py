@@ -21,7 +21,6 @@ from nsbuild.core.refs import ImageRef, is_registry
 from nsbuild.errors import SpecError
 from nsbuild.image.image import Image, docker_manifest, make_config, oci_manifest
 from nsbuild.layer.layer import MEDIA_BY_COMPRESSOR, Layer, LayerRequest, build_layer, layer_from_tar
-from nsbuild.sandbox.scripts import run_bash, script_env
 from nsbuild.sinks.load import load_image, pick_client
 from nsbuild.sinks.sinks import (
     ArchiveOutput,
@@ -203,11 +202,16 @@ def own_tree(ctx: BuildContext) -> Path:
 
 
 def scripts_env(ctx: BuildContext) -> dict[str, str]:
+    # Scripts' modules load only for a build that has scripts: the rest start without them.
+    from nsbuild.sandbox.scripts import script_env
+
     return script_env(work=ctx.ws.root, spec_dir=ctx.spec.base_dir, mtime=ctx.spec.mtime)
 
 
 def run_extra_commands(ctx: BuildContext, custom: Path, env: dict[str, str]) -> None:
     """extraCommands as the calling user, in the new layer's own tree."""
+    from nsbuild.sandbox.scripts import run_bash
+
     ctx.progress.info("running extraCommands")
     run_bash(ctx.spec.extra_commands, cwd=custom, env=env, what="extraCommands", log_dir=ctx.ws.root)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from nsbuild.sandbox import BACKENDS, Probe, probe_all
+from nsbuild.sandbox.backends import BACKENDS, Probe, probe_all
 from nsbuild.sandbox.ids import SUBGID, SUBUID, current_user, subid_ranges
 from nsbuild.sandbox.lifetime import pid_namespace_available
 

@@ -14,8 +14,9 @@ from typing import Any
 
 from nsbuild.core.perms import PermRule
 from nsbuild.errors import BuildError
-from nsbuild.sandbox import MODE, USES_FAKEROOT, choose, remove_tree
+from nsbuild.sandbox.backends import MODE, USES_FAKEROOT, choose
 from nsbuild.sandbox.boundary import hide_own_process, sandbox_env
+from nsbuild.sandbox.cleanup import remove_tree
 from nsbuild.sandbox.job import Engine, SandboxJob, SandboxOutcome
 from nsbuild.sandbox.runner import Command, run
 from nsbuild.sandbox.tree import place

@@ -18,7 +18,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from nsbuild.sandbox import remove_tree
+from nsbuild.sandbox.cleanup import remove_tree
 
 LOCK = ".nsbuild-lock"
 WORKSPACE_PREFIX = "nsbuild-"
@@ -59,7 +59,7 @@ def new_workspace(parent: Path) -> tuple[Path, int]:
 
 def sweep_workspaces(parent: Path) -> None:
     """Remove the workspaces under parent that belong to this user and whose build is dead (files owned
-    by subordinate ids go through the user namespace: nsbuild.sandbox.remove_tree)."""
+    by subordinate ids go through the user namespace: nsbuild.sandbox.cleanup.remove_tree)."""
     for entry in _own_entries(parent, re.compile(re.escape(WORKSPACE_PREFIX) + _RANDOM)):
         with contextlib.suppress(OSError):
             if entry.is_dir(follow_symlinks=False):
